@@ -1,0 +1,51 @@
+"""Run folders: every result lands beside the exact arguments that produced it (as timm's train.py does)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
+    """Create the run folder (a timestamped one under runs/ when out is None) and save args.json in it."""
+    run = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    resolved["argv"] = sys.argv
+    (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
+    return run
+
+
+def get_logger(run: Path | None, name: str) -> logging.Logger:
+    """Logger writing to stdout and run/log.txt (appending, so a resumed run keeps its history).
+
+    Without a run folder (ranks other than 0 under torchrun) it writes to stdout only.
+    """
+    log = logging.getLogger(name)
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(run / "log.txt")] if run else [])
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return log
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)

@@ -1,0 +1,380 @@
+"""Step 1 of the paper (sections 3.2, 4.1, 4.3-4.4): fuse several pretrained face models into one embedding.
+
+  1. detect and align every face once (MTCNN, 5 landmarks, similarity transform to a canonical crop);
+  2. run every teacher on every face and cache its embedding h_i (sharded, memory-mapped, resumable);
+  3. train the fusion operator G on the cached h_i (autoencoder; PCA, VAE, DAE, concat to compare);
+  4. report each teacher's reconstruction error (Table 5) and write h_G for every face (for distill.py).
+
+  python fuse.py                                  # embedded real faces from installed packages
+  python fuse.py --data /faces --out feats/       # your own unlabelled faces (any folder tree)
+  torchrun --nproc_per_node 4 fuse.py --data /faces --out feats/   # several GPUs: shards split by rank
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from common import fusion
+from common.align import CANON, FaceDetector, center_matrix, warp
+from common.cache import CacheMismatch, FeatureCache, atomic_write, write_json
+from common.images import BadImage, list_images, read_image
+from common.runs import dist_info, get_logger, make_run_dir, pick_device
+from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
+from kernels import fuse_features
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and cache")
+    g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree). "
+                   "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
+    g.add_argument("--out", type=Path, help="feature cache folder (default: feats/demo, or feats/ with --data)")
+    g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --out and rebuild it")
+    g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
+    g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
+    g = p.add_argument_group("teachers and faces")
+    g.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS),
+                   help="comma list of built-in teachers (see --list-teachers) and/or custom specs such as "
+                        "onnx:/path/model.onnx:LAYER:SIZE, torchscript:/path/model.pt:SIZE, "
+                        "torchvision:resnet18:/path/weights.pth:LAYER:SIZE")
+    g.add_argument("--teachers-config", type=Path, help="JSON file of extra custom teachers (added to --teachers)")
+    g.add_argument("--list-teachers", action="store_true", help="print the teacher registry and exit")
+    g.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
+                   help="mtcnn: detect and align each face; none: images already are face crops")
+    g.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
+    g.add_argument("--batch", type=int, default=32, help="faces per teacher batch")
+    g.add_argument("--workers", type=int, default=0, help="image decoding/detection worker processes")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    g = p.add_argument_group("fusion G")
+    g.add_argument("--ops", default="ae,pca,vae,dae",
+                   help=f"fusion operators to train and compare in the Table 5 report ({', '.join(fusion.OPERATORS)})")
+    g.add_argument("--write", help="operator whose h_G is written into the cache for distill.py (default: first of --ops)")
+    g.add_argument("--dim", default="",
+                   help="width of h_G (default: mean teacher width, the paper's rule); a comma list a,b,c also "
+                        "sweeps the widths with the first operator and plots error vs width (Figure 2)")
+    g.add_argument("--epochs", type=int, default=40, help="training epochs of the autoencoders")
+    g.add_argument("--fusion-batch", type=int, default=256, help="batch size for training G")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for G")
+    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces held out to measure reconstruction")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
+    g.add_argument("--extract-only", action="store_true", help="stop after the feature cache is complete")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- faces
+class ShardFaces(torch.utils.data.Dataset):
+    """Decode, detect and align the images of one shard; a bad or faceless image becomes a counted row."""
+
+    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, reader=None):
+        self.root, self.images, self.align, self.min_prob = root, images, align, min_prob
+        self.reader = reader  # for images that are not plain files (a task's pixels stored in a CSV)
+        self.detector = None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        crop = np.zeros((CANON, CANON, 3), np.uint8)
+        matrix, score, sha1, reason = np.zeros((2, 3)), 0.0, "", ""
+        try:
+            path = self.root / self.images[i]
+            img, sha1 = (self.reader(path), "") if self.reader else read_image(path, with_hash=True)
+            if self.align == "none":
+                matrix, score = center_matrix(img.shape[1], img.shape[0]), 1.0
+            else:
+                if self.detector is None:  # built lazily so that each worker process has its own
+                    self.detector = FaceDetector(min_prob=self.min_prob)
+                hit = self.detector(img)
+                if hit is None:
+                    reason = "no face detected"
+                else:
+                    matrix, score = hit
+            if not reason:
+                crop = warp(img, matrix)
+        except BadImage as e:
+            reason = str(e)
+        return {"crop": torch.from_numpy(crop).permute(2, 0, 1), "found": not reason,
+                "matrix": torch.from_numpy(np.asarray(matrix, np.float32)), "score": float(score),
+                "sha1": sha1, "reason": reason}
+
+
+def extract(args, cache: FeatureCache, teachers, device, rank, world, log, reader=None) -> None:
+    """Fill this rank's unfinished shards: shard k belongs to rank k % world.
+
+    With no teachers, this only aligns the faces (transfer.py's image-based methods need no more).
+    """
+    mine = [k for k in range(cache.n_shards) if k % world == rank]
+    todo = [k for k in mine if not cache.shard_done(k)]
+    rows_of = lambda k: int(cache.bounds[k + 1] - cache.bounds[k])
+    total = sum(rows_of(k) for k in mine)
+    if len(todo) < len(mine):
+        log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
+    zeros = torch.zeros(cache.dim, device=device)
+    ones = torch.ones(cache.dim, device=device)
+    dtype = getattr(torch, cache.manifest["dtype"])
+    bar = tqdm(total=total, initial=total - sum(rows_of(k) for k in todo), unit="img", desc=f"teachers[{rank}]",
+               disable=None, dynamic_ncols=True)
+    for done, k in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
+        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob, reader)
+        loader = torch.utils.data.DataLoader(faces, batch_size=args.batch, num_workers=args.workers)
+        feats = torch.zeros(hi - lo, cache.dim, dtype=dtype)
+        meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
+        start = 0
+        for batch in loader:
+            n = len(batch["found"])
+            idx = torch.nonzero(batch["found"]).flatten()
+            if len(idx) and teachers:
+                crops = batch["crop"][idx].to(device, non_blocking=True)
+                with torch.inference_mode():
+                    outs = [t(crops).to(device) for t in teachers]
+                    feats[start + idx] = fuse_features(outs, zeros, ones, out_dtype=dtype).cpu()
+            for key in meta:
+                value = batch[key]
+                meta[key].extend(value.tolist() if torch.is_tensor(value) else list(value))
+            start += n
+            bar.update(n)
+        cache.write_shard(k, feats.numpy(), **meta)
+        # A log line per shard too: the bar is hidden when output goes to a file.
+        log.info(f"shard {k} written ({done}/{len(todo)} of this run, rank {rank}): "
+                 f"{(hi - lo) / (time.perf_counter() - t0):.1f} img/s")
+    bar.close()
+
+
+def report_missed(cache: FeatureCache, run: Path, log) -> None:
+    """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
+    missed = [(cache.images[i], r) for i, r in enumerate(cache.reasons) if r]
+    lines = "".join(f"{p}\t{r}\n" for p, r in missed)
+    atomic_write(run / "missed_faces.tsv", lambda f: f.write(("path\treason\n" + lines).encode()))
+    n_bad = sum(1 for _, r in missed if r != "no face detected")
+    log.info(f"faces: {len(cache.images) - len(missed)} aligned, {len(missed) - n_bad} images with no face, "
+             f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
+
+
+# --------------------------------------------------------------------------------------------- fusion
+class Standardised:
+    """Rows of the cache as float32 tensors in standardised units ((h - mean) / std, per dimension)."""
+
+    def __init__(self, cache: FeatureCache, device):
+        self.features = cache.features
+        mean, std = cache.stats()
+        self.mean, self.std = mean, std
+        self.t_mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.t_std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.device = device
+
+    def __call__(self, rows) -> torch.Tensor:
+        x = torch.from_numpy(self.features.take(rows)).to(self.device).float()
+        return (x - self.t_mean) / self.t_std
+
+    def batches(self, rows, size, rng=None):
+        rows = rng.permutation(rows) if rng is not None else rows
+        for i in range(0, len(rows), size):
+            yield self(rows[i:i + size])
+
+
+def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log):
+    """Fit one operator; autoencoders keep the weights of their best held-out epoch."""
+    torch.manual_seed(args.seed)
+    model = fusion.build(op, d_in, d_out).to(data.device)
+    if op == "pca":
+        model.fit(data.batches(train, 4096))
+    elif op != "concat":
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        rng = np.random.default_rng(args.seed)
+        best, best_state = float("inf"), None
+        for epoch in tqdm(range(args.epochs), desc=f"G[{op} {d_out}]", unit="epoch", disable=None, leave=False):
+            model.train()
+            for x in data.batches(train, args.fusion_batch, rng):
+                loss = model.loss(x)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{op}: loss became {loss.item()} at epoch {epoch}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            val_loss = evaluate_mse(model, data, val)
+            if val_loss < best:
+                best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        log.info(f"G[{op}, {d_out}]: best held-out MSE {best:.4f} (standardised units)")
+    return model.eval()
+
+
+@torch.no_grad()
+def reconstruct(model, data: Standardised, rows) -> np.ndarray:
+    """Reconstructed h_i of the given rows, back in the teachers' own units."""
+    model.eval()
+    out = [model.decode(model.encode(x)).cpu().numpy() for x in data.batches(rows, 4096)]
+    return np.concatenate(out) * data.std + data.mean
+
+
+@torch.no_grad()
+def evaluate_mse(model, data, rows) -> float:
+    model.eval()
+    total = sum(float(((model.decode(model.encode(x)) - x) ** 2).sum()) for x in data.batches(rows, 4096))
+    return total / (len(rows) * data.features.shape[1])
+
+
+def write_hG(cache: FeatureCache, name: str, model, op, d_in, d_out, data: Standardised, val, args) -> None:
+    """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant)."""
+    fusion.save(model, op, d_in, d_out, cache.path / "emb" / name / "G.safetensors")
+    found = cache.found
+    with torch.no_grad():
+        for k in tqdm(range(cache.n_shards), desc=f"write h_G[{name}]", unit="shard", disable=None, leave=False):
+            lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
+            rows = np.arange(lo, hi)
+            h = np.zeros((hi - lo, model.d_out), np.float32)
+            ok = found[lo:hi]
+            if ok.any():
+                h[ok] = np.concatenate([model.encode(x).cpu().numpy() for x in data.batches(rows[ok], 4096)])
+            cache.write_embedding_shard(name, k, h)
+    np.save(cache.path / "emb" / name / "val_rows.npy", np.asarray(val))
+    cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
+                                      "val_frac": args.val_frac, "seed": args.seed, "model": "G.safetensors"})
+
+
+def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    for op in ops:
+        if op not in fusion.OPERATORS:
+            raise SystemExit(f"--ops: unknown operator {op!r} (choose from {', '.join(fusion.OPERATORS)})")
+    write = args.write or ops[0]
+    if write not in ops:
+        ops.append(write)
+    d_in = cache.dim
+    mean_width = round(d_in / len(cache.teachers))
+    dims = [int(d) for d in args.dim.split(",") if d.strip()] or [mean_width]
+    rows = np.flatnonzero(cache.found)
+    if len(rows) < 10:
+        raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
+    rows = np.random.default_rng(args.seed).permutation(rows)
+    n_val = max(2, int(round(len(rows) * args.val_frac)))
+    val, train = np.sort(rows[:n_val]), np.sort(rows[n_val:])
+    log.info(f"G: {len(train)} training faces, {len(val)} held out; input {d_in}, h_G {dims[0]} "
+             f"(mean teacher width {mean_width}); layers {fusion.layer_widths(d_in, dims[0])}")
+    data = Standardised(cache, device)
+    x_val = cache.features.take(val).astype(np.float64)
+    slices = cache.slices()
+
+    table, models = {}, {}
+    for op in ops:
+        models[op] = train_operator(op, d_in, dims[0], data, train, val, args, log)
+        table[op] = fusion.nrmse_per_block(reconstruct(models[op], data, val), x_val, data.mean, slices)
+    names = list(slices)
+    rows_out = [[n] + [table[op][n] for op in ops] for n in names]
+    rows_out.append(["Average"] + [float(np.mean([table[op][n] for n in names])) for op in ops])
+    md = tabulate(rows_out, headers=["h_i"] + [op.upper() for op in ops], tablefmt="github", floatfmt=".3f")
+    (run / "table5.md").write_text(
+        f"Reconstruction normalised RMSE on {len(val)} held-out faces (h_G width {dims[0]}), as in Table 5\n\n{md}\n")
+    write_json(run / "table5.json", {"dim": dims[0], "n_val": len(val), "nrmse": table})
+    log.info("\n" + md)
+
+    if len(dims) > 1:
+        sweep_dims(cache, ops[0], dims, data, train, val, x_val, slices, args, run, log)
+    if not args.extract_only:
+        write_hG(cache, write, models[write], write, d_in, dims[0], data, val, args)
+        log.info(f"h_G ({write}, width {models[write].d_out}) written to {cache.path / 'emb' / write}")
+
+
+def sweep_dims(cache, op, dims, data, train, val, x_val, slices, args, run, log) -> None:
+    """Figure 2: reconstruction error against the width of h_G."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = []
+    for d in dims:
+        model = train_operator(op, cache.dim, d, data, train, val, args, log)
+        err = fusion.nrmse_per_block(reconstruct(model, data, val), x_val, data.mean, slices)
+        results.append({"dim": d, **err, "average": float(np.mean(list(err.values())))})
+    write_json(run / "dim_sweep.json", results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in list(slices) + ["average"]:
+        ax.plot(dims, [r[name] for r in results], marker="o", lw=2.5 if name == "average" else 1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("width of h_G")
+    ax.set_ylabel("held-out normalised RMSE")
+    ax.set_title(f"Reconstruction error of G ({op}) vs h_G width")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run / "dim_sweep.png", dpi=120)
+    log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
+
+
+def list_teachers() -> None:
+    rows = [[s.name, s.role, s.dim, s.input_size, s.runtime, s.pip, s.name in DEFAULT_TEACHERS] for s in REGISTRY.values()]
+    print(tabulate(rows, headers=["teacher", "role", "width", "input", "runtime", "weights from", "default"]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_teachers:
+        return list_teachers()
+    rank, world = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = pick_device(args.device)
+    if args.data is None:
+        from common.demo import build_demo_faces
+
+        args.data = build_demo_faces() if rank == 0 else Path("data/demo_faces")
+        if world > 1:
+            dist.barrier()
+        args.out = args.out or Path("feats/demo")
+    args.out = args.out or Path("feats")
+    images = list_images(args.data)
+    if not images:
+        raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")
+    run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
+    log = get_logger(run, f"fuse{rank}")
+    names = [n.strip() for n in args.teachers.split(",") if n.strip()]
+    extra = load_config(args.teachers_config) if args.teachers_config else []
+    teachers = build_teachers(names + extra, device)
+    log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
+    if args.overwrite and rank == 0 and args.out.exists():
+        shutil.rmtree(args.out)
+    if world > 1:
+        dist.barrier()
+    try:
+        if rank == 0:
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
+                                                  args.dtype, args.align)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
+                                                  args.dtype, args.align)
+    except CacheMismatch as e:
+        raise SystemExit(f"error: {e}")
+    extract(args, cache, teachers, device, rank, world, log)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        dist.destroy_process_group()
+        return
+    cache.finalize()
+    report_missed(cache, run, log)
+    log.info(f"feature cache complete: {cache.path} ({len(images)} images x {cache.dim} dims, {cache.dtype})")
+    if not args.extract_only:
+        fit_and_report(cache, args, device, run, log)
+    if world > 1:
+        dist.destroy_process_group()
+    log.info(f"run folder: {run}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

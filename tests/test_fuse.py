@@ -1,0 +1,108 @@
+"""fuse.py end to end on real faces with real teachers: cache, missed faces, Table 5, h_G, resume, torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fuse
+from common.cache import FeatureCache
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP = "age,gender,onet"  # the fastest real teachers, for the mechanics; the default zoo runs in the slow test
+
+
+def run_fuse(*args, check=True, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "fuse.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=check, **kw)
+
+
+@pytest.fixture(scope="module")
+def fused(face_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fuse")
+    fuse.main(["--data", str(face_dir), "--out", str(out / "feats"), "--run-dir", str(out / "run"), "--teachers", CHEAP,
+               "--ops", "ae,pca,dae,vae,concat", "--epochs", "3", "--shard-size", "4", "--dim", "16,32"])
+    return out
+
+
+def test_cache_complete_and_missed_faces_listed(fused, face_dir):
+    cache = FeatureCache(fused / "feats").require_complete()
+    assert [t["name"] for t in cache.teachers] == ["age", "gender", "onet"]
+    assert cache.dim == sum(t["dim"] for t in cache.teachers)
+    missed = (fused / "run" / "missed_faces.tsv").read_text()
+    assert "zz_noface.jpg\tno face detected" in missed
+    assert "truncated.jpg" in missed and "corrupt.jpg" in missed
+    found = dict(zip(cache.images, cache.found))
+    assert found["single_face.jpg"] and found["odd/grey16.png"] and found["odd/cmyk.jpg"]
+    x = cache.features.take(np.flatnonzero(cache.found)).astype(np.float32)
+    assert np.isfinite(x).all() and (x.std(0) > 0).any()
+    assert not cache.features.take(np.flatnonzero(~cache.found)).any()
+
+
+def test_table5_and_hG(fused):
+    table = json.loads((fused / "run" / "table5.json").read_text())
+    assert set(table["nrmse"]) == {"ae", "pca", "dae", "vae", "concat"}
+    for op, errs in table["nrmse"].items():
+        assert set(errs) == {"age", "gender", "onet"}
+        assert all(np.isfinite(v) and v >= 0 for v in errs.values())
+    assert max(table["nrmse"]["concat"].values()) < 1e-2  # fp16 storage is the only loss
+    assert "Average" in (fused / "run" / "table5.md").read_text()
+    cache = FeatureCache(fused / "feats")
+    hg, meta = cache.embedding("ae")
+    assert meta["op"] == "ae" and hg.shape == (len(cache.images), 16) and meta["dim"] == 16
+    assert (fused / "run" / "dim_sweep.png").stat().st_size > 1000
+    assert len(json.loads((fused / "run" / "dim_sweep.json").read_text())) == 2
+    assert json.loads((fused / "run" / "args.json").read_text())["teachers"] == CHEAP
+
+
+def test_other_teachers_on_same_cache_fail_clearly(fused, face_dir):
+    r = run_fuse("--data", face_dir, "--out", fused / "feats", "--teachers", "age,gender", "--extract-only", check=False)
+    assert r.returncode != 0
+    assert "written differently" in r.stderr and "teachers" in r.stderr
+
+
+def test_missing_data_folder(tmp_path):
+    r = run_fuse("--data", tmp_path / "nope", "--out", tmp_path / "c", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_same_cache(face_dir, tmp_path):
+    common = ["--data", face_dir, "--teachers", "age,gender", "--shard-size", "2", "--extract-only"]
+    run_fuse(*common, "--out", tmp_path / "clean", "--run-dir", tmp_path / "r0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fuse.py"), *map(str, common), "--out", tmp_path / "killed",
+                             "--run-dir", tmp_path / "r1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.npy"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(shards.glob("*.npy")))
+    n_shards = len(json.loads((tmp_path / "killed" / "manifest.json").read_text())["shard_bounds"]) - 1
+    assert 0 < done_before < n_shards, "the kill must land mid-run"
+    r = run_fuse(*common, "--out", tmp_path / "killed", "--run-dir", tmp_path / "r2")
+    assert "resuming" in r.stdout
+    a, b = FeatureCache(tmp_path / "clean"), FeatureCache(tmp_path / "killed").require_complete()
+    rows = np.arange(len(a.images))
+    assert np.array_equal(a.features.take(rows), b.features.take(rows))
+    assert np.array_equal(a.found, b.found) and np.allclose(a.stats()[0], b.stats()[0])
+    assert not list(shards.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single(face_dir, tmp_path):
+    common = ["--data", face_dir, "--teachers", "age,gender", "--shard-size", "3", "--extract-only"]
+    run_fuse(*common, "--out", tmp_path / "one", "--run-dir", tmp_path / "r1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "fuse.py"),
+                    *map(str, common), "--out", str(tmp_path / "two"), "--run-dir", str(tmp_path / "r2")],
+                   cwd=ROOT, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two").require_complete()
+    rows = np.arange(len(a.images))
+    assert np.array_equal(a.features.take(rows), b.features.take(rows))
