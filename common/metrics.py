@@ -1,0 +1,100 @@
+"""Evaluation metrics of the target knowledge (paper Table 3) and the fold helpers behind their protocols.
+
+Accuracies and error rates are fractions in [0, 1] (Table 3 prints them x100); MAE is in label units.
+A prediction of -1 (class index) or NaN (score, attribute) marks a face the detector missed: it is
+always counted wrong, as section 4.1 of the paper asks (see tasks.missed_face_rule).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def class_indices(pred) -> np.ndarray:
+    pred = np.asarray(pred)
+    if pred.ndim == 2:  # logits or probabilities: one row per sample
+        return pred.argmax(1)
+    return pred
+
+
+def accuracy(pred, target) -> float:
+    """Fraction of samples whose predicted class equals the target; pred is indices or (N, C) scores."""
+    pred, target = class_indices(pred), np.asarray(target)
+    if len(target) == 0:
+        raise ValueError("accuracy of an empty set")
+    return float(np.mean(pred == target))
+
+
+def mae(pred, target) -> float:
+    pred, target = np.asarray(pred, np.float64).reshape(-1), np.asarray(target, np.float64).reshape(-1)
+    if len(target) == 0:
+        raise ValueError("MAE of an empty set")
+    return float(np.mean(np.abs(pred - target)))
+
+
+def mean_error_rate(pred, target, threshold: float = 0.5) -> float:
+    """Multi-label error: the error rate of each attribute, averaged over attributes (CelebA "ER").
+
+    pred holds probabilities or {0,1} decisions (use threshold=0 for logits); NaN rows are missed faces.
+    With equal counts per attribute this equals the overall error, but the mean over attributes is
+    what the CelebA literature reports, so it is computed that way.
+    """
+    pred, target = np.asarray(pred, np.float64), np.asarray(target)
+    wrong = ((pred > threshold) != (target > 0.5)) | np.isnan(pred)
+    return float(wrong.mean(0).mean())
+
+
+def best_threshold(scores, same) -> float:
+    """Threshold t maximising the accuracy of "same iff score > t" (higher score = more alike).
+
+    Candidates are the midpoints between consecutive distinct scores plus one below and one above
+    them all, so the optimum is exact rather than limited to a grid; ties go to the smallest t.
+    """
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    ok = ~np.isnan(scores)
+    scores, same = scores[ok], same[ok]
+    u = np.unique(scores)
+    if len(u) == 0:
+        return 0.0
+    cands = np.concatenate([[u[0] - 1], (u[:-1] + u[1:]) / 2, [u[-1] + 1]])
+    acc = [np.mean((scores > t) == same) for t in cands]
+    return float(cands[int(np.argmax(acc))])
+
+
+def verification_accuracy_10fold(scores, same, folds):
+    """LFW protocol: for each fold, pick the threshold on the other folds, score the held-out fold.
+
+    Returns (mean, std) of the per-fold accuracies (std with ddof=0, as the LFW results page does).
+    Works for any number of folds; pairs with a NaN score (missed face) count as wrong.
+    """
+    scores, same, folds = np.asarray(scores, np.float64), np.asarray(same, bool), np.asarray(folds)
+    accs = []
+    for f in np.unique(folds):
+        test = folds == f
+        t = best_threshold(scores[~test], same[~test])
+        right = ((scores[test] > t) == same[test]) & ~np.isnan(scores[test])
+        accs.append(right.mean())
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+def leave_one_group_out(groups):
+    """One (group, train_idx, test_idx) per distinct group, in sorted group order."""
+    groups = np.asarray(groups)
+    idx = np.arange(len(groups))
+    return [(g, idx[groups != g], idx[groups == g]) for g in np.unique(groups)]
+
+
+def pooled(metric, test_indices, preds, targets) -> float:
+    """Score cross-validation folds by pooling every held-out prediction, then applying `metric`.
+
+    For leave-one-person-out on FG-NET this is the usual MAE over all 1002 images, which differs from
+    the mean of per-person MAEs because people have different numbers of photos.
+    """
+    idx = np.concatenate([np.asarray(i) for i in test_indices])
+    if len(np.unique(idx)) != len(idx):
+        raise ValueError("a sample is held out by more than one fold")
+    p = np.concatenate([np.asarray(x) for x in preds])
+    return metric(p, np.asarray(targets)[idx])
+
+
+METRICS = {"accuracy": accuracy, "mae": mae, "error_rate": mean_error_rate}
+LOWER_IS_BETTER = {"mae", "error_rate"}

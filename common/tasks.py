@@ -1,0 +1,647 @@
+"""Task registry: every target/source knowledge of the paper (Table 1) plus FER2013.
+
+Each Task names its on-disk reader, its evaluation protocol and its metric. Readers parse the
+datasets as they are distributed (layouts in /work/shared/DATA.md) and only list files and labels:
+images are opened later with load_image. torchvision's CelebA, LFWPairs/LFWPeople and FER2013
+readers are not used because, even with download=False, they refuse any copy whose files do not
+match their md5 sums (and LFW wants torchvision's own `lfw-py/` archive layout), so they reject
+re-packed copies, fixtures and corrected label files alike.
+
+Adding a dataset takes one entry: register_task(folder_task(...)) for `root/<class>/*.jpg`, or
+register_task(csv_task(...)) for a `file,label[,split]` CSV.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import metrics
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class Sample:
+    path: str
+    label: object
+    group: str | None = None  # subject / person id, for leave-one-out protocols
+    box: tuple | None = None  # face box given by the dataset, (x0, y0, x1, y1) in pixels
+
+
+@dataclass
+class Pair:
+    a: int  # indices into TaskData.samples
+    b: int
+    same: bool
+    fold: int
+
+
+@dataclass
+class Split:
+    name: str
+    train: np.ndarray  # indices into TaskData.samples
+    test: np.ndarray
+    val: np.ndarray | None = None
+
+
+@dataclass
+class TaskData:
+    samples: list[Sample]
+    splits: list[Split]
+    pairs: list[Pair] | None = None
+    label_names: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # files that could not be parsed, reported to the user
+    counts: dict = field(default_factory=dict)  # protocol filters applied, e.g. {"dropped_expression_8_10": 3}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    knowledge: str
+    kind: str  # "classification" | "regression" | "multilabel" | "verification"
+    num_outputs: int  # 0: not fixed by the task (classes found in the data, or an embedding for verification)
+    label_range: tuple | None  # (min, max) of a regression target, for the missed-face rule
+    metric: str  # "accuracy" | "mae" | "error_rate" | "verification_accuracy"
+    protocol: str
+    layout: str
+    loader: Callable[[Path, dict], TaskData] = field(hash=False)
+    params: dict = field(default_factory=dict, hash=False)  # a dict cannot be hashed; tasks still can
+
+    def __post_init__(self):
+        # Whoever calls task.loader directly still gets the expected layout in a missing-file error.
+        object.__setattr__(self, "loader", _with_layout_errors(self, getattr(self.loader, "raw", self.loader)))
+
+
+def _with_layout_errors(task: Task, raw):
+    def loader(root=None, params=None) -> TaskData:
+        params = {**task.params, **(params or {})}
+        root = root if root is not None else params.get("root")
+        if root is None:
+            raise ValueError(f"{task.name}: no data folder given. Expected layout: {task.layout}")
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"{task.name}: data folder {root} does not exist. Expected layout: {task.layout}")
+        try:
+            return raw(root, params)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{task.name}: {e}. Expected layout: {task.layout}") from e
+
+    loader.raw = raw
+    return loader
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"missing {path}")
+    return path
+
+
+def _sub(root: Path, name: str) -> Path:
+    """Users may point at a dataset's folder or at the folder that holds it."""
+    return root / name if (root / name).is_dir() else root
+
+
+# os.scandir reads the entry type from the directory itself: no stat per file on 6.5M-image trees.
+def _image_files(folder: Path) -> list[Path]:
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir())
+
+
+def _idx(mask) -> np.ndarray:
+    return np.flatnonzero(np.asarray(mask))
+
+
+def random_split(n: int, seed: int = 0, fractions=(0.8, 0.1, 0.1), name: str | None = None) -> Split:
+    """Seeded random train/val/test split of n samples; fractions are (train, val, test)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    val = np.sort(perm[n_train:n_train + n_val]) if fractions[1] > 0 else None
+    name = name or f"random {'/'.join(str(round(100 * f)) for f in fractions)} seed {seed}"
+    return Split(name, np.sort(perm[:n_train]), np.sort(perm[n_train + n_val:]), val)
+
+
+def per_class_split(labels, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> Split:
+    """Seeded split inside each class, so every identity is seen in training (closed-set identification)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(_idx(labels == c))
+        n_val, n_test = int(round(fractions[1] * len(idx))), int(round(fractions[2] * len(idx)))
+        n_train = len(idx) - n_val - n_test
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    cat = {k: np.sort(np.concatenate(v)).astype(np.int64) if v else np.zeros(0, np.int64) for k, v in parts.items()}
+    return Split(f"per-class {'/'.join(str(round(100 * f)) for f in fractions)} seed {seed}",
+                 cat["train"], cat["test"], cat["val"])
+
+
+def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:
+    return [Split(f"leave out {g}", train, test)
+            for g, train, test in metrics.leave_one_group_out([s.group for s in samples])]
+
+
+def _seeded(n: int, p: dict) -> list[Split]:
+    return [random_split(n, p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1))))]
+
+
+# ----------------------------------------------------------------------------- images
+
+_ROW = re.compile(r"(.+)#row(\d+)")
+
+
+@functools.lru_cache(maxsize=2)
+def _csv_pixels(csv_path: str) -> np.ndarray:
+    """All 48x48 faces of a FER2013-style CSV as one uint8 array, parsed once per process."""
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        col = header.index("pixels")
+        return np.stack([np.fromstring(row[col], dtype=np.uint8, sep=" ").reshape(48, 48) for row in reader])
+
+
+def load_image(sample):
+    """RGB PIL image of a Sample (or a path); `file.csv#row<i>` reads row i of an in-CSV pixel dataset."""
+    from PIL import Image
+
+    path = sample.path if isinstance(sample, Sample) else str(sample)
+    m = _ROW.fullmatch(path)
+    if m and not Path(path).exists():
+        return Image.fromarray(_csv_pixels(m[1])[int(m[2])], "L").convert("RGB")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- readers
+
+UTK_RACES = ["White", "Black", "Asian", "Indian", "Others"]
+# UTKFace/[age]_[gender]_[race]_[date&time].jpg[.chip.jpg]; a few real files lack a field.
+_UTK_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d+")
+
+
+def _age_group_names(bins) -> list[str]:
+    return [f"{lo}-{hi - 1}" for lo, hi in zip(bins[:-1], bins[1:])] + [f"{bins[-1]}+"]
+
+
+def _utk(root: Path, p: dict) -> TaskData:
+    folder = _need(_sub(root, "UTKFace"))
+    rows, skipped = [], []
+    for f in _image_files(folder):
+        m = _UTK_NAME.fullmatch(f.name.split(".")[0])
+        if m:
+            rows.append((str(f), int(m[1]), int(m[2]), int(m[3])))
+        else:
+            skipped.append(f.name)
+    target = p["target"]
+    if target == "age":
+        samples, names = [Sample(f, float(a)) for f, a, _, _ in rows], None
+    elif target == "age_group":
+        bins = p["age_bins"]
+        samples = [Sample(f, int(np.searchsorted(bins, a, side="right") - 1)) for f, a, _, _ in rows]
+        names = _age_group_names(bins)
+    elif target == "gender":
+        samples, names = [Sample(f, g) for f, _, g, _ in rows], ["male", "female"]
+    else:
+        samples, names = [Sample(f, r) for f, _, _, r in rows], UTK_RACES
+    return TaskData(samples, _seeded(len(samples), p), label_names=names, skipped=skipped)
+
+
+CELEBA_ATTRS = 40
+
+
+def _celeba(root: Path, p: dict) -> TaskData:
+    root = _sub(root, "celeba")
+    images = _need(root / "img_align_celeba")
+    lines = _need(root / "list_attr_celeba.txt").read_text().splitlines()
+    names = lines[1].split()
+    files, labels = [], []
+    for line in lines[2:]:
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != len(names) + 1:
+            raise ValueError(f"list_attr_celeba.txt: {len(parts) - 1} values for {len(names)} attributes in {line!r}")
+        files.append(parts[0])
+        labels.append(np.array([v == "1" for v in parts[1:]], np.float32))
+    part = dict(line.split() for line in _need(root / "list_eval_partition.txt").read_text().splitlines() if line.strip())
+    which = np.array([int(part[f]) for f in files])
+    samples = [Sample(str(images / f), y) for f, y in zip(files, labels)]
+    split = Split("official partition", _idx(which == 0), _idx(which == 2), _idx(which == 1))
+    return TaskData(samples, [split], label_names=names)
+
+
+def _lfw(root: Path, p: dict) -> TaskData:
+    images = _need(root / p.get("images", "lfw"))
+    rows = [line.split() for line in _need(root / "pairs.txt").read_text().splitlines() if line.strip()]
+    head, rows = rows[0], rows[1:]
+    n_folds, n = (int(head[0]), int(head[1])) if len(head) == 2 else (1, int(head[0]))
+    if len(rows) != 2 * n_folds * n:
+        raise ValueError(f"pairs.txt: header says {n_folds} folds x 2 x {n} pairs, found {len(rows)} lines")
+    samples, index, names = [], {}, {}
+
+    def sample(name, no):
+        key = (name, int(no))
+        if key not in index:
+            index[key] = len(samples)
+            samples.append(Sample(str(images / name / f"{name}_{int(no):04d}.jpg"), names.setdefault(name, len(names)), group=name))
+        return index[key]
+
+    pairs = []
+    for k, r in enumerate(rows):
+        fold, same = k // (2 * n), k % (2 * n) < n
+        if len(r) != (3 if same else 4):
+            raise ValueError(f"pairs.txt line {k + 2}: expected {'name i j' if same else 'name1 i name2 j'}, got {r}")
+        a, b = (sample(r[0], r[1]), sample(r[0], r[2])) if same else (sample(r[0], r[1]), sample(r[2], r[3]))
+        pairs.append(Pair(a, b, same, fold))
+    # Relabel identities in sorted-name order so labels do not depend on pair order.
+    order = sorted(names)
+    rank = {name: i for i, name in enumerate(order)}
+    for s in samples:
+        s.label = rank[s.group]
+    splits = []
+    for f in range(n_folds):
+        test = np.unique([i for q in pairs if q.fold == f for i in (q.a, q.b)])
+        train = np.setdiff1d([i for q in pairs if q.fold != f for i in (q.a, q.b)], test)
+        splits.append(Split(f"fold {f + 1}", train.astype(np.int64), test.astype(np.int64)))
+    return TaskData(samples, splits, pairs=pairs, label_names=order)
+
+
+RAF_NAMES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+
+
+def _raf(root: Path, p: dict) -> TaskData:
+    basic = _sub(root, "basic")
+    aligned = p.get("aligned", True)
+    images = _need(basic / "Image" / ("aligned" if aligned else "original"))
+    samples, part = [], []
+    for line in _need(basic / "EmoLabel" / "list_patition_label.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        name, y = line.split()
+        # The label file names the original image; aligned crops carry an "_aligned" suffix.
+        file = f"{name.rsplit('.', 1)[0]}_aligned.jpg" if aligned else name
+        samples.append(Sample(str(images / file), int(y) - 1))
+        part.append(name.split("_")[0])
+    part = np.array(part)
+    return TaskData(samples, [Split("official train/test", _idx(part == "train"), _idx(part == "test"))], label_names=RAF_NAMES)
+
+
+AFFECTNET_NAMES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
+
+
+def _affectnet(root: Path, p: dict) -> TaskData:
+    # The official archive unpacks to Manually_Annotated/Manually_Annotated_Images/; some copies drop a level.
+    images = next((d for d in (root / "Manually_Annotated_Images", root / "Manually_Annotated" / "Manually_Annotated_Images")
+                   if d.is_dir()), root)
+    samples, which, dropped = [], [], 0
+    for part, name in (("train", "training.csv"), ("test", "validation.csv")):
+        with open(_need(root / name), newline="") as f:
+            for row in csv.DictReader(f):
+                y = int(row["expression"])
+                if y >= len(AFFECTNET_NAMES):  # 8 none, 9 uncertain, 10 no face
+                    dropped += 1
+                    continue
+                x0, y0 = float(row["face_x"]), float(row["face_y"])
+                box = (x0, y0, x0 + float(row["face_width"]), y0 + float(row["face_height"]))
+                samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=box))
+                which.append(part)
+    which = np.array(which)
+    split = Split("training.csv / validation.csv", _idx(which == "train"), _idx(which == "test"))
+    return TaskData(samples, [split], label_names=AFFECTNET_NAMES, counts={"dropped_expression_8_10": dropped})
+
+
+FER_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+
+
+def _fer2013(root: Path, p: dict) -> TaskData:
+    path = root if root.is_file() else _need(_sub(root, "fer2013") / "fer2013.csv")
+    samples, usage = [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]  # icml_face_data.csv writes " Usage", " pixels"
+        ey, us = header.index("emotion"), header.index("Usage")
+        for i, row in enumerate(reader):
+            samples.append(Sample(f"{path}#row{i}", int(row[ey])))
+            usage.append(row[us].strip())
+    usage = np.array(usage)
+    split = Split("Training / PublicTest / PrivateTest", _idx(usage == "Training"), _idx(usage == "PrivateTest"),
+                  _idx(usage == "PublicTest"))
+    return TaskData(samples, [split], label_names=FER_NAMES)
+
+
+# FGNET/images/001A02.JPG: subject 001, age 02; a trailing letter tells apart photos at the same age.
+_FGNET_NAME = re.compile(r"(\d{3})A(\d{2})[a-z]?\.jpg", re.IGNORECASE)
+
+
+def _fgnet(root: Path, p: dict) -> TaskData:
+    folder = _need(_sub(_sub(root, "FGNET"), "images"))
+    samples, skipped = [], []
+    for f in _image_files(folder):
+        m = _FGNET_NAME.fullmatch(f.name)
+        if m:
+            samples.append(Sample(str(f), float(m[2]), group=m[1]))
+        else:
+            skipped.append(f.name)
+    return TaskData(samples, leave_one_group_out_splits(samples), skipped=skipped)
+
+
+def _unbc(root: Path, p: dict) -> TaskData:
+    images, labels = _need(root / "Images"), _need(root / "Frame_Labels" / "PSPI")
+    samples, skipped = [], []
+    for subject in _subdirs(images):
+        for seq in _subdirs(subject):
+            for f in _image_files(seq):
+                label = labels / subject.name / seq.name / f"{f.stem}_facs.txt"
+                if label.exists():
+                    samples.append(Sample(str(f), float(label.read_text().split()[0]), group=subject.name))
+                else:
+                    skipped.append(str(f.relative_to(images)))
+    return TaskData(samples, leave_one_group_out_splits(samples), skipped=skipped)
+
+
+def _matlab_years(datenum: np.ndarray) -> np.ndarray:
+    """Calendar year of MATLAB serial dates (day 1 = 1 Jan of year 0); NaN where the date is unusable."""
+    ok = np.isfinite(datenum)
+    days = np.where(ok, datenum, 719529).astype(np.int64) - 719529  # 719529 = datenum(1970, 1, 1)
+    years = (np.datetime64("1970-01-01") + days.astype("timedelta64[D]")).astype("datetime64[Y]").astype(np.int64) + 1970
+    return np.where(ok, years, np.nan)
+
+
+def _imdb_wiki(root: Path, p: dict) -> TaskData:
+    from scipy.io import loadmat
+
+    names = [p["mat"]] if p.get("mat") else ["imdb.mat", "wiki.mat"]
+    found = [root / n for n in names if (root / n).exists()]
+    if not found:
+        raise FileNotFoundError(f"missing {root / names[0]}" + (f" (or {root / names[1]})" if len(names) > 1 else ""))
+    mat = found[0]
+    m = loadmat(str(mat))[mat.stem][0, 0]
+    col = lambda k: np.asarray(m[k], np.float64).ravel()  # noqa: E731
+    paths = [str(np.squeeze(x)) for x in m["full_path"].ravel()]
+    age = col("photo_taken") - _matlab_years(col("dob"))
+    gender, face, second = col("gender"), col("face_score"), col("second_face_score")
+    with np.errstate(invalid="ignore"):
+        keep = ((age >= 0) & (age <= 100) & ~np.isnan(gender) & np.isfinite(face)
+                & (face > p.get("min_face_score", 0.0)) & np.isnan(second))
+    kept = _idx(keep)
+    if p["target"] == "age":
+        samples, names = [Sample(str(root / paths[i]), float(age[i])) for i in kept], None
+    else:
+        samples, names = [Sample(str(root / paths[i]), int(gender[i])) for i in kept], ["female", "male"]
+    return TaskData(samples, _seeded(len(samples), p), label_names=names,
+                    counts={"rows": len(paths), "filtered_out": len(paths) - len(kept)})
+
+
+def _tiny_imagenet(root: Path, p: dict) -> TaskData:
+    root = _sub(root, "tiny-imagenet-200")
+    wnids = _need(root / "wnids.txt").read_text().split()
+    cls = {w: i for i, w in enumerate(wnids)}
+    samples = [Sample(str(f), cls[w]) for w in wnids for f in _image_files(_need(root / "train" / w / "images"))]
+    n_train = len(samples)
+    val_images = _need(root / "val" / "images")
+    for line in _need(root / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            file, wnid = line.split()[:2]
+            samples.append(Sample(str(val_images / file), cls[wnid]))
+    split = Split("train / val", np.arange(n_train), np.arange(n_train, len(samples)))
+    return TaskData(samples, [split], label_names=wnids)
+
+
+def _folder(root: Path, p: dict) -> TaskData:
+    """root/<class>/*.jpg, or root/<split dir>/<class>/*.jpg when params['splits'] names the split dirs."""
+    split_dirs = p.get("splits")  # e.g. {"train": "Train", "test": "Val"}
+    tops = {k: _need(root / v) for k, v in split_dirs.items()} if split_dirs else {"all": root}
+    classes = p.get("classes") or sorted({d.name for top in tops.values() for d in _subdirs(top)})
+    cls = {c: i for i, c in enumerate(classes)}
+    samples, which = [], []
+    for part, top in tops.items():
+        for d in _subdirs(top):
+            if d.name not in cls:
+                raise ValueError(f"{d}: class {d.name!r} is not one of {classes}")
+            for f in _image_files(d):
+                samples.append(Sample(str(f), cls[d.name], group=d.name if p.get("per_class_split") else None))
+                which.append(part)
+    if not samples:
+        raise FileNotFoundError(f"missing images: no {root}/<class>/*.jpg found")
+    which = np.array(which)
+    labels = [s.label for s in samples]
+    if split_dirs:
+        val = _idx(which == "val") if "val" in split_dirs else None
+        splits = [Split(" / ".join(split_dirs.values()), _idx(which == "train"), _idx(which == "test"), val)]
+    elif p.get("per_class_split"):
+        splits = [per_class_split(labels, p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1))))]
+    else:
+        splits = _seeded(len(samples), p)
+    return TaskData(samples, splits, label_names=list(classes))
+
+
+_CSV_HEADER = {"file", "filename", "path", "image", "img", "name"}
+
+
+def _csv_table(root: Path, p: dict) -> TaskData:
+    """A `file,label[,split]` CSV; paths are relative to the CSV's folder; split is train/val/test."""
+    path = root if root.is_file() else _need(root / p.get("csv", "labels.csv"))
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and r[0].strip()]
+    if rows and rows[0][0].strip().lower() in _CSV_HEADER:
+        rows = rows[1:]
+    files = [str(path.parent / r[0].strip()) for r in rows]
+    raw = [r[1].strip() for r in rows]
+    if p.get("kind", "classification") == "regression":
+        samples, names = [Sample(f, float(y)) for f, y in zip(files, raw)], None
+    else:
+        names = p.get("classes") or sorted(set(raw), key=lambda y: (0, int(y), "") if y.lstrip("-").isdigit() else (1, 0, y))
+        cls = {c: i for i, c in enumerate(names)}
+        samples = [Sample(f, cls[y]) for f, y in zip(files, raw)]
+    if rows and all(len(r) > 2 for r in rows):
+        which = np.array([r[2].strip().lower() for r in rows])
+        val = _idx(which == "val") if (which == "val").any() else None
+        splits = [Split("split column", _idx(which == "train"), _idx(which == "test"), val)]
+    else:
+        splits = _seeded(len(samples), p)
+    return TaskData(samples, splits, label_names=names)
+
+
+# ----------------------------------------------------------------------------- helpers for users
+
+def folder_task(name: str, root=None, knowledge: str = "Classification", classes=None, splits=None,
+                per_class_split: bool = False, seed: int = 0, fractions=(0.8, 0.1, 0.1), **task_fields) -> Task:
+    """A classification task on a folder-per-class tree; register it with register_task."""
+    params = {"root": root, "classes": classes, "splits": splits, "per_class_split": per_class_split,
+              "seed": seed, "fractions": fractions}
+    protocol = (f"train on {splits.get('train')}, report {splits.get('test')}" if splits else
+                f"per-class random {_pct(fractions)} split, seed {seed}" if per_class_split else
+                f"random {_pct(fractions)} train/val/test split, seed {seed}")
+    layout = ("root/" + "{" + ",".join(splits.values()) + "}/<class>/*.jpg") if splits else "root/<class>/*.jpg"
+    fields = dict(knowledge=knowledge, kind="classification", num_outputs=len(classes) if classes else 0,
+                  label_range=None, metric="accuracy", protocol=protocol, layout=layout)
+    return Task(name, loader=_folder, params=params, **{**fields, **task_fields})
+
+
+def csv_task(name: str, csv: str = "labels.csv", kind: str = "classification", root=None, knowledge: str | None = None,
+             label_range: tuple | None = None, classes=None, seed: int = 0, fractions=(0.8, 0.1, 0.1), **task_fields) -> Task:
+    """A task read from `root/<csv>` rows `file,label[,split]`; kind is "classification" or "regression"."""
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"csv_task kind must be classification or regression, not {kind!r}")
+    params = {"root": root, "csv": csv, "kind": kind, "classes": classes, "seed": seed, "fractions": fractions}
+    fields = dict(knowledge=knowledge or kind.capitalize(), kind=kind,
+                  num_outputs=1 if kind == "regression" else len(classes) if classes else 0,
+                  label_range=label_range, metric="mae" if kind == "regression" else "accuracy",
+                  protocol=f"split column if present, else random {_pct(fractions)} split, seed {seed}",
+                  layout=f"root/{csv} with rows file,label[,train|val|test]; files relative to root")
+    return Task(name, loader=_csv_table, params=params, **{**fields, **task_fields})
+
+
+def _pct(fractions) -> str:
+    return "/".join(str(round(100 * f)) for f in fractions)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+AGE_BINS = [0, 3, 10, 20, 30, 40, 50, 60, 70]  # groups 0-2, 3-9, 10-19, ..., 60-69, 70+
+SPLIT = {"seed": 0, "fractions": (0.8, 0.1, 0.1)}
+UTK_PROTOCOL = "random 80/10/10 train/val/test split of the well-named files, seed 0 (same split for all UTK tasks)"
+UTK_LAYOUT = "UTKFace/[age]_[gender]_[race]_[date&time].jpg (or .jpg.chip.jpg); malformed names skipped and counted"
+IMDB_PROTOCOL = ("age = photo_taken - year(dob); keep 0 <= age <= 100, gender not NaN, face_score finite and > "
+                 "min_face_score (0), second_face_score NaN (one face); random 80/10/10 split, seed 0")
+IMDB_LAYOUT = "imdb_crop/imdb.mat (or wiki_crop/wiki.mat) + the images at its full_path entries"
+TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt}"
+
+_REGISTRY = [
+    Task("Expr-AffectNet", "Emotion Classification", "classification", 8, None, "accuracy",
+         "train on training.csv, report validation.csv accuracy; expressions 8-10 (none/uncertain/no face) dropped",
+         "root/{training.csv, validation.csv}, images at root/[Manually_Annotated/]Manually_Annotated_Images/"
+         "<subDirectory_filePath>; "
+         "face box from face_x/y/width/height", _affectnet),
+    Task("Expr-RAF", "Emotion Classification", "classification", 7, None, "accuracy",
+         "official train/test partition (train_/test_ file prefix), test accuracy",
+         "basic/EmoLabel/list_patition_label.txt + basic/Image/aligned/<name>_aligned.jpg", _raf, {"aligned": True}),
+    folder_task("Expr-SFEW", knowledge="Emotion Classification",
+                classes=["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"],
+                splits={"train": "Train", "test": "Val"},
+                protocol="train on Train, report Val accuracy (SFEW 2.0 test labels are not public)",
+                layout="root/{Train,Val}/<Angry|Disgust|Fear|Happy|Neutral|Sad|Surprise>/*.png"),
+    folder_task("Identity-MS", knowledge="Identity Matching", per_class_split=True,
+                protocol="identity classification; per-identity random 80/10/10 split, seed 0, test accuracy",
+                layout="root/<identity>/*.jpg (one folder per identity, e.g. MS-Celeb-1M clean)"),
+    Task("Identity-LFW", "Identity Matching", "verification", 0, None, "verification_accuracy",
+         "10-fold LFW pairs (View 2): threshold picked on 9 folds, accuracy on the 10th; mean and std",
+         "root/pairs.txt + root/lfw/<Name>/<Name>_<iiii>.jpg (params images= for lfw-deepfunneled etc.)",
+         _lfw, {"images": "lfw"}),
+    Task("Gender-IMDb", "Gender Prediction", "classification", 2, None, "accuracy", IMDB_PROTOCOL, IMDB_LAYOUT,
+         _imdb_wiki, {"target": "gender", "min_face_score": 0.0, **SPLIT}),
+    Task("Gender-UTK", "Gender Prediction", "classification", 2, None, "accuracy", UTK_PROTOCOL, UTK_LAYOUT,
+         _utk, {"target": "gender", **SPLIT}),
+    Task("Attrib-CelebA", "Attribute Detection", "multilabel", CELEBA_ATTRS, None, "error_rate",
+         "official partition (list_eval_partition.txt: 0 train, 1 val, 2 test); mean error rate over 40 attributes",
+         "celeba/{img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt}", _celeba),
+    Task("AgeR-IMDb", "Age Regression", "regression", 1, (0, 100), "mae", IMDB_PROTOCOL, IMDB_LAYOUT,
+         _imdb_wiki, {"target": "age", "min_face_score": 0.0, **SPLIT}),
+    Task("AgeR-FG", "Age Regression", "regression", 1, (0, 69), "mae",
+         "leave-one-person-out (one split per subject), MAE pooled over all images",
+         "FGNET/images/<subject:3>A<age:2>[letter].JPG", _fgnet),
+    Task("AgeR-UTK", "Age Regression", "regression", 1, (0, 116), "mae", UTK_PROTOCOL, UTK_LAYOUT,
+         _utk, {"target": "age", **SPLIT}),
+    Task("AgeC-UTK", "Age Classification", "classification", len(AGE_BINS), None, "accuracy",
+         UTK_PROTOCOL + "; age groups " + ", ".join(_age_group_names(AGE_BINS)), UTK_LAYOUT,
+         _utk, {"target": "age_group", "age_bins": AGE_BINS, **SPLIT}),
+    Task("Ethnic-UTK", "Ethnicity Classification", "classification", 5, None, "accuracy", UTK_PROTOCOL, UTK_LAYOUT,
+         _utk, {"target": "race", **SPLIT}),
+    Task("Pain-UNBC", "Pain Estimation", "regression", 1, (0, 16), "mae",
+         "leave-one-subject-out (one split per subject), frame-level PSPI MAE pooled over all frames",
+         "Images/<subject>/<sequence>/<frame>.png + Frame_Labels/PSPI/<subject>/<sequence>/<frame>_facs.txt", _unbc),
+    Task("Object-TinyImageNet", "Object Classification", "classification", 200, None, "accuracy",
+         "train on train/, report val/ accuracy (the paper's stand-in for Object-ImageNet)", TINY_LAYOUT, _tiny_imagenet),
+    Task("FER2013", "Emotion Classification", "classification", 7, None, "accuracy",
+         "train on Training, validate on PublicTest, report PrivateTest accuracy",
+         "fer2013/fer2013.csv (emotion,pixels,Usage; 48x48 grey pixels in the CSV)", _fer2013),
+]
+
+TASKS: dict[str, Task] = {}
+# The paper reports ImageNet knowledge on TinyImageNet (section 4.2), so the Table 1 name points there.
+ALIASES = {"Object-ImageNet": "Object-TinyImageNet"}
+
+
+def register_task(task: Task) -> Task:
+    if task.kind not in ("classification", "regression", "multilabel", "verification"):
+        raise ValueError(f"{task.name}: unknown kind {task.kind!r}")
+    if task.metric not in {*metrics.METRICS, "verification_accuracy"}:
+        raise ValueError(f"{task.name}: unknown metric {task.metric!r}")
+    TASKS[task.name] = task
+    return task
+
+
+for _t in _REGISTRY:
+    register_task(_t)
+
+
+def get_task(name: str) -> Task:
+    name = ALIASES.get(name, name)
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join([*TASKS, *ALIASES])}")
+    return TASKS[name]
+
+
+def load(task, root=None, **params) -> TaskData:
+    """Read a task's data: task is a Task or a registered name; root defaults to params['root']."""
+    task = get_task(task) if isinstance(task, str) else task
+    return task.loader(root, params)
+
+
+def output_size(task: Task, data: TaskData) -> int:
+    """Width of the head to put on the student: fixed by the task, else the number of classes found."""
+    if task.kind == "verification":
+        return 0
+    return task.num_outputs or len(data.label_names or [])
+
+
+def missed_face_rule(task: Task, preds, missed_mask, label_range: tuple | None = None) -> np.ndarray:
+    """Paper section 4.1 for faces the detector missed: a classification counts as wrong, a regression
+    predicts the middle of the label range.
+
+    Classification preds (indices or (N, C) scores) come back as indices with -1 for missed faces;
+    multilabel decisions and verification pair scores come back as floats with NaN for them; the
+    metrics count both as wrong.
+    """
+    missed = np.asarray(missed_mask, bool)
+    if task.kind == "regression":
+        lo_hi = label_range or task.label_range
+        if lo_hi is None:
+            raise ValueError(f"{task.name}: the missed-face rule needs a label_range")
+        out = np.asarray(preds, np.float64).copy()
+        out[missed] = (lo_hi[0] + lo_hi[1]) / 2
+    elif task.kind == "classification":
+        out = np.asarray(metrics.class_indices(preds), np.int64).copy()
+        out[missed] = -1
+    else:
+        out = np.asarray(preds, np.float64).copy()
+        out[missed] = np.nan
+    return out
+
+
+def list_tasks_table(tablefmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    alias_of = {v: k for k, v in ALIASES.items()}
+    rows = []
+    for t in TASKS.values():
+        outputs = "embedding" if t.kind == "verification" else t.num_outputs or "from data"
+        name = f"{t.name} (= {alias_of[t.name]})" if t.name in alias_of else t.name
+        rows.append([name, t.knowledge, t.kind, outputs, t.metric, t.protocol, t.layout])
+    return tabulate(rows, headers=["task", "knowledge", "kind", "outputs", "metric", "protocol", "layout"],
+                    tablefmt=tablefmt, maxcolwidths=[None, 14, None, None, None, 48, 48])

@@ -1,0 +1,374 @@
+"""Tests of kernels/: Triton kernels (CUDA if present, else Triton's CPU interpreter) and the PyTorch
+fallback, against float64 references."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # also when run as plain `pytest`
+import kernels  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEV.type == "cpu":
+    # Without a GPU the kernels run in Triton's interpreter, which has to be chosen as triton is first
+    # imported (torch does not import it). The variable is put back straight after, so that other test
+    # modules' calls do not go through the interpreter; the fixture below sets it around each test here.
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    kernels._load_triton()
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+HAS_TRITON = kernels._load_triton() is not None
+if not HAS_TRITON:
+    _skip_reason = f"{kernels._triton_error}: only the PyTorch fallback is tested"
+elif DEV.type == "cpu" and not kernels._triton_impl.INTERPRETER_BUILT:
+    # e.g. in a whole-suite run, where torch.library imported it while collecting another module
+    _skip_reason = ("triton was imported without TRITON_INTERPRET=1 before this module: "
+                    "test_triton_kernels_in_fresh_process runs these tests in a process of its own")
+else:
+    _skip_reason = ""
+needs_triton = pytest.mark.skipif(bool(_skip_reason), reason=_skip_reason)
+BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
+# Rounding of the stored result (half an ulp) plus float32 arithmetic, relative to the result's scale.
+RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-5, torch.float64: 2e-5}
+EPS = 1e-8
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    if DEV.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, dtype, gen, layout="contiguous"):
+    """A float tensor on DEV, contiguous, transposed (column-major) or a strided view."""
+    rows, cols = shape
+    if layout == "transposed":
+        return torch.randn(cols, rows, generator=gen).to(DEV, dtype).t()
+    if layout == "strided":
+        return torch.randn(rows * 2, cols * 3, generator=gen).to(DEV, dtype)[::2, 1::3]
+    return torch.randn(rows, cols, generator=gen).to(DEV, dtype)
+
+
+def _assert_close(actual, ref, rtol, scale=None):
+    """|actual - ref| <= rtol * scale elementwise; scale defaults to |ref| + 1 (the results are O(1))."""
+    actual = actual.double().cpu()
+    ref = ref.double().cpu()
+    assert actual.shape == ref.shape
+    assert torch.isfinite(actual).all(), "non-finite values (unwritten poison?)"
+    scale = ref.abs() + 1 if scale is None else scale.cpu()
+    err = ((actual - ref).abs() / scale).max().item() if ref.numel() else 0.0
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fuse_features
+
+def _fuse_case(widths, batch, seed, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+               layouts=("contiguous", "transposed", "strided")):
+    gen = _gen(seed)
+    feats = [_randn((batch, w), dtypes[k % len(dtypes)], gen, layouts[k % len(layouts)])
+             for k, w in enumerate(widths)]
+    total = sum(widths)
+    mean = torch.randn(total, generator=gen).to(DEV)
+    std = (torch.rand(total, generator=gen) * 1.5 + 0.5).to(DEV)
+    return feats, mean, std
+
+
+def _fuse_ref(feats, mean, std):
+    return (torch.cat([x.double() for x in feats], 1) - mean.double()) / std.double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,widths", [(1, [5]), (1, [3, 1, 17]), (37, [3, 130, 1, 17, 64]),
+                                          (19, [16, 8, 4, 33])])
+def test_fuse_matches_reference(backend, out_dtype, batch, widths):
+    feats, mean, std = _fuse_case(widths, batch, seed=batch * 100 + len(widths))
+    out = torch.full((batch, sum(widths)), float("nan"), dtype=out_dtype, device=DEV)
+    got = kernels.fuse_features(feats, mean, std, out=out, backend=backend)
+    assert got is out
+    _assert_close(out, _fuse_ref(feats, mean, std), RTOL[out_dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_allocates_out_dtype(backend):
+    feats, mean, std = _fuse_case([7, 9], 5, seed=1)
+    for dtype in (torch.float16, torch.float32):
+        out = kernels.fuse_features(feats, mean, std, out_dtype=dtype, backend=backend)
+        assert out.dtype == dtype and out.shape == (5, 16) and out.device == DEV
+        _assert_close(out, _fuse_ref(feats, mean, std), RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_into_slice_of_bigger_buffer(backend):
+    feats, mean, std = _fuse_case([5, 11, 2], 6, seed=2)
+    buf = torch.full((20, 30), 7.0, dtype=torch.float16, device=DEV)
+    view = buf[9:15, 4:22]  # a row range and a column range: strides (30, 1), offset storage
+    kernels.fuse_features(feats, mean, std, out=view, backend=backend)
+    _assert_close(view, _fuse_ref(feats, mean, std), RTOL[torch.float16])
+    untouched = torch.ones_like(buf, dtype=torch.bool)
+    untouched[9:15, 4:22] = False
+    assert (buf[untouched] == 7.0).all()
+
+
+@needs_triton
+def test_fuse_many_teachers_one_launch(monkeypatch):
+    widths = [1 + (5 * k) % 23 for k in range(17)] + [0]  # 17 teachers plus an empty one
+    feats, mean, std = _fuse_case(widths, 9, seed=3)
+    kernel = kernels._triton_impl._fuse_kernel
+    calls = []
+    run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    out = torch.full((9, sum(widths)), float("nan"), dtype=torch.float32, device=DEV)
+    kernels.fuse_features(feats, mean, std, out=out, backend="triton")
+    assert len(calls) == 1
+    _assert_close(out, _fuse_ref(feats, mean, std), RTOL[torch.float32])
+
+
+@needs_triton
+def test_fuse_small_blocks_span_teachers():
+    # Several column blocks per teacher and a ragged last block, with the interpreter-friendly sizes.
+    feats, mean, std = _fuse_case([13, 4, 9], 3, seed=4)
+    out = torch.full((3, 26), float("nan"), dtype=torch.float32, device=DEV)
+    kernels._triton_impl.fuse_features(feats, mean, std, out, block_n=4)
+    _assert_close(out, _fuse_ref(feats, mean, std), RTOL[torch.float32])
+
+
+def test_fuse_validates_shapes():
+    feats, mean, std = _fuse_case([4, 4], 3, seed=5)
+    with pytest.raises(ValueError):
+        kernels.fuse_features(feats, mean[:7], std)
+    with pytest.raises(ValueError):
+        kernels.fuse_features([feats[0], feats[1][:2]], mean, std)
+    with pytest.raises(ValueError):
+        kernels.fuse_features(feats, mean, std, out=torch.empty(3, 9, device=DEV))
+
+
+# ----------------------------------------------------------------------------------------------------
+# cosine_distill_loss
+
+def _loss_case(batch, dim, dtype, seed, s_layout="contiguous", t_layout="contiguous", zero_rows=True):
+    gen = _gen(seed)
+    s = _randn((batch, dim), dtype, gen, s_layout)
+    t = _randn((batch, dim), dtype, gen, t_layout)
+    if zero_rows and batch >= 3:
+        s[0] = 0  # zero student row
+        t[1] = 0  # zero target row
+        s[2] = 0  # both zero
+        t[2] = 0
+    return s, t
+
+
+def _loss_ref(s, t, eps=EPS):
+    """float64 per-row loss, d loss_i / d s_i (zero for |s_i| <= eps) and the per-element error scale."""
+    s, t = s.double().cpu(), t.double().cpu()
+    ns, nt = s.norm(dim=1), t.norm(dim=1)
+    ns_c, nt_c = ns.clamp_min(eps), nt.clamp_min(eps)
+    cos = (s * t).sum(1) / (ns_c * nt_c)
+    live = (ns > eps).double()[:, None]
+    term_s = live * (cos / ns_c**2)[:, None] * s
+    term_t = live * (-1 / (ns_c * nt_c))[:, None] * t
+    # The kernel's error is relative to the two terms it adds, not to their (possibly cancelling) sum.
+    scale = term_s.abs() + term_t.abs() + 1e-3 * (term_s + term_t).abs().max()
+    return 1 - cos, term_s + term_t, scale
+
+
+def _upstream(reduction, batch, gen):
+    if reduction == "none":
+        return torch.randn(batch, generator=gen, dtype=torch.float64)
+    return torch.tensor(1.7, dtype=torch.float64)
+
+
+def _check_loss(backend, batch, dim, dtype, reduction, s_layout, t_layout, seed):
+    s, t = _loss_case(batch, dim, dtype, seed, s_layout, t_layout)
+    s.requires_grad_(True)
+    loss = kernels.cosine_distill_loss(s, t, reduction=reduction, backend=backend)
+    up = _upstream(reduction, batch, _gen(seed + 1))
+    (grad,) = torch.autograd.grad(loss, s, up.to(loss.dtype).to(DEV))
+
+    ref_rows, ref_grad, scale = _loss_ref(s.detach(), t)
+    ref = {"mean": ref_rows.mean(), "sum": ref_rows.sum(), "none": ref_rows}[reduction]
+    row_up = up.expand(batch) / (batch if reduction == "mean" else 1)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    _assert_close(loss, ref, 1e-5)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    # Floor at the smallest normal number: below it float16 keeps absolute, not relative, precision.
+    floor = torch.finfo(dtype).tiny
+    _assert_close(grad, row_up[:, None] * ref_grad, RTOL[dtype], scale * row_up.abs()[:, None] + floor)
+    if batch >= 3:
+        assert (grad[0] == 0).all() and (grad[2] == 0).all()  # zero student rows: zero gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("batch,dim,s_layout,t_layout", [
+    (1, 5, "contiguous", "contiguous"),
+    (7, 200, "transposed", "strided"),
+    (13, 67, "strided", "contiguous"),
+])
+def test_loss_matches_reference(backend, dtype, reduction, batch, dim, s_layout, t_layout):
+    _check_loss(backend, batch, dim, dtype, reduction, s_layout, t_layout, seed=batch * 1000 + dim)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_kernels_write_every_element(dtype):
+    # Small blocks force the column loop (ragged last block); outputs start as NaN poison.
+    batch, dim = 6, 45
+    s, t = _loss_case(batch, dim, dtype, seed=6, s_layout="strided")
+    ti = kernels._triton_impl
+    loss = torch.full((batch,), float("nan"), device=DEV)
+    stats = torch.full((3, batch), float("nan"), device=DEV)
+    ti.cosine_forward(s, t, EPS, loss=loss, stats=stats, block_d=16)
+    ref_rows, ref_grad, scale = _loss_ref(s, t)
+    _assert_close(loss, ref_rows, 1e-5)
+    s64, t64 = s.double(), t.double()
+    ref_stats = torch.stack([s64.norm(dim=1), t64.norm(dim=1), (s64 * t64).sum(1)])
+    _assert_close(stats, ref_stats, 1e-5)
+    up = torch.randn(batch, generator=_gen(7), dtype=torch.float64)
+    grad = torch.full((batch, dim), float("nan"), dtype=dtype, device=DEV)
+    ti.cosine_backward(s, t, stats, up.float().to(DEV), 1.0, EPS, grad=grad, block_d=16)
+    floor = torch.finfo(dtype).tiny
+    _assert_close(grad, up[:, None] * ref_grad, RTOL[dtype], scale * up.abs()[:, None] + floor)
+
+
+@needs_triton
+def test_triton_matches_fallback_on_mixed_dtypes():
+    gen = _gen(8)
+    s = _randn((5, 33), torch.bfloat16, gen).requires_grad_(True)
+    t = _randn((5, 33), torch.float32, gen, "transposed")
+    out = {}
+    for backend in ("triton", "torch"):
+        loss = kernels.cosine_distill_loss(s, t, backend=backend)
+        out[backend] = (loss, *torch.autograd.grad(loss, s))
+    _assert_close(out["triton"][0], out["torch"][0], 1e-6)
+    _assert_close(out["triton"][1], out["torch"][1], RTOL[torch.bfloat16], out["torch"][1].abs() + 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_saves_inputs_and_row_stats_only(backend):
+    s, t = _loss_case(5, 12, torch.float16, seed=13, s_layout="transposed")
+    s.requires_grad_(True)
+    saved = kernels.cosine_distill_loss(s, t, backend=backend).grad_fn.saved_tensors
+    assert len(saved) == 3
+    assert saved[0].data_ptr() == s.data_ptr() and saved[1].data_ptr() == t.data_ptr()  # no copies
+    assert saved[2].shape == (3, 5) and saved[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fallback_gradcheck(reduction):
+    gen = _gen(9)
+    s = torch.randn(4, 6, generator=gen, dtype=torch.float64, device="cpu").requires_grad_(True)
+    t = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    t[1] = 0  # zero target rows are smooth in s (loss 1, gradient 0)
+    fn = lambda x: kernels.cosine_distill_loss(x, t, reduction=reduction, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+def test_fallback_matches_torch_cosine_similarity():
+    gen = _gen(10)
+    s = torch.randn(8, 16, generator=gen, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    ours = kernels.cosine_distill_loss(s, t, reduction="none", backend="torch")
+    theirs = 1 - torch.nn.functional.cosine_similarity(s, t, dim=1, eps=EPS)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    g1, = torch.autograd.grad(ours.sum(), s)
+    g2, = torch.autograd.grad(theirs.sum(), s)
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_target_requiring_grad_raises(backend):
+    s, t = _loss_case(3, 4, torch.float32, seed=11, zero_rows=False)
+    t.requires_grad_(True)
+    with pytest.raises(ValueError, match="detach"):
+        kernels.cosine_distill_loss(s, t, backend=backend)
+    with torch.no_grad():
+        kernels.cosine_distill_loss(s, t, backend=backend)  # no gradient asked for: fine
+    kernels.cosine_distill_loss(s, t.detach(), backend=backend)
+
+
+def test_loss_validates_arguments():
+    s, t = _loss_case(3, 4, torch.float32, seed=12, zero_rows=False)
+    with pytest.raises(ValueError):
+        kernels.cosine_distill_loss(s, t, reduction="max")
+    with pytest.raises(ValueError):
+        kernels.cosine_distill_loss(s, t[:, :3])
+
+
+@pytest.mark.skipif(not (HAS_TRITON and _skip_reason), reason="the Triton tests run in this process")
+def test_triton_kernels_in_fresh_process():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not fresh_process"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert "passed" in summary and "skipped" not in summary, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU compilation without a GPU
+
+@pytest.mark.skipif(not HAS_TRITON, reason=f"{kernels._triton_error}")
+def test_kernels_compile_for_hopper():
+    # The interpreter never runs Triton's compiler, which rejects things the interpreter accepts. Compile
+    # (no launch) for sm_90 in a process whose triton is built for the compiler, and check that the
+    # accesses are 16 bytes wide (D=536 rows only are with the ALIGN hint).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    access = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    assert "st.global.v4" in access["_fuse_kernel"]
+    assert "ld.global.v4" in access["_cos_fwd_kernel"]
+    assert "ld.global.v4" in access["_cos_bwd_kernel"] and "st.global.v4" in access["_cos_bwd_kernel"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# backend selection
+
+def test_backend_selection(monkeypatch):
+    x = torch.ones(2, 2)  # CPU tensors: Triton runs them only in its interpreter
+    monkeypatch.delenv("FACEKD_KERNELS", raising=False)
+    assert kernels.resolve_backend("torch", [x]) == "torch"
+    monkeypatch.setenv("FACEKD_KERNELS", "torch")
+    assert kernels.resolve_backend("auto", [x]) == "torch"
+    monkeypatch.setenv("FACEKD_KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        kernels.resolve_backend("auto", [x])
+    with pytest.raises(ValueError):
+        kernels.resolve_backend("cuda", [x])
+    monkeypatch.delenv("FACEKD_KERNELS")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    runs = HAS_TRITON and kernels._triton_impl.INTERPRETER_BUILT
+    assert kernels.resolve_backend("auto", [x]) == ("triton" if runs else "torch")
+    if not runs:
+        with pytest.raises(RuntimeError, match="triton"):  # why not: not importable / imported too early
+            kernels.resolve_backend("triton", [x])
+        return
+    assert kernels.triton_available()
+    monkeypatch.setenv("FACEKD_KERNELS", "triton")
+    assert kernels.resolve_backend("torch", [x]) == "torch"  # the argument beats the environment
+    monkeypatch.delenv("FACEKD_KERNELS")
+    # float64 is not a Triton loss dtype: auto falls back, forcing it raises.
+    x64 = x.double()
+    assert kernels.resolve_backend("auto", [x64], kernels._TRITON_LOSS_DTYPES) == "torch"
+    with pytest.raises(RuntimeError, match="float64"):
+        kernels.resolve_backend("triton", [x64], kernels._TRITON_LOSS_DTYPES)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels.resolve_backend("auto", [x]) == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.resolve_backend("triton", [x])

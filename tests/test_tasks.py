@@ -1,0 +1,379 @@
+"""Task registry: readers on real-layout fixtures, protocols, metrics and the missed-face rule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from common import metrics, tasks
+from common.tasks import Sample, get_task, load, missed_face_rule
+from tests import fixtures as fx
+
+# The 15 knowledge of paper Table 1, plus FER2013.
+TABLE1_AND_FER = ["Expr-AffectNet", "Expr-RAF", "Expr-SFEW", "Identity-MS", "Identity-LFW", "Gender-IMDb", "Gender-UTK",
+                  "Attrib-CelebA", "AgeR-IMDb", "AgeR-FG", "AgeR-UTK", "AgeC-UTK", "Ethnic-UTK", "Pain-UNBC",
+                  "Object-ImageNet", "FER2013"]
+
+# task -> (samples, splits, (train, val, test) sizes of the first split; val None when the protocol has none)
+EXPECTED = {
+    "Expr-AffectNet": (11, 1, (8, None, 3)),
+    "Expr-RAF": (14, 1, (10, None, 4)),
+    "Expr-SFEW": (21, 1, (14, None, 7)),
+    "Identity-MS": (40, 1, (32, 4, 4)),
+    "Identity-LFW": (40, 10, (36, None, 4)),
+    "Gender-IMDb": (10, 1, (8, 1, 1)),
+    "AgeR-IMDb": (10, 1, (8, 1, 1)),
+    "Gender-UTK": (20, 1, (16, 2, 2)),
+    "AgeR-UTK": (20, 1, (16, 2, 2)),
+    "AgeC-UTK": (20, 1, (16, 2, 2)),
+    "Ethnic-UTK": (20, 1, (16, 2, 2)),
+    "Attrib-CelebA": (12, 1, (8, 2, 2)),
+    "AgeR-FG": (9, 4, (6, None, 3)),
+    "Pain-UNBC": (8, 3, (5, None, 3)),
+    "Object-TinyImageNet": (13, 1, (9, None, 4)),
+    "FER2013": (12, 1, (8, 2, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every fixture built once; each test reads the folder for its task."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = fx.make_fixture(name, tmp_path_factory.mktemp(name.replace("-", "_")))
+        return cache[name]
+
+    return get
+
+
+def _check_splits(data, n):
+    for s in data.splits:
+        parts = [s.train, s.test] + ([s.val] if s.val is not None else [])
+        for p in parts:
+            assert p.dtype.kind == "i" and (len(p) == 0 or (p.min() >= 0 and p.max() < n))
+        joined = np.concatenate(parts)
+        assert len(np.unique(joined)) == len(joined), f"{s.name}: a sample is in two parts"
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_table_lists_every_knowledge():
+    table = tasks.list_tasks_table()
+    for name in TABLE1_AND_FER:
+        assert name in table
+    assert set(EXPECTED) == set(tasks.TASKS)
+    assert get_task("Object-ImageNet") is get_task("Object-TinyImageNet")
+    with pytest.raises(KeyError, match="known"):
+        get_task("Nope")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_loader_on_fixture(name, built):
+    task = get_task(name)
+    data = task.loader(built(name), task.params)
+    n, n_splits, (n_train, n_val, n_test) = EXPECTED[name]
+    assert len(data.samples) == n and len(data.splits) == n_splits
+    s = data.splits[0]
+    assert (len(s.train), len(s.test)) == (n_train, n_test)
+    assert (None if s.val is None else len(s.val)) == n_val
+    _check_splits(data, n)
+    if task.kind == "classification":
+        k = tasks.output_size(task, data)
+        assert all(isinstance(x.label, int) and 0 <= x.label < k for x in data.samples)
+    if task.kind == "regression":
+        lo, hi = task.label_range
+        assert all(lo <= x.label <= hi for x in data.samples)
+    # Every sample points at a readable image (real crop or in-CSV pixels).
+    im = tasks.load_image(data.samples[-1])
+    assert im.mode == "RGB" and min(im.size) >= 48
+
+
+# ----------------------------------------------------------------------------- readers, one by one
+
+def test_utk_labels_and_malformed_names_counted(built):
+    root = built("AgeR-UTK")
+    ages = load("AgeR-UTK", root)
+    assert sorted(ages.skipped) == sorted(fx.UTK_MALFORMED)
+    assert sorted(s.label for s in ages.samples) == sorted(float(a) for a, _, _ in fx.UTK_VALID)
+    by_path = {s.path: s.label for s in ages.samples}
+    for name in ("Gender-UTK", "Ethnic-UTK", "AgeC-UTK"):
+        data = load(name, root)
+        assert len(data.skipped) == 3
+        # One split shared by the four UTK tasks, so their test sets hold the same faces.
+        assert [data.samples[i].path for i in data.splits[0].test] == [ages.samples[i].path for i in ages.splits[0].test]
+    groups = load("AgeC-UTK", root)
+    assert groups.label_names == ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+    want = {1: 0, 2: 0, 3: 1, 9: 1, 10: 2, 19: 2, 20: 3, 49: 5, 50: 6, 69: 7, 70: 8, 116: 8}
+    for s in groups.samples:
+        if int(by_path[s.path]) in want:
+            assert s.label == want[int(by_path[s.path])]
+    # The split is seeded: another read gives the same indices, another seed does not.
+    again = load("AgeR-UTK", root)
+    assert np.array_equal(again.splits[0].test, ages.splits[0].test)
+    other = load("AgeR-UTK", root, seed=1)
+    assert not np.array_equal(other.splits[0].train, ages.splits[0].train)
+
+
+def test_celeba_official_partition_and_attributes(built):
+    data = load("Attrib-CelebA", built("Attrib-CelebA"))
+    assert data.label_names == fx.CELEBA_NAMES
+    want = (fx.celeba_attributes() > 0).astype(np.float32)
+    assert np.array_equal(np.stack([s.label for s in data.samples]), want)
+    s = data.splits[0]
+    assert list(s.train) == list(range(8)) and list(s.val) == [8, 9] and list(s.test) == [10, 11]
+
+
+def test_lfw_pairs_and_folds(built):
+    data = load("Identity-LFW", built("Identity-LFW"))
+    assert len(data.pairs) == 40
+    assert [sum(p.fold == f for p in data.pairs) for f in range(10)] == [4] * 10
+    assert sum(p.same for p in data.pairs) == 20
+    first = data.pairs[:4]
+    assert [p.same for p in first] == [True, True, False, False]
+    assert data.samples[first[2].a].path.endswith("lfw/Person_00/Person_00_0001.jpg")
+    assert data.samples[first[2].b].path.endswith("lfw/Person_01/Person_01_0002.jpg")
+    for p in data.pairs:
+        assert (data.samples[p.a].group == data.samples[p.b].group) == p.same
+    fold3 = data.splits[3]
+    assert {data.samples[i].group for i in fold3.test} == {"Person_06", "Person_07"}
+    assert len(data.label_names) == 20
+
+
+def test_raf_aligned_names_and_labels(built):
+    data = load("Expr-RAF", built("Expr-RAF"))
+    assert data.samples[0].path.endswith("basic/Image/aligned/train_00001_aligned.jpg")
+    assert [s.label for s in data.samples] == [y - 1 for _, y in fx.RAF_LABELS]
+    assert data.label_names[3] == "Happiness"
+    original = load("Expr-RAF", built("Expr-RAF"), aligned=False)
+    assert original.samples[0].path.endswith("basic/Image/original/train_00001.jpg")
+
+
+def test_sfew_train_val_folders(built):
+    data = load("Expr-SFEW", built("Expr-SFEW"))
+    assert data.label_names == fx.SFEW_CLASSES
+    test_labels = sorted(data.samples[i].label for i in data.splits[0].test)
+    assert test_labels == list(range(7))
+    assert all("/Val/" in data.samples[i].path for i in data.splits[0].test)
+
+
+def test_affectnet_drops_8_to_10_and_keeps_boxes(built):
+    data = load("Expr-AffectNet", built("Expr-AffectNet"))
+    assert data.counts["dropped_expression_8_10"] == 3
+    assert all(s.label <= 7 for s in data.samples)
+    first = data.samples[0]
+    assert first.path.endswith("Manually_Annotated_Images/689/a1.jpg") and first.box == (0.0, 0.0, 50.0, 50.0)
+    # Row 4 of training.csv (k=4) follows a dropped row: its box is x=4, y=8, 54x54.
+    assert data.samples[3].box == (4.0, 8.0, 58.0, 62.0)
+    assert [data.samples[i].label for i in data.splits[0].test] == [1, 6, 0]
+
+
+def test_fer2013_rows_are_images(built):
+    data = load("FER2013", built("FER2013"))
+    assert [s.label for s in data.samples] == [y for y, _ in fx.FER_ROWS]
+    assert list(data.splits[0].test) == [10, 11] and list(data.splits[0].val) == [8, 9]
+    im = tasks.load_image(data.samples[11])
+    assert im.size == (48, 48)
+    assert np.array_equal(np.asarray(im.convert("L")), fx.fer_pixels(11))
+
+
+def test_fgnet_leave_one_person_out(built):
+    data = load("AgeR-FG", built("AgeR-FG"))
+    assert data.skipped == ["001A02 copy.JPG"]
+    assert [s.label for s in data.samples] == [2.0, 10.0, 20.0, 5.0, 7.0, 7.0, 30.0, 40.0, 44.0]
+    assert [s.name for s in data.splits] == ["leave out 001", "leave out 002", "leave out 003", "leave out 004"]
+    for s in data.splits:
+        held = {data.samples[i].group for i in s.test}
+        assert len(held) == 1 and held.isdisjoint(data.samples[i].group for i in s.train)
+        assert len(s.train) + len(s.test) == 9
+
+
+def test_fgnet_lopo_mae_by_hand(built):
+    """A 'model' that predicts the mean training age of each fold, scored as the protocol says."""
+    data = load("AgeR-FG", built("AgeR-FG"))
+    y = np.array([s.label for s in data.samples])
+    preds = [np.full(len(s.test), y[s.train].mean()) for s in data.splits]
+    got = metrics.pooled(metrics.mae, [s.test for s in data.splits], preds, y)
+    # Ages 001: 2 10 20 | 002: 5 7 7 | 003: 30 | 004: 40 44 (total 165 over 9 photos).
+    m1, m2, m3, m4 = 133 / 6, 146 / 6, 135 / 8, 81 / 7
+    want = (abs(2 - m1) + abs(10 - m1) + abs(20 - m1) + abs(5 - m2) + 2 * abs(7 - m2) + abs(30 - m3)
+            + abs(40 - m4) + abs(44 - m4)) / 9
+    assert got == pytest.approx(want)
+
+
+def test_pooled_mae_differs_from_mean_of_people():
+    targets = np.array([10, 20, 30, 40, 50, 60])
+    folds = [np.array([0, 1]), np.array([2]), np.array([3, 4, 5])]
+    preds = [np.array([12, 18]), np.array([35]), np.array([40, 41, 70])]
+    assert metrics.pooled(metrics.mae, folds, preds, targets) == pytest.approx(28 / 6)
+    with pytest.raises(ValueError):
+        metrics.pooled(metrics.mae, [np.array([0]), np.array([0])], [np.array([1]), np.array([1])], targets)
+
+
+def test_unbc_leave_one_subject_out(built):
+    data = load("Pain-UNBC", built("Pain-UNBC"))
+    assert [s.label for s in data.samples] == [0.0, 2.0, 4.0, 0.0, 1.0, 3.0, 0.0, 6.0]
+    assert data.skipped == ["047-jl047/jl047t1aiaff/jl047t1aiaff002.png"]
+    assert [s.name for s in data.splits] == ["leave out 042-ll042", "leave out 043-jh043", "leave out 047-jl047"]
+    assert [len(s.test) for s in data.splits] == [3, 4, 1]
+
+
+def test_imdb_filter_and_ages(built):
+    root = built("AgeR-IMDb")
+    data = load("AgeR-IMDb", root)
+    assert data.counts == {"rows": 15, "filtered_out": 5}
+    assert sorted(s.label for s in data.samples) == sorted([30, 10, 44, 45, 0, 100, 36, 27, 20, 55])
+    assert data.samples[0].path.endswith("imdb_crop/00/nm0000000_rm0_1980-5-10_2010.jpg")
+    genders = load("Gender-IMDb", root)
+    assert [s.label for s in genders.samples] == [int(r[2]) for r in fx.IMDB_ROWS if r[5]]
+    strict = load("AgeR-IMDb", root, min_face_score=1.0)  # drops the 0.5-score face
+    assert len(strict.samples) == 9
+
+
+def test_wiki_mat_is_read_too(tmp_path):
+    root = fx.make_imdb(tmp_path, struct="wiki")
+    assert len(load("AgeR-IMDb", root).samples) == 10
+
+
+def test_tiny_imagenet_val_annotations(built):
+    data = load("Object-ImageNet", built("Object-TinyImageNet"))
+    assert data.label_names == fx.TINY_WNIDS
+    assert [data.samples[i].label for i in data.splits[0].test] == [c for _, c in fx.TINY_VAL]
+
+
+def test_ms_split_inside_each_identity(built):
+    data = load("Identity-MS", built("Identity-MS"))
+    s = data.splits[0]
+    for part in (s.train, s.val, s.test):
+        assert sorted(data.samples[i].label for i in part) == sorted(
+            [c for c in range(4) for _ in range(len(part) // 4)])
+    assert tasks.output_size(get_task("Identity-MS"), data) == 4
+
+
+# ----------------------------------------------------------------------------- user-added tasks and errors
+
+def test_user_folder_tree_task(tmp_path):
+    root = fx.make_folder_tree(tmp_path)
+    task = tasks.register_task(tasks.folder_task("Mask-Mine", knowledge="Mask Classification"))
+    try:
+        data = load("Mask-Mine", root)
+        assert data.label_names == ["mask", "no_mask", "scarf"] and len(data.samples) == 15
+        assert sorted(s.label for s in data.samples) == [0] * 5 + [1] * 5 + [2] * 5
+        _check_splits(data, 15)
+        assert tasks.output_size(task, data) == 3 and "Mask-Mine" in tasks.list_tasks_table()
+    finally:
+        del tasks.TASKS["Mask-Mine"]
+
+
+def test_user_csv_tasks(tmp_path):
+    root = fx.make_csv_table(tmp_path / "a")
+    reg = tasks.csv_task("Score-Mine", kind="regression", label_range=(0, 100))
+    data = reg.loader(root)
+    assert [s.label for s in data.samples] == [21.0, 33.5, 45.0, 18.0, 60.0, 27.0, 39.0, 52.0, 30.0, 24.0]
+    assert data.samples[2].path.endswith("my_csv/imgs/2.jpg") and reg.metric == "mae"
+    _check_splits(data, 10)
+
+    root = fx.make_csv_table(tmp_path / "b", values=("7", "1", "3", "1", "7", "3"), split=True)
+    cls = tasks.csv_task("Digit-Mine")
+    data = cls.loader(root / "labels.csv")  # the CSV itself may be given
+    assert data.label_names == ["1", "3", "7"] and [s.label for s in data.samples] == [2, 0, 1, 0, 2, 1]
+    s = data.splits[0]
+    assert list(s.train) == [0, 3] and list(s.val) == [1, 4] and list(s.test) == [2, 5]
+    with pytest.raises(ValueError):
+        tasks.csv_task("Bad", kind="multilabel")
+
+
+def test_missing_folder_names_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load("AgeR-UTK", tmp_path / "nowhere")
+    assert "nowhere" in str(e.value) and get_task("AgeR-UTK").layout in str(e.value)
+    (tmp_path / "celeba").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        get_task("Attrib-CelebA").loader(tmp_path)
+    msg = str(e.value)
+    assert "img_align_celeba" in msg and "Expected layout" in msg
+    (tmp_path / "lfw").mkdir()
+    with pytest.raises(FileNotFoundError, match="pairs.txt"):
+        load("Identity-LFW", tmp_path)
+
+
+# ----------------------------------------------------------------------------- metrics and the missed-face rule
+
+def test_basic_metrics():
+    assert metrics.accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
+    assert metrics.accuracy(np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 0]) == 0.5
+    assert metrics.mae([1.0, 5.0], [2.0, 2.0]) == 2.0
+    # Attribute 1 wrong on 1 of 2 faces, attribute 2 on 2 of 2: (0.5 + 1.0) / 2.
+    assert metrics.mean_error_rate([[0.9, 0.2], [0.1, 0.7]], [[1, 1], [1, 0]]) == 0.75
+    assert metrics.mean_error_rate([[2.0, -1.0]], [[1, 0]], threshold=0.0) == 0.0
+
+
+def test_verification_10fold_by_hand():
+    """Folds of 4 pairs: same pairs score 0.9 and different ones 0.1, except a different pair at
+    0.95 in fold 0 and a same pair at 0.3 in fold 1.
+    Fold 0 held out: the others are separable at t=0.2 -> the 0.95 pair is wrong: 3/4.
+    Fold 1 held out: the 0.95 pair makes t=0.5 best (1 error) -> the 0.3 pair is wrong: 3/4.
+    Folds 2-9: t=0.2 (1 training error, against 2 at t=0.6) -> 4/4.
+    Mean (0.75 + 0.75 + 8) / 10 = 0.95; std sqrt((2 * 0.2^2 + 8 * 0.05^2) / 10) = 0.1."""
+    scores, same, folds = [], [], []
+    for f in range(10):
+        s = [0.9, 0.9, 0.1, 0.1]
+        if f == 0:
+            s[3] = 0.95
+        if f == 1:
+            s[1] = 0.3
+        scores += s
+        same += [True, True, False, False]
+        folds += [f] * 4
+    mean, std = metrics.verification_accuracy_10fold(scores, same, folds)
+    assert mean == pytest.approx(0.95) and std == pytest.approx(0.1)
+    # On all 40 pairs: t=0.2 errs once (the 0.95 pair), t=0.6 twice.
+    assert metrics.best_threshold(scores, same) == pytest.approx(0.2)
+
+
+def test_verification_missed_pairs_count_wrong():
+    scores = np.tile([0.9, 0.1], 10)
+    same = np.tile([True, False], 10)
+    folds = np.repeat(np.arange(10), 2)
+    missed = np.zeros(20, bool)
+    missed[0] = True
+    scores = missed_face_rule(get_task("Identity-LFW"), scores, missed)
+    mean, _ = metrics.verification_accuracy_10fold(scores, same, folds)
+    assert mean == pytest.approx(0.95)
+
+
+def test_missed_face_rule():
+    missed = np.array([False, True, False])
+    cls = missed_face_rule(get_task("Gender-UTK"), np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]), missed)
+    assert list(cls) == [0, -1, 1]
+    assert metrics.accuracy(cls, [0, 0, 1]) == pytest.approx(2 / 3)  # right guess, but the face was missed
+    reg = missed_face_rule(get_task("AgeR-UTK"), [10.0, 10.0, 10.0], missed)
+    assert list(reg) == [10.0, 58.0, 10.0]
+    assert list(missed_face_rule(get_task("Pain-UNBC"), [1.0, 1.0, 1.0], missed)) == [1.0, 8.0, 1.0]
+    attrs = missed_face_rule(get_task("Attrib-CelebA"), np.zeros((3, 2)), missed)
+    assert metrics.mean_error_rate(attrs, np.zeros((3, 2))) == pytest.approx(1 / 3)
+    own = tasks.csv_task("Free-Range", kind="regression")
+    with pytest.raises(ValueError, match="label_range"):
+        missed_face_rule(own, [1.0, 2.0, 3.0], missed)
+    assert list(missed_face_rule(own, [1.0, 2.0, 3.0], missed, label_range=(0, 10))) == [1.0, 5.0, 3.0]
+
+
+def test_leave_one_group_out_helper():
+    out = metrics.leave_one_group_out(["b", "a", "b", "c"])
+    assert [g for g, _, _ in out] == ["a", "b", "c"]
+    assert [list(t) for _, _, t in out] == [[1], [0, 2], [3]]
+    assert [list(t) for _, t, _ in out] == [[0, 2, 3], [1, 3], [0, 1, 2]]
+
+
+def test_load_image_real_path(built):
+    data = load("Expr-SFEW", built("Expr-SFEW"))
+    im = tasks.load_image(data.samples[0].path)
+    assert im.mode == "RGB" and im.size == (fx.SIZE, fx.SIZE)
+    assert not math.isnan(float(np.asarray(im).mean()))
+
+
+def test_sample_defaults():
+    s = Sample("x.jpg", 3)
+    assert s.group is None and s.box is None
