@@ -45,3 +45,17 @@ def face_dir(tmp_path_factory) -> Path:
     (sub / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (sub / "corrupt.jpg").write_bytes(b"not an image at all")
     return d
+
+
+CHEAP = "age,gender,onet"  # the fastest real teachers, for the mechanics; the default zoo runs in a slow test
+
+
+@pytest.fixture(scope="session")
+def fused(face_dir, tmp_path_factory):
+    """A fuse.py run on the real faces: cache with h_G 'ae', run folder with Table 5 and the width sweep."""
+    import fuse
+
+    out = tmp_path_factory.mktemp("fuse")
+    fuse.main(["--data", str(face_dir), "--out", str(out / "feats"), "--run-dir", str(out / "run"), "--teachers", CHEAP,
+               "--ops", "ae,pca,dae,vae,concat", "--epochs", "3", "--shard-size", "4", "--dim", "16,32"])
+    return out

@@ -10,25 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fuse
 from common.cache import FeatureCache
+from tests.conftest import CHEAP
 
 ROOT = Path(__file__).resolve().parents[1]
-CHEAP = "age,gender,onet"  # the fastest real teachers, for the mechanics; the default zoo runs in the slow test
 
 
 def run_fuse(*args, check=True, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "fuse.py"), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=check, **kw)
-
-
-@pytest.fixture(scope="module")
-def fused(face_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuse")
-    fuse.main(["--data", str(face_dir), "--out", str(out / "feats"), "--run-dir", str(out / "run"), "--teachers", CHEAP,
-               "--ops", "ae,pca,dae,vae,concat", "--epochs", "3", "--shard-size", "4", "--dim", "16,32"])
-    return out
 
 
 def test_cache_complete_and_missed_faces_listed(fused, face_dir):

@@ -1,0 +1,104 @@
+"""Teacher throughput: images/s of each teacher and of the whole zoo, on real aligned faces.
+
+    python bench/teachers.py                       # the default six, batch 32, on CUDA if there is one
+    python bench/teachers.py --device cpu --batch 8 --n 64 --teachers sface,facex
+
+The faces are the test photos of tests/test_teachers.py (real faces shipped in installed packages), repeated to
+fill the batches, so the numbers include each teacher's own crop, resize and normalisation.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from common.teachers import DEFAULT_TEACHERS, build_teachers  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, batches, device) -> float:
+    """Seconds for fn over all batches, after one untimed warm-up batch (allocation, lazy init, autotuning)."""
+    fn(batches[0])
+    sync(device)
+    start = time.perf_counter()
+    for b in batches:
+        fn(b)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS),
+                   help="comma-separated teachers: registry names, custom specs (onnx:PATH:LAYER:SIZE, ...) or a "
+                        "JSON config (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="faces per call of a teacher (default: %(default)s)")
+    p.add_argument("--n", type=int, default=128,
+                   help="faces timed per teacher, rounded up to whole batches (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the PyTorch teachers and of the input crops; ONNX and LiteRT teachers always run "
+                        "on the CPU (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, onnxruntime and LiteRT; 0 keeps torch's default (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.n < 1:
+        p.error("--batch and --n must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tabulate import tabulate
+    from test_teachers import aligned_faces, to_batch
+
+    device = torch.device(args.device)
+    faces = list(aligned_faces().values())
+    n_batches = -(-args.n // args.batch)
+    batches = [to_batch([faces[(i * args.batch + j) % len(faces)] for j in range(args.batch)]).to(device)
+               for i in range(n_batches)]
+    n = n_batches * args.batch
+
+    t0 = time.perf_counter()
+    teachers = build_teachers([s for s in args.teachers.split(",") if s], device=device)
+    load_s = time.perf_counter() - t0
+
+    rows = []
+    for t in teachers:
+        sec = timed(t, batches, device)
+        rows.append([t.name, t.spec.runtime, str(t.device), t.spec.input_size, t.dim,
+                     f"{n / sec:.1f}", f"{1000 * sec / n_batches:.1f}"])
+    zoo = timed(lambda b: [t(b) for t in teachers], batches, device)
+    rows.append(["zoo (all above)", "", str(device), "", sum(t.dim for t in teachers),
+                 f"{n / zoo:.1f}", f"{1000 * zoo / n_batches:.1f}"])
+    print(f"device: {device_name(device)} | CPU: {cpu_name()} ({torch.get_num_threads()} threads) | "
+          f"torch {torch.__version__} | batch {args.batch}, {n} faces per row | teachers loaded in {load_s:.1f} s")
+    print(tabulate(rows, headers=["teacher", "runtime", "runs on", "input", "dim", "images/s", "ms/batch"],
+                   tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()

