@@ -1,0 +1,121 @@
+"""The student E^G_unique of the paper (section 3.3): one light CNN mapping a face crop straight to h_G.
+
+The paper distils into "a ResNet-18" of 2.2 M parameters, which a full ResNet-18 (11.2 M without its
+classifier) is not: so the default is torchvision's ResNet-18 (BasicBlock, [2, 2, 2, 2], same stem,
+same init, same forward) with every channel count multiplied by WIDTH = 0.42, i.e. stages of
+27/54/108/215 channels, followed by one linear projection of the pooled features to h_G. With the
+paper's h_G of 1024 that is 1,981,088 backbone + 221,184 projection = 2,202,272 parameters.
+--arch resnet18 is the full-width network (11,701,824 parameters with a 1024-wide h_G) and --width
+any other multiplier; at width 1 the backbone's state dict is exactly torchvision's resnet18's.
+0.42 gives channel counts that are not multiples of 8, which GPU tensor cores prefer: --width 0.375
+(24/48/96/192 channels, 1.77 M parameters) is the aligned choice to time on a GPU.
+
+Input: N x 3 x S x S RGB pixels in 0..255 (uint8 or float), the canonical aligned crop of
+common.align resized to S; the ImageNet normalisation happens inside, so exported models take
+pixels as they are. Output: N x out_dim, the estimate of h_G (or of h_MT for the one-step variant).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+WIDTH = 0.42
+ARCHS = ("resnet18w", "resnet18")
+_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def stage_widths(width: float) -> list[int]:
+    return [max(1, round(64 * width * 2 ** i)) for i in range(4)]
+
+
+class ScaledResNet18(ResNet):
+    """torchvision's ResNet with BasicBlocks [2, 2, 2, 2] and channels scaled by `width`.
+
+    Subclassing keeps torchvision's forward and initialisation; only the channel counts change, by
+    rebuilding the stem before the first stage is made (torchvision hard-codes 64 there).
+    """
+
+    def __init__(self, width: float = 1.0):
+        object.__setattr__(self, "_pending", stage_widths(width))
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+        del self._pending
+        self.fc = nn.Identity()  # the projection to h_G lives in Student, outside the backbone
+        self.out_features = self.inplanes
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if len(self._pending) == 4:  # first stage: the stem must match its width
+            self.inplanes = self._pending[0]
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = self._norm_layer(self.inplanes)
+        planes = self._pending.pop(0)
+        return super()._make_layer(block, planes, blocks, stride, dilate)
+
+
+class Student(nn.Module):
+    def __init__(self, arch: str = "resnet18w", width: float = WIDTH, out_dim: int = 1024):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown student architecture {arch!r}: choose from {', '.join(ARCHS)}")
+        if arch == "resnet18":
+            width = 1.0
+        self.config = {"arch": arch, "width": float(width), "out_dim": int(out_dim)}
+        self.backbone = ScaledResNet18(width)
+        self.proj = nn.Linear(self.backbone.out_features, out_dim)
+        self.register_buffer("pixel_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        return self.proj(self.backbone(x))
+
+
+def build_student(arch: str = "resnet18w", width: float = WIDTH, out_dim: int = 1024) -> Student:
+    return Student(arch, width, out_dim)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_student(student: Student, path, extra: dict | None = None, tensors: dict | None = None) -> None:
+    """Weights as safetensors with the config (and whatever `extra` says, e.g. the input size) in its
+    metadata, so a checkpoint alone rebuilds the network. `tensors` adds more weights (a decoder)."""
+    from safetensors.torch import save
+
+    from common.cache import atomic_write
+
+    state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    state.update({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
+    meta = {"config": json.dumps({**student.config, **(extra or {})})}
+    atomic_write(Path(path), lambda f: f.write(save(state, metadata=meta)))
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(config, every tensor) of a file written by save_student."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():  # a run folder: its final student
+        path = path / "student.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} is not a student checkpoint (no config in its metadata)")
+    return json.loads(meta["config"]), load_file(str(path))
+
+
+def load_student(path, device="cpu") -> tuple[Student, dict]:
+    """(student in eval mode, config) from a checkpoint file or a distill.py run folder.
+
+    config holds arch, width, out_dim, size (input side), embedding (which h_G) and loss.
+    """
+    cfg, tensors = read_checkpoint(path)
+    student = build_student(cfg["arch"], cfg["width"], cfg["out_dim"])
+    student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    return student.to(device).eval(), cfg

@@ -1,0 +1,593 @@
+"""Step 2 of the paper (section 3.3): distil the fused embedding h_G into one light student CNN.
+
+The student E^G_unique (common/student.py: ResNet-18 layout at 0.42 width, 2.2 M parameters with a
+1024-wide h_G, as in the paper) maps an aligned face crop straight to an estimate of h_G, trained on
+the faces of the feature cache that fuse.py wrote by minimising eq. (4), 1 - cos(h_G, student(x)).
+Held-out faces are the ones fuse.py held out when it trained G. At the end the run folder gets the
+held-out cosine and the reconstruction check of Table 5 (a decoder shaped like G's, trained on the
+student's embeddings to give back every teacher's h_i), beside G's own error.
+
+--loss mt trains instead the one-step multitask model of section 3.4, E_MT = G~ o E_unique: the
+student and a fresh decoder shaped like G's, jointly, to reconstruct every standardised h_i, so the
+paper's two-step vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
+
+  python distill.py                                        # the cache of `python fuse.py` (feats/demo)
+  python distill.py --teacher-cache feats/ --out runs/s1   # your own cache
+  torchrun --nproc_per_node 4 distill.py --teacher-cache feats/ --out runs/s1   # several GPUs (DDP)
+  python distill.py --teacher-cache feats/ --out runs/s1 --resume              # after a kill
+  python distill.py embed --checkpoint runs/s1 --images DIR --out emb.npy      # use the student
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from common import fusion
+from common.cache import FeatureCache, atomic_write, write_json
+from common.facedata import AlignedFaces, EpochSampler, aligned_crop, eval_transform
+from common.runs import dist_info, get_logger, make_run_dir, pick_device
+from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
+from kernels import cosine_distill_loss
+
+LOSSES = ("cosine", "cosine+smoothl1", "mt")
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--teacher-cache", type=Path, default=Path("feats/demo"),
+                   help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
+    g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the first one)")
+    g.add_argument("--out", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
+                   "transfer.py looks, else runs/distill-TIME); --resume needs it")
+    g.add_argument("--size", type=int, default=112,
+                   help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
+                        "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
+                        "(the paper used 300x300 crops; --size 224 or 300 comes closer to it)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding and warping images")
+    g = p.add_argument_group("student")
+    g.add_argument("--arch", default="resnet18w", choices=ARCHS,
+                   help="resnet18w: ResNet-18 layout with channels times --width (paper size); resnet18: full width")
+    g.add_argument("--width", type=float, default=WIDTH,
+                   help=f"channel multiplier of resnet18w ({WIDTH}: 2.2 M parameters with a 1024-wide h_G)")
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", default="cosine", choices=LOSSES,
+                   help="cosine: eq. (4), 1 - cos(h_G, student); cosine+smoothl1: plus smooth-L1 on standardised "
+                        "h_G (as in UNIC/Theia); mt: one-step E_MT = fresh decoder shaped like G's o student, fitting "
+                        "every standardised h_i (MSE + mean per-teacher cosine; sec. 3.4)")
+    g.add_argument("--smoothl1-weight", type=float, default=1.0, help="weight of the smooth-L1 term of cosine+smoothl1")
+    g.add_argument("--epochs", type=int, default=40,
+                   help="passes over the training faces (40: 1.5 min on the demo cache with 2 idle CPU cores)")
+    g.add_argument("--steps", type=int, default=0, help="total optimizer steps (overrides --epochs when > 0)")
+    g.add_argument("--batch", type=int, default=32, help="faces per step and per process")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
+    g.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the augmentations")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision on a GPU (auto: bf16 where supported, else fp16 with loss scaling; "
+                        "off on the CPU)")
+    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last memory layout (auto: on a GPU only, where convolutions run faster with it)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN kernels, so a resumed GPU run matches bit for bit (slower); "
+                        "CPU runs always are")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept in RUN/ckpt (older ones are deleted)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (start fresh if there is none, so a "
+                        "preemptible job can always pass it); the result equals an uninterrupted run")
+    g.add_argument("--stop-at", type=int, default=0,
+                   help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
+    g.add_argument("--inject-nan-at", type=int, default=0, help="testing: make the loss of this step NaN")
+    g = p.add_argument_group("evaluation and export")
+    g.add_argument("--no-eval", action="store_true", help="skip the held-out cosine and Table 5 check")
+    g.add_argument("--recon-epochs", type=int, default=40, help="epochs of the Table 5 check decoder (as fuse.py's G)")
+    g.add_argument("--recon-max-train", type=int, default=50000,
+                   help="at most this many training faces (a seeded subset) embedded to fit the check decoder; "
+                        "their h_i are held in memory (50000 x 5488 floats = 1.1 GB for the paper's teachers)")
+    g.add_argument("--export", default="", help="formats to export the final student to: onnx,torchscript")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- the step
+def make_loss(kind, cache, hG_mean, hG_std, device, smoothl1_weight=1.0):
+    """loss(output, raw target rows) -> scalar; the targets arrive as stored in the cache."""
+    if kind == "cosine":
+        return lambda out, t: cosine_distill_loss(out, t)
+    if kind == "cosine+smoothl1":
+        mu = torch.tensor(hG_mean, dtype=torch.float32, device=device)
+        sd = torch.tensor(hG_std, dtype=torch.float32, device=device)
+        return lambda out, t: (cosine_distill_loss(out, t)
+                               + smoothl1_weight * F.smooth_l1_loss((out - mu) / sd, (t - mu) / sd))
+    # mt: G's own objective (eq. 3, MSE on the standardised concatenation) plus one cosine term per
+    # teacher, averaged, so that a narrow teacher counts as much as a 2048-wide one does.
+    mean, std = (torch.tensor(a, dtype=torch.float32, device=device) for a in cache.stats())
+    slices = list(cache.slices().values())
+
+    def mt_loss(out, t):
+        z = (t - mean) / std
+        cos = sum(cosine_distill_loss(out[:, sl], z[:, sl]) for sl in slices) / len(slices)
+        return F.mse_loss(out, z) + cos
+    return mt_loss
+
+
+def train_step(model, pixels, target, loss_fn, opt, amp_dtype=None, scaler=None, channels_last=False):
+    """One forward/backward/update on a batch of uint8 pixels; returns the loss (a 0-d tensor)."""
+    device = next(model.parameters()).device
+    pixels = pixels.to(device, non_blocking=True)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    target = target.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(pixels)
+    loss = loss_fn(out.float(), target)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+def lr_at(step, total, peak, warmup):
+    n_warm = max(1, int(round(warmup * total)))
+    if step < n_warm:
+        return peak * (step + 1) / n_warm
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+# A checkpoint is step_N.safetensors (weights + config) and step_N.state.pt (optimizer, scaler, RNG),
+# then latest.json naming them, written last: a kill at any moment leaves the previous one usable.
+def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep):
+    d = run / "ckpt"
+    name = f"step_{step:08d}"
+    extra = {f"decoder.{k}": v for k, v in decoder.state_dict().items()} if decoder is not None else None
+    save_student(student, d / f"{name}.safetensors", cfg, extra)
+    state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    atomic_write(d / f"{name}.state.pt", lambda f: torch.save(state, f))
+    write_json(d / "latest.json", {"step": step, "weights": f"{name}.safetensors", "state": f"{name}.state.pt"})
+    for old in sorted(d.glob("step_*.safetensors"))[:-keep]:
+        old.unlink()
+        old.with_name(old.name.replace(".safetensors", ".state.pt")).unlink(missing_ok=True)
+
+
+def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
+    """Restore the latest checkpoint of run into the given objects; returns its step (0 if none)."""
+    latest = run / "ckpt" / "latest.json"
+    if not latest.exists():
+        return 0
+    info = json.loads(latest.read_text())
+    saved_cfg, tensors = read_checkpoint(run / "ckpt" / info["weights"])
+    differs = {k: (saved_cfg.get(k), v) for k, v in {**student.config, **cfg}.items() if saved_cfg.get(k) != v}
+    if differs:
+        raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
+                         + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
+    student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
+    if decoder is not None:
+        decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
+    state = torch.load(run / "ckpt" / info["state"], map_location=device, weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------- training
+def split_rows(cache, name, seed):
+    """Training and held-out rows among found faces; held out = fuse.py's held-out rows for G."""
+    found = np.flatnonzero(cache.found)
+    val_file = cache.path / "emb" / name / "val_rows.npy"
+    if val_file.exists():
+        val = np.intersect1d(np.load(val_file), found)
+    else:
+        val = np.sort(np.random.default_rng(seed).permutation(found)[: max(2, len(found) // 10)])
+    return np.setdiff1d(found, val), val
+
+
+def column_stats(array, rows, chunk=65536):
+    """Mean and std per column of array rows, streamed so millions of rows never sit in memory."""
+    s = ss = 0.0
+    for i in range(0, len(rows), chunk):
+        x = array.take(rows[i:i + chunk]).astype(np.float64)
+        s, ss = s + x.sum(0), ss + (x ** 2).sum(0)
+    mean = s / len(rows)
+    return mean, np.maximum(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), 1e-6)
+
+
+def setup_amp(args, device):
+    if device.type != "cuda" or args.amp == "off":
+        return None, None
+    dtype = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()) \
+        else torch.float16
+    return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+
+
+def setup(args, rank, world, device, run, log) -> SimpleNamespace:
+    """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state."""
+    cache = FeatureCache(args.teacher_cache).require_complete()
+    names = cache.embedding_names()
+    name = args.embedding or (names[0] if names else None)
+    hG, meta = cache.embedding(name or "ae")
+    train_rows, val_rows = split_rows(cache, name, args.seed)
+    if len(train_rows) < args.batch * world:
+        raise SystemExit(f"error: {len(train_rows)} training faces, fewer than one step of --batch {args.batch} "
+                         f"x {world} processes: lower --batch")
+    hG_mean, hG_std = column_stats(hG, train_rows)
+    out_dim = int(meta["dim"])
+    targets = cache.features if args.loss == "mt" else hG
+
+    torch.manual_seed(args.seed)
+    student = build_student(args.arch, args.width, out_dim)
+    decoder = None
+    if args.loss == "mt":  # G~'s architecture, trained from scratch with the student (paper, sec. 3.4)
+        decoder = fusion.mlp(fusion.layer_widths(cache.dim, out_dim)[::-1])
+    else:  # start from the mean h_G: the student then only has to learn each face's deviation from it
+        with torch.no_grad():
+            student.proj.bias.copy_(torch.from_numpy(hG_mean))
+    net = student if decoder is None else torch.nn.Sequential(student, decoder)
+    cfg = {"size": args.size, "embedding": name, "loss": args.loss, "embedding_op": meta.get("op"),
+           "seed": args.seed, "batch": args.batch, "world": world, "lr": args.lr, "epochs": args.epochs,
+           "steps": args.steps, "teacher_cache": str(Path(args.teacher_cache).resolve())}
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    amp_dtype, scaler = setup_amp(args, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else 0
+    if start == 0 and rank == 0 and ((run / "ckpt").exists() or (run / "metrics.jsonl").exists()):
+        log.info(f"starting afresh in {run}: removing its earlier checkpoints and metrics (--resume continues them)")
+        shutil.rmtree(run / "ckpt", ignore_errors=True)
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    model = net
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    loss_fn = make_loss(args.loss, cache, hG_mean, hG_std, device, args.smoothl1_weight)
+
+    data = AlignedFaces(cache, train_rows, args.size, train=True, targets=targets)
+    sampler = EpochSampler(data, args.seed, rank, world)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+                                         drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
+    per_epoch = sampler.num_samples // args.batch
+    total = args.steps or args.epochs * per_epoch
+    log.info(f"student {args.arch} width {student.config['width']}: {n_params(student):,} parameters "
+             f"({n_params(student.backbone):,} backbone + {n_params(student.proj):,} projection to h_G "
+             f"'{name}' of width {out_dim})" + (f"; + decoder {n_params(decoder):,}" if decoder else ""))
+    log.info(f"{len(train_rows)} training faces, {len(val_rows)} held out; {total} steps of {args.batch} x {world} "
+             f"({per_epoch} per epoch), loss {args.loss}, {device}, amp {amp_dtype}, channels-last {channels_last}"
+             + (f"; resumed at step {start}" if start else ""))
+    return SimpleNamespace(cache=cache, name=name, student=student, decoder=decoder, net=net, model=model, opt=opt,
+                           scaler=scaler, amp_dtype=amp_dtype, channels_last=channels_last, loss_fn=loss_fn,
+                           loader=loader, sampler=sampler, per_epoch=per_epoch, total=total, start=start, cfg=cfg,
+                           train_rows=train_rows, val_rows=val_rows)
+
+
+def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
+    """The training loop, from s.start to --steps/--epochs (or --stop-at); returns the last step done."""
+    stop = min(args.stop_at or s.total, s.total)
+    step, epoch_loss, seen, t0 = s.start, [], 0, time.time()
+    imgs = args.batch * world
+    bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
+               disable=None if rank == 0 else True, dynamic_ncols=True)
+    while step < stop:
+        epoch, skip = divmod(step, s.per_epoch)
+        s.sampler.set_position(epoch, skip * args.batch)  # the order depends on (seed, epoch) only
+        s.net.train()
+        for pixels, target, _ in s.loader:
+            for g in s.opt.param_groups:
+                g["lr"] = lr_at(step, s.total, args.lr, args.warmup)
+            fn = (lambda o, t: s.loss_fn(o, t) * float("nan")) if step + 1 == args.inject_nan_at else s.loss_fn
+            loss = train_step(s.model, pixels, target, fn, s.opt, s.amp_dtype, s.scaler, s.channels_last)
+            if world > 1:
+                torch.distributed.all_reduce(loss)  # every rank must see a NaN, to stop together
+                loss /= world
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
+            step += 1
+            epoch_loss.append(value)
+            seen += imgs
+            bar.update(imgs)
+            bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+            if rank == 0 and (step % args.ckpt_every == 0 or step == stop):
+                save_checkpoint(run, step, s.student, s.decoder, s.opt, s.scaler, s.cfg, args.keep)
+            if step == stop:
+                break
+        if rank == 0:
+            rate = seen / max(time.time() - t0, 1e-9)
+            with open(run / "metrics.jsonl", "a") as f:
+                row = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_loss)), "img_s": rate}
+                f.write(json.dumps(row) + "\n")
+            log.info(f"epoch {epoch}: step {step}/{s.total}, mean loss {np.mean(epoch_loss):.4f}, {rate:.1f} img/s")
+        epoch_loss, seen, t0 = [], 0, time.time()
+    bar.close()
+    return step
+
+
+# -------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
+    """Student embeddings of cache rows (eval crops), float32, in row order."""
+    data = AlignedFaces(cache, rows, size, train=False, targets=cache.features)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
+    student.eval()
+    out = [student(p.to(device)).float().cpu() for p, _, _ in tqdm(loader, desc="embed", unit="batch",
+                                                                      disable=None, leave=False)]
+    return torch.cat(out).numpy() if out else np.zeros((0, student.config["out_dim"]), np.float32)
+
+
+def fit_check_decoder(h_tr, x_tr, h_va, x_va, epochs, seed, device):
+    """Table 5's check: a decoder like G's fitted from embeddings to standardised h_i; returns its held-out
+    predictions. Inputs are standardised first (a cosine-trained embedding has no fixed scale); like
+    fuse.py for G, the epoch with the lowest held-out error is kept, so both columns share one protocol."""
+    torch.manual_seed(seed)
+    mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
+    t = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
+    h_tr, h_va, x_tr, x_va = t((h_tr - mu) / sd), t((h_va - mu) / sd), t(x_tr), t(x_va)
+    dec = fusion.mlp(fusion.layer_widths(x_tr.shape[1], h_tr.shape[1])[::-1]).to(device)
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    best, best_pred = float("inf"), None
+    for _ in range(epochs):
+        dec.train()
+        order = rng.permutation(len(h_tr))
+        for i in range(0, len(order), 256):
+            idx = torch.from_numpy(order[i:i + 256]).to(device)
+            loss = F.mse_loss(dec(h_tr[idx]), x_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            dec.eval()
+            pred = dec(h_va)
+            err = float(F.mse_loss(pred, x_va))
+        if err < best:
+            best, best_pred = err, pred.cpu().numpy()
+    return best_pred
+
+
+def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, run, log):
+    mean, std = cache.stats()
+    slices = cache.slices()
+    hG, meta = cache.embedding(name)
+    h_val_true = hG.take(val_rows).astype(np.float32)
+    rng = np.random.default_rng(args.seed)
+    fit_rows = np.sort(rng.permutation(train_rows)[: args.recon_max_train])
+    h_fit, h_val = (embed_rows(student, cache, r, args.size, device, workers=args.workers)
+                    for r in (fit_rows, val_rows))
+    cos = lambda a, b: F.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b), dim=1).numpy()
+    standardise = lambda x: (x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
+    x_fit = standardise(cache.features.take(fit_rows))
+    x_val = cache.features.take(val_rows).astype(np.float64)
+    x_val_std = standardise(x_val)
+
+    G, _ = fusion.load(cache.path / "emb" / name / "G.safetensors")
+    with torch.no_grad():
+        g_rec = G.decode(torch.from_numpy(h_val_true)).numpy() * std + mean
+    pred = fit_check_decoder(h_fit, x_fit, h_val, x_val_std, args.recon_epochs, args.seed, device) * std + mean
+    column = "E_MT" if args.loss == "mt" else "E_unique"
+    table = {f"G ({meta.get('op', name)})": fusion.nrmse_per_block(g_rec, x_val, mean, slices),
+             f"{column} (student)": fusion.nrmse_per_block(pred, x_val, mean, slices)}
+    result = {"embedding": name, "loss": args.loss, "n_fit": len(fit_rows), "n_val": len(val_rows),
+              "params": n_params(student), "nrmse": table,
+              "protocol": "check decoder shaped like G's decoder, fitted on the student's embeddings of "
+                          "n_fit training faces; epoch with the lowest held-out error kept (as fuse.py does for G)"}
+    if args.loss == "mt":
+        with torch.no_grad():
+            direct = decoder.to(device).eval()(torch.from_numpy(h_val).to(device)).cpu().numpy() * std + mean
+        table["E_MT own decoder"] = fusion.nrmse_per_block(direct, x_val, mean, slices)
+    else:
+        hG_mean = column_stats(hG, train_rows)[0].astype(np.float32)
+        result.update(cos_val=float(cos(h_val, h_val_true).mean()),
+                      cos_val_mean_baseline=float(cos(np.broadcast_to(hG_mean, h_val_true.shape).copy(),
+                                                      h_val_true).mean()))
+    rows = [[n] + [table[c][n] for c in table] for n in slices]
+    rows.append(["Average"] + [float(np.mean(list(table[c].values()))) for c in table])
+    md = tabulate(rows, headers=["h_i"] + list(table), tablefmt="github", floatfmt=".3f")
+    head = f"Reconstruction normalised RMSE of each h_i on {len(val_rows)} held-out faces (Table 5)"
+    if "cos_val" in result:
+        head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} "
+                 f"(the training mean of h_G alone scores {result['cos_val_mean_baseline']:.4f})")
+    (run / "table5_student.md").write_text(f"{head}\n\n{md}\n")
+    write_json(run / "eval.json", result)
+    log.info(f"{head}\n{md}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_student(student, out_dir, size, formats=("onnx", "torchscript")) -> dict:
+    """Write the student as ONNX and/or TorchScript; input 'pixels' N x 3 x size x size float 0..255."""
+    student = student.cpu().eval()
+    out_dir = Path(out_dir)
+    x = torch.randint(0, 256, (2, 3, size, size)).float()
+    paths = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation chatter
+        if "onnx" in formats:
+            paths["onnx"] = out_dir / "student.onnx"
+            # The TorchScript-based exporter needs no onnxscript and handles this plain CNN exactly.
+            tmp = out_dir / ".student.onnx.part"
+            torch.onnx.export(student, (x,), str(tmp), dynamo=False, input_names=["pixels"],
+                              output_names=["embedding"], dynamic_axes={"pixels": {0: "n"}, "embedding": {0: "n"}},
+                              opset_version=17)
+            tmp.replace(paths["onnx"])
+        if "torchscript" in formats:
+            paths["torchscript"] = out_dir / "student.torchscript.pt"
+            with torch.no_grad():
+                traced = torch.jit.trace(student, x)
+            atomic_write(paths["torchscript"], lambda f: torch.jit.save(traced, f))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- embed
+@torch.no_grad()
+def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9):
+    """(embeddings, reasons) for image files: detect + align (MTCNN) + student. A row whose image has no
+    usable face is NaN and its reason is non-empty; the rows always line up with paths."""
+    from common.align import FaceDetector
+    from common.images import BadImage, read_image
+
+    student, cfg = load_student(checkpoint, device)
+    resize = eval_transform(cfg["size"])
+    detector = FaceDetector(device=device, min_prob=min_prob)
+    emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
+    reasons = [""] * len(paths)
+    pending = []
+
+    def flush():
+        if pending:
+            idx, crops = zip(*pending)
+            emb[list(idx)] = student(torch.stack(crops).to(device)).float().cpu().numpy()
+            pending.clear()
+
+    for i, path in enumerate(tqdm(paths, desc="embed", unit="img", disable=None)):
+        try:
+            img = read_image(path)
+        except BadImage as e:
+            reasons[i] = str(e)
+            continue
+        hit = detector(img)
+        if hit is None:
+            reasons[i] = "no face detected"
+            continue
+        pending.append((i, resize(aligned_crop(img, hit[0]))))
+        if len(pending) == batch:
+            flush()
+    flush()
+    return emb, reasons
+
+
+def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=0.9):
+    """(paths, embeddings) of every image under folder; faceless or unreadable images keep a NaN row."""
+    from common.images import list_images
+
+    paths = [str(Path(folder) / p) for p in list_images(folder)]
+    emb, _ = embed_images(checkpoint, paths, batch, device, min_prob)
+    return paths, emb
+
+
+def embed_main(argv):
+    p = argparse.ArgumentParser(prog="distill.py embed", description="Embed a folder of face images with a "
+                                "trained student: detect and align each face, then write one row per image.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="student .safetensors or a distill.py run folder")
+    p.add_argument("--images", type=Path, required=True, help="folder of images (any tree)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .npy (N x width, NaN rows for images without a face); beside it OUT.paths.txt "
+                        "(the image of each row) and OUT.missed.tsv (images without a usable face, and why)")
+    p.add_argument("--batch", type=int, default=64, help="faces per student batch")
+    p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
+    p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
+    a = p.parse_args(argv)
+    from common.images import list_images
+
+    rel = list_images(a.images)
+    if not rel:
+        raise SystemExit(f"error: no images under {a.images}")
+    emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
+                                pick_device(a.device), a.min_face_prob)
+    stem = a.out.with_suffix("")
+    atomic_write(a.out, lambda f: np.save(f, emb))
+    atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write("".join(r + "\n" for r in rel).encode()))
+    missed = "".join(f"{r}\t{why}\n" for r, why in zip(rel, reasons) if why)
+    atomic_write(Path(f"{stem}.missed.tsv"), lambda f: f.write(("path\treason\n" + missed).encode()))
+    n_miss = sum(1 for r in reasons if r)
+    print(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
+          f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["embed"]:
+        return embed_main(argv[1:])
+    args = parse_args(argv)
+    if not (args.teacher_cache / "manifest.json").exists():
+        raise SystemExit(f"error: no feature cache at {args.teacher_cache}: run `python fuse.py` first "
+                         f"(it writes feats/demo), or pass --teacher-cache")
+    rank, world = dist_info()
+    device = pick_device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.backends.cudnn.deterministic = args.deterministic
+    if args.out is None and args.teacher_cache == Path("feats/demo"):
+        args.out = Path("runs/distill-demo")
+    run = make_run_dir(args.out, "distill", args) if rank == 0 else None
+    if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --out is not given)
+        box = [run]
+        dist.broadcast_object_list(box)
+        run = box[0]
+    log = get_logger(run, "distill") if rank == 0 else logging.getLogger(f"distill.rank{rank}")
+    try:
+        s = setup(args, rank, world, device, run, log)
+        finished = train(s, args, rank, world, run, log) == s.total
+    except NonFiniteLoss as e:
+        msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'} "
+               f"(lower --lr, or --amp off, then --resume)")
+        log.error(msg)
+        if world > 1:
+            dist.destroy_process_group()
+        raise SystemExit(msg)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    if not finished:
+        log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --out {run}")
+        return
+    decoder = {f"decoder.{k}": v for k, v in s.decoder.state_dict().items()} if s.decoder is not None else None
+    save_student(s.student, run / "student.safetensors", s.cfg, decoder)
+    log.info(f"student written to {run / 'student.safetensors'}")
+    formats = [f.strip() for f in args.export.split(",") if f.strip()]
+    if formats:
+        for fmt, path in export_student(s.student, run, args.size, formats).items():
+            log.info(f"exported {fmt}: {path}")
+        s.student.to(device)
+    if not args.no_eval:
+        evaluate(args, s.cache, s.name, s.student, s.decoder, s.train_rows, s.val_rows, device, run, log)
+    log.info(f"run folder: {run}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

