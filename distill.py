@@ -33,7 +33,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tabulate import tabulate
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -417,9 +416,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
         result.update(cos_val=float(cos(h_val, h_val_true).mean()),
                       cos_val_mean_baseline=float(cos(np.broadcast_to(hG_mean, h_val_true.shape).copy(),
                                                       h_val_true).mean()))
-    rows = [[n] + [table[c][n] for c in table] for n in slices]
-    rows.append(["Average"] + [float(np.mean(list(table[c].values()))) for c in table])
-    md = tabulate(rows, headers=["h_i"] + list(table), tablefmt="github", floatfmt=".3f")
+    md = fusion.table5(table)
     head = f"Reconstruction normalised RMSE of each h_i on {len(val_rows)} held-out faces (Table 5)"
     if "cos_val" in result:
         head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} "

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -61,11 +60,14 @@ def parse_args(argv=None):
     g.add_argument("--write", help="operator whose h_G is written into the cache for distill.py (default: first of --ops)")
     g.add_argument("--dim", default="",
                    help="width of h_G (default: mean teacher width, the paper's rule); a comma list a,b,c also "
-                        "sweeps the widths with the first operator and plots error vs width (Figure 2)")
+                        "sweeps the widths with the first operator and plots error vs width (Figure 2); "
+                        "the first width of the list is the one written")
     g.add_argument("--epochs", type=int, default=40, help="training epochs of the autoencoders")
     g.add_argument("--fusion-batch", type=int, default=256, help="batch size for training G")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for G")
-    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces held out to measure reconstruction")
+    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces held out from training G")
+    g.add_argument("--val-max", type=int, default=20000,
+                   help="at most this many held-out faces are scored (model selection and the Table 5 report)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
     g.add_argument("--extract-only", action="store_true", help="stop after the feature cache is complete")
     return p.parse_args(argv)
@@ -154,7 +156,7 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log, reade
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
-    missed = [(cache.images[i], r) for i, r in enumerate(cache.reasons) if r]
+    missed = [(cache.images[i], r) for i, r in cache.missed()]
     lines = "".join(f"{p}\t{r}\n" for p, r in missed)
     atomic_write(run / "missed_faces.tsv", lambda f: f.write(("path\treason\n" + lines).encode()))
     n_bad = sum(1 for _, r in missed if r != "no face detected")
@@ -260,7 +262,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
     rows = np.random.default_rng(args.seed).permutation(rows)
     n_val = max(2, int(round(len(rows) * args.val_frac)))
-    val, train = np.sort(rows[:n_val]), np.sort(rows[n_val:])
+    # Only a bounded sample of the held-out faces is scored, so that millions of faces fit in memory.
+    val, train = np.sort(rows[:min(n_val, args.val_max)]), np.sort(rows[n_val:])
     log.info(f"G: {len(train)} training faces, {len(val)} held out; input {d_in}, h_G {dims[0]} "
              f"(mean teacher width {mean_width}); layers {fusion.layer_widths(d_in, dims[0])}")
     data = Standardised(cache, device)
@@ -271,10 +274,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     for op in ops:
         models[op] = train_operator(op, d_in, dims[0], data, train, val, args, log)
         table[op] = fusion.nrmse_per_block(reconstruct(models[op], data, val), x_val, data.mean, slices)
-    names = list(slices)
-    rows_out = [[n] + [table[op][n] for op in ops] for n in names]
-    rows_out.append(["Average"] + [float(np.mean([table[op][n] for n in names])) for op in ops])
-    md = tabulate(rows_out, headers=["h_i"] + [op.upper() for op in ops], tablefmt="github", floatfmt=".3f")
+    md = fusion.table5({op.upper(): table[op] for op in ops})
     (run / "table5.md").write_text(
         f"Reconstruction normalised RMSE on {len(val)} held-out faces (h_G width {dims[0]}), as in Table 5\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "n_val": len(val), "nrmse": table})
@@ -295,6 +295,7 @@ def sweep_dims(cache, op, dims, data, train, val, x_val, slices, args, run, log)
     import matplotlib.pyplot as plt
 
     results = []
+    dims = sorted(dims)
     for d in dims:
         model = train_operator(op, cache.dim, d, data, train, val, args, log)
         err = fusion.nrmse_per_block(reconstruct(model, data, val), x_val, data.mean, slices)

@@ -154,3 +154,13 @@ def nrmse_per_block(x_hat: np.ndarray, x: np.ndarray, mean: np.ndarray, slices: 
         spread = np.sum((x[:, sl] - mean[sl]) ** 2)
         out[name] = float(math.sqrt(err / max(spread, 1e-12)))
     return out
+
+
+def table5(columns: dict[str, dict[str, float]]) -> str:
+    """Markdown in the layout of the paper's Table 5: a row per teacher plus the average, a column per method."""
+    from tabulate import tabulate
+
+    names = list(next(iter(columns.values())))
+    rows = [[n] + [columns[c][n] for c in columns] for n in names]
+    rows.append(["Average"] + [float(np.mean([columns[c][n] for n in names])) for c in columns])
+    return tabulate(rows, headers=["h_i"] + list(columns), tablefmt="github", floatfmt=".3f")
