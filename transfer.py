@@ -335,6 +335,9 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
         student_cfg = load_student(args.student)[1]
     y, lo_hi = targets(task, data, n_out) if task.kind != "verification" else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
+    # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
+    g_widths = (fusion.layer_widths(unsup.dim, unsup.embedding(args.embedding or unsup.embedding_names()[0])[1]["dim"])
+                if unsup else None)
     results = {}
     for method in methods:
         features = method_features(method, cache, unsup, args, device, student_cfg)
@@ -342,7 +345,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
             results[method] = verification(task, data, features, found, log)
         else:
             results[method] = supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args,
-                                         device, student_cfg, log)
+                                         device, student_cfg, log, g_widths)
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
     return {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
@@ -385,7 +388,8 @@ def method_features(method, cache, unsup, args, device, student_cfg):
     raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
-def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log):
+def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log,
+               g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
     candidates = features if isinstance(features, dict) else {None: features}
     best = None
@@ -397,7 +401,8 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
                 out, vs = run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg,
                                         method, log, teacher=name)
             else:
-                out, vs = run_on_features(task, feats, y, lo_hi, split, found, n_out, args)
+                out, vs = run_on_features(task, feats, y, lo_hi, split, found, n_out, args,
+                                          widths=g_widths if method == "concat" else None)
             out = tasks.missed_face_rule(task, out, ~found[split.test], lo_hi)
             preds[split.test] = out
             per_split.append(score(task, out, y_true[split.test]))
