@@ -39,7 +39,7 @@ from tqdm import tqdm
 from common import fusion
 from common.cache import FeatureCache, atomic_write, write_json
 from common.facedata import AlignedFaces, EpochSampler, aligned_crop, eval_transform
-from common.runs import dist_info, get_logger, make_run_dir, pick_device
+from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
 from kernels import cosine_distill_loss
 
@@ -587,4 +587,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from common import fusion
 from common.align import CANON, FaceDetector, center_matrix, warp
 from common.cache import CacheMismatch, FeatureCache, atomic_write, write_json
 from common.images import BadImage, list_images, read_image
-from common.runs import dist_info, get_logger, make_run_dir, pick_device
+from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 from kernels import fuse_features
 
@@ -378,4 +377,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

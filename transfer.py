@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from common.align import CANON
 from common.cache import FeatureCache, write_json
 from common.facedata import aligned_crop, eval_transform, train_transform
 from common.images import BadImage, to_rgb8
-from common.runs import get_logger, make_run_dir, pick_device
+from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import build_student, load_student
 from common.teachers import REGISTRY, build_teachers
 
@@ -392,7 +391,7 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
                g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
     candidates = features if isinstance(features, dict) else {None: features}
-    best = None
+    best, search = None, {}
     for name, feats in candidates.items():
         preds = np.zeros(len(data.samples)) if task.kind != "multilabel" else np.zeros(y.shape)
         per_split, val_scores = [], []
@@ -413,10 +412,13 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         value = score(task, preds[tested], y_true[tested]) if len(splits) > 1 else per_split[0]
         val = float(np.mean(val_scores)) if val_scores else None
         entry = {"metric": task.metric, "value": float(value), "per_split": per_split, "val": val, "chosen": name}
+        search[name] = {"value": float(value), "val": val}
         # Selections pick on validation when the protocol has one, else (as the paper's brute force) on test.
         key = val if val is not None else value
         if best is None or better(task, key, best[0]):
             best = (key, entry)
+    if len(candidates) > 1:
+        best[1]["search"] = search  # every candidate's score, for the record of the brute-force search
     return best[1]
 
 
@@ -427,7 +429,7 @@ def verification(task, data, features, found, log) -> dict:
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     candidates = features if isinstance(features, dict) else {None: features}
-    best = None
+    best, search = None, {}
     for name, feats in candidates.items():
         if feats is None:
             raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
@@ -436,8 +438,11 @@ def verification(task, data, features, found, log) -> dict:
         s = (f[a] * f[b]).sum(1)
         s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
         mean, std = metrics.verification_accuracy_10fold(s, same, folds)
+        search[name] = {"value": float(mean), "std": float(std)}
         if best is None or mean > best["value"]:
             best = {"metric": "verification_accuracy", "value": float(mean), "std": float(std), "chosen": name}
+    if len(candidates) > 1:
+        best["search"] = search
     return best
 
 
@@ -448,8 +453,10 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
         rows.append([r["task"], r["metric"], f"{r['missed_faces']}/{r['n_images']}"]
                     + [r["results"][m]["value"] for m in methods])
     md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
-    chosen = [f"- {r['task']} {m}: best = {r['results'][m]['chosen']}" for r in all_results for m in methods
-              if r["results"][m].get("chosen")]
+    chosen = [f"- {r['task']} {m}: best = {r['results'][m]['chosen']}"
+              + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
+                 if r["results"][m].get("search") else "")
+              for r in all_results for m in methods if r["results"][m].get("chosen")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run"
                        for r in all_results] + chosen)
     text = f"{md}\n\n{notes}\n"
@@ -457,6 +464,13 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     write_json(run / "report.json", all_results)
     log.info("\n" + text)
     return text
+
+
+def task_named(name: str) -> tasks.Task:
+    try:
+        return tasks.get_task(name)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]} (see python transfer.py --list)")
 
 
 def main(argv=None):
@@ -475,11 +489,11 @@ def main(argv=None):
             name, _, folder = item.partition("=")
             if not folder:
                 raise SystemExit(f"--tasks: give each task its folder as NAME=DIR (got {item!r})")
-            jobs.append((tasks.get_task(name), Path(folder)))
+            jobs.append((task_named(name), Path(folder)))
     elif args.task and args.task != DEMO_TASK:
         if args.data is None:
-            raise SystemExit(f"--task {args.task} needs --data DIR; expected layout: {tasks.get_task(args.task).layout}")
-        jobs.append((tasks.get_task(args.task), args.data))
+            raise SystemExit(f"--task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
+        jobs.append((task_named(args.task), args.data))
     else:
         task, root = demo_task()
         args.align = "none"  # 25x25 crops are already faces: too small for a detector
@@ -497,4 +511,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -49,3 +49,16 @@ def pick_device(name: str = "auto"):
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def run_main(main) -> None:
+    """Run a script's main; the errors a user can fix (a missing folder, another cache, a package not
+    installed, an unreadable file) end with their one-line message instead of a traceback."""
+    from common.cache import CacheMismatch
+    from common.images import BadImage
+    from common.weights import MissingWeights
+
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage) as e:
+        sys.exit(f"error: {e}")

@@ -52,7 +52,8 @@ def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
     for m, res in r["results"].items():
         assert 0.0 <= res["value"] <= 1.0, (m, res)
     assert r["results"]["bt"]["chosen"] in {"age", "gender", "onet"}
-    assert r["results"]["bct"]["chosen"]
+    assert r["results"]["bct"]["chosen"] in r["results"]["bct"]["search"]
+    assert len(r["results"]["bct"]["search"]) == 3 and len(r["results"]["bt"]["search"]) == 3  # --max-subsets 3
 
 
 def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
