@@ -290,15 +290,26 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]
     val_score = fit(model, loader(train, True), val, task, args.epochs, lo_hi, y_val, groups, f"{method}")
-    return decode(task, predict(model, loader(split.test, False)()), lo_hi), val_score
+    # Missed faces (unreadable files among them) are not run: the missed-face rule decides their answer.
+    test_ok = split.test[found[split.test]]
+    out = np.zeros((len(split.test), n_out), np.float32)
+    if len(test_ok):
+        out[found[split.test]] = predict(model, loader(test_ok, False)())
+    return decode(task, out, lo_hi), val_score
 
 
 @torch.no_grad()
 def student_embeddings(cache, args, device, student_cfg) -> torch.Tensor:
+    """Student embeddings of every sample; rows without a usable face stay zero (the rule replaces them)."""
     student, _ = load_student(args.student, device)
-    ds = TaskFaces(cache, np.arange(len(cache.images)), torch.zeros(len(cache.images)), student_cfg.get("size", 112), False)
+    rows = np.flatnonzero(cache.found)
+    out = torch.zeros(len(cache.images), student_cfg["out_dim"])
+    ds = TaskFaces(cache, rows, torch.zeros(len(cache.images)), student_cfg.get("size", 112), False)
     dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.workers)
-    return torch.cat([student(x.to(device)).float().cpu() for x, _ in tqdm(dl, desc="student", disable=None, leave=False)])
+    if len(rows):
+        out[rows] = torch.cat([student(x.to(device)).float().cpu()
+                               for x, _ in tqdm(dl, desc="student", disable=None, leave=False)])
+    return out
 
 
 class TeacherFeatures:

@@ -57,14 +57,25 @@ def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
 
 
 def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
-    """An image with no face in a regression task gets the middle of the label range."""
-    data = make_fixture("AgeR-UTK", tmp_path / "data")
+    """Test images with no face or an unreadable file: counted, never run, scored by the paper's rule."""
     from PIL import Image
 
+    data = make_fixture("AgeR-UTK", tmp_path / "utk")
     Image.new("RGB", (64, 64), (90, 160, 220)).save(data / "40_0_0_20170101000000001.jpg")  # sky, no face
-    r = run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
-    assert r["missed_faces"] >= 1
-    assert np.isfinite(r["results"]["frozen"]["value"])
+    (data / "40_1_0_20170101000000002.jpg").write_bytes(b"\xff\xd8 truncated")  # unreadable
+    r = run(tmp_path / "a", "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen,finetune")
+    assert r["missed_faces"] == 2
+    assert np.isfinite(r["results"]["frozen"]["value"]) and np.isfinite(r["results"]["finetune"]["value"])
+    # In SFEW the Val folder is the test set: put the two bad images there, where the rule must score them.
+    data = make_fixture("Expr-SFEW", tmp_path / "sfew")
+    Image.new("RGB", (64, 64), (90, 160, 220)).save(data / "Val" / "Happy" / "sky.png")
+    (data / "Val" / "Sad" / "broken.png").write_bytes(b"\x89PNG truncated")
+    r = run(tmp_path / "b", "Expr-SFEW", data, fused, student_ckpt, "--method", "frozen,finetune")
+    n_test = len(tasks.load("Expr-SFEW", data).splits[0].test)
+    assert r["missed_faces"] == 2
+    for m in ("frozen", "finetune"):
+        # Both missed test faces count as wrong: accuracy can be at most (n_test - 2) / n_test.
+        assert r["results"][m]["value"] <= (n_test - 2) / n_test + 1e-9
 
 
 def test_demo_task_and_list(tmp_path, fused, student_ckpt, capsys, monkeypatch):
