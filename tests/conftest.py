@@ -1,5 +1,6 @@
 """Shared fixtures: tiny folders of REAL faces from installed packages, in the layouts users bring."""
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,28 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _import_triton_interpreted() -> None:
+    """Triton chooses interpreter or compiler once, when first imported. Without a GPU, import it here in
+    interpreter mode, before any test module does, so that tests/test_kernels.py runs the kernels in this
+    process; the variable is put back so that the other tests' CPU calls take the PyTorch fallback."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import kernels
+
+    kernels._load_triton()
+    if saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_interpreted()
 
 
 def feat_data() -> Path:
