@@ -76,8 +76,8 @@ def parse_args(argv=None):
 class ShardFaces(torch.utils.data.Dataset):
     """Decode, detect and align the images of one shard; a bad or faceless image becomes a counted row."""
 
-    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, reader=None):
-        self.root, self.images, self.align, self.min_prob = root, images, align, min_prob
+    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, reader=None, device="cpu"):
+        self.root, self.images, self.align, self.min_prob, self.device = root, images, align, min_prob, device
         self.reader = reader  # for images that are not plain files (a task's pixels stored in a CSV)
         self.detector = None
 
@@ -94,7 +94,7 @@ class ShardFaces(torch.utils.data.Dataset):
                 matrix, score = center_matrix(img.shape[1], img.shape[0]), 1.0
             else:
                 if self.detector is None:  # built lazily so that each worker process has its own
-                    self.detector = FaceDetector(min_prob=self.min_prob)
+                    self.detector = FaceDetector(self.device, min_prob=self.min_prob)
                 hit = self.detector(img)
                 if hit is None:
                     reason = "no face detected"
@@ -128,7 +128,9 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log, reade
     for done, k in enumerate(todo, 1):
         t0 = time.perf_counter()
         lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
-        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob, reader)
+        # Detection runs on the GPU when decoding stays in this process; CUDA cannot enter forked workers.
+        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob, reader,
+                           device if args.workers == 0 else "cpu")
         loader = torch.utils.data.DataLoader(faces, batch_size=args.batch, num_workers=args.workers)
         feats = torch.zeros(hi - lo, cache.dim, dtype=dtype)
         meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
