@@ -13,25 +13,14 @@ sys.path.insert(0, str(ROOT))  # also when run as plain `pytest`
 import kernels  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEV.type == "cpu":
-    # Without a GPU the kernels run in Triton's interpreter, which has to be chosen as triton is first
-    # imported (torch does not import it). The variable is put back straight after, so that other test
-    # modules' calls do not go through the interpreter; the fixture below sets it around each test here.
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    kernels._load_triton()
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+# Without a GPU the kernels run in Triton's interpreter, which must be chosen as triton is first imported:
+# tests/conftest.py does that before any test module is collected.
 
 HAS_TRITON = kernels._load_triton() is not None
 if not HAS_TRITON:
     _skip_reason = f"{kernels._triton_error}: only the PyTorch fallback is tested"
 elif DEV.type == "cpu" and not kernels._triton_impl.INTERPRETER_BUILT:
-    # e.g. in a whole-suite run, where torch.library imported it while collecting another module
-    _skip_reason = ("triton was imported without TRITON_INTERPRET=1 before this module: "
-                    "test_triton_kernels_in_fresh_process runs these tests in a process of its own")
+    _skip_reason = "triton was imported without TRITON_INTERPRET=1 (tests/conftest.py imports it first)"
 else:
     _skip_reason = ""
 needs_triton = pytest.mark.skipif(bool(_skip_reason), reason=_skip_reason)
@@ -307,15 +296,6 @@ def test_loss_validates_arguments():
         kernels.cosine_distill_loss(s, t, reduction="max")
     with pytest.raises(ValueError):
         kernels.cosine_distill_loss(s, t[:, :3])
-
-
-@pytest.mark.skipif(not (HAS_TRITON and _skip_reason), reason="the Triton tests run in this process")
-def test_triton_kernels_in_fresh_process():
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "not fresh_process"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert "passed" in summary and "skipped" not in summary, summary
 
 
 # ----------------------------------------------------------------------------------------------------
