@@ -268,6 +268,11 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     amp_dtype, scaler = setup_amp(args, device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else 0
+    metrics = run / "metrics.jsonl"
+    if start and rank == 0 and metrics.exists():
+        # Epochs logged after the checkpoint resumed from are trained again: drop their lines.
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= start]
+        atomic_write(metrics, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
     if start == 0 and rank == 0 and ((run / "ckpt").exists() or (run / "metrics.jsonl").exists()):
         log.info(f"starting afresh in {run}: removing its earlier checkpoints and metrics (--resume continues them)")
         shutil.rmtree(run / "ckpt", ignore_errors=True)

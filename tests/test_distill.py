@@ -185,8 +185,15 @@ def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
     distill.main([*common, "--out", str(tmp_path / "killed"), "--stop-at", "3"])  # mid-epoch (2 steps per epoch)
     assert not (tmp_path / "killed" / "student.safetensors").exists()
     assert json.loads((tmp_path / "killed" / "ckpt" / "latest.json").read_text())["step"] == 3
+    # As if killed after logging step 3 but before its checkpoint landed: the latest checkpoint is step 2.
+    ckpt = tmp_path / "killed" / "ckpt"
+    (ckpt / "latest.json").write_text(json.dumps({"step": 2, "weights": "step_00000002.safetensors",
+                                                  "state": "step_00000002.state.pt"}))
     # Resumed with a loader worker this time: augmentations are seeded per sample, not per worker.
     distill.main([*common, "--out", str(tmp_path / "killed"), "--resume", "--workers", "1"])
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line["epoch"] for line in lines]
+    assert epochs == sorted(set(epochs)) and lines[-1]["step"] == 5  # no epoch logged twice across the resume
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for k in a:
