@@ -251,13 +251,12 @@ class TeacherBackbone(nn.Module):
 
     def __init__(self, teacher):
         super().__init__()
+        # the layers are registered here so that .train(), .to() and the optimizer reach them
         self.teacher, self.net = teacher, teacher.module
         self.out_dim = teacher.dim
 
     def forward(self, crops):
-        y = self.net(self.teacher.preprocess(crops))
-        y = y[0] if isinstance(y, (tuple, list)) else y
-        return y.mean((2, 3)) if y.ndim == 4 else y.flatten(1)
+        return self.teacher.embed(crops)
 
 
 def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None):

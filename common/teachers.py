@@ -151,18 +151,21 @@ class Teacher:
             x = x.permute(0, 2, 3, 1)
         return x.contiguous()
 
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """The embedding with autograd left on, so a PyTorch teacher can be fine-tuned (transfer.py's P-CNN)."""
+        y = torch.as_tensor(self.forward(self.preprocess(crops)))
+        if y.ndim == 4:
+            if self.spec.reduce == "flatten":
+                y = y.flatten(1)
+            else:
+                y = y.mean((1, 2) if self.spec.layout == "NHWC" else (2, 3))
+        elif y.ndim == 3:  # (B, tokens, C) from a transformer layer
+            y = y.mean(1)
+        return y.reshape(y.shape[0], -1).to(self.device, torch.float32)
+
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            y = self.forward(self.preprocess(crops))
-            y = torch.as_tensor(y)
-            if y.ndim == 4:
-                if self.spec.reduce == "flatten":
-                    y = y.flatten(1)
-                else:
-                    y = y.mean((1, 2) if self.spec.layout == "NHWC" else (2, 3))
-            elif y.ndim == 3:  # (B, tokens, C) from a transformer layer
-                y = y.mean(1)
-            return y.reshape(y.shape[0], -1).to(self.device, torch.float32)
+            return self.embed(crops)
 
 
 def _threads() -> int:
