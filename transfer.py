@@ -220,8 +220,10 @@ def predict(model, batches) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ methods
 def feature_batches(x: torch.Tensor, y: torch.Tensor, rows, batch, shuffle, seed=0):
+    rng = np.random.default_rng(seed)  # made once, so that each epoch gets a new order
+
     def it():
-        order = np.random.default_rng(seed).permutation(rows) if shuffle else rows
+        order = rng.permutation(rows) if shuffle else rows
         for i in range(0, len(order), batch):
             idx = torch.as_tensor(order[i:i + batch])
             yield x[idx], y[idx]
@@ -233,13 +235,21 @@ def run_on_features(task, feats: torch.Tensor, y, lo_hi, split, found, n_out, ar
     torch.manual_seed(args.seed)
     train = split.train[found[split.train]]
     model = head(feats.shape[1], n_out, args.hidden, widths)
-    val_rows = split.val[found[split.val]] if split.val is not None and len(split.val) else None
-    val = feature_batches(feats, y, val_rows, 256, False) if val_rows is not None and len(val_rows) else None
+    val_rows = val_rows_of(split, found)
+    val = feature_batches(feats, y, val_rows, 256, False) if val_rows is not None else None
     y_val = decode_labels(task, y[val_rows].numpy(), lo_hi) if val is not None else None
     val_score = fit(model, feature_batches(feats, y, train, args.batch, True, args.seed), val, task,
                     args.head_epochs, lo_hi, y_val, [{"params": model.parameters(), "lr": args.lr}], desc)
     out = predict(model, feature_batches(feats, y, split.test, 256, False)())
     return decode(task, out, lo_hi), val_score
+
+
+def val_rows_of(split, found):
+    """The split's validation faces that were found, or None when the protocol has no validation set."""
+    if split.val is None:
+        return None
+    rows = split.val[found[split.val]]
+    return rows if len(rows) else None
 
 
 def decode_labels(task, y: np.ndarray, lo_hi):
@@ -282,8 +292,8 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
                                          generator=torch.Generator().manual_seed(args.seed))
         return lambda: ((x.to(device), t.to(device)) for x, t in dl)
 
-    val_rows = split.val[found[split.val]] if split.val is not None and len(split.val) else None
-    val = loader(val_rows, False) if val_rows is not None and len(val_rows) else None
+    val_rows = val_rows_of(split, found)
+    val = loader(val_rows, False) if val_rows is not None else None
     y_val = decode_labels(task, y[val_rows].numpy(), lo_hi) if val is not None else None
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10

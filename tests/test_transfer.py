@@ -92,3 +92,13 @@ def test_missing_data_names_layout(tmp_path, fused, student_ckpt):
     with pytest.raises((FileNotFoundError, SystemExit)) as e:
         transfer.main(["--task", "AgeR-UTK", "--data", str(tmp_path / "nope"), "--student", str(student_ckpt)])
     assert "UTKFace" in str(e.value) or "nope" in str(e.value)
+
+
+def test_feature_batches_reshuffle_every_epoch():
+    import torch
+
+    x, y = torch.arange(40.0)[:, None], torch.arange(40)
+    it = transfer.feature_batches(x, y, np.arange(40), 40, shuffle=True, seed=0)
+    first, second = next(it())[1], next(it())[1]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(40))
+    assert not torch.equal(first, second)
