@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import shutil
 import sys
 import time
@@ -38,6 +37,8 @@ from tqdm import tqdm
 
 from common import fusion
 from common.cache import FeatureCache, atomic_write, write_json
+from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
+                               set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, aligned_crop, eval_transform
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
@@ -98,6 +99,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (start fresh if there is none, so a "
                         "preemptible job can always pass it); the result equals an uninterrupted run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run, deleting its checkpoints, metrics and "
+                        "results (without it, and without --resume, such a folder is refused)")
     g.add_argument("--stop-at", type=int, default=0,
                    help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
     g.add_argument("--inject-nan-at", type=int, default=0, help="testing: make the loss of this step NaN")
@@ -162,25 +166,32 @@ def lr_at(step, total, peak, warmup):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-# A checkpoint is step_N.safetensors (weights + config) and step_N.state.pt (optimizer, scaler, RNG),
-# then latest.json naming them, written last: a kill at any moment leaves the previous one usable.
+# A checkpoint is step_N.safetensors (weights + config) and step_N.state.safetensors (optimizer, scaler,
+# RNG; common/checkpoint.py: no pickle, so resuming a run folder from elsewhere runs no code), then
+# latest.json naming them, written last: a kill at any moment leaves the previous one usable.
 def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep):
     d = run / "ckpt"
     name = f"step_{step:08d}"
     extra = {f"decoder.{k}": v for k, v in decoder.state_dict().items()} if decoder is not None else None
     save_student(student, d / f"{name}.safetensors", cfg, extra)
     state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    atomic_write(d / f"{name}.state.pt", lambda f: torch.save(state, f))
-    write_json(d / "latest.json", {"step": step, "weights": f"{name}.safetensors", "state": f"{name}.state.pt"})
-    for old in sorted(d.glob("step_*.safetensors"))[:-keep]:
+             "rng": rng_state()}
+    save_state(d / f"{name}{STATE_SUFFIX}", state)
+    write_json(d / "latest.json", {"step": step, "weights": f"{name}.safetensors", "state": f"{name}{STATE_SUFFIX}"})
+    weights = sorted(p for p in d.glob("step_*.safetensors") if not p.name.endswith(STATE_SUFFIX))
+    for old in weights[:-keep]:
         old.unlink()
-        old.with_name(old.name.replace(".safetensors", ".state.pt")).unlink(missing_ok=True)
+        old.with_name(old.name.replace(".safetensors", STATE_SUFFIX)).unlink(missing_ok=True)
 
 
 def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
     """Restore the latest checkpoint of run into the given objects; returns its step (0 if none)."""
+    if any((run / "ckpt").glob(f"*{LEGACY_STATE_SUFFIX}")):
+        raise SystemExit(f"error: cannot resume {run}: its checkpoints were written by an older distill.py as "
+                         f"*{LEGACY_STATE_SUFFIX} files, which only load through pickle (a run folder from "
+                         f"elsewhere could run code), so they are not read. Start it afresh with the same "
+                         f"command and --overwrite instead of --resume (or another --out), or, if you wrote this "
+                         f"folder yourself, convert it with `python -m common.checkpoint {run}`, then --resume")
     latest = run / "ckpt" / "latest.json"
     if not latest.exists():
         return 0
@@ -193,16 +204,35 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
     student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
     if decoder is not None:
         decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
-    state = torch.load(run / "ckpt" / info["state"], map_location=device, weights_only=False)
-    opt.load_state_dict(state["optimizer"])
+    try:
+        state = load_state(run / "ckpt" / info["state"])
+    except StateError as e:
+        raise SystemExit(f"error: cannot resume {run}: {e}") from None
+    opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
     return int(state["step"])
+
+
+RUN_OUTPUTS = ("ckpt", "metrics.jsonl", "student.safetensors", "eval.json", "table5_student.md",
+               "student.onnx", "student.torchscript.pt")
+
+
+def refuse_to_clobber(out, resume, overwrite, delete=True) -> None:
+    """A run started without --resume in a folder that holds a run's checkpoints or results stops, unless
+    --overwrite says to delete them: a repeated command must not wipe hours of training."""
+    if out is None or resume:
+        return
+    found = [n for n in RUN_OUTPUTS if (Path(out) / n).exists()]
+    if found and not overwrite:
+        raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         f"--overwrite to delete its checkpoints and results and start afresh, or another --out")
+    for path in [Path(out) / n for n in found] if delete else []:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -273,8 +303,9 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
         # Epochs logged after the checkpoint resumed from are trained again: drop their lines.
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= start]
         atomic_write(metrics, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-    if start == 0 and rank == 0 and ((run / "ckpt").exists() or (run / "metrics.jsonl").exists()):
-        log.info(f"starting afresh in {run}: removing its earlier checkpoints and metrics (--resume continues them)")
+    if start == 0 and rank == 0 and args.resume and ((run / "ckpt").exists() or (run / "metrics.jsonl").exists()):
+        # No latest.json: killed before its first checkpoint was whole, so nothing here can be resumed.
+        log.info(f"no checkpoint to resume in {run}: starting afresh, removing the partial files of the first try")
         shutil.rmtree(run / "ckpt", ignore_errors=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
     model = net
@@ -554,6 +585,7 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = args.deterministic
     if args.out is None and args.teacher_cache == Path("feats/demo"):
         args.out = Path("runs/distill-demo")
+    refuse_to_clobber(args.out, args.resume, args.overwrite, delete=rank == 0)
     run = make_run_dir(args.out, "distill", args) if rank == 0 else None
     if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --out is not given)
         box = [run]

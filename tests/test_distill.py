@@ -188,7 +188,8 @@ def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
     # As if killed after logging step 3 but before its checkpoint landed: the latest checkpoint is step 2.
     ckpt = tmp_path / "killed" / "ckpt"
     (ckpt / "latest.json").write_text(json.dumps({"step": 2, "weights": "step_00000002.safetensors",
-                                                  "state": "step_00000002.state.pt"}))
+                                                  "state": "step_00000002.state.safetensors"}))
+    assert not list(ckpt.glob("*.pt")) and len(list(ckpt.glob("*.state.safetensors"))) == 2  # --keep 2, no pickle
     # Resumed with a loader worker this time: augmentations are seeded per sample, not per worker.
     distill.main([*common, "--out", str(tmp_path / "killed"), "--resume", "--workers", "1"])
     lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
@@ -200,11 +201,24 @@ def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
 
 
-def test_resume_refuses_other_settings(cache_dir, tmp_path):
-    common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--stop-at", "1", *TINY]
-    distill.main([*common, "--out", str(tmp_path / "r")])
+def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tmp_path):
+    run = tmp_path / "r"
+    common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--stop-at", "1", "--out", str(run),
+              *TINY]
+    distill.main(common)
     with pytest.raises(SystemExit, match="other settings"):
-        distill.main([*common, "--out", str(tmp_path / "r"), "--resume", "--seed", "1"])
+        distill.main([*common, "--resume", "--seed", "1"])
+    # The same command again without --resume: refused, naming the flags, and nothing of the run is touched.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert run / "ckpt" / "step_00000001.state.safetensors" in before
+    with pytest.raises(SystemExit, match="--overwrite") as e:
+        distill.main([*common, "--seed", "1"])
+    assert "--resume" in str(e.value.code) and "ckpt" in str(e.value.code)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # --overwrite starts afresh: the old checkpoint is replaced by the new run's.
+    distill.main([*common, "--seed", "1", "--overwrite"])
+    assert read_checkpoint(run / "ckpt" / "step_00000001.safetensors")[0]["seed"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
