@@ -171,8 +171,10 @@ def convert_legacy(run) -> list[Path]:
 def main(argv=None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m common.checkpoint", description=convert_legacy.__doc__.split("\n")[0]
-                                + ". Only for run folders you wrote yourself.")
+    p = argparse.ArgumentParser(prog="python -m common.checkpoint",
+                                description="Convert the training state of a run folder written by an older "
+                                "distill.py (ckpt/*.state.pt) to the pickle-free format, so --resume can use it. "
+                                "Only for run folders you wrote yourself; any other is better started afresh.")
     p.add_argument("run", type=Path, help="distill.py run folder (the one holding ckpt/)")
     a = p.parse_args(argv)
     try:

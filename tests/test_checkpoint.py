@@ -208,6 +208,7 @@ def test_safetensors_with_foreign_metadata_is_refused(tmp_path):
 
 def test_convert_older_run_folder(tmp_path):
     state = legacy_state()
+    expected = draws()
     run = old_run(tmp_path, state)
     with pytest.raises(SystemExit, match="older distill.py"):
         distill.load_checkpoint(run, None, None, None, None, {}, "cpu")
@@ -215,4 +216,7 @@ def test_convert_older_run_folder(tmp_path):
     ckpt = run / "ckpt"
     assert not list(ckpt.glob("*.pt"))
     assert json.loads((ckpt / "latest.json").read_text())["state"] == "step_00000002.state.safetensors"
-    assert_same(load_state(ckpt / "step_00000002.state.safetensors"), state)
+    converted = load_state(ckpt / "step_00000002.state.safetensors")
+    assert_same(converted, state)
+    set_rng_state(converted["rng"])  # numpy's legacy tuple form restores as well
+    assert draws() == expected
