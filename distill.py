@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import fusion
+from common import fusion, precision
 from common.cache import FeatureCache, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
@@ -85,9 +85,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the augmentations")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda, cuda:1 ...")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision on a GPU (auto: bf16 where supported, else fp16 with loss scaling; "
-                        "off on the CPU)")
+    g.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP)
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory layout (auto: on a GPU only, where convolutions run faster with it)")
     g.add_argument("--deterministic", action="store_true",
@@ -147,14 +145,7 @@ def train_step(model, pixels, target, loss_fn, opt, amp_dtype=None, scaler=None,
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = model(pixels)
     loss = loss_fn(out.float(), target)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    precision.backward_step(loss, opt, scaler)
     return loss.detach()
 
 
@@ -257,14 +248,6 @@ def column_stats(array, rows, chunk=65536):
     return mean, np.maximum(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), 1e-6)
 
 
-def setup_amp(args, device):
-    if device.type != "cuda" or args.amp == "off":
-        return None, None
-    dtype = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()) \
-        else torch.float16
-    return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
-
-
 def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state."""
     cache = FeatureCache(args.teacher_cache).require_complete()
@@ -295,7 +278,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    amp_dtype, scaler = setup_amp(args, device)
+    amp_dtype, scaler = precision.amp_policy(args.amp, device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else 0
     metrics = run / "metrics.jsonl"

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fuse
-from common import fusion, metrics, tasks
+from common import fusion, metrics, precision, tasks
 from common.align import CANON
 from common.cache import FeatureCache, write_json
 from common.facedata import aligned_crop, eval_transform, train_transform
@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--max-subsets", type=int, default=0, help="cap on teacher subsets tried by bct (0: all)")
     p.add_argument("--workers", type=int, default=0, help="image loading worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP + " (fine-tuning)")
     p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order")
     p.add_argument("--cache-dir", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
@@ -188,20 +189,21 @@ def better(task, a, b) -> bool:
     return a < b if task.metric in metrics.LOWER_IS_BETTER else a > b
 
 
-def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc):
+def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc, amp=(None, None)):
     """Train with Adam; keep the weights of the best validation epoch when there is a validation set.
 
+    amp: (autocast dtype or None, GradScaler or None), as precision.amp_policy gives them.
     Returns that best validation score (None without a validation set).
     """
     opt = torch.optim.Adam(lr_groups)
+    amp_dtype, scaler = amp
     best, best_state = None, None
     for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=None, leave=False):
         model.train()
         for x, y in train_batches():
-            loss = task_loss(task, model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(x)
+            precision.backward_step(task_loss(task, out.float(), y), opt, scaler)
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
             if best is None or better(task, s, best):
@@ -298,7 +300,8 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]
-    val_score = fit(model, loader(train, True), val, task, args.epochs, lo_hi, y_val, groups, f"{method}")
+    val_score = fit(model, loader(train, True), val, task, args.epochs, lo_hi, y_val, groups, f"{method}",
+                    amp=precision.amp_policy(args.amp, device))
     # Missed faces (unreadable files among them) are not run: the missed-face rule decides their answer.
     test_ok = split.test[found[split.test]]
     out = np.zeros((len(split.test), n_out), np.float32)

@@ -82,13 +82,16 @@ class Timer:
 
 
 def _rows(timer, copy_gbps, label, impls, nbytes):
+    """One row per implementation; speed-ups are against eager (first) and torch.compile (second, GPU)."""
     rows = []
     times = timer.ms([fn for _, fn in impls])
+    compiled_ms = dict(zip([n for n, _ in impls], times)).get("torch.compile")
     for (name, fn), ms in zip(impls, times):
         gbps = nbytes / ms / 1e6
         peak = timer.peak_mib(fn)
         rows.append([label, name, f"{ms:.4f}", f"{gbps:.1f}", f"{100 * gbps / copy_gbps:.0f}%",
-                     "n/a" if peak is None else f"{peak:.2f}", f"{times[0] / ms:.2f}x"])
+                     "n/a" if peak is None else f"{peak:.2f}", f"{times[0] / ms:.2f}x",
+                     "n/a" if compiled_ms is None else f"{compiled_ms / ms:.2f}x"])
     return rows
 
 
@@ -147,7 +150,10 @@ def bench_loss(timer, copy_gbps, batches, dtype, gpu):
 
 def describe(device):
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        import triton
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        return (f"{torch.cuda.get_device_name(device)} (sm {cap}), torch {torch.__version__}, "
+                f"triton {triton.__version__}, CUDA {torch.version.cuda}")
     return (f"CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -157,7 +163,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two batch sizes and fewer repetitions")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 64 256 1024 4096)")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="batch sizes (default 64 256 1024 4096, and 65536 on a GPU)")
     parser.add_argument("--feat-dtype", choices=DTYPES, default="fp32", help="teacher embedding dtype")
     parser.add_argument("--out-dtype", choices=DTYPES, default="fp16", help="fused buffer dtype")
     parser.add_argument("--loss-dtype", choices=DTYPES, default="bf16", help="student/target dtype")
@@ -171,7 +178,7 @@ def main(argv=None):
     device = torch.device("cuda" if gpu else "cpu")
     if gpu and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("warning: TRITON_INTERPRET is set, the Triton timings are the interpreter's")
-    batches = args.batches or ([64, 4096] if args.quick else [64, 256, 1024, 4096])
+    batches = args.batches or ([64, 4096] if args.quick else [64, 256, 1024, 4096] + ([65536] if gpu else []))
     timer = Timer(device, reps=5 if args.quick else 20)
     torch.manual_seed(0)
 
@@ -181,7 +188,7 @@ def main(argv=None):
     if not gpu:
         print("no GPU: timing eager PyTorch against the PyTorch fallback; Triton figures need a GPU")
         print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes skew CPU timings)")
-    headers = ["shape", "impl", "median ms", "GB/s", "% copy BW", "peak MiB", "vs eager"]
+    headers = ["shape", "impl", "median ms", "GB/s", "% copy BW", "peak MiB", "vs eager", "vs compile"]
 
     feat_dtype, out_dtype = DTYPES[args.feat_dtype], DTYPES[args.out_dtype]
     print(f"\nfuse_features: {len(TEACHER_WIDTHS)} teachers {TEACHER_WIDTHS}, {args.feat_dtype} in, "

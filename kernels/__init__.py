@@ -6,10 +6,15 @@ when TRITON_INTERPRET=1 (set before triton is first imported) selects Triton's i
 tests do; otherwise the fallback. FACEKD_KERNELS=torch|triton in the environment replaces "auto"; an
 explicit backend="torch"|"triton" argument wins over both. Forcing "triton" where it cannot run
 raises RuntimeError rather than falling back.
+
+"auto" never takes a run down: GPUs older than sm_70 (which Triton does not target) get the fallback
+without a try, and a kernel that fails to compile or launch logs one warning naming the op and the
+Triton version, after which that op uses the fallback for the rest of the process.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -22,6 +27,8 @@ _BACKENDS = ("auto", "triton", "torch")
 _TRITON_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _triton_impl = None
 _triton_error = None
+MIN_CAPABILITY = (7, 0)  # Triton's oldest NVIDIA target
+_failed_ops: dict[str, str] = {}  # op -> why its kernel failed in this process (auto then falls back)
 
 
 def _load_triton():
@@ -48,6 +55,14 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
+def _gpu_reason(device: torch.device):
+    """Why the Triton kernels cannot run on this CUDA device, or None."""
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) < MIN_CAPABILITY:
+        return f"Triton does not target sm_{cap[0]}{cap[1]} (it needs sm_70 or newer)"
+    return None
+
+
 def _why_not_triton(tensors, dtypes=None):
     devices = {t.device for t in tensors}
     if len(devices) != 1:
@@ -62,6 +77,8 @@ def _why_not_triton(tensors, dtypes=None):
         return _triton_error
     if device.type == "cpu" and not impl.interpreting():
         return "TRITON_INTERPRET=1 was set after triton had been imported (set it before)"
+    if device.type == "cuda" and not impl.INTERPRETER_BUILT:
+        return _gpu_reason(device)
     if dtypes is not None:
         bad = sorted({str(t.dtype) for t in tensors if t.dtype not in dtypes})
         if bad:
@@ -69,16 +86,22 @@ def _why_not_triton(tensors, dtypes=None):
     return None
 
 
-def resolve_backend(backend: str, tensors, dtypes=None) -> str:
-    """'triton' or 'torch' for an op on `tensors`, following the rules in the module docstring."""
+def _requested(backend: str) -> str:
+    """The backend asked for: the argument, or FACEKD_KERNELS where the argument is "auto"."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {_BACKENDS}")
-    if backend == "auto":
-        env = os.environ.get("FACEKD_KERNELS", "").strip().lower()
-        if env not in ("", "auto", "torch", "triton"):
-            raise ValueError(f"FACEKD_KERNELS={env!r}: expected 'torch' or 'triton'")
-        backend = env if env in ("torch", "triton") else "auto"
-    if backend == "torch":
+    if backend != "auto":
+        return backend
+    env = os.environ.get("FACEKD_KERNELS", "").strip().lower()
+    if env not in ("", "auto", "torch", "triton"):
+        raise ValueError(f"FACEKD_KERNELS={env!r}: expected 'torch' or 'triton'")
+    return env or "auto"
+
+
+def resolve_backend(backend: str, tensors, dtypes=None, op: str | None = None) -> str:
+    """'triton' or 'torch' for an op on `tensors`, following the rules in the module docstring."""
+    backend = _requested(backend)
+    if backend == "torch" or (backend == "auto" and op in _failed_ops):
         return "torch"
     reason = _why_not_triton(tensors, dtypes)
     if reason is None:
@@ -86,6 +109,22 @@ def resolve_backend(backend: str, tensors, dtypes=None) -> str:
     if backend == "triton":
         raise RuntimeError(f"the Triton backend was requested but {reason}")
     return "torch"
+
+
+def _guarded(op, backend, fn, *args):
+    """fn(*args); when it raises under "auto", None, and op takes the fallback from then on (said once)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if _requested(backend) == "triton":
+            raise
+        lines = str(exc).strip().splitlines()
+        msg = (f"the Triton kernel of {op} failed under triton {_triton_impl.VERSION} "
+               f"({type(exc).__name__}: {lines[-1] if lines else ''}); {op} uses the PyTorch fallback "
+               f"for the rest of this process")
+        _failed_ops[op] = msg
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        return None
 
 
 def fuse_features(features, mean, std, out=None, out_dtype=torch.float16, backend="auto"):
@@ -114,19 +153,29 @@ def fuse_features(features, mean, std, out=None, out_dtype=torch.float16, backen
     elif tuple(out.shape) != (n_rows, total) or not out.is_floating_point():
         raise ValueError(f"out must be a floating ({n_rows}, {total}) tensor, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    if resolve_backend(backend, features + [mean, std, out]) == "triton":
-        return _triton_impl.fuse_features(features, mean, std, out)
+    if resolve_backend(backend, features + [mean, std, out], op="fuse_features") == "triton":
+        done = _guarded("fuse_features", backend, _triton_impl.fuse_features, features, mean, std, out)
+        if done is not None:
+            return done
     return torch_impl.fuse_features(features, mean, std, out)
 
 
+_LOSS = "cosine_distill_loss"
+
+
 class _CosineDistill(torch.autograd.Function):
-    # Saves the inputs (by reference) and three floats per row; no (B, D) intermediate survives.
+    # Saves the inputs (by reference) and three floats per row; no (B, D) intermediate survives. Both
+    # implementations keep the same float32 row statistics, so a backward can fall back on its own.
 
     @staticmethod
-    def forward(ctx, student, target, reduction, eps, impl):
-        loss, stats = impl.cosine_forward(student, target, eps)
+    def forward(ctx, student, target, reduction, eps, impl, backend):
+        done = None
+        if impl is _triton_impl:
+            done = _guarded(_LOSS, backend, impl.cosine_forward, student, target, eps)
+            impl = impl if done is not None else torch_impl
+        loss, stats = done or torch_impl.cosine_forward(student, target, eps)
         ctx.save_for_backward(student, target, stats)
-        ctx.reduction, ctx.eps, ctx.impl = reduction, eps, impl
+        ctx.reduction, ctx.eps, ctx.impl, ctx.backend = reduction, eps, impl, backend
         if reduction == "mean":
             return loss.mean()
         return loss.sum() if reduction == "sum" else loss
@@ -138,8 +187,12 @@ class _CosineDistill(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             student, target, stats = ctx.saved_tensors
             scale = 1.0 / max(student.shape[0], 1) if ctx.reduction == "mean" else 1.0
-            grad = ctx.impl.cosine_backward(student, target, stats, grad_loss, scale, ctx.eps)
-        return grad, None, None, None, None
+            args = (student, target, stats, grad_loss, scale, ctx.eps)
+            if ctx.impl is _triton_impl and _LOSS not in _failed_ops:
+                grad = _guarded(_LOSS, ctx.backend, _triton_impl.cosine_backward, *args)
+            if grad is None:
+                grad = torch_impl.cosine_backward(*args)
+        return grad, None, None, None, None, None
 
 
 def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="auto"):
@@ -162,8 +215,8 @@ def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="au
         raise ValueError("student and target must be floating tensors")
     if target.requires_grad and torch.is_grad_enabled():
         raise ValueError("cosine_distill_loss computes no gradient for the target; pass target.detach()")
-    if resolve_backend(backend, [student, target], _TRITON_LOSS_DTYPES) == "triton":
+    if resolve_backend(backend, [student, target], _TRITON_LOSS_DTYPES, op=_LOSS) == "triton":
         impl = _triton_impl
     else:
         impl = torch_impl
-    return _CosineDistill.apply(student, target, reduction, eps, impl)
+    return _CosineDistill.apply(student, target, reduction, eps, impl, backend)

@@ -3,8 +3,10 @@
     python -m kernels.compile_check [--arch 90]
 
 Triton's CPU interpreter, which runs the tests here, never calls its compiler; this does, through a stub
-driver, with the launchers' own arguments for the default teacher set and D=536 rows, and prints each
-kernel's global loads and stores (v4 = 16-byte accesses). Needs TRITON_INTERPRET unset.
+driver. It compiles every launch plan that CUDA would really use for a sweep of batch sizes from 1 to
+65536 (so every tile height, one-row tiles included), for the default teacher set and for loss widths
+536 and 1024 in several dtypes, and prints each variant's global loads and stores (v4 = 16-byte
+accesses). Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from . import triton_impl as ti
+
+BATCHES = (1, 2, 3, 17, 64, 256, 512, 4096, 65536)
+TEACHER_WIDTHS = (128, 256, 16, 1280, 256, 1280)  # the default teacher set
+LOSS_CASES = ((536, torch.bfloat16, torch.float16), (1024, torch.float16, torch.float16),
+              (1024, torch.float32, torch.float32))
 
 
 class _StubDriver:
@@ -33,34 +40,51 @@ class _StubDriver:
         return 0
 
 
+def _variants():
+    """(name, kernel, args, plan) for every distinct plan CUDA launches over BATCHES. CPU tensors stand
+    in for device pointers: only their dtypes and alignment matter to the compiler."""
+    out = []
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] * 2
+    feats = [torch.empty(8, w, dtype=d) for w, d in zip(TEACHER_WIDTHS, dtypes)]
+    feats[2] = torch.empty(TEACHER_WIDTHS[2], 8, dtype=torch.bfloat16).t()  # a transposed teacher
+    total = sum(TEACHER_WIDTHS)
+    mean, std, fused = torch.zeros(total), torch.ones(total), torch.empty(8, total, dtype=torch.float16)
+    for b in BATCHES:
+        plan = ti.plan_fuse(b, TEACHER_WIDTHS, tuple((x.stride(0), x.stride(1)) for x in feats), 1, 1,
+                            (total, 1), "cuda")
+        out.append((f"_fuse_kernel[B={b}]", ti._fuse_kernel, (tuple(feats), mean, std, fused, b), plan))
+    for dim, s_dtype, t_dtype in LOSS_CASES:
+        s, t = torch.empty(8, dim, dtype=s_dtype), torch.empty(8, dim, dtype=t_dtype)
+        stats, loss, g = torch.empty(3, 8), torch.empty(8), torch.empty(8)
+        for b in BATCHES:
+            tag = f"D={dim} {str(s_dtype)[6:]}/{str(t_dtype)[6:]} B={b}"
+            fwd = ti.plan_loss(b, dim, ((dim, 1), (dim, 1)), "cuda")
+            out.append((f"_cos_fwd_kernel[{tag}]", ti._cos_fwd_kernel, (s, t, loss, stats, b, 1e-8), fwd))
+            bwd = ti.plan_loss(b, dim, ((dim, 1), (dim, 1), (dim, 1)), "cuda")
+            out.append((f"_cos_bwd_kernel[{tag}]", ti._cos_bwd_kernel,
+                        (s, t, stats, g, 1, 1.0 / b, torch.empty_like(s), b, 1e-8), bwd))
+    return out
+
+
 def compile_ptx(arch: int = 90) -> dict[str, str]:
-    """PTX of each kernel, keyed by kernel name."""
+    """PTX of each distinct launch variant, keyed by 'kernel[case]' (one entry per distinct plan)."""
     if ti.INTERPRETER_BUILT:
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1; run this with it unset")
-    ptx = {}
-
-    def compile_only(kernel, grid, device, *args, **meta):
-        # A fresh JITFunction keeps the stub target's binaries out of the real kernels' caches.
-        ptx[kernel.fn.__name__] = JITFunction(kernel.fn).warmup(*args, grid=grid, **meta).asm["ptx"]
-
-    saved_launch, saved_driver = ti._launch, getattr(driver, "_active", None)
-    ti._launch = compile_only
+    ptx, seen = {}, set()
+    saved_driver = getattr(driver, "_active", None)
     driver.set_active(_StubDriver(arch))
     try:
-        b = 64  # CPU tensors stand in for device pointers: only dtypes, strides and alignment matter
-        widths = [128, 256, 16, 1280, 256, 1280]
-        dtypes = [torch.float32, torch.float16, torch.bfloat16] * 2
-        feats = [torch.empty(b, w, dtype=d) for w, d in zip(widths, dtypes)]
-        feats[2] = torch.empty(16, b, dtype=torch.bfloat16).t()  # a transposed teacher
-        total = sum(widths)
-        out = torch.empty(b, total, dtype=torch.float16)
-        ti.fuse_features(feats, torch.zeros(total), torch.ones(total), out)
-        s = torch.empty(b, 536, dtype=torch.bfloat16)
-        t = torch.empty(b, 536, dtype=torch.float16)
-        _, stats = ti.cosine_forward(s, t, 1e-8)
-        ti.cosine_backward(s, t, stats, torch.ones(()), 1.0 / b, 1e-8)
+        for name, kernel, args, plan in _variants():
+            key = (kernel.fn.__name__, tuple(a.dtype if torch.is_tensor(a) else type(a) for a in args[:4]),
+                   tuple(sorted((k, str(v)) for k, v in plan.meta.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            # A fresh JITFunction keeps the stub target's binaries out of the real kernels' caches.
+            meta = dict(plan.meta, BLOCK_M=plan.meta["BLOCK_M"])
+            ptx[f"{name} BLOCK_M={meta['BLOCK_M']}"] = JITFunction(kernel.fn).warmup(
+                *args, grid=plan.grid, **meta).asm["ptx"]
     finally:
-        ti._launch = saved_launch
         driver.set_active(saved_driver)
     return ptx
 

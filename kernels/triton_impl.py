@@ -1,8 +1,18 @@
 """Triton kernels behind kernels.fuse_features and kernels.cosine_distill_loss.
 
 Same arguments and numerical conventions as torch_impl; launchers take optional output buffers (tests).
+
+Every shape number but the batch size (widths, column offsets, strides, the loss width) is a compile-time
+constant of the kernel. A run sees a handful of such combinations, so this costs a few compilations, and
+it buys three things: the compiler knows each stride exactly, hence vectorises 16-byte accesses without
+alignment hints (hints on 2-D offsets broke Triton's compiler on one-row tiles, Triton 3.6 to 3.8);
+a launch passes only the pointers and the row count; and the launch plan (grid, tile shape, constants)
+is computed once per combination and reused (plan_fuse / plan_loss are cached).
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -14,6 +24,8 @@ from triton.runtime.jit import JITFunction
 # imported, after TRITON_INTERPRET at that moment. Kernels of the other kind cannot call it, so ours
 # follow that choice rather than the variable's value when this module is imported or a kernel runs.
 INTERPRETER_BUILT = isinstance(tl.sum, InterpretedFunction)
+VERSION = triton.__version__
+MAX_TILE = 4096  # elements per program and loop step: 16 KiB of float32 accumulator per operand
 
 
 def interpreting() -> bool:
@@ -27,32 +39,51 @@ def _kernel(fn):
 
 
 def _launch(kernel, grid, device, *args, **meta):
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device's stream
+    # Triton launches on the current device's stream; switching costs microseconds, so only when needed.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
 
 
-def _rows_per_tile(n_rows: int, cols: int, programs_per_row_block: int, device: torch.device,
-                   max_tile: int = 4096) -> int:
-    rows = max(1, max_tile // cols)
-    if device.type == "cuda" and not INTERPRETER_BUILT:
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _rows_per_tile(n_rows: int, cols: int, programs_per_row_block: int, on_gpu: bool) -> int:
+    rows = max(1, MAX_TILE // cols)
+    if on_gpu:
         # Small batches would otherwise leave most SMs idle; the interpreter runs programs one after
         # another, so there fewer, bigger tiles are faster.
-        while rows > 1 and triton.cdiv(n_rows, rows) * programs_per_row_block < 512:
+        while rows > 1 and -(-n_rows // rows) * programs_per_row_block < 512:
             rows //= 2
     return rows
+
+
+def _on_gpu(device_type: str) -> bool:
+    return device_type == "cuda" and not INTERPRETER_BUILT
+
+
+class Plan(NamedTuple):
+    grid: tuple
+    meta: dict
 
 
 # ----------------------------------------------------------------------------------------------------
 # Multi-teacher concatenation + standardisation + cast.
 
 @_kernel
-def _fuse_kernel(srcs, src_rstride, src_cstride, widths, out_cols, first_blocks,
-                 mean, mean_stride, std, std_stride, out, out_rstride, out_cstride, n_rows,
+def _fuse_kernel(srcs, mean, std, out, n_rows,
+                 WIDTHS: tl.constexpr, OUT_COLS: tl.constexpr, FIRST_BLOCKS: tl.constexpr,
+                 SRC_RSTRIDES: tl.constexpr, SRC_CSTRIDES: tl.constexpr, MEAN_STRIDE: tl.constexpr,
+                 STD_STRIDE: tl.constexpr, OUT_RSTRIDE: tl.constexpr, OUT_CSTRIDE: tl.constexpr,
                  N_SRC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Column blocks are numbered teacher after teacher (first_blocks[k] is teacher k's first), so every
+    # Column blocks are numbered teacher after teacher (FIRST_BLOCKS[k] is teacher k's first), so every
     # program reads exactly one teacher and a single launch covers them all. The unrolled if-chain
     # gives each teacher its own pointer type, hence mixed input dtypes without a conversion pass.
     pid_n = tl.program_id(1)
@@ -60,38 +91,45 @@ def _fuse_kernel(srcs, src_rstride, src_cstride, widths, out_cols, first_blocks,
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]  # staging buffers can exceed 2**31 elements
     for k in tl.static_range(N_SRC):
-        if (pid_n >= first_blocks[k]) & (pid_n < first_blocks[k + 1]):
-            cols = ((pid_n - first_blocks[k]) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            col_ok = cols < widths[k]
+        if (pid_n >= FIRST_BLOCKS[k]) & (pid_n < FIRST_BLOCKS[k + 1]):
+            cols = ((pid_n - FIRST_BLOCKS[k]) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            col_ok = cols < WIDTHS[k]
             mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(srcs[k] + rows64 * src_rstride[k] + cols[None, :] * src_cstride[k], mask=mask)
-            ocols = out_cols[k] + cols
-            mu = tl.load(mean + ocols * mean_stride, mask=col_ok, other=0.0).to(tl.float32)
-            sd = tl.load(std + ocols * std_stride, mask=col_ok, other=1.0).to(tl.float32)
+            x = tl.load(srcs[k] + rows64 * SRC_RSTRIDES[k] + cols[None, :] * SRC_CSTRIDES[k], mask=mask)
+            ocols = OUT_COLS[k] + cols
+            mu = tl.load(mean + ocols * MEAN_STRIDE, mask=col_ok, other=0.0).to(tl.float32)
+            sd = tl.load(std + ocols * STD_STRIDE, mask=col_ok, other=1.0).to(tl.float32)
             y = (x.to(tl.float32) - mu[None, :]) / sd[None, :]
-            tl.store(out + rows64 * out_rstride + ocols[None, :] * out_cstride,
+            tl.store(out + rows64 * OUT_RSTRIDE + ocols[None, :] * OUT_CSTRIDE,
                      y.to(out.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
+def plan_fuse(n_rows: int, widths: tuple, src_strides: tuple, mean_stride: int, std_stride: int,
+              out_strides: tuple, device_type: str, block_n: int | None = None) -> Plan:
+    """Grid and constants of one fuse launch; widths and src_strides list only the non-empty teachers."""
+    block_n = block_n or min(128, _pow2_ceil(max(widths)))
+    starts, first_blocks = [], [0]
+    for w in widths:
+        starts.append(sum(widths[:len(starts)]))
+        first_blocks.append(first_blocks[-1] + -(-w // block_n))
+    block_m = _rows_per_tile(n_rows, block_n, first_blocks[-1], _on_gpu(device_type))
+    meta = dict(WIDTHS=widths, OUT_COLS=tuple(starts), FIRST_BLOCKS=tuple(first_blocks),
+                SRC_RSTRIDES=tuple(s[0] for s in src_strides), SRC_CSTRIDES=tuple(s[1] for s in src_strides),
+                MEAN_STRIDE=mean_stride, STD_STRIDE=std_stride, OUT_RSTRIDE=out_strides[0],
+                OUT_CSTRIDE=out_strides[1], N_SRC=len(widths), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return Plan((-(-n_rows // block_m), first_blocks[-1]), meta)
+
+
 def fuse_features(features, mean, std, out, block_n=None):
-    widths = [x.shape[1] for x in features]
-    starts = [sum(widths[:k]) for k in range(len(widths))]
-    live = [k for k, w in enumerate(widths) if w > 0]
+    live = [x for x in features if x.shape[1] > 0]
     n_rows = out.shape[0]
     if n_rows == 0 or not live:
         return out
-    block_n = block_n or min(128, triton.next_power_of_2(max(widths)))
-    first_blocks = [0]
-    for k in live:
-        first_blocks.append(first_blocks[-1] + triton.cdiv(widths[k], block_n))
-    block_m = _rows_per_tile(n_rows, block_n, first_blocks[-1], out.device)
-    grid = (triton.cdiv(n_rows, block_m), first_blocks[-1])
-    _launch(_fuse_kernel, grid, out.device,
-            tuple(features[k] for k in live), tuple(features[k].stride(0) for k in live),
-            tuple(features[k].stride(1) for k in live), tuple(widths[k] for k in live),
-            tuple(starts[k] for k in live), tuple(first_blocks),
-            mean, mean.stride(0), std, std.stride(0), out, out.stride(0), out.stride(1), n_rows,
-            N_SRC=len(live), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    # Empty teachers take no columns, so dropping them keeps every other teacher's offset.
+    plan = plan_fuse(n_rows, tuple(x.shape[1] for x in live), tuple(x.stride() for x in live), mean.stride(0),
+                     std.stride(0), out.stride(), out.device.type, block_n)
+    _launch(_fuse_kernel, plan.grid, out.device, tuple(live), mean, std, out, n_rows, **plan.meta)
     return out
 
 
@@ -99,24 +137,20 @@ def fuse_features(features, mean, std, out, block_n=None):
 # Cosine distillation loss, forward and backward.
 
 @_kernel
-def _cos_fwd_kernel(s, s_rstride, s_cstride, t, t_rstride, t_cstride, loss, stats, n_rows, dim, eps,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+def _cos_fwd_kernel(s, t, loss, stats, n_rows, eps, DIM: tl.constexpr,
+                    S_RSTRIDE: tl.constexpr, S_CSTRIDE: tl.constexpr, T_RSTRIDE: tl.constexpr,
+                    T_CSTRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
-    # Triton proves divisibility by 16 only; ALIGN (which divides dim and the row strides) lets it
-    # vectorise rows like D=536 that would otherwise load 2 bytes at a time.
-    s_rows = tl.multiple_of(rows64 * s_rstride, [ALIGN, 1])
-    t_rows = tl.multiple_of(rows64 * t_rstride, [ALIGN, 1])
     ss = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     tt = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     st = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & tl.max_constancy(cols < dim, [ALIGN])[None, :]
-        cols = cols[None, :].to(tl.int64)
-        a = tl.load(s + s_rows + cols * s_cstride, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(t + t_rows + cols * t_cstride, mask=mask, other=0.0).to(tl.float32)
+    for d0 in tl.static_range(0, DIM, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)[None, :]
+        mask = row_ok[:, None] & (cols < DIM)
+        a = tl.load(s + rows64 * S_RSTRIDE + cols * S_CSTRIDE, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(t + rows64 * T_RSTRIDE + cols * T_CSTRIDE, mask=mask, other=0.0).to(tl.float32)
         ss += a * a
         tt += b * b
         st += a * b
@@ -131,15 +165,13 @@ def _cos_fwd_kernel(s, s_rstride, s_cstride, t, t_rstride, t_cstride, loss, stat
 
 
 @_kernel
-def _cos_bwd_kernel(s, s_rstride, s_cstride, t, t_rstride, t_cstride, stats, g, g_stride, g_scale,
-                    grad, grad_rstride, grad_cstride, n_rows, dim, eps,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+def _cos_bwd_kernel(s, t, stats, g, g_stride, g_scale, grad, n_rows, eps, DIM: tl.constexpr,
+                    S_RSTRIDE: tl.constexpr, S_CSTRIDE: tl.constexpr, T_RSTRIDE: tl.constexpr,
+                    T_CSTRIDE: tl.constexpr, G_RSTRIDE: tl.constexpr, G_CSTRIDE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
-    s_rows = tl.multiple_of(rows64 * s_rstride, [ALIGN, 1])
-    t_rows = tl.multiple_of(rows64 * t_rstride, [ALIGN, 1])
-    g_rows = tl.multiple_of(rows64 * grad_rstride, [ALIGN, 1])
     ns = tl.load(stats + rows, mask=row_ok, other=1.0)
     nt = tl.load(stats + n_rows + rows, mask=row_ok, other=1.0)
     dot = tl.load(stats + 2 * n_rows + rows, mask=row_ok, other=0.0)
@@ -150,23 +182,25 @@ def _cos_bwd_kernel(s, s_rstride, s_cstride, t, t_rstride, t_cstride, stats, g, 
     live = ns > eps
     coef_s = tl.where(live, gr * cos / (ns_c * ns_c), 0.0)[:, None]
     coef_t = tl.where(live, -gr / (ns_c * nt_c), 0.0)[:, None]
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & tl.max_constancy(cols < dim, [ALIGN])[None, :]
-        cols = cols[None, :].to(tl.int64)
-        a = tl.load(s + s_rows + cols * s_cstride, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(t + t_rows + cols * t_cstride, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad + g_rows + cols * grad_cstride, (coef_s * a + coef_t * b).to(grad.dtype.element_ty),
-                 mask=mask)
+    for d0 in tl.static_range(0, DIM, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)[None, :]
+        mask = row_ok[:, None] & (cols < DIM)
+        a = tl.load(s + rows64 * S_RSTRIDE + cols * S_CSTRIDE, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(t + rows64 * T_RSTRIDE + cols * T_CSTRIDE, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad + rows64 * G_RSTRIDE + cols * G_CSTRIDE,
+                 (coef_s * a + coef_t * b).to(grad.dtype.element_ty), mask=mask)
 
 
-def _loss_tiles(n_rows, dim, device, block_d, *tensors):
-    block_d = block_d or min(2048, triton.next_power_of_2(max(dim, 1)))
-    block_m = _rows_per_tile(n_rows, block_d, 1, device)
-    align = min(16, block_d)
-    while any(v % align for v in [dim] + [x.stride(0) for x in tensors]):
-        align //= 2
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=align, num_warps=4), (triton.cdiv(n_rows, block_m),)
+@functools.lru_cache(maxsize=256)
+def plan_loss(n_rows: int, dim: int, strides: tuple, device_type: str, block_d: int | None = None) -> Plan:
+    """Grid and constants of one loss launch; strides: the (row, col) strides of s, t (and grad)."""
+    block_d = block_d or min(2048, _pow2_ceil(dim))
+    block_m = _rows_per_tile(n_rows, block_d, 1, _on_gpu(device_type))
+    names = ("S", "T", "G")
+    meta = dict(DIM=dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    for name, (rs, cs) in zip(names, strides):
+        meta[f"{name}_RSTRIDE"], meta[f"{name}_CSTRIDE"] = rs, cs
+    return Plan((-(-n_rows // block_m),), meta)
 
 
 def cosine_forward(student, target, eps, loss=None, stats=None, block_d=None):
@@ -177,9 +211,8 @@ def cosine_forward(student, target, eps, loss=None, stats=None, block_d=None):
     if stats is None:
         stats = torch.empty(3, n_rows, dtype=torch.float32, device=student.device)
     if n_rows:
-        meta, grid = _loss_tiles(n_rows, dim, student.device, block_d, student, target)
-        _launch(_cos_fwd_kernel, grid, student.device, student, *student.stride(), target, *target.stride(),
-                loss, stats, n_rows, dim, eps, **meta)
+        plan = plan_loss(n_rows, dim, (student.stride(), target.stride()), student.device.type, block_d)
+        _launch(_cos_fwd_kernel, plan.grid, student.device, student, target, loss, stats, n_rows, eps, **plan.meta)
     return loss, stats
 
 
@@ -190,7 +223,8 @@ def cosine_backward(student, target, stats, grad_loss, scale, eps, grad=None, bl
         grad = torch.empty(n_rows, dim, dtype=student.dtype, device=student.device)
     if n_rows:
         g_stride = grad_loss.stride(0) if grad_loss.dim() else 0
-        meta, grid = _loss_tiles(n_rows, dim, student.device, block_d, student, target, grad)
-        _launch(_cos_bwd_kernel, grid, student.device, student, *student.stride(), target, *target.stride(),
-                stats, grad_loss, g_stride, float(scale), grad, *grad.stride(), n_rows, dim, eps, **meta)
+        plan = plan_loss(n_rows, dim, (student.stride(), target.stride(), grad.stride()), student.device.type,
+                         block_d)
+        _launch(_cos_bwd_kernel, plan.grid, student.device, student, target, stats, grad_loss, g_stride,
+                float(scale), grad, n_rows, eps, **plan.meta)
     return grad

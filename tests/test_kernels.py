@@ -3,6 +3,7 @@ fallback, against float64 references."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,9 @@ def test_fuse_allocates_out_dtype(backend):
     feats, mean, std = _fuse_case([7, 9], 5, seed=1)
     for dtype in (torch.float16, torch.float32):
         out = kernels.fuse_features(feats, mean, std, out_dtype=dtype, backend=backend)
-        assert out.dtype == dtype and out.shape == (5, 16) and out.device == DEV
+        # device('cuda') and device('cuda:0') are one device but compare unequal: compare type and index
+        assert out.dtype == dtype and out.shape == (5, 16) and out.device.type == DEV.type
+        assert out.device == feats[0].device
         _assert_close(out, _fuse_ref(feats, mean, std), RTOL[dtype])
 
 
@@ -303,17 +306,154 @@ def test_loss_validates_arguments():
 
 @pytest.mark.skipif(not HAS_TRITON, reason=f"{kernels._triton_error}")
 def test_kernels_compile_for_hopper():
-    # The interpreter never runs Triton's compiler, which rejects things the interpreter accepts. Compile
-    # (no launch) for sm_90 in a process whose triton is built for the compiler, and check that the
-    # accesses are 16 bytes wide (D=536 rows only are with the ALIGN hint).
+    # The interpreter never runs Triton's compiler, which rejects things the interpreter accepts (Triton
+    # 3.6-3.8 crashed on alignment hints over one-row tiles). Compile (no launch) for sm_90, in a process
+    # whose triton is built for the compiler, every plan CUDA launches for batches 1 to 65536, and check
+    # that the wide tiles make 16-byte accesses.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     access = dict(line.split(": ", 1) for line in run.stdout.splitlines())
-    assert "st.global.v4" in access["_fuse_kernel"]
-    assert "ld.global.v4" in access["_cos_fwd_kernel"]
-    assert "ld.global.v4" in access["_cos_bwd_kernel"] and "st.global.v4" in access["_cos_bwd_kernel"]
+    tiles = {name.split("[")[0]: set() for name in access}
+    for name in access:
+        tiles[name.split("[")[0]].add(int(name.rsplit("BLOCK_M=", 1)[1]))
+    for kernel in ("_fuse_kernel", "_cos_fwd_kernel", "_cos_bwd_kernel"):
+        assert 1 in tiles[kernel] and max(tiles[kernel]) > 1, (kernel, tiles[kernel])
+    wide_fuse = [v for k, v in access.items() if k.startswith("_fuse_kernel") and k.endswith("BLOCK_M=32")]
+    assert wide_fuse and all("st.global.v4" in v for v in wide_fuse)
+    for name, v in access.items():
+        if name.startswith("_cos_"):  # every loss row is 16-byte aligned here, D=536 included
+            assert "ld.global.v4" in v, (name, v)
+        if name.startswith("_cos_bwd"):
+            assert "st.global.v4" in v, (name, v)
+
+
+def test_every_cuda_tile_height_runs_right(monkeypatch):
+    # The tile heights CUDA picks for small batches (one-row tiles first), run here in the interpreter
+    # or on the GPU, against the float64 reference.
+    ti = kernels._triton_impl if HAS_TRITON else None
+    if ti is None or not (ti.INTERPRETER_BUILT or DEV.type == "cuda"):
+        pytest.skip(_skip_reason or "no Triton")
+    monkeypatch.setattr(ti, "_on_gpu", lambda device_type: True)
+    ti.plan_fuse.cache_clear()
+    ti.plan_loss.cache_clear()
+    try:
+        for batch in (1, 2, 5):
+            feats, mean, std = _fuse_case([3, 130, 17], batch, seed=40 + batch)
+            out = kernels.fuse_features(feats, mean, std, out_dtype=torch.float32, backend="triton")
+            _assert_close(out, _fuse_ref(feats, mean, std), RTOL[torch.float32])
+            assert ti.plan_fuse(batch, (3, 130, 17), tuple(x.stride() for x in feats), 1, 1, out.stride(),
+                                "cuda").meta["BLOCK_M"] == 1
+            _check_loss("triton", batch, 536, torch.bfloat16, "mean", "contiguous", "contiguous", seed=50 + batch)
+    finally:
+        ti.plan_fuse.cache_clear()
+        ti.plan_loss.cache_clear()
+
+
+@needs_triton
+def test_launch_plan_is_computed_once():
+    ti = kernels._triton_impl
+    feats, mean, std = _fuse_case([7, 9], 5, seed=60)
+    ti.plan_fuse.cache_clear()
+    for _ in range(3):
+        kernels.fuse_features(feats, mean, std, backend="triton")
+    info = ti.plan_fuse.cache_info()
+    assert info.misses == 1 and info.hits == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# "auto" survives a kernel that fails; old GPUs and precision
+
+@pytest.fixture
+def fresh_failures(monkeypatch):
+    monkeypatch.setattr(kernels, "_failed_ops", {})
+    monkeypatch.delenv("FACEKD_KERNELS", raising=False)
+
+
+def _broken(calls):
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+    return fail
+
+
+@needs_triton
+def test_auto_falls_back_once_when_the_loss_kernel_fails(monkeypatch, fresh_failures):
+    calls = []
+    monkeypatch.setattr(kernels._triton_impl, "cosine_forward", _broken(calls))
+    s, t = _loss_case(6, 40, torch.float32, seed=70)
+    s.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match=r"cosine_distill_loss.*triton \d") as said:
+        loss = kernels.cosine_distill_loss(s, t)
+    assert len(said) == 1 and kernels._triton_impl.VERSION in str(said[0].message)
+    (grad,) = torch.autograd.grad(loss, s)
+    ref = kernels.cosine_distill_loss(s, t, backend="torch")
+    assert torch.allclose(loss, ref) and torch.isfinite(grad).all()
+    # The rest of the process takes the fallback without trying the kernel again, and says nothing more.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.cosine_distill_loss(s, t)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="PassManager"):  # asked for by name, it is not hidden
+        kernels.cosine_distill_loss(s, t, backend="triton")
+
+
+@needs_triton
+def test_auto_falls_back_when_only_the_backward_kernel_fails(monkeypatch, fresh_failures):
+    calls = []
+    monkeypatch.setattr(kernels._triton_impl, "cosine_backward", _broken(calls))
+    s, t = _loss_case(5, 33, torch.float32, seed=71)
+    s.requires_grad_(True)
+    loss = kernels.cosine_distill_loss(s, t)
+    with pytest.warns(RuntimeWarning, match="cosine_distill_loss"):
+        (grad,) = torch.autograd.grad(loss, s)
+    (ref,) = torch.autograd.grad(kernels.cosine_distill_loss(s, t, backend="torch"), s)
+    _assert_close(grad, ref, 1e-5)
+    assert len(calls) == 1 and kernels.resolve_backend("auto", [s, t], op="cosine_distill_loss") == "torch"
+
+
+@needs_triton
+def test_auto_falls_back_when_the_fuse_kernel_fails(monkeypatch, fresh_failures):
+    calls = []
+    monkeypatch.setattr(kernels._triton_impl, "fuse_features", _broken(calls))
+    feats, mean, std = _fuse_case([4, 6], 3, seed=72)
+    with pytest.warns(RuntimeWarning, match="fuse_features"):
+        out = kernels.fuse_features(feats, mean, std, out_dtype=torch.float32)
+    _assert_close(out, _fuse_ref(feats, mean, std), RTOL[torch.float32])
+    kernels.fuse_features(feats, mean, std)
+    assert len(calls) == 1
+    monkeypatch.setenv("FACEKD_KERNELS", "triton")  # forced through the environment: raises too
+    with pytest.raises(RuntimeError):
+        kernels.fuse_features(feats, mean, std)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=f"{kernels._triton_error}")
+def test_old_gpus_take_the_fallback_without_trying(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert "sm_60" in kernels._gpu_reason(gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert kernels._gpu_reason(gpu) is None
+
+
+def test_amp_policy_follows_the_gpu_generation(monkeypatch):
+    from common import precision
+
+    cpu = torch.device("cpu")
+    assert precision.amp_policy("auto", cpu) == (None, None)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert precision.amp_policy("auto", gpu) == (torch.bfloat16, None)
+    assert precision.amp_policy("off", gpu) == (None, None)
+    for old in ((6, 0), (7, 5)):  # P100, T4: no native bf16
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, old=old: old)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GradScaler disables itself, with a warning, where no GPU is
+            dtype, scaler = precision.amp_policy("auto", gpu)
+        assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+        with pytest.raises(ValueError, match="8.0"):
+            precision.amp_policy("bf16", gpu)
 
 
 # ----------------------------------------------------------------------------------------------------

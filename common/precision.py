@@ -1,0 +1,41 @@
+"""Mixed precision for training on a GPU: which autocast dtype `--amp` means on this device.
+
+bfloat16 needs sm_80 (Ampere) or newer in hardware; older GPUs (V100, T4, P100) emulate it slowly or
+not at all, so there "auto" takes float16 with a GradScaler (float16's narrow range needs loss scaling).
+"""
+from __future__ import annotations
+
+import torch
+
+CHOICES = ("auto", "bf16", "fp16", "off")
+HELP = ("mixed precision on a GPU: auto = bf16 on sm_80+ (A100, H100), fp16 with loss scaling on older "
+        "GPUs; off = float32; ignored on the CPU")
+
+
+def amp_policy(choice: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype or None for float32, GradScaler or None) for --amp `choice` on `device`."""
+    if choice not in CHOICES:
+        raise ValueError(f"--amp {choice!r}: expected one of {CHOICES}")
+    device = torch.device(device)
+    if device.type != "cuda" or choice == "off":
+        return None, None
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    if choice == "bf16" and not native_bf16:
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"--amp bf16 needs a GPU of compute capability 8.0 or newer (this one is {cap}); "
+                         f"use --amp auto or fp16")
+    if choice == "bf16" or (choice == "auto" and native_bf16):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Zero the gradients, backpropagate `loss` (scaled when a GradScaler is given) and step."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
