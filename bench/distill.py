@@ -27,6 +27,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distill  # noqa: E402
+from common import precision  # noqa: E402
 from common.runs import pick_device  # noqa: E402
 from common.student import WIDTH, ScaledResNet18, build_student, n_params  # noqa: E402
 
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds per variant, alternating; the best counts")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="as distill.py --amp")
+    p.add_argument("--amp", default="auto", choices=precision.CHOICES, help="as distill.py --amp")
     return p.parse_args(argv)
 
 
@@ -79,7 +80,7 @@ def main(argv=None):
                 torch.randn(batch, args.out_dim, generator=g)) for _ in range(2)]
     if pin:
         batches = [(x.pin_memory(), t.pin_memory()) for x, t in batches]
-    amp_dtype, scaler = distill.setup_amp(argparse.Namespace(amp=args.amp), device)
+    amp_dtype, scaler = precision.amp_policy(args.amp, device)
     channels_last = device.type == "cuda"
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
