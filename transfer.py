@@ -276,7 +276,8 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     torch.manual_seed(args.seed)
     if method == "pcnn":
         # Teachers take the whole canonical crop and cut their own box from it.
-        backbone, size = TeacherBackbone(build_teachers([teacher], device)[0]), CANON
+        # @torch: a teacher ported from ONNX / TFLite is fine-tuned as its PyTorch module, on the CPU too
+        backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), CANON
     elif method == "scratch":
         backbone = build_student(student_cfg["arch"], student_cfg["width"], student_cfg["out_dim"])
         size = student_cfg.get("size", 112)

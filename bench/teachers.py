@@ -2,9 +2,13 @@
 
     python bench/teachers.py                       # the default six, batch 32, on CUDA if there is one
     python bench/teachers.py --device cpu --batch 8 --n 64 --teachers sface,facex
+    python bench/teachers.py --no-reference        # the PyTorch teachers only
 
 The faces are the test photos of tests/test_teachers.py (real faces shipped in installed packages), repeated to
-fill the batches, so the numbers include each teacher's own crop, resize and normalisation.
+fill the batches, so the numbers include each teacher's own crop, resize and normalisation. Each teacher ported
+to PyTorch from another runtime (sface, age, gender, facex) is also run by that reference runtime (NAME@reference,
+always on the CPU), in the same process: the table gives the port's speed-up over it and how close its
+embeddings are (lowest cosine and largest absolute difference over the faces).
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of the PyTorch teachers and of the input crops; ONNX and LiteRT teachers always run "
                         "on the CPU (default: %(default)s)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference runtimes of the ported teachers (default: time and compare them too)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, onnxruntime and LiteRT; 0 keeps torch's default (default: %(default)s)")
     args = p.parse_args(argv)
@@ -85,19 +91,39 @@ def main(argv=None):
     t0 = time.perf_counter()
     teachers = build_teachers([s for s in args.teachers.split(",") if s], device=device)
     load_s = time.perf_counter() - t0
+    refs = {} if args.no_reference else {
+        t.name: build_teachers([f"{t.name}@reference"])[0] for t in teachers if t.spec.reference}
 
-    rows = []
+    def row(name, t, sec, base=None, parity=("", "")):
+        return [name, t.spec.runtime, str(t.device), t.spec.input_size, t.dim, f"{n / sec:.1f}",
+                f"{1000 * sec / n_batches:.1f}", f"{base / sec:.2f}x" if base else "", *parity]
+
+    rows, ref_s = [], {}
     for t in teachers:
+        if t.name in refs:
+            r = refs[t.name]
+            ref_s[t.name] = timed(r, batches, device)
+            rows.append(row(f"{t.name}@reference", r, ref_s[t.name]))
         sec = timed(t, batches, device)
-        rows.append([t.name, t.spec.runtime, str(t.device), t.spec.input_size, t.dim,
-                     f"{n / sec:.1f}", f"{1000 * sec / n_batches:.1f}"])
+        parity = ("", "")
+        if t.name in refs:
+            faces_b = batches[0][:len(faces)]
+            y, want = t(faces_b).cpu(), refs[t.name](faces_b)
+            cos = torch.nn.functional.cosine_similarity(y, want).min().item()
+            parity = (f"{cos:.7f}", f"{(y - want).abs().max().item():.2g}")
+        rows.append(row(t.name, t, sec, ref_s.get(t.name), parity))
     zoo = timed(lambda b: [t(b) for t in teachers], batches, device)
-    rows.append(["zoo (all above)", "", str(device), "", sum(t.dim for t in teachers),
-                 f"{n / zoo:.1f}", f"{1000 * zoo / n_batches:.1f}"])
+    if refs:
+        old = [refs.get(t.name, t) for t in teachers]
+        old_zoo = timed(lambda b: [t(b) for t in old], batches, device)
+        rows.append(["zoo, reference runtimes", "", "", "", sum(t.dim for t in old), f"{n / old_zoo:.1f}",
+                     f"{1000 * old_zoo / n_batches:.1f}", "", "", ""])
+    rows.append(["zoo (all above)" if not refs else "zoo, PyTorch", "", str(device), "", sum(t.dim for t in teachers),
+                 f"{n / zoo:.1f}", f"{1000 * zoo / n_batches:.1f}", f"{old_zoo / zoo:.2f}x" if refs else "", "", ""])
     print(f"device: {device_name(device)} | CPU: {cpu_name()} ({torch.get_num_threads()} threads) | "
           f"torch {torch.__version__} | batch {args.batch}, {n} faces per row | teachers loaded in {load_s:.1f} s")
-    print(tabulate(rows, headers=["teacher", "runtime", "runs on", "input", "dim", "images/s", "ms/batch"],
-                   tablefmt="github"))
+    print(tabulate(rows, headers=["teacher", "runtime", "runs on", "input", "dim", "images/s", "ms/batch",
+                                  "vs reference", "min cosine to ref", "max abs diff"], tablefmt="github"))
 
 
 if __name__ == "__main__":
