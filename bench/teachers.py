@@ -6,9 +6,9 @@
 
 The faces are the test photos of tests/test_teachers.py (real faces shipped in installed packages), repeated to
 fill the batches, so the numbers include each teacher's own crop, resize and normalisation. Each teacher ported
-to PyTorch from another runtime (sface, age, gender, facex) is also run by that reference runtime (NAME@reference,
-always on the CPU), in the same process: the table gives the port's speed-up over it and how close its
-embeddings are (lowest cosine and largest absolute difference over the faces).
+to PyTorch from another runtime (sface, age, gender, facex) runs as its PyTorch module on --device (NAME@torch)
+and, in the same process, by its reference runtime (NAME@reference, always on the CPU): the table gives the
+port's speed-up over it and how close its embeddings are (lowest cosine, largest absolute difference, real faces).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from common.teachers import DEFAULT_TEACHERS, build_teachers  # noqa: E402
+from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -89,10 +89,12 @@ def main(argv=None):
     n = n_batches * args.batch
 
     t0 = time.perf_counter()
-    teachers = build_teachers([s for s in args.teachers.split(",") if s], device=device)
+    names = [s for s in args.teachers.split(",") if s]
+    ported = [n for n in names if n in REGISTRY and REGISTRY[n].reference]
+    # the ports themselves, whatever the device (a plain name gives the reference runtime on the CPU)
+    teachers = build_teachers([f"{n}@torch" if n in ported else n for n in names], device=device)
     load_s = time.perf_counter() - t0
-    refs = {} if args.no_reference else {
-        t.name: build_teachers([f"{t.name}@reference"])[0] for t in teachers if t.spec.reference}
+    refs = {} if args.no_reference else {n: build_teachers([f"{n}@reference"])[0] for n in ported}
 
     def row(name, t, sec, base=None, parity=("", "")):
         return [name, t.spec.runtime, str(t.device), t.spec.input_size, t.dim, f"{n / sec:.1f}",
@@ -123,7 +125,8 @@ def main(argv=None):
     print(f"device: {device_name(device)} | CPU: {cpu_name()} ({torch.get_num_threads()} threads) | "
           f"torch {torch.__version__} | batch {args.batch}, {n} faces per row | teachers loaded in {load_s:.1f} s")
     print(tabulate(rows, headers=["teacher", "runtime", "runs on", "input", "dim", "images/s", "ms/batch",
-                                  "vs reference", "min cosine to ref", "max abs diff"], tablefmt="github"))
+                                  "vs reference", "min cosine to ref", "max abs diff"], tablefmt="github",
+                   disable_numparse=True))
 
 
 if __name__ == "__main__":
