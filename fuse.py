@@ -316,7 +316,8 @@ def sweep_dims(cache, op, dims, data, train, val, x_val, slices, args, run, log)
 
 
 def list_teachers() -> None:
-    rows = [[s.name, s.role, s.dim, s.input_size, s.runtime, s.pip, s.name in DEFAULT_TEACHERS] for s in REGISTRY.values()]
+    rows = [[s.name, s.role, s.dim, s.input_size, s.runtime + (f" (CPU: {s.reference})" if s.reference else ""), s.pip,
+             s.name in DEFAULT_TEACHERS] for s in REGISTRY.values()]
     print(tabulate(rows, headers=["teacher", "role", "width", "input", "runtime", "weights from", "default"]))
 
 
