@@ -350,13 +350,14 @@ class TorchTeacher(Teacher):
     def forward(self, x):
         if self.spec.layout == "NCHW":  # (an NHWC input already is channels_last once a port permutes it)
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.device.type != "cuda":
+        # cuDNN's TF32 convolutions (on by default) would move the embeddings by ~1e-3 from every other runtime's;
+        # the setting is put back so that the student still trains with whatever the user chose
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
             y = self.module(x)
-        else:  # cuDNN's TF32 convolutions would move the embeddings by ~1e-3 from every other runtime's
-            with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
-                                            benchmark=torch.backends.cudnn.benchmark,
-                                            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-                y = self.module(x)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
         if isinstance(y, (tuple, list)):
             y = y[0]
         return y
