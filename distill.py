@@ -230,7 +230,7 @@ def refuse_to_clobber(out, resume, overwrite, delete=True) -> None:
 def split_rows(cache, name, seed):
     """Training and held-out rows among found faces; held out = fuse.py's held-out rows for G."""
     found = np.flatnonzero(cache.found)
-    val_file = cache.path / "emb" / name / "val_rows.npy"
+    val_file = cache.embedding_dir(name) / "val_rows.npy"
     if val_file.exists():
         val = np.intersect1d(np.load(val_file), found)
     else:
@@ -415,7 +415,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
     x_val = cache.features.take(val_rows).astype(np.float64)
     x_val_std = standardise(x_val)
 
-    G, _ = fusion.load(cache.path / "emb" / name / "G.safetensors")
+    G, _ = fusion.load(cache.embedding_dir(name) / "G.safetensors")
     with torch.no_grad():
         g_rec = G.decode(torch.from_numpy(h_val_true)).numpy() * std + mean
     pred = fit_check_decoder(h_fit, x_fit, h_val, x_val_std, args.recon_epochs, args.seed, device) * std + mean
@@ -495,10 +495,10 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9):
     for i, path in enumerate(tqdm(paths, desc="embed", unit="img", disable=None)):
         try:
             img = read_image(path)
+            hit = detector(img)
         except BadImage as e:
             reasons[i] = str(e)
             continue
-        hit = detector(img)
         if hit is None:
             reasons[i] = "no face detected"
             continue
@@ -530,7 +530,7 @@ def embed_main(argv):
     p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
     p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
     a = p.parse_args(argv)
-    from common.images import list_images
+    from common.images import PATH_ERRORS, encode_paths, list_images
 
     rel = list_images(a.images)
     if not rel:
@@ -539,9 +539,9 @@ def embed_main(argv):
                                 pick_device(a.device), a.min_face_prob)
     stem = a.out.with_suffix("")
     atomic_write(a.out, lambda f: np.save(f, emb))
-    atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write("".join(r + "\n" for r in rel).encode()))
+    atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write(encode_paths(rel)))
     missed = "".join(f"{r}\t{why}\n" for r, why in zip(rel, reasons) if why)
-    atomic_write(Path(f"{stem}.missed.tsv"), lambda f: f.write(("path\treason\n" + missed).encode()))
+    atomic_write(Path(f"{stem}.missed.tsv"), lambda f: f.write(("path\treason\n" + missed).encode("utf-8", PATH_ERRORS)))
     n_miss = sum(1 for r in reasons if r)
     print(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
           f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common import fusion
 from common.align import CANON, FaceDetector, center_matrix, warp
 from common.cache import CacheMismatch, FeatureCache, atomic_write, write_json
-from common.images import BadImage, list_images, read_image
+from common.images import PATH_ERRORS, BadImage, list_images, read_image
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 from kernels import fuse_features
@@ -76,9 +76,8 @@ def parse_args(argv=None):
 class ShardFaces(torch.utils.data.Dataset):
     """Decode, detect and align the images of one shard; a bad or faceless image becomes a counted row."""
 
-    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, reader=None, device="cpu"):
+    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, device="cpu"):
         self.root, self.images, self.align, self.min_prob, self.device = root, images, align, min_prob, device
-        self.reader = reader  # for images that are not plain files (a task's pixels stored in a CSV)
         self.detector = None
 
     def __len__(self):
@@ -89,7 +88,7 @@ class ShardFaces(torch.utils.data.Dataset):
         matrix, score, sha1, reason = np.zeros((2, 3)), 0.0, "", ""
         try:
             path = self.root / self.images[i]
-            img, sha1 = (self.reader(path), "") if self.reader else read_image(path, with_hash=True)
+            img, sha1 = read_image(path, with_hash=True)
             if self.align == "none":
                 matrix, score = center_matrix(img.shape[1], img.shape[0]), 1.0
             else:
@@ -109,7 +108,7 @@ class ShardFaces(torch.utils.data.Dataset):
                 "sha1": sha1, "reason": reason}
 
 
-def extract(args, cache: FeatureCache, teachers, device, rank, world, log, reader=None) -> None:
+def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> None:
     """Fill this rank's unfinished shards: shard k belongs to rank k % world.
 
     With no teachers, this only aligns the faces (transfer.py's image-based methods need no more).
@@ -129,7 +128,7 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log, reade
         t0 = time.perf_counter()
         lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
         # Detection runs on the GPU when decoding stays in this process; CUDA cannot enter forked workers.
-        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob, reader,
+        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob,
                            device if args.workers == 0 else "cpu")
         loader = torch.utils.data.DataLoader(faces, batch_size=args.batch, num_workers=args.workers)
         feats = torch.zeros(hi - lo, cache.dim, dtype=dtype)
@@ -159,7 +158,7 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
     missed = [(cache.images[i], r) for i, r in cache.missed()]
     lines = "".join(f"{p}\t{r}\n" for p, r in missed)
-    atomic_write(run / "missed_faces.tsv", lambda f: f.write(("path\treason\n" + lines).encode()))
+    atomic_write(run / "missed_faces.tsv", lambda f: f.write(("path\treason\n" + lines).encode("utf-8", PATH_ERRORS)))
     n_bad = sum(1 for _, r in missed if r != "no face detected")
     log.info(f"faces: {len(cache.images) - len(missed)} aligned, {len(missed) - n_bad} images with no face, "
              f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
@@ -230,10 +229,13 @@ def evaluate_mse(model, data, rows) -> float:
 
 
 def write_hG(cache: FeatureCache, name: str, model, op, d_in, d_out, data: Standardised, val, args) -> None:
-    """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant)."""
-    fusion.save(model, op, d_in, d_out, cache.path / "emb" / name / "G.safetensors")
+    """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant).
+
+    Written into a new folder that replaces emb/<name> in one atomic switch at the end: a rerun killed
+    midway leaves the previous h_G whole, and distill.py never reads a half-written one."""
     found = cache.found
-    with torch.no_grad():
+    with cache.new_embedding(name) as folder, torch.no_grad():
+        fusion.save(model, op, d_in, d_out, folder / "G.safetensors")
         for k in tqdm(range(cache.n_shards), desc=f"write h_G[{name}]", unit="shard", disable=None, leave=False):
             lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
             rows = np.arange(lo, hi)
@@ -241,10 +243,11 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, d_out, data: Stand
             ok = found[lo:hi]
             if ok.any():
                 h[ok] = np.concatenate([model.encode(x).cpu().numpy() for x in data.batches(rows[ok], 4096)])
-            cache.write_embedding_shard(name, k, h)
-    np.save(cache.path / "emb" / name / "val_rows.npy", np.asarray(val))
-    cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
-                                      "val_frac": args.val_frac, "seed": args.seed, "model": "G.safetensors"})
+            cache.write_embedding_shard(name, k, h, folder)
+        np.save(folder / "val_rows.npy", np.asarray(val))
+        cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
+                                          "val_frac": args.val_frac, "seed": args.seed, "model": "G.safetensors",
+                                          "content_hash": cache.manifest.get("content_hash")}, folder)
 
 
 def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
@@ -326,11 +329,13 @@ def main(argv=None):
     if args.list_teachers:
         return list_teachers()
     rank, world = dist_info()
+    device = pick_device(args.device)
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = pick_device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # else every rank's NCCL context lands on GPU 0
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.data is None:
         from common.demo import build_demo_faces
 
@@ -355,12 +360,12 @@ def main(argv=None):
     try:
         if rank == 0:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align)
+                                                  args.dtype, args.align, args.min_face_prob)
         if world > 1:
             dist.barrier()
         if rank != 0:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align)
+                                                  args.dtype, args.align, args.min_face_prob)
     except CacheMismatch as e:
         raise SystemExit(f"error: {e}")
     extract(args, cache, teachers, device, rank, world, log)

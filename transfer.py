@@ -38,7 +38,7 @@ from common import fusion, metrics, precision, tasks
 from common.align import CANON
 from common.cache import FeatureCache, write_json
 from common.facedata import aligned_crop, eval_transform, train_transform
-from common.images import BadImage, to_rgb8
+from common.images import read_image
 from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import build_student, load_student
 from common.teachers import REGISTRY, build_teachers
@@ -99,24 +99,17 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
     return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
 
 
-def read_task_image(path) -> np.ndarray:
-    try:
-        return to_rgb8(tasks.load_image(str(path)))
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
 def task_cache(task, data, root: Path, teachers, args, device, log) -> FeatureCache:
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse."""
     rel = [os.path.relpath(s.path, root) for s in data.samples]
     name = "-".join([task.name] + [t.name for t in teachers]) if teachers else task.name + "-faces"
-    path = args.cache_dir / f"{name}-{args.align}"
-    cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32", align=args.align)
+    # The detector threshold changes which faces are found: caches for other thresholds live apart.
+    path = args.cache_dir / (f"{name}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
+    cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
+                                          min_face_prob=args.min_face_prob)
     if not cache.manifest.get("complete"):
         fuse.extract(argparse.Namespace(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
-                                        workers=args.workers), cache, teachers, device, 0, 1, log, reader=read_task_image)
+                                        workers=args.workers), cache, teachers, device, 0, 1, log)
         cache.finalize()
         cache = FeatureCache(path)
     return cache
@@ -134,7 +127,7 @@ class TaskFaces(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = int(self.rows[i])
-        img = read_task_image(self.cache.data_root / self.cache.images[row])
+        img = read_image(self.cache.data_root / self.cache.images[row])
         return self.transform(aligned_crop(img, self.cache.matrices[row])).contiguous(), self.labels[row]
 
 
@@ -393,7 +386,7 @@ def method_features(method, cache, unsup, args, device, student_cfg):
         return tf.subset(names)
     if method == "fused":
         name = args.embedding or unsup.embedding_names()[0]
-        g, _ = fusion.load(unsup.path / "emb" / name / "G.safetensors")
+        g, _ = fusion.load(unsup.embedding_dir(name) / "G.safetensors")
         with torch.no_grad():
             return g.encode(tf.subset(names))
     if method == "pca":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.images import BadImage
+
 CANON = 256
 # The ArcFace reference points for a 112x112 crop (left eye, right eye, nose, left mouth, right mouth).
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -70,12 +72,19 @@ class FaceDetector:
             raise ImportError("the face detector needs facenet-pytorch: "
                               "pip install --no-deps facenet-pytorch==2.6.0 (and requests)") from e
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face)
-        self.min_prob = min_prob
+        self.min_prob, self.min_face = min_prob, min_face
 
     def __call__(self, image: np.ndarray):
-        """Return (matrix 2x3, score) for the chosen face of an HxWx3 uint8 RGB image, or None."""
+        """Return (matrix 2x3, score) for the chosen face of an HxWx3 uint8 RGB image, or None.
+
+        An image too small to hold a detectable face raises BadImage (a counted row, like a bad file)."""
         import torch
 
+        h, w = image.shape[:2]
+        if min(h, w) < self.min_face:
+            # MTCNN builds no image pyramid below its smallest face and then fails on an empty list.
+            raise BadImage(f"image is {w}x{h} pixels: smaller than the {self.min_face}-pixel faces the "
+                           f"detector looks for")
         with torch.inference_mode():
             boxes, probs, marks = self.mtcnn.detect(image, landmarks=True)
         if boxes is None:
@@ -83,7 +92,6 @@ class FaceDetector:
         keep = [i for i, p in enumerate(probs) if p is not None and p >= self.min_prob]
         if not keep:
             return None
-        h, w = image.shape[:2]
         centres = (boxes[keep, :2] + boxes[keep, 2:]) / 2
         best = keep[int(np.argmin(((centres - [w / 2, h / 2]) ** 2).sum(1)))]
         return similarity_transform(marks[best], TEMPLATE), float(probs[best])

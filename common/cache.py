@@ -9,22 +9,33 @@ whole files behind):
     shards/NNNNN.meta.npz  per row: face found, 2x3 alignment matrix, detector score, file sha1, failure
                            reason; per shard: sum and sum of squares for the statistics
     stats.npz              per-dimension mean and std over the faces found
-    emb/NAME/NNNNN.npy     fused embeddings (h_G of an operator) in the same shard layout, + meta.json
+    emb/NAME               fused embeddings (h_G of an operator) in the same shard layout, + meta.json: a
+                           link to emb/.NAME.<stamp>/. A rerun writes a new such folder and swaps the
+                           link in one rename, so a reader sees the old version or the new one, never a
+                           mix; the version just replaced is kept for readers still on it.
 A shard is done when its .npy exists (written last), which is all that resuming needs to know.
-Sized for millions of faces: nothing here holds more than one shard in memory.
+Sized for millions of faces: nothing here holds more than one shard in memory, at most MAX_OPEN
+shard files are open at once, and the paths are one byte buffer, not millions of Python strings.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.images import PATH_ERRORS, decode_paths, encode_paths
+
 FORMAT = 1
+MAX_OPEN = 64  # shard files mapped at once per ShardedArray (each map holds a file descriptor)
 
 
 class CacheMismatch(Exception):
@@ -52,28 +63,71 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def list_hash(root: Path, images: list[str]) -> str:
-    """Hash of the image list with file sizes: cheap (no reads) yet changes when files are added or replaced."""
+def list_hash(root: Path, images) -> str:
+    """Hash of the image list with each file's size and modification time: one stat per file, no reads,
+    yet it changes when a file is added, removed, replaced or edited in place (even at the same size, as
+    a BMP is). The bytes themselves are hashed as they are decoded: see FeatureCache.content_hash."""
     h = hashlib.sha256()
     for rel in images:
-        path = Path(root) / rel
-        # Entries that are not files (an image stored inside a CSV, "fer2013.csv#row12") hash by name.
-        size = os.path.getsize(path) if path.exists() else -1
-        h.update(f"{rel}\t{size}\n".encode())
+        try:
+            st = os.stat(Path(root) / rel)
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:  # missing, or not a file (an image stored inside a CSV, "fer2013.csv#row12")
+            stamp = "-1"
+        h.update(f"{rel}\t{stamp}\n".encode("utf-8", PATH_ERRORS))
     return h.hexdigest()
+
+
+class PathArray:
+    """Row-ordered paths held as one byte buffer plus offsets: 4 M paths cost their bytes and 8 bytes
+    each, and DataLoader workers share the pages instead of copying 4 M Python strings whose reference
+    counts they touch. Indexing gives str (a slice, a list of str)."""
+
+    def __init__(self, data: bytes):
+        self._buf = np.frombuffer(data, np.uint8)
+        self._offsets = np.concatenate([[0], np.flatnonzero(self._buf == ord("\n")) + 1]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if int(i) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self._buf[self._offsets[i]:self._offsets[i + 1] - 1].tobytes().decode("utf-8", PATH_ERRORS)
+
+    def __iter__(self):
+        return iter(decode_paths(self._buf.tobytes()))
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    __hash__ = None
+
+    def index(self, path: str) -> int:
+        return list(self).index(path)
 
 
 @dataclass
 class ShardedArray:
-    """Rows spread over several .npy shards, read through memory maps."""
+    """Rows spread over several .npy shards, read through memory maps opened when first needed; at
+    most MAX_OPEN stay open (least recently used closed first), so 4 M faces in 1,000 shards stay
+    under the usual limit of 1,024 open files."""
     files: list[Path]
     bounds: np.ndarray  # shard k holds rows bounds[k]:bounds[k+1]
+    max_open: int = MAX_OPEN
 
     def __post_init__(self):
-        self._maps = [None] * len(self.files)
+        self._maps = OrderedDict()
 
     def shard(self, k: int) -> np.ndarray:
-        if self._maps[k] is None:
+        if k in self._maps:
+            self._maps.move_to_end(k)
+        else:
+            if len(self._maps) >= self.max_open:
+                self._maps.popitem(last=False)  # its map (and file descriptor) closes with the last view
             self._maps[k] = np.load(self.files[k], mmap_mode="r")
         return self._maps[k]
 
@@ -105,15 +159,19 @@ class FeatureCache:
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
             raise CacheMismatch(f"{manifest}: cache format {self.manifest.get('format')}, this code reads {FORMAT}")
-        self.images = (self.path / "images.txt").read_text().splitlines()
+        self.images = PathArray((self.path / "images.txt").read_bytes())
         self.bounds = np.array(self.manifest["shard_bounds"], dtype=np.int64)
         self._meta = None
 
     # -- creation and resume ---------------------------------------------------------------------
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
-                         align="mtcnn") -> "FeatureCache":
-        """Write the plan of a new cache, or check that an existing one was planned identically."""
+                         align="mtcnn", min_face_prob=0.9) -> "FeatureCache":
+        """Write the plan of a new cache, or check that an existing one was planned identically.
+
+        The plan holds everything that changes what the cache contains: teachers (weights and
+        preprocessing), images (names, sizes, times), storage type, alignment and the detector's
+        threshold. Only the detector threshold of --align mtcnn matters; with none it is not recorded."""
         path = Path(path)
         bounds = list(range(0, len(images), shard_size)) + [len(images)]
         plan = {
@@ -121,6 +179,7 @@ class FeatureCache:
             "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version} for t in teachers],
             "dtype": dtype,
             "align": align,
+            "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,
             "data_root": str(Path(data_root).resolve()),
             "n_images": len(images),
             "list_hash": list_hash(data_root, images),
@@ -135,7 +194,7 @@ class FeatureCache:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
                                     + ". Use another --out folder, or --overwrite to rebuild it.")
         else:
-            atomic_write(path / "images.txt", lambda f: f.write("".join(i + "\n" for i in images).encode()))
+            atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             write_json(manifest, {**plan, "complete": False})
         return cls(path)
 
@@ -152,7 +211,7 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        for key in ("dtype", "align", "shard_size"):
+        for key in ("dtype", "align", "min_face_prob", "shard_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")
         return problems
@@ -191,7 +250,7 @@ class FeatureCache:
         mean = s / max(count, 1)
         std = np.sqrt(np.maximum(ss / max(count, 1) - mean ** 2, 0.0))
         atomic_write(self.path / "stats.npz", lambda f: np.savez(f, mean=mean, std=std, count=count))
-        self.manifest.update(complete=True, n_faces=count)
+        self.manifest.update(complete=True, n_faces=count, content_hash=self.content_hash())
         write_json(self.path / "manifest.json", self.manifest)
 
     # -- reading -----------------------------------------------------------------------------------
@@ -255,29 +314,73 @@ class FeatureCache:
                 for i in np.flatnonzero(~m["found"]):
                     yield int(self.bounds[k] + i), str(m["reason"][i])
 
+    def content_hash(self) -> str:
+        """sha256 over every row's sha1 of the image bytes it was computed from (in row order): two caches
+        with the same content_hash saw byte-identical images. Recorded in the manifest at finalize."""
+        h = hashlib.sha256()
+        for k in range(self.n_shards):
+            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+                h.update(b"\n".join(m["sha1"].tolist()) + b"\n")
+        return h.hexdigest()
+
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std (std floored so that dead units standardise to 0, not inf)."""
         with np.load(self.path / "stats.npz") as s:
             return s["mean"], np.maximum(s["std"], 1e-6)
 
     # -- fused embeddings (h_G) --------------------------------------------------------------------
-    def embedding_file(self, name: str, k: int) -> Path:
-        return self.path / "emb" / name / f"{k:05d}.npy"
+    def embedding_dir(self, name: str) -> Path:
+        """The folder of the current version of h_G `name`, resolved once: whoever reads through the
+        returned path keeps reading that version even if fuse.py switches to a new one meanwhile."""
+        return (self.path / "emb" / name).resolve()
 
-    def write_embedding_shard(self, name: str, k: int, values: np.ndarray) -> None:
-        atomic_write(self.embedding_file(name, k), lambda f: np.save(f, values.astype(self.dtype, copy=False)))
+    def embedding_file(self, name: str, k: int, folder: Path | None = None) -> Path:
+        return (folder or self.embedding_dir(name)) / f"{k:05d}.npy"
 
-    def write_embedding_meta(self, name: str, meta: dict) -> None:
-        write_json(self.path / "emb" / name / "meta.json", meta)
+    @contextmanager
+    def new_embedding(self, name: str):
+        """Yield a fresh folder for a new version of h_G `name`; on success, switch emb/NAME to it atomically.
+
+        Nothing reads the folder before the switch, so a run killed while writing leaves the previous
+        version in place (the unfinished folder is removed at the next switch)."""
+        root = self.path / "emb"
+        folder = root / f".{name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        link = root / name
+        previous = link.resolve() if link.exists() else None
+        if link.is_dir() and not link.is_symlink():  # written before versions existed: move it aside once
+            previous = root / f".{name}.unversioned"
+            os.rename(link, previous)
+        tmp = root / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
+        os.replace(tmp, link)  # the switch: one rename
+        for old in root.glob(f".{name}.*"):
+            if old.is_dir() and old.resolve() not in (folder.resolve(), previous):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write_embedding_shard(self, name: str, k: int, values: np.ndarray, folder: Path | None = None) -> None:
+        path = self.embedding_file(name, k, folder or self.path / "emb" / name)
+        atomic_write(path, lambda f: np.save(f, values.astype(self.dtype, copy=False)))
+
+    def write_embedding_meta(self, name: str, meta: dict, folder: Path | None = None) -> None:
+        write_json((folder or self.path / "emb" / name) / "meta.json", meta)
 
     def embedding_names(self) -> list[str]:
         root = self.path / "emb"
-        return sorted(p.parent.name for p in root.glob("*/meta.json")) if root.exists() else []
+        return sorted(p.name for p in root.iterdir()
+                      if not p.name.startswith(".") and (p / "meta.json").exists()) if root.exists() else []
 
     def embedding(self, name: str) -> tuple[ShardedArray, dict]:
-        meta_file = self.path / "emb" / name / "meta.json"
-        if not meta_file.exists():
+        folder = self.embedding_dir(name)
+        if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' "
                                     f"(has: {self.embedding_names() or 'none'}): run fuse.py --write {name}")
-        meta = json.loads(meta_file.read_text())
-        return ShardedArray([self.embedding_file(name, k) for k in range(self.n_shards)], self.bounds), meta
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["folder"] = str(folder)
+        return ShardedArray([self.embedding_file(name, k, folder) for k in range(self.n_shards)], self.bounds), meta

@@ -1,14 +1,33 @@
-"""Reading face images from users' disks: every odd format becomes 8-bit RGB, every broken file a clear error."""
+"""Reading face images from users' disks: the one reader of all three scripts.
+
+Every odd format becomes 8-bit RGB (grey, 16-bit, CMYK, palette, alpha); the EXIF orientation is
+applied; an animated GIF or a multi-page TIFF gives its first frame; pixels stored in a CSV
+(`faces.csv#row12`, FER2013's layout) are read too. Every file that cannot be used (missing, a folder,
+unreadable, empty, truncated, not an image, too small, a decompression bomb) raises BadImage with the
+path and the reason, which the scripts list as a row without a face instead of stopping.
+"""
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
+import io
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
+MIN_SIDE = 8
+# PIL's own refusal threshold (2 x MAX_IMAGE_PIXELS, 179 M pixels: larger than any camera photo). It is
+# checked on the header, before a single pixel is decoded: a 30000 x 30000 bomb fits in a few kB.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# Paths are text in images.txt and the .tsv lists; file names that are not UTF-8 round-trip through
+# the bytes they have on disk (Python's own convention for such names).
+PATH_ERRORS = "surrogateescape"
 
 
 class BadImage(Exception):
@@ -16,22 +35,35 @@ class BadImage(Exception):
 
 
 def list_images(root: str | Path) -> list[str]:
-    """Relative paths of every image under root, sorted so that the order (and the cache) is reproducible."""
+    """Relative paths of every image under root, sorted so that the order (and the cache) is reproducible.
+
+    Symbolic links are followed (datasets are often trees of links), each real folder once, so a link
+    to a parent folder cannot loop. A folder named like an image (x.jpg/) is listed too, so that it
+    becomes a row with its reason rather than vanishing, and is searched like any folder.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
+        for name in dirnames + filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(found)
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode (grey, 16-bit, CMYK, palette, alpha) -> HxWx3 uint8 RGB."""
-    img = ImageOps.exif_transpose(img)
+    """PIL image of any mode (grey, 16-bit, CMYK, palette, alpha) -> HxWx3 uint8 RGB, EXIF orientation applied."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block: the pixels are still good, keep them as stored
+        pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit and 32-bit integer greys: rescale to 8 bits rather than clip, so they are not all white.
         arr = np.asarray(img, dtype=np.float64)
@@ -51,26 +83,79 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+# ------------------------------------------------------------------------------------- pixels in a CSV
+_ROW = re.compile(r"(.+)#row(\d+)")
+
+
+@functools.lru_cache(maxsize=2)
+def _csv_pixels(csv_path: str) -> np.ndarray:
+    """All 48x48 faces of a FER2013-style CSV as one uint8 array, parsed once per process."""
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        col = header.index("pixels")
+        return np.stack([np.fromstring(row[col], dtype=np.uint8, sep=" ").reshape(48, 48) for row in reader])
+
+
+def _csv_row(path: str, m) -> np.ndarray:
+    try:
+        pixels = _csv_pixels(m[1])
+    except (OSError, ValueError, StopIteration) as e:
+        raise BadImage(f"{path}: cannot read the pixels of {m[1]} ({e})") from e
+    if int(m[2]) >= len(pixels):
+        raise BadImage(f"{path}: {m[1]} has only {len(pixels)} rows")
+    return np.repeat(pixels[int(m[2])][..., None], 3, axis=2)
+
+
+# ---------------------------------------------------------------------------------------- the reader
 def read_image(path: str | Path, with_hash: bool = False):
-    """Decode one image file fully (truncated files fail here, not later) to HxWx3 uint8 RGB.
+    """Decode one image fully (truncated files fail here, not later) to HxWx3 uint8 RGB.
 
     With with_hash, also returns the sha1 of the file's bytes, read once for both.
     """
+    m = _ROW.fullmatch(str(path))
+    if m and not os.path.lexists(path):
+        arr = _csv_row(str(path), m)
+        return (arr, hashlib.sha1(arr.tobytes()).hexdigest()) if with_hash else arr
     path = Path(path)
     try:
         data = path.read_bytes()
-    except OSError as e:
+    except IsADirectoryError as e:
+        raise BadImage(f"{path}: a folder, not an image file") from e
+    except OSError as e:  # missing, permission denied, symbolic link loop, I/O error
         raise BadImage(f"{path}: cannot read ({e.strerror or e})") from e
+    if not data:
+        raise BadImage(f"{path}: empty file (0 bytes)")
     try:
-        import io
-
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            arr = to_rgb8(img)
-    except Exception as e:  # PIL raises many types for corrupt data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{path}: refused, {e}") from e
+    except Exception as e:  # PIL raises many types for data it does not recognise
         raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    if arr.shape[0] < 8 or arr.shape[1] < 8:
+    with img:
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise BadImage(f"{path}: refused, {w}x{h} = {w * h / 1e6:.0f} M pixels is over the "
+                           f"{MAX_PIXELS / 1e6:.0f} M-pixel limit (a decompression bomb?)")
+        try:
+            img.load()  # the first frame of an animated GIF or a multi-page TIFF
+            arr = to_rgb8(img)
+        except Exception as e:
+            raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    if arr.shape[0] < MIN_SIDE or arr.shape[1] < MIN_SIDE:
         raise BadImage(f"{path}: image is only {arr.shape[1]}x{arr.shape[0]} pixels")
     if with_hash:
         return arr, hashlib.sha1(data).hexdigest()
     return arr
+
+
+def encode_paths(paths) -> bytes:
+    """Paths one a line, as bytes; names that are not UTF-8 keep their bytes on disk."""
+    return "".join(p + "\n" for p in paths).encode("utf-8", PATH_ERRORS)
+
+
+def decode_paths(data: bytes) -> list[str]:
+    text = data.decode("utf-8", PATH_ERRORS)
+    return text.split("\n")[:-1] if text else []  # not splitlines(): a name may hold \x1c or \u2028

@@ -13,7 +13,6 @@ register_task(csv_task(...)) for a `file,label[,split]` CSV.
 from __future__ import annotations
 
 import csv
-import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from typing import Callable
 import numpy as np
 
 from . import metrics
+from .images import IMAGE_EXTENSIONS, read_image
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTS = IMAGE_EXTENSIONS  # one list of image file types for every reader
 
 
 @dataclass
@@ -162,29 +162,12 @@ def _seeded(n: int, p: dict) -> list[Split]:
 
 # ----------------------------------------------------------------------------- images
 
-_ROW = re.compile(r"(.+)#row(\d+)")
-
-
-@functools.lru_cache(maxsize=2)
-def _csv_pixels(csv_path: str) -> np.ndarray:
-    """All 48x48 faces of a FER2013-style CSV as one uint8 array, parsed once per process."""
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
-        col = header.index("pixels")
-        return np.stack([np.fromstring(row[col], dtype=np.uint8, sep=" ").reshape(48, 48) for row in reader])
-
-
 def load_image(sample):
-    """RGB PIL image of a Sample (or a path); `file.csv#row<i>` reads row i of an in-CSV pixel dataset."""
+    """RGB PIL image of a Sample (or a path) through the project's one reader (common.images.read_image):
+    `file.csv#row<i>` reads row i of an in-CSV pixel dataset; a bad file raises BadImage."""
     from PIL import Image
 
-    path = sample.path if isinstance(sample, Sample) else str(sample)
-    m = _ROW.fullmatch(path)
-    if m and not Path(path).exists():
-        return Image.fromarray(_csv_pixels(m[1])[int(m[2])], "L").convert("RGB")
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return Image.fromarray(read_image(sample.path if isinstance(sample, Sample) else str(sample)))
 
 
 # ----------------------------------------------------------------------------- readers
