@@ -12,10 +12,11 @@ student and a fresh decoder shaped like G's, jointly, to reconstruct every stand
 paper's two-step vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
 
   python distill.py                                        # the cache of `python fuse.py` (feats/demo)
-  python distill.py --teacher-cache feats/ --out runs/s1   # your own cache
-  torchrun --nproc_per_node 4 distill.py --teacher-cache feats/ --out runs/s1   # several GPUs (DDP)
-  python distill.py --teacher-cache feats/ --out runs/s1 --resume              # after a kill
-  python distill.py embed --checkpoint runs/s1 --images DIR --out emb.npy      # use the student
+  python distill.py --cache feats/ --run-dir runs/s1                 # your own cache
+  torchrun --nproc_per_node 4 distill.py --cache feats/ --run-dir runs/s1   # several GPUs (DDP)
+  python distill.py --cache feats/ --run-dir runs/s1 --resume        # after a kill
+  python distill.py embed --student runs/s1 --data DIR --out emb.npy # use the student
+(--teacher-cache, --out and embed's --checkpoint, --images are the old spellings, still accepted.)
 """
 from __future__ import annotations
 
@@ -54,10 +55,10 @@ class NonFiniteLoss(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--teacher-cache", type=Path, default=Path("feats/demo"),
+    g.add_argument("--cache", "--teacher-cache", dest="teacher_cache", type=Path, default=Path("feats/demo"),
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
     g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the first one)")
-    g.add_argument("--out", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
+    g.add_argument("--run-dir", "--out", dest="out", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
                    "transfer.py looks, else runs/distill-TIME); --resume needs it")
     g.add_argument("--size", type=int, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     g.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept in RUN/ckpt (older ones are deleted)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (start fresh if there is none, so a "
+                   help="continue from the latest checkpoint in --run-dir (start fresh if there is none, so a "
                         "preemptible job can always pass it); the result equals an uninterrupted run")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run, deleting its checkpoints, metrics and "
@@ -521,8 +522,9 @@ def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=0.9):
 def embed_main(argv):
     p = argparse.ArgumentParser(prog="distill.py embed", description="Embed a folder of face images with a "
                                 "trained student: detect and align each face, then write one row per image.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="student .safetensors or a distill.py run folder")
-    p.add_argument("--images", type=Path, required=True, help="folder of images (any tree)")
+    p.add_argument("--student", "--checkpoint", dest="checkpoint", type=Path, required=True,
+                   help="student .safetensors or a distill.py run folder")
+    p.add_argument("--data", "--images", dest="images", type=Path, required=True, help="folder of images (any tree)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .npy (N x width, NaN rows for images without a face); beside it OUT.paths.txt "
                         "(the image of each row) and OUT.missed.tsv (images without a usable face, and why)")
@@ -555,7 +557,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not (args.teacher_cache / "manifest.json").exists():
         raise SystemExit(f"error: no feature cache at {args.teacher_cache}: run `python fuse.py` first "
-                         f"(it writes feats/demo), or pass --teacher-cache")
+                         f"(it writes feats/demo), or pass --cache")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
@@ -570,7 +572,7 @@ def main(argv=None):
         args.out = Path("runs/distill-demo")
     refuse_to_clobber(args.out, args.resume, args.overwrite, delete=rank == 0)
     run = make_run_dir(args.out, "distill", args) if rank == 0 else None
-    if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --out is not given)
+    if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --run-dir is not given)
         box = [run]
         dist.broadcast_object_list(box)
         run = box[0]
@@ -591,7 +593,7 @@ def main(argv=None):
     if rank != 0:
         return
     if not finished:
-        log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --out {run}")
+        log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --run-dir {run}")
         return
     decoder = {f"decoder.{k}": v for k, v in s.decoder.state_dict().items()} if s.decoder is not None else None
     save_student(s.student, run / "student.safetensors", s.cfg, decoder)

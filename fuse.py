@@ -6,8 +6,11 @@
   4. report each teacher's reconstruction error (Table 5) and write h_G for every face (for distill.py).
 
   python fuse.py                                  # embedded real faces from installed packages
-  python fuse.py --data /faces --out feats/       # your own unlabelled faces (any folder tree)
-  torchrun --nproc_per_node 4 fuse.py --data /faces --out feats/   # several GPUs: shards split by rank
+  python fuse.py --data /faces --cache feats/     # your own unlabelled faces (any folder tree)
+  torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/   # several GPUs: shards split by rank
+
+The three scripts name one thing one way: --data (images), --cache (the feature cache this script
+writes and the others read), --run-dir (logs, tables, checkpoints), --student (distill.py's result).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from tqdm import tqdm
 
 from common import fusion
 from common.align import CANON, FaceDetector, center_matrix, warp
-from common.cache import CacheMismatch, FeatureCache, atomic_write, write_json
-from common.images import PATH_ERRORS, BadImage, list_images, read_image
+from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
+from common.images import BadImage, list_images, read_image
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 from kernels import fuse_features
@@ -35,9 +38,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and cache")
     g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree). "
                    "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
-    g.add_argument("--out", type=Path, help="feature cache folder (default: feats/demo, or feats/ with --data)")
+    g.add_argument("--cache", "--out", dest="out", type=Path,
+                   help="feature cache folder (default: feats/demo, or feats/ with --data); --out is the old spelling")
     g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --out and rebuild it")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --cache and rebuild it")
     g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
     g = p.add_argument_group("teachers and faces")
@@ -156,11 +160,8 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> No
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
-    missed = [(cache.images[i], r) for i, r in cache.missed()]
-    lines = "".join(f"{p}\t{r}\n" for p, r in missed)
-    atomic_write(run / "missed_faces.tsv", lambda f: f.write(("path\treason\n" + lines).encode("utf-8", PATH_ERRORS)))
-    n_bad = sum(1 for _, r in missed if r != "no face detected")
-    log.info(f"faces: {len(cache.images) - len(missed)} aligned, {len(missed) - n_bad} images with no face, "
+    n_noface, n_bad = write_missed(cache, run / "missed_faces.tsv")
+    log.info(f"faces: {len(cache.images) - n_noface - n_bad} aligned, {n_noface} images with no face, "
              f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,11 @@ from tqdm import tqdm
 import fuse
 from common import fusion, metrics, precision, tasks
 from common.align import CANON
-from common.cache import FeatureCache, write_json
+from common.cache import FeatureCache, write_json, write_missed
 from common.facedata import aligned_crop, eval_transform, train_transform
 from common.images import read_image
 from common.runs import get_logger, make_run_dir, pick_device, run_main
-from common.student import build_student, load_student
+from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct")
@@ -55,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", help="comma list of tasks for one report table (each needs its --data via NAME=DIR)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")
     p.add_argument("--method", default="finetune", help=f"comma list of {', '.join(METHODS)}, or all")
-    p.add_argument("--student", type=Path, default=Path("runs/distill-demo"),
+    p.add_argument("--student", "--checkpoint", dest="student", type=Path, default=Path("runs/distill-demo"),
                    help="distill.py checkpoint or run folder (default: the one `python distill.py` writes)")
-    p.add_argument("--teacher-cache", type=Path, default=Path("feats/demo"),
+    p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", type=Path, default=Path("feats/demo"),
                    help="fuse.py cache whose teachers, statistics and G the feature methods use")
     p.add_argument("--embedding", default=None, help="which h_G of the cache (default: its first)")
     p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
@@ -71,11 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--max-splits", type=int, default=0,
                    help="run only the first N splits of a leave-one-out protocol (0: all, as the protocol says)")
     p.add_argument("--max-subsets", type=int, default=0, help="cap on teacher subsets tried by bct (0: all)")
+    p.add_argument("--val-frac", type=float, default=0.1,
+                   help="where a protocol has no validation split, this fraction of each split's training part "
+                        "(of its persons, for leave-one-person-out) is held out to choose epochs and candidates")
     p.add_argument("--workers", type=int, default=0, help="image loading worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP + " (fine-tuning)")
     p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order")
-    p.add_argument("--cache-dir", type=Path, default=Path("feats/tasks"),
+    p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
@@ -331,26 +335,54 @@ class TeacherFeatures:
         return torch.cat([self.x[:, self.slices[n]] for n in names], 1)
 
 
+class Subsets(Mapping):
+    """{name: features} of teacher subsets, each built when the search reaches it and dropped after: bct
+    over the 63 subsets of 6 teachers holds at most two subsets beside the full h_i (n x sum of widths
+    floats), where building them all first took ~10 GB for UTKFace and ~83 GB for CelebA."""
+
+    def __init__(self, features: "TeacherFeatures", subsets):
+        self.features, self.subsets = features, {"+".join(c): list(c) for c in subsets}
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self.features.subset(self.subsets[name])
+
+    def __iter__(self):
+        return iter(self.subsets)
+
+    def __len__(self) -> int:
+        return len(self.subsets)
+
+
 # -------------------------------------------------------------------------------------------- driver
 def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
     if task.kind == "verification" and not data.pairs:
         raise SystemExit(f"{task.name}: no verification pairs were read")
     n_out = tasks.output_size(task, data)
-    need_teachers = any(m not in IMAGE_METHODS for m in methods)
-    unsup = FeatureCache(args.teacher_cache).require_complete() if need_teachers else None
+    need_teachers = [m for m in methods if m not in IMAGE_METHODS]
+    try:
+        unsup = FeatureCache(args.teacher_cache).require_complete() if need_teachers else None
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: --method {','.join(need_teachers)} needs the teachers, their statistics and G "
+                         f"of a fuse.py cache: {e}")
     teachers = build_teachers([t["name"] for t in unsup.teachers], device) if unsup else []
     if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
         raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
     cache = task_cache(task, data, root, teachers, args, device, log)
     found = cache.found
     missed = int((~found).sum())
-    log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face "
-             f"(rule of section 4.1 applied), {len(data.splits)} split(s), protocol: {task.protocol}")
-    student_cfg = None
-    if any(m in ("finetune", "frozen", "scratch") for m in methods):
-        student_cfg = load_student(args.student)[1]
+    n_noface, n_bad = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
+    log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face (rule of section 4.1 "
+             f"applied: {n_noface} with no face, {n_bad} unreadable or missing, listed in "
+             f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")
+    student_cfg = student_config(args, methods, log)
     y, lo_hi = targets(task, data, n_out) if task.kind != "verification" else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
+    # Every choice (epochs, best teacher, subset) is made on validation faces, never on the test ones.
+    groups = [s.group for s in data.samples] if task.protocol.startswith("leave-one") else None
+    carved = [tasks.with_validation(s, i, groups, args.seed, args.val_frac) for i, s in enumerate(splits)]
+    splits, selection = [s for s, _ in carved], carved[0][1] if carved else ""
+    if task.kind == "verification":
+        selection = "the folds that pick each fold's threshold (never the tested fold)"
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
     g_widths = (fusion.layer_widths(unsup.dim, unsup.embedding(args.embedding or unsup.embedding_names()[0])[1]["dim"])
                 if unsup else None)
@@ -362,10 +394,33 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
         else:
             results[method] = supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args,
                                          device, student_cfg, log, g_widths)
+        results[method]["selection"] = selection
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
     return {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
-            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits), "results": results}
+            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
+            "validation": selection, "results": results}
+
+
+def student_config(args, methods, log) -> dict | None:
+    """The student's config (architecture, width, input size) for the methods that use it.
+
+    finetune and frozen need the distilled student itself; scratch only its architecture, so without
+    a student it takes the default one (the paper's 2.2 M-parameter student with a 1024-wide output)."""
+    need = [m for m in methods if m in ("finetune", "frozen")]
+    path = Path(args.student)
+    have = path.is_file() or (path / "student.safetensors").is_file()
+    if need and not have:
+        raise SystemExit(f"error: --method {','.join(need)} needs the distilled student, {path} "
+                         f"(a student.safetensors or a distill.py run folder holding one), which does not exist: "
+                         f"make it with `python distill.py --cache {args.teacher_cache} --run-dir {path}`, "
+                         f"or pass --student")
+    if have and (need or "scratch" in methods):
+        return load_student(path)[1]
+    if "scratch" in methods:
+        log.info(f"scratch: no student at {path}; the default student architecture is trained from random init")
+        return {"arch": "resnet18w", "width": WIDTH, "out_dim": 1024, "size": 112}
+    return None
 
 
 def method_features(method, cache, unsup, args, device, student_cfg):
@@ -396,18 +451,17 @@ def method_features(method, cache, unsup, args, device, student_cfg):
         pca.fit(data.batches(np.flatnonzero(unsup.found), 4096))
         return pca.encode(tf.subset(names))
     if method == "bt":
-        return {n: tf.subset([n]) for n in names}
+        return Subsets(tf, [(n,) for n in names])
     if method == "bct":
         subsets = [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
-        subsets = subsets[: args.max_subsets] if args.max_subsets else subsets
-        return {"+".join(c): tf.subset(list(c)) for c in subsets}
+        return Subsets(tf, subsets[: args.max_subsets] if args.max_subsets else subsets)
     raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
 def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log,
                g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
-    candidates = features if isinstance(features, dict) else {None: features}
+    candidates = features if isinstance(features, Mapping) else {None: features}
     best, search = None, {}
     for name, feats in candidates.items():
         preds = np.zeros(len(data.samples)) if task.kind != "multilabel" else np.zeros(y.shape)
@@ -427,13 +481,15 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         tested = np.concatenate([s.test for s in splits])
         # Leave-one-out protocols pool every held-out prediction before scoring (the usual FG-NET MAE).
         value = score(task, preds[tested], y_true[tested]) if len(splits) > 1 else per_split[0]
-        val = float(np.mean(val_scores)) if val_scores else None
-        entry = {"metric": task.metric, "value": float(value), "per_split": per_split, "val": val, "chosen": name}
+        val = float(np.mean(val_scores)) if len(val_scores) == len(splits) else None
+        missed_test = int(sum((~found[s.test]).sum() for s in splits))
+        entry = {"metric": task.metric, "value": float(value), "per_split": per_split, "val": val, "chosen": name,
+                 "n_test": int(len(tested)), "missed_test": missed_test}
         search[name] = {"value": float(value), "val": val}
-        # Selections pick on validation when the protocol has one, else (as the paper's brute force) on test.
-        key = val if val is not None else value
-        if best is None or better(task, key, best[0]):
-            best = (key, entry)
+        # Candidates are ranked on validation only; one without a validation score (no validation face
+        # found) cannot win over one that has it, and the test score never takes part.
+        if best is None or (val is not None and (best[0] is None or better(task, val, best[0]))):
+            best = (val, entry)
     if len(candidates) > 1:
         best[1]["search"] = search  # every candidate's score, for the record of the brute-force search
     return best[1]
@@ -445,7 +501,7 @@ def verification(task, data, features, found, log) -> dict:
     b = np.array([p.b for p in pairs])
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
-    candidates = features if isinstance(features, dict) else {None: features}
+    candidates = features if isinstance(features, Mapping) else {None: features}
     best, search = None, {}
     for name, feats in candidates.items():
         if feats is None:
@@ -454,10 +510,12 @@ def verification(task, data, features, found, log) -> dict:
         f = F.normalize(feats.float(), dim=1).numpy()
         s = (f[a] * f[b]).sum(1)
         s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
-        mean, std = metrics.verification_accuracy_10fold(s, same, folds)
-        search[name] = {"value": float(mean), "std": float(std)}
-        if best is None or mean > best["value"]:
-            best = {"metric": "verification_accuracy", "value": float(mean), "std": float(std), "chosen": name}
+        mean, std, fit_acc = metrics.verification_folds(s, same, folds)
+        search[name] = {"value": float(mean), "std": float(std), "val": float(fit_acc)}
+        # A candidate is chosen by its accuracy on the folds that set the thresholds, not on the tested folds.
+        if best is None or fit_acc > best["val"]:
+            best = {"metric": "verification_accuracy", "value": float(mean), "std": float(std), "chosen": name,
+                    "val": float(fit_acc), "n_test": len(pairs), "missed_test": int((np.isnan(s)).sum())}
     if len(candidates) > 1:
         best["search"] = search
     return best
@@ -472,10 +530,10 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
     chosen = [f"- {r['task']} {m}: best = {r['results'][m]['chosen']}"
               + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
-                 if r["results"][m].get("search") else "")
+                 if r["results"][m].get("search") else "") + " , chosen on validation"
               for r in all_results for m in methods if r["results"][m].get("chosen")]
-    notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run"
-                       for r in all_results] + chosen)
+    notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
+                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + chosen)
     text = f"{md}\n\n{notes}\n"
     (run / "report.md").write_text(text)
     write_json(run / "report.json", all_results)

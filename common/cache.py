@@ -78,6 +78,15 @@ def list_hash(root: Path, images) -> str:
     return h.hexdigest()
 
 
+def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
+    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file)."""
+    missed = [(cache.images[i], r) for i, r in cache.missed()]
+    lines = "".join(f"{p}\t{r}\n" for p, r in missed)
+    atomic_write(path, lambda f: f.write(("path\treason\n" + lines).encode("utf-8", PATH_ERRORS)))
+    n_noface = sum(1 for _, r in missed if r == "no face detected")
+    return n_noface, len(missed) - n_noface
+
+
 class PathArray:
     """Row-ordered paths held as one byte buffer plus offsets: 4 M paths cost their bytes and 8 bytes
     each, and DataLoader workers share the pages instead of copying 4 M Python strings whose reference
@@ -155,7 +164,7 @@ class FeatureCache:
         manifest = self.path / "manifest.json"
         if not manifest.exists():
             raise FileNotFoundError(f"no feature cache at {self.path} (no manifest.json): "
-                                    f"run `python fuse.py --data DIR --out {self.path}` first")
+                                    f"run `python fuse.py --data DIR --cache {self.path}` first")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
             raise CacheMismatch(f"{manifest}: cache format {self.manifest.get('format')}, this code reads {FORMAT}")
@@ -192,7 +201,7 @@ class FeatureCache:
             problems = cls._plan_differences(old, plan)
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
-                                    + ". Use another --out folder, or --overwrite to rebuild it.")
+                                    + ". Use another --cache folder, or --overwrite to rebuild it.")
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             write_json(manifest, {**plan, "complete": False})

@@ -39,8 +39,18 @@ def aligned_crop(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(warp(image, matrix, CANON))).permute(2, 0, 1)
 
 
-def sample_seed(seed: int, epoch: int, row: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, row]).generate_state(1)[0])
+def sample_seeds(seed: int, epoch: int, rows) -> np.ndarray:
+    """One augmentation seed per row, a hash of (seed, epoch, row): splitmix64's finaliser, vectorised,
+    so an epoch of 4 M faces costs milliseconds (a SeedSequence per sample cost ~13 us, ~53 s an epoch)."""
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        z = (np.asarray(rows, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64((seed * 0x632BE59BD9B4E019 + epoch * 0x94D049BB133111EB) & int(mask)))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)  # torch.manual_seed takes a non-negative int64
+
 
 
 class AlignedFaces(torch.utils.data.Dataset):
@@ -93,6 +103,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return max(self.num_samples - self.skip, 0)
 
     def __iter__(self):
-        rows = self.dataset.rows
-        for pos in list(super().__iter__())[self.skip:]:
-            yield pos, sample_seed(self.seed, self.epoch, int(rows[pos]))
+        positions = np.asarray(list(super().__iter__())[self.skip:], np.int64)
+        seeds = sample_seeds(self.seed, self.epoch, self.dataset.rows[positions])
+        yield from zip(positions.tolist(), seeds.tolist())

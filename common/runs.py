@@ -33,6 +33,10 @@ def get_logger(run: Path | None, name: str) -> logging.Logger:
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
+    # Warnings of the shared modules (common.*, e.g. a teacher falling back to one image at a time)
+    # land in the same places.
+    lib = logging.getLogger("common")
+    lib.handlers, lib.propagate = list(handlers), False
     return log
 
 

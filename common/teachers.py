@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,8 @@ import torch
 from . import ports
 from .align import ARCFACE_BOX, CANON, TEMPLATE
 from .weights import MissingWeights, package_file, require, sha256
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
            "load_config", "MissingWeights"]
@@ -132,6 +135,13 @@ class Teacher:
     def _load(self):
         raise NotImplementedError
 
+    def _unbatch(self, error: Exception) -> None:
+        """Run one image at a time from now on (a graph with a fixed batch), and say so once, with why:
+        it is correct but slower, and the same exception may also be a real fault worth seeing."""
+        self.batched = False
+        log.warning(f"teacher {self.name}: a batch failed ({type(error).__name__}: {str(error)[:300]}); "
+                    f"running it one image at a time from now on")
+
     def forward(self, x: torch.Tensor):
         """Preprocessed input on self.device -> raw layer output (torch tensor or numpy array)."""
         raise NotImplementedError
@@ -214,10 +224,10 @@ class OnnxTeacher(Teacher):
         if self.batched:
             try:
                 return self.session.run(None, {self.input_name: x})[0]
-            except Exception:  # a graph with a hard-coded batch (e.g. a Reshape to 1 x N): fall back to one by one
+            except Exception as e:  # a graph with a hard-coded batch (e.g. a Reshape to 1 x N): fall back to one by one
                 if len(x) == 1:
                     raise
-                self.batched = False
+                self._unbatch(e)
         return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
@@ -261,10 +271,10 @@ class LiteRTTeacher(Teacher):
         if self.batched:
             try:
                 return self._run(x)
-            except Exception:  # a graph that cannot be resized: one image at a time
+            except Exception as e:  # a graph that cannot be resized: one image at a time
                 if len(x) == 1:
                     raise
-                self.batched = False
+                self._unbatch(e)
         return np.concatenate([self._run(x[i:i + 1]) for i in range(len(x))])
 
 
