@@ -24,8 +24,14 @@ AS_ROOT = os.geteuid() == 0  # root reads a file whatever its permissions
 UNICODE_ERR = os.fsdecode(b"caf\xe9 face.jpg")  # latin-1 bytes: not UTF-8
 
 
+# Small pictures keep the detector quick: these tests are about the files, not about detection.
 def astronaut() -> Image.Image:
-    return Image.open(Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data" / "astronaut.png")
+    path = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data" / "astronaut.png"
+    return Image.open(path).convert("RGB").resize((192, 192), Image.BILINEAR)
+
+
+def real_face() -> Image.Image:
+    return Image.open(feat_data() / "single_face.jpg").convert("RGB").resize((160, 157), Image.BILINEAR)
 
 
 def bomb_png() -> bytes:
@@ -61,16 +67,15 @@ PERMS = {"unreadable.jpg": "" if AS_ROOT else "Permission denied"}
 
 
 def write_real_faces(d: Path) -> None:
-    src = feat_data() / "single_face.jpg"
     for rel in REAL:
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.open(src).save(d / rel, format="PNG" if rel.endswith(".png") else "JPEG", quality=95)
+        real_face().save(d / rel, format="PNG" if rel.endswith(".png") else "JPEG", quality=95)
 
 
 def build_fuzz(d: Path) -> dict[str, str]:
     d.mkdir(parents=True, exist_ok=True)
     write_real_faces(d)
-    face = Image.open(feat_data() / "single_face.jpg").convert("RGB")
+    face = real_face()
     Image.new("RGB", (1, 1), (200, 150, 120)).save(d / "tiny_1x1.png")
     Image.new("RGB", (5, 5), (200, 150, 120)).save(d / "tiny_5x5.png")
     face.resize((8, 8)).save(d / "tiny_8x8.jpg")
@@ -79,7 +84,7 @@ def build_fuzz(d: Path) -> dict[str, str]:
     (d / "bomb.png").write_bytes(bomb_png())
     (d / "zero.jpg").write_bytes(b"")
     (d / "text.jpg").write_text("this is a text file named like a photo\n")
-    data = (feat_data() / "single_face.jpg").read_bytes()
+    data = (d / "UPPER.JPG").read_bytes()
     (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (d / "folder.jpg").mkdir()
     os.symlink("loop2.jpg", d / "loop.jpg")
@@ -154,7 +159,7 @@ def test_missing_file(root):
 
 
 def test_exif_rotation_applied(root):
-    face = np.asarray(Image.open(feat_data() / "single_face.jpg").convert("RGB")).astype(int)
+    face = np.asarray(real_face()).astype(int)
     img = read_image(root / "exif_rotated.jpg").astype(int)
     assert img.shape == face.shape  # stored turned (w x h swapped), read upright
     assert np.abs(img - face).mean() < 4  # JPEG noise only; unturned it would differ everywhere
@@ -163,7 +168,7 @@ def test_exif_rotation_applied(root):
 
 
 def test_first_frame_of_animations_and_pages(root):
-    face = np.asarray(Image.open(feat_data() / "single_face.jpg").convert("RGB")).astype(int)
+    face = np.asarray(real_face()).astype(int)
     assert np.array_equal(read_image(root / "pages.tif"), face)  # TIFF is lossless: page 1 exactly
     gif = read_image(root / "animated.gif").astype(int)
     assert np.abs(gif - face).mean() < 8  # 256-colour palette of the face, not the black frame 2
