@@ -301,11 +301,14 @@ class FeatureCache:
     def _load_meta(self):
         """Per-row found flags and alignment matrices of every shard (28 bytes a face: 115 MB for 4 M)."""
         if self._meta is None:
-            parts = []
+            # Filled in place, shard by shard: the peak is the result, not the result plus its parts.
+            n = int(self.bounds[-1])
+            meta = {"found": np.zeros(n, bool), "matrix": np.zeros((n, 2, 3), np.float32)}
             for k in range(self.n_shards):
                 with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
-                    parts.append({key: m[key] for key in ("found", "matrix")})
-            self._meta = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+                    for key, out in meta.items():
+                        out[self.bounds[k]:self.bounds[k + 1]] = m[key]
+            self._meta = meta
         return self._meta
 
     @property
@@ -353,8 +356,9 @@ class FeatureCache:
         Nothing reads the folder before the switch, so a run killed while writing leaves the previous
         version in place (the unfinished folder is removed at the next switch)."""
         root = self.path / "emb"
-        folder = root / f".{name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
-        folder.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.{time.strftime('%Y%m%d-%H%M%S')}."))
+        folder.chmod(0o755)
         try:
             yield folder
         except BaseException:

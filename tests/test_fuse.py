@@ -41,8 +41,13 @@ def test_table5_and_hG(fused):
     assert set(table["nrmse"]) == {"ae", "pca", "dae", "vae", "concat"}
     for op, errs in table["nrmse"].items():
         assert set(errs) == {"age", "gender", "onet"}
-        assert all(np.isfinite(v) and v >= 0 for v in errs.values())
     assert max(table["nrmse"]["concat"].values()) < 1e-2  # fp16 storage is the only loss
+    # 16 dimensions for 528: every real operator loses information that concat keeps.
+    for op in ("ae", "pca", "dae", "vae"):
+        assert min(table["nrmse"][op].values()) > 10 * max(table["nrmse"]["concat"].values()), op
+    # PCA projects the standardised rows orthogonally around the training mean, which can only shrink
+    # their deviation: its total held-out error is below that of always answering the mean (NRMSE 1).
+    assert np.mean(list(table["nrmse"]["pca"].values())) < 1.0, table["nrmse"]["pca"]
     assert "Average" in (fused / "run" / "table5.md").read_text()
     cache = FeatureCache(fused / "feats")
     hg, meta = cache.embedding("ae")
@@ -96,4 +101,13 @@ def test_torchrun_two_processes_match_single(face_dir, tmp_path):
                    cwd=ROOT, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two").require_complete()
     rows = np.arange(len(a.images))
-    assert np.array_equal(a.features.take(rows), b.features.take(rows))
+    assert np.array_equal(a.found, b.found) and np.allclose(a.matrices, b.matrices, atol=1e-3)
+    # Tolerance: one fp16 step of the stored value. torchrun gives each process its own thread count, so
+    # the teachers' float32 sums run in another order and differ in their last bits (~1e-7 relative);
+    # rounded to fp16 (steps of ~1e-3 relative) they agree, except where a value sits on a rounding
+    # boundary and lands one step away (seen: 0.1761 vs 0.176 on a 2-core VM). Exact equality would
+    # test the machine's thread count, not the code.
+    x, y = a.features.take(rows).astype(np.float32), b.features.take(rows).astype(np.float32)
+    step = np.spacing(np.maximum(np.abs(x), np.abs(y)).astype(np.float16)).astype(np.float32)
+    assert np.all(np.abs(x - y) <= step), np.abs(x - y).max()
+    assert (x != y).mean() < 0.01  # a boundary case now and then, not a different computation
