@@ -315,3 +315,13 @@ def test_two_process_gloo_ddp(cache_dir, tmp_path):
     assert cfg["world"] == 2
     assert json.loads((run / "eval.json").read_text())["n_val"] == 5
     assert len(losses(run)) == 2
+
+
+def test_sample_seeds_vectorised():
+    from common.facedata import sample_seeds
+
+    rows = np.arange(200_000)
+    a = sample_seeds(0, 3, rows)
+    assert a.dtype == np.int64 and (a >= 0).all() and len(np.unique(a)) == len(rows)
+    assert np.array_equal(a[[5, 17]], sample_seeds(0, 3, [5, 17]))  # a row's seed does not depend on its batch
+    assert (a != sample_seeds(0, 4, rows)).mean() > 0.999 and (a != sample_seeds(1, 3, rows)).mean() > 0.999

@@ -377,3 +377,83 @@ def test_load_image_real_path(built):
 def test_sample_defaults():
     s = Sample("x.jpg", 3)
     assert s.group is None and s.box is None
+
+
+# ----------------------------------------------------------------------------- scale and honest selection
+
+def _per_class_split_reference(labels, seed, fractions):
+    """The former one-pass-per-class implementation, kept to check the O(n log n) one against."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val, n_test = int(round(fractions[1] * len(idx))), int(round(fractions[2] * len(idx)))
+        n_train = len(idx) - n_val - n_test
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("labels", [np.random.default_rng(1).integers(0, 50, 3000),
+                                    np.array(["b", "a", "c", "a", "b", "b", "a", "c", "c", "a"] * 7)])
+def test_per_class_split_same_as_before(labels):
+    s = tasks.per_class_split(labels, seed=3, fractions=(0.7, 0.15, 0.15))
+    ref = _per_class_split_reference(labels, 3, (0.7, 0.15, 0.15))
+    assert np.array_equal(s.train, ref["train"]) and np.array_equal(s.val, ref["val"])
+    assert np.array_equal(s.test, ref["test"])
+
+
+def test_best_threshold_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 60))
+        scores = rng.integers(0, 8, n) / 4.0  # many ties
+        scores[rng.random(n) < 0.1] = np.nan
+        same = rng.random(n) < 0.5
+        ok = ~np.isnan(scores)
+        u = np.unique(scores[ok])
+        if not len(u):
+            continue
+        cands = np.concatenate([[u[0] - 1], (u[:-1] + u[1:]) / 2, [u[-1] + 1]])
+        acc = [np.mean((scores[ok] > t) == same[ok]) for t in cands]
+        assert metrics.best_threshold(scores, same) == cands[int(np.argmax(acc))]
+
+
+def test_candidates_are_chosen_on_the_threshold_folds():
+    # Fold 0 alone separates perfectly at 0.5; the others need 0.3. The fit score must not see fold 0's test.
+    scores = np.array([0.9, 0.1, 0.4, 0.2, 0.35, 0.25])
+    same = np.array([True, False, True, False, True, False])
+    folds = np.array([0, 0, 1, 1, 2, 2])
+    mean, std, fit = metrics.verification_folds(scores, same, folds)
+    assert (mean, std) == metrics.verification_accuracy_10fold(scores, same, folds)
+    assert mean == pytest.approx(1.0) and fit == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    scores, same, folds = rng.random(200), rng.random(200) < 0.5, np.repeat(np.arange(10), 20)
+    fits = []
+    for f in range(10):
+        t = metrics.best_threshold(scores[folds != f], same[folds != f])
+        fits.append(np.mean((scores[folds != f] > t) == same[folds != f]))
+    mean, _, fit = metrics.verification_folds(scores, same, folds)
+    assert fit == pytest.approx(np.mean(fits)) and fit > mean  # thresholds fit noise: the fit score is optimistic
+
+
+def test_validation_carved_from_training_only():
+    split = tasks.Split("fold", np.arange(0, 80), np.arange(80, 100))
+    a, how = tasks.with_validation(split, 0, seed=0, frac=0.1)
+    assert "carved from training" in how and len(a.val) == 8
+    assert set(a.val).isdisjoint(a.train) and set(a.val) | set(a.train) == set(range(80))
+    assert np.array_equal(a.test, split.test)
+    b, _ = tasks.with_validation(split, 1, seed=0, frac=0.1)
+    assert not np.array_equal(a.val, b.val)  # each fold its own
+    assert np.array_equal(tasks.with_validation(split, 0, seed=0, frac=0.1)[0].val, a.val)  # seeded
+    # Leave-one-person-out: whole persons are held out.
+    groups = np.repeat([f"p{i}" for i in range(10)], 10)
+    loso = tasks.Split("leave out p9", np.arange(90), np.arange(90, 100))
+    c, how = tasks.with_validation(loso, 9, groups, seed=0, frac=0.2)
+    assert "2 of 9 training persons" in how
+    assert set(groups[c.val]).isdisjoint(groups[c.train]) and len(set(groups[c.val])) == 2
+    # A protocol's own validation split is kept.
+    own = tasks.Split("official", np.arange(5), np.arange(5, 8), np.arange(8, 10))
+    assert tasks.with_validation(own, 0)[0] is own

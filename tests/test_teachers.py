@@ -445,3 +445,36 @@ def test_changed_preprocessing_is_another_teacher():
     moved = type(base)(replace(spec, box=(0.1, 0.1, 0.9, 0.9)))
     assert base.version.split(":")[1] == moved.version.split(":")[1]  # same weights
     assert base.version != moved.version
+
+
+def test_batch_fallback_is_logged_once():
+    import logging
+
+    from common.teachers import OnnxTeacher
+
+    class Session:
+        def run(self, _, feed):
+            x = next(iter(feed.values()))
+            if len(x) > 1:
+                raise RuntimeError("Reshape: input batch 4 != 1")
+            return [x.reshape(1, -1)[:, :2]]
+
+    class Catch(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    t = object.__new__(OnnxTeacher)
+    t.name, t.session, t.input_name, t.batched = "fixed", Session(), "x", True
+    catch, lib = Catch(), logging.getLogger("common.teachers")
+    lib.addHandler(catch)
+    try:
+        for _ in range(3):
+            assert t.forward(torch.zeros(4, 3, 2, 2)).shape == (4, 2)
+    finally:
+        lib.removeHandler(catch)
+    assert len(catch.messages) == 1, catch.messages
+    assert "fixed" in catch.messages[0] and "Reshape: input batch 4 != 1" in catch.messages[0]
