@@ -168,7 +168,8 @@ def task_loss(task, out, y):
 def decode(task, out: np.ndarray, lo_hi) -> np.ndarray:
     """Network outputs -> predictions in the task's units (class index, years, attribute logits)."""
     if task.kind == "regression":
-        return out[:, 0] * (lo_hi[1] - lo_hi[0]) + lo_hi[0]
+        # No age is below the range's floor or above its top: a prediction past them is brought back.
+        return np.clip(out[:, 0] * (lo_hi[1] - lo_hi[0]) + lo_hi[0], *lo_hi)
     if task.kind == "multilabel":
         return (out > 0).astype(np.float64)
     return out.argmax(1)

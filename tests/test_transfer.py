@@ -32,6 +32,22 @@ def run(tmp_path, task, data, fused, student, *extra):
 ALL_TASKS = [t for t in tasks.TASKS]
 
 
+def check_score(task, res):
+    """What a score must satisfy to be a score of res["n_test"] test items, res["missed_test"] of them missed."""
+    n, v = res["n_test"], res["value"]
+    assert n > 0 and 0 <= res["missed_test"] <= n and res["selection"]
+    if task.metric in ("accuracy", "error_rate"):
+        per = n * (40 if task.metric == "error_rate" else 1)  # CelebA: mean over 40 attributes
+        assert abs(v * per - round(v * per)) < 1e-6, (v, n)  # a count of right answers over n
+    if task.metric == "accuracy":
+        assert v <= (n - res["missed_test"]) / n + 1e-9  # a missed face is never right
+    if task.metric == "mae":
+        lo, hi = task.label_range
+        assert 0 <= v <= hi - lo
+    if task.kind == "verification":
+        assert 0 <= res["val"] <= 1 and 0 <= v <= 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_TASKS)
 def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
@@ -40,7 +56,7 @@ def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
     r = run(tmp_path, name, data, fused, student_ckpt, "--method", method)
     assert r["task"] == name and r["n_images"] > 0
     for m in method.split(","):
-        assert np.isfinite(r["results"][m]["value"])
+        check_score(tasks.get_task(name), r["results"][m])
     md = (tmp_path / "run" / "report.md").read_text()
     assert name in md and "missed" in md
 
@@ -50,7 +66,11 @@ def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
     r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "all")
     assert set(r["results"]) == set(transfer.METHODS)
     for m, res in r["results"].items():
-        assert 0.0 <= res["value"] <= 1.0, (m, res)
+        check_score(tasks.get_task("Gender-UTK"), res)
+        assert "protocol's validation" in res["selection"]  # UTK's 80/10/10 split has one
+    for m in ("bt", "bct"):  # the winner is the best on validation, whatever its test score
+        search = r["results"][m]["search"]
+        assert r["results"][m]["chosen"] == max(search, key=lambda k: search[k]["val"])
     assert r["results"]["bt"]["chosen"] in {"age", "gender", "onet"}
     assert r["results"]["bct"]["chosen"] in r["results"]["bct"]["search"]
     assert len(r["results"]["bct"]["search"]) == 3 and len(r["results"]["bt"]["search"]) == 3  # --max-subsets 3
@@ -65,7 +85,11 @@ def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
     (data / "40_1_0_20170101000000002.jpg").write_bytes(b"\xff\xd8 truncated")  # unreadable
     r = run(tmp_path / "a", "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen,finetune")
     assert r["missed_faces"] == 2
-    assert np.isfinite(r["results"]["frozen"]["value"]) and np.isfinite(r["results"]["finetune"]["value"])
+    loaded = tasks.load("AgeR-UTK", data)
+    bad = [i for i, s in enumerate(loaded.samples) if s.path.endswith(("0101000000001.jpg", "0101000000002.jpg"))]
+    for m in ("frozen", "finetune"):
+        assert r["results"][m]["missed_test"] == len(set(bad) & set(loaded.splits[0].test))
+        check_score(tasks.get_task("AgeR-UTK"), r["results"][m])
     # In SFEW the Val folder is the test set: put the two bad images there, where the rule must score them.
     data = make_fixture("Expr-SFEW", tmp_path / "sfew")
     Image.new("RGB", (64, 64), (90, 160, 220)).save(data / "Val" / "Happy" / "sky.png")
@@ -102,3 +126,29 @@ def test_feature_batches_reshuffle_every_epoch():
     first, second = next(it())[1], next(it())[1]
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(40))
     assert not torch.equal(first, second)
+
+
+def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused):
+    data = make_fixture("AgeR-UTK", tmp_path / "data")
+    base = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"), "--epochs", "1",
+            "--student", str(tmp_path / "no-student"), "--cache", str(tmp_path / "no-cache")]
+    transfer.main([*base, "--method", "scratch", "--run-dir", str(tmp_path / "run")])
+    r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    check_score(tasks.get_task("AgeR-UTK"), r["results"]["scratch"])
+    with pytest.raises(SystemExit, match=r"needs the distilled student.*python distill.py --cache .*no-cache "
+                                         r"--run-dir .*no-student"):
+        transfer.main([*base, "--method", "finetune"])
+    with pytest.raises(SystemExit, match=r"--method fused,bt needs .* fuse.py cache.*python fuse.py --data DIR "
+                                         r"--cache .*no-cache"):
+        transfer.main([*base, "--method", "fused,bt"])
+
+
+def test_selection_without_a_validation_split_is_carved_from_training(tmp_path, fused, student_ckpt):
+    """SFEW has only Train and Val (its test): the choices are made on a part of Train, and the report says so."""
+    data = make_fixture("Expr-SFEW", tmp_path / "data")
+    r = run(tmp_path, "Expr-SFEW", data, fused, student_ckpt, "--method", "bt")
+    assert "carved from training" in r["validation"] and "carved from training" in r["results"]["bt"]["selection"]
+    search = r["results"]["bt"]["search"]
+    assert all(v["val"] is not None for v in search.values())
+    assert r["results"]["bt"]["chosen"] == max(search, key=lambda k: search[k]["val"])
+    assert "chosen on" in (tmp_path / "run" / "report.md").read_text()
