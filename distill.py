@@ -99,7 +99,7 @@ def parse_args(argv=None):
                    help="continue from the latest checkpoint in --run-dir (start fresh if there is none, so a "
                         "preemptible job can always pass it); the result equals an uninterrupted run")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that already holds a run, deleting its checkpoints, metrics and "
+                   help="start afresh in a --run-dir that already holds a run, deleting its checkpoints, metrics and "
                         "results (without it, and without --resume, such a folder is refused)")
     g.add_argument("--stop-at", type=int, default=0,
                    help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
@@ -182,7 +182,7 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
         raise SystemExit(f"error: cannot resume {run}: its checkpoints were written by an older distill.py as "
                          f"*{LEGACY_STATE_SUFFIX} files, which only load through pickle (a run folder from "
                          f"elsewhere could run code), so they are not read. Start it afresh with the same "
-                         f"command and --overwrite instead of --resume (or another --out), or, if you wrote this "
+                         f"command and --overwrite instead of --resume (or another --run-dir), or, if you wrote this "
                          f"folder yourself, convert it with `python -m common.checkpoint {run}`, then --resume")
     latest = run / "ckpt" / "latest.json"
     if not latest.exists():
@@ -219,7 +219,7 @@ def refuse_to_clobber(out, resume, overwrite, delete=True) -> None:
     found = [n for n in RUN_OUTPUTS if (Path(out) / n).exists()]
     if found and not overwrite:
         raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                         f"--overwrite to delete its checkpoints and results and start afresh, or another --out")
+                         f"--overwrite to delete its checkpoints and results and start afresh, or another --run-dir")
     for path in [Path(out) / n for n in found] if delete else []:
         if path.is_dir():
             shutil.rmtree(path)
