@@ -55,10 +55,10 @@ class NonFiniteLoss(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--cache", "--teacher-cache", dest="teacher_cache", type=Path, default=Path("feats/demo"),
+    g.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
     g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the first one)")
-    g.add_argument("--run-dir", "--out", dest="out", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
+    g.add_argument("--run-dir", "--out", dest="out", metavar="DIR", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
                    "transfer.py looks, else runs/distill-TIME); --resume needs it")
     g.add_argument("--size", type=int, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
@@ -522,9 +522,9 @@ def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=0.9):
 def embed_main(argv):
     p = argparse.ArgumentParser(prog="distill.py embed", description="Embed a folder of face images with a "
                                 "trained student: detect and align each face, then write one row per image.")
-    p.add_argument("--student", "--checkpoint", dest="checkpoint", type=Path, required=True,
+    p.add_argument("--student", "--checkpoint", dest="checkpoint", metavar="PATH", type=Path, required=True,
                    help="student .safetensors or a distill.py run folder")
-    p.add_argument("--data", "--images", dest="images", type=Path, required=True, help="folder of images (any tree)")
+    p.add_argument("--data", "--images", dest="images", metavar="DIR", type=Path, required=True, help="folder of images (any tree)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .npy (N x width, NaN rows for images without a face); beside it OUT.paths.txt "
                         "(the image of each row) and OUT.missed.tsv (images without a usable face, and why)")

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and cache")
     g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree). "
                    "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
-    g.add_argument("--cache", "--out", dest="out", type=Path,
+    g.add_argument("--cache", "--out", dest="out", metavar="DIR", type=Path,
                    help="feature cache folder (default: feats/demo, or feats/ with --data); --out is the old spelling")
     g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --cache and rebuild it")

@@ -56,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", help="comma list of tasks for one report table (each needs its --data via NAME=DIR)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")
     p.add_argument("--method", default="finetune", help=f"comma list of {', '.join(METHODS)}, or all")
-    p.add_argument("--student", "--checkpoint", dest="student", type=Path, default=Path("runs/distill-demo"),
+    p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
                    help="distill.py checkpoint or run folder (default: the one `python distill.py` writes)")
-    p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", type=Path, default=Path("feats/demo"),
+    p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="fuse.py cache whose teachers, statistics and G the feature methods use")
     p.add_argument("--embedding", default=None, help="which h_G of the cache (default: its first)")
     p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP + " (fine-tuning)")
     p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order")
-    p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", type=Path, default=Path("feats/tasks"),
+    p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
