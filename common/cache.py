@@ -14,8 +14,8 @@ whole files behind):
                            link in one rename, so a reader sees the old version or the new one, never a
                            mix; the version just replaced is kept for readers still on it.
 A shard is done when its .npy exists (written last), which is all that resuming needs to know.
-Sized for millions of faces: nothing here holds more than one shard in memory, at most MAX_OPEN
-shard files are open at once, and the paths are one byte buffer, not millions of Python strings.
+Sized for millions of faces: nothing here holds more than one shard in memory, the number of shard
+files open at once is bounded (MAX_OPEN), and the paths are one byte buffer, not millions of strings.
 """
 from __future__ import annotations
 
@@ -35,7 +35,27 @@ import numpy as np
 from common.images import PATH_ERRORS, decode_paths, encode_paths
 
 FORMAT = 1
-MAX_OPEN = 64  # shard files mapped at once per ShardedArray (each map holds a file descriptor)
+
+
+def _open_budget() -> int:
+    """Shard files a ShardedArray keeps mapped (each map holds a file descriptor): half the process's
+    open-file limit, after raising its soft limit to the hard one as data loaders commonly do. Where
+    the hard limit is the usual 1,024 that is 512; past it, the least recently used map is closed, and
+    reopening one costs ~0.1-1 ms, so the budget is kept as large as the limit allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(64, min(soft // 2, 1 << 16))
+
+
+MAX_OPEN = _open_budget()
 
 
 class CacheMismatch(Exception):
@@ -122,14 +142,15 @@ class PathArray:
 @dataclass
 class ShardedArray:
     """Rows spread over several .npy shards, read through memory maps opened when first needed; at
-    most MAX_OPEN stay open (least recently used closed first), so 4 M faces in 1,000 shards stay
-    under the usual limit of 1,024 open files."""
+    most max_open (default MAX_OPEN) stay open, the least recently used closed first, so no number
+    of shards can exhaust the process's file descriptors."""
     files: list[Path]
     bounds: np.ndarray  # shard k holds rows bounds[k]:bounds[k+1]
-    max_open: int = MAX_OPEN
+    max_open: int | None = None
 
     def __post_init__(self):
         self._maps = OrderedDict()
+        self.max_open = self.max_open or MAX_OPEN
 
     def shard(self, k: int) -> np.ndarray:
         if k in self._maps:
