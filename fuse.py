@@ -2,11 +2,13 @@
 
   1. detect and align every face once (MTCNN, 5 landmarks, similarity transform to a canonical crop);
   2. run every teacher on every face and cache its embedding h_i (sharded, memory-mapped, resumable);
-  3. train the fusion operator G on the cached h_i (autoencoder; PCA, VAE, DAE, concat to compare);
-  4. report each teacher's reconstruction error (Table 5) and write h_G for every face (for distill.py).
+  3. train the fusion operator G on the cached h_i (autoencoder; PCA, VAE, DAE, concat to compare),
+     choosing its training step on validation faces;
+  4. report each teacher's reconstruction error on test faces (Table 5) and write h_G for every face.
 
   python fuse.py                                  # embedded real faces from installed packages
   python fuse.py --data /faces --cache feats/     # your own unlabelled faces (any folder tree)
+  python fuse.py --data synth:10000 --n-sweep 1000,3000,10000   # synthetic faces: how G scales with N
   torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
@@ -24,7 +26,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from common import fusion
+from common import fusion, synth
 from common.align import CANON, FaceDetector, center_matrix, warp
 from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
 from common.images import BadImage, list_images, read_image
@@ -36,7 +38,8 @@ from kernels import fuse_features
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and cache")
-    g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree). "
+    g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree), or synth:N for N synthetic "
+                   "faces drawn by an installed DCGAN into data/synth/ (see README). "
                    "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
     g.add_argument("--cache", "--out", dest="out", metavar="DIR", type=Path,
                    help="feature cache folder (default: feats/demo, or feats/ with --data); --out is the old spelling")
@@ -65,13 +68,29 @@ def parse_args(argv=None):
                    help="width of h_G (default: mean teacher width, the paper's rule); a comma list a,b,c also "
                         "sweeps the widths with the first operator and plots error vs width (Figure 2); "
                         "the first width of the list is the one written")
-    g.add_argument("--epochs", type=int, default=40, help="training epochs of the autoencoders")
+    g.add_argument("--ae-layout", default="residual", choices=fusion.LAYOUTS,
+                   help="residual: linear path started from the PCA fit plus a regularised non-linear residual whose "
+                        "hidden width follows the corpus size (never worse than PCA on the validation faces); "
+                        "paper: the paper's geometric layers (5488-3136-1792-1024), randomly initialised")
+    g.add_argument("--balance", default="none", choices=["none", "equal", "both"],
+                   help="equal: every teacher's block weighs the same in G's loss (else wide teachers dominate); "
+                        "both: train and report each operator both ways (h_G written from the unweighted one)")
+    g.add_argument("--steps", type=int, default=2000, help="most optimizer steps of an autoencoder (cosine schedule)")
+    g.add_argument("--epochs", type=int, default=0, help="if > 0, steps = this many passes over the training faces")
+    g.add_argument("--eval-every", type=int, default=50, help="steps between validation checks (early stopping)")
+    g.add_argument("--patience", type=int, default=10, help="validation checks without improvement before stopping")
     g.add_argument("--fusion-batch", type=int, default=256, help="batch size for training G")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for G")
-    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces held out from training G")
-    g.add_argument("--val-max", type=int, default=20000,
-                   help="at most this many held-out faces are scored (model selection and the Table 5 report)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate for G")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay of the residual networks")
+    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces that choose G's step (validation)")
+    g.add_argument("--test-frac", type=float, default=0.1, help="fraction of faces that Table 5 and Figure 2 report on")
+    g.add_argument("--val-max", type=int, default=20000, help="at most this many validation faces")
+    g.add_argument("--test-max", type=int, default=20000, help="at most this many test faces")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, of training and of synth:N faces")
+    g.add_argument("--n-sweep", default="",
+                   help="comma list of corpus sizes (e.g. 1000,3000,10000): train --ops on the first N non-test "
+                        "faces and plot test error against N (n_sweep.md/.png)")
+    g.add_argument("--synth-size", type=int, default=160, help="pixel size of synth:N faces (the DCGAN draws 64)")
     g.add_argument("--extract-only", action="store_true", help="stop after the feature cache is complete")
     return p.parse_args(argv)
 
@@ -187,31 +206,24 @@ class Standardised:
             yield self(rows[i:i + size])
 
 
-def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log):
-    """Fit one operator; autoencoders keep the weights of their best held-out epoch."""
-    torch.manual_seed(args.seed)
-    model = fusion.build(op, d_in, d_out).to(data.device)
-    if op == "pca":
-        model.fit(data.batches(train, 4096))
-    elif op != "concat":
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        rng = np.random.default_rng(args.seed)
-        best, best_state = float("inf"), None
-        for epoch in tqdm(range(args.epochs), desc=f"G[{op} {d_out}]", unit="epoch", disable=None, leave=False):
-            model.train()
-            for x in data.batches(train, args.fusion_batch, rng):
-                loss = model.loss(x)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{op}: loss became {loss.item()} at epoch {epoch}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            val_loss = evaluate_mse(model, data, val)
-            if val_loss < best:
-                best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_state)
-        log.info(f"G[{op}, {d_out}]: best held-out MSE {best:.4f} (standardised units)")
-    return model.eval()
+def recipe_of(args, n_train: int) -> fusion.Recipe:
+    steps = args.epochs * -(-n_train // args.fusion_batch) if args.epochs else args.steps
+    return fusion.Recipe(layout=args.ae_layout, steps=max(1, steps), batch=args.fusion_batch, lr=args.lr,
+                         weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience,
+                         seed=args.seed)
+
+
+def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, weight=None):
+    """Fit one operator on the training faces; the validation faces choose its step (never the test faces)."""
+    bar = tqdm(desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
+    model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe_of(args, len(train)), weight, data.device,
+                             progress=lambda s: bar.update(1))
+    bar.close()
+    if "best_step" in info:
+        log.info(f"G[{op}, {d_out}{', balanced' if weight is not None else ''}]: validation MSE {info['best_val_mse']:.4f} "
+                 f"(standardised units) at step {info['best_step']} of {info['steps_run']}"
+                 + (f", hidden width {info['hidden']}" if "hidden" in info else ""))
+    return model, info
 
 
 @torch.no_grad()
@@ -222,21 +234,14 @@ def reconstruct(model, data: Standardised, rows) -> np.ndarray:
     return np.concatenate(out) * data.std + data.mean
 
 
-@torch.no_grad()
-def evaluate_mse(model, data, rows) -> float:
-    model.eval()
-    total = sum(float(((model.decode(model.encode(x)) - x) ** 2).sum()) for x in data.batches(rows, 4096))
-    return total / (len(rows) * data.features.shape[1])
-
-
-def write_hG(cache: FeatureCache, name: str, model, op, d_in, d_out, data: Standardised, val, args) -> None:
+def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised, split, args) -> None:
     """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant).
 
     Written into a new folder that replaces emb/<name> in one atomic switch at the end: a rerun killed
     midway leaves the previous h_G whole, and distill.py never reads a half-written one."""
     found = cache.found
     with cache.new_embedding(name) as folder, torch.no_grad():
-        fusion.save(model, op, d_in, d_out, folder / "G.safetensors")
+        fusion.save(model, op, d_in, model.d_out, folder / "G.safetensors")
         for k in tqdm(range(cache.n_shards), desc=f"write h_G[{name}]", unit="shard", disable=None, leave=False):
             lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
             rows = np.arange(lo, hi)
@@ -245,9 +250,13 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, d_out, data: Stand
             if ok.any():
                 h[ok] = np.concatenate([model.encode(x).cpu().numpy() for x in data.batches(rows[ok], 4096)])
             cache.write_embedding_shard(name, k, h, folder)
-        np.save(folder / "val_rows.npy", np.asarray(val))
+        # distill.py holds out the faces G never trained on (its validation and test faces).
+        np.save(folder / "val_rows.npy", np.union1d(split["val"], split["test"]))
+        np.savez(folder / "split.npz", **split)
         cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
-                                          "val_frac": args.val_frac, "seed": args.seed, "model": "G.safetensors",
+                                          "val_frac": args.val_frac, "test_frac": args.test_frac, "seed": args.seed,
+                                          "layout": args.ae_layout, "balance": args.balance,
+                                          "split": {k: len(v) for k, v in split.items()}, "model": "G.safetensors",
                                           "content_hash": cache.manifest.get("content_hash")}, folder)
 
 
@@ -257,6 +266,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         if op not in fusion.OPERATORS:
             raise SystemExit(f"--ops: unknown operator {op!r} (choose from {', '.join(fusion.OPERATORS)})")
     write = args.write or ops[0]
+    if write not in fusion.OPERATORS:
+        raise SystemExit(f"--write: unknown operator {write!r} (choose from {', '.join(fusion.OPERATORS)})")
     if write not in ops:
         ops.append(write)
     d_in = cache.dim
@@ -265,58 +276,117 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     rows = np.flatnonzero(cache.found)
     if len(rows) < 10:
         raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
-    rows = np.random.default_rng(args.seed).permutation(rows)
-    n_val = max(2, int(round(len(rows) * args.val_frac)))
-    # Only a bounded sample of the held-out faces is scored, so that millions of faces fit in memory.
-    val, train = np.sort(rows[:min(n_val, args.val_max)]), np.sort(rows[n_val:])
-    log.info(f"G: {len(train)} training faces, {len(val)} held out; input {d_in}, h_G {dims[0]} "
-             f"(mean teacher width {mean_width}); layers {fusion.layer_widths(d_in, dims[0])}")
+    try:
+        split = fusion.three_way_split(cache.images, rows, args.seed, args.val_frac, args.test_frac,
+                                       args.val_max, args.test_max)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    train, val, test = split["train"], split["val"], split["test"]
+    sizes = {k: len(v) for k, v in split.items()}
+    write_json(run / "split.json", {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac})
+    log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
+             f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
+             f"{args.ae_layout}")
     data = Standardised(cache, device)
-    x_val = cache.features.take(val).astype(np.float64)
     slices = cache.slices()
+    x_test = cache.features.take(test).astype(np.float64)
+    balanced = fusion.block_weights([t["dim"] for t in cache.teachers])
+    variants = {"none": [None], "equal": [balanced], "both": [None, balanced]}[args.balance]
 
-    table, models = {}, {}
+    table, models, infos = {}, {}, {}
     for op in ops:
-        models[op] = train_operator(op, d_in, dims[0], data, train, val, args, log)
-        table[op] = fusion.nrmse_per_block(reconstruct(models[op], data, val), x_val, data.mean, slices)
-    md = fusion.table5({op.upper(): table[op] for op in ops})
+        for w in variants:
+            col = op if w is None else f"{op}+bal"
+            models[col], infos[col] = train_operator(op, d_in, dims[0], data, train, val, args, log, w)
+            table[col] = fusion.nrmse_per_block(reconstruct(models[col], data, test), x_test, data.mean, slices)
+    md = fusion.table5({c.upper().replace("+BAL", " bal"): table[c] for c in table})
+    note = ("; 'bal': every teacher's block weighs the same in the loss" if args.balance != "none" else "")
     (run / "table5.md").write_text(
-        f"Reconstruction normalised RMSE on {len(val)} held-out faces (h_G width {dims[0]}), as in Table 5\n\n{md}\n")
-    write_json(run / "table5.json", {"dim": dims[0], "n_val": len(val), "nrmse": table})
+        f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. "
+        f"G trained on {len(train)} faces, steps chosen on {len(val)} validation faces; autoencoder layout "
+        f"{args.ae_layout}{note}\n\n{md}\n")
+    write_json(run / "table5.json", {"dim": dims[0], "n_test": len(test), "split": sizes, "layout": args.ae_layout,
+                                     "nrmse": table, "training": infos})
     log.info("\n" + md)
 
     if len(dims) > 1:
-        sweep_dims(cache, ops[0], dims, data, train, val, x_val, slices, args, run, log)
+        sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
+    if args.n_sweep:
+        sweep_n(cache, ops, data, split, slices, args, run, log)
     if not args.extract_only:
-        write_hG(cache, write, models[write], write, d_in, dims[0], data, val, args)
-        log.info(f"h_G ({write}, width {models[write].d_out}) written to {cache.path / 'emb' / write}")
+        name = write if variants[0] is None else f"{write}+bal"
+        write_hG(cache, write, models[name], write, d_in, data, split, args)
+        log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
 
 
-def sweep_dims(cache, op, dims, data, train, val, x_val, slices, args, run, log) -> None:
-    """Figure 2: reconstruction error against the width of h_G."""
+def plot(path: Path, xs, series: dict, xlabel: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", lw=2.5 if name in ("average", "PCA") else 1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test normalised RMSE")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log) -> None:
+    """Figure 2: reconstruction error against the width of h_G."""
     results = []
     dims = sorted(dims)
     for d in dims:
-        model = train_operator(op, cache.dim, d, data, train, val, args, log)
-        err = fusion.nrmse_per_block(reconstruct(model, data, val), x_val, data.mean, slices)
+        model, _ = train_operator(op, cache.dim, d, data, train, val, args, log)
+        err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
         results.append({"dim": d, **err, "average": float(np.mean(list(err.values())))})
     write_json(run / "dim_sweep.json", results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in list(slices) + ["average"]:
-        ax.plot(dims, [r[name] for r in results], marker="o", lw=2.5 if name == "average" else 1, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("width of h_G")
-    ax.set_ylabel("held-out normalised RMSE")
-    ax.set_title(f"Reconstruction error of G ({op}) vs h_G width")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run / "dim_sweep.png", dpi=120)
+    plot(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
+         "width of h_G", f"Reconstruction error of G ({op}) vs h_G width")
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
+
+
+def sweep_n(cache, ops, data, split, slices, args, run, log) -> None:
+    """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
+
+    Corpus size N counts G's training plus validation faces: the first N of a seeded order of the non-test
+    faces, each keeping its role from the split, so every smaller corpus is part of the larger ones."""
+    pool = np.random.default_rng(args.seed).permutation(np.union1d(split["train"], split["val"]))
+    is_val = np.isin(pool, split["val"])
+    sizes = sorted(int(float(n)) for n in args.n_sweep.split(",") if n.strip())
+    if sizes[-1] > len(pool):
+        raise SystemExit(f"--n-sweep {sizes[-1]}: only {len(pool)} faces outside the test set (use a larger corpus)")
+    test = split["test"]
+    x_test = cache.features.take(test).astype(np.float64)
+    dim = ([int(d) for d in args.dim.split(",") if d.strip()] or [round(cache.dim / len(cache.teachers))])[0]
+    results = []
+    for n in sizes:
+        train, val = np.sort(pool[:n][~is_val[:n]]), np.sort(pool[:n][is_val[:n]])
+        row = {"N": n, "n_train": len(train), "n_val": len(val)}
+        for op in ops:
+            t0 = time.perf_counter()
+            model, info = train_operator(op, cache.dim, dim, data, train, val, args, log)
+            err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
+            row[op] = {**err, "average": float(np.mean(list(err.values()))), "seconds": time.perf_counter() - t0,
+                       **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden")}}
+        results.append(row)
+        log.info(f"N={n}: average test NRMSE " + ", ".join(f"{op} {row[op]['average']:.3f}" for op in ops))
+        write_json(run / "n_sweep.json", {"dim": dim, "n_test": len(test), "layout": args.ae_layout,
+                                          "teachers": [t["name"] for t in cache.teachers], "results": results})
+    head = ["N (train + val)"] + [op.upper() for op in ops]
+    rows = [[f"{r['N']} ({r['n_train']} + {r['n_val']})"] + [r[op]["average"] for op in ops] for r in results]
+    md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
+    (run / "n_sweep.md").write_text(f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
+                                    f"autoencoder layout {args.ae_layout}\n\n{md}\n")
+    plot(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
+         "faces G learns from (N)", f"Reconstruction error of G vs corpus size (h_G width {dim})")
+    log.info("\n" + md)
 
 
 def list_teachers() -> None:
@@ -344,6 +414,13 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         args.out = args.out or Path("feats/demo")
+    n_synth = synth.parse(args.data)
+    if n_synth:
+        root = synth.default_root(n_synth, args.synth_size, args.seed)
+        args.data = synth.ensure(n_synth, root, args.synth_size, args.seed) if rank == 0 else root
+        if world > 1:
+            dist.barrier()
+        args.out = args.out or Path("feats") / root.name
     args.out = args.out or Path("feats")
     images = list_images(args.data)
     if not images:

@@ -1,18 +1,26 @@
 """Fusion operators G (paper section 3.2): from the standardised concatenation of all h_i to h_G, and back.
 
 Every operator is a module with encode (x -> h_G) and decode (h_G -> x~), all in standardised units:
-  ae      the paper's autoencoder: 3 linear layers whose widths shrink geometrically from the input
-          width to h_G (5488 -> 3136 -> 1792 -> 1024 in the paper), and the mirror decoder; MSE on all h_i
-  vae     same layers, the encoder also gives a log-variance; h_G is the mean
-  dae     same as ae, trained on inputs with a fraction of dimensions zeroed (masking noise)
+  ae      autoencoder, MSE on all h_i. Layout "residual" (default): a linear path initialised from the
+          PCA fit plus a non-linear residual (one hidden layer each way, width following the corpus size,
+          dropout, masking noise) whose output layers start at zero, so training starts from PCA and
+          early stopping on validation faces can only keep it or improve on it. Layout "paper": 3 linear
+          layers whose widths shrink geometrically to h_G (5488 -> 3136 -> 1792 -> 1024), mirrored.
+  vae     same layouts, the encoder also gives a log-variance; h_G is the mean
+  dae     same layouts, trained on inputs with a fraction of dimensions zeroed (masking noise)
   pca     linear projection on the top principal axes, fitted from a streamed covariance
   concat  no reduction: h_G is the standardised concatenation itself
+Every operator carries a per-dimension loss weight (`weight`, all ones by default); block_weights gives
+each teacher's block the same total weight, and PCA then fits the weighted covariance, which is the
+best linear operator for that weighted loss.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
+LAYOUTS = ("residual", "paper")
 
 
 def layer_widths(d_in: int, d_out: int, layers: int = 3) -> list[int]:
@@ -38,10 +47,39 @@ def mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def hidden_width(n_train: int, d_in: int, d_out: int) -> int:
+    """Hidden width of the residual layout: an eighth of the training faces, in steps of 32, between 64 and
+    the paper's first hidden width (3136 for 5488 -> 1024), so that a small corpus gets a small network."""
+    cap = layer_widths(d_in, d_out)[1]
+    return int(max(64, min(cap, 32 * round(n_train / 8 / 32))))
+
+
+def weighted_mse(x_hat, x, weight):
+    return torch.mean(weight * (x_hat - x) ** 2)
+
+
+def block_weights(widths: list[int]) -> torch.Tensor:
+    """Per-dimension loss weight that gives each teacher's block the same total (mean weight 1)."""
+    d_in = sum(widths)
+    return torch.cat([torch.full((w,), d_in / (len(widths) * w)) for w in widths])
+
+
+def kl_term(mu, logvar):
+    return -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
+
+
+def mask_noise(x, p):
+    """Masking noise with inverted scaling: dimensions zeroed with probability p, the rest scaled by 1/(1-p)."""
+    return x * (torch.rand_like(x) >= p) / (1 - p) if p > 0 else x
+
+
 class AutoEncoder(nn.Module):
+    """The paper's layout: geometric widths, ReLU, mirrored decoder, random initialisation."""
+
     def __init__(self, d_in: int, d_out: int, kind: str = "ae", mask: float = 0.2, beta: float = 1e-3):
         super().__init__()
         self.kind, self.mask, self.beta = kind, mask, beta
+        self.register_buffer("weight", torch.ones(d_in))
         w = layer_widths(d_in, d_out)
         enc = list(w)
         if kind == "vae":
@@ -61,26 +99,87 @@ class AutoEncoder(nn.Module):
         """Training loss on a batch of standardised rows."""
         if self.kind == "dae":
             keep = torch.rand_like(x) >= self.mask
-            return F.mse_loss(self.decoder(self.encoder(x * keep)), x)
+            return weighted_mse(self.decoder(self.encoder(x * keep)), x, self.weight)
         if self.kind == "vae":
             mu, logvar = self.encoder(x).chunk(2, dim=1)
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-            kl = -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
-            return F.mse_loss(self.decoder(z), x) + self.beta * kl
-        return F.mse_loss(self.decoder(self.encoder(x)), x)
+            return weighted_mse(self.decoder(z), x, self.weight) + self.beta * kl_term(mu, logvar)
+        return weighted_mse(self.decoder(self.encoder(x)), x, self.weight)
+
+
+class ResidualAE(nn.Module):
+    """x -> h_G = L x + r(x), h_G -> x~ = L' h_G + r'(h_G). L, L' start as the PCA fit (pca_init) and r, r'
+    are one-hidden-layer networks whose last layer starts at zero: at step 0 this *is* PCA. Regularised by
+    dropout, masking noise on the residual's input (dae: on the whole input) and weight decay on r, r'."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str = "ae", dropout: float = 0.1,
+                 mask: float | None = None, beta: float = 1e-3):
+        super().__init__()
+        self.kind, self.beta, self.d_out = kind, beta, d_out
+        self.mask = (0.2 if kind == "dae" else 0.1) if mask is None else mask
+        self.register_buffer("weight", torch.ones(d_in))
+        self.lin_enc = nn.Linear(d_in, d_out, bias=False)
+        self.lin_dec = nn.Linear(d_out, d_in, bias=False)
+        self.enc_hidden = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.enc_out = nn.Linear(hidden, d_out)
+        self.dec_res = nn.Sequential(nn.Linear(d_out, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_in))
+        for last in (self.enc_out, self.dec_res[-1]):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        if kind == "vae":  # log-variance head; starts near zero variance, i.e. near the deterministic PCA code
+            self.enc_logvar = nn.Linear(hidden, d_out)
+            nn.init.zeros_(self.enc_logvar.weight)
+            nn.init.constant_(self.enc_logvar.bias, -6.0)
+
+    @torch.no_grad()
+    def pca_init(self, pca: "PCA") -> None:
+        """Linear path = the PCA fit (with its weighting folded in), so training starts at PCA's error."""
+        self.lin_enc.weight.copy_((pca.components * pca.scale[:, None]).T)
+        self.lin_dec.weight.copy_(pca.components / pca.scale[:, None])
+
+    def residual_params(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("lin_")]
+
+    def _code(self, x, noisy: bool):
+        hid = self.enc_hidden(mask_noise(x, self.mask) if noisy and self.kind != "dae" else x)
+        mu = self.lin_enc(x) + self.enc_out(hid)
+        return mu, hid
+
+    def encode(self, x):
+        return self._code(x, False)[0]
+
+    def decode(self, h):
+        return self.lin_dec(h) + self.dec_res(h)
+
+    def loss(self, x):
+        inp = mask_noise(x, self.mask) if self.kind == "dae" else x
+        mu, hid = self._code(inp, True)
+        if self.kind == "vae":
+            logvar = self.enc_logvar(hid)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            return weighted_mse(self.decode(z), x, self.weight) + self.beta * kl_term(mu, logvar)
+        return weighted_mse(self.decode(mu), x, self.weight)
 
 
 class PCA(nn.Module):
+    """Projection on the top principal axes of the weighted rows x * sqrt(weight): the best linear
+    operator of width d_out for the (weighted) mean squared reconstruction error."""
+
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.register_buffer("components", torch.zeros(d_in, d_out))
+        self.register_buffer("weight", torch.ones(d_in))
         self.d_out = d_out
+
+    @property
+    def scale(self):
+        return self.weight.sqrt()
 
     def fit(self, batches) -> None:
         """Top eigenvectors of the covariance, accumulated in float64 batch by batch (data is already centred)."""
         cov, n = None, 0
         for x in batches:
-            x = x.double()
+            x = x.double() * self.scale.double()
             cov = x.T @ x if cov is None else cov + x.T @ x
             n += len(x)
         vals, vecs = torch.linalg.eigh(cov / max(n - 1, 1))
@@ -88,10 +187,10 @@ class PCA(nn.Module):
         self.components.copy_(top.float())
 
     def encode(self, x):
-        return x @ self.components
+        return (x * self.scale) @ self.components
 
     def decode(self, h):
-        return h @ self.components.T
+        return (h @ self.components.T) / self.scale
 
 
 class Concat(nn.Module):
@@ -106,8 +205,13 @@ class Concat(nn.Module):
         return h
 
 
-def build(op: str, d_in: int, d_out: int) -> nn.Module:
+def build(op: str, d_in: int, d_out: int, layout: str = "paper", hidden: int = 0) -> nn.Module:
+    """An untrained operator; the residual layout needs its hidden width (see hidden_width)."""
     if op in ("ae", "vae", "dae"):
+        if layout == "residual":
+            return ResidualAE(d_in, d_out, hidden or hidden_width(0, d_in, d_out), kind=op)
+        if layout != "paper":
+            raise ValueError(f"unknown autoencoder layout {layout!r}: choose from {', '.join(LAYOUTS)}")
         return AutoEncoder(d_in, d_out, kind=op)
     if op == "pca":
         return PCA(d_in, d_out)
@@ -116,13 +220,21 @@ def build(op: str, d_in: int, d_out: int) -> nn.Module:
     raise ValueError(f"unknown fusion operator {op!r}: choose from {', '.join(OPERATORS)}")
 
 
+def config(model: nn.Module, op: str, d_in: int, d_out: int) -> dict:
+    """What build needs to make this model again."""
+    cfg = {"op": op, "d_in": d_in, "d_out": d_out}
+    if isinstance(model, ResidualAE):
+        cfg.update(layout="residual", hidden=model.enc_out.in_features)
+    return cfg
+
+
 def save(model: nn.Module, op: str, d_in: int, d_out: int, path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not state:  # safetensors refuses an empty file; concat has no parameters
         state = {"_empty": torch.zeros(1)}
-    meta = {"config": json.dumps({"op": op, "d_in": d_in, "d_out": d_out})}
+    meta = {"config": json.dumps(config(model, op, d_in, d_out))}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".part")
     save_file(state, str(tmp), metadata=meta)
@@ -135,11 +247,130 @@ def load(path) -> tuple[nn.Module, dict]:
 
     with safe_open(str(path), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
-    model = build(cfg["op"], cfg["d_in"], cfg["d_out"])
+    model = build(cfg["op"], cfg["d_in"], cfg["d_out"], cfg.get("layout", "paper"), cfg.get("hidden", 0))
     state = load_file(str(path))
     state.pop("_empty", None)
-    model.load_state_dict(state)
+    state.setdefault("weight", model.state_dict().get("weight"))  # files written before the loss weights existed
+    model.load_state_dict({k: v for k, v in state.items() if v is not None})
     return model.eval(), cfg
+
+
+# ------------------------------------------------------------------------------------- protocol
+def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: float, test_frac: float,
+                    val_max: int, test_max: int) -> dict[str, np.ndarray]:
+    """Train / validation / test rows of G. Each face draws a number from a seeded hash of its key (its
+    image path), so the split depends on the faces alone: the same after a resume, the same for every
+    operator, and a face keeps its role when the corpus grows. Test is the faces with the lowest numbers,
+    validation the next ones; each has at least 2 faces and at most *_max (the rest train G)."""
+    rows = np.asarray(rows)
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\t{keys[r]}".encode(), digest_size=8).digest(), "little")
+                  for r in rows], dtype=np.uint64)
+    order = rows[np.argsort(u, kind="stable")]
+    n_test = min(test_max, max(2, int(round(len(rows) * test_frac))))
+    n_val = min(val_max, max(2, int(round(len(rows) * val_frac))))
+    if len(rows) < n_test + n_val + 2:
+        raise ValueError(f"{len(rows)} faces cannot be split into training, {n_val} validation and {n_test} test faces")
+    return {"train": np.sort(order[n_test + n_val:]), "val": np.sort(order[n_test:n_test + n_val]),
+            "test": np.sort(order[:n_test])}
+
+
+class Rows:
+    """Standardised rows held in memory, with the batches interface that fit expects (tests, small corpora)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __call__(self, rows):
+        return self.x[torch.as_tensor(np.asarray(rows))]
+
+    def batches(self, rows, size, rng=None):
+        rows = rng.permutation(rows) if rng is not None else np.asarray(rows)
+        for i in range(0, len(rows), size):
+            yield self(rows[i:i + size])
+
+
+@dataclass
+class Recipe:
+    """How an autoencoder is trained: by steps, warm-up then cosine schedule, early stopping on validation."""
+    layout: str = "residual"
+    steps: int = 1000
+    batch: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # on the residual networks only: the linear path is the PCA fit
+    eval_every: int = 50
+    patience: int = 10  # evaluations without a better validation error before stopping
+    seed: int = 0
+
+
+@torch.no_grad()
+def val_loss(model, data, rows) -> float:
+    """Mean weighted squared error of encode-decode on rows (standardised units, weights as in training)."""
+    model.eval()
+    total = sum(float((model.weight * (model.decode(model.encode(x)) - x) ** 2).sum())
+                for x in data.batches(rows, 4096))
+    return total / (len(rows) * len(model.weight))
+
+
+def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight=None, device="cpu", progress=None):
+    """Train one operator on the train rows; autoencoders keep the state of their best validation error.
+
+    Returns (model in eval mode, info dict). The residual layout evaluates its starting point (the PCA fit)
+    first, so the state kept is never worse than PCA on the validation faces."""
+    torch.manual_seed(recipe.seed)
+    hidden = hidden_width(len(train), d_in, d_out)
+    model = build(op, d_in, d_out, recipe.layout, hidden).to(device)
+    if weight is not None and hasattr(model, "weight"):
+        model.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+    info = {"op": op, "layout": recipe.layout if op in ("ae", "vae", "dae") else None, "n_train": len(train),
+            "n_val": len(val)}
+    if op == "pca":
+        model.fit(data.batches(train, 4096))
+    if op in ("pca", "concat"):
+        return model.eval(), info
+    if isinstance(model, ResidualAE):
+        pca = PCA(d_in, d_out).to(device)
+        pca.weight.copy_(model.weight)
+        pca.fit(data.batches(train, 4096))
+        model.pca_init(pca)
+        groups = [{"params": [p for n, p in model.named_parameters() if n.startswith("lin_")], "weight_decay": 0.0},
+                  {"params": model.residual_params(), "weight_decay": recipe.weight_decay}]
+        info["hidden"] = hidden
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]  # the paper's plain Adam
+    opt = torch.optim.AdamW(groups, lr=recipe.lr)
+    warm = max(1, recipe.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
+    rng = np.random.default_rng(recipe.seed)
+    best, best_step, best_state, waited = val_loss(model, data, val), 0, None, 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step, stop = 0, False
+    while not stop:
+        for x in data.batches(train, recipe.batch, rng):
+            model.train()
+            loss = model.loss(x)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{op}: loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step)
+            if step % recipe.eval_every == 0 or step == recipe.steps:
+                v = val_loss(model, data, val)
+                if v < best:
+                    best, best_step, waited = v, step, 0
+                    best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+                else:
+                    waited += 1
+                if waited >= recipe.patience or step >= recipe.steps:
+                    stop = True
+                    break
+    model.load_state_dict(best_state)
+    info.update(best_val_mse=best, best_step=best_step, steps_run=step)
+    return model.eval(), info
 
 
 def nrmse_per_block(x_hat: np.ndarray, x: np.ndarray, mean: np.ndarray, slices: dict) -> dict[str, float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import synth
 from common.cache import FeatureCache
 from tests.conftest import CHEAP
 
@@ -55,6 +56,53 @@ def test_table5_and_hG(fused):
     assert (fused / "run" / "dim_sweep.png").stat().st_size > 1000
     assert len(json.loads((fused / "run" / "dim_sweep.json").read_text())) == 2
     assert json.loads((fused / "run" / "args.json").read_text())["teachers"] == CHEAP
+
+
+def test_three_way_split_reported_disjoint_and_stable_under_resume(fused, face_dir):
+    import fuse
+
+    cache = FeatureCache(fused / "feats")
+    split = dict(np.load(fused / "feats" / "emb" / "ae" / "split.npz"))
+    sizes = json.loads((fused / "run" / "split.json").read_text())
+    assert {k: len(v) for k, v in split.items()} == {k: sizes[k] for k in ("train", "val", "test")}
+    assert min(sizes[k] for k in ("train", "val", "test")) >= 2
+    parts = [set(split[k].tolist()) for k in ("train", "val", "test")]
+    assert set().union(*parts) == set(np.flatnonzero(cache.found).tolist()) and sum(map(len, parts)) == len(set().union(*parts))
+    table = json.loads((fused / "run" / "table5.json").read_text())
+    assert table["n_test"] == sizes["test"] and table["split"] == {k: sizes[k] for k in ("train", "val", "test")}
+    # distill.py holds out every face G did not train on.
+    assert set(np.load(fused / "feats" / "emb" / "ae" / "val_rows.npy").tolist()) == parts[1] | parts[2]
+    # Running again on the finished cache (a resume) gives every operator the same faces.
+    fuse.main(["--data", str(face_dir), "--out", str(fused / "feats"), "--run-dir", str(fused / "run-again"),
+               "--teachers", CHEAP, "--ops", "pca", "--shard-size", "4", "--balance", "both"])
+    again = np.load(fused / "feats" / "emb" / "pca" / "split.npz")
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    cols = json.loads((fused / "run-again" / "table5.json").read_text())["nrmse"]
+    assert set(cols) == {"pca", "pca+bal"} and set(cols["pca+bal"]) == {"age", "gender", "onet"}
+    assert " bal" in (fused / "run-again" / "table5.md").read_text()
+
+
+def test_synth_faces_seeded_and_resumable(tmp_path):
+    a = synth.ensure(7, tmp_path / "a", size=32, seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 7 and files[0] == Path("00000/0000000.png")
+    first = {f: (a / f).read_bytes() for f in files}
+    # Killed half way: files lost, no completion record; the rerun draws exactly what was missing.
+    (a / "synth.json").unlink()
+    for f in files[2:5]:
+        (a / f).unlink()
+    synth.ensure(7, a, size=32, seed=3)
+    assert {f: (a / f).read_bytes() for f in files} == first
+    # The same seed draws the same faces in a fresh folder, N or not (face i does not depend on N) ...
+    b = synth.ensure(4, tmp_path / "b", size=32, seed=3)
+    assert all((b / f).read_bytes() == first[f] for f in files[:4])
+    # ... another seed other faces, and each picture is its own face.
+    c = synth.ensure(4, tmp_path / "c", size=32, seed=4)
+    assert (c / files[0]).read_bytes() != first[files[0]]
+    assert len(set(first.values())) == 7
+    assert synth.parse("synth:10k") == 10000 and synth.parse("/faces") is None
+    with pytest.raises(SystemExit, match="positive number"):
+        synth.parse("synth:lots")
 
 
 def test_other_teachers_on_same_cache_fail_clearly(fused, face_dir):

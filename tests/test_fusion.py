@@ -76,3 +76,118 @@ def test_nrmse_per_block():
     assert fusion.nrmse_per_block(x, x, mean, slices) == {"a": 0.0, "b": 0.0}
     r = fusion.nrmse_per_block(np.tile(mean, (100, 1)), x, mean, slices)
     assert r["a"] == pytest.approx(1.0) and r["b"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ residual layout, split, recipe
+def curved(n, d=32, k=3, seed=0, noise=0.05):
+    """Rows on a curved k-dim manifold (not a subspace): where a non-linear G can beat PCA."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand(n, k, generator=g) * 4 - 2
+    feats = torch.cat([z, torch.sin(2 * z), z ** 2, z[:, :1] * z[:, 1:2]], 1)
+    a = torch.randn(feats.shape[1], d, generator=torch.Generator().manual_seed(99))  # same map for every seed
+    x = feats @ a + noise * torch.randn(n, d, generator=g)
+    return (x - x.mean(0)) / x.std(0)
+
+
+def test_residual_starts_as_pca_and_round_trips(tmp_path):
+    x = curved(400)
+    pca = fusion.build("pca", 32, 4)
+    pca.weight.copy_(fusion.block_weights([8, 24]))
+    pca.fit([x])
+    model = fusion.build("ae", 32, 4, layout="residual", hidden=64)
+    model.weight.copy_(pca.weight)
+    model.pca_init(pca)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.decode(model.encode(x)), pca.decode(pca.encode(x)), atol=1e-4)
+    fusion.save(model, "ae", 32, 4, tmp_path / "G.safetensors")
+    loaded, cfg = fusion.load(tmp_path / "G.safetensors")
+    assert cfg == {"op": "ae", "d_in": 32, "d_out": 4, "layout": "residual", "hidden": 64}
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        assert torch.equal(loaded.weight, model.weight)
+
+
+def test_block_weights_balance_teachers_and_weighted_pca_is_best_linear():
+    w = fusion.block_weights([4, 12, 16])
+    assert w.shape == (32,) and float(w.mean()) == pytest.approx(1.0)
+    assert float(w[:4].sum()) == pytest.approx(float(w[4:16].sum())) == pytest.approx(float(w[16:].sum()))
+    x = curved(500)
+    plain, weighted = fusion.build("pca", 32, 4), fusion.build("pca", 32, 4)
+    weighted.weight.copy_(w)
+    plain.fit([x])
+    weighted.fit([x])
+    err = lambda m: float((w * (m.decode(m.encode(x)) - x) ** 2).mean())
+    # Weighted PCA minimises the weighted error; the plain fit, chosen for another loss, does worse on it.
+    assert err(weighted) < err(plain)
+
+
+def keys(n):
+    return [f"faces/{i:05d}.png" for i in range(n)]
+
+
+def test_split_disjoint_stable_and_nested():
+    rows = np.arange(1000)[np.arange(1000) % 7 != 0]  # faces found among 1000 images
+    s = fusion.three_way_split(keys(1000), rows, 0, 0.1, 0.1, 10**6, 10**6)
+    parts = [set(s[k].tolist()) for k in ("train", "val", "test")]
+    assert sum(map(len, parts)) == len(rows) and set().union(*parts) == set(rows.tolist())
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert len(s["test"]) == len(s["val"]) == round(0.1 * len(rows))
+    # Same faces -> same split, whatever their order (a resumed or re-read cache); another seed -> another split.
+    again = fusion.three_way_split(keys(1000), rows[::-1].copy(), 0, 0.1, 0.1, 10**6, 10**6)
+    assert all(np.array_equal(s[k], again[k]) for k in s)
+    assert not np.array_equal(s["test"], fusion.three_way_split(keys(1000), rows, 1, 0.1, 0.1, 10**6, 10**6)["test"])
+    # A face keeps its role when the corpus grows: most of the small corpus' test faces stay test faces.
+    big = fusion.three_way_split(keys(3000), np.arange(3000), 0, 0.1, 0.1, 10**6, 10**6)
+    small = fusion.three_way_split(keys(3000), np.arange(1000), 0, 0.1, 0.1, 10**6, 10**6)
+    assert len(np.intersect1d(small["test"], big["test"])) >= 0.8 * len(small["test"])
+    capped = fusion.three_way_split(keys(1000), rows, 0, 0.1, 0.1, 20, 30)
+    assert len(capped["val"]) == 20 and len(capped["test"]) == 30
+    with pytest.raises(ValueError, match="cannot be split"):
+        fusion.three_way_split(keys(5), np.arange(5), 0, 0.1, 0.1, 10, 10)
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is several times faster than two on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def recipe_error(n, op, layout, make=curved, seed=0, steps=400, d_out=3):
+    x = make(n + 600, seed=seed)
+    rows = np.arange(len(x))
+    s = fusion.three_way_split(keys(len(x)), rows, seed, 0.1, 600 / len(x), 10**6, 10**6)
+    data = fusion.Rows(x)
+    recipe = fusion.Recipe(layout=layout, steps=steps, batch=128, lr=3e-3, eval_every=25, patience=6, seed=seed)
+    d = x.shape[1]
+    model, info = fusion.fit(op, d, d_out, data, s["train"], s["val"], recipe)
+    pca, _ = fusion.fit("pca", d, d_out, data, s["train"], s["val"], recipe)
+    return {name: fusion.val_loss(m, data, s[part]) for part in ("val", "test") for name, m in
+            ((f"{part}_model", model), (f"{part}_pca", pca))}, info
+
+
+@pytest.mark.parametrize("op", ["ae", "dae"])
+def test_residual_autoencoder_never_worse_than_pca(op, one_thread):
+    # 200 training rows near a 6-dim subspace of 40 dims, h_G of width 6: PCA is all there is to find, and a
+    # free non-linear network could only overfit. On the validation rows that choose its step the
+    # autoencoder cannot lose to PCA (it starts as PCA); on unseen test rows it may lose by at most the
+    # tolerance, 2 % of PCA's error.
+    err, info = recipe_error(250, op, "residual", make=correlated, steps=200, d_out=6)
+    assert err["val_model"] <= err["val_pca"] * (1 + 1e-4)
+    assert err["test_model"] <= err["test_pca"] * 1.02, (err, info)
+
+
+def test_residual_autoencoder_beats_pca_with_data(one_thread):
+    # A curved 3-dim manifold: with 1000 rows the non-linear residual finds what no 3-dim projection can.
+    err, info = recipe_error(1000, "ae", "residual", steps=300)
+    assert err["test_model"] < 0.8 * err["test_pca"], (err, info)
+    assert info["best_step"] > 0 and info["hidden"] == fusion.hidden_width(info["n_train"], 32, 3)
+
+
+def test_hidden_width_follows_corpus():
+    assert fusion.hidden_width(100, 5488, 1024) == 64
+    assert fusion.hidden_width(8000, 5488, 1024) == 992
+    assert fusion.hidden_width(10**7, 5488, 1024) == 3136  # the paper's first hidden width caps it
