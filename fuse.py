@@ -215,8 +215,9 @@ def recipe_of(args, n_train: int) -> fusion.Recipe:
 
 def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, weight=None):
     """Fit one operator on the training faces; the validation faces choose its step (never the test faces)."""
-    bar = tqdm(desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
-    model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe_of(args, len(train)), weight, data.device,
+    recipe = recipe_of(args, len(train))
+    bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
+    model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device,
                              progress=lambda s: bar.update(1))
     bar.close()
     if "best_step" in info:

@@ -342,8 +342,8 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
     rng = np.random.default_rng(recipe.seed)
-    best, best_step, best_state, waited = val_loss(model, data, val), 0, None, 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best, best_step, best_state, waited = val_loss(model, data, val), 0, snapshot(), 0
     step, stop = 0, False
     while not stop:
         for x in data.batches(train, recipe.batch, rng):
@@ -361,8 +361,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
             if step % recipe.eval_every == 0 or step == recipe.steps:
                 v = val_loss(model, data, val)
                 if v < best:
-                    best, best_step, waited = v, step, 0
-                    best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+                    best, best_step, best_state, waited = v, step, snapshot(), 0
                 else:
                     waited += 1
                 if waited >= recipe.patience or step >= recipe.steps:

@@ -6,6 +6,15 @@ import torch
 from common import fusion
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is several times faster than two on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_layer_widths_match_paper():
     assert fusion.layer_widths(5488, 1024) == [5488, 3136, 1792, 1024]
 
@@ -147,15 +156,6 @@ def test_split_disjoint_stable_and_nested():
         fusion.three_way_split(keys(5), np.arange(5), 0, 0.1, 0.1, 10, 10)
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices: one thread is several times faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def recipe_error(n, op, layout, make=curved, seed=0, steps=400, d_out=3):
     x = make(n + 600, seed=seed)
     rows = np.arange(len(x))
@@ -170,7 +170,7 @@ def recipe_error(n, op, layout, make=curved, seed=0, steps=400, d_out=3):
 
 
 @pytest.mark.parametrize("op", ["ae", "dae"])
-def test_residual_autoencoder_never_worse_than_pca(op, one_thread):
+def test_residual_autoencoder_never_worse_than_pca(op):
     # 200 training rows near a 6-dim subspace of 40 dims, h_G of width 6: PCA is all there is to find, and a
     # free non-linear network could only overfit. On the validation rows that choose its step the
     # autoencoder cannot lose to PCA (it starts as PCA); on unseen test rows it may lose by at most the
@@ -180,7 +180,7 @@ def test_residual_autoencoder_never_worse_than_pca(op, one_thread):
     assert err["test_model"] <= err["test_pca"] * 1.02, (err, info)
 
 
-def test_residual_autoencoder_beats_pca_with_data(one_thread):
+def test_residual_autoencoder_beats_pca_with_data():
     # A curved 3-dim manifold: with 1000 rows the non-linear residual finds what no 3-dim projection can.
     err, info = recipe_error(1000, "ae", "residual", steps=300)
     assert err["test_model"] < 0.8 * err["test_pca"], (err, info)
