@@ -283,6 +283,12 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     train, val, test = split["train"], split["val"], split["test"]
+    try:
+        n_sweep = sorted(int(float(n)) for n in args.n_sweep.split(",") if n.strip())
+    except ValueError:
+        raise SystemExit(f"--n-sweep {args.n_sweep!r}: write a comma list of face counts, e.g. 1000,3000,10000")
+    if n_sweep and n_sweep[-1] > len(train) + len(val):
+        raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
     sizes = {k: len(v) for k, v in split.items()}
     write_json(run / "split.json", {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac})
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
@@ -312,8 +318,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
 
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
-    if args.n_sweep:
-        sweep_n(cache, ops, data, split, slices, args, run, log)
+    if n_sweep:
+        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log)
     if not args.extract_only:
         name = write if variants[0] is None else f"{write}+bal"
         write_hG(cache, write, models[name], write, d_in, data, split, args)
@@ -353,22 +359,21 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
-def sweep_n(cache, ops, data, split, slices, args, run, log) -> None:
+def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
     Corpus size N counts G's training plus validation faces: the first N of a seeded order of the non-test
     faces, each keeping its role from the split, so every smaller corpus is part of the larger ones."""
     pool = np.random.default_rng(args.seed).permutation(np.union1d(split["train"], split["val"]))
     is_val = np.isin(pool, split["val"])
-    sizes = sorted(int(float(n)) for n in args.n_sweep.split(",") if n.strip())
-    if sizes[-1] > len(pool):
-        raise SystemExit(f"--n-sweep {sizes[-1]}: only {len(pool)} faces outside the test set (use a larger corpus)")
     test = split["test"]
     x_test = cache.features.take(test).astype(np.float64)
     dim = ([int(d) for d in args.dim.split(",") if d.strip()] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
         train, val = np.sort(pool[:n][~is_val[:n]]), np.sort(pool[:n][is_val[:n]])
+        if min(len(train), len(val)) < 2:
+            raise SystemExit(f"--n-sweep {n}: {len(train)} training and {len(val)} validation faces; use a larger N")
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:
             t0 = time.perf_counter()

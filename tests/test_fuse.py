@@ -82,6 +82,15 @@ def test_three_way_split_reported_disjoint_and_stable_under_resume(fused, face_d
     assert " bal" in (fused / "run-again" / "table5.md").read_text()
 
 
+def test_n_sweep_larger_than_corpus_fails_before_training(fused, face_dir, tmp_path):
+    import fuse
+
+    with pytest.raises(SystemExit, match="outside the test set"):
+        fuse.main(["--data", str(face_dir), "--out", str(fused / "feats"), "--run-dir", str(tmp_path / "run"),
+                   "--teachers", CHEAP, "--ops", "ae", "--shard-size", "4", "--n-sweep", "100,100000"])
+    assert not (tmp_path / "run" / "table5.json").exists()
+
+
 def test_synth_faces_seeded_and_resumable(tmp_path):
     a = synth.ensure(7, tmp_path / "a", size=32, seed=3)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
