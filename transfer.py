@@ -15,6 +15,12 @@ Methods (--method, comma list or `all`):
   pca       MLP on the PCA of all h_i, fitted on the fuse.py faces, at h_G's width (Table 6 "PCA")
   bt        best single teacher: an MLP per teacher, the best on validation reported (Table 6 "BT")
   bct       best combination of teachers: every subset, brute force, the best on validation (Table 6 "BCT")
+  multitask one backbone with a head per task of --tasks, trained jointly on the union of their images, each
+            image contributing the labels it has (2MD-MTL); --pseudo-label DIR adds data distillation
+  kd        landmark and verification tasks: the student trained with the task loss plus a distillation term
+            toward a teacher that knows the task (O-Net's points, the identity teacher's embedding; Wang 2017)
+Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
+finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
 Faces the detector misses follow the paper's rule: a classification counts as wrong, a regression
 predicts the middle of the label range; how many were missed is reported for every task.
 Verification tasks (Identity-LFW) use the embedding directly: cosine of the pair, 10-fold accuracy.
@@ -35,7 +41,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fuse
-from common import fusion, metrics, precision, tasks
+from common import fusion, kd, metrics, multitask, precision, tasks
 from common.align import CANON
 from common.cache import FeatureCache, write_json, write_missed
 from common.facedata import aligned_crop, eval_transform, train_transform
@@ -45,7 +51,8 @@ from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct")
-IMAGE_METHODS = ("finetune", "frozen", "scratch")  # need no teacher
+EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask needs several tasks, kd a landmark/verification task
+IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd")  # need no fuse.py cache
 DEMO_TASK = "Face-LFWsubset"
 
 
@@ -55,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--task", help=f"task name (see --list); default: the embedded {DEMO_TASK}")
     p.add_argument("--tasks", help="comma list of tasks for one report table (each needs its --data via NAME=DIR)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")
-    p.add_argument("--method", default="finetune", help=f"comma list of {', '.join(METHODS)}, or all")
+    p.add_argument("--method", default="finetune",
+                   help=f"comma list of {', '.join(METHODS + EXTRA_METHODS)}, or all (the first {len(METHODS)})")
     p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
                    help="distill.py checkpoint or run folder (default: the one `python distill.py` writes)")
     p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
@@ -83,6 +91,25 @@ def parse_args(argv=None):
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
+    g = p.add_argument_group("multitask (2MD-MTL) and kd (Wang 2017)")
+    g.add_argument("--backbone", default="student",
+                   help="multitask backbone: student (the --student checkpoint), scratch (its architecture, random "
+                        "init) or a PyTorch teacher (onet, mobilenet_v2, ...)")
+    g.add_argument("--pseudo-label", type=Path, metavar="DIR",
+                   help="multitask data distillation: label these unlabelled faces (any folder tree) and the other "
+                        "datasets' training images for the tasks they lack, then train on; reported beside the "
+                        "same training without the pseudo-labels")
+    g.add_argument("--pseudo-threshold", type=float, default=0.9,
+                   help="keep a pseudo class when its probability, averaged over flips and scales, reaches this")
+    g.add_argument("--pseudo-agreement", type=float, default=0.05,
+                   help="keep a pseudo value (regression, landmarks) when its std over flips and scales is at most "
+                        "this fraction of the label range (of the face crop for landmarks)")
+    g.add_argument("--pseudo-epochs", type=int, default=None, help="epochs after pseudo-labelling (default: --epochs)")
+    g.add_argument("--kd-weight", type=float, default=1.0,
+                   help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
+    g.add_argument("--kd-teacher", default=None,
+                   help="kd's teacher: onet for landmark tasks (its 5 points), an identity teacher for verification "
+                        "(default sface)")
     return p.parse_args(argv)
 
 
@@ -376,7 +403,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
              f"applied: {n_noface} with no face, {n_bad} unreadable or missing, listed in "
              f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")
     student_cfg = student_config(args, methods, log)
-    y, lo_hi = targets(task, data, n_out) if task.kind != "verification" else (None, None)
+    y, lo_hi = targets(task, data, n_out) if task.kind not in ("verification", "landmarks") else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
     # Every choice (epochs, best teacher, subset) is made on validation faces, never on the test ones.
     groups = [s.group for s in data.samples] if task.protocol.startswith("leave-one") else None
@@ -389,6 +416,16 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
                 if unsup else None)
     results = {}
     for method in methods:
+        if method == "multitask":
+            continue  # one joint model over every task: main() runs it once all tasks are read
+        if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
+            teacher = (task_cache(task, data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
+                                  log) if method == "kd" else None)
+            results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
+            log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
+            continue
+        if method == "kd":
+            raise SystemExit(f"{task.name}: kd distils into landmark and verification tasks only")
         features = method_features(method, cache, unsup, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log)
@@ -533,13 +570,37 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
               + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
                  if r["results"][m].get("search") else "") + " , chosen on validation"
               for r in all_results for m in methods if r["results"][m].get("chosen")]
+    extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
+             if r["results"][m].get("note")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
-                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + chosen)
+                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + chosen + extra)
     text = f"{md}\n\n{notes}\n"
     (run / "report.md").write_text(text)
     write_json(run / "report.json", all_results)
     log.info("\n" + text)
     return text
+
+
+def joint(read, all_results, methods, args, device, log) -> list[str]:
+    """The multitask method: one model over every task (2MD-MTL); its entries join each task's results."""
+    jobs = [(task, data, task_cache(task, data, root, [], args, device, log)) for task, data, root in read]
+    unlabelled = None
+    if args.pseudo_label:
+        from types import SimpleNamespace
+
+        from common.images import list_images
+
+        root = args.pseudo_label
+        data = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
+        unlabelled = (data, task_cache(SimpleNamespace(name=f"unlabelled-{root.resolve().name}"), data, root, [], args,
+                                       device, log))
+        args.pseudo_epochs = args.pseudo_epochs or args.epochs
+    results = multitask.run_joint(jobs, args, device, log, unlabelled)
+    for r in all_results:
+        r["results"].update(results[r["task"]])
+    if unlabelled:
+        methods = [*methods, "multitask+pseudo"]
+    return methods
 
 
 def task_named(name: str) -> tasks.Task:
@@ -557,8 +618,8 @@ def main(argv=None):
     device = pick_device(args.device)
     methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS)} or all)")
+        if m not in METHODS + EXTRA_METHODS:
+            raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
     jobs = []
     if args.tasks:
         for item in args.tasks.split(","):
@@ -576,12 +637,15 @@ def main(argv=None):
         jobs.append((task, root))
     run = make_run_dir(args.run_dir, "transfer", args)
     log = get_logger(run, "transfer")
-    all_results = []
+    all_results, read = [], []
     for task, root in jobs:
         data = task.loader(root, {})
         if data.skipped:
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
         all_results.append(evaluate_task(task, data, root, methods, args, device, run, log))
+        read.append((task, data, root))
+    if "multitask" in methods:
+        methods = joint(read, all_results, methods, args, device, log)
     report(all_results, methods, run, log)
     log.info(f"run folder: {run}")
 

@@ -31,6 +31,30 @@ def mae(pred, target) -> float:
     return float(np.mean(np.abs(pred - target)))
 
 
+# The two points whose distance normalises a landmark error: the eye centres of 5-point layouts (CelebA,
+# MTCNN); the outer eye corners of the 68 iBUG points, the "inter-ocular" normalisation of 300-W.
+OCULAR = {5: (0, 1), 68: (36, 45)}
+
+
+def nme(pred, target) -> float:
+    """Landmark error: per image, the mean point-to-point distance over the inter-ocular distance
+    (OCULAR), then the mean over images. pred, target: (N, K, 2) in the same pixels.
+
+    NaN predictions are refused: faces the detector missed get their prediction from the missed-face
+    rule (the mean training shape) before scoring.
+    """
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    if len(target) == 0:
+        raise ValueError("NME of an empty set")
+    if np.isnan(pred).any():
+        raise ValueError("NME: NaN predictions; apply the missed-face rule first")
+    if target.shape[1] not in OCULAR:
+        raise ValueError(f"NME: no inter-ocular points known for {target.shape[1]} landmarks")
+    a, b = OCULAR[target.shape[1]]
+    d = np.linalg.norm(target[:, a] - target[:, b], axis=1)
+    return float(np.mean(np.linalg.norm(pred - target, axis=2).mean(1) / np.maximum(d, 1e-9)))
+
+
 def mean_error_rate(pred, target, threshold: float = 0.5) -> float:
     """Multi-label error: the error rate of each attribute, averaged over attributes (CelebA "ER").
 
@@ -109,5 +133,5 @@ def pooled(metric, test_indices, preds, targets) -> float:
     return metric(p, np.asarray(targets)[idx])
 
 
-METRICS = {"accuracy": accuracy, "mae": mae, "error_rate": mean_error_rate}
-LOWER_IS_BETTER = {"mae", "error_rate"}
+METRICS = {"accuracy": accuracy, "mae": mae, "error_rate": mean_error_rate, "nme": nme}
+LOWER_IS_BETTER = {"mae", "error_rate", "nme"}

@@ -65,10 +65,10 @@ class TaskData:
 class Task:
     name: str
     knowledge: str
-    kind: str  # "classification" | "regression" | "multilabel" | "verification"
+    kind: str  # "classification" | "regression" | "multilabel" | "verification" | "landmarks"
     num_outputs: int  # 0: not fixed by the task (classes found in the data, or an embedding for verification)
     label_range: tuple | None  # (min, max) of a regression target, for the missed-face rule
-    metric: str  # "accuracy" | "mae" | "error_rate" | "verification_accuracy"
+    metric: str  # "accuracy" | "mae" | "error_rate" | "nme" | "verification_accuracy"
     protocol: str
     layout: str
     loader: Callable[[Path, dict], TaskData] = field(hash=False)
@@ -359,6 +359,78 @@ def _fer2013(root: Path, p: dict) -> TaskData:
     return TaskData(samples, [split], label_names=FER_NAMES)
 
 
+CELEBA_POINTS = ["lefteye", "righteye", "nose", "leftmouth", "rightmouth"]
+
+
+def _celeba_landmarks(root: Path, p: dict) -> TaskData:
+    """5 points per face from list_landmarks_align_celeba.txt (aligned crops) or list_landmarks_celeba.txt
+    (in-the-wild images): a count line, the 10 column names, then `file x1 y1 ... x5 y5`."""
+    root = _sub(root, "celeba")
+    images, name = ("img_align_celeba", "list_landmarks_align_celeba.txt") if p.get("aligned", True) else \
+        ("img_celeba", "list_landmarks_celeba.txt")
+    images = _need(root / images)
+    lines = _need(root / name).read_text().splitlines()
+    columns = lines[1].split()
+    if columns != [f"{n}_{c}" for n in CELEBA_POINTS for c in "xy"]:
+        raise ValueError(f"{name}: expected the columns lefteye_x ... rightmouth_y, got {columns}")
+    samples = []
+    for line in lines[2:]:
+        parts = line.split()
+        if parts:
+            samples.append(Sample(str(images / parts[0]), np.array(parts[1:11], np.float64).reshape(5, 2)))
+    part = dict(line.split() for line in _need(root / "list_eval_partition.txt").read_text().splitlines() if line.strip())
+    which = np.array([int(part[Path(s.path).name]) for s in samples])
+    split = Split("official partition", _idx(which == 0), _idx(which == 2), _idx(which == 1))
+    return TaskData(samples, [split], label_names=CELEBA_POINTS)
+
+
+def read_pts(path: Path) -> np.ndarray:
+    """An iBUG .pts file (`version: 1`, `n_points: 68`, `{`, one `x y` per line, `}`) as (K, 2) 0-based pixels.
+
+    iBUG counts pixels from 1 (MATLAB); 1 is taken off so that points sit on the pixel grid of the image.
+    """
+    text = path.read_text().split("{", 1)
+    head = dict(line.split(":", 1) for line in text[0].splitlines() if ":" in line)
+    if len(text) < 2 or "n_points" not in head:
+        raise ValueError(f"{path}: not an iBUG .pts file (no n_points header or no {{ ... }} block)")
+    values = np.array(text[1].split("}")[0].split(), np.float64)
+    n = int(head["n_points"])
+    if len(values) != 2 * n:
+        raise ValueError(f"{path}: n_points says {n}, found {len(values) / 2:g} points")
+    return values.reshape(n, 2) - 1
+
+
+# The usual "full" 300-W test set: the common subset (LFPW and HELEN test images) plus the challenging iBUG.
+_300W_TEST = re.compile(r"(^|/)(testset|ibug)(/|$)", re.IGNORECASE)
+
+
+def _300w(root: Path, p: dict) -> TaskData:
+    """Every image under root with a .pts file of the same name beside it."""
+    samples, test, skipped = [], [], []
+    for pts in sorted(root.rglob("*.pts")):
+        image = next((pts.with_suffix(e) for e in (".png", ".jpg", ".jpeg") if pts.with_suffix(e).exists()), None)
+        if image is None:
+            skipped.append(str(pts.relative_to(root)))
+            continue
+        samples.append(Sample(str(image), read_pts(pts)))
+        test.append(bool(_300W_TEST.search(str(pts.parent.relative_to(root)).replace(os.sep, "/"))))
+    if not samples:
+        raise FileNotFoundError(f"missing annotations: no {root}/**/*.pts beside its image")
+    if len({len(s.label) for s in samples}) > 1:
+        raise ValueError(f"{root}: the .pts files do not all have the same number of points")
+    test = np.array(test)
+    seed, fractions = p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1)))
+    if test.any() and not test.all():
+        # Training folders (afw, helen/trainset, lfpw/trainset): a seeded 10% of them chooses the epoch.
+        train = np.random.default_rng(seed).permutation(_idx(~test))
+        n_val = int(round(0.1 * len(train)))
+        split = Split("trainsets + afw / testsets + ibug (300-W full set)", np.sort(train[n_val:]), _idx(test),
+                      np.sort(train[:n_val]))
+    else:
+        split = random_split(len(samples), seed, fractions)
+    return TaskData(samples, [split], skipped=skipped)
+
+
 # FGNET/images/001A02.JPG: subject 001, age 02; a trailing letter tells apart photos at the same age.
 _FGNET_NAME = re.compile(r"(\d{3})A(\d{2})[a-z]?\.jpg", re.IGNORECASE)
 
@@ -582,6 +654,17 @@ _REGISTRY = [
          "Images/<subject>/<sequence>/<frame>.png + Frame_Labels/PSPI/<subject>/<sequence>/<frame>_facs.txt", _unbc),
     Task("Object-TinyImageNet", "Object Classification", "classification", 200, None, "accuracy",
          "train on train/, report val/ accuracy (the paper's stand-in for Object-ImageNet)", TINY_LAYOUT, _tiny_imagenet),
+    Task("Align-CelebA", "Face Alignment", "landmarks", 10, None, "nme",
+         "official partition (list_eval_partition.txt); NME over the 5 points, normalised by the distance between "
+         "the eye centres; a missed face predicts the mean training shape",
+         "celeba/{img_align_celeba/*.jpg, list_landmarks_align_celeba.txt, list_eval_partition.txt} "
+         "(params aligned=False: img_celeba/ + list_landmarks_celeba.txt)", _celeba_landmarks, {"aligned": True}),
+    Task("Align-300W", "Face Alignment", "landmarks", 136, None, "nme",
+         "train on afw + */trainset, test on */testset + ibug (the full 300-W set; a seeded 10% of the training "
+         "images chooses the epoch), or a random 80/10/10 split (seed 0) for a tree without them; NME over the 68 "
+         "points normalised by the outer eye corners (inter-ocular); a missed face predicts the mean training shape",
+         "root/**/<name>.{png,jpg} with <name>.pts beside it (iBUG format, e.g. afw/, helen/trainset/, "
+         "lfpw/testset/, ibug/, or 300W/01_Indoor/)", _300w, dict(SPLIT)),
     Task("FER2013", "Emotion Classification", "classification", 7, None, "accuracy",
          "train on Training, validate on PublicTest, report PrivateTest accuracy",
          "fer2013/fer2013.csv (emotion,pixels,Usage; 48x48 grey pixels in the CSV)", _fer2013),
@@ -593,7 +676,7 @@ ALIASES = {"Object-ImageNet": "Object-TinyImageNet"}
 
 
 def register_task(task: Task) -> Task:
-    if task.kind not in ("classification", "regression", "multilabel", "verification"):
+    if task.kind not in ("classification", "regression", "multilabel", "verification", "landmarks"):
         raise ValueError(f"{task.name}: unknown kind {task.kind!r}")
     if task.metric not in {*metrics.METRICS, "verification_accuracy"}:
         raise ValueError(f"{task.name}: unknown metric {task.metric!r}")

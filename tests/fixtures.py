@@ -119,6 +119,70 @@ def make_celeba(root: Path) -> Path:
     (d / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     (d / "list_eval_partition.txt").write_text("".join(f"{f} {p}\n" for f, p in zip(files, CELEBA_PARTITION)))
     (d / "identity_CelebA.txt").write_text("".join(f"{f} {1 + k // 3}\n" for k, f in enumerate(files)))
+    header = " ".join(f"{n}_{c}" for n in ("lefteye", "righteye", "nose", "leftmouth", "rightmouth") for c in "xy")
+    rows = [f + "".join(f" {v:4d}" for v in np.round(five_point_labels(k)).astype(int).ravel())
+            for k, f in enumerate(files)]
+    (d / "list_landmarks_align_celeba.txt").write_text("\n".join([str(len(files)), header] + rows) + "\n")
+    return d
+
+
+def five_point_labels(k: int) -> np.ndarray:
+    """Made-up but plausible 5 points of fixture face k (SIZE pixels): the alignment template, jittered."""
+    from common.align import CANON, TEMPLATE
+
+    return TEMPLATE * SIZE / CANON + np.random.default_rng(100 + k).uniform(-2, 2, (5, 2))
+
+
+def shape_68(size: int = SIZE) -> np.ndarray:
+    """A left-right symmetric 68-point iBUG shape placed on the alignment template's eyes, nose and mouth."""
+    from common.align import CANON, TEMPLATE
+
+    t = TEMPLATE * size / CANON
+    cx, eye_y, eye_dx = (t[0, 0] + t[1, 0]) / 2, t[0, 1], (t[1, 0] - t[0, 0]) / 2
+    nose, mouth_y, mouth_dx = t[2], (t[3, 1] + t[4, 1]) / 2, (t[4, 0] - t[3, 0]) / 2
+    a = np.linspace(0, np.pi / 2, 9)  # jaw, image-left half: from the temple (0) down to the chin (8)
+    jaw = np.stack([cx - 1.9 * eye_dx * np.cos(a), eye_y + (mouth_y + 0.9 * eye_dx - eye_y) * np.sin(a)], 1)
+    brow = np.stack([cx - eye_dx + np.linspace(-0.7, 0.5, 5) * eye_dx, eye_y - 0.45 * eye_dx - 0.1 * eye_dx *
+                     np.sin(np.linspace(0, np.pi, 5))], 1)
+    bridge = np.stack([np.full(4, cx), np.linspace(eye_y, nose[1], 4)], 1)
+    nostril = np.stack([cx + np.linspace(-0.35, 0.35, 5) * eye_dx, np.full(5, nose[1] + 0.15 * eye_dx)], 1)
+    ring = lambda c, rx, ry, n: np.stack([c[0] + rx * np.cos(np.linspace(np.pi, -np.pi, n, endpoint=False)),  # noqa: E731
+                                          c[1] - ry * np.sin(np.linspace(np.pi, -np.pi, n, endpoint=False))], 1)
+    eye_l = ring((cx - eye_dx, eye_y), 0.3 * eye_dx, 0.12 * eye_dx, 6)
+    mouth_o = ring((cx, mouth_y), mouth_dx, 0.25 * mouth_dx, 12)
+    mouth_i = ring((cx, mouth_y), 0.7 * mouth_dx, 0.1 * mouth_dx, 8)
+    mirror = lambda p: np.stack([2 * cx - p[:, 0], p[:, 1]], 1)  # noqa: E731
+    from common.landmarks import FLIP_68
+
+    pts = np.zeros((68, 2))
+    pts[0:9], pts[17:22], pts[27:31], pts[31:36] = jaw, brow, bridge, nostril
+    pts[36:42], pts[48:60], pts[60:68] = eye_l, mouth_o, mouth_i
+    flip = np.array(FLIP_68)
+    for i in list(range(0, 9)) + list(range(17, 22)) + list(range(36, 42)):
+        pts[flip[i]] = mirror(pts[i:i + 1])[0]
+    return pts
+
+
+W300_FILES = {"afw": 3, "helen/trainset": 4, "lfpw/trainset": 3, "helen/testset": 2, "lfpw/testset": 1, "ibug": 1}
+
+
+def write_pts(path: Path, points: np.ndarray) -> None:
+    """An iBUG .pts file; points are 0-based pixels, written 1-based as iBUG does."""
+    body = "".join(f"{x + 1:.3f} {y + 1:.3f}\n" for x, y in points)
+    path.write_text(f"version: 1\nn_points:  {len(points)}\n{{\n{body}}}\n")
+
+
+def make_300w(root: Path) -> Path:
+    """300-W (iBUG layout): afw 3, helen/trainset 4, lfpw/trainset 3 (10 train: 1 of them validation),
+    helen/testset 2, lfpw/testset 1, ibug 1 (4 test); shape_68() jittered per image; one image without .pts, which the reader ignores."""
+    d = root / "300W"
+    k = 0
+    for folder, n in W300_FILES.items():
+        for i in range(n):
+            img = write_face(d / folder / f"image_{k:04d}.png" if folder == "ibug" else d / folder / f"{k}_{i}.jpg", k)
+            write_pts(img.with_suffix(".pts"), shape_68() + np.random.default_rng(200 + k).uniform(-1, 1, (68, 2)))
+            k += 1
+    write_face(d / "afw" / "unannotated.jpg", k)
     return d
 
 
@@ -366,10 +430,16 @@ MAKERS = {
     "Identity-LFW": make_lfw, "Gender-IMDb": make_imdb, "AgeR-IMDb": make_imdb, "Gender-UTK": make_utk,
     "AgeR-UTK": make_utk, "AgeC-UTK": make_utk, "Ethnic-UTK": make_utk, "Attrib-CelebA": make_celeba,
     "AgeR-FG": make_fgnet, "Pain-UNBC": make_unbc, "Object-TinyImageNet": make_tinyimagenet,
-    "Object-ImageNet": make_tinyimagenet, "FER2013": make_fer2013,
+    "Object-ImageNet": make_tinyimagenet, "FER2013": make_fer2013, "Align-CelebA": make_celeba, "Align-300W": make_300w,
 }
 
 
 def make_fixture(task_name: str, root) -> Path:
     """Build the fixture for a registered task under root; returns the folder to hand to its loader."""
     return MAKERS[task_name](Path(root))
+
+
+if __name__ == "__main__":  # python -m tests.fixtures TASK DIR: a tiny copy of TASK's layout, e.g. to try transfer.py
+    import sys
+
+    print(make_fixture(sys.argv[1], sys.argv[2]))
