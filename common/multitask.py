@@ -310,6 +310,8 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
         if frozen:
             model.backbone.eval()
         for x, r, v, f in dl:
+            if len(x) < 2:  # batch norm cannot train on one image: the odd one out waits for the next epoch
+                continue
             loss, _ = joint_loss(targets, model(x.to(device)), r, v, f)
             if loss is None:
                 continue
@@ -431,39 +433,46 @@ def validator(targets, rows, size, args, device):
 
 
 # ------------------------------------------------------------------------------------ data distillation
-def pseudo_label(model_for, targets: list[Target], rows: Rows, candidates: np.ndarray, size, args, device,
+def pseudo_label(model, states: dict, targets: list[Target], rows: Rows, candidates: np.ndarray, size, args, device,
                  threshold: float, agreement: float, log=None) -> dict:
     """Label candidate rows for the tasks they lack with the model's answers averaged over flips and scales.
 
-    model_for(task name) gives the model that labels that task (its best validation epoch). A classification
-    label is kept when its mean probability reaches `threshold`; a regression value or landmark shape when its
-    spread over the views (std, in [0, 1] units of the label range / of the crop) stays under `agreement`.
-    Attribute (multilabel) tasks are not pseudo-labelled. Real labels are never replaced.
-    Returns {task: rows added}.
+    states[task name] holds the weights that label that task (its best validation epoch); tasks sharing
+    weights are labelled in one pass. A classification label is kept when its mean probability reaches
+    `threshold`; a regression value or landmark shape when its spread over the views (std, in [0, 1] units of
+    the label range / of the crop) is at most `agreement`. Attribute (multilabel) tasks are not
+    pseudo-labelled. Real labels are never replaced. Returns {task: rows added}.
     """
-    added = {}
     found = np.asarray(rows.found)
+    todo = {t.name: np.array([r for r in candidates if found[r] and not t.mask[r]], np.int64) for t in targets
+            if t.on is None and t.kind not in ("multilabel", "embedding")}
+    groups = {}
     for t in targets:
-        if t.task is None or t.kind == "multilabel":
+        if t.name in todo:
+            groups.setdefault(id(states[t.name]), []).append(t)
+    added = {}
+    for group in groups.values():
+        ids = np.unique(np.concatenate([todo[t.name] for t in group]))
+        if not len(ids):
+            added.update({t.name: 0 for t in group})
             continue
-        todo = np.array([r for r in candidates if found[r] and not t.mask[r]], np.int64)
-        if not len(todo):
-            added[t.name] = 0
-            continue
-        p = predict(model_for(t.name), [t], rows, todo, size, args, device, views=TTA_VIEWS)
-        o, spread = p[t.name], p[t.name + ":spread"]
-        if t.kind == "classification":
-            conf, y = o.max(1)
-            keep = conf >= threshold
-        else:
-            keep, y = spread <= agreement, (o[:, 0] if t.kind == "regression" else o)
-        sel = torch.as_tensor(todo)[keep]
-        t.y[sel] = y[keep].to(t.y.dtype)
-        t.mask[sel] = True
-        t.pseudo[sel] = True
-        added[t.name] = int(keep.sum())
-        if log:
-            log.info(f"pseudo-labels {t.name}: {added[t.name]} of {len(todo)} candidate faces kept")
+        model.load_state_dict(states[group[0].name])
+        p = predict(model, group, rows, ids, size, args, device, views=TTA_VIEWS)
+        for t in group:
+            at = np.searchsorted(ids, todo[t.name])
+            o, spread = p[t.name][at], p[t.name + ":spread"][at]
+            if t.kind == "classification":
+                conf, y = o.max(1)
+                keep = conf >= threshold
+            else:
+                keep, y = spread <= agreement, (o[:, 0] if t.kind == "regression" else o)
+            sel = torch.as_tensor(todo[t.name])[keep]
+            t.y[sel] = y[keep].to(t.y.dtype)
+            t.mask[sel] = True
+            t.pseudo[sel] = True
+            added[t.name] = int(keep.sum())
+            if log:
+                log.info(f"pseudo-labels {t.name}: {added[t.name]} of {len(todo[t.name])} candidate faces kept")
     return added
 
 
@@ -532,19 +541,14 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     if not unlabelled:
         return {name: {"multitask": e} for name, e in evaluate(model, targets, rows, size, args, device, best).items()}
     round1 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    labeller = JointModel(build_backbone(args.backbone, args.student, device)[0], width, targets, args.hidden).to(device)
-
-    def model_for(name):
-        labeller.load_state_dict(best[name][1] if name in best else round1)
-        return labeller
+    states = {t.name: best[t.name][1] if t.name in best else round1 for t in targets}
 
     # Candidates: every training image of every dataset and the unlabelled faces, never a test or validation image.
     candidates = np.setdiff1d(np.concatenate([i[sp.train] for sp, i in zip(splits, ids)] + [un_ids]), held)
     plain = [Target(**{**t.__dict__, "y": t.y.clone(), "mask": t.mask.clone(), "pseudo": t.pseudo.clone()})
              for t in targets]
-    added = pseudo_label(model_for, targets, rows, candidates, size, args, device, args.pseudo_threshold,
+    added = pseudo_label(model, states, targets, rows, candidates, size, args, device, args.pseudo_threshold,
                          args.pseudo_agreement, log)
-    del labeller
     results = {}
     for name, tgts in (("multitask", plain), ("multitask+pseudo", targets)):
         model.load_state_dict(round1)

@@ -1,0 +1,208 @@
+"""Several tasks at once (2MD-MTL), data distillation, landmark tasks and kd (Wang 2017)."""
+import json
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import transfer
+from common import landmarks as lm
+from common import metrics, multitask, tasks
+from common.align import CANON, TEMPLATE, center_matrix
+from common.student import build_student, save_student
+from tests.fixtures import make_fixture, shape_68, write_pts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny networks run faster on one thread, and far faster on a busy machine (no thread barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    """A small student (weights from init: these tests check mechanics, not accuracy)."""
+    path = tmp_path_factory.mktemp("student") / "student.safetensors"
+    torch.manual_seed(0)
+    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": 32})
+    return path
+
+
+# ------------------------------------------------------------------------------------------ landmarks
+def test_landmark_layouts(tmp_path):
+    celeba = tasks.load("Align-CelebA", make_fixture("Align-CelebA", tmp_path / "c"))
+    assert len(celeba.samples) == 12 and celeba.samples[0].label.shape == (5, 2)
+    assert (len(celeba.splits[0].train), len(celeba.splits[0].val), len(celeba.splits[0].test)) == (8, 2, 2)
+    w = tasks.load("Align-300W", make_fixture("Align-300W", tmp_path / "w"))
+    assert len(w.samples) == 14 and w.samples[0].label.shape == (68, 2)
+    test = sorted(str(w.samples[i].path).split("300W/")[1].rsplit("/", 1)[0] for i in w.splits[0].test)
+    assert test == ["helen/testset", "helen/testset", "ibug", "lfpw/testset"]
+    assert len(w.splits[0].train) + len(w.splits[0].val) == 10
+    # .pts are 1-based: the reader gives 0-based pixels back
+    pts = shape_68()
+    write_pts(tmp_path / "x.pts", pts)
+    assert np.allclose(tasks.read_pts(tmp_path / "x.pts"), pts, atol=1e-3)
+    (tmp_path / "bad.pts").write_text("version: 1\nn_points: 68\n{\n1 2\n}\n")
+    with pytest.raises(ValueError, match="n_points says 68"):
+        tasks.read_pts(tmp_path / "bad.pts")
+
+
+def test_points_through_alignment_and_back():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 200, (3, 68, 2))
+    mats = np.stack([lm.compose(lm.about_centre(1.3, a, (5, -7)), center_matrix(200, 240)) for a in (-20, 0, 35)])
+    assert np.allclose(lm.from_crop(lm.to_crop(pts, mats), mats), pts)
+    # A mirrored left-right symmetric face equals itself only once each point is swapped with its twin.
+    face = shape_68(CANON)
+    face[:, 0] += (CANON - 1) / 2 - (face[39, 0] + face[42, 0]) / 2
+    assert np.allclose(lm.view_points(face, lm.mirror(), True), face)
+    assert not np.allclose(lm.view_points(face, lm.mirror(), False), face, atol=1)
+    c = (CANON - 1) / 2
+    five = np.array([[c - 30, 100], [c + 30, 100], [c, 140], [c - 22, 170], [c + 22, 170]])
+    assert np.allclose(lm.view_points(five, lm.mirror(), True), five)
+    # Reducing 68 points to O-Net's five commutes with mirroring: the two FLIP tables agree.
+    odd = face + np.random.default_rng(1).normal(0, 3, face.shape)
+    five_of = lambda p: lm.five_points(68) @ p  # noqa: E731
+    assert np.allclose(five_of(lm.view_points(odd, lm.mirror(), True)), lm.view_points(five_of(odd), lm.mirror(), True))
+
+
+def test_nme():
+    target = np.tile(np.array([[10.0, 10], [30, 10], [20, 20], [12, 30], [28, 30]]), (4, 1, 1))
+    assert metrics.nme(target, target) == 0
+    assert metrics.nme(target + [2.0, 0], target) == pytest.approx(0.1)  # 2 px / 20 px between the eyes
+    with pytest.raises(ValueError, match="missed-face rule"):
+        metrics.nme(np.full_like(target, np.nan), target)
+
+
+def test_onet_points_on_aligned_faces():
+    from common.align import FaceDetector
+    from common.facedata import aligned_crop
+    from common.images import read_image
+    from tests.conftest import REAL_FACES, feat_data
+
+    detect, onet = FaceDetector(), lm.ONetPoints()
+    for name in REAL_FACES[:2]:
+        img = read_image(feat_data() / name)
+        matrix, _ = detect(img)
+        p = onet(aligned_crop(img, matrix)[None])[0].numpy() * CANON
+        # The crop was aligned on MTCNN's own points, so O-Net finds them near the template again.
+        assert metrics.nme(p[None], TEMPLATE[None]) < 0.2, name
+
+
+# ------------------------------------------------------------------------------------ joint training
+def _rows(tmp_path, n=8):
+    from tests.fixtures import write_face
+
+    paths = [write_face(tmp_path / f"{k}.jpg", k) for k in range(n)]
+    data = SimpleNamespace(samples=[tasks.Sample(str(p), None) for p in paths])
+    rows = multitask.Rows()
+    cache = SimpleNamespace(found=np.ones(n, bool), matrices=np.stack([center_matrix(64, 64)] * n))
+    rows.add(cache, data)
+    return rows
+
+
+def _targets(n):
+    cls = multitask.Target("cls", "classification", 3, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.zeros(n, dtype=torch.bool))
+    reg = multitask.Target("reg", "regression", 1, torch.linspace(0, 1, n), torch.zeros(n, dtype=torch.bool))
+    pts = torch.as_tensor(np.tile(TEMPLATE / CANON, (n, 1, 1)), dtype=torch.float32)
+    marks = multitask.Target("marks", "landmarks", 10, pts, torch.zeros(n, dtype=torch.bool))
+    cls.mask[:4] = True
+    reg.mask[4:6] = True
+    marks.mask[[0, 5]] = True
+    for t in (cls, reg, marks):
+        t.fit_scale(np.flatnonzero(t.mask.numpy()))
+    return [cls, reg, marks]
+
+
+def test_joint_loss_with_missing_labels(tmp_path):
+    targets = _targets(8)
+    torch.manual_seed(0)
+    model = multitask.JointModel(build_student("resnet18w", 0.125, 16), 16, targets, 8)
+    ident = torch.as_tensor(lm.about_centre(), dtype=torch.float64)
+
+    def loss_of(rows):
+        rows = torch.as_tensor(rows)
+        views, flipped = ident.expand(len(rows), 2, 3), torch.zeros(len(rows), dtype=torch.bool)
+        return multitask.joint_loss(targets, model(torch.randint(0, 255, (len(rows), 3, 32, 32), dtype=torch.uint8)),
+                                    rows, views, flipped)
+
+    # rows 1-3: only the classification label; the regression and landmark tasks have none in this batch
+    loss, parts = loss_of([1, 2, 3])
+    assert set(parts) == {"cls"} and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    loss, parts = loss_of([0, 4, 5])
+    assert set(parts) == {"cls", "reg", "marks"} and torch.isfinite(loss)
+    assert loss_of([6, 7]) == (None, {})  # no label at all: no loss, no NaN, no division by zero
+    # Each loss is in units of its constant predictor: the head starts at the median, so a regression
+    # task begins near 1 whatever its range.
+    assert targets[1].scale == pytest.approx(float((targets[1].y[4:6] - targets[1].y[4:6].median()).abs().mean()))
+
+
+def test_pseudo_label_round_adds_rows(tmp_path):
+    rows = _rows(tmp_path)
+    same = SimpleNamespace(samples=[tasks.Sample(p, 1) for p in rows.paths[2:5]])
+    assert list(rows.add(SimpleNamespace(found=np.ones(3, bool), matrices=np.zeros((3, 2, 3))), same)) == [2, 3, 4]
+    assert len(rows) == 8  # one file named by two tasks (UTKFace's age and gender) is one row
+    targets = _targets(8)
+    model = multitask.JointModel(build_student("resnet18w", 0.125, 16), 16, targets, 8)
+    args = Namespace(batch=4, workers=0)
+    before = {t.name: t.mask.clone() for t in targets}
+    y_before = targets[0].y.clone()
+    state = model.state_dict()
+    states = {t.name: state for t in targets}
+    added = multitask.pseudo_label(model, states, targets, rows, np.arange(8), 32, args, "cpu",
+                                   threshold=1.01, agreement=-1.0)
+    assert added == {"cls": 0, "reg": 0, "marks": 0}
+    added = multitask.pseudo_label(model, states, targets, rows, np.arange(8), 32, args, "cpu",
+                                   threshold=0.0, agreement=1.0)
+    for t in targets:
+        assert added[t.name] == int((~before[t.name]).sum()) > 0
+        assert t.mask.all() and (t.pseudo == ~before[t.name]).all()
+    assert torch.equal(targets[0].y[:4], y_before[:4])  # real labels are never replaced
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def _main(tmp_path, student, *argv):
+    transfer.main([*argv, "--student", str(student), "--align", "none", "--epochs", "1", "--batch", "8",
+                   "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")])
+    return {r["task"]: r for r in json.loads((tmp_path / "run" / "report.json").read_text())}
+
+
+@pytest.mark.slow
+def test_multitask_with_pseudo_labels_end_to_end(tmp_path, tiny_student):
+    data = tmp_path / "data"
+    utk, raf = make_fixture("AgeR-UTK", data).parent, make_fixture("Expr-RAF", data)
+    unlabelled = make_fixture("Align-300W", tmp_path / "u") / "helen"
+    r = _main(tmp_path, tiny_student, "--tasks", f"AgeR-UTK={utk},Expr-RAF={raf}",
+              "--method", "multitask", "--pseudo-label", str(unlabelled), "--pseudo-threshold", "0",
+              "--pseudo-agreement", "1")
+    for name in ("AgeR-UTK", "Expr-RAF"):
+        res = r[name]["results"]
+        assert set(res) == {"multitask", "multitask+pseudo"}
+        assert all(np.isfinite(res[m]["value"]) for m in res)
+        # threshold 0: every training image of the other dataset and every unlabelled face gets a label
+        assert res["multitask+pseudo"]["pseudo_labels"] > 0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "multitask+pseudo" in md and "pseudo-labels added" in md
+
+
+@pytest.mark.slow
+def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
+    w = make_fixture("Align-300W", tmp_path / "data")
+    r = _main(tmp_path / "a", tiny_student, "--task", "Align-300W", "--data", str(w), "--method", "finetune,kd")
+    res = r["Align-300W"]["results"]
+    assert all(res[m]["metric"] == "nme" and 0 < res[m]["value"] < 10 for m in ("finetune", "kd"))
+    lfw = make_fixture("Identity-LFW", tmp_path / "data")
+    r = _main(tmp_path / "b", tiny_student, "--task", "Identity-LFW", "--data", str(lfw), "--method", "kd",
+              "--max-splits", "1", "--kd-weight", "2")
+    res = r["Identity-LFW"]["results"]["kd"]
+    assert 0 <= res["value"] <= 1 and 0 <= res["teacher"] <= 1 and len(res["per_split"]) == 1
+    with pytest.raises(SystemExit, match="landmark and verification"):
+        _main(tmp_path / "c", tiny_student, "--task", "AgeR-UTK", "--data", str(make_fixture("AgeR-UTK", tmp_path / "u")),
+              "--method", "kd")
