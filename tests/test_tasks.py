@@ -33,6 +33,8 @@ EXPECTED = {
     "Pain-UNBC": (8, 3, (5, None, 3)),
     "Object-TinyImageNet": (13, 1, (9, None, 4)),
     "FER2013": (12, 1, (8, 2, 2)),
+    "Align-CelebA": (12, 1, (8, 2, 2)),
+    "Align-300W": (14, 1, (9, 1, 4)),
 }
 
 
