@@ -67,8 +67,9 @@ def _model(targets, method, args, device):
 
 
 def landmarks(task, data, rows, method, args, device, log, teacher_cache) -> dict:
-    split = tasks.with_validation(data.splits[0], 0, None, args.seed, args.val_frac)[0]
+    split, selection = tasks.with_validation(data.splits[0], 0, None, args.seed, args.val_frac)
     target = task_target(task, data, np.arange(len(rows)), rows, len(rows), split)
+    target.extra["selection"] = selection
     targets = [target]
     truth = np.asarray([data.samples[i].label for i in split.test])
     # What knowing nothing about the face gives: the missed-face rule's mean shape on every test image.
@@ -112,7 +113,7 @@ def verification(task, data, rows, method, args, device, log, teacher_cache) -> 
     if method == "kd":
         h, ok = teacher_rows(rows, teacher_cache)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
-    accs, teacher_accs = [], []
+    accs, fits, teacher_accs, n_test, missed_test = [], [], [], 0, 0
     for f, split in enumerate(splits):
         mask = torch.zeros(len(rows), dtype=torch.bool)
         mask[torch.as_tensor(split.train[found[split.train]])] = True
@@ -129,12 +130,18 @@ def verification(task, data, rows, method, args, device, log, teacher_cache) -> 
         train(model, targets, rows, size, args.epochs, groups, args, device, desc=f"{task.name} {method} {split.name}")
         emb = torch.nn.functional.normalize(embeddings(model, rows, np.arange(len(rows)), size, args, device), dim=1)
         fold = np.unique(folds)[f]
-        accs.append(_fold_accuracy(_pair_scores(emb.numpy(), a, b, found), same, folds, fold))
+        scores = _pair_scores(emb.numpy(), a, b, found)
+        acc, fit = _fold_accuracy(scores, same, folds, fold)
+        accs.append(acc)
+        fits.append(fit)
+        n_test += int((folds == fold).sum())
+        missed_test += int(np.isnan(scores[folds == fold]).sum())
         if method == "kd":
             t = torch.nn.functional.normalize(torch.from_numpy(h), dim=1).numpy()
-            teacher_accs.append(_fold_accuracy(_pair_scores(t, a, b, ok), same, folds, fold))
+            teacher_accs.append(_fold_accuracy(_pair_scores(t, a, b, ok), same, folds, fold)[0])
     entry = {"metric": "verification_accuracy", "value": float(np.mean(accs)), "std": float(np.std(accs)),
-             "per_split": [float(x) for x in accs], "chosen": None}
+             "per_split": [float(x) for x in accs], "chosen": None, "val": float(np.mean(fits)), "n_test": n_test,
+             "missed_test": missed_test, "selection": f"no choice made: --epochs {args.epochs} fixed"}
     if teacher_accs:
         entry["teacher"] = float(np.mean(teacher_accs))
         entry["note"] = (f"teacher {kd_teacher(task, args)}'s own embedding: {entry['teacher']:.4f} on the same "
@@ -148,8 +155,10 @@ def _pair_scores(emb, a, b, found) -> np.ndarray:
     return s
 
 
-def _fold_accuracy(scores, same, folds, fold) -> float:
-    """LFW's rule for one fold: the threshold is the best one on the other folds' pairs."""
+def _fold_accuracy(scores, same, folds, fold) -> tuple[float, float]:
+    """LFW's rule for one fold: the threshold is the best one on the other folds' pairs.
+    Returns (accuracy on the fold, accuracy on the other folds at that threshold)."""
     test = folds == fold
     t = metrics.best_threshold(scores[~test], same[~test])
-    return float((((scores[test] > t) == same[test]) & ~np.isnan(scores[test])).mean())
+    right = ((scores > t) == same) & ~np.isnan(scores)
+    return float(right[test].mean()), float(right[~test].mean())

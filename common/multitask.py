@@ -394,8 +394,8 @@ def embeddings(model, rows: Rows, ids, size, args, device) -> torch.Tensor:
 def decode(t: Target, o: torch.Tensor, ids, rows: Rows) -> np.ndarray:
     """Network-unit predictions -> the task's units (class, years, attribute decisions, image pixels)."""
     o = o.numpy()
-    if t.kind == "regression":
-        return o[:, 0] * (t.lo_hi[1] - t.lo_hi[0]) + t.lo_hi[0]
+    if t.kind == "regression":  # held inside the label range, as transfer.py's other methods
+        return np.clip(o[:, 0], 0, 1) * (t.lo_hi[1] - t.lo_hi[0]) + t.lo_hi[0]
     if t.kind == "multilabel":
         return (o > 0.5).astype(np.float64)
     if t.kind == "landmarks":
@@ -495,8 +495,11 @@ def evaluate(model, targets, rows, size, args, device, best: dict) -> dict:
         val, state = best.get(t.name, (None, final))
         model.load_state_dict(state)
         value, _ = score_rows(t, model, rows, t.split.test, size, args, device)
+        test_rows = t.extra["sample_rows"][t.split.test]
         res[t.name] = {"metric": t.task.metric, "value": float(value), "val": None if val is None else float(val),
-                       "chosen": None}
+                       "chosen": None, "n_test": len(test_rows),
+                       "missed_test": int((~np.asarray(rows.found)[test_rows]).sum()),
+                       "selection": t.extra.get("selection", "no choice made: the last epoch")}
     model.load_state_dict(final)
     return res
 
@@ -520,8 +523,11 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     un_ids = rows.add(unlabelled[1], unlabelled[0]) if unlabelled else np.zeros(0, np.int64)
     # Every choice (here each task's epoch) is made on validation images: a protocol without a validation
     # split gets one carved from its training part, as the other methods of transfer.py do.
-    splits = [tasks.with_validation(data.splits[0], 0, None, args.seed, args.val_frac)[0] for _, data, _ in jobs]
+    carved = [tasks.with_validation(data.splits[0], 0, None, args.seed, args.val_frac) for _, data, _ in jobs]
+    splits = [s for s, _ in carved]
     targets = [task_target(task, data, i, rows, len(rows), s) for (task, data, _), i, s in zip(jobs, ids, splits)]
+    for t, (_, how) in zip(targets, carved):
+        t.extra["selection"] = how
     # An image that some task tests on is never trained on, for any task (UTKFace's tasks share one split).
     held = np.unique(np.concatenate([i[p] for sp, i in zip(splits, ids) for p in (sp.test, sp.val)]))
     for t in targets:
