@@ -469,6 +469,17 @@ def load_pruned_teacher(path, device="cpu"):
     return teacher, cfg
 
 
+class _Preprocessed(nn.Module):
+    """A teacher's network and pooling from its preprocessed input on: what an ONNX export can trace."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher, self.net = teacher, teacher.module
+
+    def forward(self, x):
+        return self.teacher.pool(self.teacher.forward(x))
+
+
 def finish(model: nn.Sequential, out_dir: Path, make_input, device, config: dict, log=None) -> dict:
     """Save (safetensors), export (ONNX) and measure one fine-tuned ETL model, once per output folder.
 
@@ -485,7 +496,12 @@ def finish(model: nn.Sequential, out_dir: Path, make_input, device, config: dict
     stats = {"ratio": config["etl"]["ratio"], "model": path.name, "file_mb": path.stat().st_size / 1e6,
              "backbone_params": count_params(model[0])}
     try:
-        onnx = export_onnx(model.cpu(), out_dir / "model.onnx", make_input(2, "cpu"))
+        net, example = model.cpu(), make_input(2, "cpu")
+        if hasattr(model[0], "teacher"):  # the crop box and resize stay outside: the ONNX takes what they give
+            teacher = model[0].teacher
+            net, example = nn.Sequential(_Preprocessed(teacher), model[1]), teacher.preprocess(example.to(torch.uint8))
+            stats["onnx_input"] = f"{teacher.name}'s preprocessed input {tuple(example.shape[1:])}"
+        onnx = export_onnx(net, out_dir / "model.onnx", example)
         stats.update(onnx=onnx.name, onnx_mb=onnx.stat().st_size / 1e6)
     except Exception as e:  # an exotic teacher layer the exporter lacks: the table says so
         stats.update(onnx=None, onnx_error=f"{type(e).__name__}: {e}")

@@ -101,8 +101,9 @@ def test_filters_that_carry_the_label_are_kept():
     assert 5 not in removed["backbone.conv1"]
 
 
-def test_pruned_teacher_is_exact():
-    """Any PyTorch teacher: MTCNN's ONet (its last conv is flattened in (W, H, C) order, so it stays whole)."""
+def test_pruned_teacher_is_exact(tmp_path):
+    """Any PyTorch teacher: MTCNN's ONet (its last conv is flattened in (W, H, C) order, so it stays whole);
+    saved, reloaded and exported like a pruned student."""
     from common.align import CANON
     from common.teachers import build_teachers
 
@@ -117,6 +118,17 @@ def test_pruned_teacher_is_exact():
     with torch.no_grad():
         a, b = m(x), prune.zero_removed(ref, removed).eval()(x)
     assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+    import onnxruntime as ort
+
+    model = torch.nn.Sequential(m, torch.nn.Linear(a.shape[1], 3)).eval()
+    stats = prune.finish(model, tmp_path, lambda b, dev: x[:b].to(dev), "cpu", {"etl": {"ratio": 0.5}})
+    teacher, cfg = prune.load_pruned_teacher(tmp_path / "model.safetensors")
+    assert cfg["teacher"] == "onet" and stats["params"] == prune.count_params(model)
+    with torch.no_grad():
+        assert torch.allclose(teacher.embed(x), a, atol=1e-5)
+        want = model(x).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"pixels": teacher.preprocess(x).numpy()})[0], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
