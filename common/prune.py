@@ -422,8 +422,28 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
         return {}
     if not 0 < ratio < 1:
         raise ValueError(f"a pruning ratio is a fraction of filters removed, in [0, 1): got {ratio}")
+    import copy
+
     dg, groups, scores = score_groups(backbone, example, batches, kind, max_images)
-    return prune(backbone, dg, groups, scores, ratio)
+    reference = copy.deepcopy(backbone)
+    try:
+        removed = prune(backbone, dg, groups, scores, ratio)
+        with torch.no_grad():
+            a = backbone.eval()(example)
+    except (RuntimeError, IndexError, ValueError) as e:
+        # e.g. teachers ported from ONNX keep per-channel constants outside any layer the tracer knows
+        raise RuntimeError(f"ETL cannot prune this {type(backbone).__name__} ({type(e).__name__}: {e}); networks "
+                           f"made of standard PyTorch layers (the student, onet, mobilenet_v2, torchvision models) "
+                           f"can be pruned") from e
+    # A network the tracer misreads (channels reordered by an op it does not know) would be cut wrongly
+    # without an error: check the pruned network against the silenced one before anything trains it.
+    with torch.no_grad():
+        b = zero_removed(reference, removed).eval()(example)
+    if a.shape == b.shape and not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3 * float(b.abs().max())):
+        raise RuntimeError(f"pruning {type(backbone).__name__} changed what its kept filters compute "
+                           f"(max difference {float((a - b).abs().max()):.3g}): its graph has a channel "
+                           f"reordering the dependency tracer does not follow")
+    return removed
 
 
 def save_pruned(path: Path, backbone: nn.Module, head: nn.Module | None, config: dict) -> Path:
@@ -460,7 +480,7 @@ def load_pruned_teacher(path, device="cpu"):
         cfg = json.loads((f.metadata() or {}).get("config", "{}"))
     if "teacher" not in cfg:
         raise ValueError(f"{path} is not a pruned teacher (no teacher name in its metadata)")
-    teacher = build_teachers([cfg["teacher"]], device)[0]
+    teacher = build_teachers([f"{cfg['teacher']}@torch"], device)[0]  # a port as its PyTorch module
     apply_shapes(teacher.module, cfg["pruned"])
     tensors = load_file(str(path))
     teacher.module.load_state_dict({k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")})

@@ -14,7 +14,7 @@ from tests.fixtures import face_pool, make_fixture
 RATIOS = (0.5, 0.75, 0.9, 0.97)
 
 
-def _faces(n=24, size=48):
+def _faces(n=24, size=32):
     """Real face crops with made-up labels, as (pixels, label) batches."""
     pool = face_pool()
     x = torch.stack([torch.from_numpy(np.array(pool[k % len(pool)])).permute(2, 0, 1) for k in range(n)]).float()
@@ -24,7 +24,7 @@ def _faces(n=24, size=48):
 
 def _student():
     torch.manual_seed(0)
-    s = build_student("resnet18w", 0.25, 16).eval()
+    s = build_student("resnet18w", 0.125, 16).eval()
     # non-trivial batch-norm statistics, so that a silenced filter is not silent by accident
     g = torch.Generator().manual_seed(1)
     for m in s.modules():
@@ -79,7 +79,7 @@ def test_pruned_student_computes_what_the_zeroed_one_does():
         assert bb.layer4[0].conv1.out_channels == prune.keep_count(base.backbone.layer4[0].conv1.out_channels, ratio)
         counts.append(prune.count_params(s))
         # the shapes in the metadata rebuild the same network from the unpruned architecture
-        rebuilt = prune.apply_shapes(build_student("resnet18w", 0.25, 16), prune.shapes(s))
+        rebuilt = prune.apply_shapes(build_student("resnet18w", 0.125, 16), prune.shapes(s))
         rebuilt.load_state_dict(s.state_dict())
         with torch.no_grad():
             assert torch.equal(rebuilt.eval()(x[:2]), s(x[:2]))
@@ -137,7 +137,7 @@ def etl_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("etl")
     torch.manual_seed(0)
     ckpt = tmp / "student.safetensors"
-    save_student(build_student("resnet18w", 0.25, 16), ckpt, extra={"size": 48})
+    save_student(build_student("resnet18w", 0.125, 16), ckpt, extra={"size": 32})
     data = make_fixture("Gender-UTK", tmp / "data")
     transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl,finetune",
                    "--prune", ",".join(map(str, RATIOS)), "--cache-dir", str(tmp / "cache"),
@@ -179,7 +179,7 @@ def test_etl_model_onnx_matches_and_reloads(etl_run, ratio):
     model = torch.nn.Sequential(student, hd).eval()
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["params"] == prune.count_params(model)
-    x = torch.randint(0, 256, (3, 3, 48, 48)).float()
+    x = torch.randint(0, 256, (3, 3, 32, 32)).float()
     with torch.no_grad():
         want = model(x).numpy()
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -208,4 +208,4 @@ def test_bad_ratios_and_non_torch_base_fail_clearly(tmp_path):
     with pytest.raises(SystemExit, match="--prune"):
         transfer.main(["--method", "etl", "--prune", "0.5,1.2", "--run-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="--etl-base"):
-        transfer.main(["--method", "etl", "--etl-base", "age", "--run-dir", str(tmp_path / "r")])
+        transfer.main(["--method", "etl", "--etl-base", "fer", "--run-dir", str(tmp_path / "r")])
