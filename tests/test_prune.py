@@ -141,7 +141,8 @@ def etl_run(tmp_path_factory):
     data = make_fixture("Gender-UTK", tmp / "data")
     transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl,finetune",
                    "--prune", ",".join(map(str, RATIOS)), "--cache-dir", str(tmp / "cache"),
-                   "--run-dir", str(tmp / "run"), "--epochs", "1", "--device", "cpu"])
+                   "--run-dir", str(tmp / "run"), "--epochs", "1", "--device", "cpu",
+                   "--align", "none"])  # the fixture's files are face crops already: no detector time
     return tmp, data, json.loads((tmp / "run" / "report.json").read_text())[0]
 
 
@@ -199,7 +200,7 @@ def test_etl_model_serves_distill_embed_and_a_fresh_transfer(etl_run, tmp_path):
     assert emb.shape[1] == 16 and np.isfinite(emb).all(1).sum() > 0
     transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "frozen",
                    "--cache-dir", str(tmp / "cache"), "--run-dir", str(tmp_path / "run"), "--head-epochs", "3",
-                   "--device", "cpu"])
+                   "--device", "cpu", "--align", "none"])
     r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     assert 0 <= r["results"]["frozen"]["value"] <= 1
 
