@@ -16,7 +16,8 @@ smaller network that is then fine-tuned. What is implemented here:
    filter writing into the same channel of a skip connection (torch-pruning's dependency graph finds the
    groups in any PyTorch network). A shared channel scores the best of the filters writing into it.
 3. Remove physically: a new, smaller network (fewer output channels in the convolutions and batch
-   norms, fewer input channels in the layers after them), which the caller fine-tunes.
+   norms, fewer input channels in the layers after them), which the caller fine-tunes. Before that, it
+   is checked to compute what the unpruned network computes with the removed filters silenced.
 
 Where this differs from the papers: they prune VGGFace (plain convolutions, most weights in the
 fully connected layers) and pick filters with their own per-filter task classifiers; here the score is
@@ -42,7 +43,6 @@ import torch
 from torch import nn
 
 BINS = 8
-_SHAPED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear, nn.PReLU)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
