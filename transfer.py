@@ -21,6 +21,9 @@ Methods (--method, comma list or `all`):
             toward a teacher that knows the task (O-Net's points, the identity teacher's embedding; Wang 2017)
 Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
 finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
+  etl       ETL (John et al. 2022): keep the filters of the student (or --etl-base TEACHER) that tell most about
+            the label on the training split, remove the others physically, fine-tune; one model per --prune
+            ratio beside ratio 0 (= finetune), with size, MFLOPs and latency in etl.md / etl.png
 Faces the detector misses follow the paper's rule: a classification counts as wrong, a regression
 predicts the middle of the label range; how many were missed is reported for every task.
 Verification tasks (Identity-LFW) use the embedding directly: cosine of the pair, 10-fold accuracy.
@@ -41,7 +44,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import fuse
-from common import fusion, kd, metrics, multitask, precision, tasks
+from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON
 from common.cache import FeatureCache, write_json, write_missed
 from common.facedata import aligned_crop, eval_transform, train_transform
@@ -50,9 +53,9 @@ from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, build_teachers
 
-METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct")
+METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask needs several tasks, kd a landmark/verification task
-IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd")  # need no fuse.py cache
+IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd", "etl")  # need no teacher cache
 DEMO_TASK = "Face-LFWsubset"
 
 
@@ -91,6 +94,16 @@ def parse_args(argv=None):
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
+    p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
+                   help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
+                        "plain finetune with the same protocol, is always run beside them")
+    p.add_argument("--etl-base", default="student",
+                   help="etl: the network pruned: student (the --student checkpoint) or a PyTorch teacher name")
+    p.add_argument("--etl-images", type=int, default=2000,
+                   help="etl: at most this many training faces score the filters (no augmentation)")
+    p.add_argument("--etl-keep", type=float, default=0.995,
+                   help="etl: the reported ratio is the most pruned one keeping this share of ratio 0's "
+                        "validation score (the paper's 99.5 %%); chosen on validation only")
     g = p.add_argument_group("multitask (2MD-MTL) and kd (Wang 2017)")
     g.add_argument("--backbone", default="student",
                    help="multitask backbone: student (the --student checkpoint), scratch (its architecture, random "
@@ -296,10 +309,15 @@ class TeacherBackbone(nn.Module):
         return self.teacher.embed(crops)
 
 
-def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None):
-    """finetune / scratch / pcnn: a backbone + head trained end to end on the task's images for one split."""
+def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None,
+                  ratio=None):
+    """finetune / scratch / pcnn / etl: a backbone + head trained end to end on the task's images for one split."""
     torch.manual_seed(args.seed)
-    if method == "pcnn":
+    if method == "etl" and args.etl_base != "student":
+        teacher, method_net = args.etl_base, "pcnn"
+    else:
+        method_net = method
+    if method_net == "pcnn":
         # Teachers take the whole canonical crop and cut their own box from it.
         # @torch: a teacher ported from ONNX / TFLite is fine-tuned as its PyTorch module, on the CPU too
         backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), CANON
@@ -308,7 +326,7 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
         size = student_cfg.get("size", 112)
     else:
         backbone, size = load_student(args.student)[0], student_cfg.get("size", 112)
-    width = backbone.out_dim if method == "pcnn" else student_cfg["out_dim"]
+    width = backbone.out_dim if method_net == "pcnn" else student_cfg["out_dim"]
     model = nn.Sequential(backbone, head(width, n_out, args.hidden)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -323,11 +341,25 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     val_rows = val_rows_of(split, found)
     val = loader(val_rows, False) if val_rows is not None else None
     y_val = decode_labels(task, y[val_rows].numpy(), lo_hi) if val is not None else None
+    def make_input(b, dev):  # ETL's example pixels, as the loader gives them (teachers insist on uint8)
+        return prune.example_pixels(b, size, dev, torch.uint8 if method_net == "pcnn" else torch.float32)
+
+    if method == "etl" and ratio:
+        # Filters are scored on a seeded subset of the training split only, before any fine-tuning.
+        scored = np.random.default_rng(args.seed).permutation(train)[: args.etl_images]
+        prune.etl_prune(model[0], make_input(1, device), loader(scored, False)(), task.kind, ratio, args.etl_images)
+        with torch.no_grad():
+            model[1] = head(model[0](make_input(1, device)).shape[1], n_out, args.hidden).to(device)
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]
     val_score = fit(model, loader(train, True), val, task, args.epochs, lo_hi, y_val, groups, f"{method}",
                     amp=precision.amp_policy(args.amp, device))
+    if method == "etl":
+        etl = {"task": task.name, "ratio": ratio, "base": args.etl_base, "n_out": n_out, "kind": task.kind,
+               "label_range": lo_hi, "hidden": args.hidden, "split": split.name}
+        cfg = {**student_cfg, "etl": etl} if method_net != "pcnn" else {"size": size, "etl": etl}
+        prune.finish(model, Path(args.run_dir) / "etl" / task.name / f"r{ratio:g}", make_input, device, cfg, log)
     # Missed faces (unreadable files among them) are not run: the missed-face rule decides their answer.
     test_ok = split.test[found[split.test]]
     out = np.zeros((len(split.test), n_out), np.float32)
@@ -445,7 +477,7 @@ def student_config(args, methods, log) -> dict | None:
 
     finetune and frozen need the distilled student itself; scratch only its architecture, so without
     a student it takes the default one (the paper's 2.2 M-parameter student with a 1024-wide output)."""
-    need = [m for m in methods if m in ("finetune", "frozen")]
+    need = [m for m in methods if m in ("finetune", "frozen") or (m == "etl" and args.etl_base == "student")]
     path = Path(args.student)
     have = path.is_file() or (path / "student.safetensors").is_file()
     if need and not have:
@@ -465,6 +497,8 @@ def method_features(method, cache, unsup, args, device, student_cfg):
     """The fixed features a method reads: a tensor, or {candidate name: tensor} for the selections."""
     if method in ("finetune", "scratch"):
         return None
+    if method == "etl":  # ratio 0 is plain finetune with the same protocol, the reference of every ratio
+        return {f"{r:g}": r for r in [0.0, *etl_ratios(args.prune)]}
     if method == "pcnn":
         names = [t["name"] for t in unsup.teachers]
         torch_teachers = {n: None for n in names if REGISTRY.get(n) and REGISTRY[n].runtime == "torch"}
@@ -500,14 +534,14 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
                g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
     candidates = features if isinstance(features, Mapping) else {None: features}
-    best, search = None, {}
+    best, search, entries = None, {}, {}
     for name, feats in candidates.items():
         preds = np.zeros(len(data.samples)) if task.kind != "multilabel" else np.zeros(y.shape)
         per_split, val_scores = [], []
         for split in tqdm(splits, desc=f"{method} {name or ''}".strip(), unit="split", disable=None, leave=False):
-            if method in ("finetune", "scratch", "pcnn"):
+            if method in ("finetune", "scratch", "pcnn", "etl"):
                 out, vs = run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg,
-                                        method, log, teacher=name)
+                                        method, log, teacher=name, ratio=feats if method == "etl" else None)
             else:
                 out, vs = run_on_features(task, feats, y, lo_hi, split, found, n_out, args,
                                           widths=g_widths if method == "concat" else None)
@@ -524,10 +558,15 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         entry = {"metric": task.metric, "value": float(value), "per_split": per_split, "val": val, "chosen": name,
                  "n_test": int(len(tested)), "missed_test": missed_test}
         search[name] = {"value": float(value), "val": val}
+        entries[name] = entry
         # Candidates are ranked on validation only; one without a validation score (no validation face
         # found) cannot win over one that has it, and the test score never takes part.
         if best is None or (val is not None and (best[0] is None or better(task, val, best[0]))):
             best = (val, entry)
+    if method == "etl":  # not the best score: the smallest network that keeps the score, on validation
+        pick, rule = prune.choose({feats: search[n] for n, feats in candidates.items()},
+                                  task.metric not in metrics.LOWER_IS_BETTER, args.etl_keep)
+        best = (None, {**entries[f"{pick:g}"], "rule": rule})
     if len(candidates) > 1:
         best[1]["search"] = search  # every candidate's score, for the record of the brute-force search
     return best[1]
@@ -542,7 +581,7 @@ def verification(task, data, features, found, log) -> dict:
     candidates = features if isinstance(features, Mapping) else {None: features}
     best, search = None, {}
     for name, feats in candidates.items():
-        if feats is None:
+        if not isinstance(feats, torch.Tensor):
             raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
                              f"training set first (use --method frozen, fused, concat, pca, bt or bct)")
         f = F.normalize(feats.float(), dim=1).numpy()
@@ -603,6 +642,16 @@ def joint(read, all_results, methods, args, device, log) -> list[str]:
     return methods
 
 
+def etl_ratios(text: str) -> list[float]:
+    try:
+        ratios = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise SystemExit(f"--prune: give comma-separated fractions such as 0.5,0.9 (got {text!r})")
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise SystemExit(f"--prune: every ratio is a fraction of filters removed, 0 < ratio < 1 (got {text!r})")
+    return ratios
+
+
 def task_named(name: str) -> tasks.Task:
     try:
         return tasks.get_task(name)
@@ -635,7 +684,14 @@ def main(argv=None):
         task, root = demo_task()
         args.align = "none"  # 25x25 crops are already faces: too small for a detector
         jobs.append((task, root))
+    if "etl" in methods:
+        etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
+        spec = REGISTRY.get(args.etl_base)
+        if spec is not None and spec.runtime != "torch":
+            raise SystemExit(f"--etl-base: {args.etl_base} runs on {spec.runtime}; ETL prunes the student or a "
+                             f"PyTorch teacher ({', '.join(n for n, t in REGISTRY.items() if t.runtime == 'torch')})")
     run = make_run_dir(args.run_dir, "transfer", args)
+    args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
     all_results, read = [], []
     for task, root in jobs:
@@ -647,6 +703,9 @@ def main(argv=None):
     if "multitask" in methods:
         methods = joint(read, all_results, methods, args, device, log)
     report(all_results, methods, run, log)
+    if "etl" in methods:
+        prune.etl_report(all_results, run, log, {r["task"]: r["metric"] not in metrics.LOWER_IS_BETTER
+                                                 for r in all_results})
     log.info(f"run folder: {run}")
 
 

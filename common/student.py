@@ -113,9 +113,14 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 def load_student(path, device="cpu") -> tuple[Student, dict]:
     """(student in eval mode, config) from a checkpoint file or a distill.py run folder.
 
-    config holds arch, width, out_dim, size (input side), embedding (which h_G) and loss.
+    config holds arch, width, out_dim, size (input side), embedding (which h_G) and loss; a pruned
+    student (transfer.py --method etl) also its layer shapes ("pruned") and what it was pruned for ("etl").
     """
     cfg, tensors = read_checkpoint(path)
     student = build_student(cfg["arch"], cfg["width"], cfg["out_dim"])
+    if cfg.get("pruned"):  # a transfer.py --method etl network: smaller layers, shapes in the metadata
+        from common.prune import apply_shapes
+
+        apply_shapes(student, cfg["pruned"])
     student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
     return student.to(device).eval(), cfg

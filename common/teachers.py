@@ -180,7 +180,10 @@ class Teacher:
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """The embedding with autograd left on, so a PyTorch teacher can be fine-tuned (transfer.py's P-CNN)."""
-        y = torch.as_tensor(self.forward(self.preprocess(crops)))
+        return self.pool(torch.as_tensor(self.forward(self.preprocess(crops))))
+
+    def pool(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output -> one vector per image (spatial mean or flatten, as the spec says)."""
         if y.ndim == 4:
             if self.spec.reduce == "flatten":
                 y = y.flatten(1)

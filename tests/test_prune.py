@@ -1,0 +1,212 @@
+"""ETL pruning (common/prune.py, transfer.py --method etl): exactness, residual consistency, size, ONNX, reloading."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import transfer
+from common import prune
+from common.student import build_student, load_student, save_student
+from tests.fixtures import face_pool, make_fixture
+
+RATIOS = (0.5, 0.75, 0.9, 0.97)
+
+
+def _faces(n=24, size=32):
+    """Real face crops with made-up labels, as (pixels, label) batches."""
+    pool = face_pool()
+    x = torch.stack([torch.from_numpy(np.array(pool[k % len(pool)])).permute(2, 0, 1) for k in range(n)]).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x, torch.arange(n) % 3
+
+
+def _student():
+    torch.manual_seed(0)
+    s = build_student("resnet18w", 0.125, 16).eval()
+    # non-trivial batch-norm statistics, so that a silenced filter is not silent by accident
+    g = torch.Generator().manual_seed(1)
+    for m in s.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.2, 0.2, generator=g)
+    return s
+
+
+def test_mutual_information_known_cases():
+    y = np.repeat([0, 1], 400)
+    rng = np.random.default_rng(0)
+    x = np.stack([y + 0.01 * rng.standard_normal(800),  # the label itself: 1 bit
+                  np.zeros(800),                          # a dead filter: 0
+                  rng.standard_normal(800)], 1)           # noise: close to 0
+    mi = prune.mutual_information(x, y)
+    assert mi[0] == pytest.approx(1.0, abs=1e-9)
+    assert mi[1] == 0.0
+    assert 0 <= mi[2] < 0.05
+    # a regression target and a multi-label one become discrete labels
+    assert len(np.unique(prune.label_columns(np.linspace(0, 1, 80), "regression")[0])) == prune.BINS
+    assert len(prune.label_columns(np.zeros((5, 3)), "multilabel")) == 3
+
+
+def test_pruned_student_computes_what_the_zeroed_one_does():
+    """Physical pruning == the unpruned network with the removed filters silenced (before fine-tuning), at
+    every ratio; the skip connections stay consistent; the parameter count falls as the ratio rises."""
+    base = _student()
+    x, y = _faces()
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
+    counts = [prune.count_params(base)]
+    for ratio in RATIOS:
+        s = copy.deepcopy(base)
+        dg, groups, scores = prune.score_groups(s, x[:1], batches, "classification")
+        removed = prune.prune(s, dg, groups, scores, ratio)
+        s.eval()
+        zeroed = prune.zero_removed(copy.deepcopy(base), removed).eval()
+        with torch.no_grad():
+            a, b = s(x), zeroed(x)
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()), rtol=0), (ratio, (a - b).abs().max())
+        # every filter writing into one skip-connection channel went together: each block's output and
+        # input widths agree, so the additions line up (a mismatch could not even run above)
+        bb = s.backbone
+        for layer in (bb.layer1, bb.layer2, bb.layer3, bb.layer4):
+            for block in layer:
+                width_in = block.conv1.in_channels
+                assert block.conv2.out_channels == (block.downsample[0].out_channels if block.downsample else width_in)
+        assert bb.conv1.out_channels == bb.layer1[0].conv1.in_channels
+        # the cut is per layer: every conv keeps max(1, round((1 - ratio) * n)) filters
+        assert bb.layer4[0].conv1.out_channels == prune.keep_count(base.backbone.layer4[0].conv1.out_channels, ratio)
+        counts.append(prune.count_params(s))
+        # the shapes in the metadata rebuild the same network from the unpruned architecture
+        rebuilt = prune.apply_shapes(build_student("resnet18w", 0.125, 16), prune.shapes(s))
+        rebuilt.load_state_dict(s.state_dict())
+        with torch.no_grad():
+            assert torch.equal(rebuilt.eval()(x[:2]), s(x[:2]))
+    assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
+
+
+def test_filters_that_carry_the_label_are_kept():
+    """A filter made to respond to the label survives a 0.9 cut; MI is computed on the training batches given."""
+    s = _student()
+    x, y = _faces(48)
+    x[y == 1, 0] = 0  # class 1 has no red: the stem filter that reads only red tells the class
+    with torch.no_grad():
+        s.backbone.conv1.weight[5] = 0
+        s.backbone.conv1.weight[5, 0] = 0.05
+    dg, groups, scores = prune.score_groups(s, x[:1], [(x, y)], "classification")
+    stem = next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
+    assert np.argmax(scores[stem]) == 5
+    removed = prune.prune(s, dg, groups, scores, 0.9)
+    assert 5 not in removed["backbone.conv1"]
+
+
+def test_pruned_teacher_is_exact(tmp_path):
+    """Any PyTorch teacher: MTCNN's ONet (its last conv is flattened in (W, H, C) order, so it stays whole);
+    saved, reloaded and exported like a pruned student."""
+    from common.align import CANON
+    from common.teachers import build_teachers
+
+    m = transfer.TeacherBackbone(build_teachers(["onet"])[0]).eval()
+    x = torch.randint(0, 256, (6, 3, CANON, CANON), dtype=torch.uint8)
+    ref = copy.deepcopy(m).eval()
+    before = prune.count_params(m)
+    removed = prune.etl_prune(m, x[:1], [(x, torch.tensor([0, 1, 2, 0, 1, 2]))], "classification", 0.5)
+    m.eval()
+    assert "net.conv4" not in removed and "net.conv1" in removed
+    assert prune.count_params(m) < before
+    with torch.no_grad():
+        a, b = m(x), prune.zero_removed(ref, removed).eval()(x)
+    assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+    import onnxruntime as ort
+
+    model = torch.nn.Sequential(m, torch.nn.Linear(a.shape[1], 3)).eval()
+    stats = prune.finish(model, tmp_path, lambda b, dev: x[:b].to(dev), "cpu", {"etl": {"ratio": 0.5}})
+    teacher, cfg = prune.load_pruned_teacher(tmp_path / "model.safetensors")
+    assert cfg["teacher"] == "onet" and stats["params"] == prune.count_params(model)
+    with torch.no_grad():
+        assert torch.allclose(teacher.embed(x), a, atol=1e-5)
+        want = model(x).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"pixels": teacher.preprocess(x).numpy()})[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def etl_run(tmp_path_factory):
+    """transfer.py --method etl on the UTKFace fixture, every ratio, from a small student."""
+    tmp = tmp_path_factory.mktemp("etl")
+    torch.manual_seed(0)
+    ckpt = tmp / "student.safetensors"
+    save_student(build_student("resnet18w", 0.125, 16), ckpt, extra={"size": 32})
+    data = make_fixture("Gender-UTK", tmp / "data")
+    transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl,finetune",
+                   "--prune", ",".join(map(str, RATIOS)), "--cache-dir", str(tmp / "cache"),
+                   "--run-dir", str(tmp / "run"), "--epochs", "1", "--device", "cpu",
+                   "--align", "none"])  # the fixture's files are face crops already: no detector time
+    return tmp, data, json.loads((tmp / "run" / "report.json").read_text())[0]
+
+
+def test_etl_every_ratio_end_to_end(etl_run):
+    tmp, _, r = etl_run
+    run = tmp / "run"
+    res = r["results"]["etl"]
+    assert set(res["search"]) == {"0", *map(str, RATIOS)} and res["chosen"] in res["search"]
+    # ratio 0 is plain finetune, same protocol and seed
+    assert res["search"]["0"]["value"] == pytest.approx(r["results"]["finetune"]["value"])
+    rows = json.loads((run / "etl.json").read_text())["Gender-UTK"]
+    rows = sorted(rows, key=lambda r: r["ratio"])
+    params = [row["params"] for row in rows]
+    assert params == sorted(params, reverse=True) and len(set(params)) == len(params)
+    assert all(row["mflops"] > 0 and row["cpu_ms_b1"] > 0 and row["cpu_ms_b64"] > 0 for row in rows)
+    assert [row["mflops"] for row in rows] == sorted((row["mflops"] for row in rows), reverse=True)
+    md = (run / "etl.md").read_text()
+    assert "finetune (0)" in md and "0.97" in md and "not measured" in md  # no GPU here
+    assert (run / "etl.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_etl_model_onnx_matches_and_reloads(etl_run, ratio):
+    """Each saved pruned model: ONNX == PyTorch within 1e-4; load_student (what `distill.py embed` uses) rebuilds it."""
+    import onnxruntime as ort
+
+    tmp, _, _ = etl_run
+    folder = tmp / "run" / "etl" / "Gender-UTK" / f"r{ratio:g}"
+    student, cfg = load_student(folder / "model.safetensors")
+    assert cfg["etl"]["ratio"] == ratio and cfg["pruned"]
+    from safetensors.torch import load_file
+
+    hd = transfer.head(student.proj.out_features, cfg["etl"]["n_out"], cfg["etl"]["hidden"])
+    hd.load_state_dict({k[5:]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("head.")})
+    model = torch.nn.Sequential(student, hd).eval()
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["params"] == prune.count_params(model)
+    x = torch.randint(0, 256, (3, 3, 32, 32)).float()
+    with torch.no_grad():
+        want = model(x).numpy()
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixels": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_etl_model_serves_distill_embed_and_a_fresh_transfer(etl_run, tmp_path):
+    import distill
+
+    tmp, data, _ = etl_run
+    ckpt = tmp / "run" / "etl" / "Gender-UTK" / "r0.9" / "model.safetensors"
+    out = tmp_path / "emb.npy"
+    distill.main(["embed", "--checkpoint", str(ckpt), "--images", str(data), "--out", str(out), "--device", "cpu"])
+    emb = np.load(out)
+    assert emb.shape[1] == 16 and np.isfinite(emb).all(1).sum() > 0
+    transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "frozen",
+                   "--cache-dir", str(tmp / "cache"), "--run-dir", str(tmp_path / "run"), "--head-epochs", "3",
+                   "--device", "cpu", "--align", "none"])
+    r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    assert 0 <= r["results"]["frozen"]["value"] <= 1
+
+
+def test_bad_ratios_and_non_torch_base_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--prune"):
+        transfer.main(["--method", "etl", "--prune", "0.5,1.2", "--run-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--etl-base"):
+        transfer.main(["--method", "etl", "--etl-base", "fer", "--run-dir", str(tmp_path / "r")])
