@@ -169,7 +169,8 @@ def test_content_hash_follows_the_image_bytes(tmp_path, images):
     root, names = images
     hashes = []
     for sha in ("a" * 40, "b" * 40):
-        cache = FeatureCache.create_or_resume(tmp_path / sha[0], root, names, TEACHERS, shard_size=10)
+        cache = FeatureCache.create_or_resume(tmp_path / sha[0], root, names, TEACHERS, shard_size=10,
+                                              crop_size=0)  # features only
         for k in range(cache.n_shards):
             n = int(cache.bounds[k + 1] - cache.bounds[k])
             cache.write_shard(k, np.ones((n, cache.dim)), [True] * n, np.zeros((n, 2, 3)), np.ones(n), [sha] * n,
@@ -250,7 +251,8 @@ def test_a_million_rows(tmp_path, monkeypatch):
     # By default up to half the open-file limit stay open (all 977 here); a bound of 64 shows it holds.
     monkeypatch.setattr(common.cache, "MAX_OPEN", 64)
     names = [f"d{i // 1000:04d}/img{i:07d}.jpg" for i in range(n)]
-    cache = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, names, [Meta("a", 4, "a:1")], shard_size=shard)
+    cache = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, names, [Meta("a", 4, "a:1")], shard_size=shard,
+                                          crop_size=0)  # features only
     del names
     for k in range(cache.n_shards):
         m = int(cache.bounds[k + 1] - cache.bounds[k])
