@@ -142,7 +142,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         hits = []
         for i in range(0, len(chw), args.batch):
-            hits += det(chw[i:i + args.batch])
+            hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
         sync(device)
         agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / len(ref)
         rows.append(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),

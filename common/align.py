@@ -157,7 +157,8 @@ class BatchDetector:
         self.min_prob, self.detect_size, self.device = min_prob, detect_size, torch.device(device)
 
     def __call__(self, images: list) -> list:
-        """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score) or None."""
+        """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score), None (no face), or the reason
+        (a string) why an image is too small to search."""
         small, scale = [], []
         for img in images:
             h, w = img.shape[1:]
@@ -169,7 +170,16 @@ class BatchDetector:
             small.append(x[0])
             scale.append((x.shape[3] / w, x.shape[2] / h))
         out = [None] * len(images)
-        for idx in size_groups([x.shape[1:] for x in small], exact=True):
+        m = self.inner.min_face
+        ok = []
+        for i, x in enumerate(small):
+            if min(x.shape[1:]) < m:  # MTCNN builds no pyramid below its smallest face (see FaceDetector)
+                h, w = images[i].shape[1:]
+                out[i] = f"image is {w}x{h} pixels: smaller than the {m}-pixel faces the detector looks for"
+            else:
+                ok.append(i)
+        for sub in size_groups([small[i].shape[1:] for i in ok], exact=True):
+            idx = [ok[j] for j in sub]
             canvas = _canvas(small, idx).permute(0, 2, 3, 1)  # MTCNN takes (N, H, W, 3)
             with torch.inference_mode():
                 boxes, probs, marks = self.inner.mtcnn.detect(canvas, landmarks=True)

@@ -11,6 +11,7 @@ fuse_features launch per batch); a shard goes back to the host once, to be writt
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -145,7 +146,9 @@ class Engine:
                 hits = self.detector([images[i] for i in ok])
         found = []
         for i, hit in zip(ok, hits):
-            if hit is None:
+            if isinstance(hit, str):  # too small to search: a counted row, like a bad file
+                reasons[i] = hit
+            elif hit is None:
                 reasons[i] = "no face detected"
             else:
                 matrices[i], scores[i] = hit
@@ -238,7 +241,7 @@ def crops_of_files(paths, device, opts: Options, crop_size: int):
     """Store-size crops of image files (for `distill.py embed`): yields (indices, crops on device, reasons)
     per batch; reasons[i] is "" where a face was found."""
     engine = Engine([], device, opts)
-    paths = [str(Path(p).resolve()) for p in paths]
+    paths = [os.path.abspath(p) for p in paths]  # not resolve(): a symbolic-link loop is a listed row
     start = 0
     for items in loader("/", paths, opts, device):
         crops, _, _, found, _, reasons = engine.run_batch(items)
