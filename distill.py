@@ -40,7 +40,7 @@ from common import fusion, precision
 from common.cache import FeatureCache, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
-from common.facedata import AlignedFaces, EpochSampler, aligned_crop, eval_transform
+from common.facedata import AlignedFaces, EpochSampler, first, resize, to_device_pixels
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
 from kernels import cosine_distill_loss
@@ -64,7 +64,9 @@ def parse_args(argv=None):
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
                         "(the paper used 300x300 crops; --size 224 or 300 comes closer to it)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding and warping images")
+    g.add_argument("--workers", type=int, default=2,
+                   help="DataLoader worker processes gathering crops from the cache's crop store (augmentation "
+                        "runs per batch on the device)")
     g = p.add_argument_group("student")
     g.add_argument("--arch", default="resnet18w", choices=ARCHS,
                    help="resnet18w: ResNet-18 layout with channels times --width (paper size); resnet18: full width")
@@ -84,6 +86,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the augmentations")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between loss checks and progress updates (the only host syncs of the loop)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP)
@@ -274,7 +278,8 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     net = student if decoder is None else torch.nn.Sequential(student, decoder)
     cfg = {"size": args.size, "embedding": name, "loss": args.loss, "embedding_op": meta.get("op"),
            "seed": args.seed, "batch": args.batch, "world": world, "lr": args.lr, "epochs": args.epochs,
-           "steps": args.steps, "teacher_cache": str(Path(args.teacher_cache).resolve())}
+           "steps": args.steps, "teacher_cache": str(Path(args.teacher_cache).resolve()),
+           "crop_size": cache.crop_size}
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     net.to(device)
     if channels_last:
@@ -298,10 +303,10 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     loss_fn = make_loss(args.loss, cache, hG_mean, hG_std, device, args.smoothl1_weight)
 
-    data = AlignedFaces(cache, train_rows, args.size, train=True, targets=targets)
+    data = AlignedFaces(cache, train_rows, train=True, targets=targets)
     sampler = EpochSampler(data, args.seed, rank, world)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
-                                         drop_last=True, pin_memory=device.type == "cuda",
+                                         drop_last=True, pin_memory=device.type == "cuda", collate_fn=first,
                                          persistent_workers=args.workers > 0)
     per_epoch = sampler.num_samples // args.batch
     total = args.steps or args.epochs * per_epoch
@@ -318,36 +323,56 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
 
 
 def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
-    """The training loop, from s.start to --steps/--epochs (or --stop-at); returns the last step done."""
+    """The training loop, from s.start to --steps/--epochs (or --stop-at); returns the last step done.
+
+    The losses stay on the device and are read back every --log-every steps, before each checkpoint and at
+    the end of each epoch: a non-finite one stops the run there, naming its step, before any checkpoint of
+    its weights is written."""
     stop = min(args.stop_at or s.total, s.total)
     step, epoch_loss, seen, t0 = s.start, [], 0, time.time()
     imgs = args.batch * world
+    device = next(s.net.parameters()).device
     bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
                disable=None if rank == 0 else True, dynamic_ncols=True)
+    pending = []  # (step, 0-d loss on the device) since the last sync
+
+    def sync():
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending])
+        if world > 1:
+            torch.distributed.all_reduce(values)  # every rank must see a NaN, to stop together
+            values /= world
+        values = values.tolist()
+        for (at, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss became {value} at step {at}")
+        epoch_loss.extend(values)
+        bar.update(len(pending) * imgs)
+        bar.set_postfix(loss=f"{values[-1]:.4f}", epoch=epoch)
+        pending.clear()
+
     while step < stop:
         epoch, skip = divmod(step, s.per_epoch)
         s.sampler.set_position(epoch, skip * args.batch)  # the order depends on (seed, epoch) only
         s.net.train()
-        for pixels, target, _ in s.loader:
+        for batch in s.loader:
             for g in s.opt.param_groups:
                 g["lr"] = lr_at(step, s.total, args.lr, args.warmup)
             fn = (lambda o, t: s.loss_fn(o, t) * float("nan")) if step + 1 == args.inject_nan_at else s.loss_fn
-            loss = train_step(s.model, pixels, target, fn, s.opt, s.amp_dtype, s.scaler, s.channels_last)
-            if world > 1:
-                torch.distributed.all_reduce(loss)  # every rank must see a NaN, to stop together
-                loss /= world
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
+            pixels = to_device_pixels(batch, args.size, device, train=True)
+            loss = train_step(s.model, pixels, batch["target"], fn, s.opt, s.amp_dtype, s.scaler, s.channels_last)
             step += 1
-            epoch_loss.append(value)
             seen += imgs
-            bar.update(imgs)
-            bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
-            if rank == 0 and (step % args.ckpt_every == 0 or step == stop):
+            pending.append((step, loss))
+            checkpoint = rank == 0 and (step % args.ckpt_every == 0 or step == stop)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == stop:
+                sync()  # on every rank at the same steps (the all-reduce inside)
+            if checkpoint:
                 save_checkpoint(run, step, s.student, s.decoder, s.opt, s.scaler, s.cfg, args.keep)
             if step == stop:
                 break
+        sync()
         if rank == 0:
             rate = seen / max(time.time() - t0, 1e-9)
             with open(run / "metrics.jsonl", "a") as f:
@@ -362,12 +387,12 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
 # -------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
-    """Student embeddings of cache rows (eval crops), float32, in row order."""
-    data = AlignedFaces(cache, rows, size, train=False, targets=cache.features)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
+    """Student embeddings of cache rows (evaluation view of their stored crops), float32, in row order."""
+    data = AlignedFaces(cache, rows, train=False, targets=cache.features)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=first)
     student.eval()
-    out = [student(p.to(device)).float().cpu() for p, _, _ in tqdm(loader, desc="embed", unit="batch",
-                                                                      disable=None, leave=False)]
+    out = [student(to_device_pixels(b, size, device, train=False)).float().cpu()
+           for b in tqdm(loader, desc="embed", unit="batch", disable=None, leave=False)]
     return torch.cat(out).numpy() if out else np.zeros((0, student.config["out_dim"]), np.float32)
 
 
@@ -474,39 +499,26 @@ def export_student(student, out_dir, size, formats=("onnx", "torchscript")) -> d
 
 # ------------------------------------------------------------------------------------------- embed
 @torch.no_grad()
-def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9):
-    """(embeddings, reasons) for image files: detect + align (MTCNN) + student. A row whose image has no
-    usable face is NaN and its reason is non-empty; the rows always line up with paths."""
-    from common.align import FaceDetector
-    from common.images import BadImage, read_image
+def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9, workers=0):
+    """(embeddings, reasons) for image files: the extraction engine's detection and alignment, the crop the
+    student was trained on (the crop store's size, then its input size), then the student. A row whose
+    image has no usable face is NaN and its reason is non-empty; the rows always line up with paths."""
+    from common.align import CROP_SIZE
+    from common.extract import Options, crops_of_files
 
     student, cfg = load_student(checkpoint, device)
-    resize = eval_transform(cfg["size"])
-    detector = FaceDetector(device=device, min_prob=min_prob)
+    device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
-    pending = []
-
-    def flush():
-        if pending:
-            idx, crops = zip(*pending)
-            emb[list(idx)] = student(torch.stack(crops).to(device)).float().cpu().numpy()
-            pending.clear()
-
-    for i, path in enumerate(tqdm(paths, desc="embed", unit="img", disable=None)):
-        try:
-            img = read_image(path)
-            hit = detector(img)
-        except BadImage as e:
-            reasons[i] = str(e)
-            continue
-        if hit is None:
-            reasons[i] = "no face detected"
-            continue
-        pending.append((i, resize(aligned_crop(img, hit[0]))))
-        if len(pending) == batch:
-            flush()
-    flush()
+    opts = Options(min_face_prob=min_prob, batch=batch, workers=workers)
+    bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
+    for idx, crops, found, why in crops_of_files(paths, device, opts, cfg.get("crop_size") or CROP_SIZE):
+        for i, r in zip(idx, why):
+            reasons[i] = r
+        if found.any():
+            emb[idx[found]] = student(resize(crops[torch.from_numpy(found).to(device)], cfg["size"])).float().cpu().numpy()
+        bar.update(len(idx))
+    bar.close()
     return emb, reasons
 
 

@@ -27,12 +27,14 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from common import fusion, synth
-from common.align import CANON, FaceDetector, center_matrix, warp
+from common.align import CROP_SIZE, DETECT_SIZE
 from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
-from common.images import BadImage, list_images, read_image
+from common.extract import Options
+from common.extract import extract as engine_extract
+from common.fusion import Standardised
+from common.images import list_images
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
-from kernels import fuse_features
 
 
 def parse_args(argv=None):
@@ -57,8 +59,15 @@ def parse_args(argv=None):
     g.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
                    help="mtcnn: detect and align each face; none: images already are face crops")
     g.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
-    g.add_argument("--batch", type=int, default=32, help="faces per teacher batch")
-    g.add_argument("--workers", type=int, default=0, help="image decoding/detection worker processes")
+    g.add_argument("--batch", type=int, default=32, help="images per batch (detection, alignment, teachers)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="loader processes reading and decoding images (detection runs batched in the main process)")
+    g.add_argument("--detect-size", type=int, default=DETECT_SIZE,
+                   help="longer side of the downscaled copy MTCNN searches (landmarks are mapped back to full "
+                        "resolution); smaller is faster but misses small faces")
+    g.add_argument("--crop-size", type=int, default=CROP_SIZE,
+                   help="side of the aligned crops kept in the cache's crop store, which distill.py and transfer.py "
+                        f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g = p.add_argument_group("fusion G")
     g.add_argument("--ops", default="ae,pca,vae,dae",
@@ -96,85 +105,11 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- faces
-class ShardFaces(torch.utils.data.Dataset):
-    """Decode, detect and align the images of one shard; a bad or faceless image becomes a counted row."""
-
-    def __init__(self, root: Path, images: list[str], align: str, min_prob: float, device="cpu"):
-        self.root, self.images, self.align, self.min_prob, self.device = root, images, align, min_prob, device
-        self.detector = None
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        crop = np.zeros((CANON, CANON, 3), np.uint8)
-        matrix, score, sha1, reason = np.zeros((2, 3)), 0.0, "", ""
-        try:
-            path = self.root / self.images[i]
-            img, sha1 = read_image(path, with_hash=True)
-            if self.align == "none":
-                matrix, score = center_matrix(img.shape[1], img.shape[0]), 1.0
-            else:
-                if self.detector is None:  # built lazily so that each worker process has its own
-                    self.detector = FaceDetector(self.device, min_prob=self.min_prob)
-                hit = self.detector(img)
-                if hit is None:
-                    reason = "no face detected"
-                else:
-                    matrix, score = hit
-            if not reason:
-                crop = warp(img, matrix)
-        except BadImage as e:
-            reason = str(e)
-        return {"crop": torch.from_numpy(crop).permute(2, 0, 1), "found": not reason,
-                "matrix": torch.from_numpy(np.asarray(matrix, np.float32)), "score": float(score),
-                "sha1": sha1, "reason": reason}
-
-
 def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> None:
-    """Fill this rank's unfinished shards: shard k belongs to rank k % world.
-
-    With no teachers, this only aligns the faces (transfer.py's image-based methods need no more).
-    """
-    mine = [k for k in range(cache.n_shards) if k % world == rank]
-    todo = [k for k in mine if not cache.shard_done(k)]
-    rows_of = lambda k: int(cache.bounds[k + 1] - cache.bounds[k])
-    total = sum(rows_of(k) for k in mine)
-    if len(todo) < len(mine):
-        log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
-    zeros = torch.zeros(cache.dim, device=device)
-    ones = torch.ones(cache.dim, device=device)
-    dtype = getattr(torch, cache.manifest["dtype"])
-    bar = tqdm(total=total, initial=total - sum(rows_of(k) for k in todo), unit="img", desc=f"teachers[{rank}]",
-               disable=None, dynamic_ncols=True)
-    for done, k in enumerate(todo, 1):
-        t0 = time.perf_counter()
-        lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
-        # Detection runs on the GPU when decoding stays in this process; CUDA cannot enter forked workers.
-        faces = ShardFaces(cache.data_root, cache.images[lo:hi], args.align, args.min_face_prob,
-                           device if args.workers == 0 else "cpu")
-        loader = torch.utils.data.DataLoader(faces, batch_size=args.batch, num_workers=args.workers)
-        feats = torch.zeros(hi - lo, cache.dim, dtype=dtype)
-        meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
-        start = 0
-        for batch in loader:
-            n = len(batch["found"])
-            idx = torch.nonzero(batch["found"]).flatten()
-            if len(idx) and teachers:
-                crops = batch["crop"][idx].to(device, non_blocking=True)
-                with torch.inference_mode():
-                    outs = [t(crops).to(device) for t in teachers]
-                    feats[start + idx] = fuse_features(outs, zeros, ones, out_dtype=dtype).cpu()
-            for key in meta:
-                value = batch[key]
-                meta[key].extend(value.tolist() if torch.is_tensor(value) else list(value))
-            start += n
-            bar.update(n)
-        cache.write_shard(k, feats.numpy(), **meta)
-        # A log line per shard too: the bar is hidden when output goes to a file.
-        log.info(f"shard {k} written ({done}/{len(todo)} of this run, rank {rank}): "
-                 f"{(hi - lo) / (time.perf_counter() - t0):.1f} img/s")
-    bar.close()
+    """Detect, align and run every teacher on this rank's unfinished shards (common.extract)."""
+    opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch, workers=args.workers,
+                   detect_size=args.detect_size)
+    engine_extract(cache, teachers, device, opts, rank, world, log)
 
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
@@ -185,27 +120,6 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
 
 
 # --------------------------------------------------------------------------------------------- fusion
-class Standardised:
-    """Rows of the cache as float32 tensors in standardised units ((h - mean) / std, per dimension)."""
-
-    def __init__(self, cache: FeatureCache, device):
-        self.features = cache.features
-        mean, std = cache.stats()
-        self.mean, self.std = mean, std
-        self.t_mean = torch.tensor(mean, dtype=torch.float32, device=device)
-        self.t_std = torch.tensor(std, dtype=torch.float32, device=device)
-        self.device = device
-
-    def __call__(self, rows) -> torch.Tensor:
-        x = torch.from_numpy(self.features.take(rows)).to(self.device).float()
-        return (x - self.t_mean) / self.t_std
-
-    def batches(self, rows, size, rng=None):
-        rows = rng.permutation(rows) if rng is not None else rows
-        for i in range(0, len(rows), size):
-            yield self(rows[i:i + size])
-
-
 def recipe_of(args, n_train: int) -> fusion.Recipe:
     steps = args.epochs * -(-n_train // args.fusion_batch) if args.epochs else args.steps
     return fusion.Recipe(layout=args.ae_layout, steps=max(1, steps), batch=args.fusion_batch, lr=args.lr,
@@ -444,12 +358,12 @@ def main(argv=None):
     try:
         if rank == 0:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align, args.min_face_prob)
+                                                  args.dtype, args.align, args.min_face_prob, args.crop_size)
         if world > 1:
             dist.barrier()
         if rank != 0:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align, args.min_face_prob)
+                                                  args.dtype, args.align, args.min_face_prob, args.crop_size)
     except CacheMismatch as e:
         raise SystemExit(f"error: {e}")
     extract(args, cache, teachers, device, rank, world, log)

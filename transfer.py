@@ -43,12 +43,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-import fuse
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.align import CANON
 from common.cache import FeatureCache, write_json, write_missed
-from common.facedata import aligned_crop, eval_transform, train_transform
-from common.images import read_image
+from common.extract import Options, extract
+from common.facedata import aug_params, augment, first, resize
 from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, build_teachers
@@ -152,27 +150,43 @@ def task_cache(task, data, root: Path, teachers, args, device, log) -> FeatureCa
     cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
                                           min_face_prob=args.min_face_prob)
     if not cache.manifest.get("complete"):
-        fuse.extract(argparse.Namespace(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
-                                        workers=args.workers), cache, teachers, device, 0, 1, log)
+        opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
+                       workers=args.workers)
+        extract(cache, teachers, device, opts, log=log)
         cache.finalize()
         cache = FeatureCache(path)
     return cache
 
 
 class TaskFaces(torch.utils.data.Dataset):
-    """(pixels, label) of the given samples, aligned with the cached matrices."""
+    """(uint8 crops, labels) of the given samples from the task cache's crop store, a batch at a time."""
 
-    def __init__(self, cache: FeatureCache, rows, labels, size: int, train: bool):
-        self.cache, self.rows, self.labels = cache, np.asarray(rows), labels
-        self.transform = train_transform(size) if train else eval_transform(size)
+    def __init__(self, cache: FeatureCache, rows, labels):
+        self.crops, self.rows, self.labels = cache.crops, np.asarray(rows, np.int64), labels
 
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, i):
-        row = int(self.rows[i])
-        img = read_image(self.cache.data_root / self.cache.images[row])
-        return self.transform(aligned_crop(img, self.cache.matrices[row])).contiguous(), self.labels[row]
+    def __getitems__(self, idx):
+        rows = self.rows[idx]
+        crops = torch.from_numpy(np.ascontiguousarray(self.crops.take(rows))).permute(0, 3, 1, 2)
+        return crops, self.labels[torch.from_numpy(rows)]
+
+
+def face_batches(cache, rows, labels, size, train, args, device):
+    """() -> iterator of (pixels on device, labels on device); augmented on the device when training, with
+    draws from a generator of the main process, so the pixels do not depend on the number of workers."""
+    dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), batch_size=args.batch, shuffle=train,
+                                     num_workers=args.workers, collate_fn=first,
+                                     generator=torch.Generator().manual_seed(args.seed))
+    rng = np.random.default_rng(args.seed)
+
+    def it():
+        for crops, t in dl:
+            crops = crops.to(device, non_blocking=True)
+            x = augment(crops, torch.from_numpy(aug_params(rng, len(crops))), size) if train else resize(crops, size)
+            yield x, t.to(device)
+    return it
 
 
 # ------------------------------------------------------------------------------------- heads and loss
@@ -318,9 +332,9 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     else:
         method_net = method
     if method_net == "pcnn":
-        # Teachers take the whole canonical crop and cut their own box from it.
+        # Teachers take the whole canonical crop (here the crop store's) and cut their own box from it.
         # @torch: a teacher ported from ONNX / TFLite is fine-tuned as its PyTorch module, on the CPU too
-        backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), CANON
+        backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), cache.crop_size
     elif method == "scratch":
         backbone = build_student(student_cfg["arch"], student_cfg["width"], student_cfg["out_dim"])
         size = student_cfg.get("size", 112)
@@ -333,14 +347,12 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     train = split.train[found[split.train]]
 
     def loader(rows, is_train):
-        ds = TaskFaces(cache, rows, y, size, is_train)
-        dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=is_train, num_workers=args.workers,
-                                         generator=torch.Generator().manual_seed(args.seed))
-        return lambda: ((x.to(device), t.to(device)) for x, t in dl)
+        return face_batches(cache, rows, y, size, is_train, args, device)
 
     val_rows = val_rows_of(split, found)
     val = loader(val_rows, False) if val_rows is not None else None
     y_val = decode_labels(task, y[val_rows].numpy(), lo_hi) if val is not None else None
+
     def make_input(b, dev):  # ETL's example pixels, as the loader gives them (teachers insist on uint8)
         return prune.example_pixels(b, size, dev, torch.uint8 if method_net == "pcnn" else torch.float32)
 
@@ -374,11 +386,11 @@ def student_embeddings(cache, args, device, student_cfg) -> torch.Tensor:
     student, _ = load_student(args.student, device)
     rows = np.flatnonzero(cache.found)
     out = torch.zeros(len(cache.images), student_cfg["out_dim"])
-    ds = TaskFaces(cache, rows, torch.zeros(len(cache.images)), student_cfg.get("size", 112), False)
-    dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.workers)
+    batches = face_batches(cache, rows, torch.zeros(len(cache.images)), student_cfg.get("size", 112), False, args,
+                           device)
     if len(rows):
-        out[rows] = torch.cat([student(x.to(device)).float().cpu()
-                               for x, _ in tqdm(dl, desc="student", disable=None, leave=False)])
+        out[rows] = torch.cat([student(x).float().cpu()
+                               for x, _ in tqdm(batches(), desc="student", disable=None, leave=False)])
     return out
 
 
@@ -519,7 +531,7 @@ def method_features(method, cache, unsup, args, device, student_cfg):
     if method == "pca":
         _, meta = unsup.embedding(args.embedding or unsup.embedding_names()[0])
         pca = fusion.build("pca", unsup.dim, meta["dim"])
-        data = fuse.Standardised(unsup, torch.device("cpu"))
+        data = fusion.Standardised(unsup, torch.device("cpu"))
         pca.fit(data.batches(np.flatnonzero(unsup.found), 4096))
         return pca.encode(tf.subset(names))
     if method == "bt":

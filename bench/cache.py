@@ -60,7 +60,7 @@ def main(argv=None):
         for name in images[1:]:
             (root / name).symlink_to(root / images[0])
         cache = FeatureCache.create_or_resume(Path(tmp) / "c", root, images, [FakeTeacher("t", args.dim)],
-                                              shard_size=args.shard_size)
+                                              shard_size=args.shard_size, crop_size=0)  # features only
         rng = np.random.default_rng(0)
         for k in range(cache.n_shards):
             n = int(cache.bounds[k + 1] - cache.bounds[k])

@@ -6,6 +6,10 @@ whole files behind):
                            normalisation statistics and complete=true once every shard is written
     images.txt             the image paths, relative to the data root, one per line, in row order
     shards/NNNNN.npy       (rows, sum of teacher widths) features in the cache dtype, teachers side by side
+    crops/NNNNN.npy        the crop store: (rows, S, S, 3) uint8, each face's canonical crop (common.align)
+                           at S = crop_size pixels (black for rows without a face), so that distill.py and
+                           transfer.py never decode a source image again; its sha256 per shard goes into
+                           the shard's meta and, at the end, into the manifest (crops_sha256)
     shards/NNNNN.meta.npz  per row: face found, 2x3 alignment matrix, detector score, file sha1, failure
                            reason; per shard: sum and sum of squares for the statistics
     stats.npz              per-dimension mean and std over the faces found
@@ -32,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.align import CROP_SIZE
 from common.images import PATH_ERRORS, decode_paths, encode_paths
 
-FORMAT = 1
+FORMAT = 2  # 2: the crop store
 
 
 def _open_budget() -> int:
@@ -166,12 +171,12 @@ class ShardedArray:
 
     @property
     def shape(self):
-        return (len(self), self.shard(0).shape[1])
+        return (len(self), *self.shard(0).shape[1:])
 
     def take(self, rows) -> np.ndarray:
         """Rows in the order asked, gathered shard by shard so each map is touched once."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.shape[1]), dtype=self.shard(0).dtype)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.shard(0).dtype)
         which = np.searchsorted(self.bounds, rows, side="right") - 1
         for k in np.unique(which):
             sel = which == k
@@ -196,12 +201,13 @@ class FeatureCache:
     # -- creation and resume ---------------------------------------------------------------------
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
-                         align="mtcnn", min_face_prob=0.9) -> "FeatureCache":
+                         align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
         preprocessing), images (names, sizes, times), storage type, alignment and the detector's
-        threshold. Only the detector threshold of --align mtcnn matters; with none it is not recorded."""
+        threshold, and the size of the crop store. Only the detector threshold of --align mtcnn
+        matters; with none it is not recorded."""
         path = Path(path)
         bounds = list(range(0, len(images), shard_size)) + [len(images)]
         plan = {
@@ -215,6 +221,7 @@ class FeatureCache:
             "list_hash": list_hash(data_root, images),
             "shard_size": shard_size,
             "shard_bounds": bounds,
+            "crop_size": int(crop_size),
         }
         manifest = path / "manifest.json"
         if manifest.exists():
@@ -241,7 +248,7 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        for key in ("dtype", "align", "min_face_prob", "shard_size"):
+        for key in ("dtype", "align", "min_face_prob", "shard_size", "crop_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")
         return problems
@@ -256,8 +263,12 @@ class FeatureCache:
     def n_shards(self) -> int:
         return len(self.bounds) - 1
 
-    def write_shard(self, k: int, features: np.ndarray, found, matrix, score, sha1, reason) -> None:
-        """Store one shard: metadata and statistics first, the features last (their presence marks it done)."""
+    def crop_file(self, k: int) -> Path:
+        return self.path / "crops" / f"{k:05d}.npy"
+
+    def write_shard(self, k: int, features: np.ndarray, found, matrix, score, sha1, reason, crops=None) -> None:
+        """Store one shard: crops, metadata and statistics first, the features last (their presence marks it
+        done). crops: (rows, S, S, 3) uint8, required when the cache has a crop store."""
         rows = int(self.bounds[k + 1] - self.bounds[k])
         assert features.shape == (rows, self.dim), (features.shape, rows, self.dim)
         found = np.asarray(found, bool)
@@ -265,6 +276,14 @@ class FeatureCache:
         meta = dict(found=found, matrix=np.asarray(matrix, np.float32), score=np.asarray(score, np.float32),
                     sha1=np.asarray(sha1, dtype="S40"), reason=np.asarray(reason, dtype=str),
                     count=np.int64(found.sum()), sum=good.sum(0), sumsq=(good ** 2).sum(0))
+        if self.crop_size:
+            s = self.crop_size
+            if crops is None or crops.shape != (rows, s, s, 3) or crops.dtype != np.uint8:
+                raise ValueError(f"shard {k} needs its ({rows}, {s}, {s}, 3) uint8 crops, got "
+                                 f"{None if crops is None else (crops.shape, crops.dtype)}")
+            crops = np.ascontiguousarray(crops)
+            atomic_write(self.crop_file(k), lambda f: np.save(f, crops))
+            meta["crops_sha256"] = np.asarray(hashlib.sha256(self.crop_file(k).read_bytes()).hexdigest())
         atomic_write(self.shard_file(k).with_suffix(".meta.npz"), lambda f: np.savez(f, **meta))
         atomic_write(self.shard_file(k), lambda f: np.save(f, features.astype(self.dtype, copy=False)))
 
@@ -280,6 +299,12 @@ class FeatureCache:
         mean = s / max(count, 1)
         std = np.sqrt(np.maximum(ss / max(count, 1) - mean ** 2, 0.0))
         atomic_write(self.path / "stats.npz", lambda f: np.savez(f, mean=mean, std=std, count=count))
+        if self.crop_size:
+            hashes = []
+            for k in range(self.n_shards):
+                with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+                    hashes.append(str(m["crops_sha256"]))
+            self.manifest["crops_sha256"] = hashes
         self.manifest.update(complete=True, n_faces=count, content_hash=self.content_hash())
         write_json(self.path / "manifest.json", self.manifest)
 
@@ -331,6 +356,24 @@ class FeatureCache:
                         out[self.bounds[k]:self.bounds[k + 1]] = m[key]
             self._meta = meta
         return self._meta
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.manifest.get("crop_size", 0))
+
+    @property
+    def crops(self) -> ShardedArray:
+        """The crop store: (rows, S, S, 3) uint8 canonical crops, memory-mapped."""
+        if not self.crop_size:
+            raise CacheMismatch(f"the cache at {self.path} has no crop store (written with crop size 0): "
+                                f"rebuild it with fuse.py to train or transfer from it")
+        return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds)
+
+    def verify_crops(self) -> list[int]:
+        """Shards whose crop file no longer matches the sha256 the manifest recorded (empty: all intact)."""
+        want = self.manifest.get("crops_sha256") or []
+        return [k for k, h in enumerate(want)
+                if not self.crop_file(k).exists() or hashlib.sha256(self.crop_file(k).read_bytes()).hexdigest() != h]
 
     @property
     def found(self) -> np.ndarray:

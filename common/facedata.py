@@ -1,42 +1,42 @@
-"""Aligned face crops for training the student: image file -> canonical crop (from the cached matrix)
--> augmentation or resize -> uint8 tensor, with the cached target row beside it.
+"""Aligned face crops for training the student: the cache's crop store -> augmentation or resize on the
+run's device, per batch -> uint8 pixels, with the cached target rows beside them.
 
-Augmentations are drawn from a seed given with each sample, not from the worker's RNG, so that what a
-sample looks like depends only on (run seed, epoch, row): a resumed run, or one with another number of
-loader workers, sees exactly the same pixels.
+Loader workers only gather rows of the memory-mapped crop store (no image is decoded again) and draw
+each sample's augmentation parameters from a seed given with the sample, not from the worker's RNG;
+the main process then applies the whole batch's augmentations on the device in one affine
+grid_sample and a few elementwise ops. What a sample looks like therefore depends only on (run seed,
+epoch, row): a resumed run, or one with another number of loader workers, sees exactly the same pixels.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torchvision.transforms import v2
+from torch.nn import functional as F
 
-from common.align import CANON, warp
-from common.images import read_image
+# The evaluation view: the whole crop, resized (antialiased) to the student's input size.
+from .align import store_crops as resize
 
-
-def train_transform(size: int):
-    # Mild on purpose: the target h_G was computed on the un-augmented crop, so strong changes would
-    # ask the student to map different-looking faces to one point. The canonical crop keeps a 10%
-    # margin around the ArcFace box, which the crop scale and rotation may eat into but not past.
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomRotation(10),
-        # No hue jitter: on uint8 tensors it costs 6x the rest of the pipeline together, and skin hue
-        # shifts are not a variation face photos have.
-        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2),
-        v2.RandomGrayscale(0.05),
-    ])
+# One row of augmentation parameters per sample (augment reads them in this order).
+N_PARAMS = 10
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
-def eval_transform(size: int):
-    return v2.Resize((size, size), antialias=True)
-
-
-def aligned_crop(image: np.ndarray, matrix: np.ndarray) -> torch.Tensor:
-    """The CANON x CANON canonical crop as a 3 x CANON x CANON uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(warp(image, matrix, CANON))).permute(2, 0, 1)
+def aug_params(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    """(n, N_PARAMS) float32 draws. Mild on purpose: the target h_G was computed on the un-augmented crop,
+    so strong changes would ask the student to map different-looking faces to one point. The canonical
+    crop keeps a 10% margin around the ArcFace box, which the crop scale and rotation may eat into but not
+    past. No hue jitter: skin hue shifts are not a variation face photos have."""
+    area = rng.uniform(0.8, 1.0, n)
+    ratio = np.exp(rng.uniform(math.log(0.9), math.log(1.1), n))
+    w, h = np.minimum(np.sqrt(area * ratio), 1.0), np.minimum(np.sqrt(area / ratio), 1.0)
+    x0, y0 = rng.uniform(0, 1, n) * (1 - w), rng.uniform(0, 1, n) * (1 - h)
+    flip = rng.uniform(size=n) < 0.5
+    angle = rng.uniform(-10, 10, n)
+    bright, contrast, sat = rng.uniform(0.7, 1.3, n), rng.uniform(0.7, 1.3, n), rng.uniform(0.8, 1.2, n)
+    grey = rng.uniform(size=n) < 0.05
+    return np.stack([x0 + w / 2, y0 + h / 2, w, h, flip, angle, bright, contrast, sat, grey], 1).astype(np.float32)
 
 
 def sample_seeds(seed: int, epoch: int, rows) -> np.ndarray:
@@ -52,38 +52,82 @@ def sample_seeds(seed: int, epoch: int, rows) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)  # torch.manual_seed takes a non-negative int64
 
 
+def _grey(x):
+    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)
+
+
+def augment(crops: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, S, S) uint8 crops and (B, N_PARAMS) parameters -> (B, 3, size, size) uint8, on the crops' device.
+
+    Geometry in one grid_sample: a crop box (fraction of the side, centred at cx, cy), a horizontal flip,
+    then a rotation of up to 10 degrees about the centre, black outside the crop. Then brightness,
+    contrast (about each image's mean grey), saturation and, for a few, greyscale.
+    """
+    p = params.to(crops.device, torch.float32)
+    cx, cy, w, h, flip, angle, bright, contrast, sat, grey = p.unbind(1)
+    a = torch.deg2rad(angle)
+    cos, sin = torch.cos(a), torch.sin(a)
+    sx = torch.where(flip > 0.5, -w, w)
+    # output (u, v) in [-1, 1] -> rotate -> flip -> box: source = box(flip(R u))
+    theta = torch.stack([torch.stack([sx * cos, -sx * sin, 2 * cx - 1], 1),
+                         torch.stack([h * sin, h * cos, 2 * cy - 1], 1)], 1)
+    grid = F.affine_grid(theta, (len(crops), 3, size, size), align_corners=False)
+    x = F.grid_sample(crops.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = (x * bright.view(-1, 1, 1, 1)).clamp(0, 255)
+    m = _grey(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - m) * contrast.view(-1, 1, 1, 1) + m).clamp(0, 255)
+    g = _grey(x)
+    x = (g + (x - g) * sat.view(-1, 1, 1, 1)).clamp(0, 255)
+    x = torch.where(grey.view(-1, 1, 1, 1) > 0.5, _grey(x).expand_as(x), x)
+    return x.round_().to(torch.uint8)
+
+
+def to_device_pixels(batch, size: int, device, train: bool) -> torch.Tensor:
+    """A loader batch's crops -> the student's uint8 input on device (augmented when params are given)."""
+    crops = batch["crops"].to(device, non_blocking=True)
+    if train and batch.get("params") is not None:
+        return augment(crops, batch["params"], size)
+    return resize(crops, size)
+
 
 class AlignedFaces(torch.utils.data.Dataset):
-    """Faces of the given cache rows, with their target rows (h_G by default).
+    """Crops of the given cache rows, from its crop store, with their target rows (h_G by default).
 
     targets: anything with .take(rows) -> (n, d) array (a ShardedArray of the cache), row-aligned with
-    the cache. An item is (uint8 3 x size x size pixels, float32 target, cache row). Indices may be
-    plain positions or (position, augmentation seed) pairs, as EpochSampler yields.
+    the cache; crops: the same for (n, S, S, 3) uint8 crops (default: the cache's crop store). Fetched a
+    batch at a time: a batch is {"crops": (B, 3, S, S) uint8, "target": (B, d) float32, "rows": (B,),
+    "params": (B, N_PARAMS) or None}; use collate_fn=first with a DataLoader. Indices may be plain
+    positions or (position, augmentation seed) pairs, as EpochSampler yields.
     """
 
-    def __init__(self, cache, rows, size: int, train: bool, targets=None, embedding: str | None = None):
-        self.cache, self.rows, self.size, self.train = cache, np.asarray(rows, np.int64), size, train
+    def __init__(self, cache, rows, train: bool, targets=None, embedding: str | None = None, crops=None):
+        self.rows, self.train = np.asarray(rows, np.int64), train
         if targets is None:
             targets = cache.embedding(embedding or (cache.embedding_names() or ["ae"])[0])[0]
         self.targets = targets
-        self.root, self.images, self.matrices = cache.data_root, cache.images, cache.matrices
-        self.transform = train_transform(size) if train else eval_transform(size)
+        self.crops = crops if crops is not None else cache.crops
 
     def __len__(self):
         return len(self.rows)
 
+    def __getitems__(self, keys):
+        pos = [k[0] if isinstance(k, tuple) else k for k in keys]
+        rows = self.rows[pos]
+        crops = torch.from_numpy(np.ascontiguousarray(self.crops.take(rows))).permute(0, 3, 1, 2)
+        params = None
+        if self.train and keys and isinstance(keys[0], tuple):
+            params = torch.from_numpy(np.concatenate([aug_params(np.random.default_rng(k[1])) for k in keys]))
+        target = torch.from_numpy(self.targets.take(rows).astype(np.float32))
+        return {"crops": crops, "target": target, "rows": torch.from_numpy(rows), "params": params}
+
     def __getitem__(self, key):
-        pos, seed = key if isinstance(key, tuple) else (key, None)
-        row = int(self.rows[pos])
-        crop = aligned_crop(read_image(self.root / self.images[row]), self.matrices[row])
-        if self.train and seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                pixels = self.transform(crop)
-        else:
-            pixels = self.transform(crop)
-        target = torch.from_numpy(self.targets.take([row])[0].astype(np.float32))
-        return pixels.contiguous(), target, row
+        return self.__getitems__([key])
+
+
+def first(batch):
+    """collate_fn for datasets that fetch whole batches (__getitems__)."""
+    return batch
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):

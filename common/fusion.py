@@ -394,3 +394,24 @@ def table5(columns: dict[str, dict[str, float]]) -> str:
     rows = [[n] + [columns[c][n] for c in columns] for n in names]
     rows.append(["Average"] + [float(np.mean([columns[c][n] for n in names])) for c in columns])
     return tabulate(rows, headers=["h_i"] + list(columns), tablefmt="github", floatfmt=".3f")
+
+
+class Standardised:
+    """Rows of the cache as float32 tensors in standardised units ((h - mean) / std, per dimension)."""
+
+    def __init__(self, cache, device):
+        self.features = cache.features
+        mean, std = cache.stats()
+        self.mean, self.std = mean, std
+        self.t_mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.t_std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.device = device
+
+    def __call__(self, rows) -> torch.Tensor:
+        x = torch.from_numpy(self.features.take(rows)).to(self.device).float()
+        return (x - self.t_mean) / self.t_std
+
+    def batches(self, rows, size, rng=None):
+        rows = rng.permutation(rows) if rng is not None else rows
+        for i in range(0, len(rows), size):
+            yield self(rows[i:i + size])

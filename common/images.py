@@ -108,15 +108,8 @@ def _csv_row(path: str, m) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- the reader
-def read_image(path: str | Path, with_hash: bool = False):
-    """Decode one image fully (truncated files fail here, not later) to HxWx3 uint8 RGB.
-
-    With with_hash, also returns the sha1 of the file's bytes, read once for both.
-    """
-    m = _ROW.fullmatch(str(path))
-    if m and not os.path.lexists(path):
-        arr = _csv_row(str(path), m)
-        return (arr, hashlib.sha1(arr.tobytes()).hexdigest()) if with_hash else arr
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of one image file; a missing, unreadable or empty file raises BadImage."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -126,6 +119,11 @@ def read_image(path: str | Path, with_hash: bool = False):
         raise BadImage(f"{path}: cannot read ({e.strerror or e})") from e
     if not data:
         raise BadImage(f"{path}: empty file (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, path: str | Path = "image") -> np.ndarray:
+    """Decode one file's bytes fully (truncated files fail here, not later) to HxWx3 uint8 RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
@@ -146,9 +144,56 @@ def read_image(path: str | Path, with_hash: bool = False):
             raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if arr.shape[0] < MIN_SIDE or arr.shape[1] < MIN_SIDE:
         raise BadImage(f"{path}: image is only {arr.shape[1]}x{arr.shape[0]} pixels")
-    if with_hash:
-        return arr, hashlib.sha1(data).hexdigest()
     return arr
+
+
+def csv_row_path(path) -> bool:
+    """True for a face stored as pixels in a CSV (`faces.csv#row12`), which has no bytes of its own."""
+    return _ROW.fullmatch(str(path)) is not None and not os.path.lexists(path)
+
+
+def read_image(path: str | Path, with_hash: bool = False):
+    """Decode one image fully to HxWx3 uint8 RGB. With with_hash, also returns the sha1 of the file's
+    bytes, read once for both (of the pixels for a CSV row)."""
+    if csv_row_path(path):
+        arr = _csv_row(str(path), _ROW.fullmatch(str(path)))
+        return (arr, hashlib.sha1(arr.tobytes()).hexdigest()) if with_hash else arr
+    data = read_bytes(path)
+    arr = decode_image(data, path)
+    return (arr, hashlib.sha1(data).hexdigest()) if with_hash else arr
+
+
+def nvjpeg_safe(data: bytes) -> bool:
+    """True when the GPU JPEG decoder gives the pixels PIL would: a complete baseline JPEG in RGB or grey
+    with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS. Everything else (CMYK, progressive,
+    rotated, truncated, not a JPEG, a bomb) takes the PIL path, which keeps every bad-input rule. Reads
+    the header only."""
+    if not (data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                orientation = img.getexif().get(0x0112, 1)
+                w, h = img.size
+                return (img.format == "JPEG" and img.mode in ("RGB", "L") and not img.info.get("progressive")
+                        and not img.info.get("progression") and orientation == 1 and min(w, h) >= MIN_SIDE
+                        and w * h <= MAX_PIXELS)
+    except Exception:
+        return False
+
+
+def decode_jpegs_on(datas: list[bytes], device) -> list:
+    """Decode nvjpeg_safe JPEG bytes on a CUDA device in one batched call: a list of (3, H, W) uint8 tensors."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice of its image decoders
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def encode_paths(paths) -> bytes:

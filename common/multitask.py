@@ -27,18 +27,18 @@ from tqdm import tqdm
 from . import landmarks as lm
 from . import metrics, tasks
 from .align import CANON
-from .facedata import aligned_crop
-from .images import read_image
+from .align import warp
 
 KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
 
 
 # ----------------------------------------------------------------------------------------------- rows
 class Rows:
-    """The union of several tasks' images: row -> (file, alignment matrix, face found), deduplicated by path."""
+    """The union of several tasks' images: row -> (file, alignment matrix, face found, where its crop is in the
+    crop store), deduplicated by path. Pixels come from the task caches' crop stores, never from the files."""
 
     def __init__(self):
-        self.paths, self.matrices, self.found, self.index = [], [], [], {}
+        self.paths, self.matrices, self.found, self.crops, self.index = [], [], [], [], {}
 
     def add(self, cache, data) -> np.ndarray:
         """Rows of a task's samples (in sample order), taking the faces from its cache (one row per sample)."""
@@ -51,8 +51,17 @@ class Rows:
                 self.paths.append(key)
                 self.matrices.append(np.asarray(matrices[i], np.float64))
                 self.found.append(bool(found[i]))
+                self.crops.append((cache, i))
             out[i] = self.index[key]
         return out
+
+    def canonical_view(self, row: int, view: np.ndarray) -> np.ndarray:
+        """The CANON x CANON view (a matrix in canonical-crop coordinates) of a row's face, from its stored crop."""
+        cache, i = self.crops[row]
+        crop = cache.crops.take(np.array([i]))[0]
+        k = CANON / cache.crop_size  # store pixel centres -> canonical pixel centres (area shrink by k)
+        from_store = np.array([[k, 0.0, (k - 1) / 2], [0.0, k, (k - 1) / 2]])
+        return warp(crop, lm.compose(view, from_store), CANON)
 
     def __len__(self):
         return len(self.paths)
@@ -82,8 +91,8 @@ class Faces(torch.utils.data.Dataset):
             m, flipped = lm.random_view(rng)
         else:
             m, flipped = self.view
-        image = read_image(self.rows.paths[row])
-        pixels = self.resize(aligned_crop(image, lm.compose(m, self.rows.matrices[row])))
+        view = self.rows.canonical_view(row, m)
+        pixels = self.resize(torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1))
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(rng.integers(2 ** 31)))

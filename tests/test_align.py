@@ -72,3 +72,98 @@ def test_detector_aligns_real_face(face_dir, detector):
 
 def test_detector_no_face(face_dir, detector):
     assert detector(read_image(face_dir / "zz_noface.jpg")) is None
+
+
+# ------------------------------------------------------------------------- the batched (device) path
+def _chw(img):
+    import torch
+
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def test_grid_warp_matches_cv2(face_dir, detector):
+    """The device warp (one grid_sample, REFLECT101 borders) gives cv2.warpAffine's pixels, for images of
+    several sizes in one batch and a matrix that reaches past the image edges."""
+    import torch
+
+    from common.align import grid_warp
+
+    names = ["single_face.jpg", "tom.png", "odd/grey.png", "bw.jpg"]
+    imgs = [read_image(face_dir / n) for n in names]
+    mats = [detector(i)[0] for i in imgs[:2]]
+    mats += [np.array([[0.5, 0.1, -40.0], [-0.1, 0.5, 30.0]]), np.array([[2.0, 0.0, -300.0], [0.0, 2.0, 50.0]])]
+    out = grid_warp([_chw(i) for i in imgs], mats, CANON, torch.empty(4, 3, CANON, CANON, dtype=torch.uint8))
+    ref = np.stack([warp(i, m) for i, m in zip(imgs, mats)]).astype(int)
+    diff = np.abs(out.permute(0, 2, 3, 1).numpy().astype(int) - ref)
+    assert diff.mean() < 0.2 and diff.max() <= 2, (diff.mean(), diff.max())
+
+
+def test_batched_detector_agrees_with_per_image(face_dir, detector):
+    """Same faces found and missed; same landmarks where no image is shrunk (one size per group), close
+    ones where the detector sees a shrunk copy; the centre-face rule on a photo of several faces."""
+    from common.align import BatchDetector
+
+    names = ["single_face.jpg", "0-f1-su-ph.jpg", "multi_face.jpg", "tom.png", "zz_noface.jpg"]
+    imgs = [read_image(face_dir / n) for n in names]
+    ref = [detector(i) for i in imgs]
+    full = BatchDetector(detect_size=10_000)([_chw(i) for i in imgs])
+    small = BatchDetector(detect_size=320)([_chw(i) for i in imgs])
+    for n, img, a, b, c in zip(names, imgs, ref, full, small):
+        assert (a is None) == (b is None) == (c is None), n
+        if a is None:
+            continue
+        eyes = np.linalg.norm(np.linalg.inv(np.vstack([a[0], [0, 0, 1]]))[:2, :2] @ (TEMPLATE[1] - TEMPLATE[0]))
+        shift = lambda m: np.abs(warp_points(m, TEMPLATE) - warp_points(a[0], TEMPLATE)).max() / eyes
+        same_size = sum(i.shape == img.shape for i in imgs) > 1
+        assert shift(b[0]) < (1e-3 if same_size else 0.08), n
+        assert shift(c[0]) < 0.15, n  # within 15% of the eye distance on a copy of 320 px
+
+
+def warp_points(m, pts):
+    """Image positions of crop points under the alignment matrix m."""
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    return pts @ inv[:2, :2].T + inv[:2, 2]
+
+
+def test_gpu_jpeg_decode_matches_pil(face_dir):
+    import torch
+
+    from common.images import decode_jpegs_on, nvjpeg_safe
+
+    if not torch.cuda.is_available():
+        pytest.skip("nvjpeg needs a CUDA device")
+    names = ["single_face.jpg", "0-f1-su-ph.jpg", "bw.jpg", "mask.jpg"]
+    datas = [(face_dir / n).read_bytes() for n in names]
+    assert all(nvjpeg_safe(d) for d in datas)
+    for n, d, gpu in zip(names, datas, decode_jpegs_on(datas, "cuda")):
+        ref = read_image(face_dir / n).astype(int)
+        diff = np.abs(gpu.permute(1, 2, 0).cpu().numpy().astype(int) - ref)
+        assert diff.shape == ref.shape and diff.mean() < 1.5 and np.percentile(diff, 99) <= 8, (n, diff.mean())
+
+
+def test_odd_jpegs_stay_on_pil(face_dir):
+    from common.images import nvjpeg_safe
+
+    assert nvjpeg_safe((face_dir / "single_face.jpg").read_bytes())
+    for n in ["odd/cmyk.jpg", "odd/truncated.jpg", "odd/corrupt.jpg", "tom.png"]:
+        assert not nvjpeg_safe((face_dir / n).read_bytes()), n
+
+
+def test_engine_jpeg_bytes_path(face_dir):
+    """The GPU path's split, run with torchvision's CPU decoder: plain JPEGs travel as bytes and decode in
+    one batched call to PIL's pixels; odd files are decoded by PIL in the worker; bad ones keep their reason."""
+    from common.extract import Engine, ImageFiles, Options
+
+    names = ["single_face.jpg", "bw.jpg", "odd/cmyk.jpg", "odd/truncated.jpg", "tom.png"]
+    files = ImageFiles(face_dir, names, gpu_jpeg=True)
+    items = [files[i] for i in range(len(names))]
+    assert [it["jpeg"] is not None for it in items] == [True, True, False, False, False]
+    assert "not a readable image" in items[3]["reason"] and items[3]["image"] is None
+    images = Engine([], "cpu", Options(align="none")).decode(items)
+    for n, img in zip(names, images):
+        if n == "odd/truncated.jpg":
+            assert img is None
+            continue
+        ref = read_image(face_dir / n).astype(int)
+        diff = np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref)
+        assert diff.shape == ref.shape and diff.mean() < 1.0, (n, diff.mean())

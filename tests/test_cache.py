@@ -25,8 +25,10 @@ def fill(cache, rng):
         x = rng.normal(size=(hi - lo, cache.dim)).astype(np.float32) * 3 + 1
         found = (np.arange(lo, hi) % 4) != 0
         x[~found] = 0
+        s = cache.crop_size
+        crops = rng.integers(0, 256, (hi - lo, s, s, 3), dtype=np.uint8) if s else None
         cache.write_shard(k, x, found, np.zeros((hi - lo, 2, 3)), np.ones(hi - lo), ["0" * 40] * (hi - lo),
-                          ["" if f else "no face detected" for f in found])
+                          ["" if f else "no face detected" for f in found], crops=crops)
         all_rows.append(x)
     return np.concatenate(all_rows)
 
@@ -43,7 +45,8 @@ def images(tmp_path):
 
 def test_write_read_stats(tmp_path, images):
     root, names = images
-    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, dtype="float32")
+    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, dtype="float32",
+                                          crop_size=0)
     assert cache.n_shards == 5 and cache.dim == 8
     x = fill(cache, np.random.default_rng(0))
     with pytest.raises(RuntimeError, match="incomplete"):
@@ -59,6 +62,37 @@ def test_write_read_stats(tmp_path, images):
     assert np.allclose(mean, x[found].mean(0)) and np.allclose(std, x[found].std(0))
     assert c.slices() == {"a": slice(0, 3), "b": slice(3, 8)}
     assert list(c.missed()) == [(i, "no face detected") for i in np.flatnonzero(~found)]
+
+
+def test_crop_store_round_trip_and_hashes(tmp_path, images):
+    root, names = images
+    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, crop_size=6)
+    with pytest.raises(ValueError, match="crops"):  # a shard without its crops is refused, nothing written
+        cache.write_shard(0, np.zeros((5, 8), np.float32), [True] * 5, np.zeros((5, 2, 3)), np.ones(5),
+                          ["0" * 40] * 5, [""] * 5)
+    assert not cache.shard_done(0)
+    fill(cache, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    want = []
+    for k in range(cache.n_shards):  # the draws fill made, in its order
+        n = int(cache.bounds[k + 1] - cache.bounds[k])
+        rng.normal(size=(n, cache.dim))
+        want.append(rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8))
+    want = np.concatenate(want)
+    cache.finalize()
+    c = FeatureCache(tmp_path / "c")
+    assert c.crop_size == 6 and len(c.manifest["crops_sha256"]) == c.n_shards
+    assert np.array_equal(c.crops.take([22, 0, 7]), want[[22, 0, 7]]) and c.crops.shape == (23, 6, 6, 3)
+    assert c.verify_crops() == []
+    arr = np.load(c.crop_file(2))
+    arr[0, 0, 0, 0] ^= 1
+    np.save(c.crop_file(2), arr)
+    assert c.verify_crops() == [2]
+    with pytest.raises(CacheMismatch, match="crop_size"):
+        FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, crop_size=8)
+    bare = FeatureCache.create_or_resume(tmp_path / "bare", root, names, TEACHERS, shard_size=5, crop_size=0)
+    with pytest.raises(CacheMismatch, match="no crop store"):
+        bare.crops
 
 
 def test_fp16_storage(tmp_path, images):
@@ -135,7 +169,8 @@ def test_content_hash_follows_the_image_bytes(tmp_path, images):
     root, names = images
     hashes = []
     for sha in ("a" * 40, "b" * 40):
-        cache = FeatureCache.create_or_resume(tmp_path / sha[0], root, names, TEACHERS, shard_size=10)
+        cache = FeatureCache.create_or_resume(tmp_path / sha[0], root, names, TEACHERS, shard_size=10,
+                                              crop_size=0)  # features only
         for k in range(cache.n_shards):
             n = int(cache.bounds[k + 1] - cache.bounds[k])
             cache.write_shard(k, np.ones((n, cache.dim)), [True] * n, np.zeros((n, 2, 3)), np.ones(n), [sha] * n,
@@ -216,7 +251,8 @@ def test_a_million_rows(tmp_path, monkeypatch):
     # By default up to half the open-file limit stay open (all 977 here); a bound of 64 shows it holds.
     monkeypatch.setattr(common.cache, "MAX_OPEN", 64)
     names = [f"d{i // 1000:04d}/img{i:07d}.jpg" for i in range(n)]
-    cache = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, names, [Meta("a", 4, "a:1")], shard_size=shard)
+    cache = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, names, [Meta("a", 4, "a:1")], shard_size=shard,
+                                          crop_size=0)  # features only
     del names
     for k in range(cache.n_shards):
         m = int(cache.bounds[k + 1] - cache.bounds[k])

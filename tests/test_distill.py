@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import distill  # noqa: E402
 from common import fusion  # noqa: E402
-from common.align import FaceDetector, warp  # noqa: E402
+from common.align import CROP_SIZE, FaceDetector, store_crops, warp  # noqa: E402
 from common.cache import FeatureCache  # noqa: E402
 from common.images import read_image  # noqa: E402
 from common.student import WIDTH, build_student, load_student, n_params, read_checkpoint  # noqa: E402
@@ -78,7 +78,7 @@ def build_cache(root: Path, copies: int = 3, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     teachers = build_teachers(list(TEACHER_NAMES))
     d_in = sum(t.dim for t in teachers)
-    images, found, matrices, feats = [], [], [], []
+    images, found, matrices, feats, crops = [], [], [], [], []
     for n in names:
         img = read_image(data / n)
         hit = detector(img)
@@ -86,10 +86,12 @@ def build_cache(root: Path, copies: int = 3, seed: int = 0) -> Path:
             images.append(n)
             if hit is None:
                 found.append(False), matrices.append(np.zeros((2, 3))), feats.append(np.zeros(d_in))
+                crops.append(np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8))
                 continue
-            m = hit[0] if k == 0 else jitter(hit[0], rng)
+            m = (hit[0] if k == 0 else jitter(hit[0], rng)).astype(np.float32).astype(np.float64)  # as stored
             crop = torch.from_numpy(warp(img, m)).permute(2, 0, 1)[None]
             found.append(True), matrices.append(m)
+            crops.append(store_crops(crop)[0].permute(1, 2, 0).numpy())
             feats.append(torch.cat([t(crop) for t in teachers], 1)[0].numpy())
     assert sum(found) >= 20 and not all(found), "the detector should find the faces and miss the landscape"
     cache = FeatureCache.create_or_resume(path, data, images, teachers, shard_size=10, dtype="float32")
@@ -97,7 +99,8 @@ def build_cache(root: Path, copies: int = 3, seed: int = 0) -> Path:
     for k in range(cache.n_shards):
         lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
         cache.write_shard(k, feats[lo:hi], found[lo:hi], np.array(matrices[lo:hi]), np.ones(hi - lo),
-                          ["0" * 40] * (hi - lo), ["" if f else "no face detected" for f in found[lo:hi]])
+                          ["0" * 40] * (hi - lo), ["" if f else "no face detected" for f in found[lo:hi]],
+                          crops=np.array(crops[lo:hi]))
     cache.finalize()
     cache = FeatureCache(path)
     mean, std = cache.stats()
@@ -325,3 +328,76 @@ def test_sample_seeds_vectorised():
     assert a.dtype == np.int64 and (a >= 0).all() and len(np.unique(a)) == len(rows)
     assert np.array_equal(a[[5, 17]], sample_seeds(0, 3, [5, 17]))  # a row's seed does not depend on its batch
     assert (a != sample_seeds(0, 4, rows)).mean() > 0.999 and (a != sample_seeds(1, 3, rows)).mean() > 0.999
+
+
+# ------------------------------------------------------------------------------------------ crop store
+class ImageCrops:
+    """The crops as the images give them (decode, warp with the cached matrix, shrink): what the loader
+    did before the crop store, through the extraction engine's own functions."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def take(self, rows):
+        from common.align import warp_batch
+
+        out = np.zeros((len(rows), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        found = self.cache.found
+        for j, r in enumerate(rows):
+            if found[r]:
+                img = torch.from_numpy(np.array(read_image(self.cache.data_root / self.cache.images[r])))
+                crop = warp_batch([img.permute(2, 0, 1)], self.cache.matrices[r][None])
+                out[j] = store_crops(crop)[0].permute(1, 2, 0).numpy()
+        return out
+
+
+def test_distill_from_store_equals_distill_from_images(cache_dir, tmp_path, monkeypatch):
+    cache = FeatureCache(cache_dir)
+    rows = np.flatnonzero(cache.found)
+    assert np.array_equal(cache.crops.take(rows), ImageCrops(cache).take(rows))  # same pixels
+    common = ["--teacher-cache", str(cache_dir), "--epochs", "3", "--no-eval", *TINY]
+    distill.main([*common, "--out", str(tmp_path / "store")])
+    monkeypatch.setattr(FeatureCache, "crops", property(lambda self: ImageCrops(self)))
+    distill.main([*common, "--out", str(tmp_path / "images")])
+    np.testing.assert_allclose(losses(tmp_path / "store"), losses(tmp_path / "images"), rtol=1e-5, atol=1e-6)
+
+
+def test_distill_and_embed_work_with_the_source_folder_gone(cache_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir.parent, copy)
+    manifest = json.loads((copy / "cache" / "manifest.json").read_text())
+    manifest["data_root"] = str(copy / "faces")
+    (copy / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(copy / "faces")
+    run = tmp_path / "run"
+    distill.main(["--teacher-cache", str(copy / "cache"), "--out", str(run), "--epochs", "2", *TINY])
+    assert json.loads((run / "eval.json").read_text())["n_val"] == 5  # the evaluation embeds stored crops too
+    cache = FeatureCache(copy / "cache")
+    student, cfg = load_student(run)
+    h = distill.embed_rows(student, cache, np.flatnonzero(cache.found), cfg["size"], torch.device("cpu"))
+    assert np.isfinite(h).all()
+
+
+def test_augmentation_depends_only_on_the_sample(cache_dir):
+    """Per-sample seeds: the same pixels whatever the worker count or the batch a sample lands in."""
+    from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels
+
+    cache = FeatureCache(cache_dir)
+    data = AlignedFaces(cache, np.flatnonzero(cache.found), train=True)
+    sampler = EpochSampler(data, seed=3)
+    sampler.set_position(1)
+
+    def pixels(workers, batch):
+        dl = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler, num_workers=workers,
+                                         collate_fn=first)
+        return torch.cat([to_device_pixels(b, 40, "cpu", True) for b in dl])
+
+    a = pixels(0, 8)
+    assert a.shape == (len(data), 3, 40, 40) and a.dtype == torch.uint8
+    assert torch.equal(a, pixels(2, 8))
+    b = pixels(0, 5).int()
+    assert (a.int() - b).abs().max() <= 1  # another batch: the same draws (float rounding may differ by 1)
+    sampler.set_position(2)
+    assert not torch.equal(a, pixels(0, 8))  # another epoch, other draws

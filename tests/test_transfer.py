@@ -76,6 +76,21 @@ def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
     assert len(r["results"]["bct"]["search"]) == 3 and len(r["results"]["bt"]["search"]) == 3  # --max-subsets 3
 
 
+def test_training_reads_the_crop_store_not_the_images(tmp_path, fused, student_ckpt, monkeypatch):
+    """Once the task's cache exists, fine-tuning (student and P-CNN) and the frozen embedding decode no image."""
+    import common.extract
+
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen,fused")  # builds the task cache
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded again")
+    monkeypatch.setattr(common.extract, "read_image", no_decoding)
+    monkeypatch.setattr(common.extract, "decode_image", no_decoding)
+    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "finetune,pcnn,frozen,fused")
+    assert all(np.isfinite(r["results"][m]["value"]) for m in ("finetune", "pcnn", "frozen", "fused"))
+
+
 def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
     """Test images with no face or an unreadable file: counted, never run, scored by the paper's rule."""
     from PIL import Image

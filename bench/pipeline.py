@@ -1,0 +1,282 @@
+"""The whole data path on N real faces: extraction (fuse.py's engine) and one distillation epoch.
+
+A folder of N images is made from the embedded demo media (repeated; some hold no face, on purpose).
+Each stage is timed on its own over the folder (read, decode, detect, align, each teacher, write), then
+the engine end to end, against the per-image path the project had before the engine (PIL decode,
+full-resolution MTCNN and cv2 warp one image at a time, teachers in batches) measured in the same run.
+The distillation epoch reads the crop store and augments on the device, against the old loader (decode
+the image, warp it, torchvision v2 transforms per sample), each with its train_step. Rates are faces/s;
+the hours are projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs).
+
+  python bench/pipeline.py --n 64                     # the CPU, small
+  python bench/pipeline.py --n 2048 --batch 256 --workers 12 --teachers sface,age,gender,onet,mobilenet_v2
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.align import CANON, CROP_SIZE, BatchDetector, FaceDetector, warp, warp_batch  # noqa: E402
+from common.cache import FeatureCache  # noqa: E402
+from common.extract import Options, Stages, extract  # noqa: E402
+from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels  # noqa: E402
+from common.images import decode_image, decode_jpegs_on, list_images, nvjpeg_safe, read_bytes  # noqa: E402
+from common.runs import pick_device  # noqa: E402
+from common.student import build_student  # noqa: E402
+from common.teachers import build_teachers  # noqa: E402
+
+PAPER_FACES = 4.12e6
+PAPER_EPOCHS = 40
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=64, help="images in the folder (the demo media, repeated)")
+    p.add_argument("--teachers", default="age,gender,onet", help="teachers run by the extraction")
+    p.add_argument("--batch", type=int, default=32, help="images per extraction batch and per training step")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (extraction and training)")
+    p.add_argument("--size", type=int, default=112, help="student input side")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
+    p.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    return p.parse_args(argv)
+
+
+def make_folder(n: int, dest: Path) -> Path:
+    from common.demo import build_demo_faces
+
+    src = build_demo_faces()
+    names = list_images(src)
+    for i in range(n):
+        name = names[i % len(names)]
+        shutil.copyfile(src / name, dest / f"{i:06d}_{Path(name).name}")
+    return dest
+
+
+class GpuUtil:
+    """Mean GPU utilisation sampled every 0.1 s while active (needs pynvml; else 'not measured')."""
+
+    def __init__(self, device):
+        self.samples, self.ok = [], device.type == "cuda"
+        if self.ok:
+            try:
+                torch.cuda.utilization(device)
+            except Exception:
+                self.ok = False
+        self.device = device
+
+    def __enter__(self):
+        self.stop = threading.Event()
+        if self.ok:
+            def loop():
+                while not self.stop.wait(0.1):
+                    self.samples.append(torch.cuda.utilization(self.device))
+            self.thread = threading.Thread(target=loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    def text(self):
+        return f"{np.mean(self.samples):.0f}%" if self.ok and self.samples else "not measured"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rate(n, seconds):
+    return n / max(seconds, 1e-9)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    rows = []  # (stage, path, faces/s, note)
+    work = Path(tempfile.mkdtemp(prefix="facekd-bench-"))
+    try:
+        (work / "faces").mkdir()
+        folder = make_folder(args.n, work / "faces")
+        names = list_images(folder)
+        teachers = build_teachers([t.strip() for t in args.teachers.split(",") if t.strip()], device)
+
+        # ---- stages, each on its own
+        t0 = time.perf_counter()
+        datas = [read_bytes(folder / n) for n in names]
+        rows.append(("read", "files", rate(len(names), time.perf_counter() - t0), ""))
+        t0 = time.perf_counter()
+        images = [decode_image(d) for d in datas]
+        rows.append(("decode", "PIL, one core", rate(len(names), time.perf_counter() - t0), ""))
+        if device.type == "cuda":
+            jpegs = [d for d in datas if nvjpeg_safe(d)]
+            decode_jpegs_on(jpegs[: args.batch], device)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, len(jpegs), args.batch):
+                decode_jpegs_on(jpegs[i:i + args.batch], device)
+            sync(device)
+            rows.append(("decode", "nvjpeg, batched", rate(len(jpegs), time.perf_counter() - t0),
+                         f"{len(jpegs)}/{len(datas)} files nvjpeg-safe"))
+        old = FaceDetector(device)
+        t0 = time.perf_counter()
+        ref = [old(img) for img in images]
+        sync(device)
+        rows.append(("detect", "per image, full resolution", rate(len(images), time.perf_counter() - t0),
+                     f"missed {sum(r is None for r in ref) / len(ref):.1%}"))
+        det = BatchDetector(device)
+        chw = [torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device) for img in images]
+        t0 = time.perf_counter()
+        hits = []
+        for i in range(0, len(chw), args.batch):
+            hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
+        sync(device)
+        agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / len(ref)
+        rows.append(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
+                     f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image "
+                     f"for {agree:.1%}"))
+        found = [i for i, h in enumerate(hits) if h is not None]
+        mats = np.array([hits[i][0] for i in found])
+        t0 = time.perf_counter()
+        for i in found:
+            warp(images[i], hits[i][0])
+        rows.append(("align", "cv2, per image", rate(len(found), time.perf_counter() - t0), ""))
+        t0 = time.perf_counter()
+        crops = torch.cat([warp_batch([chw[j] for j in found[i:i + args.batch]], mats[i:i + args.batch])
+                           for i in range(0, len(found), args.batch)])
+        sync(device)
+        rows.append(("align", "warp_batch" + (" (grid_sample)" if device.type == "cuda" else " (cv2 on the CPU)"),
+                     rate(len(found), time.perf_counter() - t0), ""))
+        for t in teachers:
+            t(crops[: args.batch])  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, len(crops), args.batch):
+                t(crops[i:i + args.batch])
+            sync(device)
+            rows.append((f"teacher {t.name}", "batched", rate(len(crops), time.perf_counter() - t0), ""))
+
+        # ---- the per-image path of before, end to end
+        t0 = time.perf_counter()
+        batch = []
+        for n in names:
+            img = decode_image(read_bytes(folder / n))
+            hit = old(img)
+            if hit is not None:
+                batch.append(torch.from_numpy(warp(img, hit[0])).permute(2, 0, 1))
+            if len(batch) == args.batch or (n == names[-1] and batch):
+                x = torch.stack(batch).to(device)
+                for t in teachers:
+                    t(x)
+                batch = []
+        sync(device)
+        old_rate = rate(len(names), time.perf_counter() - t0)
+        rows.append(("extraction end to end", "per image (before the engine)", old_rate,
+                     f"{PAPER_FACES / old_rate / 3600:.1f} h for 4.12 M"))
+
+        # ---- the engine end to end (the write stage timed inside)
+        cache = FeatureCache.create_or_resume(work / "cache", folder, names, teachers, shard_size=max(args.n, 1),
+                                              dtype="float16", crop_size=CROP_SIZE)
+        stages = Stages(device)
+        opts = Options(batch=args.batch, workers=args.workers)
+        with GpuUtil(device) as util:
+            t0 = time.perf_counter()
+            extract(cache, teachers, device, opts, timer=stages)
+            new_rate = rate(len(names), time.perf_counter() - t0)
+        cache.finalize()
+        rows.append(("write", "shard: features + crop store", rate(stages.items["write"], stages.seconds["write"]), ""))
+        rows.append(("extraction end to end", f"engine, {args.workers} workers", new_rate,
+                     f"{PAPER_FACES / new_rate / 3600:.1f} h for 4.12 M; {new_rate / old_rate:.2f}x before; "
+                     f"GPU {util.text()}"))
+
+        # ---- one distillation epoch: crop store + device augmentation vs the old loader
+        cache = FeatureCache(work / "cache")
+        train = np.flatnonzero(cache.found)
+        new_epoch = epoch_rate(cache, train, args, device, store=True)
+        old_epoch = epoch_rate(cache, train, args, device, store=False)
+        rows.append(("distill epoch", "decode + warp + v2 per sample (before)", old_epoch[0],
+                     f"{PAPER_FACES * PAPER_EPOCHS / old_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M"))
+        rows.append(("distill epoch", "crop store + device augmentation", new_epoch[0],
+                     f"{PAPER_FACES * PAPER_EPOCHS / new_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M; "
+                     f"{new_epoch[0] / old_epoch[0]:.2f}x before; GPU {new_epoch[1]}"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = (f"{args.n} images, teachers {args.teachers}, batch {args.batch}, {args.workers} workers, {device} "
+            f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    table = tabulate([(s, p, f"{r:,.1f}", note) for s, p, r, note in rows],
+                     headers=["stage", "path", "faces/s", "note"], tablefmt="github")
+    print(head + "\n\n" + table)
+    if args.out:
+        args.out.write_text(head + "\n\n" + table + "\n")
+
+
+def epoch_rate(cache, rows, args, device, store: bool):
+    """(images/s of one epoch with train_step, GPU utilisation) reading the crop store or the images."""
+    import distill
+    from kernels import cosine_distill_loss
+
+    torch.manual_seed(0)
+    student = build_student(out_dim=cache.dim).to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    loss_fn = lambda out, t: cosine_distill_loss(out, t)
+    if store:
+        data = AlignedFaces(cache, rows, train=True, targets=cache.features)
+        sampler = EpochSampler(data, 0)
+        dl = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+                                         collate_fn=first, drop_last=True, pin_memory=device.type == "cuda")
+        batches = lambda: ((to_device_pixels(b, args.size, device, True), b["target"]) for b in dl)
+    else:
+        data = OldFaces(cache, rows, args.size)
+        dl = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                         drop_last=True)
+        batches = lambda: iter(dl)
+    n = 0
+    with GpuUtil(device) as util:
+        t0 = time.perf_counter()
+        for pixels, target in batches():
+            loss = distill.train_step(student, pixels, target, loss_fn, opt)
+            n += len(pixels)
+        loss.item()
+        seconds = time.perf_counter() - t0
+    return rate(n, seconds), util.text()
+
+
+class OldFaces(torch.utils.data.Dataset):
+    """The loader before the crop store: decode the image, warp it, torchvision v2 augmentations."""
+
+    def __init__(self, cache, rows, size):
+        from torchvision.transforms import v2
+
+        self.cache, self.rows = cache, rows
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomHorizontalFlip(), v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2), v2.RandomGrayscale(0.05)])
+        self.features = cache.features
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = int(self.rows[i])
+        img = decode_image(read_bytes(self.cache.data_root / self.cache.images[row]))
+        crop = torch.from_numpy(warp(img, self.cache.matrices[row], CANON)).permute(2, 0, 1)
+        return self.transform(crop).contiguous(), torch.from_numpy(self.features.take([row])[0].astype(np.float32))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The extraction engine: image files -> aligned canonical crops -> every teacher's h_i, batch by batch.
+
+One engine for fuse.py (the unlabelled corpus), transfer.py (a task's faces) and `distill.py embed`.
+Loader workers only read bytes and decode: with PIL on the CPU path; on CUDA they pass plain JPEGs on
+as bytes, which the main process decodes in one nvjpeg call per batch (anything else still goes
+through PIL in the worker, with every bad-input rule). Detection (MTCNN on the whole batch, on a
+downscaled copy), the similarity warps, the teachers and the crop-store shrink then run on the run's
+device, and the teachers' outputs land, cast, straight in the shard's staging buffer there (one
+fuse_features launch per batch); a shard goes back to the host once, to be written.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kernels import fuse_features
+
+from .align import CANON, DETECT_SIZE, BatchDetector, center_matrix, store_crops, warp_batch
+from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
+
+
+@dataclass
+class Options:
+    align: str = "mtcnn"          # mtcnn: detect and align; none: the images already are face crops
+    min_face_prob: float = 0.9    # detector confidence below which no face counts
+    batch: int = 32               # images per batch (detection, warp, teachers)
+    workers: int = 0              # loader processes reading and decoding
+    detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees
+
+
+class Stages:
+    """Seconds and items per pipeline stage (bench/pipeline.py); on CUDA each stage is synchronised,
+    so only pass one when measuring."""
+
+    def __init__(self, device=None):
+        self.seconds, self.items = defaultdict(float), defaultdict(int)
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+
+    @contextmanager
+    def __call__(self, name, n):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t0
+        self.items[name] += n
+
+
+@contextmanager
+def _untimed(name, n):
+    yield
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Read (and, unless the GPU will, decode) one image; a bad file becomes a row with its reason."""
+
+    def __init__(self, root: Path, images: list[str], reader=None, gpu_jpeg: bool = False):
+        self.root, self.images, self.reader, self.gpu_jpeg = Path(root), images, reader, gpu_jpeg
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        path = self.root / self.images[i]
+        item = {"image": None, "jpeg": None, "sha1": "", "reason": ""}
+        try:
+            if self.reader is not None:
+                item["image"] = _chw(self.reader(path))
+                return item
+            if csv_row_path(path):  # a face stored as pixels in a CSV (FER2013) has no bytes of its own
+                img, item["sha1"] = read_image(path, with_hash=True)
+                item["image"] = _chw(img)
+                return item
+            data = read_bytes(path)
+            item["sha1"] = hashlib.sha1(data).hexdigest()
+            if self.gpu_jpeg and nvjpeg_safe(data):
+                item["jpeg"] = data
+            else:
+                item["image"] = _chw(decode_image(data, path))
+        except BadImage as e:
+            item["reason"] = str(e)
+        return item
+
+
+def _chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(arr, np.uint8, ["C", "W"])).permute(2, 0, 1)
+
+
+def _crop_buffer(n, size, device):
+    """Zeroed (n, 3, size, size) uint8 crops; channels-last on the CPU, where cv2 warps and the store is
+    (n, size, size, 3), so no uint8 transpose is ever copied there."""
+    x = torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else x
+
+
+def _as_list(batch):
+    return batch
+
+
+def loader(root, images, opts: Options, device, reader=None):
+    gpu = torch.device(device).type == "cuda"
+    files = ImageFiles(root, images, reader, gpu_jpeg=gpu)
+    return torch.utils.data.DataLoader(files, batch_size=opts.batch, num_workers=opts.workers, collate_fn=_as_list,
+                                       prefetch_factor=4 if opts.workers else None)
+
+
+class Engine:
+    """Decode -> detect -> align -> teachers for one batch of loader items, on `device`."""
+
+    def __init__(self, teachers, device, opts: Options, timer=None):
+        self.teachers, self.device, self.opts = teachers, torch.device(device), opts
+        self.timer = timer or _untimed
+        self.detector = (BatchDetector(self.device, opts.min_face_prob, detect_size=opts.detect_size)
+                         if opts.align == "mtcnn" else None)
+
+    def decode(self, items) -> list:
+        """(3, H, W) uint8 images on the device (None for bad rows); nvjpeg for the JPEGs the workers passed on."""
+        with self.timer("decode", sum(1 for it in items if it["jpeg"] is not None)):
+            jpeg = [i for i, it in enumerate(items) if it["jpeg"] is not None]
+            decoded = decode_jpegs_on([items[i]["jpeg"] for i in jpeg], self.device) if jpeg else []
+        images = [None if it["image"] is None else it["image"].to(self.device, non_blocking=True) for it in items]
+        for i, img in zip(jpeg, decoded):
+            images[i] = img
+        return images
+
+    def align(self, images, reasons):
+        """Canonical crops (N, 3, CANON, CANON) uint8 on the device (black where no face), matrices, scores."""
+        n = len(images)
+        matrices, scores = np.zeros((n, 2, 3)), np.zeros(n)
+        ok = [i for i in range(n) if images[i] is not None]
+        with self.timer("detect", len(ok)):
+            if self.detector is None:
+                hits = [(center_matrix(images[i].shape[2], images[i].shape[1]), 1.0) for i in ok]
+            else:
+                hits = self.detector([images[i] for i in ok])
+        found = []
+        for i, hit in zip(ok, hits):
+            if isinstance(hit, str):  # too small to search: a counted row, like a bad file
+                reasons[i] = hit
+            elif hit is None:
+                reasons[i] = "no face detected"
+            else:
+                matrices[i], scores[i] = hit
+                found.append(i)
+        # Warp with the matrices as the cache stores them (float32), so they give back these exact crops.
+        matrices = matrices.astype(np.float32).astype(np.float64)
+        crops = _crop_buffer(n, CANON, self.device)
+        with self.timer("align", len(found)):
+            if found:
+                crops[found] = warp_batch([images[i] for i in found], matrices[found])
+        return crops, matrices, scores, np.array([not r for r in reasons], bool)
+
+    def features(self, crops, found, out):
+        """Every teacher on the batch's crops, written cast into `out` (a slice of the shard's staging buffer)
+        in one launch. Crops without a face are run too (they are black) so that the slice stays contiguous;
+        their rows are zeroed after."""
+        outs = []
+        for t in self.teachers:
+            with self.timer(f"teacher {t.name}", len(crops)):
+                outs.append(t(crops).to(self.device))
+        # The statistics are only known once every shard is written: mean 0 / std 1 here, cast only.
+        fuse_features(outs, self._zeros(out.shape[1]), self._ones(out.shape[1]), out=out)
+        if not found.all():
+            out[torch.from_numpy(~found).to(out.device)] = 0
+
+    def _zeros(self, d):
+        if getattr(self, "_z", None) is None or self._z.shape[0] != d:
+            self._z = torch.zeros(d, device=self.device)
+            self._o = torch.ones(d, device=self.device)
+        return self._z
+
+    def _ones(self, d):
+        self._zeros(d)
+        return self._o
+
+    def run_batch(self, items):
+        """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch."""
+        reasons = [it["reason"] for it in items]
+        images = self.decode(items)
+        crops, matrices, scores, found = self.align(images, reasons)
+        return crops, matrices, scores, found, [it["sha1"] for it in items], reasons
+
+
+def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None) -> None:
+    """Fill this rank's unfinished shards of `cache` (shard k belongs to rank k % world): features of every
+    teacher, the crop store, and per-row found / matrix / score / sha1 / reason. With no teachers, only
+    the faces and their crops are stored."""
+    device = torch.device(device)
+    mine = [k for k in range(cache.n_shards) if k % world == rank]
+    todo = [k for k in mine if not cache.shard_done(k)]
+    rows_of = lambda k: int(cache.bounds[k + 1] - cache.bounds[k])
+    total = sum(rows_of(k) for k in mine)
+    if log and len(todo) < len(mine):
+        log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
+    engine = Engine(teachers, device, opts, timer)
+    timer = engine.timer
+    dtype = getattr(torch, cache.manifest["dtype"])
+    bar = tqdm(total=total, initial=total - sum(rows_of(k) for k in todo), unit="img", desc=f"extract[{rank}]",
+               disable=None, dynamic_ncols=True)
+    for done, k in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
+        feats = torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device)  # the shard's staging buffer
+        s = cache.crop_size
+        crops_out = _crop_buffer(hi - lo, s, device) if s else None
+        meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
+        start = 0
+        for items in loader(cache.data_root, cache.images[lo:hi], opts, device, reader):
+            n = len(items)
+            crops, matrices, scores, found, sha1, reasons = engine.run_batch(items)
+            if teachers and found.any():
+                with torch.inference_mode():
+                    engine.features(crops, found, feats[start:start + n])
+            if s:
+                crops_out[start:start + n] = store_crops(crops, s)
+            for key, value in zip(meta, (found, matrices, scores, sha1, reasons)):
+                meta[key].extend(list(value))
+            start += n
+            bar.update(n)
+        with timer("write", hi - lo):
+            crops_np = crops_out.permute(0, 2, 3, 1).cpu().numpy() if s else None
+            cache.write_shard(k, feats.cpu().numpy(), crops=crops_np, **meta)
+        if log:  # a log line per shard too: the bar is hidden when output goes to a file
+            log.info(f"shard {k} written ({done}/{len(todo)} of this run, rank {rank}): "
+                     f"{(hi - lo) / (time.perf_counter() - t0):.1f} img/s")
+    bar.close()
+
+
+def crops_of_files(paths, device, opts: Options, crop_size: int):
+    """Store-size crops of image files (for `distill.py embed`): yields (indices, crops on device, reasons)
+    per batch; reasons[i] is "" where a face was found."""
+    engine = Engine([], device, opts)
+    paths = [os.path.abspath(p) for p in paths]  # not resolve(): a symbolic-link loop is a listed row
+    start = 0
+    for items in loader("/", paths, opts, device):
+        crops, _, _, found, _, reasons = engine.run_batch(items)
+        idx = np.arange(start, start + len(items))
+        yield idx, store_crops(crops, crop_size), found, reasons
+        start += len(items)
