@@ -356,14 +356,16 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     try:
+        def open_cache():
+            return FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size, args.dtype,
+                                                 args.align, args.min_face_prob, args.crop_size, args.detect_size)
+
         if rank == 0:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align, args.min_face_prob, args.crop_size)
+            cache = open_cache()
         if world > 1:
             dist.barrier()
         if rank != 0:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size,
-                                                  args.dtype, args.align, args.min_face_prob, args.crop_size)
+            cache = open_cache()
     except CacheMismatch as e:
         raise SystemExit(f"error: {e}")
     extract(args, cache, teachers, device, rank, world, log)

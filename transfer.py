@@ -49,7 +49,7 @@ from common.extract import Options, extract
 from common.facedata import aug_params, augment, first, resize
 from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
-from common.teachers import REGISTRY, build_teachers
+from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask needs several tasks, kd a landmark/verification task
@@ -308,19 +308,6 @@ def val_rows_of(split, found):
 
 def decode_labels(task, y: np.ndarray, lo_hi):
     return y * (lo_hi[1] - lo_hi[0]) + lo_hi[0] if task.kind == "regression" else y
-
-
-class TeacherBackbone(nn.Module):
-    """A PyTorch teacher made trainable for P-CNN: its own crop box and normalisation, then its layers."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        # the layers are registered here so that .train(), .to() and the optimizer reach them
-        self.teacher, self.net = teacher, teacher.module
-        self.out_dim = teacher.dim
-
-    def forward(self, crops):
-        return self.teacher.embed(crops)
 
 
 def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None,

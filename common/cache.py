@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.align import CROP_SIZE
+from common.align import CROP_SIZE, DETECT_SIZE
 from common.images import PATH_ERRORS, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
@@ -201,13 +201,15 @@ class FeatureCache:
     # -- creation and resume ---------------------------------------------------------------------
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
-                         align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE) -> "FeatureCache":
+                         align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
+                         detect_size=DETECT_SIZE) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
-        preprocessing), images (names, sizes, times), storage type, alignment and the detector's
-        threshold, and the size of the crop store. Only the detector threshold of --align mtcnn
-        matters; with none it is not recorded."""
+        preprocessing), images (names, sizes, times), storage type, alignment, the detector's
+        threshold and the size of the copy it sees (both change which faces are found), and the size of
+        the crop store. The detector's settings matter with --align mtcnn only; with none they are not
+        recorded."""
         path = Path(path)
         bounds = list(range(0, len(images), shard_size)) + [len(images)]
         plan = {
@@ -216,6 +218,7 @@ class FeatureCache:
             "dtype": dtype,
             "align": align,
             "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,
+            "detect_size": int(detect_size) if align == "mtcnn" else None,
             "data_root": str(Path(data_root).resolve()),
             "n_images": len(images),
             "list_hash": list_hash(data_root, images),
@@ -248,7 +251,7 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        for key in ("dtype", "align", "min_face_prob", "shard_size", "crop_size"):
+        for key in ("dtype", "align", "min_face_prob", "detect_size", "shard_size", "crop_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")
         return problems

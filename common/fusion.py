@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
 LAYOUTS = ("residual", "paper")

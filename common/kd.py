@@ -20,8 +20,8 @@ import torch
 
 from . import landmarks as lm
 from . import metrics, tasks
-from .multitask import (JointModel, Rows, Target, build_backbone, embeddings, evaluate, lr_groups, score_rows,
-                        task_target, train, validator)
+from .multitask import (JointModel, Rows, Target, build_backbone, embeddings, evaluate, lr_groups, task_target,
+                        train, validator)
 
 LANDMARK_METHODS = ("finetune", "frozen", "scratch", "kd")
 VERIFICATION_METHODS = ("finetune", "scratch", "kd")

@@ -197,22 +197,11 @@ def mlp(d_in: int, n_out: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, n_out))
 
 
-class TeacherBackbone(nn.Module):
-    """A PyTorch teacher made trainable: it takes the canonical crop and cuts its own box from it."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        self.teacher, self.net, self.out_dim = teacher, teacher.module, teacher.dim
-
-    def forward(self, crops):
-        return self.teacher.embed(crops)
-
-
 def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int]:
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
     from .student import build_student, load_student, read_checkpoint
-    from .teachers import REGISTRY, build_teachers
+    from .teachers import REGISTRY, TeacherBackbone, build_teachers
 
     if name in ("student", "scratch"):
         cfg = read_checkpoint(student_path)[0]

@@ -94,7 +94,6 @@ def _fold_constants(model) -> None:
 
 def onnx_module(path, layer: str, name: str) -> torch.nn.Module:
     """The ONNX model at `path`, cut at `layer`, as a torch module in eval mode (see the module docstring)."""
-    import onnx
     from onnx.defs import get_schema
 
     from .weights import require

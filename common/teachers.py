@@ -555,6 +555,19 @@ def _as_reference(spec: TeacherSpec) -> TeacherSpec:
     return replace(spec, runtime=spec.reference, build=_BUILDERS[spec.reference], arch="", reference="")
 
 
+class TeacherBackbone(torch.nn.Module):
+    """A PyTorch teacher made trainable (P-CNN, ETL, multitask): it takes the canonical crop, cuts its own
+    box from it and gives its embedding; its layers are registered so that .train(), .to() and the
+    optimizer reach them."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.teacher, self.net, self.out_dim = teacher, teacher.module, teacher.dim
+
+    def forward(self, crops):
+        return self.teacher.embed(crops)
+
+
 def build_teachers(names, device="cpu") -> list[Teacher]:
     """Load teachers given registry names, custom spec strings, TeacherSpecs or JSON config paths (mixed).
 

@@ -154,6 +154,8 @@ def test_same_size_edit_and_detector_threshold_change_the_plan(tmp_path, images)
     FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
     with pytest.raises(CacheMismatch, match="min_face_prob 0.9 != 0.5"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, min_face_prob=0.5)
+    with pytest.raises(CacheMismatch, match="detect_size 640 != 320"):  # a smaller copy finds other faces
+        FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, detect_size=320)
     # Threshold unused without detection: not part of the plan.
     FeatureCache.create_or_resume(tmp_path / "n", root, names, TEACHERS, shard_size=5, align="none")
     FeatureCache.create_or_resume(tmp_path / "n", root, names, TEACHERS, shard_size=5, align="none", min_face_prob=0.5)
