@@ -80,8 +80,7 @@ def test_nme():
 
 
 def test_onet_points_on_aligned_faces():
-    from common.align import FaceDetector
-    from common.facedata import aligned_crop
+    from common.align import FaceDetector, warp
     from common.images import read_image
     from tests.conftest import REAL_FACES, feat_data
 
@@ -89,7 +88,8 @@ def test_onet_points_on_aligned_faces():
     for name in REAL_FACES[:2]:
         img = read_image(feat_data() / name)
         matrix, _ = detect(img)
-        p = onet(aligned_crop(img, matrix)[None])[0].numpy() * CANON
+        crop = torch.from_numpy(warp(img, matrix, CANON)).permute(2, 0, 1)
+        p = onet(crop[None])[0].numpy() * CANON
         # The crop was aligned on MTCNN's own points, so O-Net finds them near the template again.
         assert metrics.nme(p[None], TEMPLATE[None]) < 0.2, name
 
@@ -101,9 +101,22 @@ def _rows(tmp_path, n=8):
     paths = [write_face(tmp_path / f"{k}.jpg", k) for k in range(n)]
     data = SimpleNamespace(samples=[tasks.Sample(str(p), None) for p in paths])
     rows = multitask.Rows()
-    cache = SimpleNamespace(found=np.ones(n, bool), matrices=np.stack([center_matrix(64, 64)] * n))
-    rows.add(cache, data)
+    matrices = np.stack([center_matrix(64, 64)] * n)
+    rows.add(_store_cache(paths, matrices), data)
     return rows
+
+
+def _store_cache(paths, matrices, size=128):
+    """What Rows reads of a task cache: found flags, matrices and a crop store (the canonical crops shrunk)."""
+    import cv2
+
+    from common.align import warp
+    from common.images import read_image
+
+    crops = np.stack([cv2.resize(warp(read_image(p), m, CANON), (size, size), interpolation=cv2.INTER_AREA)
+                      for p, m in zip(paths, matrices)])
+    return SimpleNamespace(found=np.ones(len(paths), bool), matrices=matrices, crop_size=size,
+                           crops=SimpleNamespace(take=lambda rows: crops[rows]))
 
 
 def _targets(n):
@@ -147,7 +160,7 @@ def test_joint_loss_with_missing_labels(tmp_path):
 def test_pseudo_label_round_adds_rows(tmp_path):
     rows = _rows(tmp_path)
     same = SimpleNamespace(samples=[tasks.Sample(p, 1) for p in rows.paths[2:5]])
-    assert list(rows.add(SimpleNamespace(found=np.ones(3, bool), matrices=np.zeros((3, 2, 3))), same)) == [2, 3, 4]
+    assert list(rows.add(_store_cache(rows.paths[2:5], np.stack(rows.matrices[2:5])), same)) == [2, 3, 4]
     assert len(rows) == 8  # one file named by two tasks (UTKFace's age and gender) is one row
     targets = _targets(8)
     model = multitask.JointModel(build_student("resnet18w", 0.125, 16), 16, targets, 8)
@@ -206,3 +219,23 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
     with pytest.raises(SystemExit, match="landmark and verification"):
         _main(tmp_path / "c", tiny_student, "--task", "AgeR-UTK", "--data", str(make_fixture("AgeR-UTK", tmp_path / "u")),
               "--method", "kd")
+
+
+def test_views_from_the_crop_store_match_views_of_the_image(tmp_path):
+    # Rows warp each training view out of the stored (shrunk) crop; it must be the view the source image
+    # gives, up to the store's loss of resolution, and not shifted (the half-pixel of the shrink).
+    from common.align import FaceDetector, warp
+    from common.images import read_image
+    from tests.conftest import REAL_FACES, feat_data
+
+    img = read_image(feat_data() / REAL_FACES[0])
+    matrix, _ = FaceDetector()(img)
+    rows = multitask.Rows()
+    rows.add(_store_cache([feat_data() / REAL_FACES[0]], matrix[None]),
+             SimpleNamespace(samples=[tasks.Sample(str(feat_data() / REAL_FACES[0]), None)]))
+    view = lm.about_centre(1.1, 12.0, (0.03, -0.02))
+    direct = warp(img, lm.compose(view, matrix), CANON).astype(np.float32)
+    stored = rows.canonical_view(0, view).astype(np.float32)
+    assert np.abs(stored - direct).mean() < 4.0
+    shifted = rows.canonical_view(0, lm.compose(np.array([[1.0, 0, 2.0], [0, 1.0, 0]]), view)).astype(np.float32)
+    assert np.abs(shifted - direct).mean() > np.abs(stored - direct).mean() * 1.5  # the check can tell 2 px
