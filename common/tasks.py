@@ -110,10 +110,12 @@ def _sub(root: Path, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
-# os.scandir reads the entry type from the directory itself: no stat per file on 6.5M-image trees.
+# Named like an image is enough (no stat per file on 6.5M-image trees): a folder or a dangling link named
+# x.jpg becomes a sample whose read fails, so it is listed with its reason instead of vanishing.
 def _image_files(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
-        return sorted(Path(e.path) for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        return sorted(Path(e.path) for e in it
+                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
 
 
 def _subdirs(folder: Path) -> list[Path]:

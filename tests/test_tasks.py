@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common import metrics, tasks
+from common.images import BadImage, read_image
 from common.tasks import Sample, get_task, load, missed_face_rule
 from tests import fixtures as fx
 
@@ -265,6 +266,14 @@ def test_user_folder_tree_task(tmp_path):
         assert sorted(s.label for s in data.samples) == [0] * 5 + [1] * 5 + [2] * 5
         _check_splits(data, 15)
         assert tasks.output_size(task, data) == 3 and "Mask-Mine" in tasks.list_tasks_table()
+        # A folder named like an image is a sample (the reader then lists it with its reason), not a silent gap.
+        (root / "scarf" / "odd.jpg").mkdir()
+        (root / "scarf" / ".hidden.jpg").write_bytes(b"")
+        data = load("Mask-Mine", root)
+        odd = [s for s in data.samples if s.path.endswith("odd.jpg")]
+        assert len(data.samples) == 16 and len(odd) == 1 and odd[0].label == 2
+        with pytest.raises(BadImage, match="folder|directory"):
+            read_image(odd[0].path)
     finally:
         del tasks.TASKS["Mask-Mine"]
 
