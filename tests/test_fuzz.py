@@ -236,14 +236,9 @@ def test_fuse_lists_every_bad_file(root, fuzz, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    import torch
+    from tests.fixtures import write_tiny_student
 
-    from common.student import build_student, save_student
-
-    path = tmp_path_factory.mktemp("student") / "student.safetensors"
-    torch.manual_seed(0)
-    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": 48})
-    return path
+    return write_tiny_student(tmp_path_factory.mktemp("student") / "student.safetensors", 48)
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import transfer
 from common import landmarks as lm
 from common import metrics, multitask, tasks
 from common.align import CANON, TEMPLATE, center_matrix
-from common.student import build_student, save_student
-from tests.fixtures import make_fixture, shape_68, write_pts
+from common.student import build_student
+from tests.fixtures import make_fixture, shape_68, write_pts, write_tiny_student
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,10 +27,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory):
     """A small student (weights from init: these tests check mechanics, not accuracy)."""
-    path = tmp_path_factory.mktemp("student") / "student.safetensors"
-    torch.manual_seed(0)
-    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": 32})
-    return path
+    return write_tiny_student(tmp_path_factory.mktemp("student") / "student.safetensors", 32)
 
 
 # ------------------------------------------------------------------------------------------ landmarks

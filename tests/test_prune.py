@@ -8,8 +8,8 @@ import torch
 
 import transfer
 from common import prune
-from common.student import build_student, load_student, save_student
-from tests.fixtures import face_pool, make_fixture
+from common.student import build_student, load_student
+from tests.fixtures import face_pool, make_fixture, write_tiny_student
 
 RATIOS = (0.5, 0.75, 0.9, 0.97)
 
@@ -135,9 +135,7 @@ def test_pruned_teacher_is_exact(tmp_path):
 def etl_run(tmp_path_factory):
     """transfer.py --method etl on the UTKFace fixture, every ratio, from a small student."""
     tmp = tmp_path_factory.mktemp("etl")
-    torch.manual_seed(0)
-    ckpt = tmp / "student.safetensors"
-    save_student(build_student("resnet18w", 0.125, 16), ckpt, extra={"size": 32})
+    ckpt = write_tiny_student(tmp / "student.safetensors", 32)
     data = make_fixture("Gender-UTK", tmp / "data")
     transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl,finetune",
                    "--prune", ",".join(map(str, RATIOS)), "--cache-dir", str(tmp / "cache"),

@@ -6,20 +6,14 @@ import pytest
 
 import transfer
 from common import tasks
-from common.student import build_student, save_student
-from tests.fixtures import make_fixture
+from tests.fixtures import make_fixture, write_tiny_student
 
 
 @pytest.fixture(scope="session")
 def student_ckpt(tmp_path_factory, fused):
     """A small student checkpoint with the width of the fused h_G (weights from init: only the mechanics
     of transfer are tested here; distill.py's own tests train real ones)."""
-    path = tmp_path_factory.mktemp("student") / "student.safetensors"
-    import torch
-
-    torch.manual_seed(0)
-    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": 48})
-    return path
+    return write_tiny_student(tmp_path_factory.mktemp("student") / "student.safetensors", 48)
 
 
 def run(tmp_path, task, data, fused, student, *extra):
