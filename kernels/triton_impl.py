@@ -47,10 +47,6 @@ def _launch(kernel, grid, device, *args, **meta):
         kernel[grid](*args, **meta)
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
 def _pow2_ceil(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
