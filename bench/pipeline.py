@@ -1,15 +1,17 @@
-"""The whole data path on N real faces: extraction (fuse.py's engine) and one distillation epoch.
+"""The whole data path on N real faces: extraction (fuse.py's engine) and distillation training steps.
 
 A folder of N images is made from the embedded demo media (repeated; some hold no face, on purpose).
 Each stage is timed on its own over the folder (read, decode, detect, align, each teacher, write), then
 the engine end to end, against the per-image path the project had before the engine (PIL decode,
-full-resolution MTCNN and cv2 warp one image at a time, teachers in batches) measured in the same run.
-The distillation epoch reads the crop store and augments on the device, against the old loader (decode
-the image, warp it, torchvision v2 transforms per sample), each with its train_step. Rates are faces/s;
-the hours are projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs).
+full-resolution MTCNN and cv2 warp one image at a time, teachers in batches), timed in the same run on
+the first --old-n images. Distillation is timed over --steps steps of distill.py's train_step fed from
+the crop store with device augmentation, against the old loader (decode the image, warp it, torchvision
+v2 transforms per sample) and against train_step alone on one batch already on the device (the
+ceiling); the rows repeat as needed, after --warmup untimed steps. Rates are faces/s; the hours are
+projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs).
 
   python bench/pipeline.py --n 64                     # the CPU, small
-  python bench/pipeline.py --n 2048 --batch 256 --workers 12 --teachers sface,age,gender,onet,mobilenet_v2
+  python bench/pipeline.py --n 2048 --batch 256 --workers 12      # a GPU, the six default teachers
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels 
 from common.images import decode_image, decode_jpegs_on, list_images, nvjpeg_safe, read_bytes  # noqa: E402
 from common.runs import pick_device  # noqa: E402
 from common.student import build_student  # noqa: E402
-from common.teachers import build_teachers  # noqa: E402
+from common.teachers import DEFAULT_TEACHERS, build_teachers  # noqa: E402
 
 PAPER_FACES = 4.12e6
 PAPER_EPOCHS = 40
@@ -44,10 +46,21 @@ PAPER_EPOCHS = 40
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=64, help="images in the folder (the demo media, repeated)")
-    p.add_argument("--teachers", default="age,gender,onet", help="teachers run by the extraction")
+    p.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS), help="teachers run by the extraction")
     p.add_argument("--batch", type=int, default=32, help="images per extraction batch and per training step")
     p.add_argument("--workers", type=int, default=0, help="loader processes (extraction and training)")
     p.add_argument("--size", type=int, default=112, help="student input side")
+    p.add_argument("--detect-sizes", default="",
+                   help="also time batched detection at these longer sides (comma list), beside the engine's own")
+    p.add_argument("--make-folder", type=Path, metavar="DIR",
+                   help="only write the folder of --n images into DIR (for timing fuse.py itself) and exit")
+    p.add_argument("--old-n", type=int, default=256,
+                   help="images timed through the per-image paths of before (the first of the folder; they are slow)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="training steps timed reading the crop store, and with synthetic batches (train_step alone)")
+    p.add_argument("--old-steps", type=int, default=10, help="training steps timed with the loader of before")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed training steps first (worker start, cuDNN autotuning); rows repeat to fill them")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     return p.parse_args(argv)
@@ -104,6 +117,10 @@ def rate(n, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.make_folder:
+        args.make_folder.mkdir(parents=True, exist_ok=True)
+        print(f"{len(list_images(make_folder(args.n, args.make_folder)))} images in {args.make_folder}")
+        return
     device = pick_device(args.device)
     torch.manual_seed(0)
     rows = []  # (stage, path, faces/s, note)
@@ -132,11 +149,12 @@ def main(argv=None):
             rows.append(("decode", "nvjpeg, batched", rate(len(jpegs), time.perf_counter() - t0),
                          f"{len(jpegs)}/{len(datas)} files nvjpeg-safe"))
         old = FaceDetector(device)
+        k = min(args.old_n, len(images))  # the per-image paths of before run on the first k images
         t0 = time.perf_counter()
-        ref = [old(img) for img in images]
+        ref = [old(img) for img in images[:k]]
         sync(device)
-        rows.append(("detect", "per image, full resolution", rate(len(images), time.perf_counter() - t0),
-                     f"missed {sum(r is None for r in ref) / len(ref):.1%}"))
+        rows.append(("detect", "per image, full resolution", rate(k, time.perf_counter() - t0),
+                     f"missed {sum(r is None for r in ref) / k:.1%} of the first {k}"))
         det = BatchDetector(device)
         chw = [torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device) for img in images]
         t0 = time.perf_counter()
@@ -144,16 +162,27 @@ def main(argv=None):
         for i in range(0, len(chw), args.batch):
             hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
         sync(device)
-        agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / len(ref)
+        agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / k
         rows.append(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
                      f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image "
-                     f"for {agree:.1%}"))
+                     f"for {agree:.1%} of the first {k}"))
+        for size in [int(x) for x in args.detect_sizes.split(",") if x.strip()]:
+            other = BatchDetector(device, detect_size=size)
+            t0 = time.perf_counter()
+            seen = []
+            for i in range(0, len(chw), args.batch):
+                seen += [h if isinstance(h, tuple) else None for h in other(chw[i:i + args.batch])]
+            sync(device)
+            same = sum((a is None) == (b is None) for a, b in zip(hits, seen)) / len(hits)
+            rows.append(("detect", f"batched, longer side <= {size}", rate(len(chw), time.perf_counter() - t0),
+                         f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
+                         f"{det.detect_size} for {same:.1%}"))
         found = [i for i, h in enumerate(hits) if h is not None]
         mats = np.array([hits[i][0] for i in found])
         t0 = time.perf_counter()
-        for i in found:
+        for i in found[:k]:
             warp(images[i], hits[i][0])
-        rows.append(("align", "cv2, per image", rate(len(found), time.perf_counter() - t0), ""))
+        rows.append(("align", "cv2, per image", rate(len(found[:k]), time.perf_counter() - t0), ""))
         t0 = time.perf_counter()
         crops = torch.cat([warp_batch([chw[j] for j in found[i:i + args.batch]], mats[i:i + args.batch])
                            for i in range(0, len(found), args.batch)])
@@ -172,20 +201,20 @@ def main(argv=None):
         # ---- the per-image path of before, end to end
         t0 = time.perf_counter()
         batch = []
-        for n in names:
+        for n in names[:k]:
             img = decode_image(read_bytes(folder / n))
             hit = old(img)
             if hit is not None:
                 batch.append(torch.from_numpy(warp(img, hit[0])).permute(2, 0, 1))
-            if len(batch) == args.batch or (n == names[-1] and batch):
+            if len(batch) == args.batch or (n == names[k - 1] and batch):
                 x = torch.stack(batch).to(device)
                 for t in teachers:
                     t(x)
                 batch = []
         sync(device)
-        old_rate = rate(len(names), time.perf_counter() - t0)
+        old_rate = rate(k, time.perf_counter() - t0)
         rows.append(("extraction end to end", "per image (before the engine)", old_rate,
-                     f"{PAPER_FACES / old_rate / 3600:.1f} h for 4.12 M"))
+                     f"first {k} images; {PAPER_FACES / old_rate / 3600:.1f} h for 4.12 M"))
 
         # ---- the engine end to end (the write stage timed inside)
         cache = FeatureCache.create_or_resume(work / "cache", folder, names, teachers, shard_size=max(args.n, 1),
@@ -202,16 +231,19 @@ def main(argv=None):
                      f"{PAPER_FACES / new_rate / 3600:.1f} h for 4.12 M; {new_rate / old_rate:.2f}x before; "
                      f"GPU {util.text()}"))
 
-        # ---- one distillation epoch: crop store + device augmentation vs the old loader
+        # ---- distillation: crop store + device augmentation vs the old loader, against train_step alone
         cache = FeatureCache(work / "cache")
         train = np.flatnonzero(cache.found)
-        new_epoch = epoch_rate(cache, train, args, device, store=True)
-        old_epoch = epoch_rate(cache, train, args, device, store=False)
-        rows.append(("distill epoch", "decode + warp + v2 per sample (before)", old_epoch[0],
+        alone = train_rate(cache, train, args, device, "synthetic", args.steps)
+        new_epoch = train_rate(cache, train, args, device, "store", args.steps)
+        old_epoch = train_rate(cache, train, args, device, "images", args.old_steps)
+        rows.append(("distill", "train_step alone (synthetic batches on the device)", alone[0], f"GPU {alone[1]}"))
+        rows.append(("distill", "decode + warp + v2 per sample (before)", old_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / old_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M"))
-        rows.append(("distill epoch", "crop store + device augmentation", new_epoch[0],
+        rows.append(("distill", "crop store + device augmentation", new_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / new_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M; "
-                     f"{new_epoch[0] / old_epoch[0]:.2f}x before; GPU {new_epoch[1]}"))
+                     f"{new_epoch[0] / old_epoch[0]:.2f}x before; {new_epoch[0] / alone[0]:.0%} of train_step "
+                     f"alone; GPU {new_epoch[1]}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head = (f"{args.n} images, teachers {args.teachers}, batch {args.batch}, {args.workers} workers, {device} "
@@ -224,8 +256,11 @@ def main(argv=None):
         args.out.write_text(head + "\n\n" + table + "\n")
 
 
-def epoch_rate(cache, rows, args, device, store: bool):
-    """(images/s of one epoch with train_step, GPU utilisation) reading the crop store or the images."""
+def train_rate(cache, rows, args, device, source: str, steps: int):
+    """(images/s over `steps` training steps after --warmup untimed ones, GPU utilisation) with distill.py's
+    train_step, the batches coming from the crop store ("store"), from decoding the images as the loader
+    before the store did ("images"), or one fixed batch already on the device ("synthetic"). The rows are
+    repeated to fill the steps, so a small folder still times a steady state."""
     import distill
     from kernels import cosine_distill_loss
 
@@ -233,25 +268,32 @@ def epoch_rate(cache, rows, args, device, store: bool):
     student = build_student(out_dim=cache.dim).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     loss_fn = lambda out, t: cosine_distill_loss(out, t)
-    if store:
+    rows = np.resize(rows, max(len(rows), (args.warmup + steps) * args.batch))
+    loader = lambda data, **kw: torch.utils.data.DataLoader(data, batch_size=args.batch, num_workers=args.workers,
+                                                            drop_last=True, **kw)
+    if source == "store":
         data = AlignedFaces(cache, rows, train=True, targets=cache.features)
-        sampler = EpochSampler(data, 0)
-        dl = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
-                                         collate_fn=first, drop_last=True, pin_memory=device.type == "cuda")
-        batches = lambda: ((to_device_pixels(b, args.size, device, True), b["target"]) for b in dl)
+        dl = loader(data, sampler=EpochSampler(data, 0), collate_fn=first, pin_memory=device.type == "cuda")
+        batches = ((to_device_pixels(b, args.size, device, True), b["target"]) for b in dl)
+    elif source == "images":
+        batches = iter(loader(OldFaces(cache, rows, args.size), shuffle=True))
     else:
-        data = OldFaces(cache, rows, args.size)
-        dl = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                         drop_last=True)
-        batches = lambda: iter(dl)
-    n = 0
-    with GpuUtil(device) as util:
-        t0 = time.perf_counter()
-        for pixels, target in batches():
-            loss = distill.train_step(student, pixels, target, loss_fn, opt)
-            n += len(pixels)
-        loss.item()
-        seconds = time.perf_counter() - t0
+        x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        t = torch.randn(args.batch, cache.dim, device=device)
+        batches = ((x, t) for _ in range(args.warmup + steps))
+    util, n = GpuUtil(device), 0
+    for i, (pixels, target) in enumerate(batches):
+        if i == args.warmup:
+            sync(device)
+            util.__enter__()
+            t0 = time.perf_counter()
+        loss = distill.train_step(student, pixels, target, loss_fn, opt)
+        n += len(pixels) if i >= args.warmup else 0
+        if i + 1 == args.warmup + steps:
+            break
+    loss.item()
+    seconds = time.perf_counter() - t0
+    util.__exit__()
     return rate(n, seconds), util.text()
 
 

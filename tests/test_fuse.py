@@ -177,3 +177,23 @@ def test_torchrun_two_processes_match_single(face_dir, tmp_path, monkeypatch):
     step = np.spacing(np.maximum(np.abs(x), np.abs(y)).astype(np.float16)).astype(np.float32)
     assert np.all(np.abs(x - y) <= step), np.abs(x - y).max()
     assert (x != y).mean() < 0.01  # a boundary case now and then, not a different computation
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_device_extraction_matches_cpu(face_dir, tmp_path):
+    """fuse.py's CUDA path (nvjpeg, batched detection, grid_sample warps, the teachers' PyTorch ports) finds
+    the faces the CPU path finds and gives every teacher's h_i up to the rounding of decoders and resizers."""
+    caches = {}
+    for dev in ["cpu", "cuda"]:
+        run_fuse("--data", face_dir, "--out", tmp_path / dev, "--run-dir", tmp_path / f"run-{dev}", "--teachers", CHEAP,
+                 "--extract-only", "--device", dev, "--batch", "8", "--dtype", "float32")
+        caches[dev] = FeatureCache(tmp_path / dev).require_complete()
+    a, b = caches["cpu"], caches["cuda"]
+    assert list(a.images) == list(b.images)
+    assert (a.found == b.found).mean() >= 0.9, [n for n, x, y in zip(a.images, a.found, b.found) if x != y]
+    both = np.flatnonzero(a.found & b.found)
+    fa, fb = a.features.take(both).astype(np.float64), b.features.take(both).astype(np.float64)
+    for name, sl in a.slices().items():
+        x, y = fa[:, sl], fb[:, sl]
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert np.median(cos) > 0.99 and cos.min() > 0.95, (name, np.round(cos, 4).tolist())
