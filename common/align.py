@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from common import mtcnn as mtcnn_batch
 from common.images import BadImage
 
 CANON = 256
@@ -180,22 +181,19 @@ class BatchDetector:
                 ok.append(i)
         for sub in size_groups([small[i].shape[1:] for i in ok], exact=True):
             idx = [ok[j] for j in sub]
-            canvas = _canvas(small, idx).permute(0, 2, 3, 1)  # MTCNN takes (N, H, W, 3)
             with torch.inference_mode():
-                boxes, probs, marks = self.inner.mtcnn.detect(canvas, landmarks=True)
-            for j, i in enumerate(idx):
-                if boxes[j] is None:
+                found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn)
+            for (boxes, marks), i in zip(found, idx):
+                keep = np.flatnonzero(boxes[:, 4] >= self.min_prob)
+                if not len(keep):
                     continue
                 sx, sy = scale[i]
-                keep = [k for k, p in enumerate(probs[j]) if p is not None and p >= self.min_prob]
-                if not keep:
-                    continue
                 h, w = images[i].shape[1:]
-                b = np.asarray(boxes[j], np.float64)[keep] / [sx, sy, sx, sy]
+                b = boxes[keep, :4].astype(np.float64) / [sx, sy, sx, sy]
                 centres = (b[:, :2] + b[:, 2:]) / 2
                 best = keep[int(np.argmin(((centres - [w / 2, h / 2]) ** 2).sum(1)))]
-                pts = np.asarray(marks[j][best], np.float64) / [sx, sy]
-                out[i] = similarity_transform(pts, TEMPLATE), float(probs[j][best])
+                pts = marks[best].astype(np.float64) / [sx, sy]
+                out[i] = similarity_transform(pts, TEMPLATE), float(boxes[best, 4])
         return out
 
 

@@ -132,7 +132,7 @@ def test_gpu_jpeg_decode_matches_pil(face_dir):
 
     if not torch.cuda.is_available():
         pytest.skip("nvjpeg needs a CUDA device")
-    names = ["single_face.jpg", "0-f1-su-ph.jpg", "bw.jpg", "mask.jpg"]
+    names = ["single_face.jpg", "0-f1-su-ph.jpg", "bw.jpg", "0-f15-hao-ph.jpg"]
     datas = [(face_dir / n).read_bytes() for n in names]
     assert all(nvjpeg_safe(d) for d in datas)
     for n, d, gpu in zip(names, datas, decode_jpegs_on(datas, "cuda")):
@@ -167,3 +167,67 @@ def test_engine_jpeg_bytes_path(face_dir):
         ref = read_image(face_dir / n).astype(int)
         diff = np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref)
         assert diff.shape == ref.shape and diff.mean() < 1.0, (n, diff.mean())
+
+
+def test_area_crops_match_area_interpolation():
+    """The summed-area crops are F.interpolate(mode='area') of each box, shrinking and enlarging alike."""
+    import torch
+    from torch.nn import functional as F
+
+    from common.mtcnn import area_crops, summed_area
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(3, 3, 50, 70, generator=g) * 255
+    boxes = [(0, 0, 50, 0, 70), (1, 3, 9, 60, 70), (2, 10, 49, 5, 6), (1, 0, 30, 20, 64), (0, 7, 8, 7, 8)]
+    n, y0, y1, x0, x1 = (torch.tensor(v) for v in zip(*boxes))
+    for size in (24, 48):
+        got = area_crops(summed_area(imgs), n, y0, y1, x0, x1, size, chunk=2)
+        for k, (i, a, b, c, d) in enumerate(boxes):
+            ref = F.interpolate(imgs[i:i + 1, :, a:b, c:d], size=(size, size), mode="area")[0]
+            torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("nms", ["torchvision", "by_image"])
+def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, nms, monkeypatch):
+    """Every box, probability and landmark of facenet-pytorch's detect, on a batch of real photos, with
+    the CPU's NMS and with the GPU's (nms_by_image)."""
+    import torch
+
+    from common import mtcnn as batched
+
+    if nms == "by_image":
+        monkeypatch.setattr(batched, "_nms", batched.nms_by_image)
+
+    imgs = [read_image(face_dir / n) for n in ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg"]]
+    assert len({i.shape for i in imgs}) == 1
+    canvas = torch.from_numpy(np.stack(imgs)).float()
+    with torch.inference_mode():
+        boxes, probs, marks = detector.mtcnn.detect(canvas, landmarks=True)
+        ours = batched.detect(canvas.permute(0, 3, 1, 2), detector.mtcnn)
+    for ref_b, ref_p, ref_m, (b, m) in zip(boxes, probs, marks, ours):
+        ref_b, ref_m = np.asarray(ref_b, np.float64), np.asarray(ref_m, np.float64)  # object arrays
+        assert len(b) == len(ref_b) >= 1
+        order, mine = np.lexsort(ref_b[:, :2].T), np.lexsort(b[:, :2].T)
+        np.testing.assert_allclose(b[mine, :4], ref_b[order], atol=1e-2)
+        np.testing.assert_allclose(b[mine, 4], np.asarray(ref_p, np.float64)[order], atol=1e-4)
+        np.testing.assert_allclose(m[mine], ref_m[order], atol=1e-2)
+
+
+def test_nms_by_image_is_torchvision_batched_nms():
+    """Same boxes kept, in the same order, for clusters of overlapping boxes spread over many images."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    from common.mtcnn import nms_by_image
+
+    g = torch.Generator().manual_seed(3)
+    for n_img, k in [(1, 50), (7, 400), (40, 3000)]:
+        centre = torch.rand(k, 2, generator=g) * 100
+        size = 5 + torch.rand(k, 2, generator=g) * 20
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
+        scores = torch.rand(k, generator=g)
+        image = torch.randint(0, n_img, (k,), generator=g)
+        for t in (0.5, 0.7):
+            want = batched_nms(boxes, scores, image, t)
+            assert torch.equal(nms_by_image(boxes, scores, image, t, budget=5000), want)
+    assert len(nms_by_image(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)) == 0

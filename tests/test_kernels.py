@@ -254,8 +254,11 @@ def test_triton_matches_fallback_on_mixed_dtypes():
 def test_loss_saves_inputs_and_row_stats_only(backend):
     s, t = _loss_case(5, 12, torch.float16, seed=13, s_layout="transposed")
     s.requires_grad_(True)
-    saved = kernels.cosine_distill_loss(s, t, backend=backend).grad_fn.saved_tensors
-    assert len(saved) == 3
+    saved = []  # what autograd keeps for the backward, as it is packed (reading grad_fn.saved_tensors of a
+    # dropped output raised "backward through the graph a second time" on an H100 with torch 2.11)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = kernels.cosine_distill_loss(s, t, backend=backend)
+    assert loss.requires_grad and len(saved) == 3
     assert saved[0].data_ptr() == s.data_ptr() and saved[1].data_ptr() == t.data_ptr()  # no copies
     assert saved[2].shape == (3, 5) and saved[2].dtype == torch.float32
 

@@ -302,9 +302,10 @@ def test_teachers_take_cuda_crops(batch):
     for t in build_teachers(DEFAULT_TEACHERS, device="cuda"):
         y = t(batch.cuda())
         assert y.device.type == "cuda" and y.shape == (len(batch), t.dim)
-        # the GPU resizes in float, the CPU in uint8: equal up to rounding (which can move facex's int8 levels)
+        # the GPU resizes in float, the CPU in uint8: equal up to rounding, which moves facex's int8 levels
+        # and MobileNetV2's 1280 ImageNet features most (lowest cosine 0.9980 on an H100)
         cos = torch.nn.functional.cosine_similarity(y.cpu(), on_cpu[t.name](batch)).min()
-        assert cos > (0.99 if t.name == "facex" else 0.999), (t.name, cos.item())
+        assert cos > {"facex": 0.99, "mobilenet_v2": 0.995}.get(t.name, 0.999), (t.name, cos.item())
     ref, = build_teachers(["gender@reference"])
     y = ref(batch.cuda())
     assert y.device.type == "cpu"
