@@ -226,7 +226,8 @@ def main(argv=None):
             extract(cache, teachers, device, opts, timer=stages)
             new_rate = rate(len(names), time.perf_counter() - t0)
         cache.finalize()
-        rows.append(("write", "shard: features + crop store", rate(stages.items["write"], stages.seconds["write"]), ""))
+        rows.append(("write", "shard: host copy + wait for the background write",
+                     rate(stages.items["write"], stages.seconds["write"]), ""))
         rows.append(("extraction end to end", f"engine, {args.workers} workers", new_rate,
                      f"{PAPER_FACES / new_rate / 3600:.1f} h for 4.12 M; {new_rate / old_rate:.2f}x before; "
                      f"GPU {util.text()}"))

@@ -6,7 +6,8 @@ as bytes, which the main process decodes in one nvjpeg call per batch (anything 
 through PIL in the worker, with every bad-input rule). Detection (MTCNN on the whole batch, on a
 downscaled copy), the similarity warps, the teachers and the crop-store shrink then run on the run's
 device, and the teachers' outputs land, cast, straight in the shard's staging buffer there (one
-fuse_features launch per batch); a shard goes back to the host once, to be written.
+fuse_features launch per batch); a shard goes back to the host once, and a background thread writes
+it while the next shard fills.
 """
 from __future__ import annotations
 
@@ -270,7 +271,8 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                     pending = writer.submit(write, k, feats_np, crops_np, meta, written)
         finally:
             if pending is not None:  # also after a failure above: the finished shard is kept, or its error raised
-                pending.result()
+                with timer("write", 0):
+                    pending.result()
     bar.close()
 
 
