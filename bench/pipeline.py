@@ -231,7 +231,8 @@ def main(argv=None):
             new_rate = rate(len(names), time.perf_counter() - t0)
         cache.finalize()
         for name in stages.seconds:  # inside the engine run, each stage synchronised (so a little slower)
-            add((name, "inside the engine", rate(stages.items[name], stages.seconds[name]),
+            what = "host copy + wait for the background write" if name == "write" else "inside the engine"
+            add((name, what, rate(stages.items[name], stages.seconds[name]),
                  f"{stages.seconds[name]:.2f} s of {len(names) / new_rate:.2f} s"))
         add(("extraction end to end", f"engine, {args.workers} workers", new_rate,
                      f"{PAPER_FACES / new_rate / 3600:.1f} h for 4.12 M; {new_rate / old_rate:.2f}x before; "

@@ -6,7 +6,8 @@ as bytes, which the main process decodes in one nvjpeg call per batch (anything 
 through PIL in the worker, with every bad-input rule). Detection (MTCNN on the whole batch, on a
 downscaled copy), the similarity warps, the teachers and the crop-store shrink then run on the run's
 device, and the teachers' outputs land, cast, straight in the shard's staging buffer there (one
-fuse_features launch per batch); a shard goes back to the host once, to be written.
+fuse_features launch per batch); a shard goes back to the host once, and a background thread writes
+it while the next shard fills.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import os
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +110,18 @@ def _as_list(batch):
     return batch
 
 
-def loader(root, images, opts: Options, device, reader=None):
+def loader(root, images, opts: Options, device, reader=None, batches=None):
+    """Loader items of `images` in `batches` (lists of indices; default: runs of opts.batch in order)."""
     gpu = torch.device(device).type == "cuda"
     files = ImageFiles(root, images, reader, gpu_jpeg=gpu)
-    return torch.utils.data.DataLoader(files, batch_size=opts.batch, num_workers=opts.workers, collate_fn=_as_list,
+    if batches is None:
+        batches = _chunks(0, len(images), opts.batch)
+    return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=opts.workers, collate_fn=_as_list,
                                        prefetch_factor=4 if opts.workers else None)
+
+
+def _chunks(lo, hi, size):
+    return [list(range(i, min(i + size, hi))) for i in range(lo, hi, size)]
 
 
 class Engine:
@@ -195,7 +204,11 @@ class Engine:
 def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None) -> None:
     """Fill this rank's unfinished shards of `cache` (shard k belongs to rank k % world): features of every
     teacher, the crop store, and per-row found / matrix / score / sha1 / reason. With no teachers, only
-    the faces and their crops are stored."""
+    the faces and their crops are stored.
+
+    One loader runs over all these shards, so its workers and their prefetched batches live on across shard
+    boundaries; a finished shard is copied to the host and written by a background thread while the next
+    one fills (at most one write in flight)."""
     device = torch.device(device)
     mine = [k for k in range(cache.n_shards) if k % world == rank]
     todo = [k for k in mine if not cache.shard_done(k)]
@@ -203,37 +216,63 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     total = sum(rows_of(k) for k in mine)
     if log and len(todo) < len(mine):
         log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
+    if not todo:
+        return  # before the loader: no workers are started for nothing
     engine = Engine(teachers, device, opts, timer)
     timer = engine.timer
     dtype = getattr(torch, cache.manifest["dtype"])
+    s = cache.crop_size
+    # Batches never straddle a shard, so each one fills a slice of a single shard's staging buffers.
+    plan = [(k, b) for k in todo for b in _chunks(int(cache.bounds[k]), int(cache.bounds[k + 1]), opts.batch)]
+    batches = loader(cache.data_root, cache.images, opts, device, reader, [b for _, b in plan])
     bar = tqdm(total=total, initial=total - sum(rows_of(k) for k in todo), unit="img", desc=f"extract[{rank}]",
                disable=None, dynamic_ncols=True)
-    for done, k in enumerate(todo, 1):
-        t0 = time.perf_counter()
-        lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
-        feats = torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device)  # the shard's staging buffer
-        s = cache.crop_size
-        crops_out = _crop_buffer(hi - lo, s, device) if s else None
-        meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
-        start = 0
-        for items in loader(cache.data_root, cache.images[lo:hi], opts, device, reader):
-            n = len(items)
-            crops, matrices, scores, found, sha1, reasons = engine.run_batch(items)
-            if teachers and found.any():
-                with torch.inference_mode():
-                    engine.features(crops, found, feats[start:start + n])
-            if s:
-                crops_out[start:start + n] = store_crops(crops, s)
-            for key, value in zip(meta, (found, matrices, scores, sha1, reasons)):
-                meta[key].extend(list(value))
-            start += n
-            bar.update(n)
-        with timer("write", hi - lo):
-            crops_np = crops_out.permute(0, 2, 3, 1).cpu().numpy() if s else None
-            cache.write_shard(k, feats.cpu().numpy(), crops=crops_np, **meta)
+    last = [time.perf_counter()]
+
+    def write(k, feats, crops, meta, done):
+        cache.write_shard(k, feats, crops=crops, **meta)
         if log:  # a log line per shard too: the bar is hidden when output goes to a file
+            # Time since the previous shard was written: with writes overlapped, that is the run's rate.
+            now = time.perf_counter()
             log.info(f"shard {k} written ({done}/{len(todo)} of this run, rank {rank}): "
-                     f"{(hi - lo) / (time.perf_counter() - t0):.1f} img/s")
+                     f"{rows_of(k) / (now - last[0]):.1f} img/s")
+            last[0] = now
+
+    k, written, pending = None, 0, None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        try:
+            for (shard, idx), items in zip(plan, batches):
+                if shard != k:
+                    k, lo, hi = shard, int(cache.bounds[shard]), int(cache.bounds[shard + 1])
+                    # New buffers per shard: on the CPU the host copy below is a view of them, still being written.
+                    feats = torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device)
+                    crops_out = _crop_buffer(hi - lo, s, device) if s else None
+                    meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
+                n, start = len(items), idx[0] - lo
+                crops, matrices, scores, found, sha1, reasons = engine.run_batch(items)
+                if teachers and found.any():
+                    with torch.inference_mode():
+                        engine.features(crops, found, feats[start:start + n])
+                if s:
+                    crops_out[start:start + n] = store_crops(crops, s)
+                for key, value in zip(meta, (found, matrices, scores, sha1, reasons)):
+                    meta[key].extend(list(value))
+                bar.update(n)
+                if start + n < hi - lo:
+                    continue
+                with timer("write", hi - lo):  # what the write still costs this thread
+                    # The device-to-host copy stays here, in the device stream's order.
+                    crops_np = crops_out.permute(0, 2, 3, 1).cpu().numpy() if s else None
+                    feats_np = feats.cpu().numpy()
+                    prev, pending = pending, None
+                    if prev is not None:
+                        prev.result()  # one write in flight, in shard order; its failure is raised here
+                    written += 1
+                    pending = writer.submit(write, k, feats_np, crops_np, meta, written)
+        finally:
+            if pending is not None:  # also after a failure above: the finished shard is kept, or its error raised
+                with timer("write", 0):
+                    pending.result()
     bar.close()
 
 

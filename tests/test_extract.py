@@ -1,0 +1,94 @@
+"""The extraction engine across shard boundaries: one loader for every shard, writes in a background thread."""
+import hashlib
+import re
+
+import numpy as np
+import pytest
+
+import common.extract
+from common.cache import FeatureCache
+from common.extract import Options, extract
+from common.teachers import build_teachers
+from tests.conftest import REAL_FACES
+
+# 7 rows in shards of 3, 3, 1 and batches of 2: batches end inside shards and at their edges; one photo
+# has no face and one file is not an image, so every kind of row crosses the loader.
+NAMES = REAL_FACES + ["zz_noface.jpg", "odd/corrupt.jpg"]
+
+
+def _cache(path, face_dir, teachers):
+    return FeatureCache.create_or_resume(path, face_dir, NAMES, teachers, shard_size=3, dtype="float32", crop_size=32)
+
+
+def _meta(cache, k):
+    with np.load(cache.shard_file(k).with_suffix(".meta.npz")) as m:
+        return {key: m[key] for key in m.files}
+
+
+def test_workers_give_the_same_cache_as_in_process(face_dir, tmp_path, monkeypatch):
+    teachers = build_teachers(["gender"])  # one cheap real teacher: the features must go through the loader too
+    caches = {}
+    for workers in (0, 2):
+        cache = _cache(tmp_path / f"w{workers}", face_dir, teachers)
+        extract(cache, teachers, "cpu", Options(batch=2, workers=workers))
+        cache.finalize()
+        caches[workers] = cache
+    a, b = caches[0], caches[2]
+    assert a.found.sum() >= len(REAL_FACES) - 1 and not a.found[-2:].any()
+    np.testing.assert_allclose(a.features.take(np.arange(len(NAMES))), b.features.take(np.arange(len(NAMES))),
+                               rtol=1e-4, atol=1e-5)
+    for k in range(a.n_shards):
+        ma, mb = _meta(a, k), _meta(b, k)
+        for key in ("found", "matrix", "sha1", "crops_sha256"):
+            np.testing.assert_array_equal(ma[key], mb[key], err_msg=f"shard {k} {key}")
+        # PIL's message names the address of the object it read from, which differs from run to run.
+        unaddressed = lambda reasons: [re.sub("0x[0-9a-f]+", "", r) for r in reasons]
+        assert unaddressed(ma["reason"]) == unaddressed(mb["reason"])
+        assert a.crop_file(k).read_bytes() == b.crop_file(k).read_bytes()
+    # Every shard done: nothing to read, so no loader (and no worker process) is even built.
+    monkeypatch.setattr(common.extract, "loader", lambda *a, **kw: pytest.fail("loader built with nothing to do"))
+    extract(b, teachers, "cpu", Options(batch=2, workers=2))
+
+
+def test_writer_failure_is_raised_and_loses_nothing(face_dir, tmp_path, monkeypatch):
+    cache = _cache(tmp_path / "c", face_dir, [])
+    write, calls = FeatureCache.write_shard, []
+
+    def full_disk_on_second(self, k, *args, **kwargs):
+        calls.append(k)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        return write(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "write_shard", full_disk_on_second)
+    with pytest.raises(OSError, match="no space left"):
+        extract(cache, [], "cpu", Options(batch=2, workers=2))
+    assert calls == [0, 1], "shards are written in order, and none after a failed one"
+    assert cache.shard_done(0) and not cache.shard_done(1) and not cache.shard_done(2)
+    m = _meta(cache, 0)
+    assert len(m["found"]) == 3 and m["found"].all()
+    assert hashlib.sha256(cache.crop_file(0).read_bytes()).hexdigest() == str(m["crops_sha256"])
+    assert np.load(cache.crop_file(0)).any(axis=(1, 2, 3)).all()  # every face's crop is there, not zeros
+    # A rerun redoes what failed, and only that.
+    monkeypatch.setattr(FeatureCache, "write_shard", write)
+    first = cache.shard_file(0).stat().st_mtime_ns
+    extract(cache, [], "cpu", Options(batch=2, workers=0))
+    cache.finalize()
+    assert cache.shard_file(0).stat().st_mtime_ns == first
+    assert not cache.verify_crops() and not cache.found[-2:].any()
+
+
+def test_failure_while_reading_keeps_the_shard_being_written(face_dir, tmp_path, monkeypatch):
+    cache = _cache(tmp_path / "c", face_dir, [])
+    run_batch, seen = common.extract.Engine.run_batch, []
+
+    def fail_in_last_shard(self, items):
+        seen.append(len(items))
+        if sum(seen) > 6:  # the one row of shard 2, read while shard 1 may still be being written
+            raise RuntimeError("detector crashed")
+        return run_batch(self, items)
+
+    monkeypatch.setattr(common.extract.Engine, "run_batch", fail_in_last_shard)
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        extract(cache, [], "cpu", Options(batch=2, workers=0))
+    assert cache.shard_done(0) and cache.shard_done(1) and not cache.shard_done(2)
