@@ -132,7 +132,7 @@ def test_gpu_jpeg_decode_matches_pil(face_dir):
 
     if not torch.cuda.is_available():
         pytest.skip("nvjpeg needs a CUDA device")
-    names = ["single_face.jpg", "0-f1-su-ph.jpg", "bw.jpg", "0-f15-hao-ph.jpg"]
+    names = ["single_face.jpg", "0-f1-su-ph.jpg", "0-f15-hao-ph.jpg"]
     datas = [(face_dir / n).read_bytes() for n in names]
     assert all(nvjpeg_safe(d) for d in datas)
     for n, d, gpu in zip(names, datas, decode_jpegs_on(datas, "cuda")):
@@ -145,19 +145,21 @@ def test_odd_jpegs_stay_on_pil(face_dir):
     from common.images import nvjpeg_safe
 
     assert nvjpeg_safe((face_dir / "single_face.jpg").read_bytes())
-    for n in ["odd/cmyk.jpg", "odd/truncated.jpg", "odd/corrupt.jpg", "tom.png"]:
+    # bw.jpg: grey with 2x2 sampling, which nvjpeg decoded wrong (mean error 63 levels) on an H100
+    for n in ["odd/cmyk.jpg", "odd/truncated.jpg", "odd/corrupt.jpg", "tom.png", "bw.jpg"]:
         assert not nvjpeg_safe((face_dir / n).read_bytes()), n
 
 
 def test_engine_jpeg_bytes_path(face_dir):
-    """The GPU path's split, run with torchvision's CPU decoder: plain JPEGs travel as bytes and decode in
-    one batched call to PIL's pixels; odd files are decoded by PIL in the worker; bad ones keep their reason."""
+    """The GPU path's split, run with torchvision's CPU decoder: plain RGB JPEGs travel as bytes and decode
+    in one batched call to PIL's pixels; grey and odd files are decoded by PIL in the worker; bad ones keep
+    their reason."""
     from common.extract import Engine, ImageFiles, Options
 
     names = ["single_face.jpg", "bw.jpg", "odd/cmyk.jpg", "odd/truncated.jpg", "tom.png"]
     files = ImageFiles(face_dir, names, gpu_jpeg=True)
     items = [files[i] for i in range(len(names))]
-    assert [it["jpeg"] is not None for it in items] == [True, True, False, False, False]
+    assert [it["jpeg"] is not None for it in items] == [True, False, False, False, False]  # bw.jpg is grey
     assert "not a readable image" in items[3]["reason"] and items[3]["image"] is None
     images = Engine([], "cpu", Options(align="none")).decode(items)
     for n, img in zip(names, images):

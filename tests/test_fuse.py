@@ -196,7 +196,6 @@ def test_device_extraction_matches_cpu(face_dir, tmp_path):
     for name, sl in a.slices().items():
         x, y = fa[:, sl], fb[:, sl]
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
-        # nvjpeg's pixels differ from PIL's by ~1 level, which can move a landmark of MTCNN by a pixel and
-        # the crop with it: most faces agree to 1e-4, a moved one less (age: 0.937 for 1 face in 11, H100)
-        assert np.median(cos) > 0.999 and (cos > 0.99).mean() >= 0.8 and cos.min() > 0.9, \
-            (name, np.round(cos, 4).tolist())
+        # nvjpeg's pixels differ from PIL's by about a level: on an H100 the age features of 10 faces agreed
+        # to >= 0.9993 (the 11th, at 0.937, was a grey JPEG that nvjpeg decoded wrong: now decoded by PIL)
+        assert np.median(cos) > 0.999 and cos.min() > 0.99, (name, np.round(cos, 4).tolist())
