@@ -205,7 +205,7 @@ def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, nms,
     canvas = torch.from_numpy(np.stack(imgs)).float()
     with torch.inference_mode():
         boxes, probs, marks = detector.mtcnn.detect(canvas, landmarks=True)
-        ours = batched.detect(canvas.permute(0, 3, 1, 2), detector.mtcnn)
+        ours = batched.detect(canvas.permute(0, 3, 1, 2), detector.mtcnn, batched=True)
     for ref_b, ref_p, ref_m, (b, m) in zip(boxes, probs, marks, ours):
         ref_b, ref_m = np.asarray(ref_b, np.float64), np.asarray(ref_m, np.float64)  # object arrays
         assert len(b) == len(ref_b) >= 1
