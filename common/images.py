@@ -131,7 +131,9 @@ def decode_image(data: bytes, path: str | Path = "image") -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise BadImage(f"{path}: refused, {e}") from e
     except Exception as e:  # PIL raises many types for data it does not recognise
-        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        # its message names the in-memory buffer by address; drop that so a rerun lists the same reason
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {reason})") from e
     with img:
         w, h = img.size
         if w * h > MAX_PIXELS:
@@ -163,12 +165,21 @@ def read_image(path: str | Path, with_hash: bool = False):
     return (arr, hashlib.sha1(data).hexdigest()) if with_hash else arr
 
 
+def _common_sampling(img) -> bool:
+    """4:4:4, 4:2:2 or 4:2:0, the chroma subsamplings photos are saved with; rarer ones (4:1:1, 4:4:0,
+    odd factors) stay on PIL rather than trust nvjpeg with layouts nobody checked."""
+    layers = getattr(img, "layer", None) or []
+    return (len(layers) == 3 and tuple(layers[0][1:3]) in {(1, 1), (2, 1), (2, 2)}
+            and all(tuple(c[1:3]) == (1, 1) for c in layers[1:]))
+
+
 def nvjpeg_safe(data: bytes) -> bool:
     """True when the GPU JPEG decoder gives the pixels PIL would: a complete baseline three-component
-    (RGB) JPEG with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS. Everything else (grey,
-    CMYK, progressive, rotated, truncated, not a JPEG, a bomb) takes the PIL path, which keeps every
-    bad-input rule. Grey is in that list because nvjpeg (torchvision 0.26, H100) decoded a grey JPEG
-    with 2x2 sampling into wrong pixels (mean error 63 levels) without any error. Reads the header only."""
+    (RGB) JPEG in a common subsampling, with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS.
+    Everything else (grey, CMYK, progressive, rotated, truncated, not a JPEG, a bomb) takes the PIL
+    path, which keeps every bad-input rule. Grey is in that list because nvjpeg (torchvision 0.26, H100)
+    decoded a grey JPEG with 2x2 sampling into wrong pixels (mean error 63 levels) without any error.
+    Reads the header only."""
     if not (data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")):
         return False
     try:
@@ -177,7 +188,8 @@ def nvjpeg_safe(data: bytes) -> bool:
             with Image.open(io.BytesIO(data)) as img:
                 orientation = img.getexif().get(0x0112, 1)
                 w, h = img.size
-                return (img.format == "JPEG" and img.mode == "RGB" and not img.info.get("progressive")
+                return (img.format == "JPEG" and img.mode == "RGB" and _common_sampling(img)
+                        and not img.info.get("progressive")
                         and not img.info.get("progression") and orientation == 1 and min(w, h) >= MIN_SIDE
                         and w * h <= MAX_PIXELS)
     except Exception:

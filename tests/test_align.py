@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from common.align import ARCFACE_112, CANON, TEMPLATE, FaceDetector, similarity_transform, warp
-from common.images import BadImage, list_images, read_image
+from common.images import BadImage, decode_image, list_images, read_image
 
 
 def test_list_images_sorted_and_recursive(face_dir):
@@ -32,8 +32,9 @@ def test_grey16_matches_grey8(face_dir):
 
 @pytest.mark.parametrize("name", ["odd/truncated.jpg", "odd/corrupt.jpg"])
 def test_broken_files_raise_with_path(face_dir, name):
-    with pytest.raises(BadImage, match=name.split("/")[-1]):
+    with pytest.raises(BadImage, match=name.split("/")[-1]) as err:
         read_image(face_dir / name)
+    assert "object at 0x" not in str(err.value)  # the same reason on every run, for missed_faces.tsv
 
 
 def test_similarity_transform_recovers_known_transform():
@@ -134,11 +135,35 @@ def test_gpu_jpeg_decode_matches_pil(face_dir):
         pytest.skip("nvjpeg needs a CUDA device")
     names = ["single_face.jpg", "0-f1-su-ph.jpg", "0-f15-hao-ph.jpg"]
     datas = [(face_dir / n).read_bytes() for n in names]
+    refs = [read_image(face_dir / n) for n in names]
+    for sub, name in _subsampled(refs[0]):  # the same face as 4:4:4, 4:2:2 and 4:2:0
+        names, datas, refs = names + [name], datas + [sub], refs + [decode_image(sub)]
     assert all(nvjpeg_safe(d) for d in datas)
-    for n, d, gpu in zip(names, datas, decode_jpegs_on(datas, "cuda")):
-        ref = read_image(face_dir / n).astype(int)
+    for n, d, ref, gpu in zip(names, datas, refs, decode_jpegs_on(datas, "cuda")):
+        ref = ref.astype(int)
         diff = np.abs(gpu.permute(1, 2, 0).cpu().numpy().astype(int) - ref)
         assert diff.shape == ref.shape and diff.mean() < 1.5 and np.percentile(diff, 99) <= 8, (n, diff.mean())
+
+
+def _subsampled(rgb):
+    """(JPEG bytes, label) of one image saved with each common chroma subsampling."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for code, label in [(0, "4:4:4"), (1, "4:2:2"), (2, "4:2:0")]:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", quality=90, subsampling=code)
+        out.append((buf.getvalue(), label))
+    return out
+
+
+def test_common_subsamplings_go_to_nvjpeg(face_dir):
+    from common.images import nvjpeg_safe
+
+    for data, label in _subsampled(read_image(face_dir / "single_face.jpg")):
+        assert nvjpeg_safe(data), label
 
 
 def test_odd_jpegs_stay_on_pil(face_dir):
