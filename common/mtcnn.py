@@ -50,7 +50,7 @@ def area_crops(table, image, y0, y1, x0, x1, size: int, chunk: int = 4096) -> to
     return torch.cat(out)
 
 
-def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24) -> torch.Tensor:
+def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, hold: int = 1 << 30) -> torch.Tensor:
     """torchvision.ops.batched_nms(boxes, scores, image, threshold) on a GPU, for thousands of boxes over
     hundreds of images: the indices kept, by decreasing score.
 
@@ -60,6 +60,8 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24) 
     iff no kept box before it (higher score) overlaps it by more than the threshold. Iterating from
     "all kept" settles the boxes in score order, so it ends on greedy NMS's answer, in a few rounds in
     practice (at most M). The IoU is torchvision's formula, so the comparisons are the same.
+    budget: elements of the IoU temporaries computed at once; hold: booleans of the matrix kept for one
+    fixed-point loop (1 GiB), so that a batch needs one loop, not one per slice of images.
     """
     k = len(boxes)
     if k == 0:
@@ -77,22 +79,26 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24) 
     valid[img, slot] = True
     keep = torch.zeros_like(valid)
     earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).tril(-1)  # [i, j]: j before i
-    step = max(1, budget // (m * m))
-    for a in range(0, n, step):
-        b = padded[a:a + step]
-        area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-        lt = torch.maximum(b[:, :, None, :2], b[:, None, :, :2])
-        rb = torch.minimum(b[:, :, None, 2:], b[:, None, :, 2:])
-        wh = (rb - lt).clamp(min=0)
-        inter = wh[..., 0] * wh[..., 1]
-        hits = (inter / (area[:, :, None] + area[:, None, :] - inter) > threshold) & earlier
-        kept = valid[a:a + step].clone()
+    rows = max(1, hold // (m * m))
+    step = max(1, min(rows, budget // (m * m)))
+    for a in range(0, n, rows):
+        z = min(n, a + rows)
+        hits = torch.empty(z - a, m, m, dtype=torch.bool, device=boxes.device)
+        for c in range(a, z, step):
+            b = padded[c:min(z, c + step)]
+            area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+            lt = torch.maximum(b[:, :, None, :2], b[:, None, :, :2])
+            rb = torch.minimum(b[:, :, None, 2:], b[:, None, :, 2:])
+            wh = (rb - lt).clamp(min=0)
+            inter = wh[..., 0] * wh[..., 1]
+            hits[c - a:c - a + len(b)] = (inter / (area[:, :, None] + area[:, None, :] - inter) > threshold) & earlier
+        kept = valid[a:z].clone()
         while True:
-            new = valid[a:a + step] & ~(hits & kept[:, None, :]).any(2)
+            new = valid[a:z] & ~(hits & kept[:, None, :]).any(2)
             if torch.equal(new, kept):
                 break
             kept = new
-        keep[a:a + step] = kept
+        keep[a:z] = kept
     chosen = order[keep[img, slot]]
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
 

@@ -256,5 +256,6 @@ def test_nms_by_image_is_torchvision_batched_nms():
         image = torch.randint(0, n_img, (k,), generator=g)
         for t in (0.5, 0.7):
             want = batched_nms(boxes, scores, image, t)
-            assert torch.equal(nms_by_image(boxes, scores, image, t, budget=5000), want)
+            assert torch.equal(nms_by_image(boxes, scores, image, t, budget=5000), want)  # IoU in slices
+            assert torch.equal(nms_by_image(boxes, scores, image, t, hold=20_000), want)  # loops in slices
     assert len(nms_by_image(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)) == 0
