@@ -32,7 +32,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.align import CANON, CROP_SIZE, BatchDetector, FaceDetector, warp, warp_batch  # noqa: E402
+from common.align import CANON, CROP_SIZE, TEMPLATE, BatchDetector, FaceDetector, warp, warp_batch  # noqa: E402
 from common.cache import FeatureCache  # noqa: E402
 from common.extract import Options, Stages, extract  # noqa: E402
 from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels  # noqa: E402
@@ -113,6 +113,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def landmark_shift(ref, other):
+    """Largest distance between the image points that two alignment matrices send to the crop's five
+    template points, over the eye distance of the first: how far a coarser detection moves the crop."""
+    pts = [np.c_[TEMPLATE, np.ones(5)] @ np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2].T for m in (ref, other)]
+    return float(np.abs(pts[0] - pts[1]).max() / np.linalg.norm(pts[0][1] - pts[0][0]))
+
+
 def rate(n, seconds):
     return n / max(seconds, 1e-9)
 
@@ -169,9 +176,11 @@ def main(argv=None):
             hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
         sync(device)
         agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / k
+        moved = [landmark_shift(a[0], b[0]) for a, b in zip(ref, hits) if a is not None and b is not None]
         add(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
-                     f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image "
-                     f"for {agree:.1%} of the first {k}"))
+             f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image for "
+             f"{agree:.1%} of the first {k}, landmarks moved by {np.median(moved or [0]):.1%} (median), "
+             f"{max(moved or [0]):.1%} (max) of the eye distance"))
         for size in [int(x) for x in args.detect_sizes.split(",") if x.strip()]:
             other = BatchDetector(device, detect_size=size)
             t0 = time.perf_counter()
@@ -180,9 +189,11 @@ def main(argv=None):
                 seen += [h if isinstance(h, tuple) else None for h in other(chw[i:i + args.batch])]
             sync(device)
             same = sum((a is None) == (b is None) for a, b in zip(hits, seen)) / len(hits)
+            moved = [landmark_shift(a[0], b[0]) for a, b in zip(hits, seen) if a is not None and b is not None]
             add(("detect", f"batched, longer side <= {size}", rate(len(chw), time.perf_counter() - t0),
-                         f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
-                         f"{det.detect_size} for {same:.1%}"))
+                 f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
+                 f"{det.detect_size} for {same:.1%}; landmarks moved by {np.median(moved or [0]):.1%} "
+                 f"(median), {max(moved or [0]):.1%} (max) of the eye distance"))
         found = [i for i, h in enumerate(hits) if h is not None]
         mats = np.array([hits[i][0] for i in found])
         t0 = time.perf_counter()
