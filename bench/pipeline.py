@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=112, help="student input side")
     p.add_argument("--detect-sizes", default="",
                    help="also time batched detection at these longer sides (comma list), beside the engine's own")
+    p.add_argument("--profile-detect", action="store_true",
+                   help="also profile one batch of batched detection (torch.profiler: the busiest ops on the CPU and "
+                        "the device, and how much of the wall time the device was busy)")
     p.add_argument("--make-folder", type=Path, metavar="DIR",
                    help="only write the folder of --n images into DIR (for timing fuse.py itself) and exit")
     p.add_argument("--old-n", type=int, default=256,
@@ -111,6 +114,29 @@ class GpuUtil:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def profile_detect(det, images, device):
+    """Where one batch of detection spends its time: torch.profiler's busiest ops, and the device's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    det(images)  # warm-up
+    sync(device)
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        det(images)
+        sync(device)
+    wall = time.perf_counter() - t0
+    ops = prof.key_averages()
+    print(f"\nprofile of one detection batch ({len(images)} images): {wall * 1000:.1f} ms wall (profiled)")
+    if cuda and len(ops):
+        key = "self_device_time_total" if hasattr(ops[0], "self_device_time_total") else "self_cuda_time_total"
+        busy = sum(getattr(e, key) for e in ops) / 1e6  # microseconds
+        print(f"device busy {busy * 1000:.1f} ms ({busy / wall:.0%} of the wall time)")
+        print(ops.table(sort_by=key, row_limit=12))
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 
 
 def landmark_shift(ref, other):
@@ -194,6 +220,8 @@ def main(argv=None):
                  f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
                  f"{det.detect_size} for {same:.1%}; landmarks moved by {np.median(moved or [0]):.1%} "
                  f"(median), {max(moved or [0]):.1%} (max) of the eye distance"))
+        if args.profile_detect:
+            profile_detect(det, chw[:args.batch], device)
         found = [i for i, h in enumerate(hits) if h is not None]
         mats = np.array([hits[i][0] for i in found])
         t0 = time.perf_counter()
