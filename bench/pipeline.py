@@ -194,32 +194,35 @@ def main(argv=None):
         sync(device)
         add(("detect", "per image, full resolution", rate(k, time.perf_counter() - t0),
                      f"missed {sum(r is None for r in ref) / k:.1%} of the first {k}"))
-        det = BatchDetector(device)
         chw = [torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device) for img in images]
-        t0 = time.perf_counter()
-        hits = []
-        for i in range(0, len(chw), args.batch):
-            hits += [h if isinstance(h, tuple) else None for h in det(chw[i:i + args.batch])]
-        sync(device)
-        agree = sum((a is None) == (b is None) for a, b in zip(ref, hits)) / k
-        moved = [landmark_shift(a[0], b[0]) for a, b in zip(ref, hits) if a is not None and b is not None]
-        add(("detect", f"batched, longer side <= {det.detect_size}", rate(len(chw), time.perf_counter() - t0),
-             f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image for "
-             f"{agree:.1%} of the first {k}, landmarks moved by {np.median(moved or [0]):.1%} (median), "
-             f"{max(moved or [0]):.1%} (max) of the eye distance"))
-        for size in [int(x) for x in args.detect_sizes.split(",") if x.strip()]:
-            other = BatchDetector(device, detect_size=size)
+
+        def detect_all(size):  # (hit or None per image, images/s) of the batched detector at one size
+            d = BatchDetector(device, detect_size=size)
             t0 = time.perf_counter()
-            seen = []
+            out = []
             for i in range(0, len(chw), args.batch):
-                seen += [h if isinstance(h, tuple) else None for h in other(chw[i:i + args.batch])]
+                out += [h if isinstance(h, tuple) else None for h in d(chw[i:i + args.batch])]
             sync(device)
-            same = sum((a is None) == (b is None) for a, b in zip(hits, seen)) / len(hits)
-            moved = [landmark_shift(a[0], b[0]) for a, b in zip(hits, seen) if a is not None and b is not None]
-            add(("detect", f"batched, longer side <= {size}", rate(len(chw), time.perf_counter() - t0),
+            return out, rate(len(chw), time.perf_counter() - t0)
+
+        def versus(ref, other):  # share found/missed alike, and how far the landmarks of faces found by both moved
+            same = sum((a is None) == (b is None) for a, b in zip(ref, other)) / len(ref)
+            moved = [landmark_shift(a[0], b[0]) for a, b in zip(ref, other) if a is not None and b is not None]
+            return same, (f"landmarks moved by {np.median(moved or [0]):.1%} (median), {max(moved or [0]):.1%} "
+                          f"(max) of the eye distance")
+
+        det = BatchDetector(device)
+        hits, r = detect_all(det.detect_size)
+        agree, moved = versus(ref, hits)
+        add(("detect", f"batched, longer side <= {det.detect_size}", r,
+             f"missed {sum(h is None for h in hits) / len(hits):.1%}; same found/missed as per image for "
+             f"{agree:.1%} of the first {k}, {moved}"))
+        for size in [int(x) for x in args.detect_sizes.split(",") if x.strip()]:
+            seen, r = detect_all(size)
+            same, moved = versus(hits, seen)
+            add(("detect", f"batched, longer side <= {size}", r,
                  f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
-                 f"{det.detect_size} for {same:.1%}; landmarks moved by {np.median(moved or [0]):.1%} "
-                 f"(median), {max(moved or [0]):.1%} (max) of the eye distance"))
+                 f"{det.detect_size} for {same:.1%}; {moved}"))
         if args.profile_detect:
             profile_detect(det, chw[:args.batch], device)
         found = [i for i, h in enumerate(hits) if h is not None]
