@@ -73,6 +73,8 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(k, device=boxes.device) - starts[img]
     n, m = len(counts), int(counts.max())
+    if m > MAX_PER_IMAGE:  # its M x M matrix would not be small: torchvision's memory stays linear
+        return batched_nms(boxes, scores, image, threshold)
     padded = boxes.new_zeros(n, m, 4)
     padded[img, slot] = boxes[order, :4].float()
     valid = torch.zeros(n, m, dtype=torch.bool, device=boxes.device)
@@ -104,9 +106,8 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
 
 
 def _nms(boxes, scores, image, threshold):
-    # The CPU keeps torchvision's (fast enough there), and so does an image with so many candidates that its
-    # M x M matrix would not be small: torchvision's memory stays linear.
-    if boxes.device.type == "cpu" or (len(image) and int(torch.bincount(image).max()) > MAX_PER_IMAGE):
+    # the CPU keeps torchvision's: fast enough there
+    if boxes.device.type == "cpu":
         return batched_nms(boxes, scores, image, threshold)
     return nms_by_image(boxes, scores, image, threshold)
 

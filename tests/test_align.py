@@ -240,12 +240,16 @@ def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, nms,
         np.testing.assert_allclose(m[mine], ref_m[order], atol=1e-2)
 
 
-def test_nms_by_image_is_torchvision_batched_nms():
+@pytest.mark.parametrize("max_per_image", [4096, 10])  # 10: every image over it, torchvision's NMS takes over
+def test_nms_by_image_is_torchvision_batched_nms(max_per_image, monkeypatch):
     """Same boxes kept, in the same order, for clusters of overlapping boxes spread over many images."""
     import torch
     from torchvision.ops import batched_nms
 
+    from common import mtcnn
     from common.mtcnn import nms_by_image
+
+    monkeypatch.setattr(mtcnn, "MAX_PER_IMAGE", max_per_image)
 
     g = torch.Generator().manual_seed(3)
     for n_img, k in [(1, 50), (7, 400), (40, 3000)]:
