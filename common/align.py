@@ -111,20 +111,13 @@ class FaceDetector:
         return similarity_transform(marks[best], TEMPLATE), float(probs[best])
 
 
-def size_groups(sizes, waste: float = 2.0, exact: bool = False) -> list[list[int]]:
+def size_groups(sizes, waste: float = 2.0) -> list[list[int]]:
     """Indices of (h, w) sizes split into groups padded to one canvas each, no group wasting more than
-    `waste` times its pixels: one group for a corpus of one image size, a few for a mixed folder.
-    exact: images sharing their size always form their own group (MTCNN's pyramid depends on the canvas
-    size, so padding moves its boxes a little); only images of a size seen once are pooled."""
+    `waste` times its pixels: one group for a corpus of one image size, a few for a mixed folder
+    (waste=1: one group per size)."""
     sizes = [tuple(int(v) for v in s) for s in sizes]
-    groups, pool = [], list(range(len(sizes)))
-    if exact:
-        by = {}
-        for i, s in enumerate(sizes):
-            by.setdefault(s, []).append(i)
-        groups = [g for g in by.values() if len(g) > 1]
-        pool = [g[0] for g in by.values() if len(g) == 1]
-    order = sorted(pool, key=lambda i: (sizes[i][0] * sizes[i][1], sizes[i]))
+    groups = []
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], sizes[i]))
     cur, hmax, wmax, area = [], 0, 0, 0
     for i in order:
         h, w = sizes[i]
@@ -141,6 +134,8 @@ def _canvas(images, idx, dtype=torch.float32):
     """(n, 3, H, W) zero-padded batch of the (3, h, w) images idx, top-left aligned."""
     h = max(images[i].shape[1] for i in idx)
     w = max(images[i].shape[2] for i in idx)
+    if all(images[i].shape[1:] == (h, w) for i in idx):  # one copy, not one per image
+        return torch.stack([images[i] for i in idx]).to(dtype)
     out = torch.zeros(len(idx), 3, h, w, dtype=dtype, device=images[idx[0]].device)
     for j, i in enumerate(idx):
         out[j, :, :images[i].shape[1], :images[i].shape[2]] = images[i]
@@ -149,8 +144,8 @@ def _canvas(images, idx, dtype=torch.float32):
 
 class BatchDetector:
     """MTCNN on whole batches, on the run's device: each image is shrunk (never enlarged) so that its longer
-    side is at most detect_size, the batch is zero-padded to equal sizes, and the landmarks found are
-    mapped back to the full image. The face rule is FaceDetector's: confidence >= min_prob, then the face
+    side is at most detect_size, images of different sizes share zero-padded canvases (each searched as
+    if alone: common.mtcnn.detect's sizes), and the landmarks found are mapped back to the full image. The face rule is FaceDetector's: confidence >= min_prob, then the face
     closest to the image centre. min_face is in pixels of the shrunk copy."""
 
     def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE):
@@ -160,16 +155,16 @@ class BatchDetector:
     def __call__(self, images: list) -> list:
         """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score), None (no face), or the reason
         (a string) why an image is too small to search."""
-        small, scale = [], []
-        for img in images:
-            h, w = img.shape[1:]
+        small, scale = [None] * len(images), [None] * len(images)
+        for idx in size_groups([img.shape[1:] for img in images], waste=1.0):  # one resize per image size
+            h, w = images[idx[0]].shape[1:]
             s = min(1.0, self.detect_size / max(h, w))
-            x = img.to(self.device, non_blocking=True)[None].float()
+            x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True).float()
             if s < 1:
                 x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                                   antialias=True, align_corners=False)
-            small.append(x[0])
-            scale.append((x.shape[3] / w, x.shape[2] / h))
+            for j, i in enumerate(idx):
+                small[i], scale[i] = x[j], (x.shape[3] / w, x.shape[2] / h)
         out = [None] * len(images)
         m = self.inner.min_face
         ok = []
@@ -179,10 +174,12 @@ class BatchDetector:
                 out[i] = f"image is {w}x{h} pixels: smaller than the {m}-pixel faces the detector looks for"
             else:
                 ok.append(i)
-        for sub in size_groups([small[i].shape[1:] for i in ok], exact=True):
+        # images of other sizes share a zero-padded canvas; each is still searched as if alone
+        for sub in size_groups([small[i].shape[1:] for i in ok]):
             idx = [ok[j] for j in sub]
             with torch.inference_mode():
-                found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn)
+                found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn,
+                                           sizes=[small[i].shape[1:] for i in idx])
             for (boxes, marks), i in zip(found, idx):
                 keep = np.flatnonzero(boxes[:, 4] >= self.min_prob)
                 if not len(keep):

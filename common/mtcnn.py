@@ -33,6 +33,18 @@ def summed_area(imgs: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _bins(start, length, size, step):
+    """Adaptive pooling's bins [floor(i L / S), ceil((i + 1) L / S)) of L pixels into S, shifted by start."""
+    return start + step * length // size, start + ((step + 1) * length + size - 1) // size
+
+
+def _area(table, n, ys, ye, xs, xe) -> torch.Tensor:
+    """Means of the table's image n over rows [ys, ye) x columns [xs, xe): (k, C, rows, cols) float32
+    from (k, 1, 1) images, (k, rows, 1) row bins and (k, 1, cols) column bins."""
+    total = table[n, ye, xe] - table[n, ys, xe] - table[n, ye, xs] + table[n, ys, xs]
+    return (total / ((ye - ys) * (xe - xs))[..., None]).float().permute(0, 3, 1, 2)
+
+
 def area_crops(table, image, y0, y1, x0, x1, size: int, chunk: int = 4096) -> torch.Tensor:
     """(K, C, size, size) float32 crops: rows [y0, y1) x columns [x0, x1) of image `image` (one per box,
     int tensors), each resized as F.interpolate(mode="area") would, from a summed_area table."""
@@ -41,12 +53,29 @@ def area_crops(table, image, y0, y1, x0, x1, size: int, chunk: int = 4096) -> to
     out = [torch.empty(0, c, size, size, device=dev)]
     for s in range(0, len(image), chunk):
         n, a0, a1, b0, b1 = (v[s:s + chunk].long()[:, None] for v in (image, y0, y1, x0, x1))
-        # adaptive pooling's bins: [floor(i L / S), ceil((i + 1) L / S)) along each side
-        ys, ye = a0 + step * (a1 - a0) // size, a0 + ((step + 1) * (a1 - a0) + size - 1) // size
-        xs, xe = b0 + step * (b1 - b0) // size, b0 + ((step + 1) * (b1 - b0) + size - 1) // size
-        n, ys, ye, xs, xe = n[:, :, None], ys[:, :, None], ye[:, :, None], xs[:, None, :], xe[:, None, :]
-        total = table[n, ye, xe] - table[n, ys, xe] - table[n, ye, xs] + table[n, ys, xs]
-        out.append((total / ((ye - ys) * (xe - xs))[..., None]).float().permute(0, 3, 1, 2))
+        ys, ye = _bins(a0, a1 - a0, size, step)
+        xs, xe = _bins(b0, b1 - b0, size, step)
+        out.append(_area(table, n[:, :, None], ys[:, :, None], ye[:, :, None], xs[:, None, :], xe[:, None, :]))
+    return torch.cat(out)
+
+
+def area_levels(table, image, h, w, oh, ow, chunk: int = 1 << 25) -> torch.Tensor:
+    """(K, C, max oh, max ow) float32: the top-left h x w pixels of image `image` (int tensors, one entry
+    per output) resized to oh x ow as F.interpolate(mode="area") would, zero beyond oh x ow: one pyramid
+    level of images of different sizes, each exactly as if resized alone."""
+    dev, c = table.device, table.shape[-1]
+    rows, cols = int(oh.max()), int(ow.max())
+    out = []
+    per = max(1, chunk // (rows * cols * c))
+    for s in range(0, len(image), per):
+        n, hh, ww, ohh, oww = (v[s:s + per].long()[:, None] for v in (image, h, w, oh, ow))
+        r = torch.minimum(torch.arange(rows, device=dev), ohh - 1)  # rows past oh repeat the last, then zeroed
+        q = torch.minimum(torch.arange(cols, device=dev), oww - 1)
+        ys, ye = _bins(0, hh, ohh, r)
+        xs, xe = _bins(0, ww, oww, q)
+        x = _area(table, n[:, :, None], ys[:, :, None], ye[:, :, None], xs[:, None, :], xe[:, None, :])
+        inside = (torch.arange(rows, device=dev) < ohh)[:, :, None] & (torch.arange(cols, device=dev) < oww)[:, None, :]
+        out.append(x * inside[:, None])
     return torch.cat(out)
 
 
@@ -112,12 +141,91 @@ def _nms(boxes, scores, image, threshold):
     return nms_by_image(boxes, scores, image, threshold)
 
 
+def _pyramid(sizes, min_face: int, factor: float):
+    """facenet-pytorch's scales (repeated products, so that every level has its exact size) and, per
+    image, how many of them its own smaller side takes (levels down to a 12-pixel side)."""
+    counts = []
+    for h, w in sizes:
+        k, minl = 0, min(h, w) * 12.0 / min_face
+        while minl >= 12:
+            k, minl = k + 1, minl * factor
+        counts.append(k)
+    scales = [12.0 / min_face]
+    while len(scales) < max(counts, default=0):
+        scales.append(scales[-1] * factor)
+    return scales[:max(counts, default=0)], counts
+
+
+def _pnet(pnet, x, oh, ow):
+    """P-Net over a canvas of images of oh x ow pixels each (top-left, (K,) int tensors): (regression,
+    face probability), zero outside each image's own output map. Each image's outputs are those of P-Net
+    on that image alone: its ceil-mode pooling windows that run past the image see -inf (so max ignores
+    them, as PyTorch's does past the edge), and what lies beyond feeds only outputs that are dropped."""
+    def inside(t, rows, cols):  # (K, 1, H, W): positions within each image's own map
+        r = torch.arange(t.shape[2], device=t.device)[None, :, None] < rows[:, None, None]
+        c = torch.arange(t.shape[3], device=t.device)[None, None, :] < cols[:, None, None]
+        return (r & c)[:, None]
+    y = pnet.prelu1(pnet.conv1(x))
+    y = pnet.pool1(y.masked_fill(~inside(y, oh - 2, ow - 2), float("-inf")))
+    ph, pw = (oh - 1) // 2, (ow - 1) // 2  # ceil((oh - 2) / 2): the pooled map of the image alone
+    y = y.masked_fill(~inside(y, ph, pw), 0.0)  # finite, so that no conv algorithm spreads an inf
+    y = pnet.prelu3(pnet.conv3(pnet.prelu2(pnet.conv2(y))))
+    keep = inside(y, ph - 4, pw - 4)
+    return pnet.conv4_2(y) * keep, pnet.softmax4_1(pnet.conv4_1(y))[:, 1:] * keep
+
+
+def _stage_one(imgs, table, sizes, mtcnn):
+    """P-Net candidates of every level of every image, after facenet-pytorch's NMS within each level
+    (0.5) and each image (0.7): one nonzero and two NMS for the batch, not some per level. Levels of
+    images of several sizes come from the summed-area `table`; with table None (one size) facenet-pytorch
+    resizes the canvas itself. Returns (boxes (k, 9): x1, y1, x2, y2, score, 4 regressions; image (k,))."""
+    d, pnet, dev = _fn(), mtcnn.pnet, imgs.device
+    scales, counts = _pyramid(sizes, mtcnn.min_face_size, mtcnn.factor)
+    probs, regs, owner, dims = [], [], [], []
+    for lv, scale in enumerate(scales):
+        idx = [i for i, k in enumerate(counts) if k > lv]
+        h, w, oh, ow = torch.tensor([(*sizes[i], int(sizes[i][0] * scale + 1), int(sizes[i][1] * scale + 1))
+                                     for i in idx], device=dev).unbind(1)  # facenet-pytorch's level sizes
+        ids = torch.tensor(idx, device=dev)
+        if table is None:  # one image size: facenet-pytorch's own resize and P-Net, nothing to mask
+            reg, prob = pnet((d.imresample(imgs, (int(oh[0]), int(ow[0]))) - 127.5) * 0.0078125)
+            prob = prob[:, 1:]
+        else:
+            reg, prob = _pnet(pnet, (area_levels(table, ids, h, w, oh, ow) - 127.5) * 0.0078125, oh, ow)
+        probs.append(prob.reshape(-1))
+        regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
+        owner.append(ids)
+        dims.append(prob.shape[2:])
+    if not probs:
+        return torch.zeros(0, 9, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+    prob, reg = torch.cat(probs), torch.cat(regs)
+    hit = (prob >= mtcnn.thresholds[0]).nonzero()[:, 0]
+    # a flat index -> (level, image, row, column), from each level's offset and map size
+    per = torch.tensor([len(o) * h * w for o, (h, w) in zip(owner, dims)], device=dev)
+    ends = torch.cumsum(per, 0)
+    level = torch.searchsorted(ends, hit, right=True)
+    area = torch.tensor([h * w for h, w in dims], device=dev)[level]
+    width = torch.tensor([w for _, w in dims], device=dev)[level]
+    local = hit - (ends - per)[level]
+    first = torch.cumsum(torch.tensor([0] + [len(o) for o in owner[:-1]], device=dev), 0)
+    image = torch.cat(owner)[first[level] + local // area]
+    cell = torch.stack([local % area % width, local % area // width], 1).to(prob.dtype)  # (x, y)
+    scale = torch.tensor(scales, dtype=prob.dtype, device=dev)[level, None]
+    boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor(), prob[hit, None],
+                       reg[hit]], 1)
+    pick = _nms(boxes[:, :4], boxes[:, 4], image * len(scales) + level, 0.5)
+    pick = pick[torch.sort(level[pick], stable=True).indices]  # facenet-pytorch's order: by level, then score
+    boxes, image = boxes[pick], image[pick]
+    pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7)
+    return boxes[pick], image[pick]
+
+
 def _crops_of(table, boxes, image, w, h, size):
-    """facenet-pytorch's pad() and crop rule, for all boxes: the box clipped to the image, 1-based; boxes
-    left empty by the clipping are dropped (facenet-pytorch skips them too)."""
+    """facenet-pytorch's pad() and crop rule, for all boxes: the box clipped to its own image (w, h:
+    per-image tensors), 1-based; boxes left empty by the clipping are dropped (facenet-pytorch skips them too)."""
     b = boxes[:, :4].trunc().long()
     x, y = b[:, 0].clamp(min=1), b[:, 1].clamp(min=1)
-    ex, ey = b[:, 2].clamp(max=w), b[:, 3].clamp(max=h)
+    ex, ey = torch.minimum(b[:, 2], w[image]), torch.minimum(b[:, 3], h[image])
     ok = (ey > y - 1) & (ex > x - 1)
     if not bool(ok.all()):
         boxes, image, x, y, ex, ey = boxes[ok], image[ok], x[ok], y[ok], ex[ok], ey[ok]
@@ -125,52 +233,54 @@ def _crops_of(table, boxes, image, w, h, size):
     return (crops - 127.5) * 0.0078125, boxes, image
 
 
-def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def _by_size(imgs, sizes, mtcnn):
+    """facenet-pytorch's detect_face itself, once per image size (each image cut out of the canvas)."""
+    d = _fn()
+    out = [None] * len(imgs)
+    groups = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault(tuple(s), []).append(i)
+    for (h, w), idx in groups.items():
+        batch = imgs[idx, :, :h, :w].permute(0, 2, 3, 1)
+        boxes, points = d.detect_face(batch, mtcnn.min_face_size, mtcnn.pnet, mtcnn.rnet, mtcnn.onet,
+                                      mtcnn.thresholds, mtcnn.factor, imgs.device)
+        for i, b, m in zip(idx, boxes, points):
+            out[i] = (np.asarray(b, np.float32).reshape(-1, 5), np.asarray(m, np.float32).reshape(-1, 5, 2))
+    return out
+
+
+def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None, sizes=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(N, 3, H, W) float images (0-255) on mtcnn's device -> per image (boxes (k, 5): x1, y1, x2, y2,
     probability; landmarks (k, 5, 2)), as numpy, the k faces in no particular order.
 
-    batched: this module's crops and NMS (default on a GPU), else facenet-pytorch's detect_face itself
-    (default on the CPU, where its per-box loop costs little and the summed-area table was 15-25% slower).
+    sizes: (h, w) of each image, which fills the top-left of its canvas (default: the whole canvas). Each
+    image's detections are those of facenet-pytorch on that image alone, whatever the canvas.
+    batched: this module's pyramid, crops and NMS, one pass for the whole batch (default on a GPU); else
+    facenet-pytorch's detect_face itself, once per image size (default on the CPU, where its per-box loop
+    costs little and the summed-area table was 15-25% slower).
     """
     d = _fn()
     pnet, rnet, onet, thresholds = mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds
     imgs = imgs.to(next(pnet.parameters()).dtype)
-    if not (imgs.device.type != "cpu" if batched is None else batched):
-        boxes, points = d.detect_face(imgs.permute(0, 2, 3, 1), mtcnn.min_face_size, pnet, rnet, onet,
-                                      thresholds, mtcnn.factor, imgs.device)
-        return [(np.asarray(b, np.float32).reshape(-1, 5), np.asarray(m, np.float32).reshape(-1, 5, 2))
-                for b, m in zip(boxes, points)]
     n, _, h, w = imgs.shape
+    sizes = [(h, w)] * n if sizes is None else [tuple(int(v) for v in s) for s in sizes]
+    if not (imgs.device.type != "cpu" if batched is None else batched):
+        return _by_size(imgs, sizes, mtcnn)
     dev = imgs.device
-    # stage 1: P-Net over the image pyramid (facenet-pytorch's code, batched over images already)
-    scale = 12.0 / mtcnn.min_face_size
-    scales, minl = [], min(h, w) * scale
-    while minl >= 12:  # repeated products, as facenet-pytorch, so that every level has its exact size
-        scales.append(scale)
-        scale, minl = scale * mtcnn.factor, minl * mtcnn.factor
-    boxes, image, picks, offset = [], [], [], 0
-    for scale in scales:
-        x = d.imresample(imgs, (int(h * scale + 1), int(w * scale + 1)))
-        reg, probs = pnet((x - 127.5) * 0.0078125)
-        b, i = d.generateBoundingBox(reg, probs[:, 1], scale, thresholds[0])
-        boxes.append(b)
-        image.append(i)
-        picks.append(_nms(b[:, :4], b[:, 4], i, 0.5) + offset)
-        offset += b.shape[0]
-    boxes, image = torch.cat(boxes), torch.cat(image)
-    picks = torch.cat(picks)
-    boxes, image = boxes[picks], image[picks]
-    pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7)
-    boxes, image = boxes[pick], image[pick]
+    table = None if all(s == (h, w) for s in sizes) else summed_area(imgs)
+    hs, ws = torch.tensor(sizes, device=dev).unbind(1)
+    # stage 1: P-Net over each image's pyramid
+    boxes, image = _stage_one(imgs, table, sizes, mtcnn)
     rw, rh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
                          boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)
     boxes = d.rerec(boxes)
     points = torch.zeros(0, 5, 2, device=dev)
-    table = summed_area(imgs) if len(boxes) else None
+    if table is None and len(boxes):
+        table = summed_area(imgs)
     # stage 2: R-Net on 24 px crops of every candidate
     if len(boxes):
-        crops, boxes, image = _crops_of(table, boxes, image, w, h, 24)
+        crops, boxes, image = _crops_of(table, boxes, image, ws, hs, 24)
         reg, score = d.fixed_batch_process(crops, rnet) if len(crops) else (crops.new_zeros(0, 4),
                                                                               crops.new_zeros(0, 2))
         keep = score[:, 1] > thresholds[1]
@@ -181,7 +291,7 @@ def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None) -> list[tuple
         image = image[pick]
     # stage 3: O-Net on 48 px crops: probability, box regression, landmarks
     if len(boxes):
-        crops, boxes, image = _crops_of(table, boxes, image, w, h, 48)
+        crops, boxes, image = _crops_of(table, boxes, image, ws, hs, 48)
         if len(crops):
             reg, marks, score = d.fixed_batch_process(crops, onet)
         else:
