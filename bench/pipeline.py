@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-detect", action="store_true",
                    help="also profile one batch of batched detection (torch.profiler: the busiest ops on the CPU and "
                         "the device, and how much of the wall time the device was busy)")
+    p.add_argument("--mixed-sizes", action="store_true",
+                   help="rescale each copy of the demo media by its own factor (0.35-1.6), so that image sizes vary "
+                        "as in scraped corpora (the demo media alone is 94%% frames of one size)")
     p.add_argument("--make-folder", type=Path, metavar="DIR",
                    help="only write the folder of --n images into DIR (for timing fuse.py itself) and exit")
     p.add_argument("--old-n", type=int, default=256,
@@ -71,14 +74,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_folder(n: int, dest: Path) -> Path:
+def make_folder(n: int, dest: Path, mixed: bool = False) -> Path:
+    """n images of the demo media, repeated. mixed: each copy rescaled by its own factor (0.35 to 1.6,
+    drawn from its index), so that nearly every image has a size of its own, as in scraped face corpora;
+    the demo media alone is 94% video frames of one size."""
+    from PIL import Image
+
     from common.demo import build_demo_faces
 
     src = build_demo_faces()
     names = list_images(src)
     for i in range(n):
         name = names[i % len(names)]
-        shutil.copyfile(src / name, dest / f"{i:06d}_{Path(name).name}")
+        out = dest / f"{i:06d}_{Path(name).name}"
+        if not mixed:
+            shutil.copyfile(src / name, out)
+            continue
+        img = Image.open(src / name)
+        f = np.random.default_rng(i).uniform(0.35, 1.6)
+        img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.LANCZOS).save(out, quality=95)
     return dest
 
 
@@ -154,7 +168,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.make_folder:
         args.make_folder.mkdir(parents=True, exist_ok=True)
-        print(f"{len(list_images(make_folder(args.n, args.make_folder)))} images in {args.make_folder}")
+        print(f"{len(list_images(make_folder(args.n, args.make_folder, args.mixed_sizes)))} images in {args.make_folder}")
         return
     device = pick_device(args.device)
     torch.manual_seed(0)
@@ -166,7 +180,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="facekd-bench-"))
     try:
         (work / "faces").mkdir()
-        folder = make_folder(args.n, work / "faces")
+        folder = make_folder(args.n, work / "faces", args.mixed_sizes)
         names = list_images(folder)
         teachers = build_teachers([t.strip() for t in args.teachers.split(",") if t.strip()], device)
 

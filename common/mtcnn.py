@@ -59,24 +59,39 @@ def area_crops(table, image, y0, y1, x0, x1, size: int, chunk: int = 4096) -> to
     return torch.cat(out)
 
 
-def area_levels(table, image, h, w, oh, ow, chunk: int = 1 << 25) -> torch.Tensor:
-    """(K, C, max oh, max ow) float32: the top-left h x w pixels of image `image` (int tensors, one entry
-    per output) resized to oh x ow as F.interpolate(mode="area") would, zero beyond oh x ow: one pyramid
-    level of images of different sizes, each exactly as if resized alone."""
+def _level_bins(src, out, steps):
+    """Host-side adaptive pooling bins of src pixels into out (per image, (k,) arrays) for steps positions:
+    (start, end, length) each (k, steps), positions past out given the empty bin [0, 0) of length 1."""
+    src, out = np.asarray(src, np.int64)[:, None], np.asarray(out, np.int64)[:, None]
+    i = np.arange(steps)[None]
+    start, end = i * src // out, ((i + 1) * src + out - 1) // out
+    past = i >= out
+    start, end = np.where(past, 0, start), np.where(past, 0, end)
+    return start, end, np.where(past, 1, end - start)
+
+
+def area_levels(table, image, sizes, out, chunk: int = 1 << 25) -> torch.Tensor:
+    """(K, C, max oh, max ow) float32: the top-left h x w pixels (sizes) of table image image[k] resized to
+    oh x ow (out) as F.interpolate(mode="area") would, zero beyond: one pyramid level of images of
+    different sizes, each as if resized alone. The bins are computed on the host (all sizes are known
+    there) and sent in one copy."""
     dev, c = table.device, table.shape[-1]
+    (h, w), (oh, ow) = np.asarray(sizes).T, np.asarray(out).T
     rows, cols = int(oh.max()), int(ow.max())
-    out = []
+    packed = np.concatenate([np.asarray(image, np.int64)[:, None], *_level_bins(h, oh, rows),
+                             *_level_bins(w, ow, cols)], 1)
+    packed = torch.from_numpy(packed).to(dev, non_blocking=True)
+    n, ys, ye, yl = packed[:, :1], *packed[:, 1:1 + 3 * rows].view(-1, 3, rows).unbind(1)
+    xs, xe, xl = packed[:, 1 + 3 * rows:].view(-1, 3, cols).unbind(1)
+    parts = []
     per = max(1, chunk // (rows * cols * c))
-    for s in range(0, len(image), per):
-        n, hh, ww, ohh, oww = (v[s:s + per].long()[:, None] for v in (image, h, w, oh, ow))
-        r = torch.minimum(torch.arange(rows, device=dev), ohh - 1)  # rows past oh repeat the last, then zeroed
-        q = torch.minimum(torch.arange(cols, device=dev), oww - 1)
-        ys, ye = _bins(0, hh, ohh, r)
-        xs, xe = _bins(0, ww, oww, q)
-        x = _area(table, n[:, :, None], ys[:, :, None], ye[:, :, None], xs[:, None, :], xe[:, None, :])
-        inside = (torch.arange(rows, device=dev) < ohh)[:, :, None] & (torch.arange(cols, device=dev) < oww)[:, None, :]
-        out.append(x * inside[:, None])
-    return torch.cat(out)
+    for a in range(0, len(packed), per):
+        k = slice(a, a + per)
+        r, q = (ys[k, :, None], ye[k, :, None]), (xs[k, None, :], xe[k, None, :])
+        total = table[n[k, :, None], r[1], q[1]] - table[n[k, :, None], r[0], q[1]] \
+            - table[n[k, :, None], r[1], q[0]] + table[n[k, :, None], r[0], q[0]]
+        parts.append((total / (yl[k, :, None] * xl[k, None, :])[..., None]).float().permute(0, 3, 1, 2))
+    return torch.cat(parts)
 
 
 def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, hold: int = 1 << 30) -> torch.Tensor:
@@ -184,32 +199,32 @@ def _stage_one(imgs, table, sizes, mtcnn):
     probs, regs, owner, dims = [], [], [], []
     for lv, scale in enumerate(scales):
         idx = [i for i, k in enumerate(counts) if k > lv]
-        h, w, oh, ow = torch.tensor([(*sizes[i], int(sizes[i][0] * scale + 1), int(sizes[i][1] * scale + 1))
-                                     for i in idx], device=dev).unbind(1)  # facenet-pytorch's level sizes
-        ids = torch.tensor(idx, device=dev)
+        out = [(int(sizes[i][0] * scale + 1), int(sizes[i][1] * scale + 1)) for i in idx]  # facenet-pytorch's
         if table is None:  # one image size: facenet-pytorch's own resize and P-Net, nothing to mask
-            reg, prob = pnet((d.imresample(imgs, (int(oh[0]), int(ow[0]))) - 127.5) * 0.0078125)
+            reg, prob = pnet((d.imresample(imgs, out[0]) - 127.5) * 0.0078125)
             prob = prob[:, 1:]
         else:
-            reg, prob = _pnet(pnet, (area_levels(table, ids, h, w, oh, ow) - 127.5) * 0.0078125, oh, ow)
+            oh, ow = torch.tensor(out, device=dev).unbind(1)
+            x = area_levels(table, idx, [sizes[i] for i in idx], out)
+            reg, prob = _pnet(pnet, (x - 127.5) * 0.0078125, oh, ow)
         probs.append(prob.reshape(-1))
         regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
-        owner.append(ids)
+        owner.append(idx)
         dims.append(prob.shape[2:])
     if not probs:
         return torch.zeros(0, 9, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
     prob, reg = torch.cat(probs), torch.cat(regs)
     hit = (prob >= mtcnn.thresholds[0]).nonzero()[:, 0]
-    # a flat index -> (level, image, row, column), from each level's offset and map size
-    per = torch.tensor([len(o) * h * w for o, (h, w) in zip(owner, dims)], device=dev)
-    ends = torch.cumsum(per, 0)
-    level = torch.searchsorted(ends, hit, right=True)
-    area = torch.tensor([h * w for h, w in dims], device=dev)[level]
-    width = torch.tensor([w for _, w in dims], device=dev)[level]
-    local = hit - (ends - per)[level]
-    first = torch.cumsum(torch.tensor([0] + [len(o) for o in owner[:-1]], device=dev), 0)
-    image = torch.cat(owner)[first[level] + local // area]
-    cell = torch.stack([local % area % width, local % area // width], 1).to(prob.dtype)  # (x, y)
+    # a flat index -> (level, image, row, column), from each level's offset and map size (one copy)
+    per = np.array([len(o) * h * w for o, (h, w) in zip(owner, dims)])
+    first = np.cumsum([0] + [len(o) for o in owner[:-1]])
+    meta = torch.tensor(np.stack([np.cumsum(per), np.cumsum(per) - per, [h * w for h, w in dims],
+                                  [w for _, w in dims], first]), device=dev)
+    level = torch.searchsorted(meta[0], hit, right=True)
+    _, start, area, width, first = meta[:, level]
+    pos = (hit - start) % area
+    image = torch.tensor(sum(owner, []), device=dev)[first + (hit - start) // area]
+    cell = torch.stack([pos % width, pos // width], 1).to(prob.dtype)  # (x, y)
     scale = torch.tensor(scales, dtype=prob.dtype, device=dev)[level, None]
     boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor(), prob[hit, None],
                        reg[hit]], 1)
