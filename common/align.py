@@ -24,6 +24,10 @@ CANON = 256
 # Longer side of the copy the batched detector sees. MTCNN's cost grows with pixels; the faces of face
 # corpora are large, and the landmarks found on the copy are mapped back to full resolution for the warp.
 DETECT_SIZE = 640
+# What one more detection pass costs, in pixels of P-Net work: about 20 frames of 640x360. An estimate
+# from the H100 timings at three detect sizes (a part of each batch's time that did not shrink with the
+# pixels); it only decides which image sizes share a canvas, never what is found.
+DETECT_CALL = 20 * 640 * 360
 # Side of the crops kept in the cache's crop store: the whole canonical frame, shrunk. 128 covers the
 # student's default 112 input with the augmentation's 0.8 crop scale without enlarging (48 kB a face,
 # 203 GB for 4.12 M faces); teachers run on the full CANON crop at extraction, never on the store.
@@ -111,23 +115,32 @@ class FaceDetector:
         return similarity_transform(marks[best], TEMPLATE), float(probs[best])
 
 
-def size_groups(sizes, waste: float = 2.0) -> list[list[int]]:
+def size_groups(sizes, waste: float = 2.0, call: float = float("inf")) -> list[list[int]]:
     """Indices of (h, w) sizes split into groups padded to one canvas each, no group wasting more than
-    `waste` times its pixels: one group for a corpus of one image size, a few for a mixed folder
-    (waste=1: one group per size)."""
-    sizes = [tuple(int(v) for v in s) for s in sizes]
-    groups = []
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], sizes[i]))
-    cur, hmax, wmax, area = [], 0, 0, 0
-    for i in order:
-        h, w = sizes[i]
-        nh, nw, na = max(hmax, h), max(wmax, w), area + h * w
-        if cur and nh * nw * (len(cur) + 1) > waste * na:
-            groups.append(cur)
-            cur, nh, nw, na = [], h, w, h * w
-        cur.append(i)
-        hmax, wmax, area = nh, nw, na
-    return groups + ([cur] if cur else [])
+    `waste` times its pixels (waste=1: one group per size), at the least cost: call (what one more group
+    costs, in padded pixels; by default groups are dear, so they are as few as the waste allows) per
+    group plus the padded pixels. Groups are runs of the sizes sorted by height, the best split found by
+    dynamic programming: a batch of one size is one canvas, a few odd sizes do not widen it, sizes all
+    different share a few."""
+    n = len(sizes)
+    order = sorted(range(n), key=lambda i: (int(sizes[i][0]), int(sizes[i][1])))
+    h = np.array([sizes[i][0] for i in order], np.float64)
+    w = np.array([sizes[i][1] for i in order], np.float64)
+    area = np.concatenate([[0.0], np.cumsum(h * w)])
+    per = 1e30 if call == float("inf") else call
+    best, start = np.zeros(n + 1), np.zeros(n + 1, np.int64)
+    for j in range(1, n + 1):  # best[j]: the cheapest split of the first j; run [i, j) has height h[j - 1]
+        padded = (j - np.arange(j)) * h[j - 1] * np.maximum.accumulate(w[:j][::-1])[::-1]
+        ok = padded <= waste * (area[j] - area[:j]) * (1 + 1e-12)
+        ok[j - 1] = True  # one size alone is always allowed
+        cost = np.where(ok, best[:j] + per + padded, np.inf)
+        start[j] = int(np.argmin(cost))
+        best[j] = cost[start[j]]
+    groups, j = [], n
+    while j:
+        groups.append([order[k] for k in range(start[j], j)])
+        j = start[j]
+    return groups[::-1]
 
 
 def _canvas(images, idx, dtype=torch.float32):
@@ -175,7 +188,7 @@ class BatchDetector:
             else:
                 ok.append(i)
         # images of other sizes share a zero-padded canvas; each is still searched as if alone
-        for sub in size_groups([small[i].shape[1:] for i in ok]):
+        for sub in size_groups([small[i].shape[1:] for i in ok], call=DETECT_CALL):
             idx = [ok[j] for j in sub]
             with torch.inference_mode():
                 found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn,

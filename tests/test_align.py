@@ -351,3 +351,31 @@ def test_nms_by_image_is_torchvision_batched_nms(max_per_image, monkeypatch):
             assert torch.equal(nms_by_image(boxes, scores, image, t, budget=5000), want)  # IoU in slices
             assert torch.equal(nms_by_image(boxes, scores, image, t, hold=20_000), want)  # loops in slices
     assert len(nms_by_image(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)) == 0
+
+
+def test_size_groups_pool_sizes_without_widening_a_batch_of_one_size():
+    """Every image in one group; a batch of one size is one canvas; a few odd sizes beside 240 video
+    frames do not widen the frames' canvas; 256 sizes all different share a few canvases, none padded
+    past twice its pixels; waste=1 is one group per size."""
+    from common.align import DETECT_CALL, size_groups
+
+    def check(sizes, groups):
+        assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+        for g in groups:
+            h, w = max(sizes[i][0] for i in g), max(sizes[i][1] for i in g)
+            assert h * w * len(g) <= 2 * sum(sizes[i][0] * sizes[i][1] for i in g)
+        return groups
+
+    assert check([(360, 640)] * 9, size_groups([(360, 640)] * 9, call=DETECT_CALL)) == [list(range(9))]
+    sizes = [(360, 640)] * 240 + [(512, 512)] * 5 + [(478, 640), (112, 112), (231, 440), (107, 189)] * 4
+    groups = check(sizes, size_groups(sizes, call=DETECT_CALL))
+    frames = next(g for g in groups if 0 in g)
+    assert (max(sizes[i][0] for i in frames), max(sizes[i][1] for i in frames)) == (360, 640)
+    assert len(groups) <= 3
+    assert len(size_groups(sizes)) < len(groups) or len(groups) == 1  # with no cost per call, pooled freely
+    rng = np.random.default_rng(0)
+    mixed = [(int(h), int(w)) for h, w in rng.integers(100, 641, (256, 2))]
+    assert len(set(mixed)) == 256
+    assert len(check(mixed, size_groups(mixed, call=DETECT_CALL))) <= 8
+    assert sorted(map(sorted, size_groups(sizes, waste=1.0))) == sorted(
+        [i for i, s in enumerate(sizes) if s == size] for size in set(sizes))
