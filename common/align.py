@@ -43,22 +43,24 @@ TEMPLATE = ARCFACE_112 * ((1 - 2 * _MARGIN) * CANON / 112) + _MARGIN * CANON
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) taking src points to dst.
 
-    Umeyama's closed form; returns the 2x3 matrix M with dst ~= M @ [x, y, 1].
+    Umeyama's closed form; returns the 2x3 matrix M with dst ~= M @ [x, y, 1]. src may hold a batch
+    (n, k, 2) of point sets, all sent to the same dst: then (n, 2, 3), in one pass of numpy.
     """
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s, d = src - mu_s, dst - mu_d
-    cov = d.T @ s / len(src)
+    if src.ndim == 2:
+        return similarity_transform(src[None], dst)[0]
+    mu_s, mu_d = src.mean(1), dst.mean(0)
+    s, d = src - mu_s[:, None], dst - mu_d
+    cov = np.einsum("kd,nks->nds", d, s) / src.shape[1]
     u, sig, vt = np.linalg.svd(cov)
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[-1] = -1
-    rot = u @ np.diag(sign) @ vt
-    scale = (sig * sign).sum() / s.var(0).sum()
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * rot @ mu_s
+    sign = np.ones((len(src), 2))
+    sign[np.linalg.det(u) * np.linalg.det(vt) < 0, 1] = -1
+    rot = (u * sign[:, None, :]) @ vt
+    scale = (sig * sign).sum(1) / s.var(1).sum(1)
+    m = np.zeros((len(src), 2, 3))
+    m[:, :, :2] = scale[:, None, None] * rot
+    m[:, :, 2] = mu_d - scale[:, None] * np.einsum("nij,nj->ni", rot, mu_s)
     return m
 
 
@@ -193,6 +195,7 @@ class BatchDetector:
             with torch.inference_mode():
                 found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn,
                                            sizes=[small[i].shape[1:] for i in idx])
+            chosen = []
             for (boxes, marks), i in zip(found, idx):
                 keep = np.flatnonzero(boxes[:, 4] >= self.min_prob)
                 if not len(keep):
@@ -202,8 +205,11 @@ class BatchDetector:
                 b = boxes[keep, :4].astype(np.float64) / [sx, sy, sx, sy]
                 centres = (b[:, :2] + b[:, 2:]) / 2
                 best = keep[int(np.argmin(((centres - [w / 2, h / 2]) ** 2).sum(1)))]
-                pts = marks[best].astype(np.float64) / [sx, sy]
-                out[i] = similarity_transform(pts, TEMPLATE), float(boxes[best, 4])
+                chosen.append((i, marks[best].astype(np.float64) / [sx, sy], float(boxes[best, 4])))
+            if chosen:  # one batched solve, not one per face
+                mats = similarity_transform(np.stack([pts for _, pts, _ in chosen]), TEMPLATE)
+                for (i, _, score), mat in zip(chosen, mats):
+                    out[i] = mat, score
         return out
 
 

@@ -94,9 +94,12 @@ def area_levels(table, image, sizes, out, chunk: int = 1 << 25) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, hold: int = 1 << 30) -> torch.Tensor:
+def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, hold: int = 1 << 30,
+                 overlap: str = "iou") -> torch.Tensor:
     """torchvision.ops.batched_nms(boxes, scores, image, threshold) on a GPU, for thousands of boxes over
-    hundreds of images: the indices kept, by decreasing score.
+    hundreds of images: the indices kept, by decreasing score. overlap="min": facenet-pytorch's last NMS
+    instead (its nms_numpy "Min": boxes one pixel wider, intersection over the smaller box, ties to the
+    later box), which runs on the host one kept box at a time.
 
     torchvision runs one NMS per image once a batch holds over 25,000 boxes (a Python loop with a host
     sync each), or one over all boxes with a K x K mask copied to the host. Here each image's boxes are
@@ -110,7 +113,10 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     k = len(boxes)
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
+    if overlap == "min":  # nms_numpy takes the last of equal scores first
+        order = k - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices
+    else:
+        order = torch.sort(scores, descending=True, stable=True).indices
     order = order[torch.sort(image[order], stable=True).indices]  # by image, then by decreasing score
     img = image[order]
     counts = torch.bincount(img)
@@ -118,7 +124,10 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     slot = torch.arange(k, device=boxes.device) - starts[img]
     n, m = len(counts), int(counts.max())
     if m > MAX_PER_IMAGE:  # its M x M matrix would not be small: torchvision's memory stays linear
+        if overlap == "min":
+            return _fn().batched_nms_numpy(boxes[:, :4], scores, image, threshold, "Min")
         return batched_nms(boxes, scores, image, threshold)
+    one = 1.0 if overlap == "min" else 0.0
     padded = boxes.new_zeros(n, m, 4)
     padded[img, slot] = boxes[order, :4].float()
     valid = torch.zeros(n, m, dtype=torch.bool, device=boxes.device)
@@ -132,12 +141,16 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
         hits = torch.empty(z - a, m, m, dtype=torch.bool, device=boxes.device)
         for c in range(a, z, step):
             b = padded[c:min(z, c + step)]
-            area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+            area = (b[..., 2] - b[..., 0] + one) * (b[..., 3] - b[..., 1] + one)
             lt = torch.maximum(b[:, :, None, :2], b[:, None, :, :2])
             rb = torch.minimum(b[:, :, None, 2:], b[:, None, :, 2:])
-            wh = (rb - lt).clamp(min=0)
+            wh = (rb - lt + one).clamp(min=0)
             inter = wh[..., 0] * wh[..., 1]
-            hits[c - a:c - a + len(b)] = (inter / (area[:, :, None] + area[:, None, :] - inter) > threshold) & earlier
+            if overlap == "min":
+                over = inter / torch.minimum(area[:, :, None], area[:, None, :])
+            else:
+                over = inter / (area[:, :, None] + area[:, None, :] - inter)
+            hits[c - a:c - a + len(b)] = (over > threshold) & earlier
         kept = valid[a:z].clone()
         while True:
             new = valid[a:z] & ~(hits & kept[:, None, :]).any(2)
@@ -149,11 +162,13 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
 
 
-def _nms(boxes, scores, image, threshold):
-    # the CPU keeps torchvision's: fast enough there
+def _nms(boxes, scores, image, threshold, overlap="iou"):
+    # the CPU keeps torchvision's and facenet-pytorch's: fast enough there
     if boxes.device.type == "cpu":
+        if overlap == "min":
+            return _fn().batched_nms_numpy(boxes, scores, image, threshold, "Min")
         return batched_nms(boxes, scores, image, threshold)
-    return nms_by_image(boxes, scores, image, threshold)
+    return nms_by_image(boxes, scores, image, threshold, overlap=overlap)
 
 
 def _pyramid(sizes, min_face: int, factor: float):
@@ -317,7 +332,7 @@ def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None, sizes=None) -
         bw, bh = boxes[:, 2:3] - boxes[:, 0:1] + 1, boxes[:, 3:4] - boxes[:, 1:2] + 1
         points = torch.stack([bw * marks[:, :5] + boxes[:, 0:1] - 1, bh * marks[:, 5:] + boxes[:, 1:2] - 1], 2)
         boxes = d.bbreg(boxes, reg)
-        pick = d.batched_nms_numpy(boxes[:, :4], boxes[:, 4], image, 0.7, "Min")
+        pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7, overlap="min")
         boxes, image, points = boxes[pick], image[pick], points[pick]
     boxes, points, image = boxes.cpu().numpy(), points.cpu().numpy(), image.cpu().numpy()
     return [(boxes[image == k], points[image == k]) for k in range(n)]

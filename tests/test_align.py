@@ -47,6 +47,22 @@ def test_similarity_transform_recovers_known_transform():
     assert np.allclose(m[:, :2], scale * rot, atol=1e-9) and np.allclose(m[:, 2], shift, atol=1e-9)
 
 
+def test_similarity_transform_of_a_batch_is_the_least_squares_similarity():
+    """A batch of point sets (mirrored ones too, where the best rotation is not the SVD's reflection):
+    each matrix is the linear least-squares fit of [[a, -b, tx], [b, a, ty]]."""
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 100, (6, 5, 2))
+    src[3:, :, 0] *= -1
+    got = similarity_transform(src, TEMPLATE)
+    assert got.shape == (6, 2, 3)
+    for pts, m in zip(src, got):
+        x, y = pts[:, 0], pts[:, 1]
+        a = np.concatenate([np.c_[x, -y, np.ones(5), np.zeros(5)], np.c_[y, x, np.zeros(5), np.ones(5)]])
+        (ca, cb, tx, ty), *_ = np.linalg.lstsq(a, np.concatenate([TEMPLATE[:, 0], TEMPLATE[:, 1]]), rcond=None)
+        np.testing.assert_allclose(m, [[ca, -cb, tx], [cb, ca, ty]], atol=1e-9)
+        np.testing.assert_allclose(similarity_transform(pts, TEMPLATE), m, atol=1e-12)
+
+
 def test_template_maps_to_arcface_window():
     # The ArcFace 112 crop is exactly the central box of the canonical crop.
     x0 = 0.1 * CANON
@@ -351,6 +367,34 @@ def test_nms_by_image_is_torchvision_batched_nms(max_per_image, monkeypatch):
             assert torch.equal(nms_by_image(boxes, scores, image, t, budget=5000), want)  # IoU in slices
             assert torch.equal(nms_by_image(boxes, scores, image, t, hold=20_000), want)  # loops in slices
     assert len(nms_by_image(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)) == 0
+
+
+@pytest.mark.parametrize("max_per_image", [4096, 10])
+def test_nms_by_image_min_is_facenet_nms_numpy_per_image(max_per_image, monkeypatch):
+    """overlap="min" keeps, per image, what facenet-pytorch's nms_numpy(..., "Min") keeps on that image
+    alone, equal scores included (the later box first, as nms_numpy on a few boxes)."""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import nms_numpy
+
+    from common import mtcnn
+    from common.mtcnn import nms_by_image
+
+    monkeypatch.setattr(mtcnn, "MAX_PER_IMAGE", max_per_image)
+    g = torch.Generator().manual_seed(4)
+    for n_img, k, ties in [(1, 12, True), (9, 100, True), (30, 900, False)]:
+        centre = torch.rand(k, 2, generator=g) * 60
+        size = 5 + torch.rand(k, 2, generator=g) * 20
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 1).round()
+        scores = (torch.rand(k, generator=g) * 4).round() / 4 if ties else torch.rand(k, generator=g)
+        image = torch.randint(0, n_img, (k,), generator=g)
+        got = nms_by_image(boxes, scores, image, 0.7, overlap="min")
+        assert torch.all(scores[got][:-1] >= scores[got][1:])
+        for i in range(n_img):
+            idx = torch.nonzero(image == i)[:, 0]
+            if ties and len(idx) > 16:  # numpy's argsort is stable only on short arrays
+                continue
+            want = idx[torch.as_tensor(nms_numpy(boxes[idx].numpy(), scores[idx].numpy(), 0.7, "Min"), dtype=torch.long)]
+            assert sorted(got[image[got] == i].tolist()) == sorted(want.tolist()), (n_img, i)
 
 
 def test_size_groups_pool_sizes_without_widening_a_batch_of_one_size():
