@@ -134,12 +134,39 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def count_ops(fn):
+    """(aten ops dispatched, views included; those the host waits on: a value read back, a shape that
+    depends on the data) while fn runs: on a GPU each of the latter is a round trip that idles the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"aten.nonzero.default", "aten.equal.default", "aten._local_scalar_dense.default",
+             "aten.masked_select.default"}
+
+    class Count(TorchDispatchMode):
+        ops, wait = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            name = str(func)
+            Count.wait += name in waits or (name == "aten.index.Tensor" and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]))
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.ops, Count.wait
+
+
 def profile_detect(det, images, device):
-    """Where one batch of detection spends its time: torch.profiler's busiest ops, and the device's busy share."""
+    """Where one batch of detection spends its time: torch.profiler's busiest ops, and the device's busy
+    share; and how many ops it dispatches and waits on."""
     from torch.profiler import ProfilerActivity, profile
 
     det(images)  # warm-up
     sync(device)
+    ops, waits = count_ops(lambda: det(images))
+    print(f"\none detection batch ({len(images)} images) dispatches {ops} aten ops (views included); the host "
+          f"waits on {waits} of them")
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
