@@ -28,6 +28,9 @@ DETECT_SIZE = 640
 # from the H100 timings at three detect sizes (a part of each batch's time that did not shrink with the
 # pixels); it only decides which image sizes share a canvas, never what is found.
 DETECT_CALL = 20 * 640 * 360
+# On the CPU a pass costs little beside its convolutions, and padding costs as much as pixels: about one
+# frame (of 0, 1, 2, 4 and 20 frames, 1 was the fastest on the mixed-size demo folder, within the noise).
+DETECT_CALL_CPU = 640 * 360
 # Side of the crops kept in the cache's crop store: the whole canonical frame, shrunk. 128 covers the
 # student's default 112 input with the augmentation's 0.8 crop scale without enlarging (48 kB a face,
 # 203 GB for 4.12 M faces); teachers run on the full CANON crop at extraction, never on the store.
@@ -121,26 +124,30 @@ def size_groups(sizes, waste: float = 2.0, call: float = float("inf")) -> list[l
     """Indices of (h, w) sizes split into groups padded to one canvas each, no group wasting more than
     `waste` times its pixels (waste=1: one group per size), at the least cost: call (what one more group
     costs, in padded pixels; by default groups are dear, so they are as few as the waste allows) per
-    group plus the padded pixels. Groups are runs of the sizes sorted by height, the best split found by
-    dynamic programming: a batch of one size is one canvas, a few odd sizes do not widen it, sizes all
-    different share a few."""
-    n = len(sizes)
-    order = sorted(range(n), key=lambda i: (int(sizes[i][0]), int(sizes[i][1])))
-    h = np.array([sizes[i][0] for i in order], np.float64)
-    w = np.array([sizes[i][1] for i in order], np.float64)
-    area = np.concatenate([[0.0], np.cumsum(h * w)])
+    group plus the padded pixels. Groups are runs of the distinct sizes sorted by height, the best split
+    found by dynamic programming: a batch of one size is one canvas, a few odd sizes do not widen it,
+    sizes all different share a few."""
+    by = {}
+    for i, s in enumerate(sizes):
+        by.setdefault((int(s[0]), int(s[1])), []).append(i)
+    keys = sorted(by)
+    if len(keys) <= 1:
+        return [by[k] for k in keys]
+    h, w = np.array(keys, np.float64).T
+    cnt = np.array([len(by[k]) for k in keys], np.float64)
+    n, area, count = len(keys), np.concatenate([[0.0], np.cumsum(cnt * h * w)]), np.concatenate([[0.0], np.cumsum(cnt)])
     per = 1e30 if call == float("inf") else call
     best, start = np.zeros(n + 1), np.zeros(n + 1, np.int64)
-    for j in range(1, n + 1):  # best[j]: the cheapest split of the first j; run [i, j) has height h[j - 1]
-        padded = (j - np.arange(j)) * h[j - 1] * np.maximum.accumulate(w[:j][::-1])[::-1]
+    for j in range(1, n + 1):  # best[j]: the cheapest split of the first j sizes; run [i, j) is h[j - 1] high
+        padded = (count[j] - count[:j]) * h[j - 1] * np.maximum.accumulate(w[:j][::-1])[::-1]
         ok = padded <= waste * (area[j] - area[:j]) * (1 + 1e-12)
-        ok[j - 1] = True  # one size alone is always allowed
+        ok[j - 1] = True  # one size alone is never padded
         cost = np.where(ok, best[:j] + per + padded, np.inf)
         start[j] = int(np.argmin(cost))
         best[j] = cost[start[j]]
     groups, j = [], n
     while j:
-        groups.append([order[k] for k in range(start[j], j)])
+        groups.append([i for k in keys[start[j]:j] for i in by[k]])
         j = start[j]
     return groups[::-1]
 
@@ -190,7 +197,8 @@ class BatchDetector:
             else:
                 ok.append(i)
         # images of other sizes share a zero-padded canvas; each is still searched as if alone
-        for sub in size_groups([small[i].shape[1:] for i in ok], call=DETECT_CALL):
+        call = DETECT_CALL if self.device.type != "cpu" else DETECT_CALL_CPU
+        for sub in size_groups([small[i].shape[1:] for i in ok], call=call):
             idx = [ok[j] for j in sub]
             with torch.inference_mode():
                 found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn,

@@ -1,17 +1,21 @@
-"""MTCNN over a whole batch of images with no Python loop over candidate boxes.
+"""MTCNN over a whole batch of images, of one size or several, with no Python loop over candidate boxes
+on a GPU.
 
 facenet-pytorch's detect_face cuts every candidate box of its second and third stages out of the image
 and area-resizes it to 24 or 48 pixels one box at a time: thousands of tiny kernel launches per batch,
 which held batched detection near 400 images/s on an H200 whatever the GPU. An area resize is a mean
-over integer bins (adaptive average pooling), so here every crop of the batch comes from one
-summed-area table: four lookups per output pixel, for all boxes at once. The rest (image pyramid,
-thresholds, NMS, box regression, landmarks) calls facenet-pytorch's own functions in its order, so the
-detections are facenet-pytorch's up to float rounding (float64 sums against float32 means).
+over integer bins (adaptive average pooling), so on a GPU every crop and every pyramid level of the
+batch comes from one summed-area table: four lookups per output pixel, for all boxes at once. On the
+CPU those resizes stay one F.interpolate per image and per box (facenet-pytorch's own way, cheaper
+there). Images of different sizes share a zero-padded canvas and each is searched as if alone. The rest
+(thresholds, NMS rules, box regression, landmarks) follows facenet-pytorch's functions in its order, so
+the detections are facenet-pytorch's on each image alone, up to float rounding.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from torchvision.ops.boxes import batched_nms
 
 
@@ -92,6 +96,36 @@ def area_levels(table, image, sizes, out, chunk: int = 1 << 25) -> torch.Tensor:
             - table[n[k, :, None], r[1], q[0]] + table[n[k, :, None], r[0], q[0]]
         parts.append((total / (yl[k, :, None] * xl[k, None, :])[..., None]).float().permute(0, 3, 1, 2))
     return torch.cat(parts)
+
+
+class Resizer:
+    """The area resizes of one batch (pyramid levels, box crops): from a summed-area table (table=True:
+    a few kernels for the whole batch, for a GPU) or one F.interpolate per image and per box (the CPU)."""
+
+    def __init__(self, imgs: torch.Tensor, table: bool):
+        self.imgs, self.use_table, self._table = imgs, table, None
+
+    def table(self):
+        if self._table is None:
+            self._table = summed_area(self.imgs)
+        return self._table
+
+    def levels(self, image: list, sizes: list, out: list) -> torch.Tensor:
+        """(K, C, max oh, max ow): image[k]'s top-left sizes[k] pixels resized to out[k], zero beyond."""
+        if self.use_table:
+            return area_levels(self.table(), image, sizes, out)
+        x = self.imgs.new_zeros(len(image), self.imgs.shape[1], max(o[0] for o in out), max(o[1] for o in out))
+        for k, (i, (h, w), (oh, ow)) in enumerate(zip(image, sizes, out)):
+            x[k, :, :oh, :ow] = F.interpolate(self.imgs[i:i + 1, :, :h, :w], size=(oh, ow), mode="area")[0]
+        return x
+
+    def crops(self, image, y0, y1, x0, x1, size: int) -> torch.Tensor:
+        """(K, C, size, size): rows [y0, y1) x columns [x0, x1) of image `image`, one per box."""
+        if self.use_table:
+            return area_crops(self.table(), image, y0, y1, x0, x1, size)
+        boxes = torch.stack([image, y0, y1, x0, x1], 1).tolist()
+        return torch.cat([self.imgs.new_zeros(0, self.imgs.shape[1], size, size)] + [
+            F.interpolate(self.imgs[n:n + 1, :, a:b, c:e], size=(size, size), mode="area") for n, a, b, c, e in boxes])
 
 
 def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, hold: int = 1 << 30,
@@ -204,23 +238,23 @@ def _pnet(pnet, x, oh, ow):
     return pnet.conv4_2(y) * keep, pnet.softmax4_1(pnet.conv4_1(y))[:, 1:] * keep
 
 
-def _stage_one(imgs, table, sizes, mtcnn):
+def _stage_one(imgs, resize, sizes, mtcnn):
     """P-Net candidates of every level of every image, after facenet-pytorch's NMS within each level
-    (0.5) and each image (0.7): one nonzero and two NMS for the batch, not some per level. Levels of
-    images of several sizes come from the summed-area `table`; with table None (one size) facenet-pytorch
-    resizes the canvas itself. Returns (boxes (k, 9): x1, y1, x2, y2, score, 4 regressions; image (k,))."""
+    (0.5) and each image (0.7): one nonzero and two NMS for the batch, not some per level. Images of one
+    size are resized as one canvas (facenet-pytorch's imresample), else each by the Resizer. Returns
+    (boxes (k, 9): x1, y1, x2, y2, score, 4 regressions; image (k,))."""
     d, pnet, dev = _fn(), mtcnn.pnet, imgs.device
     scales, counts = _pyramid(sizes, mtcnn.min_face_size, mtcnn.factor)
     probs, regs, owner, dims = [], [], [], []
     for lv, scale in enumerate(scales):
         idx = [i for i, k in enumerate(counts) if k > lv]
         out = [(int(sizes[i][0] * scale + 1), int(sizes[i][1] * scale + 1)) for i in idx]  # facenet-pytorch's
-        if table is None:  # one image size: facenet-pytorch's own resize and P-Net, nothing to mask
+        if all(s == tuple(imgs.shape[2:]) for s in sizes):  # one image size: nothing to mask
             reg, prob = pnet((d.imresample(imgs, out[0]) - 127.5) * 0.0078125)
             prob = prob[:, 1:]
         else:
             oh, ow = torch.tensor(out, device=dev).unbind(1)
-            x = area_levels(table, idx, [sizes[i] for i in idx], out)
+            x = resize.levels(idx, [sizes[i] for i in idx], out)
             reg, prob = _pnet(pnet, (x - 127.5) * 0.0078125, oh, ow)
         probs.append(prob.reshape(-1))
         regs.append(reg.permute(0, 2, 3, 1).reshape(-1, 4))
@@ -250,7 +284,7 @@ def _stage_one(imgs, table, sizes, mtcnn):
     return boxes[pick], image[pick]
 
 
-def _crops_of(table, boxes, image, w, h, size):
+def _crops_of(resize, boxes, image, w, h, size):
     """facenet-pytorch's pad() and crop rule, for all boxes: the box clipped to its own image (w, h:
     per-image tensors), 1-based; boxes left empty by the clipping are dropped (facenet-pytorch skips them too)."""
     b = boxes[:, :4].trunc().long()
@@ -259,58 +293,37 @@ def _crops_of(table, boxes, image, w, h, size):
     ok = (ey > y - 1) & (ex > x - 1)
     if not bool(ok.all()):
         boxes, image, x, y, ex, ey = boxes[ok], image[ok], x[ok], y[ok], ex[ok], ey[ok]
-    crops = area_crops(table, image, y - 1, ey, x - 1, ex, size)
+    crops = resize.crops(image, y - 1, ey, x - 1, ex, size)
     return (crops - 127.5) * 0.0078125, boxes, image
 
 
-def _by_size(imgs, sizes, mtcnn):
-    """facenet-pytorch's detect_face itself, once per image size (each image cut out of the canvas)."""
-    d = _fn()
-    out = [None] * len(imgs)
-    groups = {}
-    for i, s in enumerate(sizes):
-        groups.setdefault(tuple(s), []).append(i)
-    for (h, w), idx in groups.items():
-        batch = imgs[idx, :, :h, :w].permute(0, 2, 3, 1)
-        boxes, points = d.detect_face(batch, mtcnn.min_face_size, mtcnn.pnet, mtcnn.rnet, mtcnn.onet,
-                                      mtcnn.thresholds, mtcnn.factor, imgs.device)
-        for i, b, m in zip(idx, boxes, points):
-            out[i] = (np.asarray(b, np.float32).reshape(-1, 5), np.asarray(m, np.float32).reshape(-1, 5, 2))
-    return out
-
-
-def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None, sizes=None) -> list[tuple[np.ndarray, np.ndarray]]:
+def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(N, 3, H, W) float images (0-255) on mtcnn's device -> per image (boxes (k, 5): x1, y1, x2, y2,
     probability; landmarks (k, 5, 2)), as numpy, the k faces in no particular order.
 
     sizes: (h, w) of each image, which fills the top-left of its canvas (default: the whole canvas). Each
     image's detections are those of facenet-pytorch on that image alone, whatever the canvas.
-    batched: this module's pyramid, crops and NMS, one pass for the whole batch (default on a GPU); else
-    facenet-pytorch's detect_face itself, once per image size (default on the CPU, where its per-box loop
-    costs little and the summed-area table was 15-25% slower).
+    table: resize from a summed-area table (default on a GPU) or one F.interpolate per image and box (the
+    CPU's default: cheaper there, and facenet-pytorch's own arithmetic).
     """
     d = _fn()
     pnet, rnet, onet, thresholds = mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds
     imgs = imgs.to(next(pnet.parameters()).dtype)
     n, _, h, w = imgs.shape
     sizes = [(h, w)] * n if sizes is None else [tuple(int(v) for v in s) for s in sizes]
-    if not (imgs.device.type != "cpu" if batched is None else batched):
-        return _by_size(imgs, sizes, mtcnn)
     dev = imgs.device
-    table = None if all(s == (h, w) for s in sizes) else summed_area(imgs)
+    resize = Resizer(imgs, dev.type != "cpu" if table is None else table)
     hs, ws = torch.tensor(sizes, device=dev).unbind(1)
     # stage 1: P-Net over each image's pyramid
-    boxes, image = _stage_one(imgs, table, sizes, mtcnn)
+    boxes, image = _stage_one(imgs, resize, sizes, mtcnn)
     rw, rh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
                          boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)
     boxes = d.rerec(boxes)
     points = torch.zeros(0, 5, 2, device=dev)
-    if table is None and len(boxes):
-        table = summed_area(imgs)
     # stage 2: R-Net on 24 px crops of every candidate
     if len(boxes):
-        crops, boxes, image = _crops_of(table, boxes, image, ws, hs, 24)
+        crops, boxes, image = _crops_of(resize, boxes, image, ws, hs, 24)
         reg, score = d.fixed_batch_process(crops, rnet) if len(crops) else (crops.new_zeros(0, 4),
                                                                               crops.new_zeros(0, 2))
         keep = score[:, 1] > thresholds[1]
@@ -321,7 +334,7 @@ def detect(imgs: torch.Tensor, mtcnn, batched: bool | None = None, sizes=None) -
         image = image[pick]
     # stage 3: O-Net on 48 px crops: probability, box regression, landmarks
     if len(boxes):
-        crops, boxes, image = _crops_of(table, boxes, image, ws, hs, 48)
+        crops, boxes, image = _crops_of(resize, boxes, image, ws, hs, 48)
         if len(crops):
             reg, marks, score = d.fixed_batch_process(crops, onet)
         else:

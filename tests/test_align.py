@@ -230,15 +230,15 @@ def test_area_crops_match_area_interpolation():
             torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("nms", ["torchvision", "by_image"])
-def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, nms, monkeypatch):
+@pytest.mark.parametrize("way", ["cpu", "table", "table, nms_by_image"])
+def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, way, monkeypatch):
     """Every box, probability and landmark of facenet-pytorch's detect, on a batch of real photos, with
-    the CPU's NMS and with the GPU's (nms_by_image)."""
+    the CPU's resizes and NMS and with the GPU's (summed-area table, nms_by_image)."""
     import torch
 
     from common import mtcnn as batched
 
-    if nms == "by_image":
+    if way == "table, nms_by_image":
         monkeypatch.setattr(batched, "_nms", batched.nms_by_image)
 
     imgs = [read_image(face_dir / n) for n in ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg"]]
@@ -246,7 +246,7 @@ def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, nms,
     canvas = torch.from_numpy(np.stack(imgs)).float()
     with torch.inference_mode():
         boxes, probs, marks = detector.mtcnn.detect(canvas, landmarks=True)
-        ours = batched.detect(canvas.permute(0, 3, 1, 2), detector.mtcnn, batched=True)
+        ours = batched.detect(canvas.permute(0, 3, 1, 2), detector.mtcnn, table=way != "cpu")
     for ref_b, ref_p, ref_m, (b, m) in zip(boxes, probs, marks, ours):
         ref_b, ref_m = np.asarray(ref_b, np.float64), np.asarray(ref_m, np.float64)  # object arrays
         assert len(b) == len(ref_b) >= 1
@@ -300,7 +300,7 @@ def test_masked_pnet_is_pnet_on_each_image_alone(detector):
             assert prob[k, :, r:].abs().sum() == 0 and prob[k, :, :, c:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("where", ["cpu", "cpu, nms_by_image", "cuda"])
+@pytest.mark.parametrize("where", ["cpu", "cpu, table", "cpu, table, nms_by_image", "cuda"])
 def test_batched_mtcnn_on_a_canvas_of_sizes_is_each_image_alone(face_dir, detector, where, monkeypatch):
     """Real photos of seven sizes (odd sides, a small one with fewer pyramid levels, one cut through
     faces at its right and bottom edges, so that boxes run into the padding) zero-padded on one canvas
@@ -314,7 +314,7 @@ def test_batched_mtcnn_on_a_canvas_of_sizes_is_each_image_alone(face_dir, detect
 
     if where == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if where == "cpu, nms_by_image":
+    if where == "cpu, table, nms_by_image":
         monkeypatch.setattr(batched, "_nms", batched.nms_by_image)
     names = ["0-f1-su-ph.jpg", "single_face.jpg", "multi_face.jpg", "tom.png", "mask.jpg", "0-f15-hao-ph.jpg"]
     imgs = [torch.from_numpy(read_image(face_dir / n)).permute(2, 0, 1).float()[None] for n in names]
@@ -328,7 +328,7 @@ def test_batched_mtcnn_on_a_canvas_of_sizes_is_each_image_alone(face_dir, detect
         canvas[k, :, :i.shape[2], :i.shape[3]] = i[0]
     device = "cuda" if where == "cuda" else "cpu"
     with torch.inference_mode():
-        ours = batched.detect(canvas.to(device), FaceDetector(device).mtcnn, batched=True, sizes=sizes)
+        ours = batched.detect(canvas.to(device), FaceDetector(device).mtcnn, sizes=sizes, table=where != "cpu")
         alone = [detector.mtcnn.detect(i[0].permute(1, 2, 0), landmarks=True) for i in imgs]
     assert sum(len(b) for b, _ in ours) >= len(names)
     px, prob = (0.5, 1e-3) if device == "cuda" else (1e-2, 1e-4)
