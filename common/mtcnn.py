@@ -115,8 +115,12 @@ class Resizer:
         if self.use_table:
             return area_levels(self.table(), image, sizes, out)
         x = self.imgs.new_zeros(len(image), self.imgs.shape[1], max(o[0] for o in out), max(o[1] for o in out))
-        for k, (i, (h, w), (oh, ow)) in enumerate(zip(image, sizes, out)):
-            x[k, :, :oh, :ow] = F.interpolate(self.imgs[i:i + 1, :, :h, :w], size=(oh, ow), mode="area")[0]
+        same = {}
+        for k, key in enumerate(zip(sizes, out)):
+            same.setdefault(key, []).append(k)
+        for ((h, w), (oh, ow)), ks in same.items():  # one resize per image size
+            src = self.imgs[[image[k] for k in ks], :, :h, :w]
+            x[ks, :, :oh, :ow] = F.interpolate(src, size=(oh, ow), mode="area")
         return x
 
     def crops(self, image, y0, y1, x0, x1, size: int) -> torch.Tensor:
