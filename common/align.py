@@ -120,6 +120,14 @@ class FaceDetector:
         return similarity_transform(marks[best], TEMPLATE), float(probs[best])
 
 
+def by_size(sizes) -> dict:
+    """(h, w) -> the indices of the images of that size, in order."""
+    by = {}
+    for i, s in enumerate(sizes):
+        by.setdefault((int(s[0]), int(s[1])), []).append(i)
+    return by
+
+
 def size_groups(sizes, waste: float = 2.0, call: float = float("inf")) -> list[list[int]]:
     """Indices of (h, w) sizes split into groups padded to one canvas each, no group wasting more than
     `waste` times its pixels (waste=1: one group per size), at the least cost: call (what one more group
@@ -127,9 +135,7 @@ def size_groups(sizes, waste: float = 2.0, call: float = float("inf")) -> list[l
     group plus the padded pixels. Groups are runs of the distinct sizes sorted by height, the best split
     found by dynamic programming: a batch of one size is one canvas, a few odd sizes do not widen it,
     sizes all different share a few."""
-    by = {}
-    for i, s in enumerate(sizes):
-        by.setdefault((int(s[0]), int(s[1])), []).append(i)
+    by = by_size(sizes)
     keys = sorted(by)
     if len(keys) <= 1:
         return [by[k] for k in keys]
@@ -167,8 +173,9 @@ def _canvas(images, idx, dtype=torch.float32):
 class BatchDetector:
     """MTCNN on whole batches, on the run's device: each image is shrunk (never enlarged) so that its longer
     side is at most detect_size, images of different sizes share zero-padded canvases (each searched as
-    if alone: common.mtcnn.detect's sizes), and the landmarks found are mapped back to the full image. The face rule is FaceDetector's: confidence >= min_prob, then the face
-    closest to the image centre. min_face is in pixels of the shrunk copy."""
+    if alone: common.mtcnn.detect's sizes), and the landmarks found are mapped back to the full image.
+    The face rule is FaceDetector's: confidence >= min_prob, then the face closest to the image centre.
+    min_face is in pixels of the shrunk copy."""
 
     def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE):
         self.inner = FaceDetector(device, min_prob, min_face)
@@ -178,8 +185,7 @@ class BatchDetector:
         """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score), None (no face), or the reason
         (a string) why an image is too small to search."""
         small, scale = [None] * len(images), [None] * len(images)
-        for idx in size_groups([img.shape[1:] for img in images], waste=1.0):  # one resize per image size
-            h, w = images[idx[0]].shape[1:]
+        for (h, w), idx in by_size([img.shape[1:] for img in images]).items():  # one resize per image size
             s = min(1.0, self.detect_size / max(h, w))
             x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True).float()
             if s < 1:

@@ -42,11 +42,13 @@ def _bins(start, length, size, step):
     return start + step * length // size, start + ((step + 1) * length + size - 1) // size
 
 
-def _area(table, n, ys, ye, xs, xe) -> torch.Tensor:
+def _area(table, n, ys, ye, xs, xe, pixels=None) -> torch.Tensor:
     """Means of the table's image n over rows [ys, ye) x columns [xs, xe): (k, C, rows, cols) float32
-    from (k, 1, 1) images, (k, rows, 1) row bins and (k, 1, cols) column bins."""
+    from (k, 1, 1) images, (k, rows, 1) row bins and (k, 1, cols) column bins. pixels: each bin's pixel
+    count, when some bins are empty on purpose (given 1, so that they come out 0)."""
     total = table[n, ye, xe] - table[n, ys, xe] - table[n, ye, xs] + table[n, ys, xs]
-    return (total / ((ye - ys) * (xe - xs))[..., None]).float().permute(0, 3, 1, 2)
+    pixels = (ye - ys) * (xe - xs) if pixels is None else pixels
+    return (total / pixels[..., None]).float().permute(0, 3, 1, 2)
 
 
 def area_crops(table, image, y0, y1, x0, x1, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -68,7 +70,7 @@ def _level_bins(src, out, steps):
     (start, end, length) each (k, steps), positions past out given the empty bin [0, 0) of length 1."""
     src, out = np.asarray(src, np.int64)[:, None], np.asarray(out, np.int64)[:, None]
     i = np.arange(steps)[None]
-    start, end = i * src // out, ((i + 1) * src + out - 1) // out
+    start, end = _bins(0, src, out, i)
     past = i >= out
     start, end = np.where(past, 0, start), np.where(past, 0, end)
     return start, end, np.where(past, 1, end - start)
@@ -91,10 +93,8 @@ def area_levels(table, image, sizes, out, chunk: int = 1 << 25) -> torch.Tensor:
     per = max(1, chunk // (rows * cols * c))
     for a in range(0, len(packed), per):
         k = slice(a, a + per)
-        r, q = (ys[k, :, None], ye[k, :, None]), (xs[k, None, :], xe[k, None, :])
-        total = table[n[k, :, None], r[1], q[1]] - table[n[k, :, None], r[0], q[1]] \
-            - table[n[k, :, None], r[1], q[0]] + table[n[k, :, None], r[0], q[0]]
-        parts.append((total / (yl[k, :, None] * xl[k, None, :])[..., None]).float().permute(0, 3, 1, 2))
+        parts.append(_area(table, n[k, :, None], ys[k, :, None], ye[k, :, None], xs[k, None, :], xe[k, None, :],
+                           yl[k, :, None] * xl[k, None, :]))
     return torch.cat(parts)
 
 
@@ -250,10 +250,11 @@ def _stage_one(imgs, resize, sizes, mtcnn):
     d, pnet, dev = _fn(), mtcnn.pnet, imgs.device
     scales, counts = _pyramid(sizes, mtcnn.min_face_size, mtcnn.factor)
     probs, regs, owner, dims = [], [], [], []
+    whole = all(s == tuple(imgs.shape[2:]) for s in sizes)  # every image fills the canvas: nothing to mask
     for lv, scale in enumerate(scales):
         idx = [i for i, k in enumerate(counts) if k > lv]
         out = [(int(sizes[i][0] * scale + 1), int(sizes[i][1] * scale + 1)) for i in idx]  # facenet-pytorch's
-        if all(s == tuple(imgs.shape[2:]) for s in sizes):  # one image size: nothing to mask
+        if whole:
             reg, prob = pnet((d.imresample(imgs, out[0]) - 127.5) * 0.0078125)
             prob = prob[:, 1:]
         else:
