@@ -62,6 +62,11 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=32, help="images per batch (detection, alignment, teachers)")
     g.add_argument("--workers", type=int, default=0,
                    help="loader processes reading and decoding images (detection runs batched in the main process)")
+    g.add_argument("--streams", type=int, default=0,
+                   help="batches in flight at once, each on a thread and (on a GPU) a CUDA stream of its own, so "
+                        "that one batch's kernels run while another's detection dispatches its small ops or waits "
+                        "on the device. 0 (default): 2 on the CPU (1.12x one on 2 cores), 1 on a GPU, where more "
+                        "is not yet measured (BENCHMARKS.md)")
     g.add_argument("--detect-size", type=int, default=DETECT_SIZE,
                    help="longer side of the downscaled copy MTCNN searches (landmarks are mapped back to full "
                         "resolution); smaller is faster but misses small faces")
@@ -108,7 +113,7 @@ def parse_args(argv=None):
 def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> None:
     """Detect, align and run every teacher on this rank's unfinished shards (common.extract)."""
     opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch, workers=args.workers,
-                   detect_size=args.detect_size)
+                   detect_size=args.detect_size, streams=args.streams)
     engine_extract(cache, teachers, device, opts, rank, world, log)
 
 

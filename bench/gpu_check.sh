@@ -10,6 +10,8 @@
 #   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
 #   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N; --detect-size E2E_DETECT, 640),
 #             then distill.py on that cache
+#   streams   fuse.py --extract-only on the e2e folder with --streams 2, then 3 (batches in flight at once;
+#             the e2e step ran 1), each into a cache of its own; each shard's log line gives its img/s
 #   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
@@ -33,7 +35,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests pipeline e2e mixed distill teachers kernels}
+steps=${*:-tests pipeline e2e streams mixed distill teachers kernels}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
@@ -54,15 +56,23 @@ print(f"{torch.cuda.get_device_name()} sm {torch.cuda.get_device_capability()}, 
       f"{os.cpu_count()} CPU cores")
 PY
 want tests && step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
-    tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu
+    tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu \
+    tests/test_extract.py
 want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
-    --old-n 128 --detect-sizes 480,320 --profile-detect --out "$out/pipeline.md"
+    --old-n 128 --detect-sizes 480,320 --profile-detect --streams 1,2,3 --out "$out/pipeline.md"
 if want e2e; then
     step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
         $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12 \
         --detect-size ${E2E_DETECT:-640}"
     step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
+fi
+if want streams; then
+    [ -d $work/faces ] || $py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces
+    for n in 2 3; do
+        step streams_$n 60 $py fuse.py --data $work/faces --cache $work/feats-s$n --run-dir $work/fuse-s$n \
+            --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --streams $n
+    done
 fi
 want mixed && step mixed_fuse 100 bash -c "$py bench/pipeline.py --n ${MIXED_N:-4096} --mixed-sizes \
     --make-folder $work/mixed && $py fuse.py --data $work/mixed --cache $work/feats-mixed --run-dir $work/fuse-mixed \

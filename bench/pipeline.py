@@ -14,6 +14,7 @@ projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs)
 
   python bench/pipeline.py --n 64                     # the CPU, small
   python bench/pipeline.py --n 2048 --batch 256 --workers 12      # a GPU, the six default teachers
+  ... --streams 1,2,3          # also the engine end to end with 1, 2, 3 batches in flight (fuse.py --streams)
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--old-steps", type=int, default=10, help="training steps timed with the loader of before")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed training steps first (worker start, cuDNN autotuning); rows repeat to fill them")
+    p.add_argument("--streams", default="1",
+                   help="also run the engine end to end, untimed per stage, with these numbers of batches in flight "
+                        "(comma list, fuse.py --streams); each ratio is against the first value, in this run")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     return p.parse_args(argv)
@@ -329,6 +333,20 @@ def main(argv=None):
                      f"{face_rate:,.0f} faces/s ({faces / len(names):.0%} of images hold one): "
                      f"{PAPER_FACES / face_rate / 3600:.1f} h for 4.12 M faces; {new_rate / old_rate:.2f}x before; "
                      f"GPU {util.text()}"))
+        first = None
+        for streams in [int(x) for x in args.streams.split(",") if x.strip()]:
+            # without the per-stage synchronisation, which would serialise the lanes
+            lane_cache = FeatureCache.create_or_resume(work / f"cache-{streams}", folder, names, teachers,
+                                                       shard_size=max(args.n, 1), dtype="float16", crop_size=CROP_SIZE)
+            with GpuUtil(device) as util:
+                t0 = time.perf_counter()
+                extract(lane_cache, teachers, device, Options(batch=args.batch, workers=args.workers, streams=streams))
+                r = rate(len(names), time.perf_counter() - t0)
+            first = first or r
+            add(("extraction end to end", f"engine, {args.workers} workers, {streams} streams, not timed per stage",
+                 r, f"{r * faces / max(len(names), 1):,.0f} faces/s; {r / first:.2f}x {args.streams.split(',')[0]} "
+                    f"streams; GPU {util.text()}"))
+            shutil.rmtree(work / f"cache-{streams}", ignore_errors=True)
 
         # ---- distillation: crop store + device augmentation vs the old loader, against train_step alone
         cache = FeatureCache(work / "cache")

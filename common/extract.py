@@ -7,15 +7,17 @@ through PIL in the worker, with every bad-input rule). Detection (MTCNN on the w
 downscaled copy), the similarity warps, the teachers and the crop-store shrink then run on the run's
 device, and the teachers' outputs land, cast, straight in the shard's staging buffer there (one
 fuse_features launch per batch); a shard goes back to the host once, and a background thread writes
-it while the next shard fills.
+it while the next shard fills. With streams > 1, several batches are in flight at once (Lanes).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ class Options:
     batch: int = 32               # images per batch (detection, warp, teachers)
     workers: int = 0              # loader processes reading and decoding
     detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees
+    streams: int = 0              # batches in flight at once (Lanes); 0: 2 on the CPU, 1 on a GPU or when timed
 
 
 class Stages:
@@ -130,6 +133,14 @@ class Engine:
     def __init__(self, teachers, device, opts: Options, timer=None):
         self.teachers, self.device, self.opts = teachers, torch.device(device), opts
         self.timer = timer or _untimed
+        # Batches in other lanes may call the teachers at the same time: a runtime such as LiteRT keeps
+        # per-call state in its interpreter, so each teacher runs one batch at a time.
+        self.locks = [threading.Lock() for _ in teachers]
+        # The features are stored raw (mean 0 / std 1: the corpus statistics are only known once every shard
+        # is written). Made here, on the main stream, which each lane's stream waits for: a tensor made
+        # lazily in one lane could be read by another lane's stream before its fill kernel ran.
+        d = sum(t.dim for t in teachers)
+        self._identity = (torch.zeros(d, device=self.device), torch.ones(d, device=self.device))
         self.detector = (BatchDetector(self.device, opts.min_face_prob, detect_size=opts.detect_size)
                          if opts.align == "mtcnn" else None)
 
@@ -175,23 +186,12 @@ class Engine:
         in one launch. Crops without a face are run too (they are black) so that the slice stays contiguous;
         their rows are zeroed after."""
         outs = []
-        for t in self.teachers:
-            with self.timer(f"teacher {t.name}", len(crops)):
+        for t, lock in zip(self.teachers, self.locks):
+            with self.timer(f"teacher {t.name}", len(crops)), lock:
                 outs.append(t(crops).to(self.device))
-        # The statistics are only known once every shard is written: mean 0 / std 1 here, cast only.
-        fuse_features(outs, self._zeros(out.shape[1]), self._ones(out.shape[1]), out=out)
+        fuse_features(outs, *self._identity, out=out)  # placed and cast, not standardised
         if not found.all():
             out[torch.from_numpy(~found).to(out.device)] = 0
-
-    def _zeros(self, d):
-        if getattr(self, "_z", None) is None or self._z.shape[0] != d:
-            self._z = torch.zeros(d, device=self.device)
-            self._o = torch.ones(d, device=self.device)
-        return self._z
-
-    def _ones(self, d):
-        self._zeros(d)
-        return self._o
 
     def run_batch(self, items):
         """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch."""
@@ -199,6 +199,68 @@ class Engine:
         images = self.decode(items)
         crops, matrices, scores, found = self.align(images, reasons)
         return crops, matrices, scores, found, [it["sha1"] for it in items], reasons
+
+    def fill(self, items, feats, crops_out, crop_size: int):
+        """One batch into its rows of a shard's buffers (feats and crops_out are those rows): every
+        teacher's h_i and the store's crops. Returns the rows' (found, matrices, scores, sha1s, reasons)."""
+        crops, matrices, scores, found, sha1, reasons = self.run_batch(items)
+        if self.teachers and found.any():
+            with torch.inference_mode():
+                self.features(crops, found, feats)
+        if crop_size:
+            crops_out[:] = store_crops(crops, crop_size)
+        return found, matrices, scores, sha1, reasons
+
+
+class Lanes:
+    """Up to n batches in flight at once, each on a host thread and, on a GPU, a CUDA stream of its own.
+
+    MTCNN on a batch dispatches thousands of small ops and reads values back a few dozen times, and while
+    one thread does that the GPU idles. With lanes, one batch's host work overlaps another's kernels.
+    PyTorch releases the GIL while it dispatches an op, so the threads' host work overlaps too (measured
+    on the CPU: two threads of detection on small images ran 1.9x one). n=1: in the calling thread, on
+    its current stream, as without lanes. Results come back in submission order (Future per batch)."""
+
+    def __init__(self, n: int, device):
+        self.n, device = max(1, int(n)), torch.device(device)
+        self.cuda = device.type == "cuda" and self.n > 1
+        self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="lane") if self.n > 1 else None
+        self.main = torch.cuda.current_stream(device) if self.cuda else None
+        self.streams = queue.SimpleQueue()  # a stream per thread: no two batches share one
+        for _ in range(self.n):
+            self.streams.put(torch.cuda.Stream(device) if self.cuda else None)
+
+    def submit(self, fn, *args) -> Future:
+        """fn(*args) in a lane: a Future of (its result, a CUDA event recorded after its work, or None)."""
+        if self.pool is None:
+            done = Future()
+            done.set_result((fn(*args), None))
+            return done
+        return self.pool.submit(self._run, fn, args)
+
+    def _run(self, fn, args):
+        stream = self.streams.get()
+        try:
+            if stream is None:
+                return fn(*args), None
+            stream.wait_stream(self.main)  # what the main stream made (a shard's zeroed buffers) comes first
+            with torch.cuda.stream(stream):
+                out = fn(*args)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return out, done
+        finally:
+            self.streams.put(stream)
+
+    def join(self, events) -> None:
+        """Make the main stream wait for these batches' work (before it reads what they wrote)."""
+        for e in events:
+            if e is not None:
+                self.main.wait_event(e)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None) -> None:
@@ -208,7 +270,8 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
 
     One loader runs over all these shards, so its workers and their prefetched batches live on across shard
     boundaries; a finished shard is copied to the host and written by a background thread while the next
-    one fills (at most one write in flight)."""
+    one fills (at most one write in flight). opts.streams batches are in flight at once (Lanes); a timer,
+    which synchronises every stage, needs one."""
     device = torch.device(device)
     mine = [k for k in range(cache.n_shards) if k % world == rank]
     todo = [k for k in mine if not cache.shard_done(k)]
@@ -218,6 +281,10 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
         log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
     if not todo:
         return  # before the loader: no workers are started for nothing
+    if timer is not None and opts.streams > 1:
+        raise ValueError("per-stage timing synchronises the device at every stage: run it with streams=1")
+    # 2 on the CPU: 1.12x one on 2 cores (BENCHMARKS.md); on a GPU more is not yet measured
+    streams = opts.streams or (2 if device.type == "cpu" and timer is None else 1)
     engine = Engine(teachers, device, opts, timer)
     timer = engine.timer
     dtype = getattr(torch, cache.manifest["dtype"])
@@ -238,38 +305,60 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                      f"{rows_of(k) / (now - last[0]):.1f} img/s")
             last[0] = now
 
-    k, written, pending = None, 0, None
+    batches_of = defaultdict(int)
+    for k, _ in plan:
+        batches_of[k] += 1
+    shards = {}  # shard -> its buffers, meta, batches still out and their lanes' events
+    written, pending, flight = 0, None, deque()
+
+    def take():
+        """The oldest batch in flight: its rows' meta; its shard written once that was its last batch."""
+        k, n, fut = flight.popleft()
+        (found, matrices, scores, sha1, reasons), done = fut.result()
+        sh = shards[k]
+        for key, value in zip(sh["meta"], (found, matrices, scores, sha1, reasons)):
+            sh["meta"][key].extend(list(value))
+        sh["events"].append(done)
+        sh["left"] -= 1
+        bar.update(n)
+        if not sh["left"]:
+            flush(k)
+
+    def flush(k):
+        nonlocal written, pending
+        sh = shards.pop(k)
+        with timer("write", rows_of(k)):  # what the write still costs this thread
+            lanes.join(sh["events"])
+            # The device-to-host copy stays here, in the main stream's order, after the lanes' work.
+            crops_np = sh["crops"].permute(0, 2, 3, 1).cpu().numpy() if s else None
+            feats_np = sh["feats"].cpu().numpy()
+            prev, pending = pending, None
+            if prev is not None:
+                prev.result()  # one write in flight, in shard order; its failure is raised here
+            written += 1
+            pending = writer.submit(write, k, feats_np, crops_np, sh["meta"], written)
+
+    lanes = Lanes(streams, device)
     with ThreadPoolExecutor(max_workers=1) as writer:
         try:
-            for (shard, idx), items in zip(plan, batches):
-                if shard != k:
-                    k, lo, hi = shard, int(cache.bounds[shard]), int(cache.bounds[shard + 1])
-                    # New buffers per shard: on the CPU the host copy below is a view of them, still being written.
-                    feats = torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device)
-                    crops_out = _crop_buffer(hi - lo, s, device) if s else None
-                    meta = {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}
-                n, start = len(items), idx[0] - lo
-                crops, matrices, scores, found, sha1, reasons = engine.run_batch(items)
-                if teachers and found.any():
-                    with torch.inference_mode():
-                        engine.features(crops, found, feats[start:start + n])
-                if s:
-                    crops_out[start:start + n] = store_crops(crops, s)
-                for key, value in zip(meta, (found, matrices, scores, sha1, reasons)):
-                    meta[key].extend(list(value))
-                bar.update(n)
-                if start + n < hi - lo:
-                    continue
-                with timer("write", hi - lo):  # what the write still costs this thread
-                    # The device-to-host copy stays here, in the device stream's order.
-                    crops_np = crops_out.permute(0, 2, 3, 1).cpu().numpy() if s else None
-                    feats_np = feats.cpu().numpy()
-                    prev, pending = pending, None
-                    if prev is not None:
-                        prev.result()  # one write in flight, in shard order; its failure is raised here
-                    written += 1
-                    pending = writer.submit(write, k, feats_np, crops_np, meta, written)
+            for (k, idx), items in zip(plan, batches):
+                if k not in shards:
+                    lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
+                    # New buffers per shard: on the CPU the host copy is a view of them, still being written.
+                    shards[k] = {"lo": lo, "left": batches_of[k], "events": [],
+                                 "feats": torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device),
+                                 "crops": _crop_buffer(hi - lo, s, device) if s else None,
+                                 "meta": {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}}
+                sh, n = shards[k], len(items)
+                rows = slice(idx[0] - sh["lo"], idx[0] - sh["lo"] + n)
+                flight.append((k, n, lanes.submit(engine.fill, items, sh["feats"][rows],
+                                                  sh["crops"][rows] if s else None, s)))
+                while len(flight) >= lanes.n or (flight and flight[0][2].done()):
+                    take()
+            while flight:
+                take()
         finally:
+            lanes.close()  # batches still in flight after a failure end before their buffers go
             if pending is not None:  # also after a failure above: the finished shard is kept, or its error raised
                 with timer("write", 0):
                     pending.result()

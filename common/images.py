@@ -28,6 +28,9 @@ MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # Paths are text in images.txt and the .tsv lists; file names that are not UTF-8 round-trip through
 # the bytes they have on disk (Python's own convention for such names).
 PATH_ERRORS = "surrogateescape"
+# torchvision's deprecation notice of the image decoders that decode_jpegs_on uses, filtered once here:
+# a catch_warnings block around each call is not thread-safe, and extraction lanes decode in threads.
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 
 class BadImage(Exception):
@@ -203,10 +206,8 @@ def decode_jpegs_on(datas: list[bytes], device) -> list:
 
     if not datas:
         return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's deprecation notice of its image decoders
-        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def encode_paths(paths) -> bytes:

@@ -3,6 +3,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 import common.extract
 from common.cache import FeatureCache
@@ -89,3 +90,65 @@ def test_failure_while_reading_keeps_the_shard_being_written(face_dir, tmp_path,
     with pytest.raises(RuntimeError, match="detector crashed"):
         extract(cache, [], "cpu", Options(batch=2, workers=0))
     assert cache.shard_done(0) and cache.shard_done(1) and not cache.shard_done(2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_lanes_give_the_same_cache_in_order_whichever_batch_ends_first(face_dir, tmp_path, monkeypatch, device):
+    """streams=3: three batches in flight on three threads (and CUDA streams); the first batch of each
+    shard is made the slowest, so later batches end first, and every row must still land in its own place."""
+    teachers = build_teachers(["gender"], device)
+    fill = common.extract.Engine.fill
+
+    def slow_first_of_shard(self, items, *args):
+        import time
+        time.sleep(0.3 if items[0]["sha1"] and len(items) == 2 else 0.0)
+        return fill(self, items, *args)
+
+    caches = {}
+    for streams in (1, 3):
+        if streams > 1:
+            monkeypatch.setattr(common.extract.Engine, "fill", slow_first_of_shard)
+        cache = _cache(tmp_path / f"s{streams}", face_dir, teachers)
+        extract(cache, teachers, device, Options(batch=2, streams=streams))
+        cache.finalize()
+        caches[streams] = cache
+    a, b = caches[1], caches[3]
+    assert a.found.sum() >= len(REAL_FACES) - 1 and (a.found == b.found).all()
+    np.testing.assert_allclose(a.features.take(np.arange(len(NAMES))), b.features.take(np.arange(len(NAMES))),
+                               rtol=1e-3, atol=1e-4)
+    for k in range(a.n_shards):
+        ma, mb = _meta(a, k), _meta(b, k)
+        np.testing.assert_array_equal(ma["sha1"], mb["sha1"], err_msg=f"shard {k}: rows out of order")
+        np.testing.assert_allclose(ma["matrix"], mb["matrix"], rtol=1e-4, atol=1e-3)
+        assert list(ma["reason"]) == list(mb["reason"])
+        ca, cb = np.load(a.crop_file(k)).astype(int), np.load(b.crop_file(k)).astype(int)
+        assert np.abs(ca - cb).max() <= 2 and (ca == cb).mean() > 0.99, f"shard {k} crops"
+
+
+def test_failure_in_a_lane_keeps_finished_shards_and_resumes(face_dir, tmp_path, monkeypatch):
+    cache = _cache(tmp_path / "c", face_dir, [])
+    fill, calls = common.extract.Engine.fill, []
+
+    def crash_on_fourth(self, items, *args):
+        calls.append(len(items))
+        if len(calls) == 4:  # shard 1's second batch (3 rows a shard, 2 a batch): shard 0 is done
+            raise RuntimeError("detector crashed")
+        return fill(self, items, *args)
+
+    monkeypatch.setattr(common.extract.Engine, "fill", crash_on_fourth)
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        extract(cache, [], "cpu", Options(batch=2, streams=2))
+    assert cache.shard_done(0) and not cache.shard_done(1) and not cache.shard_done(2)
+    monkeypatch.setattr(common.extract.Engine, "fill", fill)
+    first = cache.shard_file(0).stat().st_mtime_ns
+    extract(cache, [], "cpu", Options(batch=2, streams=2))
+    cache.finalize()
+    assert cache.shard_file(0).stat().st_mtime_ns == first
+    assert not cache.verify_crops() and cache.found.sum() >= len(REAL_FACES) - 1
+
+
+def test_stage_timing_needs_one_lane(face_dir, tmp_path):
+    cache = _cache(tmp_path / "c", face_dir, [])
+    with pytest.raises(ValueError, match="streams=1"):
+        extract(cache, [], "cpu", Options(batch=2, streams=2), timer=common.extract.Stages("cpu"))
