@@ -8,7 +8,8 @@
 #   tests     the tests that only run on CUDA (kernels compiled, nvjpeg, the teachers and fuse.py on the
 #             device against the CPU), with the kernel and alignment suites
 #   pipeline  bench/pipeline.py: every extraction stage, the engine end to end, distillation steps
-#   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N; --detect-size E2E_DETECT, 640),
+#   e2e       fuse.py on 8,192 images (the demo media repeated; E2E_N; --detect-size E2E_DETECT, 640;
+#             --streams 1; shards of 2,048, so that the shards after the first give the steady state),
 #             then distill.py on that cache
 #   streams   fuse.py --extract-only on the e2e folder with --streams 2, then 3 (batches in flight at once;
 #             the e2e step ran 1), each into a cache of its own; each shard's log line gives its img/s
@@ -63,7 +64,7 @@ want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 
 if want e2e; then
     step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
         $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12 \
-        --detect-size ${E2E_DETECT:-640}"
+        --detect-size ${E2E_DETECT:-640} --streams 1 --shard-size 2048"
     step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
 fi
@@ -71,12 +72,12 @@ if want streams; then
     [ -d $work/faces ] || $py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces
     for n in 2 3; do
         step streams_$n 60 $py fuse.py --data $work/faces --cache $work/feats-s$n --run-dir $work/fuse-s$n \
-            --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --streams $n
+            --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --streams $n --shard-size 2048
     done
 fi
 want mixed && step mixed_fuse 100 bash -c "$py bench/pipeline.py --n ${MIXED_N:-4096} --mixed-sizes \
     --make-folder $work/mixed && $py fuse.py --data $work/mixed --cache $work/feats-mixed --run-dir $work/fuse-mixed \
-    --ops pca --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640}"
+    --ops pca --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --shard-size 2048"
 want distill && step bench_distill 40 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
 want teachers && step bench_teachers 80 $py bench/teachers.py --device cuda --batch 256 --n 256
 want kernels && step bench_kernels 80 $py bench/kernels.py --batches 256 4096 65536
