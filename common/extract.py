@@ -285,6 +285,8 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
         raise ValueError("per-stage timing synchronises the device at every stage: run it with streams=1")
     # 2 on the CPU: 1.12x one on 2 cores (BENCHMARKS.md); on a GPU more is not yet measured
     streams = opts.streams or (2 if device.type == "cpu" and timer is None else 1)
+    if log:
+        log.info(f"extracting on {device}: batches of {opts.batch}, {streams} in flight, {opts.workers} loader workers")
     engine = Engine(teachers, device, opts, timer)
     timer = engine.timer
     dtype = getattr(torch, cache.manifest["dtype"])
