@@ -67,6 +67,21 @@ def _untimed(name, n):
     yield
 
 
+@contextmanager
+def _float32_convolutions():
+    """cuDNN's TF32 off for a whole extraction, put back after. The teachers turn it off around their own
+    calls (their embeddings must match the other runtimes) and back on after; but the flag is global,
+    and with batches in flight one lane's teacher would flip it under another lane's detection, whose
+    results would then depend on timing (and two lanes' save-and-restore could leave it off for good).
+    Off throughout, MTCNN runs in float32 on the GPU as on the CPU, whatever the lanes."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Read (and, unless the GPU will, decode) one image; a bad file becomes a row with its reason."""
 
@@ -341,7 +356,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
             pending = writer.submit(write, k, feats_np, crops_np, sh["meta"], written)
 
     lanes = Lanes(streams, device)
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1) as writer, _float32_convolutions():
         try:
             for (k, idx), items in zip(plan, batches):
                 if k not in shards:

@@ -152,3 +152,20 @@ def test_stage_timing_needs_one_lane(face_dir, tmp_path):
     cache = _cache(tmp_path / "c", face_dir, [])
     with pytest.raises(ValueError, match="streams=1"):
         extract(cache, [], "cpu", Options(batch=2, streams=2), timer=common.extract.Stages("cpu"))
+
+
+def test_lanes_leave_the_global_tf32_flag_as_it_was(face_dir, tmp_path, monkeypatch):
+    """Teachers turn cuDNN's TF32 off around their calls; lanes run them beside detection, so the engine
+    holds it off for the whole extraction: every call sees it off, and the user's setting comes back."""
+    seen, fill = [], common.extract.Engine.fill
+
+    def spy(self, *args):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return fill(self, *args)
+
+    monkeypatch.setattr(common.extract.Engine, "fill", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    teachers = build_teachers(["gender"])
+    extract(_cache(tmp_path / "c", face_dir, teachers), teachers, "cpu", Options(batch=2, streams=2))
+    assert seen and not any(seen)
+    assert torch.backends.cudnn.allow_tf32 is True
