@@ -276,6 +276,8 @@ class Lanes:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.cuda:  # after a failure, kernels still queued must not write into buffers about to be freed
+            torch.cuda.synchronize(self.main.device)
 
 
 def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None) -> None:
