@@ -59,7 +59,7 @@ PY
 want tests && step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_align.py \
     tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu \
     tests/test_extract.py
-want pipeline && step pipeline 100 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
+want pipeline && step pipeline 150 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
     --old-n 128 --detect-sizes 480,320 --profile-detect --streams 1,2,3 --out "$out/pipeline.md"
 if want e2e; then
     step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
