@@ -12,7 +12,9 @@
 #             --streams 1; shards of 2,048, so that the shards after the first give the steady state),
 #             then distill.py on that cache
 #   streams   fuse.py --extract-only on the e2e folder with --streams 2, then 3 (batches in flight at once;
-#             the e2e step ran 1), each into a cache of its own; each shard's log line gives its img/s
+#             the e2e step ran 1), each into a cache of its own; each shard's log line gives its img/s; then
+#             fuse.py on 1,024 images under CUDA_LAUNCH_BLOCKING=1 and bench/consistency.py: the copies of
+#             each image in every cache, and every cache against the serialised one (stream races)
 #   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
@@ -74,6 +76,12 @@ if want streams; then
         step streams_$n 60 $py fuse.py --data $work/faces --cache $work/feats-s$n --run-dir $work/fuse-s$n \
             --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --streams $n --shard-size 2048
     done
+    # the race detector: 1,024 images with every kernel serialised, then every cache's copies of each image
+    # and each cache against that one (bench/consistency.py)
+    $py bench/pipeline.py --n 1024 --make-folder $work/race >/dev/null
+    step race_blocking 120 env CUDA_LAUNCH_BLOCKING=1 $py fuse.py --data $work/race --cache $work/feats-blocking \
+        --run-dir $work/fuse-blocking --extract-only --batch 256 --workers 12 --streams 1 --shard-size 512
+    step consistency 60 $py bench/consistency.py $work/feats-blocking $work/feats $work/feats-s2 $work/feats-s3
 fi
 want mixed && step mixed_fuse 100 bash -c "$py bench/pipeline.py --n ${MIXED_N:-4096} --mixed-sizes \
     --make-folder $work/mixed && $py fuse.py --data $work/mixed --cache $work/feats-mixed --run-dir $work/fuse-mixed \

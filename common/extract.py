@@ -245,20 +245,33 @@ class Lanes:
         for _ in range(self.n):
             self.streams.put(torch.cuda.Stream(device) if self.cuda else None)
 
-    def submit(self, fn, *args) -> Future:
-        """fn(*args) in a lane: a Future of (its result, a CUDA event recorded after its work, or None)."""
+    def mark(self):
+        """An event on the main stream after all it has queued so far (say, a shard's zeroed buffers), for
+        submit's `after`; None off a GPU or with one lane (then everything runs on the main stream)."""
+        if not self.cuda:
+            return None
+        ready = torch.cuda.Event()
+        ready.record(self.main)
+        return ready
+
+    def submit(self, fn, *args, after=None) -> Future:
+        """fn(*args) in a lane, its stream first waiting for the event `after` (from mark): a Future of (its
+        result, a CUDA event recorded after its work, or None)."""
         if self.pool is None:
             done = Future()
             done.set_result((fn(*args), None))
             return done
-        return self.pool.submit(self._run, fn, args)
+        return self.pool.submit(self._run, fn, args, after)
 
-    def _run(self, fn, args):
+    def _run(self, fn, args, after):
         stream = self.streams.get()
         try:
             if stream is None:
                 return fn(*args), None
-            stream.wait_stream(self.main)  # what the main stream made (a shard's zeroed buffers) comes first
+            # That event, not the whole main stream: the main stream also waits for the lanes before it
+            # copies a shard, and waiting for all of it would drain every lane at each shard's end.
+            if after is not None:
+                stream.wait_event(after)
             with torch.cuda.stream(stream):
                 out = fn(*args)
                 done = torch.cuda.Event()
@@ -360,7 +373,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     lanes = Lanes(streams, device)
     with ThreadPoolExecutor(max_workers=1) as writer, _float32_convolutions():
         try:
-            for (k, idx), items in zip(plan, batches):
+            for (k, idx), items in zip(plan, batches, strict=True):  # a short loader is an error, not a gap
                 if k not in shards:
                     lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
                     # New buffers per shard: on the CPU the host copy is a view of them, still being written.
@@ -368,19 +381,23 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                                  "feats": torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device),
                                  "crops": _crop_buffer(hi - lo, s, device) if s else None,
                                  "meta": {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}}
+                    # the lanes' streams start after this (and after the teachers' and engine's tensors)
+                    shards[k]["ready"] = lanes.mark()
                 sh, n = shards[k], len(items)
                 rows = slice(idx[0] - sh["lo"], idx[0] - sh["lo"] + n)
                 flight.append((k, n, lanes.submit(engine.fill, items, sh["feats"][rows],
-                                                  sh["crops"][rows] if s else None, s)))
+                                                  sh["crops"][rows] if s else None, s, after=sh["ready"])))
                 while len(flight) >= lanes.n or (flight and flight[0][2].done()):
                     take()
             while flight:
                 take()
         finally:
-            lanes.close()  # batches still in flight after a failure end before their buffers go
-            if pending is not None:  # also after a failure above: the finished shard is kept, or its error raised
-                with timer("write", 0):
-                    pending.result()
+            try:
+                lanes.close()  # batches still in flight after a failure end before their buffers go
+            finally:
+                if pending is not None:  # also after a failure: the finished shard is kept, or its error raised
+                    with timer("write", 0):
+                        pending.result()
     bar.close()
 
 
@@ -391,7 +408,8 @@ def crops_of_files(paths, device, opts: Options, crop_size: int):
     paths = [os.path.abspath(p) for p in paths]  # not resolve(): a symbolic-link loop is a listed row
     start = 0
     for items in loader("/", paths, opts, device):
-        crops, _, _, found, _, reasons = engine.run_batch(items)
+        with _float32_convolutions():  # detection as extract() runs it (not around the yield: the caller's code)
+            crops, _, _, found, _, reasons = engine.run_batch(items)
         idx = np.arange(start, start + len(items))
         yield idx, store_crops(crops, crop_size), found, reasons
         start += len(items)

@@ -207,6 +207,11 @@ def decode_jpegs_on(datas: list[bytes], device) -> list:
     if not datas:
         return []
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    if torch.device(device).type == "cuda":
+        # torchvision allocates the outputs on the current stream but writes them from its own decoder
+        # stream, which does not wait for the current one: a block just freed there, under kernels still
+        # queued, could be overwritten before they ran. So the current stream is drained first.
+        torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 

@@ -150,7 +150,9 @@ class Teacher:
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3:
             raise ValueError(f"teacher {self.name} expects uint8 (B, 3, H, W) RGB crops, got "
                              f"{tuple(crops.shape)} {crops.dtype}")
-        x = crops.to(self.device, non_blocking=True)
+        # Blocking into host memory: a non-blocking copy from a GPU lands in pinned memory later, and the CPU
+        # runtimes would read it before it arrived.
+        x = crops.to(self.device, non_blocking=self.device.type != "cpu")
         h, w = x.shape[-2:]
         # whole pixels: at CANON=256 rounding moves the box by under 0.2% of a face
         x0, y0, x1, y1 = (round(f * d) for f, d in zip(self.spec.box, (w, h, w, h)))

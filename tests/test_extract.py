@@ -1,5 +1,6 @@
 """The extraction engine across shard boundaries: one loader for every shard, writes in a background thread."""
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,8 +97,9 @@ def test_failure_while_reading_keeps_the_shard_being_written(face_dir, tmp_path,
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_lanes_give_the_same_cache_in_order_whichever_batch_ends_first(face_dir, tmp_path, monkeypatch, device):
     """streams=3: three batches in flight on three threads (and CUDA streams); the first batch of each
-    shard is made the slowest, so later batches end first, and every row must still land in its own place."""
-    teachers = build_teachers(["gender"], device)
+    shard is made the slowest, so later batches end first, and every row must still land in its own place.
+    age@reference runs in onnxruntime on the CPU whatever the device: on CUDA its crops come off the GPU."""
+    teachers = build_teachers(["gender", "age@reference"], device)
     fill = common.extract.Engine.fill
 
     def slow_first_of_shard(self, items, *args):
@@ -169,3 +171,28 @@ def test_lanes_leave_the_global_tf32_flag_as_it_was(face_dir, tmp_path, monkeypa
     extract(_cache(tmp_path / "c", face_dir, teachers), teachers, "cpu", Options(batch=2, streams=2))
     assert seen and not any(seen)
     assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_consistency_check_passes_copies_and_fails_a_corrupted_row(face_dir, tmp_path):
+    """bench/consistency.py, the GPU check's race detector: copies of one image must agree."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("consistency", Path(__file__).parents[1] / "bench/consistency.py")
+    consistency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(consistency)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(4):  # two images, each twice
+        shutil.copyfile(face_dir / REAL_FACES[i % 2], folder / f"{i}.jpg")
+    teachers = build_teachers(["gender"])
+    cache = FeatureCache.create_or_resume(tmp_path / "c", folder, sorted(p.name for p in folder.iterdir()), teachers,
+                                          shard_size=3, dtype="float32", crop_size=32)
+    extract(cache, teachers, "cpu", Options(batch=2, streams=2))
+    cache.finalize()
+    assert consistency.main([str(tmp_path / "c")]) == 0
+    rows = np.load(cache.shard_file(1), mmap_mode="r+")  # row 3, a copy of row 1
+    rows[0] = -rows[0]
+    rows.flush()
+    del rows
+    assert consistency.main([str(tmp_path / "c")]) == 1
