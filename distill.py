@@ -205,6 +205,13 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
     except StateError as e:
         raise SystemExit(f"error: cannot resume {run}: {e}") from None
     opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+    # ...but not to their memory format: moments saved contiguous beside channels-last weights would
+    # take AdamW off its foreach path (one kernel per tensor) for the rest of the run
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p).copy_(v)
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

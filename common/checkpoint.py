@@ -124,7 +124,9 @@ def set_rng_state(rng: dict) -> None:
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per GPU that was visible when saved: a run resumed with fewer visible keeps theirs
+        for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
 
 
 # ---------------------------------------------------------------------------------- older run folders

@@ -30,6 +30,7 @@ from kernels import fuse_features
 
 from .align import CANON, DETECT_SIZE, BatchDetector, center_matrix, store_crops, warp_batch
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
+from .precision import float32_convolutions
 
 
 @dataclass
@@ -65,21 +66,6 @@ class Stages:
 @contextmanager
 def _untimed(name, n):
     yield
-
-
-@contextmanager
-def _float32_convolutions():
-    """cuDNN's TF32 off for a whole extraction, put back after. The teachers turn it off around their own
-    calls (their embeddings must match the other runtimes) and back on after; but the flag is global,
-    and with batches in flight one lane's teacher would flip it under another lane's detection, whose
-    results would then depend on timing (and two lanes' save-and-restore could leave it off for good).
-    Off throughout, MTCNN runs in float32 on the GPU as on the CPU, whatever the lanes."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -371,7 +357,11 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
             pending = writer.submit(write, k, feats_np, crops_np, sh["meta"], written)
 
     lanes = Lanes(streams, device)
-    with ThreadPoolExecutor(max_workers=1) as writer, _float32_convolutions():
+    # TF32 off for the whole run: the teachers turn it off around their calls (their embeddings must match
+    # the other runtimes), and the flag is global, so one lane's teacher would flip it under another lane's
+    # detection, whose results would then depend on timing. Off throughout, MTCNN runs in float32 on a GPU
+    # as on the CPU, whatever the lanes.
+    with ThreadPoolExecutor(max_workers=1) as writer, float32_convolutions():
         try:
             for (k, idx), items in zip(plan, batches, strict=True):  # a short loader is an error, not a gap
                 if k not in shards:
@@ -408,7 +398,7 @@ def crops_of_files(paths, device, opts: Options, crop_size: int):
     paths = [os.path.abspath(p) for p in paths]  # not resolve(): a symbolic-link loop is a listed row
     start = 0
     for items in loader("/", paths, opts, device):
-        with _float32_convolutions():  # detection as extract() runs it (not around the yield: the caller's code)
+        with float32_convolutions():  # detection as extract() runs it (not around the yield: the caller's code)
             crops, _, _, found, _, reasons = engine.run_batch(items)
         idx = np.arange(start, start + len(items))
         yield idx, store_crops(crops, crop_size), found, reasons

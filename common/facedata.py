@@ -9,6 +9,7 @@ epoch, row): a resumed run, or one with another number of loader workers, sees e
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -52,9 +53,14 @@ def sample_seeds(seed: int, epoch: int, rows) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)  # torch.manual_seed takes a non-negative int64
 
 
+@functools.lru_cache(maxsize=8)
+def _luma(device, dtype):
+    # made once: torch.tensor(..., device="cuda") is a blocking copy, a host wait in every training step
+    return torch.tensor(_LUMA, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def _grey(x):
-    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * luma).sum(1, keepdim=True)
+    return (x * _luma(x.device, x.dtype)).sum(1, keepdim=True)
 
 
 def augment(crops: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
@@ -64,7 +70,8 @@ def augment(crops: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tenso
     then a rotation of up to 10 degrees about the centre, black outside the crop. Then brightness,
     contrast (about each image's mean grey), saturation and, for a few, greyscale.
     """
-    p = params.to(crops.device, torch.float32)
+    # non-blocking: a blocking copy waits for the whole stream, i.e. for the previous training step
+    p = params.to(crops.device, torch.float32, non_blocking=True)
     cx, cy, w, h, flip, angle, bright, contrast, sat, grey = p.unbind(1)
     a = torch.deg2rad(angle)
     cos, sin = torch.cos(a), torch.sin(a)

@@ -1,9 +1,12 @@
-"""Mixed precision for training on a GPU: which autocast dtype `--amp` means on this device.
+"""Mixed precision for training on a GPU: which autocast dtype `--amp` means on this device; and
+float32 convolutions where results must match other runtimes (float32_convolutions).
 
 bfloat16 needs sm_80 (Ampere) or newer in hardware; older GPUs (V100, T4, P100) emulate it slowly or
 not at all, so there "auto" takes float16 with a GradScaler (float16's narrow range needs loss scaling).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -39,3 +42,15 @@ def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
+
+
+@contextmanager
+def float32_convolutions():
+    """cuDNN's TF32 convolutions (on by default on Ampere and newer) off inside, the setting put back after.
+    The flag is global, not per thread: whoever runs threads inside must hold it for all of them."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

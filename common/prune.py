@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .precision import float32_convolutions
+
 BINS = 8
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -428,7 +430,9 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
     reference = copy.deepcopy(backbone)
     try:
         removed = prune(backbone, dg, groups, scores, ratio)
-        with torch.no_grad():
+        # float32 convolutions for the check below: with cuDNN's TF32 the two networks' different channel
+        # counts can pick algorithms that differ by more than its tolerance, a false alarm on a GPU
+        with torch.no_grad(), float32_convolutions():
             a = backbone.eval()(example)
     except (RuntimeError, IndexError, ValueError) as e:
         # e.g. teachers ported from ONNX keep per-channel constants outside any layer the tracer knows
@@ -437,7 +441,7 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
                            f"can be pruned") from e
     # A network the tracer misreads (channels reordered by an op it does not know) would be cut wrongly
     # without an error: check the pruned network against the silenced one before anything trains it.
-    with torch.no_grad():
+    with torch.no_grad(), float32_convolutions():
         b = zero_removed(reference, removed).eval()(example)
     if a.shape == b.shape and not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3 * float(b.abs().max())):
         raise RuntimeError(f"pruning {type(backbone).__name__} changed what its kept filters compute "

@@ -52,6 +52,8 @@ def pick_device(name: str = "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
+    if name == "cuda":  # with an index, as for auto: under torchrun each process takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
 
 

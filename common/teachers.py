@@ -30,6 +30,7 @@ import torch
 
 from . import ports
 from .align import ARCFACE_BOX, CANON, TEMPLATE
+from .precision import float32_convolutions
 from .weights import MissingWeights, package_file, require, sha256
 
 log = logging.getLogger(__name__)
@@ -367,12 +368,8 @@ class TorchTeacher(Teacher):
             x = x.contiguous(memory_format=torch.channels_last)
         # cuDNN's TF32 convolutions (on by default) would move the embeddings by ~1e-3 from every other runtime's;
         # the setting is put back so that the student still trains with whatever the user chose
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
+        with float32_convolutions():
             y = self.module(x)
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
         if isinstance(y, (tuple, list)):
             y = y[0]
         return y
@@ -568,6 +565,16 @@ class TeacherBackbone(torch.nn.Module):
 
     def forward(self, crops):
         return self.teacher.embed(crops)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cpu() / .cuda() move the layers; the teacher's own device and normalisation tensors,
+        # which preprocess uses, live outside them and must follow (else a moved copy sends its input
+        # back to the old device: ETL measures a CPU copy of a GPU-trained network)
+        super()._apply(fn, *args, **kwargs)
+        dev = next(self.net.parameters()).device
+        t = self.teacher
+        t.device, t._mean, t._std = dev, t._mean.to(dev), t._std.to(dev)
+        return self
 
 
 def build_teachers(names, device="cpu") -> list[Teacher]:

@@ -78,7 +78,9 @@ def _why_not_triton(tensors, dtypes=None):
     if device.type == "cpu" and not impl.interpreting():
         return "TRITON_INTERPRET=1 was set after triton had been imported (set it before)"
     if device.type == "cuda" and not impl.INTERPRETER_BUILT:
-        return _gpu_reason(device)
+        reason = _gpu_reason(device)
+        if reason:
+            return reason
     if dtypes is not None:
         bad = sorted({str(t.dtype) for t in tensors if t.dtype not in dtypes})
         if bad:

@@ -401,3 +401,25 @@ def test_augmentation_depends_only_on_the_sample(cache_dir):
     assert (a.int() - b).abs().max() <= 1  # another batch: the same draws (float rounding may differ by 1)
     sampler.set_position(2)
     assert not torch.equal(a, pixels(0, 8))  # another epoch, other draws
+
+
+def test_resumed_moments_keep_the_weights_memory_format(tmp_path):
+    """Moments are saved contiguous; beside channels-last weights they would take AdamW off its foreach
+    path for the rest of a resumed run. load_checkpoint gives them the weights' strides back."""
+    from common.student import build_student
+
+    def make():
+        torch.manual_seed(0)
+        net = build_student(out_dim=8, width=0.25).to(memory_format=torch.channels_last)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    net, opt = make()
+    net(torch.rand(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)).sum().backward()
+    opt.step()
+    distill.save_checkpoint(tmp_path, 1, net, None, opt, None, {}, keep=2)
+    net2, opt2 = make()
+    assert distill.load_checkpoint(tmp_path, net2, None, opt2, None, {}, "cpu") == 1
+    convs = [p for p in net2.parameters() if p.ndim == 4]
+    assert convs and all(opt2.state[p]["exp_avg"].stride() == p.stride() for p in convs)
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])

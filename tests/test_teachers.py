@@ -482,3 +482,20 @@ def test_batch_fallback_is_logged_once():
         lib.removeHandler(catch)
     assert len(catch.messages) == 1, catch.messages
     assert "fixed" in catch.messages[0] and "Reshape: input batch 4 != 1" in catch.messages[0]
+
+
+def test_a_moved_teacher_backbone_takes_its_preprocessing_along():
+    """ETL measures a CPU copy of a network trained on the GPU: the teacher's device and normalisation
+    tensors live outside its layers and must move with them."""
+    import copy
+
+    from common.teachers import TeacherBackbone
+
+    bb = TeacherBackbone(build_teachers(["onet"])[0])
+    moved = copy.deepcopy(bb).to("meta")
+    t = moved.teacher
+    assert t.device.type == "meta" and t._mean.device.type == "meta" and t._std.device.type == "meta"
+    assert bb.teacher.device.type == "cpu" and bb.teacher._mean.device.type == "cpu"
+    crops = torch.zeros(2, 3, 256, 256, dtype=torch.uint8)
+    assert moved.teacher.preprocess(crops).device.type == "meta"  # not sent back to the CPU
+    assert bb(crops).shape == (2, bb.out_dim)
