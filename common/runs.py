@@ -49,12 +49,15 @@ def pick_device(name: str = "auto"):
     import torch
 
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name == "cuda":  # with an index, as for auto: under torchrun each process takes its own GPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # with an index: under torchrun each process takes its own GPU
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        # the current device too: what runs on "the" GPU (the loaders' pin-memory threads, a CUDA context)
+        # would otherwise land on GPU 0 when the run asked for cuda:1
+        torch.cuda.set_device(device)
+    return device
 
 
 def run_main(main) -> None:

@@ -117,6 +117,8 @@ def _guarded(op, backend, fn, *args):
     """fn(*args); when it raises under "auto", None, and op takes the fallback from then on (said once)."""
     try:
         return fn(*args)
+    except torch.OutOfMemoryError:
+        raise  # the fallback needs memory too: not a kernel fault, so not a reason to leave the kernel for good
     except Exception as exc:
         if _requested(backend) == "triton":
             raise

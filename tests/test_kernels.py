@@ -495,3 +495,15 @@ def test_backend_selection(monkeypatch):
     assert kernels.resolve_backend("auto", [x]) == "torch"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.resolve_backend("triton", [x])
+
+
+@needs_triton
+def test_out_of_memory_in_a_kernel_is_raised_not_a_fallback_for_good(monkeypatch, fresh_failures):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernels._triton_impl, "cosine_forward", oom)
+    s, t = _loss_case(6, 40, torch.float32, seed=71)
+    with pytest.raises(torch.OutOfMemoryError):
+        kernels.cosine_distill_loss(s, t)
+    assert not kernels._failed_ops
