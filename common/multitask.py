@@ -268,7 +268,8 @@ def target_loss(t: Target, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def joint_loss(targets: list[Target], out: dict, rows, views, flipped) -> tuple[torch.Tensor | None, dict]:
     """Sum over targets of weight x (masked loss / constant-predictor loss); targets without a label here add
-    nothing. Returns (None, {}) for a batch where no target has a label."""
+    nothing. Returns (the sum, {target: its detached loss}), or (None, {}) for a batch where no target has a
+    label."""
     total, parts = None, {}
     for t in targets:
         keep = t.mask[rows]
@@ -277,7 +278,7 @@ def joint_loss(targets: list[Target], out: dict, rows, views, flipped) -> tuple[
         sel = torch.nonzero(keep).flatten()
         y = batch_labels(t, rows[sel], views[sel], flipped[sel]).to(out["_embedding"].device)
         loss = target_loss(t, output_of(t, out)[sel.to(out["_embedding"].device)], y) / t.scale
-        parts[t.name] = float(loss.detach())
+        parts[t.name] = loss.detach()  # a tensor: float() here would make the host wait every step
         total = t.weight * loss if total is None else total + t.weight * loss
     return total, parts
 
