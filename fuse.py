@@ -208,6 +208,10 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         raise SystemExit(f"--n-sweep {args.n_sweep!r}: write a comma list of face counts, e.g. 1000,3000,10000")
     if n_sweep and n_sweep[-1] > len(train) + len(val):
         raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
+    for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
+        a, b = sweep_sets(split, args, n)
+        if min(len(a), len(b)) < 2:
+            raise SystemExit(f"--n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
     sizes = {k: len(v) for k, v in split.items()}
     write_json(run / "split.json", {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac})
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
@@ -235,14 +239,14 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
                                      "nrmse": table, "training": infos})
     log.info("\n" + md)
 
+    if not args.extract_only:  # before the sweeps: their hours (or a failure in them) must not cost h_G
+        name = write if variants[0] is None else f"{write}+bal"
+        write_hG(cache, write, models[name], write, d_in, data, split, args)
+        log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
     if n_sweep:
         sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log)
-    if not args.extract_only:
-        name = write if variants[0] is None else f"{write}+bal"
-        write_hG(cache, write, models[name], write, d_in, data, split, args)
-        log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
 
 
 def plot(path: Path, xs, series: dict, xlabel: str, title: str) -> None:
@@ -278,21 +282,28 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
+def sweep_sets(split, args, n):
+    """(training, validation) faces of an --n-sweep corpus of n: the first n of a seeded order of the non-test
+    faces, every (1 / val_frac)-th of them a validation face up to val_max. Each smaller corpus is part of the
+    larger ones, and each has its own share of validation faces: the main split's, capped at val_max for
+    the whole corpus, would leave a small one a handful (5 of 1,000 at the paper's 4.12 M faces)."""
+    pool = np.random.default_rng(args.seed).permutation(np.union1d(split["train"], split["val"]))[:n]
+    every = max(2, round(1 / args.val_frac)) if args.val_frac > 0 else len(pool) + 1
+    i = np.arange(len(pool))
+    is_val = (i % every == 0) & (i // every < args.val_max)
+    return np.sort(pool[~is_val]), np.sort(pool[is_val])
+
+
 def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
-    Corpus size N counts G's training plus validation faces: the first N of a seeded order of the non-test
-    faces, each keeping its role from the split, so every smaller corpus is part of the larger ones."""
-    pool = np.random.default_rng(args.seed).permutation(np.union1d(split["train"], split["val"]))
-    is_val = np.isin(pool, split["val"])
+    Corpus size N counts G's training plus validation faces (sweep_sets), never a test face."""
     test = split["test"]
     x_test = cache.features.take(test).astype(np.float64)
     dim = ([int(d) for d in args.dim.split(",") if d.strip()] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
-        train, val = np.sort(pool[:n][~is_val[:n]]), np.sort(pool[:n][is_val[:n]])
-        if min(len(train), len(val)) < 2:
-            raise SystemExit(f"--n-sweep {n}: {len(train)} training and {len(val)} validation faces; use a larger N")
+        train, val = sweep_sets(split, args, n)
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:
             t0 = time.perf_counter()

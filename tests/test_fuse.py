@@ -199,3 +199,21 @@ def test_device_extraction_matches_cpu(face_dir, tmp_path):
         # nvjpeg's pixels differ from PIL's by about a level: on an H100 the age features of 10 faces agreed
         # to >= 0.9993 (the 11th, at 0.937, was a grey JPEG that nvjpeg decoded wrong: now decoded by PIL)
         assert np.median(cos) > 0.999 and cos.min() > 0.99, (name, np.round(cos, 4).tolist())
+
+
+def test_sweep_corpora_are_nested_with_their_own_validation_share():
+    """A small --n-sweep corpus taken from a large one gets its share of validation faces (not what the main
+    split's val_max cap leaves it), never a test face, and each corpus is part of the next."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    split = {"train": np.arange(0, 100000, 2), "val": np.arange(1, 1000, 2), "test": np.arange(1001, 100000, 2)}
+    args = SimpleNamespace(seed=0, val_frac=0.1, val_max=150)
+    sets = {n: fuse.sweep_sets(split, args, n) for n in (1000, 3000, 10000)}
+    for n, (train, val) in sets.items():
+        assert len(train) + len(val) == n and not np.intersect1d(np.r_[train, val], split["test"]).size
+    assert len(sets[1000][1]) == 100 and len(sets[3000][1]) == 150 and len(sets[10000][1]) == 150  # val_max
+    assert set(np.r_[sets[1000]]) <= set(np.r_[sets[3000]]) <= set(np.r_[sets[10000]])
+    assert set(sets[1000][1]) <= set(sets[3000][1])  # a face keeps its role as the corpus grows
