@@ -344,12 +344,14 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
     snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
     best, best_step, best_state, waited = val_loss(model, data, val), 0, snapshot(), 0
     step, stop = 0, False
+    # Checked at each evaluation, not each step: reading the loss back would make the host wait for the
+    # GPU at every step. A non-finite loss poisons the weights, so nothing it touched is ever kept.
+    finite, checked = torch.ones((), dtype=torch.bool, device=device), 0
     while not stop:
         for x in data.batches(train, recipe.batch, rng):
             model.train()
             loss = model.loss(x)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{op}: loss became {loss.item()} at step {step}; lower --lr")
+            finite &= torch.isfinite(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -358,6 +360,10 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
             if progress:
                 progress(step)
             if step % recipe.eval_every == 0 or step == recipe.steps:
+                if not bool(finite):
+                    raise FloatingPointError(f"{op}: the loss became inf or NaN between steps {checked + 1} and "
+                                             f"{step}; lower --lr")
+                checked = step
                 v = val_loss(model, data, val)
                 if v < best:
                     best, best_step, best_state, waited = v, step, snapshot(), 0
@@ -407,7 +413,9 @@ class Standardised:
         self.device = device
 
     def __call__(self, rows) -> torch.Tensor:
-        x = torch.from_numpy(self.features.take(rows)).to(self.device).float()
+        # non-blocking: from pageable memory the copy is staged at once, and a blocking one would make the
+        # host wait for every kernel queued before it, once a training step
+        x = torch.from_numpy(self.features.take(rows)).to(self.device, non_blocking=True).float()
         return (x - self.t_mean) / self.t_std
 
     def batches(self, rows, size, rng=None):

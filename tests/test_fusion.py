@@ -191,3 +191,13 @@ def test_hidden_width_follows_corpus():
     assert fusion.hidden_width(100, 5488, 1024) == 64
     assert fusion.hidden_width(8000, 5488, 1024) == 992
     assert fusion.hidden_width(10**7, 5488, 1024) == 3136  # the paper's first hidden width caps it
+
+
+def test_a_diverging_fit_stops_at_the_next_evaluation():
+    """The loss is not read back every step (a host wait on a GPU): a non-finite one is caught at the next
+    evaluation, and no state it touched is kept."""
+    x = curved(400, seed=3)
+    s = fusion.three_way_split(keys(len(x)), np.arange(len(x)), 0, 0.1, 0.1, 10**6, 10**6)
+    recipe = fusion.Recipe(layout="paper", steps=200, batch=64, lr=1e12, eval_every=10, patience=50)
+    with pytest.raises(FloatingPointError, match=r"between steps 1 and 10"):
+        fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), s["train"], s["val"], recipe)
