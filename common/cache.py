@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -155,16 +156,25 @@ class ShardedArray:
 
     def __post_init__(self):
         self._maps = OrderedDict()
+        self._lock = threading.Lock()  # a reader thread (fusion's read-ahead) and the main one share the maps
         self.max_open = self.max_open or MAX_OPEN
 
+    def __getstate__(self):  # to another process (a spawned loader worker): the paths, not the maps
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def shard(self, k: int) -> np.ndarray:
-        if k in self._maps:
-            self._maps.move_to_end(k)
-        else:
-            if len(self._maps) >= self.max_open:
-                self._maps.popitem(last=False)  # its map (and file descriptor) closes with the last view
-            self._maps[k] = np.load(self.files[k], mmap_mode="r")
-        return self._maps[k]
+        with self._lock:
+            if k in self._maps:
+                self._maps.move_to_end(k)
+            else:
+                if len(self._maps) >= self.max_open:
+                    self._maps.popitem(last=False)  # its map (and file descriptor) closes with the last view
+                self._maps[k] = np.load(self.files[k], mmap_mode="r")
+            return self._maps[k]
 
     def __len__(self) -> int:
         return int(self.bounds[-1])

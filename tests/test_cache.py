@@ -238,6 +238,27 @@ def test_open_files_bounded(tmp_path):
     assert len(arr._maps) == 8 and len(os.listdir("/proc/self/fd")) - before <= 8
 
 
+def test_rows_read_from_threads_and_after_pickling(tmp_path):
+    """fusion reads the next batches in a thread while the main one reads validation rows: the map cache is
+    shared, and evicting under another reader must not give wrong rows. A pickled copy (a spawned loader
+    worker) carries the paths, not the maps."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for i in range(30):
+        np.save(tmp_path / f"{i}.npy", np.full((2, 3), i, np.float32))
+        files.append(tmp_path / f"{i}.npy")
+    arr = ShardedArray(files, np.arange(0, 62, 2), max_open=3)
+    rng = np.random.default_rng(1)
+    asks = [rng.permutation(60)[:25] for _ in range(200)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(arr.take, asks))
+    assert all(np.array_equal(g[:, 0], a // 2) for g, a in zip(got, asks))
+    again = pickle.loads(pickle.dumps(arr))
+    assert not again._maps and np.array_equal(again.take(asks[0]), got[0])
+
+
 @pytest.mark.slow
 def test_a_million_rows(tmp_path, monkeypatch):
     """1 M faces in 977 shards: opening the cache, its paths, flags and matrices, and reading rows from
