@@ -241,8 +241,8 @@ def test_open_files_bounded(tmp_path):
 def test_rows_read_from_threads_and_after_pickling(tmp_path):
     """fusion reads the next batches in a thread while the main one reads validation rows: the map cache is
     shared, and evicting under another reader must not give wrong rows. A pickled copy (a spawned loader
-    worker) carries the paths, not the maps."""
-    import pickle
+    worker) carries the paths, not the maps; deepcopy goes through the same __getstate__ / __setstate__."""
+    import copy
     from concurrent.futures import ThreadPoolExecutor
 
     files = []
@@ -255,7 +255,7 @@ def test_rows_read_from_threads_and_after_pickling(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(arr.take, asks))
     assert all(np.array_equal(g[:, 0], a // 2) for g, a in zip(got, asks))
-    again = pickle.loads(pickle.dumps(arr))
+    again = copy.deepcopy(arr)
     assert not again._maps and np.array_equal(again.take(asks[0]), got[0])
 
 
