@@ -201,3 +201,24 @@ def test_a_diverging_fit_stops_at_the_next_evaluation():
     recipe = fusion.Recipe(layout="paper", steps=200, batch=64, lr=1e12, eval_every=10, patience=50)
     with pytest.raises(FloatingPointError, match=r"between steps 1 and 10"):
         fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), s["train"], s["val"], recipe)
+
+
+def test_pca_axes_computed_once_per_rows_and_weight():
+    """Every operator and width of a run starts from the same PCA: its axes come from one pass over the rows
+    for each (rows, weight), the same components as a fit of its own."""
+    x = curved(500, seed=4)
+    data = fusion.Rows(x)
+    reads = []
+    batches = data.batches
+    data.batches = lambda rows, size, rng=None: (reads.append(1), batches(rows, size, rng))[1]
+    rows = np.arange(400)
+    for d_out in (3, 5, 3):
+        pca = fusion.PCA(x.shape[1], d_out)
+        pca.fit_like(data, rows)
+        alone = fusion.PCA(x.shape[1], d_out)
+        alone.fit(batches(rows, 4096))
+        assert torch.allclose(pca.components.abs(), alone.components.abs(), atol=1e-6)
+    assert len(reads) == 1
+    pca.weight.fill_(2.0)  # another weight: another pass
+    pca.fit_like(data, rows)
+    assert len(reads) == 2
