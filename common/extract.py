@@ -323,10 +323,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                      f"{rows_of(k) / (now - last[0]):.1f} img/s")
             last[0] = now
 
-    batches_of = defaultdict(int)
-    for k, _ in plan:
-        batches_of[k] += 1
-    shards = {}  # shard -> its buffers, meta, batches still out and their lanes' events
+    shards = {}  # shard -> its buffers, meta, rows still to fill and its batches' lane events
     written, pending, flight = 0, None, deque()
 
     def take():
@@ -337,7 +334,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
         for key, value in zip(sh["meta"], (found, matrices, scores, sha1, reasons)):
             sh["meta"][key].extend(list(value))
         sh["events"].append(done)
-        sh["left"] -= 1
+        sh["left"] -= n
         bar.update(n)
         if not sh["left"]:
             flush(k)
@@ -367,12 +364,12 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                 if k not in shards:
                     lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
                     # New buffers per shard: on the CPU the host copy is a view of them, still being written.
-                    shards[k] = {"lo": lo, "left": batches_of[k], "events": [],
+                    shards[k] = {"lo": lo, "left": hi - lo, "events": [],
                                  "feats": torch.zeros(hi - lo, cache.dim, dtype=dtype, device=device),
                                  "crops": _crop_buffer(hi - lo, s, device) if s else None,
-                                 "meta": {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []}}
-                    # the lanes' streams start after this (and after the teachers' and engine's tensors)
-                    shards[k]["ready"] = lanes.mark()
+                                 "meta": {"found": [], "matrix": [], "score": [], "sha1": [], "reason": []},
+                                 # after the buffers (and the teachers' and engine's tensors): lanes start there
+                                 "ready": lanes.mark()}
                 sh, n = shards[k], len(items)
                 rows = slice(idx[0] - sh["lo"], idx[0] - sh["lo"] + n)
                 flight.append((k, n, lanes.submit(engine.fill, items, sh["feats"][rows],
