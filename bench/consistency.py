@@ -23,7 +23,7 @@ import numpy as np
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.cache import FeatureCache  # noqa: E402
+from common.cache import CacheMismatch, FeatureCache  # noqa: E402
 
 
 def sha1s(cache: FeatureCache) -> np.ndarray:
@@ -63,7 +63,10 @@ def main(argv=None):
     p.add_argument("--min-cos", type=float, default=0.999, help="lowest cosine of any teacher's h_i that passes")
     p.add_argument("--min-found", type=float, default=0.99, help="lowest share of found flags that agree")
     args = p.parse_args(argv)
-    caches = [FeatureCache(c).require_complete() for c in args.caches]
+    try:
+        caches = [FeatureCache(c).require_complete() for c in args.caches]
+    except (FileNotFoundError, RuntimeError, CacheMismatch) as e:  # no cache there, or an unfinished one
+        raise SystemExit(f"error: {e}")
     rows, ok = [], True
     firsts = []
     for path, cache in zip(args.caches, caches):
