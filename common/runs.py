@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 
+RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it into their temporary folder)
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
-    """Create the run folder (a timestamped one under runs/ when out is None) and save args.json in it."""
-    run = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it."""
+    run = Path(out) if out else RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     run.mkdir(parents=True, exist_ok=True)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved["argv"] = sys.argv

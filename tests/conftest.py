@@ -35,6 +35,14 @@ def _import_triton_interpreted() -> None:
 _import_triton_interpreted()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _runs_in_tmp(tmp_path_factory):
+    """Runs started without --run-dir land in a temporary folder, not in the checkout's runs/."""
+    from common import runs
+
+    runs.RUNS = tmp_path_factory.mktemp("runs")
+
+
 def feat_data() -> Path:
     return Path(importlib.util.find_spec("feat").submodule_search_locations[0]) / "tests" / "data"
 
