@@ -119,7 +119,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------- the step
-def make_loss(kind, cache, hG_mean, hG_std, device, smoothl1_weight=1.0):
+def make_loss(kind, cache, name, hG_mean, hG_std, device, smoothl1_weight=1.0):
     """loss(output, raw target rows) -> scalar; the targets arrive as stored in the cache."""
     if kind == "cosine":
         return lambda out, t: cosine_distill_loss(out, t)
@@ -130,7 +130,7 @@ def make_loss(kind, cache, hG_mean, hG_std, device, smoothl1_weight=1.0):
                                + smoothl1_weight * F.smooth_l1_loss((out - mu) / sd, (t - mu) / sd))
     # mt: G's own objective (eq. 3, MSE on the standardised concatenation) plus one cosine term per
     # teacher, averaged, so that a narrow teacher counts as much as a 2048-wide one does.
-    mean, std = (torch.tensor(a, dtype=torch.float32, device=device) for a in cache.stats())
+    mean, std = (torch.tensor(a, dtype=torch.float32, device=device) for a in cache.input_stats(name))
     slices = list(cache.slices().values())
 
     def mt_loss(out, t):
@@ -250,16 +250,6 @@ def split_rows(cache, name, seed):
     return np.setdiff1d(found, val), val
 
 
-def column_stats(array, rows, chunk=65536):
-    """Mean and std per column of array rows, streamed so millions of rows never sit in memory."""
-    s = ss = 0.0
-    for i in range(0, len(rows), chunk):
-        x = array.take(rows[i:i + chunk]).astype(np.float64)
-        s, ss = s + x.sum(0), ss + (x ** 2).sum(0)
-    mean = s / len(rows)
-    return mean, np.maximum(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), 1e-6)
-
-
 def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state."""
     cache = FeatureCache(args.teacher_cache).require_complete()
@@ -270,7 +260,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     if len(train_rows) < args.batch * world:
         raise SystemExit(f"error: {len(train_rows)} training faces, fewer than one step of --batch {args.batch} "
                          f"x {world} processes: lower --batch")
-    hG_mean, hG_std = column_stats(hG, train_rows)
+    hG_mean, hG_std = fusion.column_stats(hG, train_rows)
     out_dim = int(meta["dim"])
     targets = cache.features if args.loss == "mt" else hG
 
@@ -308,7 +298,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    loss_fn = make_loss(args.loss, cache, hG_mean, hG_std, device, args.smoothl1_weight)
+    loss_fn = make_loss(args.loss, cache, name, hG_mean, hG_std, device, args.smoothl1_weight)
 
     data = AlignedFaces(cache, train_rows, train=True, targets=targets)
     sampler = EpochSampler(data, args.seed, rank, world)
@@ -434,7 +424,7 @@ def fit_check_decoder(h_tr, x_tr, h_va, x_va, epochs, seed, device):
 
 
 def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, run, log):
-    mean, std = cache.stats()
+    mean, std = cache.input_stats(name)
     slices = cache.slices()
     hG, meta = cache.embedding(name)
     h_val_true = hG.take(val_rows).astype(np.float32)
@@ -464,7 +454,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
             direct = decoder.to(device).eval()(torch.from_numpy(h_val).to(device)).cpu().numpy() * std + mean
         table["E_MT own decoder"] = fusion.nrmse_per_block(direct, x_val, mean, slices)
     else:
-        hG_mean = column_stats(hG, train_rows)[0].astype(np.float32)
+        hG_mean = fusion.column_stats(hG, train_rows)[0].astype(np.float32)
         result.update(cos_val=float(cos(h_val, h_val_true).mean()),
                       cos_val_mean_baseline=float(cos(np.broadcast_to(hG_mean, h_val_true.shape).copy(),
                                                       h_val_true).mean()))

@@ -133,16 +133,22 @@ def recipe_of(args, n_train: int) -> fusion.Recipe:
 
 
 def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, weight=None):
-    """Fit one operator on the training faces; the validation faces choose its step (never the test faces)."""
+    """Fit one operator on the training faces; the validation faces choose its step (never the test faces).
+
+    Its state is kept in the cache's fits/ folder: a rerun of a killed run resumes the fit it was in and
+    loads the ones it had finished (any change of faces, units, recipe or weight starts a new fit)."""
     recipe = recipe_of(args, len(train))
+    ckpt = fusion.fit_file(args.out / "fits", op, d_in, d_out, data, train, val, recipe, weight)
     bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
     model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device,
-                             progress=lambda s: bar.update(1))
+                             progress=lambda s: bar.update(s - bar.n), checkpoint=ckpt)
     bar.close()
     if "best_step" in info:
+        how = (f" (finished earlier: {ckpt})" if info.get("loaded") else
+               f" (resumed at step {info['resumed_from_step']})" if "resumed_from_step" in info else "")
         log.info(f"G[{op}, {d_out}{', balanced' if weight is not None else ''}]: validation MSE {info['best_val_mse']:.4f} "
-                 f"(standardised units) at step {info['best_step']} of {info['steps_run']}"
-                 + (f", hidden width {info['hidden']}" if "hidden" in info else ""))
+                 f"(G's units) at step {info['best_step']} of {info['steps_run']}"
+                 + (f", hidden width {info['hidden']}" if "hidden" in info else "") + how)
     return model, info
 
 
@@ -162,6 +168,7 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
     found = cache.found
     with cache.new_embedding(name) as folder, torch.no_grad():
         fusion.save(model, op, d_in, model.d_out, folder / "G.safetensors")
+        np.savez(folder / "stats.npz", mean=data.mean, std=data.std, count=len(split["train"]))  # G's units
         for k in tqdm(range(cache.n_shards), desc=f"write h_G[{name}]", unit="shard", disable=None, leave=False):
             lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
             rows = np.arange(lo, hi)
@@ -217,7 +224,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
              f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
              f"{args.ae_layout}")
-    data = Standardised(cache, device)
+    data = Standardised(cache, device, fusion.block_units(cache, train))
     slices = cache.slices()
     x_test = cache.features.take(test).astype(np.float64)
     balanced = fusion.block_weights([t["dim"] for t in cache.teachers])
@@ -297,13 +304,15 @@ def sweep_sets(split, args, n):
 def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
-    Corpus size N counts G's training plus validation faces (sweep_sets), never a test face."""
+    Corpus size N counts G's training plus validation faces (sweep_sets), never a test face; each N is
+    put in units of its own training faces (fusion.block_units), as the main run is."""
     test = split["test"]
     x_test = cache.features.take(test).astype(np.float64)
     dim = ([int(d) for d in args.dim.split(",") if d.strip()] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
         train, val = sweep_sets(split, args, n)
+        data = Standardised(cache, data.device, fusion.block_units(cache, train))
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:
             t0 = time.perf_counter()

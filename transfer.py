@@ -382,10 +382,11 @@ def student_embeddings(cache, args, device, student_cfg) -> torch.Tensor:
 
 
 class TeacherFeatures:
-    """The task's h_i in the units G was trained in (standardised with the fuse.py cache's statistics)."""
+    """The task's h_i in the units G `embedding` was trained in (standardised with its statistics, which come
+    from fuse.py's cache, never from the task's own faces)."""
 
-    def __init__(self, task_cache: FeatureCache, unsup: FeatureCache):
-        mean, std = unsup.stats()
+    def __init__(self, task_cache: FeatureCache, unsup: FeatureCache, embedding: str | None):
+        mean, std = unsup.input_stats(embedding)
         x = task_cache.features.take(np.arange(len(task_cache.images))).astype(np.float32)
         self.x = torch.from_numpy((x - mean) / std).float()
         self.slices = unsup.slices()
@@ -506,19 +507,19 @@ def method_features(method, cache, unsup, args, device, student_cfg):
         return torch_teachers
     if method == "frozen":
         return student_embeddings(cache, args, device, student_cfg)
-    tf = TeacherFeatures(cache, unsup)
+    name = args.embedding or next(iter(unsup.embedding_names()), None)
+    tf = TeacherFeatures(cache, unsup, name)
     names = [t["name"] for t in unsup.teachers]
     if method == "concat":
         return tf.subset(names)
     if method == "fused":
-        name = args.embedding or unsup.embedding_names()[0]
         g, _ = fusion.load(unsup.embedding_dir(name) / "G.safetensors")
         with torch.no_grad():
             return g.encode(tf.subset(names))
     if method == "pca":
-        _, meta = unsup.embedding(args.embedding or unsup.embedding_names()[0])
+        _, meta = unsup.embedding(name)
         pca = fusion.build("pca", unsup.dim, meta["dim"])
-        data = fusion.Standardised(unsup, torch.device("cpu"))
+        data = fusion.Standardised(unsup, torch.device("cpu"), unsup.input_stats(name))  # tf's units
         pca.fit(data.batches(np.flatnonzero(unsup.found), 4096))
         return pca.encode(tf.subset(names))
     if method == "bt":

@@ -12,11 +12,16 @@ whole files behind):
                            the shard's meta and, at the end, into the manifest (crops_sha256)
     shards/NNNNN.meta.npz  per row: face found, 2x3 alignment matrix, detector score, file sha1, failure
                            reason; per shard: sum and sum of squares for the statistics
-    stats.npz              per-dimension mean and std over the faces found
-    emb/NAME               fused embeddings (h_G of an operator) in the same shard layout, + meta.json: a
+    stats.npz              per-dimension mean and std over the faces found (descriptive; G keeps the
+                           statistics of its own training faces beside h_G)
+    emb/NAME               fused embeddings (h_G of an operator) in the same shard layout, + meta.json,
+                           G.safetensors, split.npz and stats.npz (the mean and std G's input h_i were
+                           standardised with, from G's training faces); emb/NAME is a
                            link to emb/.NAME.<stamp>/. A rerun writes a new such folder and swaps the
                            link in one rename, so a reader sees the old version or the new one, never a
                            mix; the version just replaced is kept for readers still on it.
+    fits/                  the state of each fit of G (fuse.py; common.fusion.fit_file names them), so that a
+                           killed run resumes its fits
 A shard is done when its .npy exists (written last), which is all that resuming needs to know.
 Sized for millions of faces: nothing here holds more than one shard in memory, the number of shard
 files open at once is bounded (MAX_OPEN), and the paths are one byte buffer, not millions of strings.
@@ -460,6 +465,16 @@ class FeatureCache:
 
     def write_embedding_meta(self, name: str, meta: dict, folder: Path | None = None) -> None:
         write_json((folder or self.path / "emb" / name) / "meta.json", meta)
+
+    def input_stats(self, name: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """The per-dimension mean and std that G `name` was trained with (its training faces'), which
+        whatever feeds h_i to that G must standardise with; the whole cache's for an h_G written before
+        G kept its own, or without a name."""
+        f = self.embedding_dir(name) / "stats.npz" if name else None
+        if f is None or not f.exists():
+            return self.stats()
+        with np.load(f) as s:
+            return s["mean"], s["std"]
 
     def embedding_names(self) -> list[str]:
         root = self.path / "emb"

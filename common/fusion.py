@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
+FIT_FORMAT = 1  # part of every fit's checkpoint name: raise it when a change in training makes old fits stale
 LAYOUTS = ("residual", "paper")
 
 
@@ -296,6 +298,7 @@ class Rows:
 
     def __init__(self, x: torch.Tensor):
         self.x = x
+        self.fingerprint = _sha(x.detach().cpu().numpy())
 
     def __call__(self, rows):
         return self.x[torch.as_tensor(np.asarray(rows))]
@@ -317,6 +320,7 @@ class Recipe:
     eval_every: int = 50
     patience: int = 10  # evaluations without a better validation error before stopping
     seed: int = 0
+    checkpoint_s: float = 300.0  # least seconds between two saves of a fit's state (at evaluations)
 
 
 @torch.no_grad()
@@ -328,11 +332,36 @@ def val_loss(model, data, rows) -> float:
     return total / (len(rows) * len(model.weight))
 
 
-def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight=None, device="cpu", progress=None):
+def _sha(*arrays) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def fit_file(folder, op, d_in, d_out, data, train, val, recipe: Recipe, weight=None) -> Path:
+    """Where the fit with exactly these inputs keeps its state: any change (faces, their units, the
+    cache's content, the recipe, the loss weight, this code's FIT_FORMAT) gives another file."""
+    w = np.ones(d_in, np.float32) if weight is None else np.asarray(weight, np.float32)
+    key = json.dumps({"format": FIT_FORMAT, "op": op, "d_in": d_in, "d_out": d_out, "recipe": {k: v for k, v in vars(recipe).items() if k != "checkpoint_s"},
+                      "data": data.fingerprint, "rows": _sha(np.asarray(train, np.int64), np.asarray(val, np.int64)),
+                      "weight": _sha(w)}, sort_keys=True)
+    return Path(folder) / f"{op}-{d_out}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.state.safetensors"
+
+
+def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight=None, device="cpu", progress=None,
+        checkpoint: Path | None = None):
     """Train one operator on the train rows; autoencoders keep the state of their best validation error.
 
     Returns (model in eval mode, info dict). The residual layout evaluates its starting point (the PCA fit)
-    first, so the state kept is never worse than PCA on the validation faces."""
+    first, so the state kept is never worse than PCA on the validation faces.
+
+    With a checkpoint file (fit_file), the training state is saved there at an evaluation when
+    recipe.checkpoint_s have passed since the last save, and the result when done: a killed fit resumes
+    from its last save (the same batches, noise and result as a run never killed), a finished one is
+    loaded instead of trained again."""
+    from common.checkpoint import load_state, rng_state, save_state, set_rng_state
+
     torch.manual_seed(recipe.seed)
     hidden = hidden_width(len(train), d_in, d_out)
     model = build(op, d_in, d_out, recipe.layout, hidden).to(device)
@@ -344,11 +373,16 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
         model.fit_like(data, train)
     if op in ("pca", "concat"):
         return model.eval(), info
+    saved = load_state(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
+    if saved is not None and saved["done"]:
+        model.load_state_dict(saved["model"])
+        return model.eval(), {**saved["info"], "loaded": True}
     if isinstance(model, ResidualAE):
-        pca = PCA(d_in, d_out).to(device)
-        pca.weight.copy_(model.weight)
-        pca.fit_like(data, train)
-        model.pca_init(pca)
+        if saved is None:  # a resumed fit has its linear path in its saved state
+            pca = PCA(d_in, d_out).to(device)
+            pca.weight.copy_(model.weight)
+            pca.fit_like(data, train)
+            model.pca_init(pca)
         groups = [{"params": [p for n, p in model.named_parameters() if n.startswith("lin_")], "weight_decay": 0.0},
                   {"params": model.residual_params(), "weight_decay": recipe.weight_decay}]
         info["hidden"] = hidden
@@ -360,13 +394,28 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))
     rng = np.random.default_rng(recipe.seed)
     snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
-    best, best_step, best_state, waited = val_loss(model, data, val), 0, snapshot(), 0
-    step, stop = 0, False
+    if saved is None:
+        best, best_step, best_state, waited = val_loss(model, data, val), 0, snapshot(), 0
+        step, done_in_epoch = 0, 0
+    else:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        best, best_step, waited, step, done_in_epoch = (saved[k] for k in ("best", "best_step", "waited", "step",
+                                                                            "done_in_epoch"))
+        best_state = {k: v.to(device) for k, v in saved["best_state"].items()}
+        rng.bit_generator.state = saved["epoch_rng"]
+        set_rng_state(saved["rng"])
+        info["resumed_from_step"] = step
+    last_save = time.monotonic()
     # Checked at each evaluation, not each step: reading the loss back would make the host wait for the
     # GPU at every step. A non-finite loss poisons the weights, so nothing it touched is ever kept.
-    finite, checked = torch.ones((), dtype=torch.bool, device=device), 0
+    finite, checked = torch.ones((), dtype=torch.bool, device=device), step
+    stop = False
     while not stop:
-        for x in data.batches(train, recipe.batch, rng):
+        epoch_rng = rng.bit_generator.state  # before the epoch's order is drawn, so a resume draws it again
+        order = rng.permutation(train)
+        for x in data.batches(order[done_in_epoch * recipe.batch:], recipe.batch):
             model.train()
             loss = model.loss(x)
             finite &= torch.isfinite(loss.detach())
@@ -374,7 +423,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
+            step, done_in_epoch = step + 1, done_in_epoch + 1
             if progress:
                 progress(step)
             if step % recipe.eval_every == 0 or step == recipe.steps:
@@ -390,8 +439,18 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
                 if waited >= recipe.patience or step >= recipe.steps:
                     stop = True
                     break
+                if checkpoint is not None and time.monotonic() - last_save >= recipe.checkpoint_s:
+                    save_state(checkpoint, {"done": False, "model": model.state_dict(), "opt": opt.state_dict(),
+                                            "sched": sched.state_dict(), "best": best, "best_step": best_step,
+                                            "waited": waited, "step": step, "done_in_epoch": done_in_epoch,
+                                            "best_state": best_state, "epoch_rng": epoch_rng, "rng": rng_state()})
+                    last_save = time.monotonic()
+        else:
+            done_in_epoch = 0
     model.load_state_dict(best_state)
     info.update(best_val_mse=best, best_step=best_step, steps_run=step)
+    if checkpoint is not None:  # the result alone: the optimizer's moments are no longer needed
+        save_state(checkpoint, {"done": True, "model": best_state, "info": info})
     return model.eval(), info
 
 
@@ -419,16 +478,54 @@ def table5(columns: dict[str, dict[str, float]]) -> str:
     return tabulate(rows, headers=["h_i"] + list(columns), tablefmt="github", floatfmt=".3f")
 
 
-class Standardised:
-    """Rows of the cache as float32 tensors in standardised units ((h - mean) / std, per dimension)."""
+def column_stats(array, rows, chunk_values: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per column over array's rows (std floored at 1e-6, so a dead unit standardises to 0,
+    not inf), streamed in float64 chunks of about chunk_values numbers: millions of rows never sit in memory."""
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        raise ValueError("column statistics of no rows")
+    step = max(1, chunk_values // max(1, array.shape[1]))
+    s = ss = 0.0
+    for i in range(0, len(rows), step):
+        x = array.take(rows[i:i + step]).astype(np.float64)
+        s, ss = s + x.sum(0), ss + (x ** 2).sum(0)
+    mean = s / len(rows)
+    return mean, np.maximum(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), 1e-6)
 
-    def __init__(self, cache, device):
+
+def block_units(cache, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) that put h_i in G's units, from the training faces `rows` alone: each dimension centred
+    on its mean, each teacher's block divided by one number, the RMS of its dimensions' spreads.
+
+    One number per teacher keeps each embedding's own geometry (its cosines and relative dimension scales),
+    and G's mean squared error in these units is then each teacher's squared Table 5 error, weighted by its
+    width. A std per dimension instead blows up where a unit (almost) never fires on the training faces:
+    an unseen face's activation becomes thousands of standard deviations (on the demo's 147 training
+    faces, PCA's validation NRMSE 0.284 per dimension vs 0.179 per teacher, at h_G width 536)."""
+    mean, std = column_stats(cache.features, np.sort(rows))
+    scale = np.empty_like(std)
+    for sl in cache.slices().values():
+        scale[sl] = max(float(np.sqrt(np.mean(std[sl] ** 2))), 1e-6)
+    return mean, scale
+
+
+class Standardised:
+    """Rows of the cache as float32 tensors in G's units ((h - mean) / std).
+
+    fuse.py passes the units of G's training faces (block_units): a validation or test face must not shape
+    the units G is fitted and reported in. They are saved beside h_G (stats.npz), and whatever feeds h_i
+    to that G later standardises with them (FeatureCache.input_stats). Without stats: the whole cache's
+    mean and std per dimension."""
+
+    def __init__(self, cache, device, stats: tuple[np.ndarray, np.ndarray] | None = None):
         self.features = cache.features
-        mean, std = cache.stats()
+        mean, std = stats if stats is not None else cache.stats()
         self.mean, self.std = mean, std
         self.t_mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.t_std = torch.tensor(std, dtype=torch.float32, device=device)
         self.device = device
+        # what a checkpointed fit of these rows must match (fit_file): the cache's content and these units
+        self.fingerprint = f"{cache.manifest.get('content_hash')}-{_sha(mean, std)}"
 
     def __call__(self, rows) -> torch.Tensor:
         return self._on_device(self._read(rows))

@@ -222,3 +222,41 @@ def test_pca_axes_computed_once_per_rows_and_weight():
     pca.weight.fill_(2.0)  # another weight: another pass
     pca.fit_like(data, rows)
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("op", ["ae", "vae"])
+def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, op):
+    """A fit killed mid-epoch resumes from its last save: same batches, same dropout and sampling noise,
+    same kept state as a fit never killed; a finished fit is loaded, not trained again."""
+    x = curved(150)
+    s = fusion.three_way_split([str(i) for i in range(150)], np.arange(150), 0, 0.2, 0.1, 100, 100)
+    data = fusion.Rows(x)
+    recipe = fusion.Recipe(steps=60, batch=16, eval_every=10, patience=100, checkpoint_s=0)
+    fit = lambda ckpt, progress=None: fusion.fit(op, x.shape[1], 3, data, s["train"], s["val"], recipe,
+                                                 progress=progress, checkpoint=ckpt)
+    whole, info = fit(fusion.fit_file(tmp_path / "a", op, x.shape[1], 3, data, s["train"], s["val"], recipe))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_35(step):  # 7 batches an epoch: step 35 ends epoch 5, the last save (step 30) is mid-epoch
+        if step == 35:
+            raise Killed
+
+    ckpt = fusion.fit_file(tmp_path / "b", op, x.shape[1], 3, data, s["train"], s["val"], recipe)
+    with pytest.raises(Killed):
+        fit(ckpt, kill_at_35)
+    resumed, info_b = fit(ckpt)
+    assert info_b["resumed_from_step"] == 30 and info_b["best_step"] == info["best_step"]
+    assert info_b["steps_run"] == info["steps_run"] and abs(info_b["best_val_mse"] - info["best_val_mse"]) < 1e-6
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+    loaded, info_c = fit(ckpt, lambda step: pytest.fail("a finished fit trained again"))
+    assert info_c["loaded"] and all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(),
+                                                                      loaded.state_dict().values()))
+    # Another recipe, other rows or other data are another fit.
+    other = fusion.Recipe(steps=61, batch=16, eval_every=10, patience=100, checkpoint_s=0)
+    names = {fusion.fit_file(tmp_path, op, x.shape[1], 3, data, s["train"], s["val"], r).name for r in (recipe, other)}
+    names.add(fusion.fit_file(tmp_path, op, x.shape[1], 3, data, s["train"][1:], s["val"], recipe).name)
+    names.add(fusion.fit_file(tmp_path, op, x.shape[1], 3, fusion.Rows(x + 1), s["train"], s["val"], recipe).name)
+    assert len(names) == 4
