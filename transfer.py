@@ -329,8 +329,6 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
         backbone, size = load_student(args.student)[0], student_cfg.get("size", 112)
     width = backbone.out_dim if method_net == "pcnn" else student_cfg["out_dim"]
     model = nn.Sequential(backbone, head(width, n_out, args.hidden)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     train = split.train[found[split.train]]
 
     def loader(rows, is_train):
@@ -349,6 +347,8 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
         prune.etl_prune(model[0], make_input(1, device), loader(scored, False)(), task.kind, ratio, args.etl_images)
         with torch.no_grad():
             model[1] = head(model[0](make_input(1, device)).shape[1], n_out, args.hidden).to(device)
+    if device.type == "cuda":  # after pruning, which rebuilds the weights it cuts in the default layout
+        model = model.to(memory_format=torch.channels_last)
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]

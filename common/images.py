@@ -28,9 +28,13 @@ MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # Paths are text in images.txt and the .tsv lists; file names that are not UTF-8 round-trip through
 # the bytes they have on disk (Python's own convention for such names).
 PATH_ERRORS = "surrogateescape"
-# torchvision's deprecation notice of the image decoders that decode_jpegs_on uses, filtered once here:
-# a catch_warnings block around each call is not thread-safe, and extraction lanes decode in threads.
+# Filtered once here, because a catch_warnings block around each call is not thread-safe and extraction
+# lanes decode in threads: torchvision's deprecation notice of the decoders decode_jpegs_on uses; PIL's
+# decompression-bomb warning (decode_image checks the size itself and says so); PIL's notes on odd files
+# (corrupt EXIF, palette transparency), which the decoders here handle or report as a BadImage.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class BadImage(Exception):
@@ -128,9 +132,7 @@ def read_bytes(path: str | Path) -> bytes:
 def decode_image(data: bytes, path: str | Path = "image") -> np.ndarray:
     """Decode one file's bytes fully (truncated files fail here, not later) to HxWx3 uint8 RGB."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # (a decompression bomb's size is checked below)
     except Image.DecompressionBombError as e:
         raise BadImage(f"{path}: refused, {e}") from e
     except Exception as e:  # PIL raises many types for data it does not recognise
@@ -186,15 +188,13 @@ def nvjpeg_safe(data: bytes) -> bool:
     if not (data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")):
         return False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                orientation = img.getexif().get(0x0112, 1)
-                w, h = img.size
-                return (img.format == "JPEG" and img.mode == "RGB" and _common_sampling(img)
-                        and not img.info.get("progressive")
-                        and not img.info.get("progression") and orientation == 1 and min(w, h) >= MIN_SIDE
-                        and w * h <= MAX_PIXELS)
+        with Image.open(io.BytesIO(data)) as img:
+            orientation = img.getexif().get(0x0112, 1)
+            w, h = img.size
+            return (img.format == "JPEG" and img.mode == "RGB" and _common_sampling(img)
+                    and not img.info.get("progressive")
+                    and not img.info.get("progression") and orientation == 1 and min(w, h) >= MIN_SIDE
+                    and w * h <= MAX_PIXELS)
     except Exception:
         return False
 
