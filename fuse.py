@@ -105,6 +105,9 @@ def parse_args(argv=None):
                    help="comma list of corpus sizes (e.g. 1000,3000,10000): train --ops on the first N non-test "
                         "faces and plot test error against N (n_sweep.md/.png)")
     g.add_argument("--synth-size", type=int, default=160, help="pixel size of synth:N faces (the DCGAN draws 64)")
+    g.add_argument("--refit", action="store_true",
+                   help="train every operator again, replacing the fits kept in the cache's fits/ folder (by "
+                        "default a rerun loads the fits it finished and resumes the one a kill cut off)")
     g.add_argument("--extract-only", action="store_true", help="stop after the feature cache is complete")
     return p.parse_args(argv)
 
@@ -139,10 +142,13 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
     loads the ones it had finished (any change of faces, units, recipe or weight starts a new fit)."""
     recipe = recipe_of(args, len(train))
     ckpt = fusion.fit_file(args.out / "fits", op, d_in, d_out, data, train, val, recipe, weight)
+    if args.refit:
+        ckpt.unlink(missing_ok=True)
     bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
     model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device,
                              progress=lambda s: bar.update(s - bar.n), checkpoint=ckpt)
     bar.close()
+    info["fit_file"] = ckpt.name
     if "best_step" in info:
         how = (f" (finished earlier: {ckpt})" if info.get("loaded") else
                f" (resumed at step {info['resumed_from_step']})" if "resumed_from_step" in info else "")
@@ -160,7 +166,7 @@ def reconstruct(model, data: Standardised, rows) -> np.ndarray:
     return np.concatenate(out) * data.std + data.mean
 
 
-def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised, split, args) -> None:
+def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised, split, args, fit: str) -> None:
     """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant).
 
     Written into a new folder that replaces emb/<name> in one atomic switch at the end: a rerun killed
@@ -184,6 +190,7 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
                                           "val_frac": args.val_frac, "test_frac": args.test_frac, "seed": args.seed,
                                           "layout": args.ae_layout, "balance": args.balance,
                                           "split": {k: len(v) for k, v in split.items()}, "model": "G.safetensors",
+                                          "fit": fit, "units": data.fingerprint,
                                           "content_hash": cache.manifest.get("content_hash")}, folder)
 
 
@@ -225,6 +232,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
              f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
              f"{args.ae_layout}")
     data = Standardised(cache, device, fusion.block_units(cache, train))
+    for orphan in (args.out / "fits").glob(".*.tmp"):  # a save cut off by a kill -9 (saves are atomic)
+        orphan.unlink()
     slices = cache.slices()
     x_test = cache.features.take(test).astype(np.float64)
     balanced = fusion.block_weights([t["dim"] for t in cache.teachers])
@@ -248,8 +257,15 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
 
     if not args.extract_only:  # before the sweeps: their hours (or a failure in them) must not cost h_G
         name = write if variants[0] is None else f"{write}+bal"
-        write_hG(cache, write, models[name], write, d_in, data, split, args)
-        log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
+        # A rerun that loaded the very fit (and units) the current h_G came from keeps it: at 4.12 M faces
+        # writing it again is a pass over the cache and 8 GB of writes.
+        done = cache.embedding(write)[1] if write in cache.embedding_names() else {}
+        same = done.get("fit") == infos[name]["fit_file"] and done.get("units") == data.fingerprint
+        if infos[name].get("loaded") and same:
+            log.info(f"h_G ({name}) in {cache.path / 'emb' / write} comes from this same fit: kept as it is")
+        else:
+            write_hG(cache, write, models[name], write, d_in, data, split, args, infos[name]["fit_file"])
+            log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
     if n_sweep:

@@ -520,7 +520,8 @@ def method_features(method, cache, unsup, args, device, student_cfg):
         _, meta = unsup.embedding(name)
         pca = fusion.build("pca", unsup.dim, meta["dim"])
         data = fusion.Standardised(unsup, torch.device("cpu"), unsup.input_stats(name))  # tf's units
-        pca.fit(data.batches(np.flatnonzero(unsup.found), 4096))
+        split = unsup.embedding_dir(name) / "split.npz"  # G's training faces, centred in these units
+        pca.fit_like(data, np.load(split)["train"] if split.exists() else np.flatnonzero(unsup.found))
         return pca.encode(tf.subset(names))
     if method == "bt":
         return Subsets(tf, [(n,) for n in names])

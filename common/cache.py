@@ -90,6 +90,14 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def per_teacher(std: np.ndarray, slices: dict) -> np.ndarray:
+    """Per-dimension spreads replaced by one per teacher block: the RMS of the block's (G's units)."""
+    out = np.empty_like(std)
+    for sl in slices.values():
+        out[sl] = max(float(np.sqrt(np.mean(std[sl] ** 2))), 1e-6)
+    return out
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
@@ -305,15 +313,21 @@ class FeatureCache:
         atomic_write(self.shard_file(k).with_suffix(".meta.npz"), lambda f: np.savez(f, **meta))
         atomic_write(self.shard_file(k), lambda f: np.save(f, features.astype(self.dtype, copy=False)))
 
+    def sums(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """Count, sum and sum of squares (float64, per dimension) of the faces found, from the shards' metadata
+        (computed from the stored values as each shard was written): no pass over the features."""
+        count, s, ss = 0, np.zeros(self.dim), np.zeros(self.dim)
+        for k in range(self.n_shards):
+            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+                count, s, ss = count + int(m["count"]), s + m["sum"], ss + m["sumsq"]
+        return count, s, ss
+
     def finalize(self) -> None:
         """Merge the shards' statistics and mark the cache complete."""
         missing = [k for k in range(self.n_shards) if not self.shard_done(k)]
         if missing:
             raise RuntimeError(f"{self.path}: shards {missing[:10]} not written yet")
-        count, s, ss = 0, np.zeros(self.dim), np.zeros(self.dim)
-        for k in range(self.n_shards):
-            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
-                count, s, ss = count + int(m["count"]), s + m["sum"], ss + m["sumsq"]
+        count, s, ss = self.sums()
         mean = s / max(count, 1)
         std = np.sqrt(np.maximum(ss / max(count, 1) - mean ** 2, 0.0))
         atomic_write(self.path / "stats.npz", lambda f: np.savez(f, mean=mean, std=std, count=count))
@@ -467,14 +481,16 @@ class FeatureCache:
         write_json((folder or self.path / "emb" / name) / "meta.json", meta)
 
     def input_stats(self, name: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """The per-dimension mean and std that G `name` was trained with (its training faces'), which
-        whatever feeds h_i to that G must standardise with; the whole cache's for an h_G written before
-        G kept its own, or without a name."""
-        f = self.embedding_dir(name) / "stats.npz" if name else None
-        if f is None or not f.exists():
-            return self.stats()
-        with np.load(f) as s:
-            return s["mean"], s["std"]
+        """(mean, std) that put h_i in the units of G `name` (fuse.py saves those of its training faces beside
+        h_G), which whatever feeds h_i to that G must use. A G written before it kept its units was trained
+        with the whole cache's std per dimension; without a G (name None), the whole cache's faces in G's
+        kind of units: one spread per teacher."""
+        folder = self.embedding_dir(name) if name else None
+        if folder is not None and (folder / "stats.npz").exists():
+            with np.load(folder / "stats.npz") as s:
+                return s["mean"], s["std"]
+        mean, std = self.stats()
+        return (mean, std) if folder is not None else (mean, per_teacher(std, self.slices()))
 
     def embedding_names(self) -> list[str]:
         root = self.path / "emb"

@@ -110,22 +110,40 @@ def test_G_units_come_from_its_training_faces_and_travel_with_it(fused):
     table = json.loads((fused / "run" / "table5.json").read_text())["nrmse"]["ae"]
     got = fusion.nrmse_per_block(rec, x_test, mean, cache.slices())
     assert all(abs(got[k] - table[k]) < 1e-3 for k in table), (got, table)
-    assert cache.input_stats(None)[0] is not None  # without a name: the whole cache's statistics
+    # Few training faces: their sums are read directly instead of the totals minus the others'.
+    few = split["train"][:3]
+    m3, s3 = fusion.block_units(cache, few)
+    x3 = cache.features.take(few).astype(np.float64)
+    assert np.allclose(m3, x3.mean(0), atol=1e-6)
+    assert all(np.allclose(s3[sl], max(np.sqrt(np.mean(x3[:, sl].var(0))), 1e-6), rtol=1e-5) for sl in cache.slices().values())
+    # Without a G: the whole cache's faces, in the same kind of units (one spread per teacher).
+    m_all, s_all = cache.input_stats(None)
+    assert np.allclose(m_all, cache.stats()[0]) and all(np.ptp(s_all[sl]) == 0 for sl in cache.slices().values())
 
 
 def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
     """G's fits live in the cache's fits/ folder: running fuse.py again (as after a kill) loads each
-    finished one instead of training it, with the same Table 5."""
+    finished one instead of training it, with the same Table 5, and keeps the h_G that same fit wrote;
+    --refit trains again and writes h_G anew."""
     import fuse
 
-    fuse.main(["--data", str(face_dir), "--out", str(fused / "feats"), "--run-dir", str(tmp_path / "again"),
-               "--teachers", CHEAP, "--ops", "ae,vae", "--epochs", "3", "--shard-size", "4", "--dim", "16"])
+    cache = FeatureCache(fused / "feats")
+    version = cache.embedding_dir("ae")
+    (fused / "feats" / "fits" / ".ae-16-cut-off.state.safetensors.tmp").write_bytes(b"half a save")
+    common = ["--data", str(face_dir), "--out", str(fused / "feats"), "--teachers", CHEAP, "--epochs", "3",
+              "--shard-size", "4", "--dim", "16"]
+    fuse.main(common + ["--run-dir", str(tmp_path / "again"), "--ops", "ae,vae,pca"])
     before = json.loads((fused / "run" / "table5.json").read_text())
     after = json.loads((tmp_path / "again" / "table5.json").read_text())
-    assert after["training"]["ae"]["loaded"] and after["training"]["vae"]["loaded"]
-    for op in ("ae", "vae"):
+    assert all(after["training"][op]["loaded"] for op in ("ae", "vae", "pca"))
+    for op in ("ae", "vae", "pca"):
         assert all(abs(after["nrmse"][op][k] - before["nrmse"][op][k]) < 1e-6 for k in before["nrmse"][op])
-    assert "finished earlier" in (tmp_path / "again" / "log.txt").read_text()
+    text = (tmp_path / "again" / "log.txt").read_text()
+    assert "finished earlier" in text and "kept as it is" in text and cache.embedding_dir("ae") == version
+    assert not list((fused / "feats" / "fits").glob(".*.tmp"))  # the orphan of a kill -9 is swept
+    fuse.main(common + ["--run-dir", str(tmp_path / "refit"), "--ops", "ae", "--refit"])
+    refit = json.loads((tmp_path / "refit" / "table5.json").read_text())
+    assert "loaded" not in refit["training"]["ae"] and cache.embedding_dir("ae") != version
 
 
 def test_n_sweep_larger_than_corpus_fails_before_training(fused, face_dir, tmp_path):
