@@ -193,7 +193,8 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
         return 0
     info = json.loads(latest.read_text())
     saved_cfg, tensors = read_checkpoint(run / "ckpt" / info["weights"])
-    differs = {k: (saved_cfg.get(k), v) for k, v in {**student.config, **cfg}.items() if saved_cfg.get(k) != v}
+    differs = {k: (saved_cfg.get(k), v) for k, v in {**student.config, **cfg}.items() if saved_cfg.get(k) != v
+               and (k in saved_cfg or k != "embedding_version")}  # (runs saved before it was recorded)
     if differs:
         raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
                          + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
@@ -276,7 +277,10 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     cfg = {"size": args.size, "embedding": name, "loss": args.loss, "embedding_op": meta.get("op"),
            "seed": args.seed, "batch": args.batch, "world": world, "lr": args.lr, "epochs": args.epochs,
            "steps": args.steps, "teacher_cache": str(Path(args.teacher_cache).resolve()),
-           "crop_size": cache.crop_size}
+           "crop_size": cache.crop_size,
+           # which version of h_G (fuse.py writes each into a folder of its own): a resume must not go on
+           # against targets and units that a fuse.py run has replaced meanwhile
+           "embedding_version": Path(meta["folder"]).name}
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     net.to(device)
     if channels_last:

@@ -230,6 +230,23 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
+    """A fuse.py rerun that writes h_G anew (another G, other units) must not be trained against silently."""
+    import shutil
+
+    cache_path = shutil.copytree(cache_dir, tmp_path / "cache", symlinks=True)
+    common = ["--teacher-cache", str(cache_path), "--steps", "2", "--no-eval", "--stop-at", "1",
+              "--out", str(tmp_path / "r"), *TINY]
+    distill.main(common)
+    cache = FeatureCache(cache_path)
+    old = cache.embedding_dir("ae")
+    with cache.new_embedding("ae") as folder:
+        for f in old.iterdir():
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(SystemExit, match="embedding_version"):
+        distill.main([*common, "--resume"])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
     run = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
