@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from common.cache import per_teacher
-from common.checkpoint import StateError, load_state, rng_state, save_state, set_rng_state
+from common.checkpoint import StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
@@ -411,7 +411,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
                                                                             "done_in_epoch"))
         best_state = {k: v.to(device) for k, v in saved["best_state"].items()}
         rng.bit_generator.state = saved["epoch_rng"]
-        set_rng_state(saved["rng"])
+        _restore_rng(saved["rng"], device)
         info["resumed_from_step"] = step
     last_save = time.monotonic()
     # Checked at each evaluation, not each step: reading the loss back would make the host wait for the
@@ -449,7 +449,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
                     _save_fit(checkpoint, {"done": False, "model": model.state_dict(), "opt": opt.state_dict(),
                                             "sched": sched.state_dict(), "best": best, "best_step": best_step,
                                             "waited": waited, "step": step, "done_in_epoch": done_in_epoch,
-                                            "best_state": best_state, "epoch_rng": epoch_rng, "rng": rng_state()})
+                                            "best_state": best_state, "epoch_rng": epoch_rng, "rng": _rng_of(device)})
                     last_save = time.monotonic()
         else:
             done_in_epoch = 0
@@ -457,6 +457,20 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
     info.update(best_val_mse=best, best_step=best_step, steps_run=step)
     _save_fit(checkpoint, {"done": True, "model": best_state, "info": info})  # no optimizer state: done
     return model.eval(), info
+
+
+def _rng_of(device) -> dict:
+    """The generators a fit draws its noise from: torch's CPU one and, on a GPU, that GPU's (only it: the
+    state then follows the fit to whichever GPU resumes it, and a CPU fit never initialises CUDA)."""
+    device = torch.device(device)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_rng(rng: dict, device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], torch.device(device))
 
 
 def _load_fit(path):
