@@ -385,7 +385,7 @@ class TeacherFeatures:
     """The task's h_i in the units G `embedding` was trained in (standardised with its statistics, which come
     from fuse.py's cache, never from the task's own faces)."""
 
-    def __init__(self, task_cache: FeatureCache, unsup: FeatureCache, embedding: str | None):
+    def __init__(self, task_cache: FeatureCache, unsup: FeatureCache, embedding: str):
         mean, std = unsup.input_stats(embedding)
         x = task_cache.features.take(np.arange(len(task_cache.images))).astype(np.float32)
         self.x = torch.from_numpy((x - mean) / std).float()
@@ -424,6 +424,13 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: --method {','.join(need_teachers)} needs the teachers, their statistics and G "
                          f"of a fuse.py cache: {e}")
+    # The h_G (with its G and units) that the teacher-feature methods read: one, resolved once.
+    embedding = (args.embedding or next(iter(unsup.embedding_names()), None)) if unsup else None
+    if unsup:
+        try:
+            g_dim = unsup.embedding(embedding or "ae")[1]["dim"]
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --method {','.join(need_teachers)} needs G and h_G: {e}")
     teachers = build_teachers([t["name"] for t in unsup.teachers], device) if unsup else []
     if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
         raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
@@ -444,8 +451,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
     if task.kind == "verification":
         selection = "the folds that pick each fold's threshold (never the tested fold)"
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
-    g_widths = (fusion.layer_widths(unsup.dim, unsup.embedding(args.embedding or unsup.embedding_names()[0])[1]["dim"])
-                if unsup else None)
+    g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
     results = {}
     for method in methods:
         if method == "multitask":
@@ -458,7 +464,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
             continue
         if method == "kd":
             raise SystemExit(f"{task.name}: kd distils into landmark and verification tasks only")
-        features = method_features(method, cache, unsup, args, device, student_cfg)
+        features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log)
         else:
@@ -493,7 +499,7 @@ def student_config(args, methods, log) -> dict | None:
     return None
 
 
-def method_features(method, cache, unsup, args, device, student_cfg):
+def method_features(method, cache, unsup, name, args, device, student_cfg):
     """The fixed features a method reads: a tensor, or {candidate name: tensor} for the selections."""
     if method in ("finetune", "scratch"):
         return None
@@ -507,7 +513,6 @@ def method_features(method, cache, unsup, args, device, student_cfg):
         return torch_teachers
     if method == "frozen":
         return student_embeddings(cache, args, device, student_cfg)
-    name = args.embedding or next(iter(unsup.embedding_names()), None)
     tf = TeacherFeatures(cache, unsup, name)
     names = [t["name"] for t in unsup.teachers]
     if method == "concat":

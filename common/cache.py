@@ -73,16 +73,21 @@ class CacheMismatch(Exception):
     """The cache on disk was written for other teachers or other images."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(fileobj) on a temp file beside path, fsync it, then rename it over path."""
+@contextmanager
+def atomic_file(path: Path):
+    """A temp path beside path to write; when the block ends, it is synced and renamed over path (removed
+    instead if the block raised), so path is only ever the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -90,12 +95,10 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def per_teacher(std: np.ndarray, slices: dict) -> np.ndarray:
-    """Per-dimension spreads replaced by one per teacher block: the RMS of the block's (G's units)."""
-    out = np.empty_like(std)
-    for sl in slices.values():
-        out[sl] = max(float(np.sqrt(np.mean(std[sl] ** 2))), 1e-6)
-    return out
+def atomic_write(path: Path, write) -> None:
+    """Call write(fileobj) on a temp file beside path, fsync it, then rename it over path."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_json(path: Path, obj) -> None:
@@ -480,17 +483,15 @@ class FeatureCache:
     def write_embedding_meta(self, name: str, meta: dict, folder: Path | None = None) -> None:
         write_json((folder or self.path / "emb" / name) / "meta.json", meta)
 
-    def input_stats(self, name: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def input_stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) that put h_i in the units of G `name` (fuse.py saves those of its training faces beside
         h_G), which whatever feeds h_i to that G must use. A G written before it kept its units was trained
-        with the whole cache's std per dimension; without a G (name None), the whole cache's faces in G's
-        kind of units: one spread per teacher."""
-        folder = self.embedding_dir(name) if name else None
-        if folder is not None and (folder / "stats.npz").exists():
-            with np.load(folder / "stats.npz") as s:
-                return s["mean"], s["std"]
-        mean, std = self.stats()
-        return (mean, std) if folder is not None else (mean, per_teacher(std, self.slices()))
+        with the whole cache's std per dimension."""
+        f = self.embedding_dir(name) / "stats.npz"
+        if not f.exists():
+            return self.stats()
+        with np.load(f) as s:
+            return s["mean"], s["std"]
 
     def embedding_names(self) -> list[str]:
         root = self.path / "emb"

@@ -15,16 +15,14 @@ wrote yourself, convert them in place (the student weights are already safetenso
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.cache import write_json
+from common.cache import atomic_file, write_json
 
 FORMAT = "facekd-state/1"
 STATE_SUFFIX = ".state.safetensors"
@@ -83,28 +81,15 @@ def _decode(obj, tensors: dict):
 
 # ---------------------------------------------------------------------------------- files
 def save_state(path, state) -> None:
-    """Write state (nested dicts/lists/tuples of tensors, arrays and plain values) to path, atomically:
-    a temp file beside it, synced, then renamed over it. Written by safetensors straight to that file,
-    not built in memory first (a fit of G at the paper's widths is 0.8 GB)."""
+    """Write state (nested dicts/lists/tuples of tensors, arrays and plain values) to path, atomically.
+    Written by safetensors straight to the file, not built in memory first (a fit of G at the paper's
+    widths is 0.8 GB)."""
     from safetensors.torch import save_file
 
     tensors = {}
     meta = {"format": FORMAT, "state": json.dumps(_encode(state, tensors))}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state(path):

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cache import per_teacher
 from common.checkpoint import StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -203,8 +202,7 @@ class PCA(nn.Module):
         width and sweep of a run starts from the same PCA, and at 4.12 M faces each fit is a full pass over
         the cache (the two most recent kept: the plain and the teacher-balanced weights)."""
         memo = data.__dict__.setdefault("_pca_axes", {})
-        key = (hashlib.sha1(np.ascontiguousarray(rows, np.int64).tobytes()).hexdigest(),
-               hashlib.sha1(self.weight.detach().cpu().numpy().tobytes()).hexdigest(), str(self.weight.device))
+        key = (_sha(np.asarray(rows, np.int64)), _sha(self.weight.detach().cpu().numpy()), str(self.weight.device))
         if key not in memo:
             while len(memo) >= 2:
                 memo.pop(next(iter(memo)))
@@ -349,7 +347,8 @@ def fit_file(folder, op, d_in, d_out, data, train, val, recipe: Recipe, weight=N
     """Where the fit with exactly these inputs keeps its state: any change of faces, their units, the cache's
     content, the recipe, the loss weight, this module's source or torch's version gives another file."""
     w = np.ones(d_in, np.float32) if weight is None else np.asarray(weight, np.float32)
-    key = json.dumps({"format": FIT_FORMAT, "code": _CODE, "op": op, "d_in": d_in, "d_out": d_out, "recipe": {k: v for k, v in vars(recipe).items() if k != "checkpoint_s"},
+    recipe = {k: v for k, v in vars(recipe).items() if k != "checkpoint_s"}  # how often it saves is no matter
+    key = json.dumps({"format": FIT_FORMAT, "code": _CODE, "op": op, "d_in": d_in, "d_out": d_out, "recipe": recipe,
                       "data": data.fingerprint, "rows": _sha(np.asarray(train, np.int64), np.asarray(val, np.int64)),
                       "weight": _sha(w)}, sort_keys=True)
     return Path(folder) / f"{op}-{d_out}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.state.safetensors"
@@ -565,7 +564,10 @@ def block_units(cache, rows) -> tuple[np.ndarray, np.ndarray]:
     else:
         s, ss = column_sums(cache.features, rows)
     mean = s / len(rows)
-    return mean, per_teacher(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), cache.slices())
+    std = np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0))
+    for sl in cache.slices().values():
+        std[sl] = max(float(np.sqrt(np.mean(std[sl] ** 2))), 1e-6)
+    return mean, std
 
 
 class Standardised:

@@ -150,6 +150,12 @@ def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_pat
     with pytest.raises(SystemExit, match=r"--method fused,bt needs .* fuse.py cache.*python fuse.py --data DIR "
                                          r"--cache .*no-cache"):
         transfer.main([*base, "--method", "fused,bt"])
+    # A fuse.py cache without h_G (--extract-only): said, with the command that writes it, not a traceback.
+    import shutil
+
+    bare = shutil.copytree(fused / "feats", tmp_path / "bare", ignore=shutil.ignore_patterns("emb", "fits"))
+    with pytest.raises(SystemExit, match=r"--method concat needs G and h_G: .* holds no fused embedding .*run fuse.py"):
+        transfer.main([*base[:-1], str(bare), "--method", "concat"])
 
 
 def test_selection_without_a_validation_split_is_carved_from_training(tmp_path, fused, student_ckpt):
