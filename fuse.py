@@ -141,7 +141,7 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
     Its state is kept in the cache's fits/ folder: a rerun of a killed run resumes the fit it was in and
     loads the ones it had finished (any change of faces, units, recipe or weight starts a new fit)."""
     recipe = recipe_of(args, len(train))
-    ckpt = fusion.fit_file(args.out / "fits", op, d_in, d_out, data, train, val, recipe, weight)
+    ckpt = fusion.fit_file(fusion.fits_folder(args.out / "fits"), op, d_in, d_out, data, train, val, recipe, weight)
     if args.refit:
         ckpt.unlink(missing_ok=True)
     bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
@@ -232,8 +232,9 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
              f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
              f"{args.ae_layout}")
     data = Standardised(cache, device, fusion.block_units(cache, train))
-    for orphan in (args.out / "fits").glob(".*.tmp"):  # a save cut off by a kill -9 (saves are atomic)
-        orphan.unlink()
+    freed = fusion.prune_fits(args.out / "fits")
+    if freed:
+        log.info(f"fits/: removed {freed / 2**20:.1f} MiB of fit states no fit of this version can read")
     slices = cache.slices()
     x_test = cache.features.take(test).astype(np.float64)
     balanced = fusion.block_weights([t["dim"] for t in cache.teachers])

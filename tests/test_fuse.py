@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import synth
+from common import fusion, synth
 from common.cache import FeatureCache
 from tests.conftest import CHEAP
 
@@ -126,7 +126,11 @@ def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
 
     cache = FeatureCache(fused / "feats")
     version = cache.embedding_dir("ae")
-    (fused / "feats" / "fits" / ".ae-16-cut-off.state.safetensors.tmp").write_bytes(b"half a save")
+    fits = fused / "feats" / "fits"
+    (fusion.fits_folder(fits) / ".ae-16-cut-off.state.safetensors.tmp").write_bytes(b"half a save")
+    (fits / "v1-0123456789abcdef").mkdir()  # another version of fusion.py or torch: never read again
+    (fits / "v1-0123456789abcdef" / "ae-16-0123.state.safetensors").write_bytes(b"x" * 1000)
+    (fits / "ae-16-0123456789abcdef.state.safetensors").write_bytes(b"x")  # the flat layout of before
     common = ["--data", str(face_dir), "--out", str(fused / "feats"), "--teachers", CHEAP, "--epochs", "3",
               "--shard-size", "4", "--dim", "16"]
     fuse.main(common + ["--run-dir", str(tmp_path / "again"), "--ops", "ae,vae,pca"])
@@ -137,7 +141,9 @@ def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
         assert all(abs(after["nrmse"][op][k] - before["nrmse"][op][k]) < 1e-6 for k in before["nrmse"][op])
     text = (tmp_path / "again" / "log.txt").read_text()
     assert "finished earlier" in text and "kept as it is" in text and cache.embedding_dir("ae") == version
-    assert not list((fused / "feats" / "fits").glob(".*.tmp"))  # the orphan of a kill -9 is swept
+    assert [p.name for p in fits.iterdir()] == [fusion.fits_folder(fits).name]  # the dead states are removed
+    assert not list(fusion.fits_folder(fits).glob(".*.tmp"))  # the orphan of a kill -9 is swept
+    assert "of fit states no fit of this version can read" in text
     fuse.main(common + ["--run-dir", str(tmp_path / "refit"), "--ops", "ae", "--refit"])
     refit = json.loads((tmp_path / "refit" / "table5.json").read_text())
     assert "loaded" not in refit["training"]["ae"] and cache.embedding_dir("ae") != version
