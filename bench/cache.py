@@ -5,11 +5,19 @@ Writes a cache of random fp16 rows in the real layout (FeatureCache.write_shard)
   - random rows: batches of random rows gathered by ShardedArray.take  vs  np.load(mmap) + fancy index
 Reads are from the page cache (the files were just written): the figures measure the code path, not the disk.
 
-  python bench/cache.py --rows 65536 --dim 3216
+Then the crop store (--crops N; 0 skips it): random batches of 128x128x3 crops read by --workers processes,
+as distill.py's loader workers read them, through memory maps against positioned reads (ShardedArray's
+direct mode, which FeatureCache.crops uses), each from a cold page cache (every shard's pages dropped with
+posix_fadvise before the timing: at the paper's 4.12 M faces the store is 203 GB, more than the memory of
+the machines it trains on) and from a warm one.
+
+  python bench/cache.py --rows 65536 --dim 3216 --crops 65536 --workers 1,4,8
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import platform
 import sys
 import tempfile
@@ -21,7 +29,7 @@ import numpy as np
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.cache import FeatureCache  # noqa: E402
+from common.cache import FeatureCache, ShardedArray  # noqa: E402
 
 
 @dataclass
@@ -48,7 +56,78 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256, help="rows per random batch")
     p.add_argument("--batches", type=int, default=200, help="random batches per timing")
     p.add_argument("--repeat", type=int, default=5, help="timings per measurement (median reported)")
+    p.add_argument("--crops", type=int, default=65536, help="crops in the crop-store benchmark (48 kB each; 0: skip)")
+    p.add_argument("--crop-batches", type=int, default=4,
+                   help="random batches each reader process takes per timing; few against the store, so that a cold "
+                        "read lands where nothing was read before, as in an epoch over a store larger than memory")
+    p.add_argument("--workers", default="1,4", help="reader processes for the crop store, a comma list")
     args = p.parse_args(argv)
+    features(args)
+    if args.crops:
+        crop_store(args)
+
+
+def _read_crops(job):
+    arr, batches = job
+    for b in batches:
+        arr.take(b)
+
+
+def _evict(files) -> bool:
+    """Drop the files' pages from the page cache (Linux); False where that cannot be done."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def crop_store(args, size: int = 128):
+    workers = [int(w) for w in str(args.workers).split(",")]
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        files, bounds = [], [0]
+        for k, start in enumerate(range(0, args.crops, args.shard_size)):
+            n = min(args.shard_size, args.crops - start)
+            files.append(Path(tmp) / f"{k:05d}.npy")
+            store = np.lib.format.open_memmap(files[-1], "w+", np.uint8, (n, size, size, 3))
+            store[:] = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+            store.flush()
+            del store
+            bounds.append(start + n)
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        for n in workers:
+            jobs = [[rng.integers(0, args.crops, args.batch) for _ in range(args.crop_batches)]
+                    for _ in range(n)]
+            crops = n * len(jobs[0]) * args.batch
+            row = [n]
+            for state in ("cold", "warm"):
+                for direct in (False, True):
+                    arr = ShardedArray(files, np.array(bounds), direct=direct)
+                    if state == "cold" and not _evict(files):
+                        row.append("not measured")
+                        continue
+                    if state == "warm":
+                        for f in files:  # every page in memory
+                            np.load(f)
+                    with ctx.Pool(n) as pool:
+                        t0 = time.perf_counter()
+                        pool.map(_read_crops, [(arr, j) for j in jobs])
+                        row.append(crops / (time.perf_counter() - t0))
+            ratio = [f"{b / a:.2f}x" if not isinstance(a, str) else "-" for a, b in ((row[1], row[2]), (row[3], row[4]))]
+            table.append(row + ratio)
+    print(f"\ncrop store: {args.crops} crops of {size}x{size}x3 ({args.crops * size * size * 3 / 1e9:.2f} GB), shards "
+          f"of {args.shard_size}, random batches of {args.batch}, crops/s over all reader processes")
+    print(tabulate(table, headers=["workers", "cold, maps", "cold, direct", "warm, maps", "warm, direct",
+                                   "direct/maps cold", "direct/maps warm"], tablefmt="github", floatfmt=",.0f"))
+
+
+def features(args):
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

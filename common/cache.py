@@ -67,6 +67,7 @@ def _open_budget() -> int:
 
 
 MAX_OPEN = _open_budget()
+IOV_MAX = 1024  # buffers one os.preadv may take (POSIX's minimum, Linux's value)
 
 
 class CacheMismatch(Exception):
@@ -165,10 +166,18 @@ class PathArray:
 class ShardedArray:
     """Rows spread over several .npy shards, read through memory maps opened when first needed; at
     most max_open (default MAX_OPEN) stay open, the least recently used closed first, so no number
-    of shards can exhaust the process's file descriptors."""
+    of shards can exhaust the process's file descriptors.
+
+    direct=True: take() reads its rows with positioned reads (os.preadv straight into the result, one
+    call per run of consecutive rows) instead of through the maps. For rows of many pages read at
+    random from more data than memory holds, i.e. the crop store at the paper's scale (203 GB for
+    4.12 M faces): through a map, each page of a row not in memory is a synchronous fault, and the
+    kernel's read-around pulls in up to read_ahead_kb around each. Random 48 kB crops of a cold store,
+    bench/cache.py on the 2-core VM: see BENCHMARKS.md."""
     files: list[Path]
     bounds: np.ndarray  # shard k holds rows bounds[k]:bounds[k+1]
     max_open: int | None = None
+    direct: bool = False
 
     def __post_init__(self):
         self._maps = OrderedDict()
@@ -199,6 +208,52 @@ class ShardedArray:
     def shape(self):
         return (len(self), *self.shard(0).shape[1:])
 
+    def _file(self, k: int):
+        """Shard k opened for positioned reads: (unbuffered file, offset of row 0, bytes a row). The file
+        object, not a bare descriptor, so that one evicted under another thread's read closes only when
+        that read lets go of it."""
+        with self._lock:
+            key = ("file", k)
+            if key in self._maps:
+                self._maps.move_to_end(key)
+                return self._maps[key]
+        f = open(self.files[k], "rb", buffering=0)
+        fmt = np.lib.format
+        try:
+            version = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+        except ValueError as e:
+            f.close()
+            raise ValueError(f"{self.files[k]}: not a .npy file ({e})") from None
+        if fortran:
+            f.close()
+            raise ValueError(f"{self.files[k]} is not stored in C order")
+        entry = (f, f.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+        with self._lock:
+            if len(self._maps) >= self.max_open:
+                self._maps.popitem(last=False)
+            self._maps[key] = entry
+        return entry
+
+    def _read_direct(self, k: int, local: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """out[dest] = rows `local` of shard k, each distinct row read once, consecutive ones in one call."""
+        f, offset, stride = self._file(k)
+        order = np.argsort(local, kind="stable")
+        local, dest = local[order], dest[order]
+        first = np.r_[True, local[1:] != local[:-1]]
+        rows, into = local[first], dest[first]
+        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+        for run in runs:
+            for s in range(0, len(run), IOV_MAX):
+                part = run[s:s + IOV_MAX]
+                bufs = [memoryview(out[j]).cast("B") for j in into[part]]
+                got = os.preadv(f.fileno(), bufs, offset + int(rows[part[0]]) * stride)
+                if got != len(part) * stride:
+                    raise OSError(f"{self.files[k]}: short read ({got} of {len(part) * stride} bytes at row "
+                                  f"{rows[part[0]]}); the file is truncated")
+        if not first.all():  # a row asked for twice: copied from its first place
+            out[dest[~first]] = out[into[np.cumsum(first)[~first] - 1]]
+
     def take(self, rows) -> np.ndarray:
         """Rows in the order asked, gathered shard by shard so each map is touched once."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -206,7 +261,10 @@ class ShardedArray:
         which = np.searchsorted(self.bounds, rows, side="right") - 1
         for k in np.unique(which):
             sel = which == k
-            out[sel] = self.shard(k)[rows[sel] - self.bounds[k]]
+            if self.direct and hasattr(os, "preadv"):
+                self._read_direct(int(k), rows[sel] - self.bounds[k], out, np.flatnonzero(sel))
+            else:
+                out[sel] = self.shard(k)[rows[sel] - self.bounds[k]]
         return out
 
 
@@ -398,11 +456,11 @@ class FeatureCache:
 
     @property
     def crops(self) -> ShardedArray:
-        """The crop store: (rows, S, S, 3) uint8 canonical crops, memory-mapped."""
+        """The crop store: (rows, S, S, 3) uint8 canonical crops, read with positioned reads (direct)."""
         if not self.crop_size:
             raise CacheMismatch(f"the cache at {self.path} has no crop store (written with crop size 0): "
                                 f"rebuild it with fuse.py to train or transfer from it")
-        return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds)
+        return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds, direct=True)
 
     def verify_crops(self) -> list[int]:
         """Shards whose crop file no longer matches the sha256 the manifest recorded (empty: all intact)."""
