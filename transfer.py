@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.cache import FeatureCache, write_json, write_missed
 from common.extract import Options, extract
-from common.facedata import aug_params, augment, first, resize
+from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
@@ -184,7 +184,8 @@ def face_batches(cache, rows, labels, size, train, args, device):
     def it():
         for crops, t in dl:
             crops = crops.to(device, non_blocking=True)
-            x = augment(crops, torch.from_numpy(aug_params(rng, len(crops))), size) if train else resize(crops, size)
+            params = torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS))))
+            x = augment(crops, params, size) if train else resize(crops, size)
             yield x, t.to(device)
     return it
 

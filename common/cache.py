@@ -162,11 +162,55 @@ class PathArray:
         return list(self).index(path)
 
 
+def _open_rows(path):
+    f = open(path, "rb", buffering=0)
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    except ValueError as e:
+        f.close()
+        raise ValueError(f"{path}: not a .npy file ({e})") from None
+    if fortran:
+        f.close()
+        raise ValueError(f"{path} is not stored in C order")
+    return f, f.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+
+
+class OpenFiles:
+    """Shard files held open (memory maps, files for positioned reads), at most `budget` of them, the least
+    recently used closed first (a map or file still in use closes when its user lets go of it)."""
+
+    def __init__(self, budget: int):
+        self.budget, self._open, self._lock = budget, OrderedDict(), threading.Lock()
+
+    def get(self, key, opener):
+        with self._lock:
+            if key in self._open:
+                self._open.move_to_end(key)
+                return self._open[key]
+        handle = opener()  # outside the lock: opening may take a disk read
+        with self._lock:
+            while len(self._open) >= self.budget:
+                self._open.popitem(last=False)
+            self._open[key] = handle
+            return handle
+
+    def __len__(self):
+        return len(self._open)
+
+
+# One budget for the process: a loader worker reads crops and targets, evaluation crops and features,
+# each array of up to ~1,000 shards at 4.12 M faces, and a budget per array let them add up past the limit.
+OPEN_FILES = OpenFiles(MAX_OPEN)
+
+
 @dataclass
 class ShardedArray:
-    """Rows spread over several .npy shards, read through memory maps opened when first needed; at
-    most max_open (default MAX_OPEN) stay open, the least recently used closed first, so no number
-    of shards can exhaust the process's file descriptors.
+    """Rows spread over several .npy shards, read through memory maps opened when first needed. The shard
+    files open at once are bounded for the whole process (OPEN_FILES, the least recently used closed first;
+    max_open gives an array a budget of its own), so no number of shards or arrays can exhaust the
+    process's file descriptors.
 
     direct=True: take() reads its rows with positioned reads (os.preadv straight into the result, one
     call per run of consecutive rows) instead of through the maps. For rows of many pages read at
@@ -180,26 +224,19 @@ class ShardedArray:
     direct: bool = False
 
     def __post_init__(self):
-        self._maps = OrderedDict()
-        self._lock = threading.Lock()  # a reader thread (fusion's read-ahead) and the main one share the maps
-        self.max_open = self.max_open or MAX_OPEN
+        # thread-safe: fusion's read-ahead thread and the main one read the same arrays
+        self._maps = OPEN_FILES if self.max_open is None else OpenFiles(self.max_open)
 
-    def __getstate__(self):  # to another process (a spawned loader worker): the paths, not the maps
-        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+    def __getstate__(self):  # to another process (a spawned loader worker): the paths, not the open files
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__post_init__()
 
     def shard(self, k: int) -> np.ndarray:
-        with self._lock:
-            if k in self._maps:
-                self._maps.move_to_end(k)
-            else:
-                if len(self._maps) >= self.max_open:
-                    self._maps.popitem(last=False)  # its map (and file descriptor) closes with the last view
-                self._maps[k] = np.load(self.files[k], mmap_mode="r")
-            return self._maps[k]
+        path = str(self.files[k])
+        return self._maps.get(("map", path), lambda: np.load(path, mmap_mode="r"))
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
@@ -212,34 +249,12 @@ class ShardedArray:
         """Shard k opened for positioned reads: (unbuffered file, offset of row 0, bytes a row). The file
         object, not a bare descriptor, so that one evicted under another thread's read closes only when
         that read lets go of it."""
-        with self._lock:
-            key = ("file", k)
-            if key in self._maps:
-                self._maps.move_to_end(key)
-                return self._maps[key]
-        f = open(self.files[k], "rb", buffering=0)
-        fmt = np.lib.format
-        try:
-            version = fmt.read_magic(f)
-            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-        except ValueError as e:
-            f.close()
-            raise ValueError(f"{self.files[k]}: not a .npy file ({e})") from None
-        if fortran:
-            f.close()
-            raise ValueError(f"{self.files[k]} is not stored in C order")
-        entry = (f, f.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
-        with self._lock:
-            if len(self._maps) >= self.max_open:
-                self._maps.popitem(last=False)
-            self._maps[key] = entry
-        return entry
+        return self._maps.get(("file", str(self.files[k])), lambda: _open_rows(self.files[k]))
 
     def _read_direct(self, k: int, local: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """out[dest] = rows `local` of shard k, each distinct row read once, consecutive ones in one call."""
+        """out[dest] = rows `local` (ascending) of shard k, each distinct row read once, consecutive ones in
+        one call."""
         f, offset, stride = self._file(k)
-        order = np.argsort(local, kind="stable")
-        local, dest = local[order], dest[order]
         first = np.r_[True, local[1:] != local[:-1]]
         rows, into = local[first], dest[first]
         runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
@@ -255,16 +270,22 @@ class ShardedArray:
             out[dest[~first]] = out[into[np.cumsum(first)[~first] - 1]]
 
     def take(self, rows) -> np.ndarray:
-        """Rows in the order asked, gathered shard by shard so each map is touched once."""
+        """Rows in the order asked, gathered shard by shard so each shard is touched once (the rows sorted
+        once and cut at the shard bounds: a random batch at 4.12 M faces touches hundreds of shards)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.shard(0).dtype)
-        which = np.searchsorted(self.bounds, rows, side="right") - 1
-        for k in np.unique(which):
-            sel = which == k
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        if len(rows) and (ranked[0] < 0 or ranked[-1] >= len(self)):
+            raise IndexError(f"rows {ranked[0]}..{ranked[-1]} asked of an array of {len(self)}")
+        cuts = np.searchsorted(ranked, self.bounds)
+        for k in np.flatnonzero(cuts[1:] > cuts[:-1]):
+            dest = order[cuts[k]:cuts[k + 1]]
+            local = ranked[cuts[k]:cuts[k + 1]] - self.bounds[k]
             if self.direct and hasattr(os, "preadv"):
-                self._read_direct(int(k), rows[sel] - self.bounds[k], out, np.flatnonzero(sel))
+                self._read_direct(int(k), local, out, dest)
             else:
-                out[sel] = self.shard(k)[rows[sel] - self.bounds[k]]
+                out[dest] = self.shard(k)[local]
         return out
 
 
@@ -480,8 +501,10 @@ class FeatureCache:
         """(row, reason) of every image without a usable face, read shard by shard (reasons stay on disk)."""
         for k in range(self.n_shards):
             with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
-                for i in np.flatnonzero(~m["found"]):
-                    yield int(self.bounds[k] + i), str(m["reason"][i])
+                missed = np.flatnonzero(~m["found"])
+                reasons = m["reason"] if len(missed) else None  # m[...] reads the array anew at each access
+                for i in missed:
+                    yield int(self.bounds[k] + i), str(reasons[i])
 
     def content_hash(self) -> str:
         """sha256 over every row's sha1 of the image bytes it was computed from (in row order): two caches

@@ -267,6 +267,29 @@ def test_open_files_bounded(tmp_path):
     assert len(arr._maps) == 8 and len(os.listdir("/proc/self/fd")) - before <= 8
 
 
+def test_arrays_share_one_open_file_budget(tmp_path, monkeypatch):
+    """A loader worker reads crops (positioned reads) and targets (maps) at once: the process's budget
+    bounds both together, where a budget per array let them add up past the open-file limit."""
+    import os
+
+    import common.cache
+
+    monkeypatch.setattr(common.cache, "OPEN_FILES", common.cache.OpenFiles(10))
+    arrays = []
+    for name, direct in (("a", False), ("b", True)):
+        files = []
+        for i in range(30):
+            files.append(tmp_path / f"{name}{i}.npy")
+            np.save(files[-1], np.full((2, 3), i, np.float32))
+        arrays.append(ShardedArray(files, np.arange(0, 62, 2), direct=direct))
+    before = len(os.listdir("/proc/self/fd"))
+    rows = np.random.default_rng(0).permutation(60)
+    for _ in range(3):
+        for arr in arrays:
+            assert np.array_equal(arr.take(rows)[:, 0], rows // 2)
+    assert len(common.cache.OPEN_FILES) == 10 and len(os.listdir("/proc/self/fd")) - before <= 10
+
+
 def test_rows_read_from_threads_and_after_pickling(tmp_path):
     """fusion reads the next batches in a thread while the main one reads validation rows: the map cache is
     shared, and evicting under another reader must not give wrong rows. A pickled copy (a spawned loader
@@ -301,7 +324,7 @@ def test_a_million_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # 2,000 small files: durability is not under test
     monkeypatch.setattr(common.cache, "list_hash", lambda root, images: "-")  # 1 M stats of absent files
     # By default up to half the open-file limit stay open (all 977 here); a bound of 64 shows it holds.
-    monkeypatch.setattr(common.cache, "MAX_OPEN", 64)
+    monkeypatch.setattr(common.cache, "OPEN_FILES", common.cache.OpenFiles(64))
     names = [f"d{i // 1000:04d}/img{i:07d}.jpg" for i in range(n)]
     cache = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, names, [Meta("a", 4, "a:1")], shard_size=shard,
                                           crop_size=0)  # features only

@@ -347,6 +347,35 @@ def test_sample_seeds_vectorised():
     assert (a != sample_seeds(0, 4, rows)).mean() > 0.999 and (a != sample_seeds(1, 3, rows)).mean() > 0.999
 
 
+def test_seed_uniforms_and_epoch_order():
+    """Each sample's augmentation uniforms are a function of its seed alone (so any batching and any worker
+    count draw the same), spread evenly over [0, 1); the sampler keeps DistributedSampler's order, in numpy."""
+    import torch
+
+    from common.facedata import EpochSampler, aug_params, seed_uniforms
+
+    seeds = np.arange(100_000) * 7919 + 3
+    u = seed_uniforms(seeds)
+    assert u.shape == (len(seeds), 10) and (u >= 0).all() and (u < 1).all()
+    assert np.array_equal(u[[4, 99]], seed_uniforms(seeds[[4, 99]]))
+    assert np.abs(u.mean(0) - 0.5).max() < 0.01 and np.abs(np.corrcoef(u.T) - np.eye(10)).max() < 0.02
+    p = aug_params(u)
+    assert 0.04 < p[:, 9].mean() < 0.06 and 0.49 < p[:, 4].mean() < 0.51 and (np.abs(p[:, 5]) <= 10).all()
+
+    class Rows(torch.utils.data.Dataset):
+        rows = np.arange(1000, 1103)
+
+        def __len__(self):
+            return len(self.rows)
+
+    for world, rank in ((1, 0), (4, 3)):
+        ours = EpochSampler(Rows(), seed=5, rank=rank, world=world)
+        ref = torch.utils.data.DistributedSampler(Rows(), num_replicas=world, rank=rank, seed=5)
+        ours.set_position(2, 7)
+        ref.set_epoch(2)
+        assert [pos for pos, _ in ours] == list(ref)[7:]
+
+
 # ------------------------------------------------------------------------------------------ crop store
 class ImageCrops:
     """The crops as the images give them (decode, warp with the cached matrix, shrink): what the loader
