@@ -541,10 +541,9 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
                g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
     candidates = features if isinstance(features, Mapping) else {None: features}
-    best, search, entries = None, {}, {}
+    outs, vals, search = {}, {}, {}
     for name, feats in candidates.items():
-        preds = np.zeros(len(data.samples)) if task.kind != "multilabel" else np.zeros(y.shape)
-        per_split, val_scores = [], []
+        outs[name], vals[name] = [], []
         for split in tqdm(splits, desc=f"{method} {name or ''}".strip(), unit="split", disable=None, leave=False):
             if method in ("finetune", "scratch", "pcnn", "etl"):
                 out, vs = run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg,
@@ -552,31 +551,55 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
             else:
                 out, vs = run_on_features(task, feats, y, lo_hi, split, found, n_out, args,
                                           widths=g_widths if method == "concat" else None)
-            out = tasks.missed_face_rule(task, out, ~found[split.test], lo_hi)
-            preds[split.test] = out
-            per_split.append(score(task, out, y_true[split.test]))
-            if vs is not None:
-                val_scores.append(vs)
-        tested = np.concatenate([s.test for s in splits])
-        # Leave-one-out protocols pool every held-out prediction before scoring (the usual FG-NET MAE).
-        value = score(task, preds[tested], y_true[tested]) if len(splits) > 1 else per_split[0]
-        val = float(np.mean(val_scores)) if len(val_scores) == len(splits) else None
-        missed_test = int(sum((~found[s.test]).sum() for s in splits))
-        entry = {"metric": task.metric, "value": float(value), "per_split": per_split, "val": val, "chosen": name,
-                 "n_test": int(len(tested)), "missed_test": missed_test}
-        search[name] = {"value": float(value), "val": val}
-        entries[name] = entry
-        # Candidates are ranked on validation only; one without a validation score (no validation face
-        # found) cannot win over one that has it, and the test score never takes part.
-        if best is None or (val is not None and (best[0] is None or better(task, val, best[0]))):
-            best = (val, entry)
-    if method == "etl":  # not the best score: the smallest network that keeps the score, on validation
-        pick, rule = prune.choose({feats: search[n] for n, feats in candidates.items()},
-                                  task.metric not in metrics.LOWER_IS_BETTER, args.etl_keep)
-        best = (None, {**entries[f"{pick:g}"], "rule": rule})
+            outs[name].append(tasks.missed_face_rule(task, out, ~found[split.test], lo_hi))
+            vals[name].append(vs)
+        search[name] = {"value": pooled_score(task, splits, outs[name], y_true), "val": mean_val(vals[name])}
+    # Each split picks its candidate on its own validation faces: with several splits (leave-one-person-out),
+    # one pick for all by the mean validation score would let every split's test person, which sits in the
+    # other splits' validation sets, take part in the choice.
+    picks = []
+    for i in range(len(splits)):
+        if method == "etl":  # not the best score: the smallest network that keeps the score, on validation
+            ratio, rule = prune.choose({feats: {"val": vals[n][i]} for n, feats in candidates.items()},
+                                       task.metric not in metrics.LOWER_IS_BETTER, args.etl_keep)
+            picks.append((f"{ratio:g}", rule))
+            continue
+        # one without a validation score (no validation face found) cannot win over one that has it
+        best = None
+        for name in candidates:
+            v = vals[name][i]
+            if best is None or (v is not None and (vals[best][i] is None or better(task, v, vals[best][i]))):
+                best = name
+        picks.append((best, None))
+    names = [n for n, _ in picks]
+    chosen_outs = [outs[n][i] for i, n in enumerate(names)]
+    chosen_vals = [vals[n][i] for i, n in enumerate(names)]
+    entry = {"metric": task.metric, "value": pooled_score(task, splits, chosen_outs, y_true),
+             "per_split": [score(task, o, y_true[sp.test]) for o, sp in zip(chosen_outs, splits)],
+             "val": mean_val(chosen_vals), "chosen": names[0] if len(set(names)) == 1 else ",".join(map(str, names)),
+             "n_test": int(sum(len(sp.test) for sp in splits)),
+             "missed_test": int(sum((~found[sp.test]).sum() for sp in splits))}
+    if len(set(names)) > 1:
+        entry["chosen_per_split"] = names
+    if picks[0][1]:
+        entry["rule"] = picks[0][1]
+    if len(candidates) > 1 and method != "etl" and any(v is None for v in chosen_vals):
+        entry["note"] = "a split without a validation score shows its first candidate: nothing was chosen there"
     if len(candidates) > 1:
-        best[1]["search"] = search  # every candidate's score, for the record of the brute-force search
-    return best[1]
+        entry["search"] = search  # every candidate's score, for the record of the brute-force search
+    return entry
+
+
+def pooled_score(task, splits, outs, y_true) -> float:
+    """Leave-one-out protocols pool every held-out prediction before scoring (the usual FG-NET MAE)."""
+    if len(splits) == 1:
+        return float(score(task, outs[0], y_true[splits[0].test]))
+    tested = np.concatenate([sp.test for sp in splits])
+    return float(score(task, np.concatenate(outs), y_true[tested]))
+
+
+def mean_val(values) -> float | None:
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
 def verification(task, data, features, found, log) -> dict:
@@ -586,7 +609,7 @@ def verification(task, data, features, found, log) -> dict:
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     candidates = features if isinstance(features, Mapping) else {None: features}
-    best, search = None, {}
+    search, per_fold, missed = {}, {}, {}
     for name, feats in candidates.items():
         if not isinstance(feats, torch.Tensor):
             raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
@@ -594,12 +617,21 @@ def verification(task, data, features, found, log) -> dict:
         f = F.normalize(feats.float(), dim=1).numpy()
         s = (f[a] * f[b]).sum(1)
         s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
-        mean, std, fit_acc = metrics.verification_folds(s, same, folds)
-        search[name] = {"value": float(mean), "std": float(std), "val": float(fit_acc)}
-        # A candidate is chosen by its accuracy on the folds that set the thresholds, not on the tested folds.
-        if best is None or fit_acc > best["val"]:
-            best = {"metric": "verification_accuracy", "value": float(mean), "std": float(std), "chosen": name,
-                    "val": float(fit_acc), "n_test": len(pairs), "missed_test": int((np.isnan(s)).sum())}
+        per_fold[name] = metrics.verification_per_fold(s, same, folds)
+        missed[name] = int(np.isnan(s).sum())
+        accs, fits = per_fold[name]
+        search[name] = {"value": float(accs.mean()), "std": float(accs.std()), "val": float(fits.mean())}
+    # Each fold picks its candidate on the folds that set its threshold: one pick for all folds by the mean
+    # of those accuracies would count every tested pair (each pair sits in nine folds' threshold sets).
+    n_folds = len(np.unique(folds))
+    names = [max(candidates, key=lambda n: per_fold[n][1][k]) for k in range(n_folds)]
+    accs = np.array([per_fold[n][0][k] for k, n in enumerate(names)])
+    best = {"metric": "verification_accuracy", "value": float(accs.mean()), "std": float(accs.std()),
+            "chosen": names[0] if len(set(names)) == 1 else ",".join(map(str, names)),
+            "val": float(np.mean([per_fold[n][1][k] for k, n in enumerate(names)])), "n_test": len(pairs),
+            "missed_test": missed[names[0]]}
+    if len(set(names)) > 1:
+        best["chosen_per_split"] = names
     if len(candidates) > 1:
         best["search"] = search
     return best
@@ -615,6 +647,7 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     chosen = [f"- {r['task']} {m}: best = {r['results'][m]['chosen']}"
               + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
                  if r["results"][m].get("search") else "") + " , chosen on validation"
+              + (" (each split on its own)" if r["results"][m].get("chosen_per_split") else "")
               for r in all_results for m in methods if r["results"][m].get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
              if r["results"][m].get("note")]

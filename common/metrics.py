@@ -97,6 +97,12 @@ def verification_folds(scores, same, folds):
     choice between embeddings may look at (the tested folds may not). Works for any number of folds;
     pairs with a NaN score (missed face) count as wrong.
     """
+    accs, fits = verification_per_fold(scores, same, folds)
+    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(fits))
+
+
+def verification_per_fold(scores, same, folds) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy on each fold, accuracy on the other folds that chose its threshold), folds in sorted order."""
     scores, same, folds = np.asarray(scores, np.float64), np.asarray(same, bool), np.asarray(folds)
     accs, fits = [], []
     for f in np.unique(folds):
@@ -105,7 +111,7 @@ def verification_folds(scores, same, folds):
         right = ((scores > t) == same) & ~np.isnan(scores)
         accs.append(right[test].mean())
         fits.append(right[~test].mean())
-    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(fits))
+    return np.array(accs), np.array(fits)
 
 
 def verification_accuracy_10fold(scores, same, folds):

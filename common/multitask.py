@@ -15,6 +15,7 @@ landmark labels follow the pixels exactly (common.landmarks).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +36,7 @@ KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
 # ----------------------------------------------------------------------------------------------- rows
 class Rows:
     """The union of several tasks' images: row -> (file, alignment matrix, face found, where its crop is in the
-    crop store), deduplicated by path. Pixels come from the task caches' crop stores, never from the files."""
+    crop store), deduplicated by real path. Pixels come from the task caches' crop stores, never from the files."""
 
     def __init__(self):
         self.paths, self.matrices, self.found, self.crops, self.index = [], [], [], [], {}
@@ -45,10 +46,12 @@ class Rows:
         out = np.empty(len(data.samples), np.int64)
         found, matrices = cache.found, cache.matrices
         for i, s in enumerate(data.samples):
-            key = str(s.path)
+            # the real path: the same file reached through a relative path, a link or "..", as a pseudo-label
+            # folder may name a task's test images, must be one row, which the held-out rules then keep out
+            key = os.path.realpath(str(s.path))
             if key not in self.index:
                 self.index[key] = len(self.paths)
-                self.paths.append(key)
+                self.paths.append(str(s.path))
                 self.matrices.append(np.asarray(matrices[i], np.float64))
                 self.found.append(bool(found[i]))
                 self.crops.append((cache, i))

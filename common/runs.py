@@ -68,9 +68,10 @@ def run_main(main) -> None:
     installed, an unreadable file) end with their one-line message instead of a traceback."""
     from common.cache import CacheMismatch
     from common.images import BadImage
+    from common.student import NotAStudent
     from common.weights import MissingWeights
 
     try:
         sys.exit(main())
-    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage) as e:
+    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage, NotAStudent) as e:
         sys.exit(f"error: {e}")

@@ -95,19 +95,30 @@ def save_student(student: Student, path, extra: dict | None = None, tensors: dic
     atomic_write(Path(path), lambda f: f.write(save(state, metadata=meta)))
 
 
+class NotAStudent(ValueError):
+    """A file given as a student checkpoint that is not one."""
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(config, every tensor) of a file written by save_student."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():  # a run folder: its final student
         path = path / "student.safetensors"
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"{path} is not a student checkpoint (no config in its metadata)")
-    return json.loads(meta["config"]), load_file(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no student checkpoint at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        cfg = json.loads(meta["config"]) if "config" in meta else {}
+        if not isinstance(cfg, dict) or not {"arch", "width", "out_dim"} <= set(cfg):
+            raise NotAStudent(f"{path} is not a student checkpoint (its metadata has no student config: arch, "
+                              f"width, out_dim); pass a distill.py run folder or its student.safetensors")
+        return cfg, load_file(str(path))
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise NotAStudent(f"{path} is not a student checkpoint: not a readable safetensors file ({e})") from None
 
 
 def load_student(path, device="cpu") -> tuple[Student, dict]:

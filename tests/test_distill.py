@@ -469,3 +469,18 @@ def test_resumed_moments_keep_the_weights_memory_format(tmp_path):
     assert convs and all(opt2.state[p]["exp_avg"].stride() == p.stride() for p in convs)
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+
+
+def test_a_file_that_is_not_a_student_says_so(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from common.student import NotAStudent
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "G.safetensors"), metadata={"config": json.dumps({"op": "ae"})})
+    for name in ("junk.safetensors", "G.safetensors"):
+        with pytest.raises(NotAStudent, match=f"{name} is not a student checkpoint"):
+            load_student(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no student checkpoint"):
+        load_student(tmp_path / "nowhere")

@@ -236,3 +236,23 @@ def test_views_from_the_crop_store_match_views_of_the_image(tmp_path):
     assert np.abs(stored - direct).mean() < 4.0
     shifted = rows.canonical_view(0, lm.compose(np.array([[1.0, 0, 2.0], [0, 1.0, 0]]), view)).astype(np.float32)
     assert np.abs(shifted - direct).mean() > np.abs(stored - direct).mean() * 1.5  # the check can tell 2 px
+
+
+def test_rows_are_one_per_file_however_named(tmp_path, monkeypatch):
+    """A pseudo-label folder given by another path (relative, through a link, with "..") than a task's own
+    names the same files: they must be the task's rows, which the held-out rules keep out of training."""
+    from types import SimpleNamespace
+
+    from common import tasks
+    from common.multitask import Rows
+
+    (tmp_path / "faces").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "faces" / name).write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "faces")
+    monkeypatch.chdir(tmp_path)
+    cache = SimpleNamespace(found=np.ones(2, bool), matrices=np.zeros((2, 2, 3)))
+    rows = Rows()
+    own = rows.add(cache, tasks.TaskData([tasks.Sample(str(tmp_path / "faces" / n), None) for n in ("a.jpg", "b.jpg")], []))
+    other = rows.add(cache, tasks.TaskData([tasks.Sample(p, None) for p in ("link/b.jpg", "faces/../faces/a.jpg")], []))
+    assert len(rows) == 2 and list(other) == [own[1], own[0]]
