@@ -415,9 +415,22 @@ class Subsets(Mapping):
 
 
 # -------------------------------------------------------------------------------------------- driver
-def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
-    if task.kind == "verification" and not data.pairs:
-        raise SystemExit(f"{task.name}: no verification pairs were read")
+def unavailable(task, method) -> str | None:
+    """Why a method cannot run on a task (None: it can); asked of every task and method before any work."""
+    if method == "multitask":
+        return None
+    if task.kind == "landmarks":
+        ok = kd.LANDMARK_METHODS
+    elif task.kind == "verification":  # embeddings compared by cosine, or a model trained on identities
+        ok = kd.VERIFICATION_METHODS + ("frozen", "fused", "concat", "pca", "bt", "bct")
+    else:
+        ok = tuple(m for m in METHODS if m != "kd")
+    return None if method in ok else (f"{task.name}: --method {method} is not available for a {task.kind} task "
+                                      f"(available: {', '.join(ok)})")
+
+
+def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg=None, save=lambda r: None) -> dict:
+    """Every method on one task; save(partial result) after each, so that a later failure loses nothing."""
     n_out = tasks.output_size(task, data)
     need_teachers = [m for m in methods if m not in IMAGE_METHODS]
     try:
@@ -442,7 +455,6 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
     log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face (rule of section 4.1 "
              f"applied: {n_noface} with no face, {n_bad} unreadable or missing, listed in "
              f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")
-    student_cfg = student_config(args, methods, log)
     y, lo_hi = targets(task, data, n_out) if task.kind not in ("verification", "landmarks") else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
     # Every choice (epochs, best teacher, subset) is made on validation faces, never on the test ones.
@@ -454,17 +466,22 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
     g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
     results = {}
+    out = {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
+           "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
+           "validation": selection, "results": results}
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
+        if unavailable(task, method):  # only under --method all: a named one stopped the run before any work
+            results[method] = {"metric": task.metric, "value": "n/a", "note": unavailable(task, method)}
+            continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(task, data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
                                   log) if method == "kd" else None)
             results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
+            save(out)
             continue
-        if method == "kd":
-            raise SystemExit(f"{task.name}: kd distils into landmark and verification tasks only")
         features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log)
@@ -474,9 +491,8 @@ def evaluate_task(task, data, root, methods, args, device, run, log) -> dict:
         results[method]["selection"] = selection
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
-    return {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
-            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
-            "validation": selection, "results": results}
+        save(out)
+    return out
 
 
 def student_config(args, methods, log) -> dict | None:
@@ -524,11 +540,13 @@ def method_features(method, cache, unsup, name, args, device, student_cfg):
             return g.encode(tf.subset(names))
     if method == "pca":
         _, meta = unsup.embedding(name)
-        pca = fusion.build("pca", unsup.dim, meta["dim"])
-        data = fusion.Standardised(unsup, torch.device("cpu"), unsup.input_stats(name))  # tf's units
+        pca = fusion.build("pca", unsup.dim, meta["dim"]).to(device)
+        data = fusion.Standardised(unsup, device, unsup.input_stats(name))  # tf's units
         split = unsup.embedding_dir(name) / "split.npz"  # G's training faces, centred in these units
-        pca.fit_like(data, np.load(split)["train"] if split.exists() else np.flatnonzero(unsup.found))
-        return pca.encode(tf.subset(names))
+        # the axes are kept in the task cache folder: at 4.12 M faces each fit is a pass over the fuse cache
+        pca.fit_like(data, np.load(split)["train"] if split.exists() else np.flatnonzero(unsup.found),
+                     store=args.cache_dir)
+        return pca.cpu().encode(tf.subset(names))
     if method == "bt":
         return Subsets(tf, [(n,) for n in names])
     if method == "bct":
@@ -730,16 +748,31 @@ def main(argv=None):
         if spec is not None and spec.runtime != "torch":
             raise SystemExit(f"--etl-base: {args.etl_base} runs on {spec.runtime}; ETL prunes the student or a "
                              f"PyTorch teacher ({', '.join(n for n, t in REGISTRY.items() if t.runtime == 'torch')})")
+    # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
+    # a task cannot take or a bad --student must not cost the hours of the tasks before it.
+    named = args.method != "all"
+    why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m))]
+    if named and why:
+        raise SystemExit("error: " + "\n       ".join(why))
+    if args.run_dir and (Path(args.run_dir) / "report.json").exists():
+        raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir "
+                         f"(or delete that folder)")
+    read = []
+    for task, root in jobs:
+        data = task.loader(root, {})
+        if task.kind == "verification" and not data.pairs:
+            raise SystemExit(f"{task.name}: no verification pairs were read from {root}")
+        read.append((task, data, root))
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
-    all_results, read = [], []
-    for task, root in jobs:
-        data = task.loader(root, {})
+    student_cfg = student_config(args, methods, log)
+    all_results = []
+    for task, data, root in read:
         if data.skipped:
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
-        all_results.append(evaluate_task(task, data, root, methods, args, device, run, log))
-        read.append((task, data, root))
+        all_results.append(evaluate_task(task, data, root, methods, args, device, run, log, student_cfg,
+                                         save=lambda partial: write_json(run / "report.json", all_results + [partial])))
     if "multitask" in methods:
         methods = joint(read, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

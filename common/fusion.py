@@ -198,16 +198,26 @@ class PCA(nn.Module):
         vals, vecs = torch.linalg.eigh(cov / max(n - 1, 1))
         return vecs[:, torch.argsort(vals, descending=True)]
 
-    def fit_like(self, data, rows) -> None:
+    def fit_like(self, data, rows, store: Path | None = None) -> None:
         """fit on data's rows, the axes computed once per (rows, weight) and kept on data: every operator,
         width and sweep of a run starts from the same PCA, and at 4.12 M faces each fit is a full pass over
-        the cache (the two most recent kept: the plain and the teacher-balanced weights)."""
+        the cache (the two most recent kept: the plain and the teacher-balanced weights). store: a folder
+        where the axes are also kept on disk, named by the cache's content, the units, rows and weight,
+        for the next process (transfer.py's pca baseline, once per task and run otherwise)."""
         memo = data.__dict__.setdefault("_pca_axes", {})
         key = (_sha(np.asarray(rows, np.int64)), _sha(self.weight.detach().cpu().numpy()), str(self.weight.device))
         if key not in memo:
             while len(memo) >= 2:
                 memo.pop(next(iter(memo)))
-            memo[key] = self.axes(data.batches(rows, 4096))
+            path = None if store is None else Path(store) / f"pca-{_sha(data.fingerprint.encode(), *key[:2])[:24]}.npy"
+            if path is not None and path.exists():
+                memo[key] = torch.from_numpy(np.load(path))
+            else:
+                memo[key] = self.axes(data.batches(rows, 4096))
+                if path is not None:
+                    from common.cache import atomic_write
+
+                    atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))
         self.components.copy_(memo[key][:, : self.d_out].float())
 
     def encode(self, x):

@@ -546,14 +546,15 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
     parts, all_rows = [], {}
     for r in results:
         res = r["results"].get("etl")
-        if not res:
+        if not res or "chosen" not in res:  # not run, or not available for this task
             continue
         rows = []
+        chosen = res.get("chosen_per_split") or [res["chosen"]]  # each leave-one-out split picks its own ratio
         for name, s in (res.get("search") or {res["chosen"]: res}).items():
             stats_path = Path(run) / "etl" / r["task"] / f"r{name}" / "stats.json"
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             rows.append({**stats, "ratio": float(name), "value": s["value"], "val": s.get("val"),
-                         "chosen": name == res["chosen"]})
+                         "chosen": name in chosen})
         all_rows[r["task"]] = rows
         headers, table = report_table(rows, r["metric"], higher[r["task"]])
         parts.append(f"### {r['task']} ({r['metric']}; {r['protocol']})\n\n"

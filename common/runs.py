@@ -14,8 +14,19 @@ RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it in
 
 def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it."""
-    run = Path(out) if out else RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.mkdir(parents=True, exist_ok=True)
+    if out:
+        run = Path(out)
+        run.mkdir(parents=True, exist_ok=True)
+    else:  # two runs started in the same second get folders of their own
+        stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        RUNS.mkdir(parents=True, exist_ok=True)
+        while True:
+            run = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
+            try:
+                run.mkdir()
+                break
+            except FileExistsError:
+                n += 1
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved["argv"] = sys.argv
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))

@@ -224,6 +224,22 @@ def test_pca_axes_computed_once_per_rows_and_weight():
     assert len(reads) == 2
 
 
+def test_pca_axes_kept_on_disk_for_the_next_process(tmp_path):
+    """transfer.py's pca baseline keeps the axes in its task cache folder: the next run (a new data object)
+    loads them instead of another pass over the fuse cache; other rows or other data make another file."""
+    x = curved(300, seed=5)
+    first = fusion.PCA(x.shape[1], 4)
+    first.fit_like(fusion.Rows(x), np.arange(200), store=tmp_path)
+    again = fusion.Rows(x)
+    again.batches = lambda *a, **k: (_ for _ in ()).throw(AssertionError("read the rows again"))
+    second = fusion.PCA(x.shape[1], 4)
+    second.fit_like(again, np.arange(200), store=tmp_path)
+    assert torch.equal(first.components, second.components) and len(list(tmp_path.glob("pca-*.npy"))) == 1
+    fusion.PCA(x.shape[1], 4).fit_like(fusion.Rows(x), np.arange(100), store=tmp_path)
+    fusion.PCA(x.shape[1], 4).fit_like(fusion.Rows(x + 1), np.arange(200), store=tmp_path)
+    assert len(list(tmp_path.glob("pca-*.npy"))) == 3
+
+
 @pytest.mark.parametrize("op", ["ae", "vae"])
 def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, op):
     """A fit killed mid-epoch resumes from its last save: same batches, same dropout and sampling noise,

@@ -1,5 +1,6 @@
 """transfer.py end to end: every task's layout through alignment, training, missed-face rule and report."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ def student_ckpt(tmp_path_factory, fused):
 
 
 def run(tmp_path, task, data, fused, student, *extra):
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)  # transfer.py does not overwrite a run's report
     transfer.main(["--task", task, "--data", str(data), "--student", str(student), "--teacher-cache",
                    str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
                    "--epochs", "1", "--head-epochs", "3", "--max-splits", "2", "--max-subsets", "3", *extra])
@@ -193,3 +195,32 @@ def test_verification_picks_each_fold_on_the_other_folds():
         picks.append(r.get("chosen_per_split") or [r["chosen"]] * folds)
         assert 0.3 < r["value"] < 0.7  # noise embeddings: chance, within the few pairs of a fold
     assert picks[0][0] == picks[1][0]
+
+
+def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path, fused, student_ckpt, monkeypatch):
+    """A method a task cannot take, or a typo in a later task's folder, stops the run before the first task's
+    teachers run; a run folder holding a report is not overwritten; a failure in a later method leaves the
+    earlier methods' results in report.json."""
+    utk = make_fixture("AgeR-UTK", tmp_path / "data")
+    base = ["--student", str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--cache-dir",
+            str(tmp_path / "cache"), "--epochs", "1", "--head-epochs", "3", "--max-splits", "1"]
+    with pytest.raises(SystemExit, match="--method pcnn is not available for a verification task"):
+        transfer.main(["--task", "Identity-LFW", "--data", str(tmp_path), "--method", "frozen,pcnn", *base])
+    with pytest.raises((SystemExit, FileNotFoundError), match="nowhere"):
+        transfer.main(["--tasks", f"AgeR-UTK={utk},Gender-UTK={tmp_path / 'nowhere'}", "--method", "frozen", *base,
+                       "--run-dir", str(tmp_path / "early")])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "early").exists()
+
+    def fail(*a, **k):
+        raise RuntimeError("cut off")
+    real = transfer.supervised
+    monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
+                        fail() if method == "fused" else real(task, data, method, *a, **k))
+    with pytest.raises(RuntimeError, match="cut off"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
+                       "--run-dir", str(tmp_path / "run")])
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    assert list(saved["results"]) == ["frozen"] and saved["results"]["frozen"]["n_test"] > 0
+    with pytest.raises(SystemExit, match="already holds a transfer run"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen", *base,
+                       "--run-dir", str(tmp_path / "run")])
