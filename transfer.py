@@ -31,6 +31,7 @@ Verification tasks (Identity-LFW) use the embedding directly: cosine of the pair
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.cache import FeatureCache, write_json, write_missed
+from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
 from common.extract import Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import get_logger, make_run_dir, pick_device, run_main
@@ -145,10 +146,17 @@ def task_cache(task, data, root: Path, teachers, args, device, log) -> FeatureCa
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse."""
     rel = [os.path.relpath(s.path, root) for s in data.samples]
     name = "-".join([task.name] + [t.name for t in teachers]) if teachers else task.name + "-faces"
-    # The detector threshold changes which faces are found: caches for other thresholds live apart.
-    path = args.cache_dir / (f"{name}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
-    cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
-                                          min_face_prob=args.min_face_prob)
+    # The detector threshold changes which faces are found, and a task may be read from several folders
+    # (a copy, a fixed version): caches for each live apart.
+    where = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    path = args.cache_dir / (f"{name}-{where}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
+    try:
+        cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32",
+                                              align=args.align, min_face_prob=args.min_face_prob)
+    except CacheMismatch as e:
+        why = "; ".join(e.problems) or str(e)
+        raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
+                         f"rebuild it, or pass another --task-cache") from None
     if not cache.manifest.get("complete"):
         opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
                        workers=args.workers)

@@ -71,7 +71,11 @@ IOV_MAX = 1024  # buffers one os.preadv may take (POSIX's minimum, Linux's value
 
 
 class CacheMismatch(Exception):
-    """The cache on disk was written for other teachers or other images."""
+    """The cache on disk was written for other teachers or other images (problems: what differs)."""
+
+    def __init__(self, message: str, problems=()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 @contextmanager
@@ -337,7 +341,7 @@ class FeatureCache:
             problems = cls._plan_differences(old, plan)
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
-                                    + ". Use another --cache folder, or --overwrite to rebuild it.")
+                                    + ". Use another --cache folder, or --overwrite to rebuild it.", problems)
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             write_json(manifest, {**plan, "complete": False})

@@ -224,3 +224,18 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     with pytest.raises(SystemExit, match="already holds a transfer run"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen", *base,
                        "--run-dir", str(tmp_path / "run")])
+
+
+def test_task_caches_apart_per_folder_and_a_changed_folder_says_what_to_do(tmp_path, fused, student_ckpt):
+    import shutil as sh
+
+    from PIL import Image
+
+    a = make_fixture("AgeR-UTK", tmp_path / "a")
+    b = sh.copytree(a, tmp_path / "b" / "UTKFace")
+    for data in (a, b):
+        run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
+    assert len(list((tmp_path / "cache").glob("AgeR-UTK-faces-*"))) == 2
+    Image.new("RGB", (64, 64)).save(b / "30_0_0_20170101000000000.jpg.chip.jpg")  # the folder changes
+    with pytest.raises(SystemExit, match="was made differently .*delete that folder to rebuild it, or pass another --task-cache"):
+        run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
