@@ -492,7 +492,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             continue
         features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
-            results[method] = verification(task, data, features, found, log)
+            results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
             results[method] = supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args,
                                          device, student_cfg, log, g_widths)
@@ -628,14 +628,16 @@ def mean_val(values) -> float | None:
     return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
-def verification(task, data, features, found, log) -> dict:
+def verification(task, data, features, found, log, max_folds: int | None = None) -> dict:
+    """LFW's protocol on embeddings; with max_folds (--max-splits) only the first folds are tested, as the
+    methods that train a model per fold do, so that one report row compares the same test pairs."""
     pairs = data.pairs
     a = np.array([p.a for p in pairs])
     b = np.array([p.b for p in pairs])
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     candidates = features if isinstance(features, Mapping) else {None: features}
-    search, per_fold, missed = {}, {}, {}
+    search, per_fold = {}, {}
     for name, feats in candidates.items():
         if not isinstance(feats, torch.Tensor):
             raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
@@ -644,18 +646,18 @@ def verification(task, data, features, found, log) -> dict:
         s = (f[a] * f[b]).sum(1)
         s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
         per_fold[name] = metrics.verification_per_fold(s, same, folds)
-        missed[name] = int(np.isnan(s).sum())
-        accs, fits = per_fold[name]
+        accs, fits = (v[:max_folds] for v in per_fold[name])
         search[name] = {"value": float(accs.mean()), "std": float(accs.std()), "val": float(fits.mean())}
     # Each fold picks its candidate on the folds that set its threshold: one pick for all folds by the mean
     # of those accuracies would count every tested pair (each pair sits in nine folds' threshold sets).
-    n_folds = len(np.unique(folds))
-    names = [max(candidates, key=lambda n: per_fold[n][1][k]) for k in range(n_folds)]
+    tested = np.unique(folds)[:max_folds]
+    names = [max(candidates, key=lambda n: per_fold[n][1][k]) for k in range(len(tested))]
     accs = np.array([per_fold[n][0][k] for k, n in enumerate(names)])
+    in_test = np.isin(folds, tested)
     best = {"metric": "verification_accuracy", "value": float(accs.mean()), "std": float(accs.std()),
             "chosen": names[0] if len(set(names)) == 1 else ",".join(map(str, names)),
-            "val": float(np.mean([per_fold[n][1][k] for k, n in enumerate(names)])), "n_test": len(pairs),
-            "missed_test": missed[names[0]]}
+            "val": float(np.mean([per_fold[n][1][k] for k, n in enumerate(names)])), "n_test": int(in_test.sum()),
+            "missed_test": int((~(found[a] & found[b]))[in_test].sum())}
     if len(set(names)) > 1:
         best["chosen_per_split"] = names
     if len(candidates) > 1:
