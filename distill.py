@@ -40,7 +40,7 @@ from common import fusion, precision
 from common.cache import FeatureCache, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
-from common.facedata import AlignedFaces, EpochSampler, first, resize, to_device_pixels
+from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
 from kernels import cosine_distill_loss
@@ -389,7 +389,7 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
 @torch.no_grad()
 def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
     """Student embeddings of cache rows (evaluation view of their stored crops), float32, in row order."""
-    data = AlignedFaces(cache, rows, train=False, targets=cache.features)
+    data = AlignedFaces(cache, rows, train=False, targets=NoTargets())
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=first)
     student.eval()
     out = [student(to_device_pixels(b, size, device, train=False)).float().cpu()

@@ -115,6 +115,13 @@ def to_device_pixels(batch, size: int, device, train: bool) -> torch.Tensor:
     return resize(crops, size)
 
 
+class NoTargets:
+    """targets for AlignedFaces when only the crops are wanted (embedding faces): nothing read per row."""
+
+    def take(self, rows) -> np.ndarray:
+        return np.zeros((len(rows), 0), np.float32)
+
+
 class AlignedFaces(torch.utils.data.Dataset):
     """Crops of the given cache rows, from its crop store, with their target rows (h_G by default).
 
