@@ -95,23 +95,46 @@ _ROW = re.compile(r"(.+)#row(\d+)")
 
 
 @functools.lru_cache(maxsize=2)
-def _csv_pixels(csv_path: str) -> np.ndarray:
-    """All 48x48 faces of a FER2013-style CSV as one uint8 array, parsed once per process."""
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
-        col = header.index("pixels")
-        return np.stack([np.fromstring(row[col], dtype=np.uint8, sep=" ").reshape(48, 48) for row in reader])
+def _csv_pixels(csv_path: str) -> tuple[np.ndarray, dict] | Exception:
+    """All 48x48 faces of a FER2013-style CSV as one uint8 array, and {row: reason} for its unusable rows
+    (their pixels stay 0), parsed once per process. One bad row costs that row only; a file that cannot be
+    read at all is cached too, as its exception, so that each of 35,887 rows does not re-read it."""
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader)]
+            col = header.index("pixels")
+            faces, bad = [], {}
+            for i, row in enumerate(reader):
+                faces.append(np.zeros((48, 48), np.uint8))
+                try:
+                    values = np.fromstring(row[col], dtype=np.int64, sep=" ")
+                except IndexError:
+                    bad[i] = f"line {reader.line_num}: no pixels column (a cut-off line?)"
+                except ValueError:
+                    bad[i] = f"line {reader.line_num}: the pixels are not whole numbers separated by spaces"
+                else:
+                    if values.size == 48 * 48 and 0 <= values.min() and values.max() <= 255:
+                        faces[-1] = values.astype(np.uint8).reshape(48, 48)
+                    else:
+                        bad[i] = (f"line {reader.line_num}: expected 2304 pixel values 0-255, got {values.size}"
+                                  + (f" from {values.min()} to {values.max()}" if values.size else ""))
+        return (np.stack(faces) if faces else np.zeros((0, 48, 48), np.uint8)), bad
+    except (OSError, ValueError, StopIteration, csv.Error) as e:
+        return e
 
 
 def _csv_row(path: str, m) -> np.ndarray:
-    try:
-        pixels = _csv_pixels(m[1])
-    except (OSError, ValueError, StopIteration) as e:
-        raise BadImage(f"{path}: cannot read the pixels of {m[1]} ({e})") from e
-    if int(m[2]) >= len(pixels):
+    parsed = _csv_pixels(m[1])
+    if isinstance(parsed, Exception):
+        raise BadImage(f"{path}: cannot read the pixels of {m[1]} ({type(parsed).__name__}: {parsed})")
+    pixels, bad = parsed
+    row = int(m[2])
+    if row >= len(pixels):
         raise BadImage(f"{path}: {m[1]} has only {len(pixels)} rows")
-    return np.repeat(pixels[int(m[2])][..., None], 3, axis=2)
+    if row in bad:
+        raise BadImage(f"{path}: {bad[row]}")
+    return np.repeat(pixels[row][..., None], 3, axis=2)
 
 
 # ---------------------------------------------------------------------------------------- the reader

@@ -80,9 +80,11 @@ def run_main(main) -> None:
     from common.cache import CacheMismatch
     from common.images import BadImage
     from common.student import NotAStudent
+    from common.tasks import BadLabels
     from common.weights import MissingWeights
 
     try:
         sys.exit(main())
-    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage, NotAStudent) as e:
+    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage, NotAStudent,
+            BadLabels) as e:
         sys.exit(f"error: {e}")

@@ -79,6 +79,11 @@ class Task:
         object.__setattr__(self, "loader", _with_layout_errors(self, getattr(self.loader, "raw", self.loader)))
 
 
+class BadLabels(ValueError):
+    """A label, list or annotation file that is not what its layout says; the message names the file, the
+    line and what was expected. A ValueError, so that callers which catch those still do."""
+
+
 def _with_layout_errors(task: Task, raw):
     def loader(root=None, params=None) -> TaskData:
         params = {**task.params, **(params or {})}
@@ -89,9 +94,16 @@ def _with_layout_errors(task: Task, raw):
         if not root.exists():
             raise FileNotFoundError(f"{task.name}: data folder {root} does not exist. Expected layout: {task.layout}")
         try:
-            return raw(root, params)
+            data = raw(root, params)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{task.name}: {e}. Expected layout: {task.layout}") from e
+        except BadLabels as e:
+            raise BadLabels(f"{task.name}: {e}. Expected layout: {task.layout}") from e
+        if not data.samples:
+            # An empty folder, or another dataset's: stop here, not at the first empty concatenation far later.
+            skipped = f" ({len(data.skipped)} files skipped, e.g. {data.skipped[:3]})" if data.skipped else ""
+            raise FileNotFoundError(f"{task.name}: no images found in {root}{skipped}. Expected layout: {task.layout}")
+        return data
 
     loader.raw = raw
     return loader
@@ -121,6 +133,36 @@ def _image_files(folder: Path) -> list[Path]:
 def _subdirs(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
         return sorted(Path(e.path) for e in it if e.is_dir())
+
+
+def _label(text: str, lo: int, hi: int, where: str, what: str = "label") -> int:
+    """text as a whole-number label in lo..hi; else BadLabels naming `where` (file and line)."""
+    try:
+        y = int(text)
+    except ValueError:
+        y = None
+    if y is None or not lo <= y <= hi:
+        raise BadLabels(f"{where}: {what} {text.strip()!r} is not a whole number from {lo} to {hi}")
+    return y
+
+
+def _partition(path: Path) -> dict:
+    """CelebA's list_eval_partition.txt: `<image> <0 train | 1 val | 2 test>` per line."""
+    part = {}
+    for n, line in enumerate(_need(path).read_text().splitlines(), 1):
+        fields = line.split()
+        if fields:
+            if len(fields) != 2:
+                raise BadLabels(f"{path} line {n}: expected `<image> <0|1|2>`, got {line!r}")
+            part[fields[0]] = _label(fields[1], 0, 2, f"{path} line {n}", "partition")
+    return part
+
+
+def _in_partition(part: dict, files, path: Path, listed_in: str) -> np.ndarray:
+    missing = [f for f in files if f not in part]
+    if missing:
+        raise BadLabels(f"{path}: no line for {len(missing)} of the images in {listed_in} (e.g. {missing[:3]})")
+    return np.array([part[f] for f in files])
 
 
 def _idx(mask) -> np.ndarray:
@@ -247,16 +289,17 @@ def _celeba(root: Path, p: dict) -> TaskData:
     lines = _need(root / "list_attr_celeba.txt").read_text().splitlines()
     names = lines[1].split()
     files, labels = [], []
-    for line in lines[2:]:
+    for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != len(names) + 1:
-            raise ValueError(f"list_attr_celeba.txt: {len(parts) - 1} values for {len(names)} attributes in {line!r}")
+            raise BadLabels(f"{root / 'list_attr_celeba.txt'} line {n}: {len(parts) - 1} values for {len(names)} "
+                            f"attributes in {line!r}")
         files.append(parts[0])
         labels.append(np.array([v == "1" for v in parts[1:]], np.float32))
-    part = dict(line.split() for line in _need(root / "list_eval_partition.txt").read_text().splitlines() if line.strip())
-    which = np.array([int(part[f]) for f in files])
+    partition = root / "list_eval_partition.txt"
+    which = _in_partition(_partition(partition), files, partition, "list_attr_celeba.txt")
     samples = [Sample(str(images / f), y) for f, y in zip(files, labels)]
     split = Split("official partition", _idx(which == 0), _idx(which == 2), _idx(which == 1))
     return TaskData(samples, [split], label_names=names)
@@ -306,19 +349,23 @@ def _raf(root: Path, p: dict) -> TaskData:
     aligned = p.get("aligned", True)
     images = _need(basic / "Image" / ("aligned" if aligned else "original"))
     samples, part = [], []
-    for line in _need(basic / "EmoLabel" / "list_patition_label.txt").read_text().splitlines():
+    labels = _need(basic / "EmoLabel" / "list_patition_label.txt")
+    for n, line in enumerate(labels.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        if len(line.split()) != 2:
+            raise BadLabels(f"{labels} line {n}: expected `<image> <label 1-7>`, got {line!r}")
         name, y = line.split()
         # The label file names the original image; aligned crops carry an "_aligned" suffix.
         file = f"{name.rsplit('.', 1)[0]}_aligned.jpg" if aligned else name
-        samples.append(Sample(str(images / file), int(y) - 1))
+        samples.append(Sample(str(images / file), _label(y, 1, len(RAF_NAMES), f"{labels} line {n}") - 1))
         part.append(name.split("_")[0])
     part = np.array(part)
     return TaskData(samples, [Split("official train/test", _idx(part == "train"), _idx(part == "test"))], label_names=RAF_NAMES)
 
 
 AFFECTNET_NAMES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
+AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression"]
 
 
 def _affectnet(root: Path, p: dict) -> TaskData:
@@ -328,14 +375,23 @@ def _affectnet(root: Path, p: dict) -> TaskData:
     samples, which, dropped = [], [], 0
     for part, name in (("train", "training.csv"), ("test", "validation.csv")):
         with open(_need(root / name), newline="") as f:
-            for row in csv.DictReader(f):
-                y = int(row["expression"])
+            reader = csv.DictReader(f)
+            missing = [c for c in AFFECTNET_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise BadLabels(f"{root / name}: no column {', '.join(missing)} (its header: {reader.fieldnames})")
+            for row in reader:
+                where = f"{root / name} line {reader.line_num}"
+                y = _label(row["expression"] or "", 0, 10, where, "expression")
                 if y >= len(AFFECTNET_NAMES):  # 8 none, 9 uncertain, 10 no face
                     dropped += 1
                     continue
-                x0, y0 = float(row["face_x"]), float(row["face_y"])
-                box = (x0, y0, x0 + float(row["face_width"]), y0 + float(row["face_height"]))
-                samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=box))
+                try:
+                    x0, y0, w, h = (float(row[c]) for c in AFFECTNET_COLUMNS[1:5])
+                except (TypeError, ValueError):
+                    w = None
+                if w is None or not np.isfinite([x0, y0, w, h]).all():
+                    raise BadLabels(f"{where}: the face box (face_x, face_y, face_width, face_height) is not 4 numbers")
+                samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=(x0, y0, x0 + w, y0 + h)))
                 which.append(part)
     which = np.array(which)
     split = Split("training.csv / validation.csv", _idx(which == "train"), _idx(which == "test"))
@@ -343,22 +399,37 @@ def _affectnet(root: Path, p: dict) -> TaskData:
 
 
 FER_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+FER_USAGE = ["Training", "PublicTest", "PrivateTest"]
 
 
 def _fer2013(root: Path, p: dict) -> TaskData:
     path = root if root.is_file() else _need(_sub(root, "fer2013") / "fer2013.csv")
-    samples, usage = [], []
+    samples, usage, skipped = [], [], []
     with open(path, newline="") as f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]  # icml_face_data.csv writes " Usage", " pixels"
+        header = [h.strip() for h in next(reader, [])]  # icml_face_data.csv writes " Usage", " pixels"
+        if "emotion" not in header or "Usage" not in header:
+            raise BadLabels(f"{path} line 1: expected the header emotion,pixels,Usage, got {header}")
         ey, us = header.index("emotion"), header.index("Usage")
+        # Row i is still `#row{i}` of images.read_image, which counts the same csv rows; a bad row is left
+        # out and listed, so that one cut-off line does not cost the other 35,886.
         for i, row in enumerate(reader):
-            samples.append(Sample(f"{path}#row{i}", int(row[ey])))
+            where = f"{path.name} line {reader.line_num}"
+            if not row:
+                continue
+            if len(row) <= max(ey, us) or row[us].strip() not in FER_USAGE:
+                skipped.append(f"{where}: expected emotion,pixels,Usage with Usage one of {FER_USAGE} (a cut-off line?)")
+                continue
+            try:
+                samples.append(Sample(f"{path}#row{i}", _label(row[ey], 0, len(FER_NAMES) - 1, where, "emotion")))
+            except BadLabels as e:
+                skipped.append(str(e))
+                continue
             usage.append(row[us].strip())
     usage = np.array(usage)
     split = Split("Training / PublicTest / PrivateTest", _idx(usage == "Training"), _idx(usage == "PrivateTest"),
                   _idx(usage == "PublicTest"))
-    return TaskData(samples, [split], label_names=FER_NAMES)
+    return TaskData(samples, [split], label_names=FER_NAMES, skipped=skipped)
 
 
 CELEBA_POINTS = ["lefteye", "righteye", "nose", "leftmouth", "rightmouth"]
@@ -376,12 +447,18 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
     if columns != [f"{n}_{c}" for n in CELEBA_POINTS for c in "xy"]:
         raise ValueError(f"{name}: expected the columns lefteye_x ... rightmouth_y, got {columns}")
     samples = []
-    for line in lines[2:]:
+    for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if parts:
-            samples.append(Sample(str(images / parts[0]), np.array(parts[1:11], np.float64).reshape(5, 2)))
-    part = dict(line.split() for line in _need(root / "list_eval_partition.txt").read_text().splitlines() if line.strip())
-    which = np.array([int(part[Path(s.path).name]) for s in samples])
+            try:
+                points = np.array(parts[1:], np.float64).reshape(5, 2)
+            except ValueError:
+                points = None
+            if points is None or not np.isfinite(points).all():
+                raise BadLabels(f"{root / name} line {n}: expected `<image> x1 y1 ... x5 y5` (10 numbers), got {line!r}")
+            samples.append(Sample(str(images / parts[0]), points))
+    partition = root / "list_eval_partition.txt"
+    which = _in_partition(_partition(partition), [Path(s.path).name for s in samples], partition, name)
     split = Split("official partition", _idx(which == 0), _idx(which == 2), _idx(which == 1))
     return TaskData(samples, [split], label_names=CELEBA_POINTS)
 
@@ -449,6 +526,22 @@ def _fgnet(root: Path, p: dict) -> TaskData:
     return TaskData(samples, leave_one_group_out_splits(samples), skipped=skipped)
 
 
+PSPI_RANGE = (0, 16)
+
+
+def _pspi(path: Path) -> float:
+    """The PSPI score of one frame: the first number of its _facs.txt (written like `   2.0000000e+00`)."""
+    text = path.read_text().split()
+    try:
+        y = float(text[0])
+    except (IndexError, ValueError):
+        y = None
+    if y is None or not PSPI_RANGE[0] <= y <= PSPI_RANGE[1]:  # (NaN fails both comparisons)
+        raise BadLabels(f"{path} line 1: expected a PSPI score from {PSPI_RANGE[0]} to {PSPI_RANGE[1]}, "
+                        f"got {' '.join(text[:1]) or 'an empty file'}")
+    return y
+
+
 def _unbc(root: Path, p: dict) -> TaskData:
     images, labels = _need(root / "Images"), _need(root / "Frame_Labels" / "PSPI")
     samples, skipped = [], []
@@ -457,7 +550,7 @@ def _unbc(root: Path, p: dict) -> TaskData:
             for f in _image_files(seq):
                 label = labels / subject.name / seq.name / f"{f.stem}_facs.txt"
                 if label.exists():
-                    samples.append(Sample(str(f), float(label.read_text().split()[0]), group=subject.name))
+                    samples.append(Sample(str(f), _pspi(label), group=subject.name))
                 else:
                     skipped.append(str(f.relative_to(images)))
     return TaskData(samples, leave_one_group_out_splits(samples), skipped=skipped)
@@ -542,23 +635,54 @@ def _folder(root: Path, p: dict) -> TaskData:
 _CSV_HEADER = {"file", "filename", "path", "image", "img", "name"}
 
 
+def _lines(numbers) -> str:
+    more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+    return ("lines " if len(numbers) > 1 else "line ") + ", ".join(map(str, numbers[:10])) + more
+
+
 def _csv_table(root: Path, p: dict) -> TaskData:
     """A `file,label[,split]` CSV; paths are relative to the CSV's folder; split is train/val/test."""
     path = root if root.is_file() else _need(root / p.get("csv", "labels.csv"))
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and r[0].strip()]
-    if rows and rows[0][0].strip().lower() in _CSV_HEADER:
-        rows = rows[1:]
-    files = [str(path.parent / r[0].strip()) for r in rows]
-    raw = [r[1].strip() for r in rows]
+        reader = csv.reader(f)
+        rows = [(reader.line_num, r) for r in reader if r and r[0].strip()]
+    header = rows[0][1] if rows and rows[0][1][0].strip().lower() in _CSV_HEADER else None
+    rows = rows[1:] if header else rows
+    if no_label := [n for n, r in rows if len(r) < 2 or not r[1].strip()]:
+        raise BadLabels(f"{path}: no label on {_lines(no_label)} (expected rows file,label[,split])")
+    # The same image twice could sit in train and test, or weigh double: one row per file.
+    lines_of = {}
+    for n, r in rows:
+        lines_of.setdefault(os.path.normpath(path.parent / r[0].strip()), []).append(n)
+    if twice := {f: ns for f, ns in lines_of.items() if len(ns) > 1}:
+        raise BadLabels(f"{path}: " + "; ".join(f"{f} is listed on {_lines(ns)}" for f, ns in list(twice.items())[:5])
+                        + f" ({len(twice)} files listed more than once; each file once)")
+    files = [str(path.parent / r[0].strip()) for _, r in rows]
+    raw = [r[1].strip() for _, r in rows]
     if p.get("kind", "classification") == "regression":
-        samples, names = [Sample(f, float(y)) for f, y in zip(files, raw)], None
+        lo, hi = p.get("label_range") or (-np.inf, np.inf)
+        labels = []
+        for (n, _), y in zip(rows, raw):
+            try:
+                labels.append(float(y))
+            except ValueError:
+                labels.append(np.nan)
+            if not (np.isfinite(labels[-1]) and lo <= labels[-1] <= hi):
+                raise BadLabels(f"{path} line {n}: label {y!r} is not a finite number" +
+                                (f" from {lo} to {hi}" if p.get("label_range") else ""))
+        samples, names = [Sample(f, y) for f, y in zip(files, labels)], None
     else:
         names = p.get("classes") or sorted(set(raw), key=lambda y: (0, int(y), "") if y.lstrip("-").isdigit() else (1, 0, y))
         cls = {c: i for i, c in enumerate(names)}
+        if unknown := [n for (n, _), y in zip(rows, raw) if y not in cls]:
+            raise BadLabels(f"{path}: label not one of the classes {names} on {_lines(unknown)}")
         samples = [Sample(f, cls[y]) for f, y in zip(files, raw)]
-    if rows and all(len(r) > 2 for r in rows):
-        which = np.array([r[2].strip().lower() for r in rows])
+    # A split column is all or nothing: a row without a value would sit in no split, and a random split
+    # would drop the user's own.
+    if (header and len(header) > 2) or any(len(r) > 2 and r[2].strip() for _, r in rows):
+        which = np.array([r[2].strip().lower() if len(r) > 2 else "" for _, r in rows])
+        if bad := [n for (n, _), w in zip(rows, which) if w not in ("train", "val", "test")]:
+            raise BadLabels(f"{path}: the split column is empty or not one of train, val, test on {_lines(bad)}")
         val = _idx(which == "val") if (which == "val").any() else None
         splits = [Split("split column", _idx(which == "train"), _idx(which == "test"), val)]
     else:
@@ -587,7 +711,8 @@ def csv_task(name: str, csv: str = "labels.csv", kind: str = "classification", r
     """A task read from `root/<csv>` rows `file,label[,split]`; kind is "classification" or "regression"."""
     if kind not in ("classification", "regression"):
         raise ValueError(f"csv_task kind must be classification or regression, not {kind!r}")
-    params = {"root": root, "csv": csv, "kind": kind, "classes": classes, "seed": seed, "fractions": fractions}
+    params = {"root": root, "csv": csv, "kind": kind, "classes": classes, "seed": seed, "fractions": fractions,
+              "label_range": label_range}
     fields = dict(knowledge=knowledge or kind.capitalize(), kind=kind,
                   num_outputs=1 if kind == "regression" else len(classes) if classes else 0,
                   label_range=label_range, metric="mae" if kind == "regression" else "accuracy",
@@ -651,7 +776,7 @@ _REGISTRY = [
          _utk, {"target": "age_group", "age_bins": AGE_BINS, **SPLIT}),
     Task("Ethnic-UTK", "Ethnicity Classification", "classification", 5, None, "accuracy", UTK_PROTOCOL, UTK_LAYOUT,
          _utk, {"target": "race", **SPLIT}),
-    Task("Pain-UNBC", "Pain Estimation", "regression", 1, (0, 16), "mae",
+    Task("Pain-UNBC", "Pain Estimation", "regression", 1, PSPI_RANGE, "mae",
          "leave-one-subject-out (one split per subject), frame-level PSPI MAE pooled over all frames",
          "Images/<subject>/<sequence>/<frame>.png + Frame_Labels/PSPI/<subject>/<sequence>/<frame>_facs.txt", _unbc),
     Task("Object-TinyImageNet", "Object Classification", "classification", 200, None, "accuracy",

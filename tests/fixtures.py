@@ -437,6 +437,18 @@ def make_csv_table(root: Path, values=(21.0, 33.5, 45.0, 18.0, 60.0, 27.0, 39.0,
     return d
 
 
+def replace_line(path: Path, n: int, text: str | None) -> Path:
+    """Line n (1-based) of a fixture's text file replaced by text (None: deleted); n past the end appends,
+    without a final newline, as a file cut off while it was written."""
+    lines = path.read_text().splitlines()
+    if n > len(lines):
+        path.write_text("\n".join(lines) + "\n" + text)
+    else:
+        lines[n - 1:n] = [] if text is None else [text]
+        path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
 MAKERS = {
     "Expr-AffectNet": make_affectnet, "Expr-RAF": make_raf, "Expr-SFEW": make_sfew, "Identity-MS": make_ms,
     "Identity-LFW": make_lfw, "Gender-IMDb": make_imdb, "AgeR-IMDb": make_imdb, "Gender-UTK": make_utk,

@@ -310,6 +310,106 @@ def test_missing_folder_names_path_and_layout(tmp_path):
         load("Identity-LFW", tmp_path)
 
 
+def test_fer2013_bad_rows_cost_only_themselves(tmp_path):
+    """A short, a non-numeric and a cut-off pixel row, and a non-numeric emotion: each costs its own row,
+    named with its line; the CSV is parsed once for all rows."""
+    from common import images
+
+    csv_path = fx.make_fer2013(tmp_path) / "fer2013" / "fer2013.csv"
+    row = lambda k, pixels, usage="Training": f"{fx.FER_ROWS[k][0]},{pixels},{usage}"  # noqa: E731
+    fx.replace_line(csv_path, 4, row(2, " ".join(["5"] * 100)))  # row 2: 100 values, not 2304
+    fx.replace_line(csv_path, 7, row(5, "12 x 7"))  # row 5
+    fx.replace_line(csv_path, 8, "sad," + " ".join(map(str, fx.fer_pixels(6).ravel())) + ",Training")  # row 6
+    fx.replace_line(csv_path, 13, row(11, "1 2 3", usage="PrivateTest"))  # row 11: its pixels cut short
+    fx.replace_line(csv_path, 14, "3,9 9 9")  # row 12, cut off while written: no Usage, no final newline
+    data = load("FER2013", tmp_path)
+    assert [s.path.rsplit("#", 1)[1] for s in data.samples] == [f"row{k}" for k in range(12) if k != 6]
+    assert len(data.skipped) == 2 and "line 8: emotion 'sad'" in data.skipped[0] and "line 14" in data.skipped[1]
+    images._csv_pixels.cache_clear()
+    for s in data.samples:
+        k = int(s.path.rsplit("row", 1)[1])
+        if k in (2, 5, 11):
+            with pytest.raises(BadImage, match=f"#row{k}: line {k + 2}: "):
+                read_image(s.path)
+        else:
+            assert np.array_equal(read_image(s.path)[..., 0], fx.fer_pixels(k))
+    assert images._csv_pixels.cache_info().misses == 1
+    # A file that cannot be read at all is not re-read for each of its rows either.
+    (tmp_path / "no_pixels.csv").write_text("emotion,Usage\n0,Training\n")
+    for _ in range(3):
+        with pytest.raises(BadImage, match="no_pixels.csv"):
+            read_image(f"{tmp_path}/no_pixels.csv#row0")
+    assert images._csv_pixels.cache_info().misses == 2
+
+
+def test_user_csv_split_column_all_or_nothing(tmp_path):
+    def table(name, line, text):
+        root = fx.make_csv_table(tmp_path / name, values=("7", "1", "3", "1", "7", "3"), split=True)
+        fx.replace_line(root / "labels.csv", line, text)
+        return root
+
+    cls = tasks.csv_task("Digit-Mine")
+    with pytest.raises(tasks.BadLabels, match=r"split column .* train, val, test on line 4\b"):
+        cls.loader(table("no_split", 4, "imgs/2.jpg,3"))
+    with pytest.raises(tasks.BadLabels, match=r"train, val, test on line 6\b"):
+        cls.loader(table("bad_split", 6, "imgs/4.jpg,7,tst"))
+    with pytest.raises(tasks.BadLabels, match=r"imgs/0.jpg is listed on lines 2, 5\b"):
+        cls.loader(table("twice", 5, "./imgs//0.jpg,1,test"))
+    with pytest.raises(tasks.BadLabels, match=r"no label on line 3\b"):
+        cls.loader(table("no_label", 3, "imgs/1.jpg"))
+    with pytest.raises(tasks.BadLabels, match=r"classes \['1', '3'\] on lines 2, 6\b"):  # the two 7s
+        tasks.csv_task("Two-Mine", classes=["1", "3"]).loader(table("unknown_class", 7, "imgs/5.jpg,3,test"))
+    reg = tasks.csv_task("Score-Mine", kind="regression", label_range=(0, 10))
+    for k, value in enumerate(("nan", "inf", "11", "ten")):
+        with pytest.raises(tasks.BadLabels, match=r"line 3: label .* from 0 to 10"):
+            reg.loader(table(f"reg{k}", 3, f"imgs/1.jpg,{value},val"))
+
+
+@pytest.mark.parametrize("name, make", [("AgeR-UTK", None), ("AgeR-UTK", fx.make_raf), ("AgeR-FG", None),
+                                        ("Pain-UNBC", None)])
+def test_no_images_found_names_folder_and_layout(tmp_path, name, make):
+    """An empty folder, or another dataset's, stops at reading with its folder and layout, not much later
+    at an empty concatenation."""
+    if make:
+        make(tmp_path)
+    if name == "Pain-UNBC":
+        (tmp_path / "Images").mkdir()
+        (tmp_path / "Frame_Labels" / "PSPI").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"no images found in {tmp_path}") as e:
+        load(name, tmp_path)
+    assert get_task(name).layout in str(e.value)
+
+
+def test_bad_label_files_name_file_and_line(tmp_path):
+    def fails(name, make, rel, line, text, match):
+        root = make(tmp_path / f"{name}{line}{hash(text)}")
+        fx.replace_line(root / rel, line, text)
+        with pytest.raises(tasks.BadLabels, match=match):
+            load(name, root)
+
+    raf = "basic/EmoLabel/list_patition_label.txt"
+    for text in ("train_00003.jpg 3 extra", "train_00003.jpg", "train_00003.jpg three", "train_00003.jpg 0",
+                 "train_00003.jpg 8", "train_00003.jpg -1"):
+        fails("Expr-RAF", fx.make_raf, raf, 3, text, r"list_patition_label.txt line 3: .*(1-7|1 to 7)")
+    fails("Attrib-CelebA", fx.make_celeba, "list_eval_partition.txt", 12, None,
+          r"list_eval_partition.txt: no line for 1 of the images .*000012.jpg")
+    fails("Attrib-CelebA", fx.make_celeba, "list_eval_partition.txt", 2, "000002.jpg x", r"partition.txt line 2:")
+    fails("Attrib-CelebA", fx.make_celeba, "list_attr_celeba.txt", 5, "000003.jpg 1 -1", r"celeba.txt line 5: 2 values")
+    fails("Align-CelebA", fx.make_celeba, "list_landmarks_align_celeba.txt", 4, "000002.jpg 1 2 3",
+          r"list_landmarks_align_celeba.txt line 4: expected")
+    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,Expression,valence,arousal"
+    fails("Expr-AffectNet", fx.make_affectnet, "training.csv", 1, header, r"training.csv: no column expression")
+    fails("Expr-AffectNet", fx.make_affectnet, "validation.csv", 3, "700/v2.jpg,1,2,50,50,,happy,0,0",
+          r"validation.csv line 3: expression 'happy' is not a whole number from 0 to 10")
+    fails("Expr-AffectNet", fx.make_affectnet, "training.csv", 2, "689/a1.jpg,0,0,wide,50,,1,0,0",
+          r"training.csv line 2: the face box")
+    fails("FER2013", fx.make_fer2013, "fer2013/fer2013.csv", 1, "label,pixels,Usage", r"fer2013.csv line 1: expected")
+    pspi = "Frame_Labels/PSPI/043-jh043/jh043t1aaaff/jh043t1aaaff002_facs.txt"
+    for text in ("", "   nan", "  -1.0", "   1.7000000e+01", "two"):
+        fails("Pain-UNBC", fx.make_unbc, pspi, 1, text,
+              r"jh043t1aaaff002_facs.txt line 1: expected a PSPI score from 0 to 16")
+
+
 # ----------------------------------------------------------------------------- metrics and the missed-face rule
 
 def test_basic_metrics():
