@@ -127,6 +127,19 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
              f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
 
 
+def refuse_to_delete(cache: Path, data) -> None:
+    """--overwrite deletes a feature cache, nothing else: not a folder without a cache's manifest (a typo
+    in --cache), and never the images (a cache inside the data folder, or the data inside the cache)."""
+    out = Path(cache).resolve()
+    src = Path(data).resolve() if not str(data).startswith("synth:") else None
+    if src is not None and (out == src or out in src.parents or src in out.parents):
+        raise SystemExit(f"error: --overwrite would delete {cache}, which holds or is inside the images of "
+                         f"--data {data}: put the cache in a folder of its own")
+    if not (out / "manifest.json").is_file():
+        raise SystemExit(f"error: --overwrite deletes a feature cache, and {cache} is not one (no manifest.json): "
+                         f"nothing was deleted; check --cache")
+
+
 # --------------------------------------------------------------------------------------------- fusion
 def recipe_of(args, n_train: int) -> fusion.Recipe:
     steps = args.epochs * -(-n_train // args.fusion_batch) if args.epochs else args.steps
@@ -394,6 +407,7 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
     if args.overwrite and rank == 0 and args.out.exists():
+        refuse_to_delete(args.out, args.data)
         shutil.rmtree(args.out)
     if world > 1:
         dist.barrier()

@@ -78,6 +78,10 @@ class CacheMismatch(Exception):
         self.problems = list(problems)
 
 
+_UMASK = os.umask(0)  # read once (setting it is the only way to read it) and put back
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_file(path: Path):
     """A temp path beside path to write; when the block ends, it is synced and renamed over path (removed
@@ -86,6 +90,7 @@ def atomic_file(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: the file gets the mode open() would give it
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

@@ -349,3 +349,16 @@ def test_a_million_rows(tmp_path, monkeypatch):
     # and 64 files open while reading from all 977 shards. The same paths as a Python list took 98 MB.
     assert peak < 70e6, peak / 1e6
     assert open_now <= 64, open_now
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    """A cache or a student shared with other users: atomic writes get the mode open() would give (the
+    process's umask), not mkstemp's 0600."""
+    import common.cache
+    from common.cache import atomic_write
+
+    atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    with open(tmp_path / "plain.bin", "wb") as f:
+        f.write(b"x")
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    assert common.cache._UMASK & 0o077 == 0o077 or (tmp_path / "f.bin").stat().st_mode & 0o777 != 0o600

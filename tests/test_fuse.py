@@ -282,3 +282,19 @@ def test_sweep_corpora_are_nested_with_their_own_validation_share():
     assert len(sets[1000][1]) == 100 and len(sets[3000][1]) == 150 and len(sets[10000][1]) == 150  # val_max
     assert set(np.r_[sets[1000]]) <= set(np.r_[sets[3000]]) <= set(np.r_[sets[10000]])
     assert set(sets[1000][1]) <= set(sets[3000][1])  # a face keeps its role as the corpus grows
+
+
+def test_overwrite_deletes_a_cache_and_nothing_else(tmp_path, face_dir):
+    """--overwrite on a folder that is not a cache (a typo in --cache), or on the images themselves, stops
+    with every file in place."""
+    import fuse
+
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for cache in (mine, face_dir):
+        before = sorted(p.name for p in cache.iterdir())
+        with pytest.raises(SystemExit, match="--overwrite"):
+            fuse.main(["--data", str(face_dir), "--cache", str(cache), "--teachers", CHEAP, "--overwrite",
+                       "--extract-only", "--run-dir", str(tmp_path / "run")])
+        assert sorted(p.name for p in cache.iterdir()) == before
