@@ -130,9 +130,8 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
 def refuse_to_delete(cache: Path, data) -> None:
     """--overwrite deletes a feature cache, nothing else: not a folder without a cache's manifest (a typo
     in --cache), and never the images (a cache inside the data folder, or the data inside the cache)."""
-    out = Path(cache).resolve()
-    src = Path(data).resolve() if not str(data).startswith("synth:") else None
-    if src is not None and (out == src or out in src.parents or src in out.parents):
+    out, src = Path(cache).resolve(), Path(data).resolve()  # synth:N is a folder by now
+    if out == src or out in src.parents or src in out.parents:
         raise SystemExit(f"error: --overwrite would delete {cache}, which holds or is inside the images of "
                          f"--data {data}: put the cache in a folder of its own")
     if not (out / "manifest.json").is_file():

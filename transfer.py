@@ -192,8 +192,10 @@ def face_batches(cache, rows, labels, size, train, args, device):
     def it():
         for crops, t in dl:
             crops = crops.to(device, non_blocking=True)
-            params = torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS))))
-            x = augment(crops, params, size) if train else resize(crops, size)
+            if train:
+                x = augment(crops, torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS)))), size)
+            else:
+                x = resize(crops, size)
             yield x, t.to(device)
     return it
 
@@ -480,8 +482,8 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
-        if unavailable(task, method):  # only under --method all: a named one stopped the run before any work
-            results[method] = {"metric": task.metric, "value": "n/a", "note": unavailable(task, method)}
+        if why := unavailable(task, method):  # only under --method all: a named one stopped the run earlier
+            results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(task, data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
@@ -760,9 +762,8 @@ def main(argv=None):
                              f"PyTorch teacher ({', '.join(n for n, t in REGISTRY.items() if t.runtime == 'torch')})")
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
-    named = args.method != "all"
     why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m))]
-    if named and why:
+    if args.method != "all" and why:
         raise SystemExit("error: " + "\n       ".join(why))
     if args.run_dir and (Path(args.run_dir) / "report.json").exists():
         raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir "

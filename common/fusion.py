@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cache import atomic_write
 from common.checkpoint import StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,6 @@ class PCA(nn.Module):
             else:
                 memo[key] = self.axes(data.batches(rows, 4096))
                 if path is not None:
-                    from common.cache import atomic_write
-
                     atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))
         self.components.copy_(memo[key][:, : self.d_out].float())
 
