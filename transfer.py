@@ -248,10 +248,6 @@ def score(task, preds, y_true) -> float:
     return metrics.accuracy(preds, y_true)
 
 
-def better(task, a, b) -> bool:
-    return a < b if task.metric in metrics.LOWER_IS_BETTER else a > b
-
-
 def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc, amp=(None, None)):
     """Train with Adam; keep the weights of the best validation epoch when there is a validation set.
 
@@ -269,7 +265,7 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
             precision.backward_step(task_loss(task, out.float(), y), opt, scaler)
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
-            if best is None or better(task, s, best):
+            if best is None or metrics.better(task.metric, s, best):
                 best, best_state = s, {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -596,7 +592,7 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         best = None
         for name in candidates:
             v = vals[name][i]
-            if best is None or (v is not None and (vals[best][i] is None or better(task, v, vals[best][i]))):
+            if best is None or (v is not None and (vals[best][i] is None or metrics.better(task.metric, v, vals[best][i]))):
                 best = name
         picks.append((best, None))
     names = [n for n, _ in picks]

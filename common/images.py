@@ -12,8 +12,10 @@ import csv
 import functools
 import hashlib
 import io
+import logging
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -28,6 +30,10 @@ MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # Paths are text in images.txt and the .tsv lists; file names that are not UTF-8 round-trip through
 # the bytes they have on disk (Python's own convention for such names).
 PATH_ERRORS = "surrogateescape"
+# Files are read whole before decoding; a 179 M-pixel 16-bit TIFF is about 1 GB, so anything past this is
+# no photo (a disk image or a sparse file named .jpg) and would only fill the memory of every worker.
+MAX_FILE_BYTES = 2 << 30
+log = logging.getLogger(__name__)
 # Filtered once here, because a catch_warnings block around each call is not thread-safe and extraction
 # lanes decode in threads: torchvision's deprecation notice of the decoders decode_jpegs_on uses; PIL's
 # decompression-bomb warning (decode_image checks the size itself and says so); PIL's notes on odd files
@@ -46,13 +52,22 @@ def list_images(root: str | Path) -> list[str]:
 
     Symbolic links are followed (datasets are often trees of links), each real folder once, so a link
     to a parent folder cannot loop. A folder named like an image (x.jpg/) is listed too, so that it
-    becomes a row with its reason rather than vanishing, and is searched like any folder.
+    becomes a row with its reason rather than vanishing, and is searched like any folder. Two things
+    cannot become rows and are logged as warnings with their names instead: a subfolder that cannot be
+    read (its images are unknown), and a file whose name holds a line break (the lists of paths have one
+    name a line, so it would shift every later row; rename it to include it).
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    found, seen, unreadable, broken = [], set(), [], []
+
+    def cannot_read(e: OSError) -> None:
+        if Path(e.filename) == root:
+            raise PermissionError(f"cannot read the image folder {root} ({e.strerror})") from e
+        unreadable.append(f"{os.path.relpath(e.filename, root)} ({e.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=cannot_read):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -61,7 +76,14 @@ def list_images(root: str | Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in dirnames + filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+                (broken if "\n" in name else found).append(os.path.relpath(os.path.join(dirpath, name), root))
+    if unreadable:
+        log.warning(f"{len(unreadable)} folder(s) under {root} cannot be read, their images are left out: "
+                    + "; ".join(unreadable[:10]) + (" ..." if len(unreadable) > 10 else ""))
+    if broken:
+        log.warning(f"{len(broken)} image(s) under {root} left out because their names hold a line break, "
+                    "which the one-name-a-line path lists cannot store (rename them to include them): "
+                    + ", ".join(repr(b) for b in broken[:10]) + (" ..." if len(broken) > 10 else ""))
     return sorted(found)
 
 
@@ -139,10 +161,23 @@ def _csv_row(path: str, m) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- the reader
 def read_bytes(path: str | Path) -> bytes:
-    """The bytes of one image file; a missing, unreadable or empty file raises BadImage."""
+    """The bytes of one image file; a missing, unreadable, empty or oversized file, or one that is not a
+    regular file (a FIFO or a device named .jpg would block or never end), raises BadImage."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # opened first so that the checks are of this very file; non-blocking because opening a FIFO
+        # waits for a writer that never comes (regular files ignore the flag)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise BadImage(f"{path}: a folder, not an image file")
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImage(f"{path}: not a regular file (a pipe, socket or device), not read")
+            if st.st_size > MAX_FILE_BYTES:
+                raise BadImage(f"{path}: {st.st_size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES >> 30} GiB "
+                               "limit for one image file")
+            data = f.read()
     except IsADirectoryError as e:
         raise BadImage(f"{path}: a folder, not an image file") from e
     except OSError as e:  # missing, permission denied, symbolic link loop, I/O error
@@ -240,6 +275,10 @@ def decode_jpegs_on(datas: list[bytes], device) -> list:
 
 def encode_paths(paths) -> bytes:
     """Paths one a line, as bytes; names that are not UTF-8 keep their bytes on disk."""
+    paths = list(paths)
+    for p in paths:
+        if "\n" in p:  # list_images leaves these out; a silent shift of every later row is worse than a stop
+            raise ValueError(f"a path holds a line break and cannot be stored one a line: {p!r}")
     return "".join(p + "\n" for p in paths).encode("utf-8", PATH_ERRORS)
 
 

@@ -141,3 +141,8 @@ def pooled(metric, test_indices, preds, targets) -> float:
 
 METRICS = {"accuracy": accuracy, "mae": mae, "error_rate": mean_error_rate, "nme": nme}
 LOWER_IS_BETTER = {"mae", "error_rate", "nme"}
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """True when score a beats score b under metric."""
+    return a < b if metric in LOWER_IS_BETTER else a > b

@@ -324,7 +324,7 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
             opt.step()
         if validate is not None:
             for name, s in validate(model).items():
-                if name not in best or better(name_metric(targets, name), s, best[name][0]):
+                if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):
                     best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()})
     model.eval()
     return best
@@ -332,10 +332,6 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
 
 def name_metric(targets, name) -> str:
     return next(t.task.metric for t in targets if t.name == name)
-
-
-def better(metric, a, b) -> bool:
-    return a < b if metric in metrics.LOWER_IS_BETTER else a > b
 
 
 TTA_VIEWS = [(lm.about_centre(s), False) for s in (1.0, 0.9, 1.1)]

@@ -1,6 +1,7 @@
 """Run folders: every result lands beside the exact arguments that produced it (as timm's train.py does)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -85,6 +86,15 @@ def run_main(main) -> None:
 
     try:
         sys.exit(main())
-    except (FileNotFoundError, NotADirectoryError, CacheMismatch, MissingWeights, BadImage, NotAStudent,
-            BadLabels) as e:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
+            NotAStudent, BadLabels) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written to a temporary name and renamed once whole, so a full disk leaves the
+        # old file or none, never half of one.
+        where = f" writing {e.filename}" if e.filename else ""
+        sys.exit(f"error: {e.strerror}{where}. Files are written whole or not at all, so nothing already "
+                 "written is damaged: free some space and run the same command again (fuse.py, and "
+                 "distill.py with --resume, go on where they stopped).")

@@ -59,7 +59,12 @@ BAD = {
     "bomb.png": "refused", "zero.jpg": "empty file", "text.jpg": "not a readable image",
     "truncated.jpg": "not a readable image", "folder.jpg": "a folder, not an image file",
     "loop.jpg": "Too many levels of symbolic links",
+    # opening a FIFO waits for a writer and /dev/zero never ends: both must be refused before a read
+    "fifo.jpg": "not a regular file", "dev_zero.jpg": "not a regular file",
 }
+# A real face under a name with a line break: left out of the listing (with a warning), because the
+# one-name-a-line path lists would shift every later row.
+NEWLINE = "line\nbreak.jpg"
 FORMATS = {"exif_rotated.jpg": "", "animated.gif": "", "pages.tif": "", "cmyk.jpg": "", "grey.png": "",
            "alpha.png": "", "grey16.png": "", "palette.png": ""}
 # Unreadable only for users other than root; root reads it, and it holds a real face.
@@ -90,6 +95,9 @@ def build_fuzz(d: Path) -> dict[str, str]:
     os.symlink("loop2.jpg", d / "loop.jpg")
     os.symlink("loop.jpg", d / "loop2.jpg")  # listed too: same reason
     os.symlink("..", d / "a b" / "up")  # a link to a parent folder: the walk must not loop
+    os.mkfifo(d / "fifo.jpg")
+    os.symlink("/dev/zero", d / "dev_zero.jpg")
+    face.save(d / NEWLINE, quality=95)
     (d / "exif_rotated.jpg").write_bytes(exif_rotated(face))
     frames = [face.quantize(256), Image.new("RGB", face.size, (0, 0, 0)).quantize(2)]
     frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
@@ -121,8 +129,36 @@ def fuzz(root):
 
 
 # ------------------------------------------------------------------------------------- the reader alone
-def test_every_file_is_listed_once(root):
+def test_every_file_is_listed_once(root, caplog):
     assert sorted(list_images(root)) == sorted(EXPECTED)
+    assert "left out because their names hold a line break" in caplog.text and repr(NEWLINE) in caplog.text
+
+
+def test_unreadable_subfolder_is_named(tmp_path, monkeypatch, caplog):
+    for sub in ("ok", "locked"):
+        (tmp_path / sub).mkdir()
+        real_face().save(tmp_path / sub / "face.jpg")
+    real = os.scandir
+
+    def scandir(path, locked="locked"):  # root reads any folder, so the refusal is made here
+        if Path(path).name == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert list_images(tmp_path) == ["ok/face.jpg"]
+    assert "1 folder(s)" in caplog.text and "locked (Permission denied)" in caplog.text
+    monkeypatch.setattr(os, "scandir", lambda path: scandir(path, tmp_path.name))
+    with pytest.raises(PermissionError, match="cannot read the image folder"):
+        list_images(tmp_path)
+
+
+def test_a_line_break_never_shifts_rows():
+    from common.images import decode_paths, encode_paths
+
+    names = ["a.jpg", "b\x1cc.jpg", "d\u2028e.jpg"]
+    assert decode_paths(encode_paths(names)) == names
+    with pytest.raises(ValueError, match="line break"):
+        encode_paths(["a.jpg", NEWLINE])
 
 
 @pytest.mark.parametrize("name", sorted(set(BAD) | {"loop2.jpg"}))
@@ -146,9 +182,9 @@ def test_unreadable_file(root, monkeypatch):
         with pytest.raises(BadImage, match="Permission denied"):
             read_image(root / "unreadable.jpg")
     # As root the permission bits do not bite; the error path is the same OSError, so raise it directly.
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    def denied(path, *flags):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(BadImage, match="unreadable.jpg: cannot read \\(Permission denied\\)"):
         read_image(root / "unreadable.jpg")
 
@@ -279,8 +315,10 @@ def test_transfer_scores_bad_and_missing_files_by_the_rule(root, fuzz, student, 
     for k, name in enumerate(sorted(n for n in fuzz if "/" not in n and n != UNICODE_ERR)):
         target = aligned / f"test_{100 + k:04d}_aligned.jpg"
         src = root / name
-        if src.is_symlink():
-            os.symlink(target.name, target)  # a link to itself: the same loop
+        if src.is_symlink():  # the same device, or a link to itself: the same loop
+            os.symlink(os.readlink(src) if os.path.isabs(os.readlink(src)) else target.name, target)
+        elif src.is_fifo():
+            os.mkfifo(target)
         elif src.is_dir():
             target.mkdir()
         else:
