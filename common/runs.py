@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,12 +90,24 @@ def run_main(main) -> None:
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
             NotAStudent, BadLabels) as e:
         sys.exit(f"error: {e}")
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if not disk_full(e):
             raise
         # Every file is written to a temporary name and renamed once whole, so a full disk leaves the
         # old file or none, never half of one.
-        where = f" writing {e.filename}" if e.filename else ""
-        sys.exit(f"error: {e.strerror}{where}. Files are written whole or not at all, so nothing already "
+        sys.exit(f"error: the disk is full ({e}). Files are written whole or not at all, so nothing already "
                  "written is damaged: free some space and run the same command again (fuse.py, and "
                  "distill.py with --resume, go on where they stopped).")
+
+
+# numpy's short write ("N requested and M written") and safetensors' Rust I/O error carry no errno.
+_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|\d+ requested and \d+ written")
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """True when e, or an error it was raised from, says the disk or the user's quota is full."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _FULL.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
