@@ -283,21 +283,47 @@ def _utk(root: Path, p: dict) -> TaskData:
 CELEBA_ATTRS = 40
 
 
+def _celeba_lines(path: Path) -> tuple[list[str], list[str]]:
+    """The lines of a CelebA list file (a count line, the column names, one row per image) and its columns."""
+    lines = _need(path).read_text().splitlines()
+    if len(lines) < 2:
+        raise BadLabels(f"{path}: expected a count line, then the column names, then one line per image; "
+                        f"found {len(lines)} line(s)")
+    return lines, lines[1].split()
+
+
 def _celeba(root: Path, p: dict) -> TaskData:
+    """40 attributes per face from list_attr_celeba.txt, coded -1 (absent) / 1 (present) as distributed.
+
+    A file whose values are all 0/1 (a common re-export) is read as 0 absent, 1 present; a file that mixes
+    -1 and 0, or holds any other value, is BadLabels naming its file and line.
+    """
     root = _sub(root, "celeba")
     images = _need(root / "img_align_celeba")
-    lines = _need(root / "list_attr_celeba.txt").read_text().splitlines()
-    names = lines[1].split()
-    files, labels = [], []
+    path = root / "list_attr_celeba.txt"
+    lines, names = _celeba_lines(path)
+    if len(names) != CELEBA_ATTRS:  # the head is CELEBA_ATTRS wide: other widths would fail far later, in the loss
+        raise BadLabels(f"{path} line 2: {len(names)} attribute names, expected the {CELEBA_ATTRS} of CelebA")
+    files, labels, first = [], [], {}  # first: line where -1 and where 0 are first seen
     for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != len(names) + 1:
-            raise BadLabels(f"{root / 'list_attr_celeba.txt'} line {n}: {len(parts) - 1} values for {len(names)} "
+            raise BadLabels(f"{path} line {n}: {len(parts) - 1} values for {len(names)} "
                             f"attributes in {line!r}")
+        values = set(parts[1:])
+        if bad := values - {"-1", "0", "1"}:
+            raise BadLabels(f"{path} line {n}: attribute value {sorted(bad)[0]!r} is not -1 or 1 "
+                            "(or 0 or 1, in a file coded 0/1 throughout)")
+        for v in values & {"-1", "0"}:
+            first.setdefault(v, n)
         files.append(parts[0])
         labels.append(np.array([v == "1" for v in parts[1:]], np.float32))
+    # 0/1 is safe to accept: 1 means present in both codings and 0 has no meaning in -1/1; only a mix is ambiguous.
+    if len(first) == 2:
+        raise BadLabels(f"{path} line {max(first.values())}: mixes -1 (first on line {first['-1']}) and 0 (first on "
+                        f"line {first['0']}); expected -1/1 (the official coding) or 0/1 throughout")
     partition = root / "list_eval_partition.txt"
     which = _in_partition(_partition(partition), files, partition, "list_attr_celeba.txt")
     samples = [Sample(str(images / f), y) for f, y in zip(files, labels)]
@@ -307,11 +333,16 @@ def _celeba(root: Path, p: dict) -> TaskData:
 
 def _lfw(root: Path, p: dict) -> TaskData:
     images = _need(root / p.get("images", "lfw"))
-    rows = [line.split() for line in _need(root / "pairs.txt").read_text().splitlines() if line.strip()]
-    head, rows = rows[0], rows[1:]
+    path = _need(root / "pairs.txt")
+    rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    head = rows[0][1] if rows else []
+    if not (1 <= len(head) <= 2 and all(h.isdigit() for h in head)) or not int(head[-1]):
+        raise BadLabels(f"{path} line {rows[0][0] if rows else 1}: expected the header `<folds> <pairs per fold>` "
+                        f"(or `<pairs>`), got {' '.join(head)!r}")
+    rows = rows[1:]
     n_folds, n = (int(head[0]), int(head[1])) if len(head) == 2 else (1, int(head[0]))
     if len(rows) != 2 * n_folds * n:
-        raise ValueError(f"pairs.txt: header says {n_folds} folds x 2 x {n} pairs, found {len(rows)} lines")
+        raise BadLabels(f"{path}: header says {n_folds} folds x 2 x {n} pairs, found {len(rows)} pair lines")
     samples, index, names = [], {}, {}
 
     def sample(name, no):
@@ -322,10 +353,11 @@ def _lfw(root: Path, p: dict) -> TaskData:
         return index[key]
 
     pairs = []
-    for k, r in enumerate(rows):
+    for k, (line, r) in enumerate(rows):
         fold, same = k // (2 * n), k % (2 * n) < n
-        if len(r) != (3 if same else 4):
-            raise ValueError(f"pairs.txt line {k + 2}: expected {'name i j' if same else 'name1 i name2 j'}, got {r}")
+        if len(r) != (3 if same else 4) or not all(r[i].isdigit() for i in ((1, 2) if same else (1, 3))):
+            raise BadLabels(f"{path} line {line}: expected {'`name i j`' if same else '`name1 i name2 j`'} "
+                            f"(pair {k % (2 * n) + 1} of fold {fold + 1}), got {' '.join(r)!r}")
         a, b = (sample(r[0], r[1]), sample(r[0], r[2])) if same else (sample(r[0], r[1]), sample(r[2], r[3]))
         pairs.append(Pair(a, b, same, fold))
     # Relabel identities in sorted-name order so labels do not depend on pair order.
@@ -360,6 +392,8 @@ def _raf(root: Path, p: dict) -> TaskData:
         file = f"{name.rsplit('.', 1)[0]}_aligned.jpg" if aligned else name
         samples.append(Sample(str(images / file), _label(y, 1, len(RAF_NAMES), f"{labels} line {n}") - 1))
         part.append(name.split("_")[0])
+        if part[-1] not in ("train", "test"):  # the prefix is the split: any other would sit in none, unseen
+            raise BadLabels(f"{labels} line {n}: image name {name!r} does not start with train_ or test_")
     part = np.array(part)
     return TaskData(samples, [Split("official train/test", _idx(part == "train"), _idx(part == "test"))], label_names=RAF_NAMES)
 
@@ -442,10 +476,9 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
     images, name = ("img_align_celeba", "list_landmarks_align_celeba.txt") if p.get("aligned", True) else \
         ("img_celeba", "list_landmarks_celeba.txt")
     images = _need(root / images)
-    lines = _need(root / name).read_text().splitlines()
-    columns = lines[1].split()
+    lines, columns = _celeba_lines(root / name)
     if columns != [f"{n}_{c}" for n in CELEBA_POINTS for c in "xy"]:
-        raise ValueError(f"{name}: expected the columns lefteye_x ... rightmouth_y, got {columns}")
+        raise BadLabels(f"{root / name} line 2: expected the columns lefteye_x ... rightmouth_y, got {columns}")
     samples = []
     for n, line in enumerate(lines[2:], 3):
         parts = line.split()
@@ -468,15 +501,30 @@ def read_pts(path: Path) -> np.ndarray:
 
     iBUG counts pixels from 1 (MATLAB); 1 is taken off so that points sit on the pixel grid of the image.
     """
-    text = path.read_text().split("{", 1)
-    head = dict(line.split(":", 1) for line in text[0].splitlines() if ":" in line)
-    if len(text) < 2 or "n_points" not in head:
-        raise ValueError(f"{path}: not an iBUG .pts file (no n_points header or no {{ ... }} block)")
-    values = np.array(text[1].split("}")[0].split(), np.float64)
-    n = int(head["n_points"])
+    head_text, brace, body = path.read_text().partition("{")
+    head = {}  # key -> (line, value)
+    for n, line in enumerate(head_text.splitlines(), 1):
+        if ":" in line:
+            key, value = line.split(":", 1)
+            head[key.strip()] = (n, value.strip())
+    if not brace or "n_points" not in head:
+        raise BadLabels(f"{path}: not an iBUG .pts file (no n_points header or no {{ ... }} block)")
+    n_line, count = head["n_points"]
+    if not count.isdigit():
+        raise BadLabels(f"{path} line {n_line}: n_points {count!r} is not a whole number")
+    values = []
+    for n, line in enumerate(body.split("}")[0].splitlines(), head_text.count("\n") + 1):  # from the { line on
+        try:
+            xy = [float(v) for v in line.split()]
+        except ValueError:
+            xy = [np.nan]
+        if not np.isfinite(xy).all():
+            raise BadLabels(f"{path} line {n}: expected `x y` (two numbers), got {line.strip()!r}")
+        values += xy
+    n = int(count)
     if len(values) != 2 * n:
-        raise ValueError(f"{path}: n_points says {n}, found {len(values) / 2:g} points")
-    return values.reshape(n, 2) - 1
+        raise BadLabels(f"{path} line {n_line}: n_points says {n}, found {len(values) / 2:g} points")
+    return np.array(values, np.float64).reshape(n, 2) - 1
 
 
 # The usual "full" 300-W test set: the common subset (LFPW and HELEN test images) plus the challenging iBUG.
@@ -495,8 +543,9 @@ def _300w(root: Path, p: dict) -> TaskData:
         test.append(bool(_300W_TEST.search(str(pts.parent.relative_to(root)).replace(os.sep, "/"))))
     if not samples:
         raise FileNotFoundError(f"missing annotations: no {root}/**/*.pts beside its image")
-    if len({len(s.label) for s in samples}) > 1:
-        raise ValueError(f"{root}: the .pts files do not all have the same number of points")
+    if odd := next((s for s in samples if len(s.label) != len(samples[0].label)), None):
+        raise BadLabels(f"{Path(odd.path).with_suffix('.pts')}: {len(odd.label)} points, but "
+                        f"{Path(samples[0].path).with_suffix('.pts')} has {len(samples[0].label)}; each file the same")
     test = np.array(test)
     seed, fractions = p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1)))
     if test.any() and not test.all():
@@ -566,13 +615,23 @@ def _matlab_years(datenum: np.ndarray) -> np.ndarray:
 
 def _imdb_wiki(root: Path, p: dict) -> TaskData:
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     names = [p["mat"]] if p.get("mat") else ["imdb.mat", "wiki.mat"]
     found = [root / n for n in names if (root / n).exists()]
     if not found:
         raise FileNotFoundError(f"missing {root / names[0]}" + (f" (or {root / names[1]})" if len(names) > 1 else ""))
     mat = found[0]
-    m = loadmat(str(mat))[mat.stem][0, 0]
+    try:
+        contents = loadmat(str(mat))
+    except (MatReadError, ValueError, IndexError) as e:  # what scipy raises for a damaged file; it names none
+        raise BadLabels(f"{mat}: not a MATLAB .mat file ({e})") from e
+    fields = ("full_path", "dob", "photo_taken", "gender", "face_score", "second_face_score")
+    m = contents[mat.stem][0, 0] if mat.stem in contents else None
+    if m is None or not set(fields) <= set(m.dtype.names or ()):
+        variables = [k for k in contents if not k.startswith("__")]
+        raise BadLabels(f"{mat}: expected a struct {mat.stem!r} with fields {', '.join(fields)}; found "
+                        + (f"the fields {list(m.dtype.names or ())}" if m is not None else f"the variables {variables}"))
     col = lambda k: np.asarray(m[k], np.float64).ravel()  # noqa: E731
     paths = [str(np.squeeze(x)) for x in m["full_path"].ravel()]
     age = col("photo_taken") - _matlab_years(col("dob"))
@@ -591,15 +650,33 @@ def _imdb_wiki(root: Path, p: dict) -> TaskData:
 
 def _tiny_imagenet(root: Path, p: dict) -> TaskData:
     root = _sub(root, "tiny-imagenet-200")
-    wnids = _need(root / "wnids.txt").read_text().split()
-    cls = {w: i for i, w in enumerate(wnids)}
+    listed = _need(root / "wnids.txt")
+    cls = {}
+    for n, line in enumerate(listed.read_text().splitlines(), 1):
+        for w in line.split():
+            if w in cls:  # twice would read its training images twice, under the second index only
+                raise BadLabels(f"{listed} line {n}: class id {w!r} is listed a second time")
+            cls[w] = len(cls)
+    wnids = list(cls)
     samples = [Sample(str(f), cls[w]) for w in wnids for f in _image_files(_need(root / "train" / w / "images"))]
     n_train = len(samples)
     val_images = _need(root / "val" / "images")
-    for line in _need(root / "val" / "val_annotations.txt").read_text().splitlines():
-        if line.strip():
-            file, wnid = line.split()[:2]
-            samples.append(Sample(str(val_images / file), cls[wnid]))
+    annotations, unknown = _need(root / "val" / "val_annotations.txt"), []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise BadLabels(f"{annotations} line {n}: expected `<image> <class id> [box]`, got {line!r}")
+        if parts[1] in cls:
+            samples.append(Sample(str(val_images / parts[0]), cls[parts[1]]))
+        else:
+            unknown.append((n, parts[1]))
+    if unknown:  # all of them at once, so that a wrong wnids.txt shows as one message, not one rerun per line
+        ids = sorted({w for _, w in unknown})
+        many = f" ({len(ids)} unknown ids)" if len(ids) > 1 else ""
+        raise BadLabels(f"{annotations}: class id not in {listed.name} on {_lines([n for n, _ in unknown])}: "
+                        + ", ".join(map(repr, ids[:5])) + many)
     split = Split("train / val", np.arange(n_train), np.arange(n_train, len(samples)))
     return TaskData(samples, [split], label_names=wnids)
 
@@ -614,7 +691,7 @@ def _folder(root: Path, p: dict) -> TaskData:
     for part, top in tops.items():
         for d in _subdirs(top):
             if d.name not in cls:
-                raise ValueError(f"{d}: class {d.name!r} is not one of {classes}")
+                raise BadLabels(f"{d}: class {d.name!r} is not one of {classes}")
             for f in _image_files(d):
                 samples.append(Sample(str(f), cls[d.name], group=d.name if p.get("per_class_split") else None))
                 which.append(part)

@@ -408,6 +408,116 @@ def test_bad_label_files_name_file_and_line(tmp_path):
     for text in ("", "   nan", "  -1.0", "   1.7000000e+01", "two"):
         fails("Pain-UNBC", fx.make_unbc, pspi, 1, text,
               r"jh043t1aaaff002_facs.txt line 1: expected a PSPI score from 0 to 16")
+    fails("Expr-RAF", fx.make_raf, raf, 3, "val_00003.jpg 3", r"label.txt line 3: .*'val_00003.jpg' .* train_ or test_")
+    fails("Align-CelebA", fx.make_celeba, "list_landmarks_align_celeba.txt", 2, "x1 y1",
+          r"list_landmarks_align_celeba.txt line 2: expected the columns")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 1, "10\tx", r"pairs.txt line 1: expected the header")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 3, "Person_01\t1\ttwo", r"pairs.txt line 3: expected `name i j`")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 4, "Person_00\t1\tPerson_01", r"pairs.txt line 4: expected `name1")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 5, None, r"pairs.txt: header says 10 folds x 2 x 2 pairs, found 39")
+
+
+def _bad_labels(name, root) -> str:
+    """The message of the BadLabels that loading `name` from root raises; it always ends with the layout."""
+    with pytest.raises(tasks.BadLabels) as e:
+        load(name, root)
+    assert get_task(name).layout in str(e.value)
+    return str(e.value)
+
+
+def test_tiny_imagenet_unknown_class_ids_name_file_and_lines(tmp_path):
+    def tiny(case, rel, line, text):
+        return fx.replace_line(fx.make_tinyimagenet(tmp_path / case) / rel, line, text).parents[1 if "val" in rel else 0]
+
+    ann = "val/val_annotations.txt"
+    msg = _bad_labels("Object-TinyImageNet", tiny("one", ann, 3, "val_2.JPEG\tn99999999\t0\t0\t63\t63"))
+    assert "val_annotations.txt: class id not in wnids.txt on line 3: 'n99999999'" in msg and "unknown ids" not in msg
+    root = tiny("two", ann, 2, "val_1.JPEG\tn2")
+    fx.replace_line(root / ann, 4, "val_3.JPEG\tn1")
+    fx.replace_line(root / ann, 5, "val_4.JPEG\tn1")  # past the end: appended, a 5th line
+    msg = _bad_labels("Object-TinyImageNet", root)
+    assert "on lines 2, 4, 5: 'n1', 'n2' (2 unknown ids)" in msg and str(root / ann) in msg
+    msg = _bad_labels("Object-TinyImageNet", tiny("short", ann, 1, "val_0.JPEG"))
+    assert "val_annotations.txt line 1: expected `<image> <class id> [box]`" in msg
+    msg = _bad_labels("Object-TinyImageNet", tiny("twice", "wnids.txt", 3, fx.TINY_WNIDS[0]))
+    assert f"wnids.txt line 3: class id '{fx.TINY_WNIDS[0]}' is listed a second time" in msg
+
+
+def _celeba_attrs(root, recode):
+    """The fixture's list_attr_celeba.txt with each image row (line 3 on) passed through recode(line_no, row)."""
+    path = root / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("".join((recode(n, line) if n > 2 else line) + "\n" for n, line in enumerate(lines, 1)))
+    return root
+
+
+def test_celeba_attributes_coded_0_1_read_as_absent_present(tmp_path):
+    root = _celeba_attrs(fx.make_celeba(tmp_path), lambda n, line: line.replace("-1", " 0"))
+    assert " 0 " in (root / "list_attr_celeba.txt").read_text() and "-1" not in (root / "list_attr_celeba.txt").read_text()
+    data = load("Attrib-CelebA", root)
+    want = (fx.celeba_attributes() > 0).astype(np.float32)
+    assert np.array_equal(np.stack([s.label for s in data.samples]), want)
+
+
+@pytest.mark.parametrize("case, recode, match", [
+    # one row re-coded 0/1 in an otherwise -1/1 file: ambiguous, so refused, naming both lines
+    ("mixed", lambda n, line: line.replace("-1", " 0") if n == 5 else line,
+     r"list_attr_celeba.txt line 5: mixes -1 \(first on line 3\) and 0 \(first on line 5\); expected -1/1"),
+    ("two", lambda n, line: line[:-2] + " 2" if n == 4 else line,
+     r"list_attr_celeba.txt line 4: attribute value '2' is not -1 or 1"),
+    ("yes", lambda n, line: line[:-2] + "yes" if n == 6 else line, r"line 6: attribute value 'yes' is not -1 or 1"),
+    ("short", lambda n, line: " ".join(line.split()[:-2]) if n == 7 else line, r"line 7: 38 values for 40 attributes"),
+])
+def test_celeba_bad_attribute_values_name_file_and_line(tmp_path, case, recode, match):
+    import re
+
+    msg = _bad_labels("Attrib-CelebA", _celeba_attrs(fx.make_celeba(tmp_path), recode))
+    assert re.search(match, msg) and str(tmp_path / "celeba" / "list_attr_celeba.txt") in msg
+
+
+def test_celeba_attribute_header_checked(tmp_path):
+    root = fx.make_celeba(tmp_path)
+    fx.replace_line(root / "list_attr_celeba.txt", 2, " ".join(fx.CELEBA_NAMES[:-1]))
+    assert "list_attr_celeba.txt line 2: 39 attribute names, expected the 40" in _bad_labels("Attrib-CelebA", root)
+    (root / "list_attr_celeba.txt").write_text("12\n")
+    assert "list_attr_celeba.txt: expected a count line, then the column names" in _bad_labels("Attrib-CelebA", root)
+
+
+def test_pts_and_300w_errors_name_file_and_line(tmp_path):
+    pts = tmp_path / "a.pts"
+    for line, text, match in ((5, "1.0 abc", r"a.pts line 5: expected `x y`"), (6, "nan 2", r"a.pts line 6: expected"),
+                              (2, "n_points: sixty", r"a.pts line 2: n_points 'sixty'"),
+                              (70, None, r"a.pts line 2: n_points says 68, found 67 points")):
+        fx.write_pts(pts, fx.shape_68())
+        fx.replace_line(pts, line, text)
+        with pytest.raises(tasks.BadLabels, match=match):
+            tasks.read_pts(pts)
+    pts.write_text("68 points\n")
+    with pytest.raises(tasks.BadLabels, match="a.pts: not an iBUG .pts file"):
+        tasks.read_pts(pts)
+    root = fx.make_300w(tmp_path / "w")
+    fx.write_pts(root / "ibug" / "image_0013.pts", fx.shape_68()[:67])
+    assert "image_0013.pts: 67 points, but" in _bad_labels("Align-300W", root)
+
+
+def test_imdb_mat_of_another_shape_names_file(tmp_path):
+    from scipy.io import savemat
+
+    root = fx.make_imdb(tmp_path)
+    mat = root / "imdb.mat"
+    savemat(mat, {"wiki": {"full_path": np.array(["a.jpg"], dtype=object)}})
+    msg = _bad_labels("AgeR-IMDb", root)
+    assert f"{mat}: expected a struct 'imdb'" in msg and "the variables ['wiki']" in msg
+    savemat(mat, {"imdb": {"full_path": np.array(["a.jpg"], dtype=object)}})
+    assert "found the fields ['full_path']" in _bad_labels("AgeR-IMDb", root)
+    mat.write_text("not a mat file at all")
+    assert f"{mat}: not a MATLAB .mat file" in _bad_labels("AgeR-IMDb", root)
+
+
+def test_folder_class_not_listed_is_bad_labels(tmp_path):
+    root = fx.make_folder_tree(tmp_path)
+    with pytest.raises(tasks.BadLabels, match=r"scarf: class 'scarf' is not one of \['mask', 'no_mask'\]"):
+        tasks.folder_task("Two-Mine", classes=["mask", "no_mask"]).loader(root)
 
 
 # ----------------------------------------------------------------------------- metrics and the missed-face rule
