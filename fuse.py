@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import fusion, synth
 from common.align import CROP_SIZE, DETECT_SIZE
-from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, write_json, write_missed
 from common.extract import Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -272,7 +272,11 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         name = write if variants[0] is None else f"{write}+bal"
         # A rerun that loaded the very fit (and units) the current h_G came from keeps it: at 4.12 M faces
         # writing it again is a pass over the cache and 8 GB of writes.
-        done = cache.embedding(write)[1] if write in cache.embedding_names() else {}
+        try:
+            done = cache.embedding(write)[1] if write in cache.embedding_names() else {}
+        except CacheDamaged as e:
+            log.warning(f"warning: h_G ({write}) is damaged ({'; '.join(e.problems)}): it is written anew")
+            done = {}
         same = done.get("fit") == infos[name]["fit_file"] and done.get("units") == data.fingerprint
         if infos[name].get("loaded") and same:
             log.info(f"h_G ({name}) in {cache.path / 'emb' / write} comes from this same fit: kept as it is")
@@ -417,6 +421,7 @@ def main(argv=None):
 
         if rank == 0:
             cache = open_cache()
+            cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
         if world > 1:
             dist.barrier()
         if rank != 0:

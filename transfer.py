@@ -157,7 +157,7 @@ def task_cache(task, data, root: Path, teachers, args, device, log) -> FeatureCa
         why = "; ".join(e.problems) or str(e)
         raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
                          f"rebuild it, or pass another --task-cache") from None
-    if not cache.manifest.get("complete"):
+    if cache.remove_damaged(log) or not cache.manifest.get("complete"):
         opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
                        workers=args.workers)
         extract(cache, teachers, device, opts, log=log)

@@ -22,7 +22,9 @@ whole files behind):
                            mix; the version just replaced is kept for readers still on it.
     fits/                  the state of each fit of G (fuse.py; common.fusion.fit_file names them), so that a
                            killed run resumes its fits
-A shard is done when its .npy exists (written last), which is all that resuming needs to know.
+A shard is done when its .npy exists (written last), which is all that resuming needs to know, as long
+as no file was damaged after it was written (a copy cut short, an edit): damaged_shards() finds those
+from headers and sizes alone, fuse.py redoes them, and readers raise CacheDamaged naming the file.
 Sized for millions of faces: nothing here holds more than one shard in memory, the number of shard
 files open at once is bounded (MAX_OPEN), and the paths are one byte buffer, not millions of strings.
 """
@@ -35,6 +37,8 @@ import shutil
 import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +71,8 @@ def _open_budget() -> int:
 
 
 MAX_OPEN = _open_budget()
+# What write_shard puts in a shard's meta.npz (and crops_sha256 with a crop store).
+META_KEYS = ("found", "matrix", "score", "sha1", "reason", "count", "sum", "sumsq")
 IOV_MAX = 1024  # buffers one os.preadv may take (POSIX's minimum, Linux's value)
 
 
@@ -76,6 +82,44 @@ class CacheMismatch(Exception):
     def __init__(self, message: str, problems=()):
         super().__init__(message)
         self.problems = list(problems)
+
+
+class CacheDamaged(CacheMismatch):
+    """A file of the cache is cut short, corrupt or missing (a copy interrupted, an edit, a disk that failed).
+    A CacheMismatch, so that the scripts end on its one-line message: the file and what is wrong with it
+    (also in .problems, for a caller that repairs it itself or knows a better remedy), then what to do."""
+
+    def __init__(self, what: str, remedy: str = ""):
+        super().__init__(what + (f": {remedy}" if remedy else ""), [what])
+
+
+def _redo_hint(cache, data_root) -> str:
+    return (f"run the command that wrote it again with the same arguments (`python fuse.py --data {data_root} "
+            f"--cache {cache}`, or transfer.py for a task cache): it redoes damaged shards")
+
+
+def _rebuild_hint(cache, data_root="DIR") -> str:
+    return (f"the cache must be rebuilt (`python fuse.py --data {data_root} --cache {cache} --overwrite`) "
+            f"or restored from a copy")
+
+
+# What FeatureCache reads from a manifest of this FORMAT; without one of them it fails on a KeyError later.
+MANIFEST_KEYS = ("format", "teachers", "dtype", "data_root", "n_images", "shard_bounds", "crop_size")
+
+
+def read_manifest(cache: Path) -> dict:
+    """The manifest of the cache folder `cache`; CacheDamaged if it is not JSON or lacks a key this code reads."""
+    path = Path(cache) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CacheDamaged(f"{path} is not valid JSON ({e})", _rebuild_hint(cache)) from None
+    if not isinstance(manifest, dict):
+        raise CacheDamaged(f"{path} holds a JSON {type(manifest).__name__}, not a manifest", _rebuild_hint(cache))
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if manifest.get("format") == FORMAT and missing:  # another format has other keys: the caller says so
+        raise CacheDamaged(f"{path} lacks {', '.join(missing)}", _rebuild_hint(cache, manifest.get("data_root", "DIR")))
+    return manifest
 
 
 _UMASK = os.umask(0)  # read once (setting it is the only way to read it) and put back
@@ -171,19 +215,84 @@ class PathArray:
         return list(self).index(path)
 
 
-def _open_rows(path):
-    f = open(path, "rb", buffering=0)
+def _read_header(f):
+    """(shape, dtype, offset of the data) of an open .npy file; ValueError naming what is wrong with it."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
         shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
     except ValueError as e:
-        f.close()
-        raise ValueError(f"{path}: not a .npy file ({e})") from None
+        raise ValueError(f"not a .npy file ({e})") from None
     if fortran:
+        raise ValueError("not stored in C order")
+    return tuple(shape), dtype, f.tell()
+
+
+def npy_problem(path, shape, dtype) -> str | None:
+    """What is wrong with the .npy file at path, from its header and size alone (None: it looks whole).
+    Two small reads, never the data: a check of every shard costs O(shards), not a pass over 200 GB."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    try:
+        with open(path, "rb", buffering=0) as f:  # unbuffered: a header, not the 4-8 kB a buffer would fetch
+            got, got_dtype, offset = _read_header(f)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return "missing"
+    except ValueError as e:
+        return str(e)
+    if got != shape or got_dtype != dtype:
+        return f"holds {got_dtype} {got}, expected {dtype} {shape}"
+    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < want:
+        return f"truncated: {size} bytes of {want}"
+    if size > want:
+        return f"{size - want} bytes past the end of its array"
+    return None
+
+
+def npz_problem(path, keys) -> str | None:
+    """What is wrong with the .npz file at path, from its zip directory alone (None: it opens and holds keys).
+    The directory sits at the end of the file, so a copy cut short anywhere loses it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except FileNotFoundError:
+        return "missing"
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        return f"not a readable .npz ({e})"
+    lacking = [k for k in keys if f"{k}.npy" not in names]
+    return f"lacks {', '.join(lacking)}" if lacking else None
+
+
+@contextmanager
+def open_npz(path, remedy: str):
+    """np.load of an .npz, a file cut short, corrupt or missing ending as CacheDamaged naming it. The block
+    runs inside: npz members are read when indexed, so that is where a corrupt member shows."""
+    try:
+        with np.load(path) as z:
+            yield z
+    except FileNotFoundError:
+        raise CacheDamaged(f"{path} is missing", remedy) from None
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, zlib.error) as e:
+        raise CacheDamaged(f"{path} is damaged ({type(e).__name__}: {e})", remedy) from None
+
+
+def _open_rows(path, rows: int):
+    """(unbuffered file, offset of row 0, bytes a row) of a .npy of `rows` rows; ValueError if it is not one
+    or is shorter than its header says (found at open, not at the first read past the end)."""
+    f = open(path, "rb", buffering=0)
+    try:
+        shape, dtype, offset = _read_header(f)
+        stride = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        if shape[0] != rows:
+            raise ValueError(f"holds {shape[0]} rows, expected {rows}")
+        size = os.fstat(f.fileno()).st_size
+        if size < offset + rows * stride:
+            raise ValueError(f"truncated: {size} bytes of {offset + rows * stride}")
+    except BaseException:
         f.close()
-        raise ValueError(f"{path} is not stored in C order")
-    return f, f.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        raise
+    return f, offset, stride
 
 
 class OpenFiles:
@@ -204,6 +313,13 @@ class OpenFiles:
                 self._open.popitem(last=False)
             self._open[key] = handle
             return handle
+
+    def forget(self, path) -> None:
+        """Drop what is held open of path: a shard removed or written anew is another file under that name,
+        and a map or descriptor kept would go on reading the old one."""
+        with self._lock:
+            for key in [k for k in self._open if k[1] == str(path)]:
+                del self._open[key]
 
     def __len__(self):
         return len(self._open)
@@ -226,11 +342,15 @@ class ShardedArray:
     random from more data than memory holds, i.e. the crop store at the paper's scale (203 GB for
     4.12 M faces): through a map, each page of a row not in memory is a synchronous fault, and the
     kernel's read-around pulls in up to read_ahead_kb around each. Random 48 kB crops of a cold store,
-    bench/cache.py on the 2-core VM: see BENCHMARKS.md."""
+    bench/cache.py on the 2-core VM: see BENCHMARKS.md.
+
+    A shard file missing, cut short or holding other rows than bounds say is a CacheDamaged naming it,
+    when it is opened (or read, if it was cut short since), followed by `remedy`."""
     files: list[Path]
     bounds: np.ndarray  # shard k holds rows bounds[k]:bounds[k+1]
     max_open: int | None = None
     direct: bool = False
+    remedy: str = ""  # what to do about a damaged shard, said in the error
 
     def __post_init__(self):
         # thread-safe: fusion's read-ahead thread and the main one read the same arrays
@@ -243,9 +363,23 @@ class ShardedArray:
         self.__dict__.update(state)
         self.__post_init__()
 
+    def _damaged(self, k: int, what: str) -> CacheDamaged:
+        return CacheDamaged(f"{self.files[k]}: {what}", self.remedy)
+
+    def _map(self, k: int) -> np.ndarray:
+        rows = int(self.bounds[k + 1] - self.bounds[k])
+        try:
+            m = np.load(self.files[k], mmap_mode="r")
+        except FileNotFoundError:
+            raise self._damaged(k, "missing") from None
+        except (ValueError, EOFError) as e:  # "mmap length is greater than file size", a header cut short
+            raise self._damaged(k, f"truncated or corrupt ({e})") from None
+        if len(m) != rows:
+            raise self._damaged(k, f"holds {len(m)} rows, expected {rows}")
+        return m
+
     def shard(self, k: int) -> np.ndarray:
-        path = str(self.files[k])
-        return self._maps.get(("map", path), lambda: np.load(path, mmap_mode="r"))
+        return self._maps.get(("map", str(self.files[k])), lambda: self._map(k))
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
@@ -258,7 +392,15 @@ class ShardedArray:
         """Shard k opened for positioned reads: (unbuffered file, offset of row 0, bytes a row). The file
         object, not a bare descriptor, so that one evicted under another thread's read closes only when
         that read lets go of it."""
-        return self._maps.get(("file", str(self.files[k])), lambda: _open_rows(self.files[k]))
+        def opener():
+            try:
+                return _open_rows(self.files[k], int(self.bounds[k + 1] - self.bounds[k]))
+            except FileNotFoundError:
+                raise self._damaged(k, "missing") from None
+            except ValueError as e:
+                raise self._damaged(k, str(e)) from None
+
+        return self._maps.get(("file", str(self.files[k])), opener)
 
     def _read_direct(self, k: int, local: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
         """out[dest] = rows `local` (ascending) of shard k, each distinct row read once, consecutive ones in
@@ -272,9 +414,9 @@ class ShardedArray:
                 part = run[s:s + IOV_MAX]
                 bufs = [memoryview(out[j]).cast("B") for j in into[part]]
                 got = os.preadv(f.fileno(), bufs, offset + int(rows[part[0]]) * stride)
-                if got != len(part) * stride:
-                    raise OSError(f"{self.files[k]}: short read ({got} of {len(part) * stride} bytes at row "
-                                  f"{rows[part[0]]}); the file is truncated")
+                if got != len(part) * stride:  # cut short since it was opened
+                    raise self._damaged(k, f"short read ({got} of {len(part) * stride} bytes at row "
+                                           f"{rows[part[0]]}); the file is truncated")
         if not first.all():  # a row asked for twice: copied from its first place
             out[dest[~first]] = out[into[np.cumsum(first)[~first] - 1]]
 
@@ -305,10 +447,18 @@ class FeatureCache:
         if not manifest.exists():
             raise FileNotFoundError(f"no feature cache at {self.path} (no manifest.json): "
                                     f"run `python fuse.py --data DIR --cache {self.path}` first")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_manifest(self.path)
         if self.manifest.get("format") != FORMAT:
             raise CacheMismatch(f"{manifest}: cache format {self.manifest.get('format')}, this code reads {FORMAT}")
-        self.images = PathArray((self.path / "images.txt").read_bytes())
+        listing = self.path / "images.txt"
+        try:
+            self.images = PathArray(listing.read_bytes())
+        except FileNotFoundError:
+            raise CacheDamaged(f"{listing} is missing", _rebuild_hint(self.path, self.data_root)) from None
+        if len(self.images) != self.manifest["n_images"]:  # else every row past the fault has another's name
+            raise CacheDamaged(f"{listing} lists {len(self.images)} paths, manifest.json {self.manifest['n_images']} "
+                               f"images (a copy cut short, or a name with a line break written by an older "
+                               f"version)", _rebuild_hint(self.path, self.data_root))
         self.bounds = np.array(self.manifest["shard_bounds"], dtype=np.int64)
         self._meta = None
 
@@ -342,7 +492,7 @@ class FeatureCache:
         }
         manifest = path / "manifest.json"
         if manifest.exists():
-            old = json.loads(manifest.read_text())
+            old = read_manifest(path)
             problems = cls._plan_differences(old, plan)
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
@@ -376,6 +526,51 @@ class FeatureCache:
     def shard_done(self, k: int) -> bool:
         return self.shard_file(k).exists()
 
+    def meta_file(self, k: int) -> Path:
+        return self.shard_file(k).with_suffix(".meta.npz")
+
+    @property
+    def redo_hint(self) -> str:
+        return _redo_hint(self.path, self.data_root)
+
+    def shard_problem(self, k: int) -> str | None:
+        """What is wrong with shard k's files ("FILE: why"), from headers, sizes and zip directories alone."""
+        rows = int(self.bounds[k + 1] - self.bounds[k])
+        keys = META_KEYS + (("crops_sha256",) if self.crop_size else ())
+        checks = [(self.shard_file(k), lambda p: npy_problem(p, (rows, self.dim), self.dtype)),
+                  (self.meta_file(k), lambda p: npz_problem(p, keys))]
+        if self.crop_size:
+            s = self.crop_size
+            checks.append((self.crop_file(k), lambda p: npy_problem(p, (rows, s, s, 3), np.uint8)))
+        for path, check in checks:
+            why = check(path)
+            if why:
+                return f"{path}: {why}"
+        return None
+
+    def damaged_shards(self) -> dict[int, str]:
+        """{shard: what is wrong} of the shards marked done (features file present) whose files are damaged.
+        Three small reads a shard: 1,000 shards (4.12 M faces) cost a fraction of a second."""
+        return {k: why for k in range(self.n_shards) if self.shard_done(k) and (why := self.shard_problem(k))}
+
+    def remove_damaged(self, log=None) -> int:
+        """Remove the files of every damaged shard, so that the next extraction redoes it (a shard counts as
+        done once its features file exists, yet a copy cut short or an edit can damage it afterwards).
+        Returns how many; each is logged with what is wrong."""
+        damaged = self.damaged_shards()
+        for k, why in damaged.items():
+            if log:
+                log.warning(f"warning: shard {k} is damaged ({why}): its files are removed and it is extracted again")
+            self.remove_shard(k)
+        return len(damaged)
+
+    def remove_shard(self, k: int) -> None:
+        """Delete shard k's files so that the next extraction redoes it; the features first, so that a kill
+        midway leaves a shard not done rather than one done without its metadata."""
+        for f in (self.shard_file(k), self.meta_file(k), self.crop_file(k)):
+            f.unlink(missing_ok=True)
+            OPEN_FILES.forget(f)
+
     @property
     def n_shards(self) -> int:
         return len(self.bounds) - 1
@@ -401,7 +596,7 @@ class FeatureCache:
             crops = np.ascontiguousarray(crops)
             atomic_write(self.crop_file(k), lambda f: np.save(f, crops))
             meta["crops_sha256"] = np.asarray(hashlib.sha256(self.crop_file(k).read_bytes()).hexdigest())
-        atomic_write(self.shard_file(k).with_suffix(".meta.npz"), lambda f: np.savez(f, **meta))
+        atomic_write(self.meta_file(k), lambda f: np.savez(f, **meta))
         atomic_write(self.shard_file(k), lambda f: np.save(f, features.astype(self.dtype, copy=False)))
 
     def sums(self) -> tuple[int, np.ndarray, np.ndarray]:
@@ -409,7 +604,7 @@ class FeatureCache:
         (computed from the stored values as each shard was written): no pass over the features."""
         count, s, ss = 0, np.zeros(self.dim), np.zeros(self.dim)
         for k in range(self.n_shards):
-            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+            with open_npz(self.meta_file(k), self.redo_hint) as m:
                 count, s, ss = count + int(m["count"]), s + m["sum"], ss + m["sumsq"]
         return count, s, ss
 
@@ -425,7 +620,7 @@ class FeatureCache:
         if self.crop_size:
             hashes = []
             for k in range(self.n_shards):
-                with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+                with open_npz(self.meta_file(k), self.redo_hint) as m:
                     hashes.append(str(m["crops_sha256"]))
             self.manifest["crops_sha256"] = hashes
         self.manifest.update(complete=True, n_faces=count, content_hash=self.content_hash())
@@ -457,15 +652,22 @@ class FeatureCache:
         return out
 
     def require_complete(self) -> "FeatureCache":
+        """The cache, if complete and every shard's files look whole: a damaged one fails here, at the start
+        of distill.py or transfer.py, not hours in when a batch first reaches the damaged shard."""
         if not self.manifest.get("complete"):
             done = sum(self.shard_done(k) for k in range(self.n_shards))
             raise RuntimeError(f"the cache at {self.path} is incomplete ({done}/{self.n_shards} shards): "
                                f"run fuse.py again with the same arguments to finish it")
+        damaged = [why for k in range(self.n_shards) if (why := self.shard_problem(k))]
+        if damaged:
+            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+            raise CacheDamaged(f"{len(damaged)} damaged shard{'s' * (len(damaged) > 1)} in {self.path}: "
+                               + "; ".join(damaged[:3]) + more, self.redo_hint)
         return self
 
     @property
     def features(self) -> ShardedArray:
-        return ShardedArray([self.shard_file(k) for k in range(self.n_shards)], self.bounds)
+        return ShardedArray([self.shard_file(k) for k in range(self.n_shards)], self.bounds, remedy=self.redo_hint)
 
     def _load_meta(self):
         """Per-row found flags and alignment matrices of every shard (28 bytes a face: 115 MB for 4 M)."""
@@ -474,7 +676,7 @@ class FeatureCache:
             n = int(self.bounds[-1])
             meta = {"found": np.zeros(n, bool), "matrix": np.zeros((n, 2, 3), np.float32)}
             for k in range(self.n_shards):
-                with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+                with open_npz(self.meta_file(k), self.redo_hint) as m:
                     for key, out in meta.items():
                         out[self.bounds[k]:self.bounds[k + 1]] = m[key]
             self._meta = meta
@@ -490,7 +692,8 @@ class FeatureCache:
         if not self.crop_size:
             raise CacheMismatch(f"the cache at {self.path} has no crop store (written with crop size 0): "
                                 f"rebuild it with fuse.py to train or transfer from it")
-        return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds, direct=True)
+        return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds, direct=True,
+                            remedy=self.redo_hint)
 
     def verify_crops(self) -> list[int]:
         """Shards whose crop file no longer matches the sha256 the manifest recorded (empty: all intact)."""
@@ -509,7 +712,7 @@ class FeatureCache:
     def missed(self):
         """(row, reason) of every image without a usable face, read shard by shard (reasons stay on disk)."""
         for k in range(self.n_shards):
-            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+            with open_npz(self.meta_file(k), self.redo_hint) as m:
                 missed = np.flatnonzero(~m["found"])
                 reasons = m["reason"] if len(missed) else None  # m[...] reads the array anew at each access
                 for i in missed:
@@ -520,13 +723,13 @@ class FeatureCache:
         with the same content_hash saw byte-identical images. Recorded in the manifest at finalize."""
         h = hashlib.sha256()
         for k in range(self.n_shards):
-            with np.load(self.shard_file(k).with_suffix(".meta.npz")) as m:
+            with open_npz(self.meta_file(k), self.redo_hint) as m:
                 h.update(b"\n".join(m["sha1"].tolist()) + b"\n")
         return h.hexdigest()
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std (std floored so that dead units standardise to 0, not inf)."""
-        with np.load(self.path / "stats.npz") as s:
+        with open_npz(self.path / "stats.npz", f"{self.redo_hint} (and writes it anew)") as s:
             return s["mean"], np.maximum(s["std"], 1e-6)
 
     # -- fused embeddings (h_G) --------------------------------------------------------------------
@@ -580,7 +783,8 @@ class FeatureCache:
         f = self.embedding_dir(name) / "stats.npz"
         if not f.exists():
             return self.stats()
-        with np.load(f) as s:
+        with open_npz(f, f"rerun `python fuse.py --data {self.data_root} --cache {self.path}` with the same "
+                         f"arguments (--write {name}): it writes h_G and its units anew") as s:
             return s["mean"], s["std"]
 
     def embedding_names(self) -> list[str]:
@@ -593,6 +797,18 @@ class FeatureCache:
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' "
                                     f"(has: {self.embedding_names() or 'none'}): run fuse.py --write {name}")
-        meta = json.loads((folder / "meta.json").read_text())
+        remedy = (f"rerun `python fuse.py --data {self.data_root} --cache {self.path}` with the same arguments "
+                  f"(--write {name}): it writes h_G anew")
+        try:
+            meta = json.loads((folder / "meta.json").read_bytes())
+            dim = int(meta["dim"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CacheDamaged(f"{folder / 'meta.json'} is damaged ({type(e).__name__}: {e})", remedy) from None
         meta["folder"] = str(folder)
-        return ShardedArray([self.embedding_file(name, k, folder) for k in range(self.n_shards)], self.bounds), meta
+        files = [self.embedding_file(name, k, folder) for k in range(self.n_shards)]
+        # Headers and sizes only, as require_complete does for the features: distill.py fails at its start.
+        for k, f in enumerate(files):
+            why = npy_problem(f, (int(self.bounds[k + 1] - self.bounds[k]), dim), self.dtype)
+            if why:
+                raise CacheDamaged(f"{f}: {why}", remedy)
+        return ShardedArray(files, self.bounds, remedy=remedy), meta

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from common.cache import CacheMismatch, FeatureCache, ShardedArray, atomic_write
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, ShardedArray, atomic_write
 
 
 @dataclass
@@ -168,12 +168,16 @@ def test_direct_reads_match_the_maps(tmp_path):
         assert np.array_equal(arr.take(idx), full[idx])
     every = np.arange(len(full))
     assert np.array_equal(arr.take(every), full) and np.array_equal(copy.deepcopy(arr).take(every[::-1]), full[::-1])
+    opened = ShardedArray(files, bounds, max_open=8, direct=True)
+    assert np.array_equal(opened.take([7]), full[[7]])  # shard 2 open before it is cut short
     with open(files[2], "r+b") as f:
         f.truncate(files[2].stat().st_size - 10)
+    with pytest.raises(CacheDamaged, match=r"2\.npy: short read .* truncated"):
+        opened.take([7, bounds[3] - 1])
     fresh = ShardedArray(files, bounds, direct=True)
     assert np.array_equal(fresh.take([0, 6, 16]), full[[0, 6, 16]])  # other shards still read
-    with pytest.raises(OSError, match="2.npy: short read"):
-        fresh.take([7, bounds[3] - 1])
+    with pytest.raises(CacheDamaged, match=r"2\.npy: truncated: \d+ bytes of \d+"):  # found at open
+        fresh.take([7])
 
 
 def test_same_size_edit_and_detector_threshold_change_the_plan(tmp_path, images):
