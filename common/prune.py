@@ -6,10 +6,13 @@ only the filters whose responses carry information about the new task's label, w
 smaller network that is then fine-tuned. What is implemented here:
 
 1. Score (training images of the task only, at most `max_images` of them, no augmentation): every
-   convolution filter's response is averaged over space after a ReLU (after its batch norm when it has
-   one); the score of a filter is the mutual information, in bits, between that scalar and the label,
-   estimated by a plug-in histogram (8 equal-count bins of the response; classes as they are, a
-   regression target in 8 equal-count bins, a multi-label task as the mean over its attributes).
+   convolution filter's response (after its batch norm when it has one) is averaged over space as the
+   next layer sees it: after the ReLU (or ReLU6) when one follows directly, as it is otherwise (a batch
+   norm that feeds a skip connection or a linear bottleneck passes its negative values on, and they
+   carry information: a filter equal to minus the label would score 0 after a ReLU); the score of a
+   filter is the mutual information, in bits, between that scalar and the label, estimated by a
+   plug-in histogram (8 equal-count bins of the response; classes as they are, a regression target in
+   8 equal-count bins, a multi-label task as the mean over its attributes).
 2. Cut, layer by layer: every group of coupled filters keeps its best max(1, round((1 - ratio) * n))
    filters. A group is what must be removed together for the network to stay well formed: a filter, the
    batch norm after it and the input channels of the layers it feeds; for a residual network, every
@@ -129,13 +132,24 @@ def label_columns(y: np.ndarray, kind: str, bins: int = BINS) -> list[np.ndarray
     return [y.astype(np.int64)]
 
 
+def rectified(dg, module) -> bool:
+    """True when every consumer of module's output is a ReLU or ReLU6 (which cut its negative values)."""
+    outs = dg.module2node[module].outputs
+    return bool(outs) and all(type(getattr(o, "grad_fn", None)).__name__.startswith(("ReluBackward", "HardtanhBackward"))
+                              for o in outs)
+
+
 @torch.no_grad()
-def filter_responses(model: nn.Module, modules, batches, max_images: int):
-    """Spatial means of relu(output) of each module over the batches' images, and their labels."""
+def filter_responses(model: nn.Module, modules, batches, max_images: int, rectified_modules=()):
+    """Spatial means of each module's output over the batches' images (of relu(output) for the modules in
+    rectified_modules), and their labels."""
     feats = {m: [] for m in modules}
+    rectified_modules = set(rectified_modules)
 
     def hook(m, _inp, out):
-        out = out.float().clamp_min(0)
+        out = out.float()
+        if m in rectified_modules:
+            out = out.clamp_min(0)
         feats[m].append((out.flatten(2).mean(2) if out.ndim > 2 else out).cpu())
 
     handles = [m.register_forward_hook(hook) for m in modules]
@@ -162,7 +176,7 @@ def score_groups(model, example, batches, kind: str, max_images: int = 2000):
     dg, groups = dependency_graph(model, example)
     members = [_members(dg, g) for g in groups]
     modules = list({m: None for ms in members for m, _, _ in ms})
-    resp, y = filter_responses(model, modules, batches, max_images)
+    resp, y = filter_responses(model, modules, batches, max_images, [m for m in modules if rectified(dg, m)])
     cols = label_columns(y, kind)
     mi = {m: np.mean([mutual_information(resp[m], c) for c in cols], 0) for m in modules}
     scores = []

@@ -94,11 +94,44 @@ def test_filters_that_carry_the_label_are_kept():
     with torch.no_grad():
         s.backbone.conv1.weight[5] = 0
         s.backbone.conv1.weight[5, 0] = 0.05
+        # The residual branches write into the stem's channels too, and their responses (no ReLU before the
+        # add) read red as well: silenced, so that the stem's filter is the one that tells the class.
+        for block in s.backbone.layer1:
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
     dg, groups, scores = prune.score_groups(s, x[:1], [(x, y)], "classification")
     stem = next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
     assert np.argmax(scores[stem]) == 5
     removed = prune.prune(s, dg, groups, scores, 0.9)
     assert 5 not in removed["backbone.conv1"]
+
+
+def test_negative_responses_count_where_no_relu_follows():
+    """A batch norm feeding a skip connection (or a linear bottleneck) passes its negative values on: a
+    filter that is minus the label there carries it all, and must score as much as the label itself."""
+    import torchvision
+
+    s = _student()
+    x, y = _faces(48)
+    dg, _ = prune.dependency_graph(s, x[:1])
+    assert prune.rectified(dg, s.backbone.bn1) and prune.rectified(dg, s.backbone.layer1[0].bn1)
+    assert not prune.rectified(dg, s.backbone.layer1[0].bn2)  # its ReLU comes after the add
+    m = torchvision.models.mobilenet_v2(num_classes=4).eval()
+    dg, _ = prune.dependency_graph(m, x[:1])
+    assert prune.rectified(dg, m.features[2].conv[0][1])  # ReLU6
+    assert not prune.rectified(dg, m.features[2].conv[3])  # linear bottleneck
+    label = (y == 1).float()
+    sign = torch.tensor([1.0, -1.0])
+
+    class Probe(torch.nn.Module):  # two filters: the label and minus the label
+        def forward(self, z):
+            return label[: len(z), None, None, None] * sign[None, :, None, None] * torch.ones(1, 2, 2, 2)
+    probe = Probe()
+    raw, _ = prune.filter_responses(probe, [probe], [(x, y)], 48)
+    cut, _ = prune.filter_responses(probe, [probe], [(x, y)], 48, [probe])
+    mi = lambda r: prune.mutual_information(r[probe], label.numpy())  # noqa: E731
+    assert mi(raw)[1] == pytest.approx(mi(raw)[0]) and mi(raw)[0] > 0.9
+    assert mi(cut)[1] == pytest.approx(0)
 
 
 def test_pruned_teacher_is_exact(tmp_path):
