@@ -16,7 +16,8 @@ Methods (--method, comma list or `all`):
   bt        best single teacher: an MLP per teacher, the best on validation reported (Table 6 "BT")
   bct       best combination of teachers: every subset, brute force, the best on validation (Table 6 "BCT")
   multitask one backbone with a head per task of --tasks, trained jointly on the union of their images, each
-            image contributing the labels it has (2MD-MTL); --pseudo-label DIR adds data distillation
+            image contributing the labels it has (2MD-MTL); --pseudo-label DIR adds data distillation (with
+            one --task: the single-task baseline with and without it)
   kd        landmark and verification tasks: the student trained with the task loss plus a distillation term
             toward a teacher that knows the task (O-Net's points, the identity teacher's embedding; Wang 2017)
 Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
@@ -53,7 +54,7 @@ from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
-EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask needs several tasks, kd a landmark/verification task
+EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for landmarks/verification
 IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd", "etl")  # need no teacher cache
 DEMO_TASK = "Face-LFWsubset"
 
