@@ -12,9 +12,9 @@ student and a fresh decoder shaped like G's, jointly, to reconstruct every stand
 paper's two-step vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
 
   python distill.py                                        # the cache of `python fuse.py` (feats/demo)
-  python distill.py --cache feats/ --run-dir runs/s1                 # your own cache
-  torchrun --nproc_per_node 4 distill.py --cache feats/ --run-dir runs/s1   # several GPUs (DDP)
-  python distill.py --cache feats/ --run-dir runs/s1 --resume        # after a kill
+  python distill.py --cache feats/faces --run-dir runs/s1                 # your own cache
+  torchrun --nproc_per_node 4 distill.py --cache feats/faces --run-dir runs/s1   # several GPUs (DDP)
+  python distill.py --cache feats/faces --run-dir runs/s1 --resume        # after a kill
   python distill.py embed --student runs/s1 --data DIR --out emb.npy # use the student
 (--teacher-cache, --out and embed's --checkpoint, --images are the old spellings, still accepted.)
 """
@@ -41,7 +41,7 @@ from common.cache import FeatureCache, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
-from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
 from kernels import cosine_distill_loss
 
@@ -52,12 +52,24 @@ class NonFiniteLoss(Exception):
     pass
 
 
+EXPORTS = ("onnx", "torchscript")
+
+
+def export_formats(text: str) -> list[str]:
+    """--export's list, checked as the arguments are read: a typo must not wait for the end of training."""
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    for f in formats:
+        if f not in EXPORTS:
+            raise argparse.ArgumentTypeError(f"unknown format {f!r} (choose from {', '.join(EXPORTS)})")
+    return formats
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
-    g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the first one)")
+    g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the one fuse.py wrote last)")
     g.add_argument("--run-dir", "--out", dest="out", metavar="DIR", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
                    "transfer.py looks, else runs/distill-TIME); --resume needs it")
     g.add_argument("--size", type=int, default=112,
@@ -114,7 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--recon-max-train", type=int, default=50000,
                    help="at most this many training faces (a seeded subset) embedded to fit the check decoder; "
                         "their h_i are held in memory (50000 x 5488 floats = 1.1 GB for the paper's teachers)")
-    g.add_argument("--export", default="", help="formats to export the final student to: onnx,torchscript")
+    g.add_argument("--export", default="", type=export_formats,
+                   help="formats to export the final student to: onnx,torchscript (comma list)")
     return p.parse_args(argv)
 
 
@@ -474,7 +487,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_student(student, out_dir, size, formats=("onnx", "torchscript")) -> dict:
+def export_student(student, out_dir, size, formats=EXPORTS) -> dict:
     """Write the student as ONNX and/or TorchScript; input 'pixels' N x 3 x size x size float 0..255."""
     student = student.cpu().eval()
     out_dir = Path(out_dir)
@@ -539,8 +552,9 @@ def embed_main(argv):
                    help="student .safetensors or a distill.py run folder")
     p.add_argument("--data", "--images", dest="images", metavar="DIR", type=Path, required=True, help="folder of images (any tree)")
     p.add_argument("--out", type=Path, required=True,
-                   help="output .npy (N x width, NaN rows for images without a face); beside it OUT.paths.txt "
-                        "(the image of each row) and OUT.missed.tsv (images without a usable face, and why)")
+                   help="output .npy (N x width, NaN rows for images without a face); beside it, named like it "
+                        "without .npy, NAME.paths.txt (the image of each row) and NAME.missed.tsv (images without "
+                        "a usable face, and why)")
     p.add_argument("--batch", type=int, default=64, help="faces per student batch")
     p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
     p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
@@ -618,7 +632,7 @@ def main(argv=None):
     decoder = {f"decoder.{k}": v for k, v in s.decoder.state_dict().items()} if s.decoder is not None else None
     save_student(s.student, run / "student.safetensors", s.cfg, decoder)
     log.info(f"student written to {run / 'student.safetensors'}")
-    formats = [f.strip() for f in args.export.split(",") if f.strip()]
+    formats = args.export
     if formats:
         for fmt, path in export_student(s.student, run, args.size, formats).items():
             log.info(f"exported {fmt}: {path}")

@@ -7,9 +7,9 @@
   4. report each teacher's reconstruction error on test faces (Table 5) and write h_G for every face.
 
   python fuse.py                                  # embedded real faces from installed packages
-  python fuse.py --data /faces --cache feats/     # your own unlabelled faces (any folder tree)
+  python fuse.py --data /faces --cache feats/faces     # your own unlabelled faces (any folder tree)
   python fuse.py --data synth:10000 --n-sweep 1000,3000,10000   # synthetic faces: how G scales with N
-  torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/   # several GPUs: shards split by rank
+  torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/faces   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
 writes and the others read), --run-dir (logs, tables, checkpoints), --student (distill.py's result).
@@ -33,18 +33,19 @@ from common.extract import Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import list_images
-from common.runs import dist_info, get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, dist_info, get_logger, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and cache")
     g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree), or synth:N for N synthetic "
                    "faces drawn by an installed DCGAN into data/synth/ (see README). "
                    "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
     g.add_argument("--cache", "--out", dest="out", metavar="DIR", type=Path,
-                   help="feature cache folder (default: feats/demo, or feats/ with --data); --out is the old spelling")
+                   help="feature cache folder (default: feats/demo, or feats/NAME with --data DIR/NAME); --out is the "
+                        "old spelling")
     g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --cache and rebuild it")
     g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
@@ -137,6 +138,11 @@ def refuse_to_delete(cache: Path, data) -> None:
     if not (out / "manifest.json").is_file():
         raise SystemExit(f"error: --overwrite deletes a feature cache, and {cache} is not one (no manifest.json): "
                          f"nothing was deleted; check --cache")
+    others = [m.parent for m in out.rglob("manifest.json") if m.parent != out]
+    if others:
+        raise SystemExit(f"error: --overwrite would delete {cache} and the other caches inside it ({others[0]}"
+                         + (f" and {len(others) - 1} more" if len(others) > 1 else "") + "): nothing was deleted; "
+                         "give each cache a folder of its own")
 
 
 # --------------------------------------------------------------------------------------------- fusion
@@ -206,19 +212,31 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
                                           "content_hash": cache.manifest.get("content_hash")}, folder)
 
 
-def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
+def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
+    """(--ops, --write, --dim widths) checked against the teachers' total width: main asks before any
+    extraction, so that a typo does not wait hours to show."""
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     for op in ops:
         if op not in fusion.OPERATORS:
-            raise SystemExit(f"--ops: unknown operator {op!r} (choose from {', '.join(fusion.OPERATORS)})")
+            raise SystemExit(f"error: --ops: unknown operator {op!r} (choose from {', '.join(fusion.OPERATORS)})")
     write = args.write or ops[0]
     if write not in fusion.OPERATORS:
-        raise SystemExit(f"--write: unknown operator {write!r} (choose from {', '.join(fusion.OPERATORS)})")
-    if write not in ops:
-        ops.append(write)
+        raise SystemExit(f"error: --write: unknown operator {write!r} (choose from {', '.join(fusion.OPERATORS)})")
+    try:
+        dims = [int(d) for d in args.dim.split(",") if d.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --dim takes whole numbers separated by commas, got {args.dim!r}") from None
+    for d in dims:
+        if not 1 <= d <= width:  # G maps the h_i to at most as many dimensions as they have
+            raise SystemExit(f"error: --dim {d}: h_G's width must be from 1 to {width}, the teachers' total width")
+    return ops + ([write] if write not in ops else []), write, dims
+
+
+def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     d_in = cache.dim
+    ops, write, dims = fusion_choices(args, d_in)
     mean_width = round(d_in / len(cache.teachers))
-    dims = [int(d) for d in args.dim.split(",") if d.strip()] or [mean_width]
+    dims = dims or [mean_width]
     rows = np.flatnonzero(cache.found)
     if len(rows) < 10:
         raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
@@ -341,7 +359,7 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
     put in units of its own training faces (fusion.block_units), as the main run is."""
     test = split["test"]
     x_test = cache.features.take(test).astype(np.float64)
-    dim = ([int(d) for d in args.dim.split(",") if d.strip()] or [round(cache.dim / len(cache.teachers))])[0]
+    dim = (fusion_choices(args, cache.dim)[2] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
         train, val = sweep_sets(split, args, n)
@@ -399,15 +417,19 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         args.out = args.out or Path("feats") / root.name
-    args.out = args.out or Path("feats")
+    # a folder of its own under feats/, never feats/ itself: --overwrite would take the demo's and the
+    # task caches with it
+    args.out = args.out or Path("feats") / Path(args.data).resolve().name
     images = list_images(args.data)
     if not images:
         raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")
-    run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
-    log = get_logger(run, f"fuse{rank}")
     names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     extra = load_config(args.teachers_config) if args.teachers_config else []
-    teachers = build_teachers(names + extra, device)
+    teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
+    if not args.extract_only:
+        fusion_choices(args, sum(t.dim for t in teachers))
+    run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
+    log = get_logger(run, f"fuse{rank}")
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
     if args.overwrite and rank == 0 and args.out.exists():
         refuse_to_delete(args.out, args.data)

@@ -788,9 +788,12 @@ class FeatureCache:
             return s["mean"], s["std"]
 
     def embedding_names(self) -> list[str]:
+        """The h_G in the cache, the one written last first: what distill.py and transfer.py take by default is
+        what the last fuse.py run wrote (its --write), not whichever name sorts first."""
         root = self.path / "emb"
-        return sorted(p.name for p in root.iterdir()
-                      if not p.name.startswith(".") and (p / "meta.json").exists()) if root.exists() else []
+        found = [p for p in root.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()] \
+            if root.exists() else []
+        return [p.name for p in sorted(found, key=lambda p: ((p / "meta.json").stat().st_mtime_ns, p.name), reverse=True)]
 
     def embedding(self, name: str) -> tuple[ShardedArray, dict]:
         folder = self.embedding_dir(name)

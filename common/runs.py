@@ -1,6 +1,7 @@
 """Run folders: every result lands beside the exact arguments that produced it (as timm's train.py does)."""
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -12,6 +13,17 @@ from pathlib import Path
 
 
 RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it into their temporary folder)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default after its text, unless the text already gives it or there is none
+    to give (None, off, an empty list): the scripts' docstrings keep their own line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, "", [], argparse.SUPPRESS) or "default" in text or not text:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
@@ -83,12 +95,13 @@ def run_main(main) -> None:
     from common.images import BadImage
     from common.student import NotAStudent
     from common.tasks import BadLabels
+    from common.teachers import BadTeacher
     from common.weights import MissingWeights
 
     try:
         sys.exit(main())
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
-            NotAStudent, BadLabels) as e:
+            NotAStudent, BadLabels, BadTeacher) as e:
         sys.exit(f"error: {e}")
     except Exception as e:
         if not disk_full(e):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -500,6 +501,25 @@ def parse_custom(spec: str) -> TeacherSpec:
 _OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "reduce", "input_size", "dim"}
 
 
+class BadTeacher(ValueError):
+    """A teacher that cannot be built as asked (an unknown name, a malformed spec or config, a layer the model
+    lacks): the scripts end on its one-line message."""
+
+
+def _bad_teacher_on_value_error(fn):
+    """The ValueErrors of reading and building teachers come from what the user asked for: BadTeacher."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BadTeacher:
+            raise
+        except ValueError as e:
+            raise BadTeacher(str(e)) from e
+    return wrapped
+
+
+@_bad_teacher_on_value_error
 def load_config(path) -> list[TeacherSpec]:
     """Teachers from a JSON file: a list (or {"teachers": [...]}) whose entries are registry names, spec strings,
     or objects {"spec": <name or spec string>, and any of name, role, box, mean, std, color, layout, reduce,
@@ -577,6 +597,7 @@ class TeacherBackbone(torch.nn.Module):
         return self
 
 
+@_bad_teacher_on_value_error
 def build_teachers(names, device="cpu") -> list[Teacher]:
     """Load teachers given registry names, custom spec strings, TeacherSpecs or JSON config paths (mixed).
 

@@ -1,4 +1,5 @@
 """The sharded feature cache: layout, statistics, atomic writes, resume bookkeeping, mismatch errors."""
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -366,3 +367,25 @@ def test_written_files_get_the_umask_mode(tmp_path):
         f.write(b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
     assert common.cache._UMASK & 0o077 == 0o077 or (tmp_path / "f.bin").stat().st_mode & 0o777 != 0o600
+
+
+def test_default_embedding_is_the_one_written_last(tmp_path, images):
+    """distill.py and transfer.py take the h_G the last fuse.py run wrote, not the name that sorts first."""
+    root, names = images
+    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
+    fill(cache, np.random.default_rng(0))
+    cache.finalize()
+
+    def write(name):
+        with cache.new_embedding(name) as folder:
+            for k in range(cache.n_shards):
+                n = int(cache.bounds[k + 1] - cache.bounds[k])
+                cache.write_embedding_shard(name, k, np.zeros((n, 4)), folder)
+            cache.write_embedding_meta(name, {"op": name, "dim": 4}, folder)
+        time.sleep(0.02)  # mtimes of coarse file systems
+
+    write("pca")
+    write("ae")
+    assert cache.embedding_names() == ["ae", "pca"]
+    write("pca")  # fuse.py --write pca again
+    assert cache.embedding_names() == ["pca", "ae"]

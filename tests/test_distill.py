@@ -493,3 +493,9 @@ def test_a_file_that_is_not_a_student_says_so(tmp_path):
             load_student(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
         load_student(tmp_path / "nowhere")
+
+
+def test_export_typo_stops_before_training():
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--export", "onxx"])
+    assert distill.parse_args(["--export", "onnx, torchscript"]).export == ["onnx", "torchscript"]

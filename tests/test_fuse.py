@@ -298,3 +298,37 @@ def test_overwrite_deletes_a_cache_and_nothing_else(tmp_path, face_dir):
             fuse.main(["--data", str(face_dir), "--cache", str(cache), "--teachers", CHEAP, "--overwrite",
                        "--extract-only", "--run-dir", str(tmp_path / "run")])
         assert sorted(p.name for p in cache.iterdir()) == before
+    # A cache that holds other caches (the old default feats/, parent of feats/demo and feats/tasks): a
+    # manifest of its own does not make the others deletable.
+    outer = tmp_path / "feats"
+    for sub in ("", "demo", "tasks/Gender-UTK"):
+        (outer / sub).mkdir(parents=True, exist_ok=True)
+        (outer / sub / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="and the other caches inside it"):
+        fuse.main(["--data", str(face_dir), "--cache", str(outer), "--teachers", CHEAP, "--overwrite",
+                   "--extract-only", "--run-dir", str(tmp_path / "run2")])
+    assert (outer / "demo" / "manifest.json").exists() and (outer / "tasks" / "Gender-UTK" / "manifest.json").exists()
+
+
+def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
+    """A wrong teacher, operator or width stops with one line before the extraction, and leaves no run folder;
+    without --cache, --data DIR/NAME gets feats/NAME, never feats/ itself."""
+    import fuse
+    from common.runs import run_main
+
+    monkeypatch.setattr(fuse, "extract", lambda *a, **k: pytest.fail("extracted before checking the arguments"))
+    base = ["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--run-dir", str(tmp_path / "run")]
+    for extra, why in [(["--teachers", "bogus"], "error: unknown teacher 'bogus'"),
+                       (["--teachers", "gender", "--dim", "17"], "--dim 17: h_G's width must be from 1 to 16"),
+                       (["--teachers", "gender", "--dim", "0"], "--dim 0"),
+                       (["--teachers", "gender", "--dim", "x"], "--dim takes whole numbers"),
+                       (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'")]:
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: fuse.main(base + extra))
+        assert str(e.value.code).startswith("error: ") and why in str(e.value.code), e.value.code
+        assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fuse, "extract", lambda *a, **k: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit, match="stop"):
+        fuse.main(["--data", str(face_dir), "--teachers", "gender", "--run-dir", str(tmp_path / "r")])
+    assert (tmp_path / "feats" / face_dir.name / "manifest.json").exists()
