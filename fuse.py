@@ -52,10 +52,14 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
     g = p.add_argument_group("teachers and faces")
     g.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS),
-                   help="comma list of built-in teachers (see --list-teachers) and/or custom specs such as "
-                        "onnx:/path/model.onnx:LAYER:SIZE, torchscript:/path/model.pt:SIZE, "
-                        "torchvision:resnet18:/path/weights.pth:LAYER:SIZE")
-    g.add_argument("--teachers-config", type=Path, help="JSON file of extra custom teachers (added to --teachers)")
+                   help="comma list of built-in teachers (see --list-teachers; NAME@reference / NAME@torch "
+                        "force a ported teacher's original runtime / its PyTorch module) and/or custom specs: "
+                        "onnx:/path/model.onnx:LAYER:SIZE, litert:/path/model.tflite:LAYER:SIZE, "
+                        "torchscript:/path/model.pt:SIZE, torchvision:resnet18:/path/weights.pth:LAYER:SIZE")
+    g.add_argument("--teachers-config", type=Path,
+                   help="JSON file of extra custom teachers (added to --teachers): a list whose entries are names, "
+                        "spec strings, or objects {\"spec\": ..., and any of name, role, box, mean, std, color, "
+                        "layout, reduce, input_size, dim}; relative paths are from the file's folder")
     g.add_argument("--list-teachers", action="store_true", help="print the teacher registry and exit")
     g.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
                    help="mtcnn: detect and align each face; none: images already are face crops")
