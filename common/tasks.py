@@ -331,8 +331,13 @@ def _celeba(root: Path, p: dict) -> TaskData:
     return TaskData(samples, [split], label_names=names)
 
 
+LFW_IMAGES = ("lfw", "lfw-deepfunneled", "lfw_funneled", "lfw-funneled")
+
+
 def _lfw(root: Path, p: dict) -> TaskData:
-    images = _need(root / p.get("images", "lfw"))
+    # lfw/ (the original), else one of the common re-releases of the same tree (nothing else sets it on the
+    # command line)
+    images = _need(root / (p.get("images") or next((d for d in LFW_IMAGES if (root / d).is_dir()), "lfw")))
     path = _need(root / "pairs.txt")
     rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     head = rows[0][1] if rows else []
@@ -473,7 +478,10 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
     """5 points per face from list_landmarks_align_celeba.txt (aligned crops) or list_landmarks_celeba.txt
     (in-the-wild images): a count line, the 10 column names, then `file x1 y1 ... x5 y5`."""
     root = _sub(root, "celeba")
-    images, name = ("img_align_celeba", "list_landmarks_align_celeba.txt") if p.get("aligned", True) else \
+    aligned = p.get("aligned")
+    if aligned is None:  # from the command line nothing sets it: the layout on disk says which it is
+        aligned = (root / "img_align_celeba").exists() or not (root / "img_celeba").exists()
+    images, name = ("img_align_celeba", "list_landmarks_align_celeba.txt") if aligned else \
         ("img_celeba", "list_landmarks_celeba.txt")
     images = _need(root / images)
     lines, columns = _celeba_lines(root / name)
@@ -832,8 +840,8 @@ _REGISTRY = [
                 layout="root/<identity>/*.jpg (one folder per identity, e.g. MS-Celeb-1M clean)"),
     Task("Identity-LFW", "Identity Matching", "verification", 0, None, "verification_accuracy",
          "10-fold LFW pairs (View 2): threshold picked on 9 folds, accuracy on the 10th; mean and std",
-         "root/pairs.txt + root/lfw/<Name>/<Name>_<iiii>.jpg (params images= for lfw-deepfunneled etc.)",
-         _lfw, {"images": "lfw"}),
+         "root/pairs.txt + root/lfw/<Name>/<Name>_<iiii>.jpg (or lfw-deepfunneled/, lfw_funneled/ in its place)",
+         _lfw, {}),
     Task("Gender-IMDb", "Gender Prediction", "classification", 2, None, "accuracy", IMDB_PROTOCOL, IMDB_LAYOUT,
          _imdb_wiki, {"target": "gender", "min_face_score": 0.0, **SPLIT}),
     Task("Gender-UTK", "Gender Prediction", "classification", 2, None, "accuracy", UTK_PROTOCOL, UTK_LAYOUT,
@@ -862,7 +870,7 @@ _REGISTRY = [
          "official partition (list_eval_partition.txt); NME over the 5 points, normalised by the distance between "
          "the eye centres; a missed face predicts the mean training shape",
          "celeba/{img_align_celeba/*.jpg, list_landmarks_align_celeba.txt, list_eval_partition.txt} "
-         "(params aligned=False: img_celeba/ + list_landmarks_celeba.txt)", _celeba_landmarks, {"aligned": True}),
+         "(or, when img_align_celeba/ is absent: img_celeba/ + list_landmarks_celeba.txt)", _celeba_landmarks, {}),
     Task("Align-300W", "Face Alignment", "landmarks", 136, None, "nme",
          "train on afw + */trainset, test on */testset + ibug (the full 300-W set; a seeded 10% of the training "
          "images chooses the epoch), or a random 80/10/10 split (seed 0) for a tree without them; NME over the 68 "

@@ -678,3 +678,22 @@ def test_validation_carved_from_training_only():
     # A protocol's own validation split is kept.
     own = tasks.Split("official", np.arange(5), np.arange(5, 8), np.arange(8, 10))
     assert tasks.with_validation(own, 0)[0] is own
+
+
+def test_layout_variants_found_on_disk(tmp_path):
+    """What no command-line flag sets is read from the folder: CelebA's in-the-wild images and points, and
+    LFW's common re-releases (deep-funnelled) in place of lfw/."""
+    from pathlib import Path
+
+    celeba = fx.make_fixture("Align-CelebA", tmp_path / "a")
+    want = load("Align-CelebA", celeba)
+    (celeba / "img_align_celeba").rename(celeba / "img_celeba")
+    (celeba / "list_landmarks_align_celeba.txt").rename(celeba / "list_landmarks_celeba.txt")
+    got = load("Align-CelebA", celeba)
+    assert [Path(s.path).name for s in got.samples] == [Path(s.path).name for s in want.samples]
+    assert all("img_celeba" in s.path for s in got.samples)
+    lfw = fx.make_fixture("Identity-LFW", tmp_path / "l")
+    n = len(load("Identity-LFW", lfw).samples)
+    (lfw / "lfw").rename(lfw / "lfw-deepfunneled")
+    got = load("Identity-LFW", lfw)
+    assert len(got.samples) == n and all("lfw-deepfunneled" in s.path for s in got.samples)
