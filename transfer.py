@@ -1,6 +1,6 @@
 """Step 3 of the paper (sections 3.3, 4.1-4.3): transfer the student to a new face task, beside the baselines.
 
-  python transfer.py --list                                    # the 16 knowledge of Table 1 (+ FER2013)
+  python transfer.py --list                                    # every task (Table 1's and FER2013), with layouts
   python transfer.py --task AgeR-UTK --data /data/UTKFace      # student + MLP head, fine-tuned (the paper's h_G^(t,d))
   python transfer.py --task Expr-RAF --data /data/RAF --method all     # Table 3 / Table 6 style report
   python transfer.py                                           # embedded default: real LFW faces vs non-faces
@@ -49,7 +49,7 @@ from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
 from common.extract import Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
-from common.runs import get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
@@ -57,39 +57,52 @@ METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "b
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for landmarks/verification
 IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd", "etl")  # need no teacher cache
 DEMO_TASK = "Face-LFWsubset"
+# ETL cuts filters out of standard PyTorch layers: a teacher run by another runtime has none, and a port of an
+# ONNX / TFLite model (one with a reference runtime) keeps its weights or per-channel constants outside them.
+PRUNABLE_TEACHERS = [n for n, s in REGISTRY.items() if s.runtime == "torch" and not s.reference]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="print the task registry and exit")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # counted from the registry, so that the help says what --list prints
+    aliases = ", ".join(f"{a} = {t}" for a, t in tasks.ALIASES.items())
+    p.add_argument("--list", action="store_true",
+                   help=f"print the {len(tasks.TASKS)} tasks (the paper's Table 1 and FER2013; alias {aliases}) "
+                        f"with their metric, protocol and data layout, and exit")
     p.add_argument("--task", help=f"task name (see --list); default: the embedded {DEMO_TASK}")
-    p.add_argument("--tasks", help="comma list of tasks for one report table (each needs its --data via NAME=DIR)")
+    p.add_argument("--tasks", help="comma list of tasks for one report table, each with its folder as NAME=DIR "
+                                   "(instead of --task and --data)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")
     p.add_argument("--method", default="finetune",
                    help=f"comma list of {', '.join(METHODS + EXTRA_METHODS)}, or all (the first {len(METHODS)})")
     p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
-                   help="distill.py checkpoint or run folder (default: the one `python distill.py` writes)")
+                   help="distill.py checkpoint or run folder (default: runs/distill-demo, the one `python distill.py` "
+                        "writes)")
     p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="fuse.py cache whose teachers, statistics and G the feature methods use")
-    p.add_argument("--embedding", default=None, help="which h_G of the cache (default: its first)")
+    p.add_argument("--embedding", default=None, help="which h_G of the cache (default: the one fuse.py wrote last)")
     p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
                    help="mtcnn: detect and align faces; none: the images already are face crops")
     p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of fine-tuning (finetune, scratch)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
     p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
     p.add_argument("--batch", type=int, default=32, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (backbone: --lr / 10)")
     p.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP head")
     p.add_argument("--max-splits", type=int, default=0,
-                   help="run only the first N splits of a leave-one-out protocol (0: all, as the protocol says)")
-    p.add_argument("--max-subsets", type=int, default=0, help="cap on teacher subsets tried by bct (0: all)")
+                   help="run only the first N splits of a leave-one-out protocol (default: 0, all, as the protocol "
+                        "says)")
+    p.add_argument("--max-subsets", type=int, default=0, help="cap on teacher subsets tried by bct (default: 0, all)")
     p.add_argument("--val-frac", type=float, default=0.1,
                    help="where a protocol has no validation split, this fraction of each split's training part "
                         "(of its persons, for leave-one-person-out) is held out to choose epochs and candidates")
-    p.add_argument("--workers", type=int, default=0, help="image loading worker processes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="image loading worker processes (default: 0, loading in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--amp", default="auto", choices=precision.CHOICES, help=precision.HELP + " (fine-tuning)")
-    p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order")
+    p.add_argument("--amp", default="auto", choices=precision.CHOICES,
+                   help="finetune, scratch, pcnn and etl: " + precision.HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order (default: 0)")
     p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
@@ -98,7 +111,8 @@ def parse_args(argv=None):
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
                         "plain finetune with the same protocol, is always run beside them")
     p.add_argument("--etl-base", default="student",
-                   help="etl: the network pruned: student (the --student checkpoint) or a PyTorch teacher name")
+                   help=f"etl: the network pruned: student (the --student checkpoint) or a PyTorch teacher built "
+                        f"from standard layers ({', '.join(PRUNABLE_TEACHERS)})")
     p.add_argument("--etl-images", type=int, default=2000,
                    help="etl: at most this many training faces score the filters (no augmentation)")
     p.add_argument("--etl-keep", type=float, default=0.995,
@@ -109,9 +123,9 @@ def parse_args(argv=None):
                    help="multitask backbone: student (the --student checkpoint), scratch (its architecture, random "
                         "init) or a PyTorch teacher (onet, mobilenet_v2, ...)")
     g.add_argument("--pseudo-label", type=Path, metavar="DIR",
-                   help="multitask data distillation: label these unlabelled faces (any folder tree) and the other "
-                        "datasets' training images for the tasks they lack, then train on; reported beside the "
-                        "same training without the pseudo-labels")
+                   help="multitask data distillation (needs --method multitask): label these unlabelled faces (any "
+                        "folder tree) and the other datasets' training images for the tasks they lack, then train "
+                        "on; reported beside the same training without the pseudo-labels")
     g.add_argument("--pseudo-threshold", type=float, default=0.9,
                    help="keep a pseudo class when its probability, averaged over flips and scales, reaches this")
     g.add_argument("--pseudo-agreement", type=float, default=0.05,
@@ -122,7 +136,7 @@ def parse_args(argv=None):
                    help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
     g.add_argument("--kd-teacher", default=None,
                    help="kd's teacher: onet for landmark tasks (its 5 points), an identity teacher for verification "
-                        "(default sface)")
+                        "(default: sface)")
     return p.parse_args(argv)
 
 
@@ -511,10 +525,15 @@ def student_config(args, methods, log) -> dict | None:
     path = Path(args.student)
     have = path.is_file() or (path / "student.safetensors").is_file()
     if need and not have:
+        # An existing folder without a student (a fuse.py feature cache passed as --student, say) is no place
+        # to write one: the hint then sends the new student to a run folder of its own.
+        out = Path("runs/distill") if path.exists() else path
+        what = ("is a fuse.py feature cache, not a student" if (path / "manifest.json").is_file()
+                else "holds no student" if path.exists() else "does not exist")
         raise SystemExit(f"error: --method {','.join(need)} needs the distilled student, {path} "
-                         f"(a student.safetensors or a distill.py run folder holding one), which does not exist: "
-                         f"make it with `python distill.py --cache {args.teacher_cache} --run-dir {path}`, "
-                         f"or pass --student")
+                         f"(a student.safetensors or a distill.py run folder holding one), which {what}: "
+                         f"make it with `python distill.py --cache {args.teacher_cache} --run-dir {out}`"
+                         + (f" and pass --student {out}" if out != path else "") + ", or pass --student")
     if have and (need or "scratch" in methods):
         return load_student(path)[1]
     if "scratch" in methods:
@@ -726,6 +745,40 @@ def task_named(name: str) -> tasks.Task:
         raise SystemExit(f"error: {e.args[0]} (see python transfer.py --list)")
 
 
+def etl_base_problem(name: str) -> str | None:
+    """Why --etl-base `name` cannot be pruned (None: it can), from the teacher registry."""
+    if name == "student":
+        return None
+    spec = REGISTRY.get(name)
+    choices = f"ETL prunes the student or a PyTorch teacher of standard layers ({', '.join(PRUNABLE_TEACHERS)})"
+    if spec is None:
+        return f"--etl-base: unknown teacher {name!r}; {choices}"
+    if spec.runtime != "torch":
+        return f"--etl-base: {name} runs on {spec.runtime}, not PyTorch; {choices}"
+    if spec.reference:
+        source = {"onnx": "ONNX", "tflite": "TFLite"}.get(spec.arch, spec.arch)
+        return (f"--etl-base: {name} is ported to PyTorch from {source} and keeps its weights or per-channel "
+                f"constants outside PyTorch's standard layers, so its filters cannot be cut; {choices}")
+    return None
+
+
+def check_flags(args, methods) -> None:
+    """Flags that contradict each other or that the methods would ignore stop the run before any work."""
+    if args.tasks and (args.task or args.data is not None):
+        raise SystemExit("error: --tasks gives every task with its folder (NAME=DIR): drop --task and --data, or "
+                         "give one task with --task and --data")
+    if args.data is not None and args.task in (None, DEMO_TASK):  # the demo task is embedded: DIR would go unread
+        raise SystemExit(f"error: --data: give --task NAME, the task of that folder (see --list); the demo task "
+                         f"{DEMO_TASK} is embedded and reads no folder")
+    if args.pseudo_label is not None and "multitask" not in methods:
+        raise SystemExit("error: --pseudo-label needs --method multitask (data distillation trains the multitask "
+                         "model; with one --task it is the single-task baseline)")
+    if "etl" in methods:
+        etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
+        if why := etl_base_problem(args.etl_base):
+            raise SystemExit(f"error: {why}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.list:
@@ -736,6 +789,7 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS + EXTRA_METHODS:
             raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
+    check_flags(args, methods)
     jobs = []
     if args.tasks:
         for item in args.tasks.split(","):
@@ -751,12 +805,6 @@ def main(argv=None):
         task, root = demo_task()
         args.align = "none"  # 25x25 crops are already faces: too small for a detector
         jobs.append((task, root))
-    if "etl" in methods:
-        etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
-        spec = REGISTRY.get(args.etl_base)
-        if spec is not None and spec.runtime != "torch":
-            raise SystemExit(f"--etl-base: {args.etl_base} runs on {spec.runtime}; ETL prunes the student or a "
-                             f"PyTorch teacher ({', '.join(n for n, t in REGISTRY.items() if t.runtime == 'torch')})")
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
     why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m))]

@@ -440,8 +440,18 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
         raise ValueError(f"a pruning ratio is a fraction of filters removed, in [0, 1): got {ratio}")
     import copy
 
-    dg, groups, scores = score_groups(backbone, example, batches, kind, max_images)
+    def cannot(e):
+        # e.g. teachers ported from ONNX keep per-channel constants outside any layer the tracer knows
+        return RuntimeError(f"ETL cannot prune this {type(backbone).__name__} ({type(e).__name__}: {e}); networks "
+                            f"made of standard PyTorch layers (the student, onet, mobilenet_v2, torchvision models) "
+                            f"can be pruned")
+
+    try:
+        dg, groups, scores = score_groups(backbone, example, batches, kind, max_images)
+    except IndexError as e:  # a channel index past its group's width: the graph misread the network (age's port)
+        raise cannot(e) from e
     reference = copy.deepcopy(backbone)
+    before = count_params(backbone)
     try:
         removed = prune(backbone, dg, groups, scores, ratio)
         # float32 convolutions for the check below: with cuDNN's TF32 the two networks' different channel
@@ -449,10 +459,13 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
         with torch.no_grad(), float32_convolutions():
             a = backbone.eval()(example)
     except (RuntimeError, IndexError, ValueError) as e:
-        # e.g. teachers ported from ONNX keep per-channel constants outside any layer the tracer knows
-        raise RuntimeError(f"ETL cannot prune this {type(backbone).__name__} ({type(e).__name__}: {e}); networks "
-                           f"made of standard PyTorch layers (the student, onet, mobilenet_v2, torchvision models) "
-                           f"can be pruned") from e
+        raise cannot(e) from e
+    # Nothing cut is no pruned model: reported as one, it would pass the unpruned network off as the ratio's
+    # (a TFLite port's convolutions are bare tensors, which the dependency graph does not see as layers).
+    if count_params(backbone) == before:
+        raise RuntimeError(f"pruning {type(backbone).__name__} at ratio {ratio:g} removed no parameter: it has no "
+                           f"convolution layer the dependency graph can cut, or every layer is too narrow for "
+                           f"this ratio to remove one of its filters (each keeps max(1, round((1 - ratio) * n)))")
     # A network the tracer misreads (channels reordered by an op it does not know) would be cut wrongly
     # without an error: check the pruned network against the silenced one before anything trains it.
     with torch.no_grad(), float32_convolutions():

@@ -21,7 +21,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, "", [], argparse.SUPPRESS) or "default" in text or not text:
+        none = action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS)
+        if none or "default" in text or not text:  # (`is False`: a default of 0 is one to show)
             return text
         return text + " (default: %(default)s)"
 

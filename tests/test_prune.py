@@ -241,3 +241,46 @@ def test_bad_ratios_and_non_torch_base_fail_clearly(tmp_path):
         transfer.main(["--method", "etl", "--prune", "0.5,1.2", "--run-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="--etl-base"):
         transfer.main(["--method", "etl", "--etl-base", "fer", "--run-dir", str(tmp_path / "r")])
+
+
+def test_a_prune_that_removes_nothing_is_refused():
+    """A ratio > 0 that cuts no parameter (no convolution the graph can cut, or layers too narrow for the ratio)
+    is an error, not a 'pruned' model that is the unpruned one (facex's port, whose convolutions are bare
+    tensors, reported 100 % of its parameters kept at ratio 0.5)."""
+    x, y = _faces(8, 8)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # 4 filters keep 4 at 0.1
+    for net, ratio in ((linear, 0.5), (narrow, 0.1)):
+        before = prune.count_params(net)
+        with pytest.raises(RuntimeError, match=f"at ratio {ratio:g} removed no parameter"):
+            prune.etl_prune(net, x[:1], [(x, y)], "classification", ratio)
+        assert prune.count_params(net) == before
+
+
+def test_ported_teacher_fails_with_the_message_not_an_index_error():
+    """age's ONNX port misleads the dependency graph while scoring: the same clear error as sface's and gender's."""
+    from common.align import CANON
+    from common.teachers import build_teachers
+
+    m = transfer.TeacherBackbone(build_teachers(["age@torch"])[0]).eval()
+    x = torch.randint(0, 256, (4, 3, CANON, CANON), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="ETL cannot prune this TeacherBackbone"):
+        prune.etl_prune(m, x[:1], [(x, torch.tensor([0, 1, 0, 1]))], "classification", 0.5)
+
+
+@pytest.mark.parametrize("base", ["sface", "age", "gender", "facex", "bogus"])
+def test_etl_base_is_checked_before_any_work(tmp_path, monkeypatch, base):
+    """Teachers ported from ONNX / TFLite (and unknown names) are refused with one line before the task is read,
+    where they used to fail (or prune nothing) after the whole extraction."""
+    def work(*a, **k):
+        raise AssertionError("work started")
+    monkeypatch.setattr(transfer, "demo_task", work)
+    monkeypatch.setattr(transfer, "task_cache", work)
+    why = ("unknown teacher 'bogus'" if base == "bogus"
+           else f"{base} is ported to PyTorch from .* per-channel constants outside PyTorch.s standard layers")
+    with pytest.raises(SystemExit, match=f"^error: --etl-base: {why}.*student or a PyTorch teacher .*onet, mobilenet_v2"
+                       ) as e:
+        transfer.main(["--method", "etl", "--etl-base", base, "--run-dir", str(tmp_path / "r")])
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+    assert transfer.etl_base_problem("mobilenet_v2") is None and transfer.etl_base_problem("student") is None

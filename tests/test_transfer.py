@@ -239,3 +239,52 @@ def test_task_caches_apart_per_folder_and_a_changed_folder_says_what_to_do(tmp_p
     Image.new("RGB", (64, 64)).save(b / "30_0_0_20170101000000000.jpg.chip.jpg")  # the folder changes
     with pytest.raises(SystemExit, match="was made differently .*delete that folder to rebuild it, or pass another --task-cache"):
         run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
+
+
+def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch):
+    """--task/--data beside --tasks (only --tasks ran), --data without --task (the demo ran) and --pseudo-label
+    without multitask (nothing used it): one line each, before any task is read."""
+    def work(*a, **k):
+        raise AssertionError("work started")
+    monkeypatch.setattr(transfer, "demo_task", work)
+    monkeypatch.setattr(transfer, "task_cache", work)
+    monkeypatch.setattr(transfer, "make_run_dir", work)
+    for argv, why in [(["--task", "AgeR-UTK", "--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
+                      (["--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
+                      (["--data", "a"], "--data: give --task NAME"),
+                      (["--pseudo-label", "faces", "--method", "finetune"], "--pseudo-label needs --method multitask")]:
+        with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
+            transfer.main(argv)
+        assert "\n" not in str(e.value)
+
+
+def test_a_feature_cache_given_as_student_gets_a_runs_folder_hint(tmp_path):
+    """The hint used to be `distill.py --cache feats/demo --run-dir feats/demo`: a student inside the cache."""
+    cache = tmp_path / "feats" / "demo"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text("{}")
+    args = transfer.parse_args(["--student", str(cache), "--cache", str(cache), "--method", "finetune"])
+    with pytest.raises(SystemExit) as e:
+        transfer.student_config(args, ["finetune"], None)
+    msg = str(e.value)
+    assert "is a fuse.py feature cache, not a student" in msg
+    assert f"--cache {cache} --run-dir runs/distill` and pass --student runs/distill" in msg
+    assert f"--run-dir {cache}" not in msg
+
+
+def test_help_says_what_each_flag_does_and_its_default(capsys, monkeypatch):
+    """Defaults come from the parser (common.runs.HelpFormatter), once per flag; --epochs names every method that
+    trains on images; --list's count is the registry's."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        transfer.main(["--help"])
+    text = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("  --")}
+    twice = [ln for ln in lines.values() if ln.count("default") > 1]
+    assert not twice, twice
+    assert lines["--epochs"].endswith("(finetune, scratch, pcnn, etl, multitask, kd) (default: 10)")
+    assert "(default: 0.5,0.75,0.9,0.97)" in lines["--prune"] and "(default: 0)" in lines["--seed"]
+    assert f"print the {len(tasks.TASKS)} tasks" in lines["--list"] and "16 knowledge" not in text
+    transfer.main(["--list"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in tasks.TASKS) and "(= Object-ImageNet)" in listed
