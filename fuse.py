@@ -17,6 +17,7 @@ writes and the others read), --run-dir (logs, tables, checkpoints), --student (d
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -305,6 +306,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         else:
             write_hG(cache, write, models[name], write, d_in, data, split, args, infos[name]["fit_file"])
             log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
+        cache.mark_default_embedding(write)
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
     if n_sweep:
@@ -421,9 +423,16 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         args.out = args.out or Path("feats") / root.name
-    # a folder of its own under feats/, never feats/ itself: --overwrite would take the demo's and the
-    # task caches with it
-    args.out = args.out or Path("feats") / Path(args.data).resolve().name
+    if args.out is None:
+        # a folder of its own under feats/, never feats/ itself (--overwrite would take the demo's and the
+        # task caches with it), nor the demo's or the task caches' own names; a cache that an older version
+        # put in feats/ itself for these images is resumed where it is
+        old = Path("feats/manifest.json")
+        if old.is_file() and json.loads(old.read_text()).get("data_root") == str(Path(args.data).resolve()):
+            args.out = old.parent
+        else:
+            name = Path(args.data).resolve().name
+            args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
     images = list_images(args.data)
     if not images:
         raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")

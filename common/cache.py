@@ -558,7 +558,12 @@ class FeatureCache:
         done once its features file exists, yet a copy cut short or an edit can damage it afterwards).
         Returns how many; each is logged with what is wrong."""
         damaged = self.damaged_shards()
-        for k, why in damaged.items():
+        if self.manifest.get("complete"):  # a shard whose features file is gone is not done either
+            damaged.update({k: f"{self.shard_file(k)}: missing" for k in range(self.n_shards) if not self.shard_done(k)})
+            if damaged:  # first: a kill during the redo must still find them to do
+                self.manifest["complete"] = False
+                write_json(self.path / "manifest.json", self.manifest)
+        for k, why in sorted(damaged.items()):
             if log:
                 log.warning(f"warning: shard {k} is damaged ({why}): its files are removed and it is extracted again")
             self.remove_shard(k)
@@ -788,12 +793,18 @@ class FeatureCache:
             return s["mean"], s["std"]
 
     def embedding_names(self) -> list[str]:
-        """The h_G in the cache, the one written last first: what distill.py and transfer.py take by default is
-        what the last fuse.py run wrote (its --write), not whichever name sorts first."""
+        """The h_G in the cache, the default first: the one the last fuse.py run wrote or kept (its --write,
+        recorded in emb/.default, which a copy keeps where it would not keep file times), the others by name."""
         root = self.path / "emb"
-        found = [p for p in root.iterdir() if not p.name.startswith(".") and (p / "meta.json").exists()] \
-            if root.exists() else []
-        return [p.name for p in sorted(found, key=lambda p: ((p / "meta.json").stat().st_mtime_ns, p.name), reverse=True)]
+        names = sorted(p.name for p in root.iterdir()
+                       if not p.name.startswith(".") and (p / "meta.json").exists()) if root.exists() else []
+        default = root / ".default"
+        first = default.read_text().strip() if default.is_file() else None
+        return sorted(names, key=lambda n: n != first)
+
+    def mark_default_embedding(self, name: str) -> None:
+        """Make h_G `name` the one distill.py and transfer.py take when not told which."""
+        atomic_write(self.path / "emb" / ".default", lambda f: f.write(name.encode() + b"\n"))
 
     def embedding(self, name: str) -> tuple[ShardedArray, dict]:
         folder = self.embedding_dir(name)
@@ -809,9 +820,13 @@ class FeatureCache:
             raise CacheDamaged(f"{folder / 'meta.json'} is damaged ({type(e).__name__}: {e})", remedy) from None
         meta["folder"] = str(folder)
         files = [self.embedding_file(name, k, folder) for k in range(self.n_shards)]
-        # Headers and sizes only, as require_complete does for the features: distill.py fails at its start.
+        # Headers and sizes only, as require_complete does for the features: distill.py fails at its start,
+        # and fuse.py, which reads h_G through here before it keeps one, writes a damaged one anew.
         for k, f in enumerate(files):
             why = npy_problem(f, (int(self.bounds[k + 1] - self.bounds[k]), dim), self.dtype)
             if why:
                 raise CacheDamaged(f"{f}: {why}", remedy)
+        stats = folder / "stats.npz"
+        if stats.exists() and (why := npz_problem(stats, ("mean", "std"))):  # G's units (older h_G have none)
+            raise CacheDamaged(f"{stats}: {why}", remedy)
         return ShardedArray(files, self.bounds, remedy=remedy), meta

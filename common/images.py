@@ -76,7 +76,8 @@ def list_images(root: str | Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in dirnames + filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                (broken if "\n" in name else found).append(os.path.relpath(os.path.join(dirpath, name), root))
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                (broken if "\n" in rel else found).append(rel)  # a folder's name may hold it too
     if unreadable:
         log.warning(f"{len(unreadable)} folder(s) under {root} cannot be read, their images are left out: "
                     + "; ".join(unreadable[:10]) + (" ..." if len(unreadable) > 10 else ""))

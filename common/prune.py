@@ -52,6 +52,11 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+class CannotPrune(RuntimeError):
+    """A network or a ratio ETL cannot prune; the scripts end on its one-line message (the methods already
+    run are in report.json)."""
+
+
 # ------------------------------------------------------------------------------------------ groups
 def dependency_graph(model: nn.Module, example):
     """torch-pruning's dependency graph of `model` and its prunable groups of coupled convolution filters.
@@ -442,7 +447,7 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
 
     def cannot(e):
         # e.g. teachers ported from ONNX keep per-channel constants outside any layer the tracer knows
-        return RuntimeError(f"ETL cannot prune this {type(backbone).__name__} ({type(e).__name__}: {e}); networks "
+        return CannotPrune(f"ETL cannot prune this {type(backbone).__name__} ({type(e).__name__}: {e}); networks "
                             f"made of standard PyTorch layers (the student, onet, mobilenet_v2, torchvision models) "
                             f"can be pruned")
 
@@ -463,7 +468,7 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
     # Nothing cut is no pruned model: reported as one, it would pass the unpruned network off as the ratio's
     # (a TFLite port's convolutions are bare tensors, which the dependency graph does not see as layers).
     if count_params(backbone) == before:
-        raise RuntimeError(f"pruning {type(backbone).__name__} at ratio {ratio:g} removed no parameter: it has no "
+        raise CannotPrune(f"pruning {type(backbone).__name__} at ratio {ratio:g} removed no parameter: it has no "
                            f"convolution layer the dependency graph can cut, or every layer is too narrow for "
                            f"this ratio to remove one of its filters (each keeps max(1, round((1 - ratio) * n)))")
     # A network the tracer misreads (channels reordered by an op it does not know) would be cut wrongly

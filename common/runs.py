@@ -94,6 +94,7 @@ def run_main(main) -> None:
     installed, an unreadable file) end with their one-line message instead of a traceback."""
     from common.cache import CacheMismatch
     from common.images import BadImage
+    from common.prune import CannotPrune
     from common.student import NotAStudent
     from common.tasks import BadLabels
     from common.teachers import BadTeacher
@@ -102,7 +103,7 @@ def run_main(main) -> None:
     try:
         sys.exit(main())
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
-            NotAStudent, BadLabels, BadTeacher) as e:
+            NotAStudent, BadLabels, BadTeacher, CannotPrune) as e:
         sys.exit(f"error: {e}")
     except Exception as e:
         if not disk_full(e):

@@ -1,5 +1,4 @@
 """The sharded feature cache: layout, statistics, atomic writes, resume bookkeeping, mismatch errors."""
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -370,7 +369,8 @@ def test_written_files_get_the_umask_mode(tmp_path):
 
 
 def test_default_embedding_is_the_one_written_last(tmp_path, images):
-    """distill.py and transfer.py take the h_G the last fuse.py run wrote, not the name that sorts first."""
+    """distill.py and transfer.py take the h_G the last fuse.py run wrote or kept, not the name that sorts
+    first; the mark is a file of its own, so a copy that resets file times keeps it."""
     root, names = images
     cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
     fill(cache, np.random.default_rng(0))
@@ -382,10 +382,12 @@ def test_default_embedding_is_the_one_written_last(tmp_path, images):
                 n = int(cache.bounds[k + 1] - cache.bounds[k])
                 cache.write_embedding_shard(name, k, np.zeros((n, 4)), folder)
             cache.write_embedding_meta(name, {"op": name, "dim": 4}, folder)
-        time.sleep(0.02)  # mtimes of coarse file systems
+        cache.mark_default_embedding(name)
 
     write("pca")
     write("ae")
     assert cache.embedding_names() == ["ae", "pca"]
-    write("pca")  # fuse.py --write pca again
+    write("pca")
     assert cache.embedding_names() == ["pca", "ae"]
+    cache.mark_default_embedding("ae")  # a rerun that kept h_G (ae) as it was
+    assert cache.embedding_names() == ["ae", "pca"]

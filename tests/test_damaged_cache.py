@@ -252,3 +252,16 @@ def test_transfer_redoes_a_damaged_task_cache(tmp_path, fused, capsys):
     np.testing.assert_array_equal(FeatureCache(folder).require_complete().crops.take(np.arange(len(c.images))), crops)
     r1, r2 = (json.loads((tmp_path / r / "report.json").read_text())[0]["results"]["frozen"] for r in ("r1", "r2"))
     assert r1["value"] == pytest.approx(r2["value"], abs=1e-6)
+
+
+def test_a_redo_killed_midway_is_still_redone(cache):
+    """remove_damaged marks the cache incomplete before it deletes anything, and a features file lost from a
+    complete cache counts: a kill during the redo, or a copy that lost a file, never leaves a cache that
+    says complete while a shard is missing."""
+    c, _ = cache
+    cut(c.shard_file(1), -3)
+    c.shard_file(3).unlink()
+    assert c.remove_damaged() == 2
+    again = FeatureCache(c.path)
+    assert not again.manifest["complete"] and not again.shard_done(1) and not again.shard_done(3)
+    assert again.remove_damaged() == 0  # (killed here: the next run sees an incomplete cache and extracts)

@@ -332,3 +332,7 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
     with pytest.raises(SystemExit, match="stop"):
         fuse.main(["--data", str(face_dir), "--teachers", "gender", "--run-dir", str(tmp_path / "r")])
     assert (tmp_path / "feats" / face_dir.name / "manifest.json").exists()
+    # a cache an older version put in feats/ itself, for these images, is the one resumed
+    (tmp_path / "feats" / "manifest.json").write_text(json.dumps({"data_root": str(face_dir.resolve())}))
+    with pytest.raises(SystemExit, match=r"the cache at feats was written differently"):
+        fuse.main(["--data", str(face_dir), "--teachers", "gender", "--run-dir", str(tmp_path / "r2")])

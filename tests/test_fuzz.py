@@ -152,6 +152,13 @@ def test_unreadable_subfolder_is_named(tmp_path, monkeypatch, caplog):
         list_images(tmp_path)
 
 
+def test_a_line_break_in_a_folder_name_is_left_out_too(tmp_path, caplog):
+    (tmp_path / "a\nb").mkdir()
+    real_face().save(tmp_path / "a\nb" / "face.jpg")
+    real_face().save(tmp_path / "ok.jpg")
+    assert list_images(tmp_path) == ["ok.jpg"] and "line break" in caplog.text
+
+
 def test_a_line_break_never_shifts_rows():
     from common.images import decode_paths, encode_paths
 
