@@ -17,7 +17,6 @@ writes and the others read), --run-dir (logs, tables, checkpoints), --student (d
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from common import fusion, synth
 from common.align import CROP_SIZE, DETECT_SIZE
-from common.cache import CacheDamaged, CacheMismatch, FeatureCache, write_json, write_missed
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, read_manifest, write_json, write_missed
 from common.extract import Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -427,9 +426,9 @@ def main(argv=None):
         # a folder of its own under feats/, never feats/ itself (--overwrite would take the demo's and the
         # task caches with it), nor the demo's or the task caches' own names; a cache that an older version
         # put in feats/ itself for these images is resumed where it is
-        old = Path("feats/manifest.json")
-        if old.is_file() and json.loads(old.read_text()).get("data_root") == str(Path(args.data).resolve()):
-            args.out = old.parent
+        old = Path("feats")
+        if (old / "manifest.json").is_file() and read_manifest(old).get("data_root") == str(Path(args.data).resolve()):
+            args.out = old
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)

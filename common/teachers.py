@@ -17,9 +17,8 @@ All weights come from files shipped inside pip packages; nothing is downloaded.
 """
 from __future__ import annotations
 
-import hashlib
-
 import functools
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
