@@ -20,7 +20,7 @@ Methods (--method, comma list or `all`):
             one --task: the single-task baseline with and without it)
   kd        the student trained with the task loss plus a distillation term toward a teacher that knows the
             task (Wang 2017): O-Net's points (landmarks), the identity teacher's embedding (verification), the
-            gender or age teacher's own soft prediction (gender, age groups, age in years)
+            gender, age or expression teacher's own soft prediction (gender, age groups and years, expression)
 Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
 finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
   etl       ETL (John et al. 2022): keep the filters of the student (or --etl-base TEACHER) that tell most about
@@ -137,9 +137,10 @@ def parse_args(argv=None):
                    help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
     g.add_argument("--kd-teacher", default=None,
                    help="kd's teacher: onet for landmark tasks (its 5 points), an identity teacher for verification "
-                        "(default: sface), gender for gender tasks, age for age groups and age regression")
+                        "(default: sface), gender for gender tasks, age for age groups and age regression, "
+                        "facex-expression for expression tasks")
     g.add_argument("--kd-temperature", type=float, default=4.0,
-                   help="kd on classes (gender, age groups): the temperature of the teacher's and the student's "
+                   help="kd on classes (gender, expression, age groups): the temperature of the teacher's and the student's "
                         "softmax in the distillation term (Hinton's soft targets)")
     return p.parse_args(argv)
 
@@ -212,6 +213,8 @@ def face_batches(cache, rows, labels, size, train, args, device):
 
     def it():
         for crops, t in dl:
+            if train and len(crops) < 2:  # batch norm cannot train on one image: it waits for the next epoch's order
+                continue
             crops = crops.to(device, non_blocking=True)
             if train:
                 x = augment(crops, torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS)))), size)

@@ -9,11 +9,12 @@ task's loss plus a term pulling it toward a teacher's own answer.
   linear map of its embedding and the identity teacher's (SFace by default). Pairs are then compared
   by the cosine of the student's own embedding, the threshold picked on the other folds.
 
-- Classification and age regression (gender, age groups, age in years): transfer.py's `finetune` plus a term
-  toward the teacher's own prediction, read from its cached h_i through the model's last layer (the
-  registry's `answer`): Hinton's soft targets at a temperature (KL divergence) for classes, the L1 distance
-  to the teacher's expected age for a regression. SoftTargets maps the teacher's classes onto the task's:
-  by name (gender), or by summing the ages of an age group (the 81 age classes onto UTKFace's 9 groups).
+- Classification and age regression (gender, expression, age groups, age in years): transfer.py's `finetune`
+  plus a term toward the teacher's own prediction (the registry's `answer`): its cached h_i through the
+  model's last layer (age, gender), or the logits themselves (facex-expression). Hinton's soft targets at a
+  temperature (KL divergence) for classes, the L1 distance to the teacher's expected age for a regression.
+  class_map puts the teacher's classes onto the task's: by name (gender, expression), or by summing the ages
+  of an age group (the 81 age classes onto UTKFace's 9 groups).
 
 The same functions give the landmark and verification tasks' `finetune` (kd weight 0), `scratch` (random init,
 no kd) and, for landmarks, `frozen` (only the head trains). Every loss is divided by its constant-predictor loss
@@ -36,10 +37,10 @@ LANDMARK_METHODS = ("finetune", "frozen", "scratch", "kd")
 VERIFICATION_METHODS = ("finetune", "scratch", "kd")
 DEFAULT_TEACHER = {"landmarks": "onet", "verification": "sface"}
 # A classification or regression task's knowledge -> the kind of teacher answer (TeacherSpec.answer) that serves it.
-ANSWERS = {"Gender Prediction": "gender", "Age Classification": "age", "Age Regression": "age"}
-# Why the expression tasks have none: their teachers' last layers read the spatial map that h_i averages away.
-NO_EXPRESSION = ("facex's classifier reads its whole 6x6x1280 map and fer's its 4x4x128 map, which their cached "
-                 "h_i average away, so neither teacher's own expression answer can be read from the cache")
+ANSWERS = {"Gender Prediction": "gender", "Age Classification": "age", "Age Regression": "age",
+           "Emotion Classification": "expression"}
+# Datasets name the same expression differently (RAF-DB "Happiness", FER2013 "Happy", facex "happy").
+SYNONYMS = {"anger": "angry", "happiness": "happy", "sadness": "sad", "surprised": "surprise"}
 
 
 def _answering(kind: str) -> list[str]:
@@ -56,14 +57,18 @@ def teacher_problem(task, name: str | None) -> str | None:
         return None
     if task.kind == "verification":  # any identity embedding, a custom teacher's too: build_teachers checks it
         return None
+    from .teachers import REGISTRY
     want = ANSWERS.get(task.knowledge)
     if want is None:
-        extra = f" ({NO_EXPRESSION})" if "Emotion" in task.knowledge else ""
         return (f"{task.name}: --method kd needs a teacher whose own prediction answers the task; the registry has "
-                f"such answers for {', '.join(sorted(ANSWERS))} only{extra}")
+                f"such answers for {', '.join(sorted(ANSWERS))} only")
     if name is not None and name not in _answering(want):
         return (f"--kd-teacher {name}: {task.name} distils a teacher's own {want} prediction, which "
                 f"{', '.join(_answering(want))} give{'s' if len(_answering(want)) == 1 else ''}")
+    classes = REGISTRY[name or _answering(want)[0]].answer.classes
+    if want != "age" and task.num_outputs > len(classes):
+        return (f"{task.name}: its {task.num_outputs} classes are more than the {len(classes)} that the kd teacher "
+                f"knows ({', '.join(classes)})")
     return None
 
 
@@ -217,6 +222,9 @@ class TeacherAnswer(torch.nn.Module):
 
         spec = REGISTRY[name]
         answer = spec.answer
+        self.kind, self.classes, self.linear = answer.kind, answer.classes, None
+        if not answer.weight:  # the layer read is the logits themselves
+            return
         graph = onnx.load(str(package_file(spec.package, spec.file, spec.pip))).graph
         init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         gemm = next((n for n in graph.node if n.op_type == "Gemm" and answer.weight in n.input), None)
@@ -231,11 +239,10 @@ class TeacherAnswer(torch.nn.Module):
                              f"registry says {spec.dim} to {len(answer.classes)} classes")
         self.linear = torch.nn.Linear(spec.dim, len(answer.classes))
         self.linear.load_state_dict({"weight": torch.tensor(w), "bias": torch.tensor(init[answer.bias])})
-        self.kind, self.classes = answer.kind, answer.classes
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.linear(h.float()), 1)
+        return torch.softmax(self.linear(h.float()) if self.linear else h.float(), 1)
 
 
 @dataclass
@@ -249,7 +256,8 @@ class SoftTargets:
 
 
 def class_map(task, data, answer: TeacherAnswer) -> np.ndarray:
-    """(teacher classes, task classes) 0/1 matrix: by label name, or ages into the task's age groups."""
+    """(teacher classes, task classes) 0/1 matrix: by label name (SYNONYMS aside), or ages into the task's age
+    groups. A task class that no teacher class names is refused: the teacher would teach that it never occurs."""
     n_out = tasks.output_size(task, data)
     m = np.zeros((len(answer.classes), n_out))
     if answer.kind == "age":
@@ -258,11 +266,17 @@ def class_map(task, data, answer: TeacherAnswer) -> np.ndarray:
             raise SystemExit(f"{task.name}: its classes are not age groups with bounds; kd cannot map ages onto them")
         m[np.arange(len(answer.classes)), np.searchsorted(bins, answer.classes, side="right") - 1] = 1
         return m
-    names = [str(n).lower() for n in (data.label_names or [])]
+    def canon(n):
+        return SYNONYMS.get(str(n).lower(), str(n).lower())
+
+    names = [canon(n) for n in (data.label_names or [])]
     for i, c in enumerate(answer.classes):
-        if c not in names:
-            raise SystemExit(f"{task.name}: the teacher's class {c!r} is not among the task's classes {names}")
-        m[i, names.index(c)] = 1
+        if canon(c) not in names:
+            raise SystemExit(f"{task.name}: the teacher's class {c!r} is not among the task's classes "
+                             f"{data.label_names}")
+        m[i, names.index(canon(c))] = 1
+    if (m.sum(0) == 0).any():
+        raise SystemExit(f"{task.name}: the kd teacher has no class for {list(np.asarray(data.label_names)[m.sum(0) == 0])}")
     return m
 
 

@@ -79,10 +79,11 @@ REDUCES = ("mean", "flatten")  # how a spatial layer becomes a vector
 
 @dataclass(frozen=True)
 class Answer:
-    """What the teacher itself predicts from its embedding h_i: the model's last layer, a Gemm of its ONNX graph
-    followed by a softmax. transfer.py's kd distils it into a task the teacher knows (common.kd)."""
-    kind: str        # "gender": classes are label names; "age": classes are ages in years
-    weight: str      # the Gemm's weight and bias initialisers in the weight file
+    """What the teacher itself predicts from its embedding h_i: the softmax of its last layer (a Gemm of its ONNX
+    graph) applied to h_i, or of h_i itself when the layer read is the logits. transfer.py's kd distils it into a
+    task the teacher knows (common.kd)."""
+    kind: str        # "gender", "expression": classes are label names; "age": classes are ages in years
+    weight: str      # the Gemm's weight and bias initialisers in the weight file ("": h_i are the logits)
     bias: str
     classes: tuple
 
@@ -418,6 +419,12 @@ REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
     TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch", 200,
                 CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",
                 std=(255.0,), layout="NHWC", arch="tflite", reference="litert"),
+    # facex's own expression logits, for kd on expression tasks (not an embedding to fuse): its classifier reads the
+    # whole 6x6x1280 map that facex's h_i averages, so the answer is read from the model, by LiteRT on the CPU.
+    TeacherSpec("facex-expression", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "litert",
+                200, CASCADE_BOX, 7, "predictis/BiasAdd", LiteRTTeacher, color="GREY3", std=(255.0,), layout="NHWC",
+                answer=Answer("expression", "", "", ("anger", "disgust", "fear", "happy", "neutral", "sadness",
+                                                     "surprised"))),
     # MTCNN: RGB, (x - 127.5) / 128, plain (N, C, H, W) (ONet itself transposes before dense5).
     TeacherSpec("onet", "landmarks", "facenet-pytorch==2.6.0", "facenet_pytorch", "data/onet.pt", "torch", 48,
                 ONET_BOX, 256, "prelu5", TorchTeacher, mean=(127.5,), std=(128.0,), arch="mtcnn_onet"),

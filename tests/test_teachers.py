@@ -278,7 +278,7 @@ def test_heads_agree_with_the_photos(teachers, faces):
     assert (pts - torch.tensor(TEMPLATE, dtype=torch.float32)).norm(dim=2).mean() < 0.04 * CANON
 
 
-def test_teacher_answers_are_the_whole_models_output(teachers, batch):
+def test_teacher_answers_are_the_whole_models_output(teachers, faces, batch):
     """kd's teacher answers (the last Gemm read from the weight file, on the cached h_i) give the probabilities the
     whole ONNX model gives on the same input, and name the classes the package's manifest names."""
     import onnxruntime as ort
@@ -291,7 +291,21 @@ def test_teacher_answers_are_the_whole_models_output(teachers, batch):
         np.testing.assert_allclose(answer(t(batch)).numpy(), want, atol=2e-5)
         classes = manifest[name]["labels"] if name == "gender" else manifest[name]["age_weights"]
         assert list(answer.classes) == classes
-    assert set(REGISTRY) >= {"age", "gender"} and all(REGISTRY[n].answer is None for n in ("sface", "facex", "onet"))
+    assert all(REGISTRY[n].answer is None for n in ("sface", "facex", "onet"))
+    # facex's own expression: its logits read by LiteRT, batched, are the whole model's answer one image at a time
+    from ai_edge_litert.interpreter import Interpreter
+
+    fx, answer = build_teachers(["facex-expression"])[0], TeacherAnswer("facex-expression")
+    p = answer(fx(batch)).numpy()
+    it = Interpreter(model_path=str(fx.path))
+    it.allocate_tensors()
+    for i in range(len(batch)):
+        it.set_tensor(it.get_input_details()[0]["index"], fx.preprocess(batch[i:i + 1]).numpy())
+        it.invoke()
+        np.testing.assert_allclose(p[i], it.get_tensor(it.get_output_details()[0]["index"])[0], atol=1e-5)
+    keys = list(faces)  # the batch's order
+    said = {k: answer.classes[j] for k, j in zip(keys, p.argmax(1))}
+    assert [said[k] for k in ("surprise", "happy", "anger")] == ["surprised", "happy", "anger"]
 
 
 def test_onet_matches_facenet_pytorch(teachers, batch):
