@@ -33,7 +33,7 @@ from common.extract import Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import list_images
-from common.runs import HelpFormatter, dist_info, get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 
 
@@ -432,7 +432,8 @@ def main(argv=None):
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
-    images = list_images(args.data)
+    with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
+        images = list_images(args.data)
     if not images:
         raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")
     names = [n.strip() for n in args.teachers.split(",") if n.strip()]
@@ -441,7 +442,7 @@ def main(argv=None):
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
-    log = get_logger(run, f"fuse{rank}")
+    log = get_logger(run, f"fuse{rank}", early)
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
     if args.overwrite and rank == 0 and args.out.exists():
         refuse_to_delete(args.out, args.data)

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -48,10 +49,31 @@ def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
     return run
 
 
-def get_logger(run: Path | None, name: str) -> logging.Logger:
+@contextmanager
+def kept_warnings():
+    """The shared modules' warnings logged before the run folder exists (images the listing leaves out): shown
+    at once on stderr, and kept, so that get_logger(..., early=...) writes them into the run's log.txt too."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+            sys.stderr.write(self.format(record) + "\n")
+
+    handler, lib = Keep(logging.WARNING), logging.getLogger("common")
+    saved = lib.handlers, lib.propagate
+    lib.handlers, lib.propagate = [handler], False  # not also a previous run's log in the same process
+    try:
+        yield records
+    finally:
+        lib.handlers, lib.propagate = saved
+
+
+def get_logger(run: Path | None, name: str, early=()) -> logging.Logger:
     """Logger writing to stdout and run/log.txt (appending, so a resumed run keeps its history).
 
-    Without a run folder (ranks other than 0 under torchrun) it writes to stdout only.
+    Without a run folder (ranks other than 0 under torchrun) it writes to stdout only. `early`: log records
+    kept by kept_warnings, written into log.txt (stderr has shown them already).
     """
     log = logging.getLogger(name)
     log.setLevel(logging.INFO)
@@ -66,6 +88,9 @@ def get_logger(run: Path | None, name: str) -> logging.Logger:
     # land in the same places.
     lib = logging.getLogger("common")
     lib.handlers, lib.propagate = list(handlers), False
+    for record in early:
+        for h in handlers[1:]:
+            h.handle(record)
     return log
 
 

@@ -268,6 +268,8 @@ def test_fuse_lists_every_bad_file(root, fuzz, tmp_path):
     n_bad = len(bad)
     log = (tmp_path / "r" / "log.txt").read_text()
     assert f"{len(fuzz) - n_bad} aligned, 0 images with no face, {n_bad} unreadable" in log
+    # the file the listing left out (a line break in its name) is named in the run's log, not only on stderr
+    assert "left out because their names hold a line break" in log and repr(NEWLINE) in log
     # The real faces come out as they do alone.
     one = FeatureCache(tmp_path / "c1")
     a, b = rows_by_name(cache), rows_by_name(one)
