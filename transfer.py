@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -203,18 +204,35 @@ class TaskFaces(torch.utils.data.Dataset):
         return crops, tuple(t[r] for t in self.labels) if isinstance(self.labels, tuple) else self.labels[r]
 
 
+class Batches(torch.utils.data.Sampler):
+    """Positions in batches, in a new seeded order each epoch when shuffling. A last batch of one image joins the
+    one before it: batch norm cannot train on a single image whose feature map has shrunk to one value."""
+
+    def __init__(self, n: int, batch: int, shuffle: bool, seed: int):
+        self.n, self.batch, self.shuffle = n, batch, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else list(range(self.n))
+        chunks = [order[i:i + self.batch] for i in range(0, self.n, self.batch)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            last = chunks.pop()
+            chunks[-1] += last
+        return iter(chunks)
+
+    def __len__(self):
+        return -(-self.n // self.batch) - (self.n > self.batch and self.n % self.batch == 1)
+
+
 def face_batches(cache, rows, labels, size, train, args, device):
     """() -> iterator of (pixels on device, labels on device); augmented on the device when training, with
     draws from a generator of the main process, so the pixels do not depend on the number of workers."""
-    dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), batch_size=args.batch, shuffle=train,
-                                     num_workers=args.workers, collate_fn=first,
-                                     generator=torch.Generator().manual_seed(args.seed))
+    dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), num_workers=args.workers, collate_fn=first,
+                                     batch_sampler=Batches(len(rows), args.batch, train, args.seed))
     rng = np.random.default_rng(args.seed)
 
     def it():
         for crops, t in dl:
-            if train and len(crops) < 2:  # batch norm cannot train on one image: it waits for the next epoch's order
-                continue
             crops = crops.to(device, non_blocking=True)
             if train:
                 x = augment(crops, torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS)))), size)
@@ -500,6 +518,10 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     groups = [s.group for s in data.samples] if task.protocol.startswith("leave-one") else None
     carved = [tasks.with_validation(s, i, groups, args.seed, args.val_frac) for i, s in enumerate(splits)]
     splits, selection = [s for s, _ in carved], carved[0][1] if carved else ""
+    for s in splits if task.kind != "verification" else []:  # LFW trains on the other folds' identities
+        if not found[s.train].any():
+            raise SystemExit(f"error: {task.name}: no face was found among the {len(s.train)} training images of "
+                             f"split {s.name!r}; see {run / f'missed_faces-{task.name}.tsv'} for why")
     if task.kind == "verification":
         selection = "the folds that pick each fold's threshold (never the tested fold)"
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
@@ -804,8 +826,11 @@ def check_flags(args, methods) -> None:
     if args.pseudo_label is not None and "multitask" not in methods:
         raise SystemExit("error: --pseudo-label needs --method multitask (data distillation trains the multitask "
                          "model; with one --task it is the single-task baseline)")
-    if "kd" in methods and not (args.kd_temperature > 0 and args.kd_weight >= 0):
-        raise SystemExit(f"error: --kd-temperature must be above 0 and --kd-weight at least 0 (got "
+    if args.batch < 2:
+        raise SystemExit(f"error: --batch {args.batch}: batch norm trains on 2 images or more")
+    if "kd" in methods and not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0
+                                and math.isfinite(args.kd_weight) and args.kd_weight >= 0):
+        raise SystemExit(f"error: --kd-temperature must be a number above 0 and --kd-weight one of at least 0 (got "
                          f"{args.kd_temperature:g} and {args.kd_weight:g})")
     if "etl" in methods:
         etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
@@ -853,6 +878,8 @@ def main(argv=None):
         if task.kind == "verification" and not data.pairs:
             raise SystemExit(f"{task.name}: no verification pairs were read from {root}")
         read.append((task, data, root))
+        if "kd" in methods and task.kind == "classification":  # the teacher's classes fit the task's
+            kd.class_map(task, data, REGISTRY[kd.kd_teacher(task, args)].answer)
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")

@@ -40,7 +40,8 @@ DEFAULT_TEACHER = {"landmarks": "onet", "verification": "sface"}
 ANSWERS = {"Gender Prediction": "gender", "Age Classification": "age", "Age Regression": "age",
            "Emotion Classification": "expression"}
 # Datasets name the same expression differently (RAF-DB "Happiness", FER2013 "Happy", facex "happy").
-SYNONYMS = {"anger": "angry", "happiness": "happy", "sadness": "sad", "surprised": "surprise"}
+SYNONYMS = {"anger": "angry", "happiness": "happy", "sadness": "sad", "surprised": "surprise", "disgusted": "disgust",
+            "fearful": "fear"}
 
 
 def _answering(kind: str) -> list[str]:
@@ -55,8 +56,8 @@ def teacher_problem(task, name: str | None) -> str | None:
             return (f"--kd-teacher {name}: the landmark task distils O-Net's points (onet), the one teacher here "
                     "that outputs landmarks")
         return None
-    if task.kind == "verification":  # any identity embedding, a custom teacher's too: build_teachers checks it
-        return None
+    if task.kind == "verification":  # an identity embedding: a registry identity teacher, or a custom one
+        return None if name is None else _identity_problem(name)
     from .teachers import REGISTRY
     want = ANSWERS.get(task.knowledge)
     if want is None:
@@ -70,6 +71,24 @@ def teacher_problem(task, name: str | None) -> str | None:
         return (f"{task.name}: its {task.num_outputs} classes are more than the {len(classes)} that the kd teacher "
                 f"knows ({', '.join(classes)})")
     return None
+
+
+def _identity_problem(name: str) -> str | None:
+    from .teachers import REGISTRY, parse_custom
+
+    identity = ", ".join(n for n, s in REGISTRY.items() if s.role == "identity")
+    base = name.split("@")[0]
+    if base in REGISTRY:
+        role = REGISTRY[base].role
+        return None if role == "identity" else (f"--kd-teacher {name}: verification distils an identity embedding, "
+                                                f"and {base} is a {role} teacher (identity teachers: {identity})")
+    if ":" in name:
+        try:
+            parse_custom(name)
+            return None
+        except ValueError as e:
+            return f"--kd-teacher: {e}"
+    return f"--kd-teacher: unknown teacher {name!r} (identity teachers: {identity}, or a custom spec string)"
 
 
 def kd_teacher(task, args) -> str:
@@ -210,7 +229,8 @@ def _fold_accuracy(scores, same, folds, fold) -> tuple[float, float]:
 
 # ------------------------------------------------------------------- classification and age regression
 class TeacherAnswer(torch.nn.Module):
-    """A registry teacher's own last layer (TeacherSpec.answer): h_i -> its class probabilities."""
+    """A registry teacher's own last layer (TeacherSpec.answer): h_i -> the log of its class probabilities (logs,
+    so that a class far below the top keeps its value through the temperature instead of a floor)."""
 
     def __init__(self, name: str):
         super().__init__()
@@ -242,7 +262,7 @@ class TeacherAnswer(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.linear(h.float()) if self.linear else h.float(), 1)
+        return torch.log_softmax(self.linear(h.float()) if self.linear else h.float(), 1)
 
 
 @dataclass
@@ -255,15 +275,17 @@ class SoftTargets:
     temperature: float
 
 
-def class_map(task, data, answer: TeacherAnswer) -> np.ndarray:
+def class_map(task, data, answer) -> np.ndarray:
     """(teacher classes, task classes) 0/1 matrix: by label name (SYNONYMS aside), or ages into the task's age
-    groups. A task class that no teacher class names is refused: the teacher would teach that it never occurs."""
+    groups. A task class that no teacher class names is refused: the teacher would teach that it never occurs.
+    answer: a TeacherAnswer or the registry's Answer (its kind and classes)."""
     n_out = tasks.output_size(task, data)
     m = np.zeros((len(answer.classes), n_out))
     if answer.kind == "age":
         bins = task.params.get("age_bins")
         if bins is None:
-            raise SystemExit(f"{task.name}: its classes are not age groups with bounds; kd cannot map ages onto them")
+            raise SystemExit(f"error: {task.name}: its classes are not age groups with bounds (age_bins); kd cannot "
+                             f"map the teacher's ages onto them")
         m[np.arange(len(answer.classes)), np.searchsorted(bins, answer.classes, side="right") - 1] = 1
         return m
     def canon(n):
@@ -272,11 +294,12 @@ def class_map(task, data, answer: TeacherAnswer) -> np.ndarray:
     names = [canon(n) for n in (data.label_names or [])]
     for i, c in enumerate(answer.classes):
         if canon(c) not in names:
-            raise SystemExit(f"{task.name}: the teacher's class {c!r} is not among the task's classes "
+            raise SystemExit(f"error: {task.name}: the kd teacher's class {c!r} is not among the task's classes "
                              f"{data.label_names}")
         m[i, names.index(canon(c))] = 1
     if (m.sum(0) == 0).any():
-        raise SystemExit(f"{task.name}: the kd teacher has no class for {list(np.asarray(data.label_names)[m.sum(0) == 0])}")
+        raise SystemExit(f"error: {task.name}: the kd teacher has no class for "
+                         f"{list(np.asarray(data.label_names)[m.sum(0) == 0])}")
     return m
 
 
@@ -284,16 +307,17 @@ def soft_targets(task, data, teacher_cache, lo_hi, temperature: float, name: str
     """The teacher's answer on each of the task's images, from its cached h_i (rows in data.samples order)."""
     answer = TeacherAnswer(name)
     h = teacher_cache.features.take(np.arange(len(data.samples))).astype(np.float32)
-    q = answer(torch.from_numpy(h)).double()
+    log_q = answer(torch.from_numpy(h)).double()
     ok = torch.as_tensor(np.asarray(teacher_cache.found, bool))
     if task.kind == "regression":
-        years = (q @ torch.tensor(answer.classes, dtype=torch.float64)).numpy()
+        years = (log_q.exp() @ torch.tensor(answer.classes, dtype=torch.float64)).numpy()
         values = torch.tensor((years - lo_hi[0]) / max(lo_hi[1] - lo_hi[0], 1e-9), dtype=torch.float32)
         return SoftTargets(values, ok, np.clip(years, *lo_hi), name, temperature)
-    p = q @ torch.from_numpy(class_map(task, data, answer))
+    groups = torch.from_numpy(class_map(task, data, answer)).bool()
+    log_p = torch.stack([torch.logsumexp(log_q[:, g], 1) for g in groups.T], 1)  # each task class's teacher classes
     # Hinton's softened targets: the teacher's logits (log p, up to a constant) divided by the temperature.
-    soft = torch.softmax(p.clamp_min(1e-12).log() / temperature, 1).float()
-    return SoftTargets(soft, ok, p.argmax(1).numpy(), name, temperature)
+    soft = torch.softmax(log_p / temperature, 1).float()
+    return SoftTargets(soft, ok, log_p.argmax(1).numpy(), name, temperature)
 
 
 class KDLoss:

@@ -255,6 +255,83 @@ def test_kd_on_gender_age_and_expression(tmp_path, tiny_student):
     assert not (tmp_path / "x" / "run").exists()  # refused before any work
 
 
+@pytest.mark.slow
+def test_kd_refuses_what_it_cannot_do_before_any_work(tmp_path, tiny_student, monkeypatch):
+    def refused(match, *argv):
+        with pytest.raises(SystemExit, match=match):
+            _main(tmp_path / "x", tiny_student, *argv)
+        assert not (tmp_path / "x" / "run").exists()
+
+    lfw = make_fixture("Identity-LFW", tmp_path / "lfw")
+    refused("verification distils an identity embedding, and gender is a gender teacher",
+            "--task", "Identity-LFW", "--data", str(lfw), "--method", "kd", "--kd-teacher", "gender")
+    refused("unknown teacher 'nosuch'", "--task", "Identity-LFW", "--data", str(lfw), "--method", "kd",
+            "--kd-teacher", "nosuch")
+    utk = make_fixture("Gender-UTK", tmp_path / "utk")
+    refused("--kd-temperature must be a number above 0", "--task", "Gender-UTK", "--data", str(utk), "--method",
+            "kd", "--kd-temperature", "inf")
+    with pytest.raises(SystemExit, match="--batch 1: batch norm trains on 2 images or more"):
+        transfer.main(["--task", "Gender-UTK", "--data", str(utk), "--batch", "1", "--run-dir", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
+    # a user's folder task whose class names the teacher does not know: refused before finetune runs, not after;
+    # Kaggle's names (disgusted, fearful) are the teacher's
+    sfew = make_fixture("Expr-SFEW", tmp_path / "sfew") / "Train"
+    for old, new in (("Disgust", "Disgusted"), ("Fear", "Fearful"), ("Surprise", "Bored")):
+        (sfew / old).rename(sfew / new)
+    monkeypatch.setitem(tasks.TASKS, "MyExpr", tasks.folder_task("MyExpr", knowledge="Emotion Classification"))
+    refused(r"the kd teacher's class 'surprised' is not among the task's classes \['Angry', 'Bored', 'Disgusted'",
+            "--task", "MyExpr", "--data", str(sfew), "--method", "finetune,kd")
+
+
+def test_a_split_without_a_training_face_says_so(tmp_path, tiny_student):
+    from PIL import Image
+
+    utk = make_fixture("Gender-UTK", tmp_path / "utk")
+    for f in utk.iterdir():
+        Image.new("RGB", (64, 64)).save(f, format="JPEG")
+    with pytest.raises(SystemExit, match="no face was found among the 16 training images of split"):
+        transfer.main(["--task", "Gender-UTK", "--data", str(utk), "--student", str(tiny_student), "--epochs", "1",
+                       "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")])
+
+
+def test_batches_fold_a_last_single_image_into_the_one_before():
+    for n, batch in ((9, 8), (17, 8), (16, 8), (1, 8), (5, 8), (3, 2)):
+        b = transfer.Batches(n, batch, True, 0)
+        epochs = [list(b), list(b)]
+        for chunks in epochs:
+            assert sorted(i for c in chunks for i in c) == list(range(n)) and len(chunks) == len(b)
+            assert n == 1 or min(map(len, chunks)) >= 2
+        assert n < 3 or epochs[0] != epochs[1]  # a new order each epoch
+    assert list(transfer.Batches(5, 2, False, 0)) == [[0, 1], [2, 3, 4]]
+
+
+def test_soft_targets_group_the_teachers_classes_in_log_space(monkeypatch):
+    from common import kd
+
+    log_q = torch.log_softmax(torch.tensor([[0.0, -40.0, -41.0], [-3.0, 0.0, -1.0]], dtype=torch.float64), 1)
+
+    class Fake:
+        def __init__(self, name):
+            self.kind, self.classes = "age", (0.25, 5, 12)
+
+        def __call__(self, h):
+            return log_q
+
+    monkeypatch.setattr(kd, "TeacherAnswer", Fake)
+    cache = SimpleNamespace(features=SimpleNamespace(take=lambda rows: np.zeros((2, 1))), found=np.array([True, False]))
+    task = tasks.get_task("AgeC-UTK")
+    soft = kd.soft_targets(task, SimpleNamespace(samples=[0, 1], label_names=None), cache, None, 4.0, "age")
+    p = log_q.exp()
+    group1 = torch.log(p[:, 1] + p[:, 2])  # ages 5 and 12 fall in the 3-9 and 10-19 groups: apart
+    assert soft.values.shape == (2, len(tasks.AGE_BINS)) and soft.ok.tolist() == [True, False]
+    # a class 40 below the top keeps its place through the temperature (exp(-10)), not a 1e-12 floor
+    assert float(soft.values[0, 1] / soft.values[0, 0]) == pytest.approx(float(torch.exp(log_q[0, 1] / 4)), rel=1e-4)
+    assert soft.preds.tolist() == [0, 1] and float(group1[1]) < 0
+    years = kd.soft_targets(tasks.get_task("AgeR-UTK"), SimpleNamespace(samples=[0, 1]), cache, (0, 116), 4.0, "age")
+    want = (p @ torch.tensor([0.25, 5, 12], dtype=torch.float64)).numpy()
+    assert np.allclose(years.preds, want) and np.allclose(years.values.numpy(), want / 116, atol=1e-6)
+
+
 def _soft(kind, values, n_out, T=4.0):
     from common import kd
     return kd.SoftTargets(torch.as_tensor(values, dtype=torch.float32), torch.ones(len(values), dtype=torch.bool),
