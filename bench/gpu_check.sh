@@ -15,6 +15,8 @@
 #             the e2e step ran 1), each into a cache of its own; each shard's log line gives its img/s; then
 #             fuse.py on 1,024 images under CUDA_LAUNCH_BLOCKING=1 and bench/consistency.py: the copies of
 #             each image in every cache, and every cache against the serialised one (stream races)
+#   smallest  fuse.py --extract-only on the e2e folder with --smallest-face 40 (MTCNN's levels for faces
+#             under 40 px skipped; the e2e step searched every level), into a cache of its own
 #   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
@@ -39,7 +41,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests pipeline e2e streams mixed distill teachers kernels cache}
+steps=${*:-tests pipeline e2e smallest streams mixed distill teachers kernels cache}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
@@ -63,13 +65,19 @@ want tests && step tests 150 $py -m pytest -q -p no:cacheprovider tests/test_ker
     tests/test_teachers.py::test_teachers_take_cuda_crops tests/test_fuse.py::test_device_extraction_matches_cpu \
     tests/test_extract.py
 want pipeline && step pipeline 150 $py bench/pipeline.py --device cuda --n 2048 --batch 256 --workers 12 \
-    --old-n 128 --detect-sizes 480,320 --profile-detect --streams 1,2,3 --out "$out/pipeline.md"
+    --old-n 128 --detect-sizes 480,320 --smallest-faces 40,56 --profile-detect --streams 1,2,3 --out "$out/pipeline.md"
 if want e2e; then
     step e2e_fuse 100 bash -c "$py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces && \
         $py fuse.py --data $work/faces --cache $work/feats --run-dir $work/fuse --ops pca --batch 256 --workers 12 \
         --detect-size ${E2E_DETECT:-640} --streams 1 --shard-size 2048"
     step e2e_distill 60 bash -c "$py distill.py --cache $work/feats --run-dir $work/distill --batch 256 \
         --workers 14 --steps 300 --no-eval --overwrite && cat $work/distill/metrics.jsonl"
+fi
+if want smallest; then
+    [ -d $work/faces ] || $py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces
+    step smallest_40 60 $py fuse.py --data $work/faces --cache $work/feats-m40 --run-dir $work/fuse-m40 \
+        --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --smallest-face 40 --streams 1 \
+        --shard-size 2048
 fi
 if want streams; then
     [ -d $work/faces ] || $py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces

@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.align import CANON, CROP_SIZE, TEMPLATE, BatchDetector, FaceDetector, warp, warp_batch  # noqa: E402
+from common.align import CANON, CROP_SIZE, SMALLEST_FACE, TEMPLATE, BatchDetector, FaceDetector, warp, warp_batch  # noqa: E402
 from common.cache import FeatureCache  # noqa: E402
 from common.extract import Options, Stages, extract  # noqa: E402
 from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels  # noqa: E402
@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=112, help="student input side")
     p.add_argument("--detect-sizes", default="",
                    help="also time batched detection at these longer sides (comma list), beside the engine's own")
+    p.add_argument("--smallest-faces", default="",
+                   help="also time batched detection at the engine's detect size skipping MTCNN's pyramid levels for "
+                        "faces under these sizes (comma list of pixels, fuse.py --smallest-face), against all levels")
     p.add_argument("--profile-detect", action="store_true",
                    help="also profile one batch of batched detection (torch.profiler: the busiest ops on the CPU and "
                         "the device, and how much of the wall time the device was busy)")
@@ -245,8 +248,8 @@ def main(argv=None):
                      f"missed {sum(r is None for r in ref) / k:.1%} of the first {k}"))
         chw = [torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device) for img in images]
 
-        def detect_all(size):  # (hit or None per image, images/s) of the batched detector at one size
-            d = BatchDetector(device, detect_size=size)
+        def detect_all(size, smallest=SMALLEST_FACE):  # (hit or None per image, images/s) of the batched detector
+            d = BatchDetector(device, detect_size=size, smallest_face=smallest)
             t0 = time.perf_counter()
             out = []
             for i in range(0, len(chw), args.batch):
@@ -272,6 +275,12 @@ def main(argv=None):
             add(("detect", f"batched, longer side <= {size}", r,
                  f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as at "
                  f"{det.detect_size} for {same:.1%}; {moved}"))
+        for smallest in [int(x) for x in args.smallest_faces.split(",") if x.strip()]:
+            seen, r = detect_all(det.detect_size, smallest)
+            same, moved = versus(hits, seen)
+            add(("detect", f"batched, <= {det.detect_size}, faces >= {smallest} px", r,
+                 f"missed {sum(h is None for h in seen) / len(seen):.1%}; same found/missed as every level for "
+                 f"{same:.1%}; {moved}"))
         if args.profile_detect:
             profile_detect(det, chw[:args.batch], device)
         found = [i for i, h in enumerate(hits) if h is not None]

@@ -24,6 +24,9 @@ CANON = 256
 # Longer side of the copy the batched detector sees. MTCNN's cost grows with pixels; the faces of face
 # corpora are large, and the landmarks found on the copy are mapped back to full resolution for the warp.
 DETECT_SIZE = 640
+# Faces smaller than this (pixels of that copy) are not searched for. MTCNN's own smallest is 20; its first
+# pyramid levels, the largest and most costly, look only for faces under 40 pixels (6 % of a 640 copy).
+SMALLEST_FACE = 20
 # What one more detection pass costs, in pixels of P-Net work: about 20 frames of 640x360. An estimate
 # from the H100 timings at three detect sizes (a part of each batch's time that did not shrink with the
 # pixels); it only decides which image sizes share a canvas, never what is found.
@@ -175,11 +178,15 @@ class BatchDetector:
     side is at most detect_size, images of different sizes share zero-padded canvases (each searched as
     if alone: common.mtcnn.detect's sizes), and the landmarks found are mapped back to the full image.
     The face rule is FaceDetector's: confidence >= min_prob, then the face closest to the image centre.
-    min_face is in pixels of the shrunk copy."""
+    min_face is in pixels of the shrunk copy. smallest_face (pixels of the copy): MTCNN's pyramid levels
+    that look only for faces smaller than this are skipped, the rest are unchanged (common.mtcnn._pyramid);
+    20, MTCNN's min_face, skips none."""
 
-    def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE):
+    def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE,
+                 smallest_face: int = SMALLEST_FACE):
         self.inner = FaceDetector(device, min_prob, min_face)
         self.min_prob, self.detect_size, self.device = min_prob, detect_size, torch.device(device)
+        self.smallest_face = smallest_face
 
     def __call__(self, images: list) -> list:
         """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score), None (no face), or the reason
@@ -208,7 +215,7 @@ class BatchDetector:
             idx = [ok[j] for j in sub]
             with torch.inference_mode():
                 found = mtcnn_batch.detect(_canvas(small, idx), self.inner.mtcnn,
-                                           sizes=[small[i].shape[1:] for i in idx])
+                                           sizes=[small[i].shape[1:] for i in idx], smallest=self.smallest_face)
             chosen = []
             for (boxes, marks), i in zip(found, idx):
                 keep = np.flatnonzero(boxes[:, 4] >= self.min_prob)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.align import CROP_SIZE, DETECT_SIZE
+from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.images import PATH_ERRORS, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
@@ -466,12 +466,13 @@ class FeatureCache:
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
                          align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
-                         detect_size=DETECT_SIZE) -> "FeatureCache":
+                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
         preprocessing), images (names, sizes, times), storage type, alignment, the detector's
-        threshold and the size of the copy it sees (both change which faces are found), and the size of
+        threshold, the size of the copy it sees and the smallest face it looks for (all change which faces
+        are found), and the size of
         the crop store. The detector's settings matter with --align mtcnn only; with none they are not
         recorded."""
         path = Path(path)
@@ -483,6 +484,7 @@ class FeatureCache:
             "align": align,
             "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,
             "detect_size": int(detect_size) if align == "mtcnn" else None,
+            "smallest_face": int(smallest_face) if align == "mtcnn" else None,
             "data_root": str(Path(data_root).resolve()),
             "n_images": len(images),
             "list_hash": list_hash(data_root, images),
@@ -515,7 +517,9 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        for key in ("dtype", "align", "min_face_prob", "detect_size", "shard_size", "crop_size"):
+        # caches written before smallest_face existed searched every pyramid level
+        old = {"smallest_face": SMALLEST_FACE if old.get("align") == "mtcnn" else None, **old}
+        for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")
         return problems

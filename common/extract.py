@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kernels import fuse_features
 
-from .align import CANON, DETECT_SIZE, BatchDetector, center_matrix, store_crops, warp_batch
+from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import float32_convolutions
 
@@ -40,6 +40,7 @@ class Options:
     batch: int = 32               # images per batch (detection, warp, teachers)
     workers: int = 0              # loader processes reading and decoding
     detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees
+    smallest_face: int = SMALLEST_FACE  # pixels of that copy; MTCNN's levels for smaller faces are skipped
     streams: int = 0              # batches in flight at once (Lanes); 0: 2 on the CPU, 1 on a GPU or when timed
 
 
@@ -142,7 +143,8 @@ class Engine:
         # lazily in one lane could be read by another lane's stream before its fill kernel ran.
         d = sum(t.dim for t in teachers)
         self._identity = (torch.zeros(d, device=self.device), torch.ones(d, device=self.device))
-        self.detector = (BatchDetector(self.device, opts.min_face_prob, detect_size=opts.detect_size)
+        self.detector = (BatchDetector(self.device, opts.min_face_prob, detect_size=opts.detect_size,
+                                       smallest_face=opts.smallest_face)
                          if opts.align == "mtcnn" else None)
 
     def decode(self, items) -> list:

@@ -209,9 +209,13 @@ def _nms(boxes, scores, image, threshold, overlap="iou"):
     return nms_by_image(boxes, scores, image, threshold, overlap=overlap)
 
 
-def _pyramid(sizes, min_face: int, factor: float):
+def _pyramid(sizes, min_face: int, factor: float, smallest: float = 0):
     """facenet-pytorch's scales (repeated products, so that every level has its exact size) and, per
-    image, how many of them its own smaller side takes (levels down to a 12-pixel side)."""
+    image, how many of them its own smaller side takes (levels down to a 12-pixel side).
+
+    smallest: leave out the first levels, whose faces (12 / scale pixels up to 1 / factor times that) are
+    all smaller than this; the levels kept are the very same, so a face of that size or more is searched
+    exactly as before."""
     counts = []
     for h, w in sizes:
         k, minl = 0, min(h, w) * 12.0 / min_face
@@ -221,7 +225,11 @@ def _pyramid(sizes, min_face: int, factor: float):
     scales = [12.0 / min_face]
     while len(scales) < max(counts, default=0):
         scales.append(scales[-1] * factor)
-    return scales[:max(counts, default=0)], counts
+    scales = scales[:max(counts, default=0)]
+    skip = 0
+    while skip < len(scales) and 12.0 / (scales[skip] * factor) <= smallest:
+        skip += 1
+    return scales[skip:], [max(0, k - skip) for k in counts]
 
 
 def _pnet(pnet, x, oh, ow):
@@ -242,13 +250,13 @@ def _pnet(pnet, x, oh, ow):
     return pnet.conv4_2(y) * keep, pnet.softmax4_1(pnet.conv4_1(y))[:, 1:] * keep
 
 
-def _stage_one(imgs, resize, sizes, mtcnn):
+def _stage_one(imgs, resize, sizes, mtcnn, smallest=0):
     """P-Net candidates of every level of every image, after facenet-pytorch's NMS within each level
     (0.5) and each image (0.7): one nonzero and two NMS for the batch, not some per level. Images of one
     size are resized as one canvas (facenet-pytorch's imresample), else each by the Resizer. Returns
     (boxes (k, 9): x1, y1, x2, y2, score, 4 regressions; image (k,))."""
     d, pnet, dev = _fn(), mtcnn.pnet, imgs.device
-    scales, counts = _pyramid(sizes, mtcnn.min_face_size, mtcnn.factor)
+    scales, counts = _pyramid(sizes, mtcnn.min_face_size, mtcnn.factor, smallest)
     probs, regs, owner, dims = [], [], [], []
     whole = all(s == tuple(imgs.shape[2:]) for s in sizes)  # every image fills the canvas: nothing to mask
     for lv, scale in enumerate(scales):
@@ -302,7 +310,8 @@ def _crops_of(resize, boxes, image, w, h, size):
     return (crops - 127.5) * 0.0078125, boxes, image
 
 
-def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None,
+           smallest: float = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(N, 3, H, W) float images (0-255) on mtcnn's device -> per image (boxes (k, 5): x1, y1, x2, y2,
     probability; landmarks (k, 5, 2)), as numpy, the k faces in no particular order.
 
@@ -310,6 +319,7 @@ def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None) -> 
     image's detections are those of facenet-pytorch on that image alone, whatever the canvas.
     table: resize from a summed-area table (default on a GPU) or one F.interpolate per image and box (the
     CPU's default: cheaper there, and facenet-pytorch's own arithmetic).
+    smallest: skip the pyramid levels whose faces are all smaller than this many pixels (see _pyramid).
     """
     d = _fn()
     pnet, rnet, onet, thresholds = mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds
@@ -320,7 +330,7 @@ def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None) -> 
     resize = Resizer(imgs, dev.type != "cpu" if table is None else table)
     hs, ws = torch.tensor(sizes, device=dev).unbind(1)
     # stage 1: P-Net over each image's pyramid
-    boxes, image = _stage_one(imgs, resize, sizes, mtcnn)
+    boxes, image = _stage_one(imgs, resize, sizes, mtcnn, smallest)
     rw, rh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
                          boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)

@@ -136,6 +136,38 @@ def test_batched_detector_agrees_with_per_image(face_dir, detector):
         assert shift(c[0]) < 0.15, n  # within 15% of the eye distance on a copy of 320 px
 
 
+def test_skipping_the_levels_of_small_faces_keeps_every_larger_face_as_it_was(face_dir):
+    """--smallest-face drops MTCNN's first pyramid levels, whose faces are all smaller; the levels kept are the
+    same scales, so each face of the size or more is found with the very same landmarks, and a face under it
+    (a shrunk copy of the photo) is no longer found."""
+    from common import mtcnn
+    from common.align import BatchDetector
+
+    full, counts = mtcnn._pyramid([(360, 640), (200, 120)], 20, 0.709)
+    for smallest, skipped in ((20, 0), (28, 0), (28.3, 1), (40, 2), (56, 2), (56.2, 3)):
+        kept, c = mtcnn._pyramid([(360, 640), (200, 120)], 20, 0.709, smallest)
+        assert kept == full[skipped:] and c == [max(0, k - skipped) for k in counts], smallest
+        assert 12 / (kept[0] * 0.709) > smallest  # the first level kept holds faces of that size
+    names = ["single_face.jpg", "0-f1-su-ph.jpg", "multi_face.jpg", "tom.png", "zz_noface.jpg"]
+    imgs = [_chw(read_image(face_dir / n)) for n in names]
+    every, some = BatchDetector()(imgs), BatchDetector(smallest_face=40)(imgs)
+    for n, a, b in zip(names, every, some):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            assert np.allclose(a[0], b[0], atol=1e-9) and a[1] == pytest.approx(b[1]), n
+    # the same photo shrunk to 47 px (its face about 25 px) on a 640 x 480 canvas: found when every level is
+    # searched, not when faces under 40 px are skipped
+    import torch
+    from torch.nn import functional as F
+
+    face = torch.from_numpy(np.array(read_image(face_dir / "single_face.jpg"))).permute(2, 0, 1)[None].float()
+    small = F.interpolate(face, scale_factor=1 / 12, mode="area")[0].round().to(torch.uint8)
+    canvas = torch.zeros(3, 480, 640, dtype=torch.uint8)
+    canvas[:, :small.shape[1], :small.shape[2]] = small
+    assert BatchDetector()([canvas])[0] is not None
+    assert BatchDetector(smallest_face=40)([canvas])[0] is None
+
+
 def warp_points(m, pts):
     """Image positions of crop points under the alignment matrix m."""
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))

@@ -1,3 +1,4 @@
+import json
 """The sharded feature cache: layout, statistics, atomic writes, resume bookkeeping, mismatch errors."""
 from dataclasses import dataclass
 
@@ -189,6 +190,13 @@ def test_same_size_edit_and_detector_threshold_change_the_plan(tmp_path, images)
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, min_face_prob=0.5)
     with pytest.raises(CacheMismatch, match="detect_size 640 != 320"):  # a smaller copy finds other faces
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, detect_size=320)
+    with pytest.raises(CacheMismatch, match="smallest_face 20 != 40"):  # faces under 40 px are no longer found
+        FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, smallest_face=40)
+    # a cache written before smallest_face existed searched every level: it resumes with the default
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del m["smallest_face"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
     # Threshold unused without detection: not part of the plan.
     FeatureCache.create_or_resume(tmp_path / "n", root, names, TEACHERS, shard_size=5, align="none")
     FeatureCache.create_or_resume(tmp_path / "n", root, names, TEACHERS, shard_size=5, align="none", min_face_prob=0.5)
