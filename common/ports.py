@@ -149,21 +149,24 @@ def tflite_expose(content: bytes, layer: str) -> bytes:
 
 
 def _quantise_per_image(x: torch.Tensor) -> torch.Tensor:
-    """LiteRT's hybrid-op input quantisation, in float: symmetric int8 with one scale per image (max |x| / 127).
+    """LiteRT's hybrid-op input quantisation, in float: symmetric int8 with one scale per image (max |x| / 127),
+    for a convolution's map as for a fully connected layer's row.
 
     The gradient passes straight through, so the port can still be fine-tuned (transfer.py's P-CNN)."""
-    scale = x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-30).detach() / 127
+    scale = x.abs().amax(dim=tuple(range(1, x.ndim)), keepdim=True).clamp_min(1e-30).detach() / 127
     q = torch.round(x / scale).clamp(-127, 127) * scale
     return x + (q - x).detach() if x.requires_grad else q
 
 
 class TFLiteModule(torch.nn.Module):
-    """A TFLite graph of CONV_2D, DEPTHWISE_CONV_2D, ADD, PAD and DEQUANTIZE ops, cut at `layer`, in PyTorch.
+    """A TFLite graph of CONV_2D, DEPTHWISE_CONV_2D, ADD, PAD, DEQUANTIZE and FULLY_CONNECTED ops, cut at `layer`,
+    in PyTorch.
 
-    Takes and returns NHWC float tensors, as the .tflite does; runs NCHW (channels_last) inside.
+    Takes and returns NHWC float tensors, as the .tflite does (a fully connected layer's output: (N, units));
+    runs NCHW (channels_last) inside.
     """
 
-    OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PAD", "DEQUANTIZE")
+    OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PAD", "DEQUANTIZE", "FULLY_CONNECTED")
 
     def __init__(self, content: bytes, layer: str, name: str):
         super().__init__()
@@ -218,6 +221,18 @@ class TFLiteModule(torch.nn.Module):
                 step = dict(op="pad", pad=tuple(int(v) for d in (2, 1, 3, 0) for v in pads[d]))
             elif code == "ADD":
                 step = dict(op="add", act=opt.fusedActivationFunction)
+            elif code == "FULLY_CONNECTED":
+                w = ins[1]
+                hybrid = types[sg.tensors[w].type] in ("UINT8", "INT8")
+                if opt.keepNumDims or (hybrid and opt.asymmetricQuantizeInputs):
+                    raise ValueError(f"teacher {name}: the PyTorch port has no FULLY_CONNECTED with keep_num_dims "
+                                     f"or asymmetric input quantisation; use the reference runtime ({name}@reference)")
+                weight = consts[w] if w in consts else dequantize(w, hybrid=True) if hybrid else data(w)
+                self.register_parameter(f"w{k}", torch.nn.Parameter(torch.tensor(weight)))  # (units, inputs)
+                if len(ins) > 2 and ins[2] >= 0:
+                    self.register_parameter(f"b{k}", torch.nn.Parameter(torch.tensor(data(ins[2]))))
+                step = dict(op="fc", w=f"w{k}", b=f"b{k}" if len(ins) > 2 and ins[2] >= 0 else None,
+                            act=opt.fusedActivationFunction, hybrid=hybrid)
             else:
                 w = ins[1]
                 hybrid = types[sg.tensors[w].type] in ("UINT8", "INT8")
@@ -257,6 +272,13 @@ class TFLiteModule(torch.nn.Module):
                 y = F.pad(a, s["pad"])
             elif s["op"] == "add":
                 y = self._act(a + values[s["ins"][1]], s["act"])
+            elif s["op"] == "fc":
+                # TFLite flattens its NHWC input row by row: back to that order from the NCHW kept inside
+                a = (a.permute(0, 2, 3, 1) if a.ndim == 4 else a).reshape(a.shape[0], -1)
+                if s["hybrid"]:
+                    a = _quantise_per_image(a)
+                w = getattr(self, s["w"])
+                y = self._act(F.linear(a, w, getattr(self, s["b"]) if s["b"] else None), s["act"])
             else:
                 w = getattr(self, s["w"])
                 if s["same"]:  # TensorFlow's SAME: the odd pixel of padding goes after (bottom/right)
@@ -273,4 +295,5 @@ class TFLiteModule(torch.nn.Module):
             for i in s["free"]:
                 del values[i]
             values[s["out"]] = y
-        return values[self.output].permute(0, 2, 3, 1)
+        y = values[self.output]
+        return y.permute(0, 2, 3, 1) if y.ndim == 4 else y

@@ -420,9 +420,10 @@ REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
                 CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",
                 std=(255.0,), layout="NHWC", arch="tflite", reference="litert"),
     # facex's own expression logits, for kd on expression tasks (not an embedding to fuse): its classifier reads the
-    # whole 6x6x1280 map that facex's h_i averages, so the answer is read from the model, by LiteRT on the CPU.
-    TeacherSpec("facex-expression", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "litert",
-                200, CASCADE_BOX, 7, "predictis/BiasAdd", LiteRTTeacher, color="GREY3", std=(255.0,), layout="NHWC",
+    # whole 6x6x1280 map that facex's h_i averages, so the answer is read from the model itself.
+    TeacherSpec("facex-expression", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch",
+                200, CASCADE_BOX, 7, "predictis/BiasAdd", TorchTeacher, color="GREY3", std=(255.0,), layout="NHWC",
+                arch="tflite", reference="litert",
                 answer=Answer("expression", "", "", ("anger", "disgust", "fear", "happy", "neutral", "sadness",
                                                      "surprised"))),
     # MTCNN: RGB, (x - 127.5) / 128, plain (N, C, H, W) (ONet itself transposes before dense5).

@@ -185,6 +185,31 @@ def test_tflite_hybrid_quantisation_is_per_image():
     torch.testing.assert_close(q[0].flatten(), torch.tensor([127, 38, -64, 0]) / 127)
 
 
+def test_tflite_fully_connected_port_is_litert_on_the_same_input(batch):
+    """facex's classifier (hybrid int8 FULLY_CONNECTED over the flattened NHWC 6x6x1280 map) in the port, fed
+    LiteRT's own map, gives LiteRT's logits; end to end the port differs only by the trunk's known difference."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    (ref,), (port,) = build_teachers(["facex-expression"]), build_teachers(["facex-expression@torch"])
+    x = ref.preprocess(batch).numpy()
+    it = Interpreter(model_content=ports.tflite_expose(ref.path.read_bytes(), "mobilenetv2_1.00_224/out_relu/Relu6"))
+    it.resize_tensor_input(it.get_input_details()[0]["index"], list(x.shape))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    maps = torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]))  # NHWC
+    module = next(m for m in vars(port).values() if isinstance(m, ports.TFLiteModule))
+    fc = next(s for s in module.steps if s["op"] == "fc")
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(ports._quantise_per_image(maps.flatten(1)), getattr(module, fc["w"]),
+                                            getattr(module, fc["b"]))
+    want = ref(batch)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    got = port(batch)  # the whole port: its trunk is facex's (cosine >= 0.995 to LiteRT, PARITY)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert (torch.softmax(got, 1) - torch.softmax(want, 1)).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("name", DEFAULT_TEACHERS)
 def test_default_teacher_on_real_faces(name, teachers, batch):
     t, spec = teachers[name], REGISTRY[name]
@@ -327,15 +352,17 @@ def test_teachers_take_cuda_crops(batch):
     """Torch teachers (every default one) run where they are asked to and give what the same module gives on
     the CPU (which the tests above hold to each reference runtime); CPU runtimes take GPU crops and answer on
     the CPU."""
+    names = DEFAULT_TEACHERS + ["facex-expression"]  # kd's expression answer runs on the device too
     on_cpu = {t.name: t for t in build_teachers([f"{n}@torch" if REGISTRY[n].reference else n
-                                                 for n in DEFAULT_TEACHERS], device="cpu")}
-    for t in build_teachers(DEFAULT_TEACHERS, device="cuda"):
+                                                 for n in names], device="cpu")}
+    for t in build_teachers(names, device="cuda"):
         y = t(batch.cuda())
         assert y.device.type == "cuda" and y.shape == (len(batch), t.dim)
         # the GPU resizes in float, the CPU in uint8: equal up to rounding, which moves facex's int8 levels
         # and MobileNetV2's 1280 ImageNet features most (lowest cosine 0.9980 on an H100)
         cos = torch.nn.functional.cosine_similarity(y.cpu(), on_cpu[t.name](batch)).min()
-        assert cos > {"facex": 0.99, "mobilenet_v2": 0.995}.get(t.name, 0.999), (t.name, cos.item())
+        assert cos > {"facex": 0.99, "facex-expression": 0.99, "mobilenet_v2": 0.995}.get(t.name, 0.999), \
+            (t.name, cos.item())
     ref, = build_teachers(["gender@reference"])
     y = ref(batch.cuda())
     assert y.device.type == "cpu"
