@@ -77,10 +77,11 @@ def parse_args(argv=None):
                         "resolution); smaller is faster but misses small faces")
     g.add_argument("--smallest-face", type=int, default=SMALLEST_FACE,
                    help="faces smaller than this many pixels of that copy are not searched for: MTCNN's pyramid "
-                        "levels that look only for them, its largest and costliest, are skipped, and the levels "
-                        "kept are unchanged, so larger faces are found and aligned exactly as with the default "
-                        "(which skips none). 40 ran detection about 2x faster on the CPU with the same faces and "
-                        "landmarks on the demo media and on images of mixed sizes (BENCHMARKS.md)")
+                        "levels that look only for them, its largest and costliest, are skipped and the others kept "
+                        "as they are; only the dropped levels' proposals leave the NMS, which can move the "
+                        "landmarks of faces up to about twice this size. The default skips none. 40 ran detection "
+                        "about 2x faster on the CPU with the same faces and landmarks on the demo media and on "
+                        "images of mixed sizes (BENCHMARKS.md)")
     g.add_argument("--crop-size", type=int, default=CROP_SIZE,
                    help="side of the aligned crops kept in the cache's crop store, which distill.py and transfer.py "
                         f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)")
@@ -406,6 +407,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
+    if args.align == "mtcnn" and not SMALLEST_FACE <= args.smallest_face <= args.detect_size:
+        # under 20 MTCNN has no level to add; over the copy's size nothing is left to search
+        raise SystemExit(f"error: --smallest-face {args.smallest_face}: give {SMALLEST_FACE} (every level searched) "
+                         f"to --detect-size ({args.detect_size}), in pixels of the detection copy")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

@@ -404,12 +404,12 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.
     lr_back = args.lr if method == "scratch" else args.lr / 10
     groups = [{"params": model[0].parameters(), "lr": lr_back}, {"params": model[1].parameters(), "lr": args.lr}]
-    train_batches, loss = loader(train, True), None
+    labels, loss = y, None
     if method == "kd":
+        labels = (y, soft.values, soft.ok.float())
         loss = kd.KDLoss(task, lambda out, t: task_loss(task, out, t), y, n_out, soft, train, args.kd_weight)
-        train_batches = face_batches(cache, train, (y, soft.values, soft.ok.float()), size, True, args, device)
-    val_score = fit(model, train_batches, val, task, args.epochs, lo_hi, y_val, groups, f"{method}",
-                    amp=precision.amp_policy(args.amp, device), loss=loss)
+    val_score = fit(model, face_batches(cache, train, labels, size, True, args, device), val, task, args.epochs,
+                    lo_hi, y_val, groups, f"{method}", amp=precision.amp_policy(args.amp, device), loss=loss)
     if method == "etl":
         etl = {"task": task.name, "ratio": ratio, "base": args.etl_base, "n_out": n_out, "kind": task.kind,
                "label_range": lo_hi, "hidden": args.hidden, "split": split.name}
@@ -519,9 +519,10 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     carved = [tasks.with_validation(s, i, groups, args.seed, args.val_frac) for i, s in enumerate(splits)]
     splits, selection = [s for s, _ in carved], carved[0][1] if carved else ""
     for s in splits if task.kind != "verification" else []:  # LFW trains on the other folds' identities
-        if not found[s.train].any():
-            raise SystemExit(f"error: {task.name}: no face was found among the {len(s.train)} training images of "
-                             f"split {s.name!r}; see {run / f'missed_faces-{task.name}.tsv'} for why")
+        if found[s.train].sum() < 2:  # nothing to learn from, and batch norm cannot train on one image
+            raise SystemExit(f"error: {task.name}: {int(found[s.train].sum())} face(s) found among the "
+                             f"{len(s.train)} training images of split {s.name!r}, fewer than 2; see "
+                             f"{run / f'missed_faces-{task.name}.tsv'} for why")
     if task.kind == "verification":
         selection = "the folds that pick each fold's threshold (never the tested fold)"
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
@@ -826,8 +827,8 @@ def check_flags(args, methods) -> None:
     if args.pseudo_label is not None and "multitask" not in methods:
         raise SystemExit("error: --pseudo-label needs --method multitask (data distillation trains the multitask "
                          "model; with one --task it is the single-task baseline)")
-    if args.batch < 2:
-        raise SystemExit(f"error: --batch {args.batch}: batch norm trains on 2 images or more")
+    if args.batch < 2 and any(m in IMAGE_METHODS + ("pcnn",) for m in methods):
+        raise SystemExit(f"error: --batch {args.batch}: the networks trained on images (batch norm) need 2 or more")
     if "kd" in methods and not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0
                                 and math.isfinite(args.kd_weight) and args.kd_weight >= 0):
         raise SystemExit(f"error: --kd-temperature must be a number above 0 and --kd-weight one of at least 0 (got "

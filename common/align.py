@@ -179,7 +179,7 @@ class BatchDetector:
     if alone: common.mtcnn.detect's sizes), and the landmarks found are mapped back to the full image.
     The face rule is FaceDetector's: confidence >= min_prob, then the face closest to the image centre.
     min_face is in pixels of the shrunk copy. smallest_face (pixels of the copy): MTCNN's pyramid levels
-    that look only for faces smaller than this are skipped, the rest are unchanged (common.mtcnn._pyramid);
+    that look only for faces smaller than this are skipped, the rest kept as they are (common.mtcnn._pyramid);
     20, MTCNN's min_face, skips none."""
 
     def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE,

@@ -517,8 +517,8 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        # caches written before smallest_face existed searched every pyramid level
-        old = {"smallest_face": SMALLEST_FACE if old.get("align") == "mtcnn" else None, **old}
+        # caches written before smallest_face existed searched every pyramid level, as 20 does
+        old = {"smallest_face": 20 if old.get("align") == "mtcnn" else None, **old}
         for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")

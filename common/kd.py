@@ -278,14 +278,15 @@ class SoftTargets:
 def class_map(task, data, answer) -> np.ndarray:
     """(teacher classes, task classes) 0/1 matrix: by label name (SYNONYMS aside), or ages into the task's age
     groups. A task class that no teacher class names is refused: the teacher would teach that it never occurs.
-    answer: a TeacherAnswer or the registry's Answer (its kind and classes)."""
+    A teacher class the task lacks (neutral, for a set without it) maps nowhere: the soft targets are the
+    teacher's answer among the task's classes. answer: a TeacherAnswer or the registry's Answer."""
     n_out = tasks.output_size(task, data)
     m = np.zeros((len(answer.classes), n_out))
     if answer.kind == "age":
         bins = task.params.get("age_bins")
-        if bins is None:
-            raise SystemExit(f"error: {task.name}: its classes are not age groups with bounds (age_bins); kd cannot "
-                             f"map the teacher's ages onto them")
+        if bins is None or bins[0] > min(answer.classes):
+            raise SystemExit(f"error: {task.name}: its classes are not age groups from age 0 (age_bins {bins}); kd "
+                             f"cannot map the teacher's ages onto them")
         m[np.arange(len(answer.classes)), np.searchsorted(bins, answer.classes, side="right") - 1] = 1
         return m
     def canon(n):
@@ -293,13 +294,12 @@ def class_map(task, data, answer) -> np.ndarray:
 
     names = [canon(n) for n in (data.label_names or [])]
     for i, c in enumerate(answer.classes):
-        if canon(c) not in names:
-            raise SystemExit(f"error: {task.name}: the kd teacher's class {c!r} is not among the task's classes "
-                             f"{data.label_names}")
-        m[i, names.index(canon(c))] = 1
+        if canon(c) in names:
+            m[i, names.index(canon(c))] = 1
     if (m.sum(0) == 0).any():
-        raise SystemExit(f"error: {task.name}: the kd teacher has no class for "
-                         f"{list(np.asarray(data.label_names)[m.sum(0) == 0])}")
+        missing = [str(n) for n, k in zip(data.label_names, m.sum(0)) if k == 0]
+        raise SystemExit(f"error: {task.name}: the kd teacher has no class for {missing} (its classes: "
+                         f"{', '.join(map(str, answer.classes))})")
     return m
 
 
@@ -334,7 +334,7 @@ class KDLoss:
         self.regression, self.temperature = task.kind == "regression", soft.temperature
         s = soft.values[rows[soft.ok[rows]]].double()
         if len(s) == 0:
-            raise SystemExit(f"{task.name}: the kd teacher found no face among the training images")
+            raise SystemExit(f"error: {task.name}: the kd teacher found no face among the training images")
         if self.regression:  # the best constant: the median value; for classes, the mean distribution
             const = (s - s.median()).abs().mean()
         else:

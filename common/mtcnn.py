@@ -214,8 +214,8 @@ def _pyramid(sizes, min_face: int, factor: float, smallest: float = 0):
     image, how many of them its own smaller side takes (levels down to a 12-pixel side).
 
     smallest: leave out the first levels, whose faces (12 / scale pixels up to 1 / factor times that) are
-    all smaller than this; the levels kept are the very same, so a face of that size or more is searched
-    exactly as before."""
+    all smaller than this. The levels kept are the very same scales; only the proposals of the dropped ones
+    are gone from the image's NMS, which can move the landmarks of faces up to about twice that size."""
     counts = []
     for h, w in sizes:
         k, minl = 0, min(h, w) * 12.0 / min_face

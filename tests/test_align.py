@@ -136,10 +136,10 @@ def test_batched_detector_agrees_with_per_image(face_dir, detector):
         assert shift(c[0]) < 0.15, n  # within 15% of the eye distance on a copy of 320 px
 
 
-def test_skipping_the_levels_of_small_faces_keeps_every_larger_face_as_it_was(face_dir):
+def test_skipping_the_levels_of_small_faces_keeps_the_large_faces_as_they_were(face_dir):
     """--smallest-face drops MTCNN's first pyramid levels, whose faces are all smaller; the levels kept are the
-    same scales, so each face of the size or more is found with the very same landmarks, and a face under it
-    (a shrunk copy of the photo) is no longer found."""
+    same scales, so these photos' faces (far above 40 px) are found with the very same landmarks, and a face
+    under it (a shrunk copy of the photo) is no longer found."""
     from common import mtcnn
     from common.align import BatchDetector
 

@@ -1,5 +1,5 @@
-import json
 """The sharded feature cache: layout, statistics, atomic writes, resume bookkeeping, mismatch errors."""
+import json
 from dataclasses import dataclass
 
 import numpy as np

@@ -336,3 +336,13 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
     (tmp_path / "feats" / "manifest.json").write_text(json.dumps({"data_root": str(face_dir.resolve())}))
     with pytest.raises(SystemExit, match=r"the cache at feats was written differently"):
         fuse.main(["--data", str(face_dir), "--teachers", "gender", "--run-dir", str(tmp_path / "r2")])
+
+
+def test_smallest_face_out_of_range_is_refused_before_any_work(tmp_path, monkeypatch):
+    import fuse
+
+    monkeypatch.chdir(tmp_path)
+    for bad in ("10", "641"):
+        with pytest.raises(SystemExit, match=f"--smallest-face {bad}: give 20 .every level searched. to --detect-size"):
+            fuse.main(["--data", str(tmp_path / "none"), "--smallest-face", bad])
+    assert not list(tmp_path.iterdir())
