@@ -407,10 +407,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
+    if args.detect_size < SMALLEST_FACE:
+        raise SystemExit(f"error: --detect-size {args.detect_size}: the detection copy needs {SMALLEST_FACE} pixels "
+                         f"or more, MTCNN's smallest face")
     if args.align == "mtcnn" and not SMALLEST_FACE <= args.smallest_face <= args.detect_size:
         # under 20 MTCNN has no level to add; over the copy's size nothing is left to search
-        raise SystemExit(f"error: --smallest-face {args.smallest_face}: give {SMALLEST_FACE} (every level searched) "
-                         f"to --detect-size ({args.detect_size}), in pixels of the detection copy")
+        raise SystemExit(f"error: --smallest-face {args.smallest_face} must be between {SMALLEST_FACE} (every level "
+                         f"searched) and --detect-size ({args.detect_size}), in pixels of the detection copy")
+    if args.align == "none" and args.smallest_face != SMALLEST_FACE:
+        raise SystemExit("error: --smallest-face is for the detector, which --align none does not run")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

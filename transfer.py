@@ -76,7 +76,8 @@ def parse_args(argv=None):
                                    "(instead of --task and --data)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")
     p.add_argument("--method", default="finetune",
-                   help=f"comma list of {', '.join(METHODS + EXTRA_METHODS)}, or all (the first {len(METHODS)})")
+                   help=f"comma list of {', '.join(METHODS + EXTRA_METHODS)}; all stands for the first "
+                        f"{len(METHODS)} (all,kd adds kd), and shows n/a where a task cannot take one")
     p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
                    help="distill.py checkpoint or run folder (default: runs/distill-demo, the one `python distill.py` "
                         "writes)")
@@ -534,7 +535,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
-        if why := unavailable(task, method, args.kd_teacher):  # only under --method all: a named one stopped the run
+        if why := unavailable(task, method, args.kd_teacher):  # only from --method all: a named one stopped the run
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
@@ -681,7 +682,7 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
     if method == "kd":  # the teacher alone, on the same test images and missed-face rule
         missed = ~features.ok.numpy()
         teacher = [tasks.missed_face_rule(task, features.preds[sp.test], missed[sp.test], lo_hi) for sp in splits]
-        entry["teacher"] = pooled_score(task, splits, teacher, y_true)
+        entry["teacher"], entry["teacher_name"] = pooled_score(task, splits, teacher, y_true), features.teacher
         what = f"T {features.temperature:g}; " if task.kind == "classification" else ""
         entry["note"] = (f"teacher {features.teacher}'s own prediction: {task.metric} {entry['teacher']:.4f} on the "
                          f"same test images; {what}kd weight {args.kd_weight}")
@@ -827,6 +828,11 @@ def check_flags(args, methods) -> None:
     if args.pseudo_label is not None and "multitask" not in methods:
         raise SystemExit("error: --pseudo-label needs --method multitask (data distillation trains the multitask "
                          "model; with one --task it is the single-task baseline)")
+    if args.epochs < 1 or args.head_epochs < 1:
+        raise SystemExit(f"error: --epochs and --head-epochs must be 1 or more (got {args.epochs} and "
+                         f"{args.head_epochs}): a network that never trained would be reported")
+    if args.kd_teacher is not None and "kd" not in methods:
+        raise SystemExit(f"error: --kd-teacher {args.kd_teacher} is for --method kd, which this run does not have")
     if args.batch < 2 and any(m in IMAGE_METHODS + ("pcnn",) for m in methods):
         raise SystemExit(f"error: --batch {args.batch}: the networks trained on images (batch norm) need 2 or more")
     if "kd" in methods and not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0
@@ -845,7 +851,9 @@ def main(argv=None):
         print(tasks.list_tasks_table())
         return
     device = pick_device(args.device)
-    methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
+    named = [m.strip() for m in args.method.split(",") if m.strip()]
+    # all: the first METHODS; beside it, kd or multitask come along (all,kd)
+    methods = list(dict.fromkeys(m for n in named for m in (METHODS if n == "all" else [n])))
     for m in methods:
         if m not in METHODS + EXTRA_METHODS:
             raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
@@ -867,8 +875,9 @@ def main(argv=None):
         jobs.append((task, root))
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
-    why = [w for task, _ in jobs for m in methods if (w := unavailable(task, m, args.kd_teacher))]
-    if args.method != "all" and why:
+    # (a method that came with `all` and that a task cannot take is shown n/a instead)
+    why = [w for task, _ in jobs for m in methods if m in named and (w := unavailable(task, m, args.kd_teacher))]
+    if why:
         raise SystemExit("error: " + "\n       ".join(why))
     if args.run_dir and (Path(args.run_dir) / "report.json").exists():
         raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir "

@@ -201,12 +201,15 @@ class BatchDetector:
             for j, i in enumerate(idx):
                 small[i], scale[i] = x[j], (x.shape[3] / w, x.shape[2] / h)
         out = [None] * len(images)
-        m = self.inner.min_face
+        # MTCNN builds no pyramid below its smallest face (see FaceDetector), and a face cannot be larger than
+        # its image: a copy smaller than the smallest face searched is not searched, and says so
+        m = max(self.inner.min_face, self.smallest_face)
         ok = []
         for i, x in enumerate(small):
-            if min(x.shape[1:]) < m:  # MTCNN builds no pyramid below its smallest face (see FaceDetector)
+            if min(x.shape[1:]) < m:
                 h, w = images[i].shape[1:]
-                out[i] = f"image is {w}x{h} pixels: smaller than the {m}-pixel faces the detector looks for"
+                copy = "" if x.shape[1:] == images[i].shape[1:] else f" ({x.shape[2]}x{x.shape[1]} as searched)"
+                out[i] = f"image is {w}x{h} pixels{copy}: smaller than the {m}-pixel faces the detector looks for"
             else:
                 ok.append(i)
         # images of other sizes share a zero-padded canvas; each is still searched as if alone

@@ -50,7 +50,17 @@ def _answering(kind: str) -> list[str]:
 
 
 def teacher_problem(task, name: str | None) -> str | None:
-    """Why kd cannot run on `task` with teacher `name` (None: the default), or None when it can."""
+    """Why kd cannot run on `task` with teacher `name` (None: the default), or None when it can: a teacher that
+    does not answer the task, or whose weights are not installed (checked without loading it)."""
+    from .teachers import weights_problem
+
+    why = _task_problem(task, name)
+    if why is None:
+        why = weights_problem(name or DEFAULT_TEACHER.get(task.kind) or _answering(ANSWERS[task.knowledge])[0])
+    return why
+
+
+def _task_problem(task, name: str | None) -> str | None:
     if task.kind == "landmarks":
         if name not in (None, "onet"):
             return (f"--kd-teacher {name}: the landmark task distils O-Net's points (onet), the one teacher here "
@@ -61,8 +71,8 @@ def teacher_problem(task, name: str | None) -> str | None:
     from .teachers import REGISTRY
     want = ANSWERS.get(task.knowledge)
     if want is None:
-        return (f"{task.name}: --method kd needs a teacher whose own prediction answers the task; the registry has "
-                f"such answers for {', '.join(sorted(ANSWERS))} only")
+        return (f"{task.name}: --method kd needs a teacher that knows the task; there are such teachers for "
+                f"landmarks, verification and {', '.join(sorted(ANSWERS))} only")
     if name is not None and name not in _answering(want):
         return (f"--kd-teacher {name}: {task.name} distils a teacher's own {want} prediction, which "
                 f"{', '.join(_answering(want))} give{'s' if len(_answering(want)) == 1 else ''}")

@@ -453,6 +453,19 @@ _CUSTOM_HELP = ("a custom teacher is one of: onnx:PATH:LAYER:SIZE, litert:PATH:L
                 "torchvision:ARCH:WEIGHTS:LAYER:SIZE (LAYER may be empty for the model's own output)")
 
 
+def weights_problem(name: str) -> str | None:
+    """Why teacher `name` cannot be built here (an unknown name, weights or runtime not installed), found without
+    loading it; None when it can."""
+    try:
+        spec = _resolve(name)
+        _weight_path(spec)
+        if spec.runtime == "dlib":
+            require("dlib", "dlib-bin")
+    except (ValueError, MissingWeights, FileNotFoundError) as e:
+        return f"teacher {name}: {e}" if not str(e).startswith(f"teacher {name}") else str(e)
+    return None
+
+
 def _weight_path(spec: TeacherSpec) -> Path:
     if spec.package:
         return package_file(spec.package, spec.file, spec.pip)

@@ -166,6 +166,11 @@ def test_skipping_the_levels_of_small_faces_keeps_the_large_faces_as_they_were(f
     canvas[:, :small.shape[1], :small.shape[2]] = small
     assert BatchDetector()([canvas])[0] is not None
     assert BatchDetector(smallest_face=40)([canvas])[0] is None
+    # an image (as searched) smaller than the smallest face is not searched, and the reason says so
+    assert BatchDetector(smallest_face=500)([canvas])[0] == ("image is 640x480 pixels: smaller than the 500-pixel "
+                                                             "faces the detector looks for")
+    big = F.interpolate(canvas[None].float(), scale_factor=2)[0].to(torch.uint8)
+    assert "(640x480 as searched): smaller than the 500-pixel" in BatchDetector(smallest_face=500)([big])[0]
 
 
 def warp_points(m, pts):

@@ -343,6 +343,11 @@ def test_smallest_face_out_of_range_is_refused_before_any_work(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     for bad in ("10", "641"):
-        with pytest.raises(SystemExit, match=f"--smallest-face {bad}: give 20 .every level searched. to --detect-size"):
+        with pytest.raises(SystemExit, match=f"--smallest-face {bad} must be between 20 .every level searched. and "
+                                             f"--detect-size .640."):
             fuse.main(["--data", str(tmp_path / "none"), "--smallest-face", bad])
+    with pytest.raises(SystemExit, match="--detect-size 0: the detection copy needs 20 pixels"):
+        fuse.main(["--data", str(tmp_path / "none"), "--detect-size", "0"])
+    with pytest.raises(SystemExit, match="--smallest-face is for the detector, which --align none does not run"):
+        fuse.main(["--data", str(tmp_path / "none"), "--align", "none", "--smallest-face", "40"])
     assert not list(tmp_path.iterdir())

@@ -232,7 +232,7 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
     with pytest.raises(SystemExit, match="its 8 classes are more than the 7 that the kd teacher knows"):
         _main(tmp_path / "c", tiny_student, "--task", "Expr-AffectNet", "--data",
               str(make_fixture("Expr-AffectNet", tmp_path / "r")), "--method", "kd")
-    with pytest.raises(SystemExit, match="Attrib-CelebA: --method kd needs a teacher whose own prediction answers"):
+    with pytest.raises(SystemExit, match="Attrib-CelebA: --method kd needs a teacher that knows the task"):
         _main(tmp_path / "d", tiny_student, "--task", "Attrib-CelebA", "--data",
               str(make_fixture("Attrib-CelebA", tmp_path / "a")), "--method", "kd")
 
@@ -250,6 +250,7 @@ def test_kd_on_gender_age_and_expression(tmp_path, tiny_student):
         assert res["kd"]["metric"] == metric and np.isfinite(res["kd"]["value"]), task
         assert res["kd"]["n_test"] == res["finetune"]["n_test"] and "kd weight 1.0" in res["kd"]["note"]
         assert np.isfinite(res["kd"]["teacher"]) and f"teacher {teacher}'s own" in res["kd"]["note"]
+        assert res["kd"]["teacher_name"] == teacher
     with pytest.raises(SystemExit, match="--kd-teacher age: Gender-UTK distils a teacher's own gender prediction"):
         _main(tmp_path / "x", tiny_student, "--task", "Gender-UTK", "--data", str(utk), "--method", "kd",
               "--kd-teacher", "age")
@@ -258,6 +259,8 @@ def test_kd_on_gender_age_and_expression(tmp_path, tiny_student):
 
 @pytest.mark.slow
 def test_kd_refuses_what_it_cannot_do_before_any_work(tmp_path, tiny_student, monkeypatch):
+    from common.teachers import weights_problem
+
     def refused(match, *argv):
         with pytest.raises(SystemExit, match=match):
             _main(tmp_path / "x", tiny_student, *argv)
@@ -271,6 +274,15 @@ def test_kd_refuses_what_it_cannot_do_before_any_work(tmp_path, tiny_student, mo
     utk = make_fixture("Gender-UTK", tmp_path / "utk")
     refused("--kd-temperature must be a number above 0", "--task", "Gender-UTK", "--data", str(utk), "--method",
             "kd", "--kd-temperature", "inf")
+    refused("teacher dlib: ", "--task", "Identity-LFW", "--data", str(lfw), "--method", "kd", "--kd-teacher", "dlib") \
+        if weights_problem("dlib") else None  # not installed here: said before any work, not after finetune
+    refused("--kd-teacher gender is for --method kd", "--task", "Gender-UTK", "--data", str(utk), "--method",
+            "finetune", "--kd-teacher", "gender")
+    with pytest.raises(SystemExit, match="--epochs and --head-epochs must be 1 or more"):
+        transfer.main(["--task", "Gender-UTK", "--data", str(utk), "--epochs", "0", "--run-dir", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
+    refused("Ethnic-UTK: --method kd needs a teacher that knows the task; there are such teachers for landmarks, "
+            "verification and", "--task", "Ethnic-UTK", "--data", str(utk), "--method", "all,kd")  # all's own: n/a
     with pytest.raises(SystemExit, match="--batch 1: the networks trained on images .batch norm. need 2 or more"):
         transfer.main(["--task", "Gender-UTK", "--data", str(utk), "--batch", "1", "--run-dir", str(tmp_path / "y")])
     assert not (tmp_path / "y").exists()
