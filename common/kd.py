@@ -54,10 +54,12 @@ def teacher_problem(task, name: str | None) -> str | None:
     does not answer the task, or whose weights are not installed (checked without loading it)."""
     from .teachers import weights_problem
 
-    why = _task_problem(task, name)
-    if why is None:
-        why = weights_problem(name or DEFAULT_TEACHER.get(task.kind) or _answering(ANSWERS[task.knowledge])[0])
-    return why
+    return _task_problem(task, name) or weights_problem(name or _default_teacher(task))
+
+
+def _default_teacher(task) -> str:
+    """The teacher kd distils into a task it can take when no --kd-teacher is given."""
+    return DEFAULT_TEACHER.get(task.kind) or _answering(ANSWERS[task.knowledge])[0]
 
 
 def _task_problem(task, name: str | None) -> str | None:
@@ -76,7 +78,7 @@ def _task_problem(task, name: str | None) -> str | None:
     if name is not None and name not in _answering(want):
         return (f"--kd-teacher {name}: {task.name} distils a teacher's own {want} prediction, which "
                 f"{', '.join(_answering(want))} give{'s' if len(_answering(want)) == 1 else ''}")
-    classes = REGISTRY[name or _answering(want)[0]].answer.classes
+    classes = REGISTRY[name or _default_teacher(task)].answer.classes
     if want != "age" and task.num_outputs > len(classes):
         return (f"{task.name}: its {task.num_outputs} classes are more than the {len(classes)} that the kd teacher "
                 f"knows ({', '.join(classes)})")
@@ -84,7 +86,7 @@ def _task_problem(task, name: str | None) -> str | None:
 
 
 def _identity_problem(name: str) -> str | None:
-    from .teachers import REGISTRY, parse_custom
+    from .teachers import REGISTRY
 
     identity = ", ".join(n for n, s in REGISTRY.items() if s.role == "identity")
     base = name.split("@")[0]
@@ -92,21 +94,15 @@ def _identity_problem(name: str) -> str | None:
         role = REGISTRY[base].role
         return None if role == "identity" else (f"--kd-teacher {name}: verification distils an identity embedding, "
                                                 f"and {base} is a {role} teacher (identity teachers: {identity})")
-    if ":" in name:
-        try:
-            parse_custom(name)
-            return None
-        except ValueError as e:
-            return f"--kd-teacher: {e}"
+    if ":" in name:  # a custom spec: weights_problem, asked next, parses it and says what is wrong
+        return None
     return f"--kd-teacher: unknown teacher {name!r} (identity teachers: {identity}, or a custom spec string)"
 
 
 def kd_teacher(task, args) -> str:
     if why := teacher_problem(task, args.kd_teacher):
         raise SystemExit(f"error: {why}")
-    if task.kind in DEFAULT_TEACHER:
-        return args.kd_teacher or DEFAULT_TEACHER[task.kind]
-    return args.kd_teacher or _answering(ANSWERS[task.knowledge])[0]
+    return args.kd_teacher or _default_teacher(task)
 
 
 def teacher_rows(rows: Rows, teacher_cache) -> tuple[np.ndarray, np.ndarray]:

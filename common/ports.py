@@ -221,33 +221,31 @@ class TFLiteModule(torch.nn.Module):
                 step = dict(op="pad", pad=tuple(int(v) for d in (2, 1, 3, 0) for v in pads[d]))
             elif code == "ADD":
                 step = dict(op="add", act=opt.fusedActivationFunction)
-            elif code == "FULLY_CONNECTED":
-                w = ins[1]
-                hybrid = types[sg.tensors[w].type] in ("UINT8", "INT8")
-                if opt.keepNumDims or (hybrid and opt.asymmetricQuantizeInputs):
-                    raise ValueError(f"teacher {name}: the PyTorch port has no FULLY_CONNECTED with keep_num_dims "
-                                     f"or asymmetric input quantisation; use the reference runtime ({name}@reference)")
-                weight = consts[w] if w in consts else dequantize(w, hybrid=True) if hybrid else data(w)
-                self.register_parameter(f"w{k}", torch.nn.Parameter(torch.tensor(weight)))  # (units, inputs)
-                if len(ins) > 2 and ins[2] >= 0:
-                    self.register_parameter(f"b{k}", torch.nn.Parameter(torch.tensor(data(ins[2]))))
-                step = dict(op="fc", w=f"w{k}", b=f"b{k}" if len(ins) > 2 and ins[2] >= 0 else None,
-                            act=opt.fusedActivationFunction, hybrid=hybrid)
-            else:
+            else:  # CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED: weights (float or int8 "hybrid"), a bias or none
                 w = ins[1]
                 hybrid = types[sg.tensors[w].type] in ("UINT8", "INT8")
                 weight = consts[w] if w in consts else dequantize(w, hybrid=True) if hybrid else data(w)
-                depthwise = code == "DEPTHWISE_CONV_2D"
-                # TFLite OHWI (conv) / 1HWC (depthwise) -> torch OIHW
-                weight = torch.tensor(weight.transpose(3, 0, 1, 2) if depthwise else weight.transpose(0, 3, 1, 2))
+                bias = f"b{k}" if len(ins) > 2 and ins[2] >= 0 else None
+                step = dict(w=f"w{k}", b=bias, act=opt.fusedActivationFunction, hybrid=hybrid)
+                if code == "FULLY_CONNECTED":
+                    if opt.keepNumDims or (hybrid and opt.asymmetricQuantizeInputs):
+                        raise ValueError(f"teacher {name}: the PyTorch port has no FULLY_CONNECTED with "
+                                         f"keep_num_dims or asymmetric input quantisation; use the reference runtime "
+                                         f"({name}@reference)")
+                    weight = torch.tensor(weight)  # (units, inputs), as F.linear takes it
+                    step.update(op="fc")
+                else:
+                    depthwise = code == "DEPTHWISE_CONV_2D"
+                    # TFLite OHWI (conv) / 1HWC (depthwise) -> torch OIHW
+                    weight = torch.tensor(weight.transpose(3, 0, 1, 2) if depthwise else weight.transpose(0, 3, 1, 2))
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                    step.update(op="conv", stride=(opt.strideH, opt.strideW),
+                                dilation=(opt.dilationHFactor, opt.dilationWFactor),
+                                same=opt.padding == schema.Padding.SAME, groups=weight.shape[0] if depthwise else 1)
                 # parameters, not buffers: transfer.py's P-CNN fine-tunes a teacher's layers
-                self.register_parameter(f"w{k}", torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last)))
-                if len(ins) > 2 and ins[2] >= 0:
-                    self.register_parameter(f"b{k}", torch.nn.Parameter(torch.tensor(data(ins[2]))))
-                step = dict(op="conv", w=f"w{k}", b=f"b{k}" if len(ins) > 2 and ins[2] >= 0 else None,
-                            stride=(opt.strideH, opt.strideW), dilation=(opt.dilationHFactor, opt.dilationWFactor),
-                            same=opt.padding == schema.Padding.SAME, groups=weight.shape[0] if depthwise else 1,
-                            act=opt.fusedActivationFunction, hybrid=hybrid)
+                self.register_parameter(f"w{k}", torch.nn.Parameter(weight))
+                if bias:
+                    self.register_parameter(bias, torch.nn.Parameter(torch.tensor(data(ins[2]))))
             step.update(ins=ins[:2] if code == "ADD" else ins[:1], out=out)
             self.steps.append(step)
         # free each activation after its last reader: a batch of 200x200 MobileNet maps is GBs if all are kept

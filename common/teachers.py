@@ -462,7 +462,7 @@ def weights_problem(name: str) -> str | None:
         if spec.runtime == "dlib":
             require("dlib", "dlib-bin")
     except (ValueError, MissingWeights, FileNotFoundError) as e:
-        return f"teacher {name}: {e}" if not str(e).startswith(f"teacher {name}") else str(e)
+        return str(e) if str(e).startswith("teacher ") else f"teacher {name}: {e}"
     return None
 
 
