@@ -164,14 +164,24 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
     return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
 
 
-def task_cache(task, data, root: Path, teachers, args, device, log) -> FeatureCache:
+def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse."""
     rel = [os.path.relpath(s.path, root) for s in data.samples]
-    name = "-".join([task.name] + [t.name for t in teachers]) if teachers else task.name + "-faces"
-    # The detector threshold changes which faces are found, and a task may be read from several folders
-    # (a copy, a fixed version): caches for each live apart.
-    where = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
-    path = args.cache_dir / (f"{name}-{where}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
+    # Keyed by the images, not by the task: AgeR-, AgeC-, Gender- and Ethnic-UTK read the same faces and
+    # share one cache. The folder (a copy, a fixed version) and the detector threshold change which faces
+    # are found, so caches for each live apart.
+    key = hashlib.sha1(str(Path(root).resolve()).encode())
+    for r in rel:
+        key.update(b"\0" + r.encode("utf-8", "surrogateescape"))
+    name = "-".join([Path(root).resolve().name or "root", key.hexdigest()[:10]] + [t.name for t in teachers])
+    path = args.cache_dir / (f"{name}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
+    if not (path / "manifest.json").exists():
+        # The folder's images changed since an earlier cache of it (or another task reads a part of it): say
+        # so, since at millions of faces the old cache is worth deleting once it is no longer needed.
+        older = [str(m.parent) for m in args.cache_dir.glob(f"{Path(root).resolve().name}-*/manifest.json")]
+        if older:
+            log.info(f"new task cache {path} for this list of images; other caches of a folder named "
+                     f"{Path(root).resolve().name}: {', '.join(sorted(older))}")
     try:
         cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32",
                                               align=args.align, min_face_prob=args.min_face_prob)
@@ -506,7 +516,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     teachers = build_teachers([t["name"] for t in unsup.teachers], device) if unsup else []
     if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
         raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
-    cache = task_cache(task, data, root, teachers, args, device, log)
+    cache = task_cache(data, root, teachers, args, device, log)
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -539,7 +549,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
-            teacher = (task_cache(task, data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
+            teacher = (task_cache(data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
                                   log) if method == "kd" else None)
             results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
@@ -547,7 +557,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             continue
         if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
             name = kd.kd_teacher(task, args)
-            teacher = task_cache(task, data, root, build_teachers([name], device), args, device, log)
+            teacher = task_cache(data, root, build_teachers([name], device), args, device, log)
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
             features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
@@ -763,17 +773,14 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
 
 def joint(read, all_results, methods, args, device, log) -> list[str]:
     """The multitask method: one model over every task (2MD-MTL); its entries join each task's results."""
-    jobs = [(task, data, task_cache(task, data, root, [], args, device, log)) for task, data, root in read]
+    jobs = [(task, data, task_cache(data, root, [], args, device, log)) for task, data, root in read]
     unlabelled = None
     if args.pseudo_label:
-        from types import SimpleNamespace
-
         from common.images import list_images
 
         root = args.pseudo_label
         data = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
-        unlabelled = (data, task_cache(SimpleNamespace(name=f"unlabelled-{root.resolve().name}"), data, root, [], args,
-                                       device, log))
+        unlabelled = (data, task_cache(data, root, [], args, device, log))
         args.pseudo_epochs = args.pseudo_epochs or args.epochs
     results = multitask.run_joint(jobs, args, device, log, unlabelled)
     for r in all_results:

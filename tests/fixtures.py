@@ -285,7 +285,7 @@ def fer_pixels(k: int) -> np.ndarray:
 def make_fer2013(root: Path) -> Path:
     """fer2013/fer2013.csv: 12 rows, 8 Training, 2 PublicTest, 2 PrivateTest (FER_ROWS); row k is fer_pixels(k)."""
     d = root / "fer2013"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     with open(d / "fer2013.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["emotion", "pixels", "Usage"])
@@ -386,7 +386,7 @@ TINY_VAL = [("val_0.JPEG", 2), ("val_1.JPEG", 0), ("val_2.JPEG", 1), ("val_3.JPE
 def make_tinyimagenet(root: Path) -> Path:
     """tiny-imagenet-200: 3 wnids x 3 train images, 4 val images (TINY_VAL)."""
     d = root / "tiny-imagenet-200"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
     (d / "words.txt").write_text("".join(f"{w}\tthing {i}\n" for i, w in enumerate(TINY_WNIDS)))
     k = 0
@@ -427,7 +427,7 @@ def make_folder_tree(root: Path, classes=("mask", "no_mask", "scarf"), per_class
 def make_csv_table(root: Path, values=(21.0, 33.5, 45.0, 18.0, 60.0, 27.0, 39.0, 52.0, 30.0, 24.0), split=False) -> Path:
     """A user's own `file,label` CSV (header row) with images under imgs/; optional split column."""
     d = root / "my_csv"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     with open(d / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label"] + (["split"] if split else []))

@@ -94,6 +94,15 @@ def test_loader_on_fixture(name, built):
     assert im.mode == "RGB" and min(im.size) >= 48
 
 
+def test_a_fixture_built_again_in_the_same_folder_is_the_same(tmp_path):
+    """`python -m tests.fixtures TASK DIR` run twice (the README's way to try a command) used to stop with
+    FileExistsError on the layouts that write one folder of files."""
+    for name in ("FER2013", "Object-TinyImageNet", "AgeR-UTK"):
+        first = [(s.path, s.label) for s in load(name, fx.make_fixture(name, tmp_path)).samples]
+        again = [(s.path, s.label) for s in load(name, fx.make_fixture(name, tmp_path)).samples]
+        assert again == first and first
+
+
 # ----------------------------------------------------------------------------- readers, one by one
 
 def test_utk_labels_and_malformed_names_counted(built):

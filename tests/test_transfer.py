@@ -235,10 +235,28 @@ def test_task_caches_apart_per_folder_and_a_changed_folder_says_what_to_do(tmp_p
     b = sh.copytree(a, tmp_path / "b" / "UTKFace")
     for data in (a, b):
         run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
-    assert len(list((tmp_path / "cache").glob("AgeR-UTK-faces-*"))) == 2
-    Image.new("RGB", (64, 64)).save(b / "30_0_0_20170101000000000.jpg.chip.jpg")  # the folder changes
+    assert len(list((tmp_path / "cache").glob("UTKFace-*"))) == 2
+    # An image replaced by another under the same name: the images listed are the same, their content not.
+    Image.new("RGB", (64, 64)).save(sorted(b.glob("*.jpg"))[0])
     with pytest.raises(SystemExit, match="was made differently .*delete that folder to rebuild it, or pass another --task-cache"):
         run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
+
+
+def test_tasks_of_one_dataset_share_its_task_cache(tmp_path, fused, student_ckpt, monkeypatch, capsys):
+    """AgeR-, AgeC- and Gender-UTK read the same images: their faces are found and aligned once."""
+    data = make_fixture("AgeR-UTK", tmp_path / "a")
+    calls = []
+    real = transfer.extract
+    monkeypatch.setattr(transfer, "extract", lambda cache, *a, **k: (calls.append(cache.path), real(cache, *a, **k)))
+    for task in ("AgeR-UTK", "AgeC-UTK", "Gender-UTK"):
+        run(tmp_path, task, data, fused, student_ckpt, "--method", "frozen")
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+    # A task over other images of the same folder (one image fewer) keeps a cache of its own.
+    next(iter(sorted(data.glob("*.jpg*")))).unlink()
+    capsys.readouterr()
+    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+    assert "other caches of a folder named" in capsys.readouterr().out
+    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
 
 
 def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch):
