@@ -140,7 +140,8 @@ def parse_args(argv=None):
     g.add_argument("--kd-teacher", default=None,
                    help="kd's teacher: onet for landmark tasks (its 5 points), an identity teacher for verification "
                         "(default: sface), gender for gender tasks, age for age groups and age regression, "
-                        "facex-expression for expression tasks")
+                        "facex-expression for expression tasks; one name for every task, or TASK=NAME,TASK=NAME "
+                        "(tasks not named keep their default)")
     g.add_argument("--kd-temperature", type=float, default=4.0,
                    help="kd on classes (gender, expression, age groups): the temperature of the teacher's and the student's "
                         "softmax in the distillation term (Hinton's soft targets)")
@@ -545,7 +546,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
-        if why := unavailable(task, method, args.kd_teacher):  # only from --method all: a named one stopped the run
+        if why := unavailable(task, method, kd.named_teacher(task, args.kd_teacher)):  # only from --method all: a named one stopped the run
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
@@ -883,7 +884,10 @@ def main(argv=None):
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
     # (a method that came with `all` and that a task cannot take is shown n/a instead)
-    why = [w for task, _ in jobs for m in methods if m in named and (w := unavailable(task, m, args.kd_teacher))]
+    why = [w for task, _ in jobs for m in methods if m in named
+           and (w := unavailable(task, m, kd.named_teacher(task, args.kd_teacher)))]
+    if (given := kd.per_task(args.kd_teacher)) and (other := sorted(set(given) - {t.name for t, _ in jobs})):
+        why.append(f"--kd-teacher names {', '.join(other)}, not a task of this run ({', '.join(t.name for t, _ in jobs)})")
     if why:
         raise SystemExit("error: " + "\n       ".join(why))
     if args.run_dir and (Path(args.run_dir) / "report.json").exists():

@@ -99,10 +99,28 @@ def _identity_problem(name: str) -> str | None:
     return f"--kd-teacher: unknown teacher {name!r} (identity teachers: {identity}, or a custom spec string)"
 
 
+def per_task(text: str | None) -> dict[str, str] | None:
+    """--kd-teacher as TASK=NAME,TASK=NAME (a teacher for each task named, the default for the others), or None
+    when it is one name for every task. A custom spec string is one name: its first part holds ':' or '/'."""
+    if not text or "=" not in text:
+        return None
+    pairs = [part.split("=", 1) for part in text.split(",")]
+    if not all(len(p) == 2 and p[0].strip() and ":" not in p[0] and "/" not in p[0] for p in pairs):
+        return None
+    return {task.strip(): name.strip() for task, name in pairs}
+
+
+def named_teacher(task, text: str | None) -> str | None:
+    """The --kd-teacher that `text` gives `task` (None: its default)."""
+    mapping = per_task(text)
+    return text if mapping is None else (mapping.get(task.name) or None)
+
+
 def kd_teacher(task, args) -> str:
-    if why := teacher_problem(task, args.kd_teacher):
+    name = named_teacher(task, args.kd_teacher)
+    if why := teacher_problem(task, name):
         raise SystemExit(f"error: {why}")
-    return args.kd_teacher or _default_teacher(task)
+    return name or _default_teacher(task)
 
 
 def teacher_rows(rows: Rows, teacher_cache) -> tuple[np.ndarray, np.ndarray]:

@@ -255,6 +255,10 @@ def test_kd_on_gender_age_and_expression(tmp_path, tiny_student):
         _main(tmp_path / "x", tiny_student, "--task", "Gender-UTK", "--data", str(utk), "--method", "kd",
               "--kd-teacher", "age")
     assert not (tmp_path / "x" / "run").exists()  # refused before any work
+    # One run, a teacher for each task: AgeR-UTK keeps its default (age), Expr-RAF takes the one named.
+    r = _main(tmp_path / "both", tiny_student, "--tasks", f"Expr-RAF={raf},AgeR-UTK={utk}", "--method", "kd",
+              "--kd-teacher", "Expr-RAF=facex-expression")
+    assert [r[t]["results"]["kd"]["teacher_name"] for t in ("Expr-RAF", "AgeR-UTK")] == ["facex-expression", "age"]
 
 
 @pytest.mark.slow
@@ -278,6 +282,10 @@ def test_kd_refuses_what_it_cannot_do_before_any_work(tmp_path, tiny_student, mo
         if weights_problem("dlib") else None  # not installed here: said before any work, not after finetune
     refused("--kd-teacher gender is for --method kd", "--task", "Gender-UTK", "--data", str(utk), "--method",
             "finetune", "--kd-teacher", "gender")
+    refused("--kd-teacher age: Gender-UTK distils a teacher's own gender prediction", "--tasks",
+            f"AgeR-UTK={utk},Gender-UTK={utk}", "--method", "kd", "--kd-teacher", "AgeR-UTK=age,Gender-UTK=age")
+    refused(r"--kd-teacher names Gender-IMDb, not a task of this run \(AgeR-UTK\)", "--task", "AgeR-UTK", "--data",
+            str(utk), "--method", "kd", "--kd-teacher", "Gender-IMDb=gender")
     with pytest.raises(SystemExit, match="--epochs and --head-epochs must be 1 or more"):
         transfer.main(["--task", "Gender-UTK", "--data", str(utk), "--epochs", "0", "--run-dir", str(tmp_path / "z")])
     assert not (tmp_path / "z").exists()

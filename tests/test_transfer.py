@@ -259,6 +259,17 @@ def test_tasks_of_one_dataset_share_its_task_cache(tmp_path, fused, student_ckpt
     assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
 
 
+def test_kd_teacher_is_one_name_or_one_per_task():
+    from common import kd
+    age, lfw = tasks.TASKS["AgeR-UTK"], tasks.TASKS["Identity-LFW"]
+    assert kd.named_teacher(age, None) is None and kd.named_teacher(age, "age") == "age"
+    assert kd.named_teacher(age, "Identity-LFW=dlib, AgeR-UTK=age") == "age"
+    assert kd.named_teacher(lfw, "Identity-LFW=dlib,AgeR-UTK=age") == "dlib"
+    assert kd.named_teacher(lfw, "AgeR-UTK=age") is None  # not named: its default
+    spec = "onnx:/models/a=b.onnx:fc1:512"  # a custom spec string whose path holds '=' is still one name
+    assert kd.per_task(spec) is None and kd.named_teacher(lfw, spec) == spec
+
+
 def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch):
     """--task/--data beside --tasks (only --tasks ran), --data without --task (the demo ran) and --pseudo-label
     without multitask (nothing used it): one line each, before any task is read."""
