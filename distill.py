@@ -36,7 +36,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import fusion, precision
+from common import fusion, plots, precision
 from common.cache import FeatureCache, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
@@ -232,7 +232,7 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
     return int(state["step"])
 
 
-RUN_OUTPUTS = ("ckpt", "metrics.jsonl", "student.safetensors", "eval.json", "table5_student.md",
+RUN_OUTPUTS = ("ckpt", "metrics.jsonl", "loss.png", "student.safetensors", "eval.json", "table5_student.md",
                "student.onnx", "student.torchscript.pt")
 
 
@@ -626,6 +626,12 @@ def main(argv=None):
         dist.destroy_process_group()
     if rank != 0:
         return
+    log_file = run / "metrics.jsonl"
+    epochs = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    if epochs:  # every epoch logged so far, those of the runs resumed from included
+        plots.lines(run / "loss.png", None, {"mean over the epoch": ([r["step"] for r in epochs],
+                                                                   [r["loss"] for r in epochs])},
+                    "step", f"training loss ({args.loss})", "distill.py: the student's training loss")
     if not finished:
         log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --run-dir {run}")
         return

@@ -26,7 +26,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from common import fusion, synth
+from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import CacheDamaged, CacheMismatch, FeatureCache, read_manifest, write_json, write_missed
 from common.extract import Options
@@ -319,25 +319,6 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log)
 
 
-def plot(path: Path, xs, series: dict, xlabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", lw=2.5 if name in ("average", "PCA") else 1, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test normalised RMSE")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log) -> None:
     """Figure 2: reconstruction error against the width of h_G."""
     results = []
@@ -347,8 +328,8 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
         err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
         results.append({"dim": d, **err, "average": float(np.mean(list(err.values())))})
     write_json(run / "dim_sweep.json", results)
-    plot(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
-         "width of h_G", f"Reconstruction error of G ({op}) vs h_G width")
+    plots.lines(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
+                "width of h_G", "test normalised RMSE", f"Reconstruction error of G ({op}) vs h_G width", logx=True)
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
@@ -392,8 +373,9 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
     md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
     (run / "n_sweep.md").write_text(f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
                                     f"autoencoder layout {args.ae_layout}\n\n{md}\n")
-    plot(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
-         "faces G learns from (N)", f"Reconstruction error of G vs corpus size (h_G width {dim})")
+    plots.lines(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
+                "faces G learns from (N)", "test normalised RMSE",
+                f"Reconstruction error of G vs corpus size (h_G width {dim})", logx=True)
     log.info("\n" + md)
 
 

@@ -169,6 +169,8 @@ def test_training_lowers_loss_and_evaluates(trained, cache_dir):
     for col in ev["nrmse"].values():
         assert set(col) == set(TEACHER_NAMES) and all(np.isfinite(v) for v in col.values())
     assert "E_unique" in (trained / "table5_student.md").read_text()
+    from PIL import Image
+    assert Image.open(trained / "loss.png").size[0] > 100  # the curve of metrics.jsonl, plotted
     student, cfg = load_student(trained)
     assert cfg["size"] == 48 and cfg["out_dim"] == 32 and cfg["embedding"] == "ae"
     # The student fits its training faces better than the mean h_G does.
