@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.cache import CacheMismatch, FeatureCache, write_json, write_missed
+from common.cache import CacheMismatch, FeatureCache, list_hash, read_manifest, write_json, write_missed
 from common.extract import Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
@@ -165,24 +166,47 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
     return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
 
 
+def other_versions(cache_dir: Path, where: Path, teacher_names, setting: str, path: Path) -> list[str]:
+    """The task caches under cache_dir made from `where` with the same teachers and detector setting (a
+    folder whose files changed leaves its old cache behind: at millions of faces worth a line in the log)."""
+    found = []
+    for m in sorted(Path(cache_dir).glob("*/manifest.json")):
+        try:
+            old = read_manifest(m.parent)
+        except (OSError, CacheMismatch):
+            continue
+        same = (old.get("data_root") == str(where) and [t.get("name") for t in old.get("teachers", [])] == teacher_names
+                and f"{old.get('align')}" + (f"-p{old.get('min_face_prob'):g}" if old.get("align") == "mtcnn" else "")
+                == setting)
+        if same and m.parent != path:
+            found.append(str(m.parent))
+    return found
+
+
 def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
-    """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse."""
-    rel = [os.path.relpath(s.path, root) for s in data.samples]
-    # Keyed by the images, not by the task: AgeR-, AgeC-, Gender- and Ethnic-UTK read the same faces and
-    # share one cache. The folder (a copy, a fixed version) and the detector threshold change which faces
-    # are found, so caches for each live apart.
-    key = hashlib.sha1(str(Path(root).resolve()).encode())
-    for r in rel:
-        key.update(b"\0" + r.encode("utf-8", "surrogateescape"))
-    name = "-".join([Path(root).resolve().name or "root", key.hexdigest()[:10]] + [t.name for t in teachers])
-    path = args.cache_dir / (f"{name}-{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else ""))
-    if not (path / "manifest.json").exists():
-        # The folder's images changed since an earlier cache of it (or another task reads a part of it): say
-        # so, since at millions of faces the old cache is worth deleting once it is no longer needed.
-        older = [str(m.parent) for m in args.cache_dir.glob(f"{Path(root).resolve().name}-*/manifest.json")]
-        if older:
-            log.info(f"new task cache {path} for this list of images; other caches of a folder named "
-                     f"{Path(root).resolve().name}: {', '.join(sorted(older))}")
+    """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse.
+
+    Keyed by the images, not by the task: AgeR-, AgeC-, Gender- and Ethnic-UTK read the same files and share
+    one cache per teacher set, whether the task was given DIR or DIR/UTKFace. The files' names, sizes and
+    times are in the key too, so a folder rebuilt or edited gets a cache of its own, as does each detector
+    setting (they change which faces are found)."""
+    paths = [os.path.abspath(s.path) for s in data.samples]
+    root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+    rel = [os.path.relpath(p, root) for p in paths]
+    where = root.resolve()
+    setting = f"{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else "")
+    teacher_names = [t.name for t in teachers]
+    key = hashlib.sha1("\0".join([list_hash(where, rel), *teacher_names, setting]).encode())
+    key.update(os.fsencode(where))
+    # The name only helps a reader find a cache: any byte a file system may refuse becomes _, and it is
+    # kept short (a long folder name or a custom teacher's spec made it too long to create).
+    readable = re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join([where.name or "root", *teacher_names]))[:80]
+    path = args.cache_dir / f"{readable}-{setting}-{key.hexdigest()[:12]}"
+    if not (path / "manifest.json").exists() and (older := other_versions(args.cache_dir, where, teacher_names,
+                                                                          setting, path)):
+        log.info(f"new task cache {path}; the same folder and teachers have other caches, made from another list "
+                 f"of its files (an earlier version of the folder, another task reading part of it, or an older "
+                 f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
     try:
         cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32",
                                               align=args.align, min_face_prob=args.min_face_prob)

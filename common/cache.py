@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.images import PATH_ERRORS, decode_paths, encode_paths
+from common.images import PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
 
@@ -166,9 +166,12 @@ def list_hash(root: Path, images) -> str:
     h = hashlib.sha256()
     for rel in images:
         try:
-            st = os.stat(Path(root) / rel)
+            # an image stored inside a CSV ("fer2013.csv#row12") has the CSV's stamp: a CSV edited in place
+            # changes it too
+            csv_row = "#row" in rel and csv_row_path(Path(root) / rel)
+            st = os.stat(Path(root) / (rel.rsplit("#row", 1)[0] if csv_row else rel))
             stamp = f"{st.st_size}\t{st.st_mtime_ns}"
-        except OSError:  # missing, or not a file (an image stored inside a CSV, "fer2013.csv#row12")
+        except OSError:  # missing
             stamp = "-1"
         h.update(f"{rel}\t{stamp}\n".encode("utf-8", PATH_ERRORS))
     return h.hexdigest()

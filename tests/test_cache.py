@@ -208,6 +208,23 @@ def test_same_size_edit_and_detector_threshold_change_the_plan(tmp_path, images)
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
 
 
+def test_faces_stored_in_a_csv_follow_the_csv_file(tmp_path):
+    """FER2013's faces are rows of one CSV ('fer2013.csv#row12'): the rows have no file of their own, so the
+    list's hash follows the CSV's size and time (a corrected CSV used to leave the hash as it was)."""
+    import os
+
+    from common.cache import list_hash
+
+    csv = tmp_path / "fer2013.csv"
+    csv.write_text("emotion,pixels,Usage\n0," + " ".join(["1"] * 2304) + ",Training\n")
+    rows = ["fer2013.csv#row0"]
+    before = list_hash(tmp_path, rows)
+    st = csv.stat()
+    os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert list_hash(tmp_path, rows) != before
+    assert list_hash(tmp_path, ["gone.csv#row0"]) != list_hash(tmp_path, rows)  # a missing CSV is told apart
+
+
 def test_content_hash_follows_the_image_bytes(tmp_path, images):
     root, names = images
     hashes = []

@@ -226,7 +226,7 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
                        "--run-dir", str(tmp_path / "run")])
 
 
-def test_task_caches_apart_per_folder_and_a_changed_folder_says_what_to_do(tmp_path, fused, student_ckpt):
+def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fused, student_ckpt, capsys):
     import shutil as sh
 
     from PIL import Image
@@ -236,10 +236,29 @@ def test_task_caches_apart_per_folder_and_a_changed_folder_says_what_to_do(tmp_p
     for data in (a, b):
         run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
     assert len(list((tmp_path / "cache").glob("UTKFace-*"))) == 2
-    # An image replaced by another under the same name: the images listed are the same, their content not.
+    # An image replaced under the same name (a fixture or a dataset rebuilt): the old faces are stale, so the
+    # run makes a cache of its own and names the old one, which the copy's cache is not.
+    before = set((tmp_path / "cache").iterdir())
     Image.new("RGB", (64, 64)).save(sorted(b.glob("*.jpg"))[0])
-    with pytest.raises(SystemExit, match="was made differently .*delete that folder to rebuild it, or pass another --task-cache"):
-        run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
+    capsys.readouterr()
+    run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
+    assert len(set((tmp_path / "cache").iterdir()) - before) == 1
+    named = capsys.readouterr().out.split("other caches, made from another list of its files")[1].split("\n")[0]
+    stale, = [c for c in before if str(b.resolve()) in (c / "manifest.json").read_text()]
+    assert str(stale) in named and len([c for c in before if str(c) in named]) == 1
+
+
+def test_a_long_or_odd_folder_name_gets_a_task_cache(tmp_path, fused, student_ckpt, capsys):
+    """The cache folder's name comes from the data folder's: 200 characters, brackets and a byte that is not
+    UTF-8 used to stop the run (name too long; UnicodeEncodeError)."""
+    import shutil as sh
+
+    odd = sh.copytree(make_fixture("AgeR-UTK", tmp_path / "a"), tmp_path / ("L" * 200 + " [x]\udcff"))
+    for _ in range(2):  # made, then found again
+        r = run(tmp_path, "AgeR-UTK", odd, fused, student_ckpt, "--method", "frozen")
+        assert np.isfinite(r["results"]["frozen"]["value"])
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert len(cache.name) < 120 and cache.name.isascii() and "Logging error" not in capsys.readouterr().err
 
 
 def test_tasks_of_one_dataset_share_its_task_cache(tmp_path, fused, student_ckpt, monkeypatch, capsys):
@@ -248,14 +267,14 @@ def test_tasks_of_one_dataset_share_its_task_cache(tmp_path, fused, student_ckpt
     calls = []
     real = transfer.extract
     monkeypatch.setattr(transfer, "extract", lambda cache, *a, **k: (calls.append(cache.path), real(cache, *a, **k)))
-    for task in ("AgeR-UTK", "AgeC-UTK", "Gender-UTK"):
-        run(tmp_path, task, data, fused, student_ckpt, "--method", "frozen")
+    for task, folder in (("AgeR-UTK", data), ("AgeC-UTK", data.parent), ("Gender-UTK", data)):  # DIR or DIR/UTKFace
+        run(tmp_path, task, folder, fused, student_ckpt, "--method", "frozen")
     assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
     # A task over other images of the same folder (one image fewer) keeps a cache of its own.
     next(iter(sorted(data.glob("*.jpg*")))).unlink()
     capsys.readouterr()
     run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
-    assert "other caches of a folder named" in capsys.readouterr().out
+    assert "the same folder and teachers have other caches" in capsys.readouterr().out
     assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
 
 
