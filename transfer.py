@@ -166,6 +166,11 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
     return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
 
 
+def detector_setting(align, min_face_prob) -> str:
+    """What of the detector's settings a task cache's name and key hold: the threshold only when it detects."""
+    return f"{align}-p{min_face_prob:g}" if align == "mtcnn" and min_face_prob is not None else f"{align}"
+
+
 def other_versions(cache_dir: Path, where: Path, teacher_names, setting: str, path: Path) -> list[str]:
     """The task caches under cache_dir made from `where` with the same teachers and detector setting (a
     folder whose files changed leaves its old cache behind: at millions of faces worth a line in the log)."""
@@ -176,8 +181,7 @@ def other_versions(cache_dir: Path, where: Path, teacher_names, setting: str, pa
         except (OSError, CacheMismatch):
             continue
         same = (old.get("data_root") == str(where) and [t.get("name") for t in old.get("teachers", [])] == teacher_names
-                and f"{old.get('align')}" + (f"-p{old.get('min_face_prob'):g}" if old.get("align") == "mtcnn" else "")
-                == setting)
+                and detector_setting(old.get("align"), old.get("min_face_prob")) == setting)
         if same and m.parent != path:
             found.append(str(m.parent))
     return found
@@ -194,9 +198,9 @@ def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
     root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
     rel = [os.path.relpath(p, root) for p in paths]
     where = root.resolve()
-    setting = f"{args.align}" + (f"-p{args.min_face_prob:g}" if args.align == "mtcnn" else "")
+    setting = detector_setting(args.align, args.min_face_prob)
     teacher_names = [t.name for t in teachers]
-    key = hashlib.sha1("\0".join([list_hash(where, rel), *teacher_names, setting]).encode())
+    key = hashlib.sha1("\0".join([list_hash(where, rel), *teacher_names, setting]).encode("utf-8", "surrogateescape"))
     key.update(os.fsencode(where))
     # The name only helps a reader find a cache: any byte a file system may refuse becomes _, and it is
     # kept short (a long folder name or a custom teacher's spec made it too long to create).
@@ -570,7 +574,8 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
-        if why := unavailable(task, method, kd.named_teacher(task, args.kd_teacher)):  # only from --method all: a named one stopped the run
+        # only from --method all: a named method a task cannot take stopped the run before any work
+        if why := unavailable(task, method, kd.named_teacher(task, args.kd_teacher)):
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
