@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.cache import CacheMismatch, FeatureCache, list_hash, read_manifest, write_json, write_missed
-from common.extract import Options, extract
+from common.extract import KnownFaces, Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, build_student, load_student
@@ -174,17 +174,30 @@ def detector_setting(align, min_face_prob) -> str:
 def other_versions(cache_dir: Path, where: Path, teacher_names, setting: str, path: Path) -> list[str]:
     """The task caches under cache_dir made from `where` with the same teachers and detector setting (a
     folder whose files changed leaves its old cache behind: at millions of faces worth a line in the log)."""
-    found = []
+    return [str(other) for other, old in task_caches(cache_dir)
+            if other != path and old.get("data_root") == str(where)
+            and [t.get("name") for t in old.get("teachers", [])] == teacher_names
+            and detector_setting(old.get("align"), old.get("min_face_prob")) == setting]
+
+
+def task_caches(cache_dir: Path):
+    """(folder, manifest) of every readable task cache under cache_dir."""
     for m in sorted(Path(cache_dir).glob("*/manifest.json")):
         try:
-            old = read_manifest(m.parent)
+            yield m.parent, read_manifest(m.parent)
         except (OSError, CacheMismatch):
             continue
-        same = (old.get("data_root") == str(where) and [t.get("name") for t in old.get("teachers", [])] == teacher_names
-                and detector_setting(old.get("align"), old.get("min_face_prob")) == setting)
-        if same and m.parent != path:
-            found.append(str(m.parent))
-    return found
+
+
+def faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
+    """A finished, undamaged task cache of the same files and detector setting (another teacher set's): its
+    faces are reused, so that each teacher set does not detect them again."""
+    for other, manifest in task_caches(cache_dir):
+        if other != cache.path and KnownFaces.matches(cache.manifest, manifest):
+            donor = FeatureCache(other)
+            if not donor.damaged_shards(every=True):
+                return donor
+    return None
 
 
 def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
@@ -221,7 +234,7 @@ def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
     if cache.remove_damaged(log) or not cache.manifest.get("complete"):
         opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
                        workers=args.workers)
-        extract(cache, teachers, device, opts, log=log)
+        extract(cache, teachers, device, opts, log=log, faces_from=faces_donor(cache, args.cache_dir))
         cache.finalize()
         cache = FeatureCache(path)
     return cache

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from kernels import fuse_features
 
 from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
+from .cache import open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import float32_convolutions
 
@@ -42,6 +43,46 @@ class Options:
     detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees
     smallest_face: int = SMALLEST_FACE  # pixels of that copy; MTCNN's levels for smaller faces are skipped
     streams: int = 0              # batches in flight at once (Lanes); 0: 2 on the CPU, 1 on a GPU or when timed
+
+
+class KnownFaces:
+    """The detections of a finished cache of the same files and detector settings, reused instead of detecting
+    again (detection bounds extraction): the same float32 matrices give the same crops, so the new cache's
+    faces are those of the old one. A row whose bytes differ from those the old cache saw (sha1) is detected
+    anew."""
+
+    # Everything that decides which face a row gets, and where: equal in both plans, or nothing is reused.
+    SAME = ("data_root", "n_images", "list_hash", "align", "min_face_prob", "detect_size", "smallest_face")
+
+    def __init__(self, cache):
+        self.cache, self.shards, self.lock = cache, {}, threading.Lock()
+
+    @classmethod
+    def matches(cls, plan: dict, other: dict) -> bool:
+        """Whether a cache with manifest `other` found the faces a cache planned as `plan` would find."""
+        defaults = {"smallest_face": SMALLEST_FACE} if plan.get("align") == "mtcnn" else {}
+        return other.get("complete") is True and all(
+            plan.get(k, defaults.get(k)) == other.get(k, defaults.get(k)) for k in cls.SAME)
+
+    def _shard(self, k: int) -> dict:
+        with self.lock:  # lanes ask from several threads
+            if k not in self.shards:
+                if len(self.shards) >= 4:  # rows are asked in order: the oldest shard is done with
+                    self.shards.pop(next(iter(self.shards)))
+                with open_npz(self.cache.meta_file(k), self.cache.redo_hint) as m:
+                    self.shards[k] = {key: m[key] for key in ("found", "matrix", "score", "sha1", "reason")}
+            return self.shards[k]
+
+    def rows(self, rows) -> list[tuple]:
+        """(sha1, found, matrix, score, reason) of each row in the old cache."""
+        bounds = self.cache.bounds
+        out = []
+        for r in rows:
+            k = int(np.searchsorted(bounds, r, side="right") - 1)
+            m, j = self._shard(k), int(r - bounds[k])
+            out.append((m["sha1"][j].decode(), bool(m["found"][j]), m["matrix"][j], float(m["score"][j]),
+                        str(m["reason"][j])))
+        return out
 
 
 class Stages:
@@ -132,8 +173,8 @@ def _chunks(lo, hi, size):
 class Engine:
     """Decode -> detect -> align -> teachers for one batch of loader items, on `device`."""
 
-    def __init__(self, teachers, device, opts: Options, timer=None):
-        self.teachers, self.device, self.opts = teachers, torch.device(device), opts
+    def __init__(self, teachers, device, opts: Options, timer=None, known: KnownFaces | None = None):
+        self.teachers, self.device, self.opts, self.known = teachers, torch.device(device), opts, known
         self.timer = timer or _untimed
         # Batches in other lanes may call the teachers at the same time: a runtime such as LiteRT keeps
         # per-call state in its interpreter, so each teacher runs one batch at a time.
@@ -157,18 +198,25 @@ class Engine:
             images[i] = img
         return images
 
-    def align(self, images, reasons):
+    def align(self, images, reasons, sha1s=None, rows=None):
         """Canonical crops (N, 3, CANON, CANON) uint8 on the device (black where no face), matrices, scores."""
         n = len(images)
         matrices, scores = np.zeros((n, 2, 3)), np.zeros(n)
         ok = [i for i in range(n) if images[i] is not None]
-        with self.timer("detect", len(ok)):
+        hit_of = {}
+        if self.known is not None and rows is not None:  # the old cache's answer, where it saw the same bytes
+            for i, (sha1, was_found, matrix, score, reason) in zip(ok, self.known.rows([rows[i] for i in ok])):
+                if sha1 == sha1s[i]:
+                    hit_of[i] = (matrix.astype(np.float64), score) if was_found else (reason or None)
+        todo = [i for i in ok if i not in hit_of]
+        with self.timer("detect", len(todo)):
             if self.detector is None:
-                hits = [(center_matrix(images[i].shape[2], images[i].shape[1]), 1.0) for i in ok]
+                hits = [(center_matrix(images[i].shape[2], images[i].shape[1]), 1.0) for i in todo]
             else:
-                hits = self.detector([images[i] for i in ok])
+                hits = self.detector([images[i] for i in todo]) if todo else []
+        hit_of.update(zip(todo, hits))
         found = []
-        for i, hit in zip(ok, hits):
+        for i, hit in ((i, hit_of[i]) for i in ok):
             if isinstance(hit, str):  # too small to search: a counted row, like a bad file
                 reasons[i] = hit
             elif hit is None:
@@ -196,17 +244,17 @@ class Engine:
         if not found.all():
             out[torch.from_numpy(~found).to(out.device)] = 0
 
-    def run_batch(self, items):
-        """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch."""
-        reasons = [it["reason"] for it in items]
+    def run_batch(self, items, rows=None):
+        """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch (of these cache rows)."""
+        reasons, sha1s = [it["reason"] for it in items], [it["sha1"] for it in items]
         images = self.decode(items)
-        crops, matrices, scores, found = self.align(images, reasons)
-        return crops, matrices, scores, found, [it["sha1"] for it in items], reasons
+        crops, matrices, scores, found = self.align(images, reasons, sha1s, rows)
+        return crops, matrices, scores, found, sha1s, reasons
 
-    def fill(self, items, feats, crops_out, crop_size: int):
+    def fill(self, items, feats, crops_out, crop_size: int, rows=None):
         """One batch into its rows of a shard's buffers (feats and crops_out are those rows): every
         teacher's h_i and the store's crops. Returns the rows' (found, matrices, scores, sha1s, reasons)."""
-        crops, matrices, scores, found, sha1, reasons = self.run_batch(items)
+        crops, matrices, scores, found, sha1, reasons = self.run_batch(items, rows)
         if self.teachers and found.any():
             with torch.inference_mode():
                 self.features(crops, found, feats)
@@ -281,10 +329,12 @@ class Lanes:
             torch.cuda.synchronize(self.main.device)
 
 
-def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None) -> None:
+def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, reader=None, timer=None,
+            faces_from=None) -> None:
     """Fill this rank's unfinished shards of `cache` (shard k belongs to rank k % world): features of every
     teacher, the crop store, and per-row found / matrix / score / sha1 / reason. With no teachers, only
-    the faces and their crops are stored.
+    the faces and their crops are stored. faces_from: a finished cache of the same files and detector
+    settings (KnownFaces.matches) whose detections are taken instead of detecting again.
 
     One loader runs over all these shards, so its workers and their prefetched batches live on across shard
     boundaries; a finished shard is copied to the host and written by a background thread while the next
@@ -305,7 +355,15 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     streams = opts.streams or (2 if device.type == "cpu" and timer is None else 1)
     if log:
         log.info(f"extracting on {device}: batches of {opts.batch}, {streams} in flight, {opts.workers} loader workers")
-    engine = Engine(teachers, device, opts, timer)
+    known = None
+    if faces_from is not None:
+        if not KnownFaces.matches(cache.manifest, faces_from.manifest):
+            raise ValueError(f"{faces_from.path} is not a finished cache of the same files and detector settings "
+                             f"as {cache.path}: its faces cannot be reused")
+        known = KnownFaces(faces_from)
+        if log:
+            log.info(f"faces (detections and alignment) taken from {faces_from.path}: no detection")
+    engine = Engine(teachers, device, opts, timer, known)
     timer = engine.timer
     dtype = getattr(torch, cache.manifest["dtype"])
     s = cache.crop_size
@@ -375,7 +433,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                 sh, n = shards[k], len(items)
                 rows = slice(idx[0] - sh["lo"], idx[0] - sh["lo"] + n)
                 flight.append((k, n, lanes.submit(engine.fill, items, sh["feats"][rows],
-                                                  sh["crops"][rows] if s else None, s, after=sh["ready"])))
+                                                  sh["crops"][rows] if s else None, s, idx, after=sh["ready"])))
                 while len(flight) >= lanes.n or (flight and flight[0][2].done()):
                     take()
             while flight:

@@ -81,11 +81,11 @@ def test_failure_while_reading_keeps_the_shard_being_written(face_dir, tmp_path,
     cache = _cache(tmp_path / "c", face_dir, [])
     run_batch, seen = common.extract.Engine.run_batch, []
 
-    def fail_in_last_shard(self, items):
+    def fail_in_last_shard(self, items, *args):
         seen.append(len(items))
         if sum(seen) > 6:  # the one row of shard 2, read while shard 1 may still be being written
             raise RuntimeError("detector crashed")
-        return run_batch(self, items)
+        return run_batch(self, items, *args)
 
     monkeypatch.setattr(common.extract.Engine, "run_batch", fail_in_last_shard)
     with pytest.raises(RuntimeError, match="detector crashed"):
@@ -196,3 +196,73 @@ def test_consistency_check_passes_copies_and_fails_a_corrupted_row(face_dir, tmp
     rows.flush()
     del rows
     assert consistency.main([str(tmp_path / "c")]) == 1
+
+
+def test_faces_taken_from_another_cache_are_the_faces_it_would_find(face_dir, tmp_path, monkeypatch):
+    """A teacher set added later (transfer.py's kd teacher beside a task's faces) reuses the detections of a
+    finished cache of the same files: the same rows, matrices, crops and features as detecting again, with
+    no detection, except for a row whose bytes are not those the old cache saw."""
+    import json
+    import os
+    import shutil
+
+    from common.align import BatchDetector
+    from common.extract import KnownFaces
+
+    teachers = build_teachers(["gender"])
+    faces = _cache(tmp_path / "faces", face_dir, [])
+    extract(faces, [], "cpu", Options(batch=2))
+    faces.finalize()
+    faces = FeatureCache(faces.path)
+    detected = []
+    real = BatchDetector.__call__
+    monkeypatch.setattr(BatchDetector, "__call__", lambda self, images: (detected.extend(images), real(self, images))[1])
+
+    def make(name, root, donor, shard_size=3):
+        c = FeatureCache.create_or_resume(tmp_path / name, root, NAMES, teachers, shard_size=shard_size,
+                                          dtype="float32", crop_size=32)
+        extract(c, teachers, "cpu", Options(batch=2), faces_from=donor)
+        c.finalize()
+        return c
+
+    def per_row(c, key):
+        return np.concatenate([_meta(c, k)[key] for k in range(c.n_shards)])
+
+    fresh = make("fresh", face_dir, None)
+    n_images = len(detected)
+    detected.clear()
+    reused = make("reused", face_dir, faces)
+    assert n_images >= len(REAL_FACES) and detected == []
+    rows = np.arange(len(NAMES))
+    for key in ("found", "matrix", "sha1", "reason", "score", "crops_sha256"):
+        for k in range(fresh.n_shards):
+            np.testing.assert_array_equal(_meta(fresh, k)[key], _meta(reused, k)[key], err_msg=f"{key} {k}")
+        for c in (fresh, reused):
+            assert fresh.crop_file(k).read_bytes() == reused.crop_file(k).read_bytes()
+    np.testing.assert_allclose(fresh.features.take(rows), reused.features.take(rows), rtol=1e-5, atol=1e-6)
+    # Other shard bounds than the donor's: each row still gets the donor's own answer.
+    moved = make("moved", face_dir, faces, shard_size=4)
+    assert detected == []
+    for key in ("found", "matrix", "sha1", "reason", "score"):
+        np.testing.assert_array_equal(per_row(moved, key), per_row(faces, key), err_msg=key)
+    # The same names, sizes and times, yet other bytes in one file: that row alone is detected again.
+    copy = shutil.copytree(face_dir, tmp_path / "copy")
+    victim = copy / NAMES[1]
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 1  # inside the JPEG's last scan: still decodes
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # the donor, as if made from the copy (a dataset moved with its caches)
+    donor = Path(shutil.copytree(faces.path, tmp_path / "faces2"))
+    m = json.loads((donor / "manifest.json").read_text())
+    (donor / "manifest.json").write_text(json.dumps({**m, "data_root": str(copy.resolve())}))
+    detected.clear()
+    make("partly", copy, FeatureCache(donor))
+    assert len(detected) == 1
+    # A cache of other files or detector settings is refused, not half used.
+    other = FeatureCache.create_or_resume(tmp_path / "p5", face_dir, NAMES, teachers, shard_size=4, dtype="float32",
+                                          crop_size=32, min_face_prob=0.5)
+    assert not KnownFaces.matches(other.manifest, faces.manifest)
+    with pytest.raises(ValueError, match="cannot be reused"):
+        extract(other, teachers, "cpu", Options(batch=2, min_face_prob=0.5), faces_from=faces)

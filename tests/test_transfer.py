@@ -270,12 +270,16 @@ def test_tasks_of_one_dataset_share_its_task_cache(tmp_path, fused, student_ckpt
     for task, folder in (("AgeR-UTK", data), ("AgeC-UTK", data.parent), ("Gender-UTK", data)):  # DIR or DIR/UTKFace
         run(tmp_path, task, folder, fused, student_ckpt, "--method", "frozen")
     assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+    # Another teacher set (the fuse cache's, for fused) takes those faces instead of detecting them again.
+    capsys.readouterr()
+    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "fused")
+    assert len(calls) == 2 and f"taken from {calls[0]}: no detection" in capsys.readouterr().out
     # A task over other images of the same folder (one image fewer) keeps a cache of its own.
     next(iter(sorted(data.glob("*.jpg*")))).unlink()
     capsys.readouterr()
     run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
     assert "the same folder and teachers have other caches" in capsys.readouterr().out
-    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*/manifest.json"))) == 3
 
 
 def test_kd_teacher_is_one_name_or_one_per_task():
