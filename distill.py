@@ -75,7 +75,9 @@ def parse_args(argv=None):
     g.add_argument("--size", type=int, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
-                        "(the paper used 300x300 crops; --size 224 or 300 comes closer to it)")
+                        "(the paper used 300x300 crops; --size 224 or 300 comes closer to it, from a cache "
+                        "extracted with fuse.py --crop-size at least as large: the default store's 128-pixel crops "
+                        "would only be enlarged)")
     g.add_argument("--workers", type=int, default=2,
                    help="DataLoader worker processes gathering crops from the cache's crop store (augmentation "
                         "runs per batch on the device)")
@@ -128,7 +130,18 @@ def parse_args(argv=None):
                         "their h_i are held in memory (50000 x 5488 floats = 1.1 GB for the paper's teachers)")
     g.add_argument("--export", default="", type=export_formats,
                    help="formats to export the final student to: onnx,torchscript (comma list)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Values that would divide by zero hours in, train nothing, or make no Table 5 check: refused now.
+    small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+             if k in ("epochs", "log_every", "ckpt_every", "keep", "recon_epochs", "recon_max_train", "batch",
+                      "size") and v < 1]
+    if args.steps < 0:
+        p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
+    if small:
+        p.error(f"{', '.join(small)}: must be 1 or more")
+    if args.resume and args.out is None and args.teacher_cache != Path("feats/demo"):  # the demo's is fixed
+        p.error("--resume needs --run-dir, the folder of the run to continue")
+    return args
 
 
 # ---------------------------------------------------------------------------------------- the step
@@ -274,6 +287,10 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     if len(train_rows) < args.batch * world:
         raise SystemExit(f"error: {len(train_rows)} training faces, fewer than one step of --batch {args.batch} "
                          f"x {world} processes: lower --batch")
+    if args.size > cache.crop_size and rank == 0:
+        log.warning(f"warning: --size {args.size} is larger than the crop store's {cache.crop_size}-pixel crops, "
+                    f"which the student then sees enlarged, with no more detail; for more, extract the cache "
+                    f"with fuse.py --crop-size {args.size} or more")
     hG_mean, hG_std = fusion.column_stats(hG, train_rows)
     out_dim = int(meta["dim"])
     targets = cache.features if args.loss == "mt" else hG

@@ -38,6 +38,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -542,7 +543,9 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
 def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg=None, save=lambda r: None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing."""
     n_out = tasks.output_size(task, data)
-    need_teachers = [m for m in methods if m not in IMAGE_METHODS]
+    # (a method shown n/a for this task, from --method all, needs nothing)
+    need_teachers = [m for m in methods if m not in IMAGE_METHODS
+                     and not unavailable(task, m, kd.named_teacher(task, args.kd_teacher))]
     try:
         unsup = FeatureCache(args.teacher_cache).require_complete() if need_teachers else None
     except (FileNotFoundError, RuntimeError) as e:
@@ -598,6 +601,8 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
             continue
+        if method == "etl":  # models an interrupted run left in this folder are not this run's (prune.finish
+            shutil.rmtree(Path(args.run_dir) / "etl" / task.name, ignore_errors=True)  # keeps a folder's first)
         if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
             name = kd.kd_teacher(task, args)
             teacher = task_cache(data, root, build_teachers([name], device), args, device, log)
@@ -621,7 +626,8 @@ def student_config(args, methods, log) -> dict | None:
 
     finetune and frozen need the distilled student itself; scratch only its architecture, so without
     a student it takes the default one (the paper's 2.2 M-parameter student with a 1024-wide output)."""
-    need = [m for m in methods if m in ("finetune", "frozen", "kd") or (m == "etl" and args.etl_base == "student")]
+    need = [m for m in methods if m in ("finetune", "frozen", "kd") or (m == "etl" and args.etl_base == "student")
+            or (m == "multitask" and args.backbone in ("student", "scratch"))]
     path = Path(args.student)
     have = path.is_file() or (path / "student.safetensors").is_file()
     if need and not have:
@@ -881,6 +887,12 @@ def check_flags(args, methods) -> None:
     if args.epochs < 1 or args.head_epochs < 1:
         raise SystemExit(f"error: --epochs and --head-epochs must be 1 or more (got {args.epochs} and "
                          f"{args.head_epochs}): a network that never trained would be reported")
+    if "multitask" in methods and (why := multitask.backbone_problem(args.backbone)):
+        raise SystemExit(f"error: {why}")
+    if args.pseudo_label is not None and not args.pseudo_label.is_dir():
+        raise SystemExit(f"error: --pseudo-label {args.pseudo_label}: no such folder")
+    if args.max_splits is not None and args.max_splits < 0:
+        raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
     if args.kd_teacher is not None and "kd" not in methods:
         raise SystemExit(f"error: --kd-teacher {args.kd_teacher} is for --method kd, which this run does not have")
     if args.batch < 2 and any(m in IMAGE_METHODS + ("pcnn",) for m in methods):
@@ -941,8 +953,15 @@ def main(argv=None):
         if task.kind == "verification" and not data.pairs:
             raise SystemExit(f"{task.name}: no verification pairs were read from {root}")
         read.append((task, data, root))
+        if "multitask" in methods and (why := multitask.task_problem(task, data)):
+            raise SystemExit(f"error: {why}")
         if "kd" in methods and task.kind == "classification":  # the teacher's classes fit the task's
             kd.class_map(task, data, REGISTRY[kd.kd_teacher(task, args)].answer)
+    if args.pseudo_label is not None:
+        from common.images import list_images
+
+        if not list_images(args.pseudo_label):
+            raise SystemExit(f"error: --pseudo-label {args.pseudo_label} holds no image to label")
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")

@@ -204,16 +204,15 @@ def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
     from .student import build_student, load_student, read_checkpoint
-    from .teachers import REGISTRY, TeacherBackbone, build_teachers
+    from .teachers import TeacherBackbone, build_teachers
 
     if name in ("student", "scratch"):
         cfg = read_checkpoint(student_path)[0]
         net = load_student(student_path)[0] if name == "student" else build_student(cfg["arch"], cfg["width"],
                                                                                      cfg["out_dim"])
         return net, cfg["out_dim"], cfg.get("size", 112)
-    if name not in REGISTRY or REGISTRY[name].runtime != "torch":
-        torch_names = sorted(n for n, s in REGISTRY.items() if s.runtime == "torch")
-        raise SystemExit(f"backbone {name!r}: use student, scratch or a PyTorch teacher ({', '.join(torch_names)})")
+    if why := backbone_problem(name):
+        raise SystemExit(f"error: {why}")
     t = build_teachers([name], device)[0]
     return TeacherBackbone(t), t.dim, CANON
 
@@ -502,6 +501,26 @@ def evaluate(model, targets, rows, size, args, device, best: dict) -> dict:
     return res
 
 
+def task_problem(task, data) -> str | None:
+    """Why a task cannot join the multitask model (None: it can); asked of every task before any work."""
+    if task.kind == "verification":
+        return f"multitask: {task.name} is a verification task (pairs, no per-image label)"
+    if len(data.splits) != 1:
+        return (f"multitask: {task.name}'s protocol has {len(data.splits)} splits (leave-one-out); one joint model "
+                "serves tasks with a single train/test split")
+    return None
+
+
+def backbone_problem(name: str) -> str | None:
+    """Why --backbone `name` cannot be the multitask backbone (None: it can), without building it."""
+    from .teachers import REGISTRY
+
+    if name in ("student", "scratch") or (name in REGISTRY and REGISTRY[name].runtime == "torch"):
+        return None
+    torch_names = sorted(n for n, s in REGISTRY.items() if s.runtime == "torch")
+    return f"backbone {name!r}: use student, scratch or a PyTorch teacher ({', '.join(torch_names)})"
+
+
 def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     """2MD-MTL: one model for every (task, data, cache) of jobs; with unlabelled=(data, cache), data distillation.
 
@@ -511,11 +530,8 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     pseudo-labels only.
     """
     for task, data, _ in jobs:
-        if len(data.splits) != 1:
-            raise SystemExit(f"multitask: {task.name}'s protocol has {len(data.splits)} splits (leave-one-out); "
-                             "one joint model serves tasks with a single train/test split")
-        if task.kind in ("verification",):
-            raise SystemExit(f"multitask: {task.name} is a verification task (pairs, no per-image label)")
+        if why := task_problem(task, data):
+            raise SystemExit(f"error: {why}")
     rows = Rows()
     ids = [rows.add(cache, data) for _, data, cache in jobs]
     un_ids = rows.add(unlabelled[1], unlabelled[0]) if unlabelled else np.zeros(0, np.int64)

@@ -593,6 +593,8 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
                      + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
                      + f"\n\n* chosen: {res.get('rule', '')}\n")
     text = "\n".join(parts)
+    if not all_rows:  # etl came with --method all and no task could take it: no empty files
+        return text
     (Path(run) / "etl.md").write_text(text)
     write_json(Path(run) / "etl.json", all_rows)
     plot(all_rows, Path(run) / "etl.png", higher)

@@ -106,8 +106,15 @@ def pick_device(name: str = "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":  # with an index: under torchrun each process takes its own GPU
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: this machine has no CUDA GPU that torch can use (try --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type == "cuda" and device.index is not None:
         # the current device too: what runs on "the" GPU (the loaders' pin-memory threads, a CUDA context)
         # would otherwise land on GPU 0 when the run asked for cuda:1
         torch.cuda.set_device(device)

@@ -466,4 +466,6 @@ def make_fixture(task_name: str, root) -> Path:
 if __name__ == "__main__":  # python -m tests.fixtures TASK DIR: a tiny copy of TASK's layout, e.g. to try transfer.py
     import sys
 
+    if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:
+        sys.exit(f"usage: python -m tests.fixtures TASK DIR, TASK one of {', '.join(sorted(MAKERS))}")
     print(make_fixture(sys.argv[1], sys.argv[2]))

@@ -501,3 +501,25 @@ def test_export_typo_stops_before_training():
     with pytest.raises(SystemExit):
         distill.parse_args(["--export", "onxx"])
     assert distill.parse_args(["--export", "onnx, torchscript"]).export == ["onnx", "torchscript"]
+
+
+@pytest.mark.parametrize("argv, why", [(["--ckpt-every", "0"], "--ckpt-every 0: must be 1 or more"),
+                                       (["--log-every", "0", "--keep", "0"], "--log-every 0, --keep 0: must be"),
+                                       (["--recon-epochs", "0"], "--recon-epochs 0"), (["--epochs", "0"], "--epochs 0"),
+                                       (["--steps", "-2"], "--steps -2: give 0"),
+                                       (["--resume", "--cache", "elsewhere"], "--resume needs --run-dir")])
+def test_flags_that_would_fail_hours_in_are_refused_at_once(argv, why, capsys):
+    """--ckpt-every 0 divided by zero at the first step, --recon-epochs 0 crashed after training, --epochs 0
+    saved an untrained student, --resume without a folder started afresh somewhere new."""
+    with pytest.raises(SystemExit):
+        distill.parse_args(argv)
+    assert why in capsys.readouterr().err
+
+
+def test_a_named_device_that_is_not_here_is_one_line():
+    from common.runs import pick_device
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU that torch can use"):
+            pick_device("cuda")
+    with pytest.raises(SystemExit, match="--device bogus"):
+        pick_device("bogus")

@@ -282,6 +282,18 @@ def test_kd_refuses_what_it_cannot_do_before_any_work(tmp_path, tiny_student, mo
         if weights_problem("dlib") else None  # not installed here: said before any work, not after finetune
     refused("--kd-teacher gender is for --method kd", "--task", "Gender-UTK", "--data", str(utk), "--method",
             "finetune", "--kd-teacher", "gender")
+    # multitask's own refusals, before the other methods run (they came after finetune had run on every task)
+    fg = make_fixture("AgeR-FG", tmp_path / "fg")
+    refused("multitask: AgeR-FG's protocol has .* splits", "--tasks", f"AgeR-UTK={utk},AgeR-FG={fg}", "--method",
+            "finetune,multitask")
+    refused("backbone 'foo': use student, scratch or a PyTorch teacher", "--task", "AgeR-UTK", "--data", str(utk),
+            "--method", "finetune,multitask", "--backbone", "foo")
+    refused("--pseudo-label .*nope: no such folder", "--task", "AgeR-UTK", "--data", str(utk), "--method",
+            "multitask", "--pseudo-label", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    refused("--pseudo-label .*empty holds no image", "--task", "AgeR-UTK", "--data", str(utk), "--method",
+            "multitask", "--pseudo-label", str(tmp_path / "empty"))
+    refused("--max-splits -1: give 0", "--task", "AgeR-UTK", "--data", str(utk), "--max-splits", "-1")
     refused("--kd-teacher age: Gender-UTK distils a teacher's own gender prediction", "--tasks",
             f"AgeR-UTK={utk},Gender-UTK={utk}", "--method", "kd", "--kd-teacher", "AgeR-UTK=age,Gender-UTK=age")
     refused(r"--kd-teacher names Gender-IMDb, not a task of this run \(AgeR-UTK\)", "--task", "AgeR-UTK", "--data",

@@ -170,6 +170,10 @@ def etl_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("etl")
     ckpt = write_tiny_student(tmp / "student.safetensors", 32)
     data = make_fixture("Gender-UTK", tmp / "data")
+    # what a run killed before its report left in this folder: not this run's model (it used to be kept)
+    stale = tmp / "run" / "etl" / "Gender-UTK" / f"r{RATIOS[-1]:g}"
+    stale.mkdir(parents=True)
+    (stale / "stats.json").write_text(json.dumps({"ratio": RATIOS[-1], "params": 10**9}))
     transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl,finetune",
                    "--prune", ",".join(map(str, RATIOS)), "--cache-dir", str(tmp / "cache"),
                    "--run-dir", str(tmp / "run"), "--epochs", "1", "--device", "cpu",
