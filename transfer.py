@@ -804,9 +804,9 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
         rows.append([r["task"], r["metric"], f"{r['missed_faces']}/{r['n_images']}"]
                     + [r["results"][m]["value"] for m in methods])
     md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
-    chosen = [f"- {r['task']} {m}: best = {r['results'][m]['chosen']}"
+    chosen = [f"- {r['task']} {m}: chose {r['results'][m]['chosen']}"
               + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
-                 if r["results"][m].get("search") else "") + " , chosen on validation"
+                 if r["results"][m].get("search") else "") + ", on validation"
               + (" (each split on its own)" if r["results"][m].get("chosen_per_split") else "")
               for r in all_results for m in methods if r["results"][m].get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
@@ -873,6 +873,11 @@ def etl_base_problem(name: str) -> str | None:
     return None
 
 
+# Flags that only a method reads: given (not left at their default) without it, they would be ignored.
+FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
+                "pseudo_epochs": "multitask", "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd"}
+
+
 def check_flags(args, methods) -> None:
     """Flags that contradict each other or that the methods would ignore stop the run before any work."""
     if args.tasks and (args.task or args.data is not None):
@@ -893,8 +898,14 @@ def check_flags(args, methods) -> None:
         raise SystemExit(f"error: --pseudo-label {args.pseudo_label}: no such folder")
     if args.max_splits is not None and args.max_splits < 0:
         raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
-    if args.kd_teacher is not None and "kd" not in methods:
-        raise SystemExit(f"error: --kd-teacher {args.kd_teacher} is for --method kd, which this run does not have")
+    defaults = vars(parse_args([]))
+    for flag, method in FLAG_METHODS.items():
+        if getattr(args, flag) != defaults[flag] and method not in methods:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is for --method {method}, "
+                             f"which this run does not have")
+    if not 0 < args.val_frac < 1 or (args.pseudo_epochs is not None and args.pseudo_epochs < 1):
+        raise SystemExit(f"error: --val-frac must lie between 0 and 1 (got {args.val_frac:g}) and --pseudo-epochs "
+                         f"be 1 or more (got {args.pseudo_epochs})")
     if args.batch < 2 and any(m in IMAGE_METHODS + ("pcnn",) for m in methods):
         raise SystemExit(f"error: --batch {args.batch}: the networks trained on images (batch norm) need 2 or more")
     if "kd" in methods and not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0
@@ -916,6 +927,8 @@ def main(argv=None):
     named = [m.strip() for m in args.method.split(",") if m.strip()]
     # all: the first METHODS; beside it, kd or multitask come along (all,kd)
     methods = list(dict.fromkeys(m for n in named for m in (METHODS if n == "all" else [n])))
+    if not methods:
+        raise SystemExit(f"error: --method: name at least one of {', '.join(METHODS + EXTRA_METHODS)} or all")
     for m in methods:
         if m not in METHODS + EXTRA_METHODS:
             raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")

@@ -220,11 +220,12 @@ def with_validation(split: Split, index: int, groups=None, seed: int = 0, frac: 
             mask = np.isin(g, held)
             return (Split(split.name, train[~mask], split.test, train[mask]),
                     f"carved from training: {len(held)} of {len(people)} training persons held out "
-                    f"({round(100 * frac)}%, seed {seed}, per split)")
+                    f"({round(100 * frac)}% of them, at least one; seed {seed}, per split)")
     n = max(1, int(round(frac * len(train))))
     perm = rng.permutation(len(train))
     return (Split(split.name, np.sort(train[perm[n:]]), split.test, np.sort(train[perm[:n]])),
-            f"carved from training: {round(100 * frac)}% of its images held out (seed {seed}, per split)")
+            f"carved from training: {round(100 * frac)}% of its images held out (at least one; seed {seed}, per "
+            f"split)")
 
 
 def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:

@@ -224,6 +224,13 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
     r = _main(tmp_path / "a", tiny_student, "--task", "Align-300W", "--data", str(w), "--method", "finetune,kd")
     res = r["Align-300W"]["results"]
     assert all(res[m]["metric"] == "nme" and 0 < res[m]["value"] < 10 for m in ("finetune", "kd"))
+    # --method all: the methods a landmark task cannot take are n/a and need nothing (no fuse cache here; it
+    # was demanded, and with one, its six teachers were run over the task for nothing), nor write ETL files
+    r = _main(tmp_path / "all", tiny_student, "--task", "Align-300W", "--data", str(w), "--method", "all",
+              "--teacher-cache", str(tmp_path / "no-fuse-cache"))
+    res = r["Align-300W"]["results"]
+    assert res["fused"]["value"] == "n/a" and res["etl"]["value"] == "n/a" and 0 < res["scratch"]["value"] < 10
+    assert not (tmp_path / "all" / "run" / "etl.md").exists()
     lfw = make_fixture("Identity-LFW", tmp_path / "data")
     r = _main(tmp_path / "b", tiny_student, "--task", "Identity-LFW", "--data", str(lfw), "--method", "kd",
               "--max-splits", "1", "--kd-weight", "2")

@@ -304,7 +304,11 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
     for argv, why in [(["--task", "AgeR-UTK", "--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
                       (["--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
                       (["--data", "a"], "--data: give --task NAME"),
-                      (["--pseudo-label", "faces", "--method", "finetune"], "--pseudo-label needs --method multitask")]:
+                      (["--pseudo-label", "faces", "--method", "finetune"], "--pseudo-label needs --method multitask"),
+                      (["--method", "finetune", "--prune", "0.5"], "--prune 0.5 is for --method etl"),
+                      (["--method", "finetune", "--kd-weight", "2"], "--kd-weight 2.0 is for --method kd"),
+                      (["--val-frac", "1"], "--val-frac must lie between 0 and 1"),
+                      (["--method", ","], "--method: name at least one of")]:
         with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
             transfer.main(argv)
         assert "\n" not in str(e.value)
