@@ -621,7 +621,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     return out
 
 
-def student_config(args, methods, log) -> dict | None:
+def student_config(args, methods) -> dict | None:
     """The student's config (architecture, width, input size) for the methods that use it.
 
     finetune and frozen need the distilled student itself; scratch only its architecture, so without
@@ -643,8 +643,8 @@ def student_config(args, methods, log) -> dict | None:
     if have and (need or "scratch" in methods):
         return load_student(path)[1]
     if "scratch" in methods:
-        log.info(f"scratch: no student at {path}; the default student architecture is trained from random init")
-        return {"arch": "resnet18w", "width": WIDTH, "out_dim": 1024, "size": 112}
+        return {"arch": "resnet18w", "width": WIDTH, "out_dim": 1024, "size": 112,
+                "note": f"scratch: no student at {path}; the default student architecture is trained from random init"}
     return None
 
 
@@ -975,10 +975,12 @@ def main(argv=None):
 
         if not list_images(args.pseudo_label):
             raise SystemExit(f"error: --pseudo-label {args.pseudo_label} holds no image to label")
+    student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
-    student_cfg = student_config(args, methods, log)
+    if student_cfg and "note" in student_cfg:
+        log.info(student_cfg.pop("note"))
     all_results = []
     for task, data, root in read:
         if data.skipped:

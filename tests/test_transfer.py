@@ -148,7 +148,8 @@ def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_pat
     check_score(tasks.get_task("AgeR-UTK"), r["results"]["scratch"])
     with pytest.raises(SystemExit, match=r"needs the distilled student.*python distill.py --cache .*no-cache "
                                          r"--run-dir .*no-student"):
-        transfer.main([*base, "--method", "finetune"])
+        transfer.main([*base, "--method", "finetune", "--run-dir", str(tmp_path / "r2")])
+    assert not (tmp_path / "r2").exists()  # stopped before its run folder was made
     with pytest.raises(SystemExit, match=r"--method fused,bt needs .* fuse.py cache.*python fuse.py --data DIR "
                                          r"--cache .*no-cache"):
         transfer.main([*base, "--method", "fused,bt"])
@@ -321,7 +322,7 @@ def test_a_feature_cache_given_as_student_gets_a_runs_folder_hint(tmp_path):
     (cache / "manifest.json").write_text("{}")
     args = transfer.parse_args(["--student", str(cache), "--cache", str(cache), "--method", "finetune"])
     with pytest.raises(SystemExit) as e:
-        transfer.student_config(args, ["finetune"], None)
+        transfer.student_config(args, ["finetune"])
     msg = str(e.value)
     assert "is a fuse.py feature cache, not a student" in msg
     assert f"--cache {cache} --run-dir runs/distill` and pass --student runs/distill" in msg
