@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import CacheDamaged, CacheMismatch, FeatureCache, read_manifest, write_json, write_missed
-from common.extract import Options
+from common.extract import KnownFaces, Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import list_images
@@ -82,6 +82,11 @@ def parse_args(argv=None):
                         "landmarks of faces up to about twice this size. The default skips none. 40 ran detection "
                         "about 2x faster on the CPU with the same faces and landmarks on the demo media and on "
                         "images of mixed sizes (BENCHMARKS.md)")
+    g.add_argument("--faces-from", type=Path, metavar="CACHE",
+                   help="a finished cache of the same images and detector settings (say, the one made before a "
+                        "teacher was added): its faces (detections, alignment matrices) are taken and nothing is "
+                        "detected, which is most of extraction's time; the crops and so the features are those "
+                        "that detecting again gives, and an image whose bytes changed since is detected anew")
     g.add_argument("--crop-size", type=int, default=CROP_SIZE,
                    help="side of the aligned crops kept in the cache's crop store, which distill.py and transfer.py "
                         f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)")
@@ -126,10 +131,21 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- faces
 def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> None:
-    """Detect, align and run every teacher on this rank's unfinished shards (common.extract)."""
+    """Detect, align and run every teacher on this rank's unfinished shards (common.extract); with
+    --faces-from, take the faces that cache found instead of detecting them."""
     opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch, workers=args.workers,
                    detect_size=args.detect_size, smallest_face=args.smallest_face, streams=args.streams)
-    engine_extract(cache, teachers, device, opts, rank, world, log)
+    donor = None
+    if args.faces_from is not None:
+        try:
+            donor = FeatureCache(args.faces_from)
+        except (FileNotFoundError, CacheMismatch) as e:
+            raise SystemExit(f"error: --faces-from: {e}") from None
+        why = KnownFaces.differences(cache.manifest, donor.manifest) + list(donor.damaged_shards(every=True).values())
+        if why:
+            raise SystemExit(f"error: --faces-from {args.faces_from} cannot give this cache its faces: "
+                             + "; ".join(why[:4]))
+    engine_extract(cache, teachers, device, opts, rank, world, log, faces_from=donor)
 
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:

@@ -58,11 +58,18 @@ class KnownFaces:
         self.cache, self.shards, self.lock = cache, {}, threading.Lock()
 
     @classmethod
+    def differences(cls, plan: dict, other: dict) -> list[str]:
+        """Why a cache with manifest `other` did not find the faces a cache planned as `plan` would (empty: it
+        did): unfinished, or another image list, folder or detector setting."""
+        defaults = {"smallest_face": SMALLEST_FACE} if plan.get("align") == "mtcnn" else {}
+        why = [] if other.get("complete") is True else ["it is not finished"]
+        return why + [f"{k} {other.get(k, defaults.get(k))} != {plan.get(k, defaults.get(k))}" for k in cls.SAME
+                      if plan.get(k, defaults.get(k)) != other.get(k, defaults.get(k))]
+
+    @classmethod
     def matches(cls, plan: dict, other: dict) -> bool:
         """Whether a cache with manifest `other` found the faces a cache planned as `plan` would find."""
-        defaults = {"smallest_face": SMALLEST_FACE} if plan.get("align") == "mtcnn" else {}
-        return other.get("complete") is True and all(
-            plan.get(k, defaults.get(k)) == other.get(k, defaults.get(k)) for k in cls.SAME)
+        return not cls.differences(plan, other)
 
     def _shard(self, k: int) -> dict:
         with self.lock:  # lanes ask from several threads

@@ -351,3 +351,21 @@ def test_smallest_face_out_of_range_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="--smallest-face is for the detector, which --align none does not run"):
         fuse.main(["--data", str(tmp_path / "none"), "--align", "none", "--smallest-face", "40"])
     assert not list(tmp_path.iterdir())
+
+
+def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monkeypatch):
+    """A teacher set changed on a corpus already extracted: --faces-from takes the old cache's faces, so
+    nothing is detected, and the new cache finds the same faces with the same matrices."""
+    import fuse
+    from common.align import BatchDetector
+
+    monkeypatch.setattr(BatchDetector, "__call__", lambda self, images: pytest.fail("detected again"))
+    fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
+               "--faces-from", str(fused / "feats"), "--shard-size", "3", "--run-dir", str(tmp_path / "run")])
+    old, new = FeatureCache(fused / "feats"), FeatureCache(tmp_path / "c")
+    np.testing.assert_array_equal(new.found, old.found)
+    np.testing.assert_array_equal(new.matrices, old.matrices)
+    assert [r for _, r in new.missed()] == [r for _, r in old.missed()]
+    with pytest.raises(SystemExit, match=r"cannot give this cache its faces: min_face_prob 0.9 != 0.5"):
+        fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c5"), "--teachers", "gender", "--extract-only",
+                   "--faces-from", str(fused / "feats"), "--min-face-prob", "0.5", "--run-dir", str(tmp_path / "r5")])
