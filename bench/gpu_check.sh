@@ -17,7 +17,8 @@
 #             each image in every cache, and every cache against the serialised one (stream races)
 #   smallest  fuse.py --extract-only on the e2e folder with --smallest-face 40 (MTCNN's levels for faces
 #             under 40 px skipped; the e2e step searched every level), into a cache of its own, then
-#             bench/consistency.py against the e2e cache (the same faces and alignments?)
+#             bench/consistency.py against the e2e cache (the same faces and alignments?); then fuse.py
+#             --faces-from the e2e cache (no detection: its shards' img/s) and consistency against it
 #   mixed     fuse.py on 4,096 images of sizes of their own (MIXED_N; bench/pipeline.py --mixed-sizes), as
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
@@ -80,6 +81,11 @@ if want smallest; then
         --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} --smallest-face 40 --streams 1 \
         --shard-size 2048
     [ -d $work/feats ] && step smallest_same 60 $py bench/consistency.py $work/feats $work/feats-m40
+    # the e2e cache's faces reused by a cache of its own (fuse.py --faces-from): no detection at all
+    [ -d $work/feats ] && step faces_from 60 $py fuse.py --data $work/faces --cache $work/feats-ff \
+        --run-dir $work/fuse-ff --extract-only --batch 256 --workers 12 --detect-size ${E2E_DETECT:-640} \
+        --streams 1 --shard-size 2048 --faces-from $work/feats
+    [ -d $work/feats-ff ] && step faces_from_same 60 $py bench/consistency.py $work/feats $work/feats-ff
 fi
 if want streams; then
     [ -d $work/faces ] || $py bench/pipeline.py --n ${E2E_N:-8192} --make-folder $work/faces
