@@ -415,6 +415,16 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     return step
 
 
+def plot_loss(run: Path, loss: str) -> None:
+    """loss.png: every epoch of metrics.jsonl, those of the runs resumed from included."""
+    log_file = run / "metrics.jsonl"
+    epochs = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    if epochs:
+        plots.lines(run / "loss.png", None, {"mean over the epoch": ([r["step"] for r in epochs],
+                                                                   [r["loss"] for r in epochs])},
+                    "step", f"training loss ({loss})", "distill.py: the student's training loss")
+
+
 # -------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
@@ -643,18 +653,14 @@ def main(argv=None):
         dist.destroy_process_group()
     if rank != 0:
         return
-    log_file = run / "metrics.jsonl"
-    epochs = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-    if epochs:  # every epoch logged so far, those of the runs resumed from included
-        plots.lines(run / "loss.png", None, {"mean over the epoch": ([r["step"] for r in epochs],
-                                                                   [r["loss"] for r in epochs])},
-                    "step", f"training loss ({args.loss})", "distill.py: the student's training loss")
     if not finished:
+        plot_loss(run, args.loss)
         log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --run-dir {run}")
         return
     decoder = {f"decoder.{k}": v for k, v in s.decoder.state_dict().items()} if s.decoder is not None else None
     save_student(s.student, run / "student.safetensors", s.cfg, decoder)
     log.info(f"student written to {run / 'student.safetensors'}")
+    plot_loss(run, args.loss)  # after the student: nothing in a plot may cost the trained weights
     formats = args.export
     if formats:
         for fmt, path in export_student(s.student, run, args.size, formats).items():

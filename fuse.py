@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import CacheDamaged, CacheMismatch, FeatureCache, read_manifest, write_json, write_missed
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, make_plan, read_manifest, write_json, write_missed
 from common.extract import KnownFaces, Options
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -86,7 +86,9 @@ def parse_args(argv=None):
                    help="a finished cache of the same images and detector settings (say, the one made before a "
                         "teacher was added): its faces (detections, alignment matrices) are taken and nothing is "
                         "detected, which is most of extraction's time; the crops and so the features are those "
-                        "that detecting again gives, and an image whose bytes changed since is detected anew")
+                        "that detecting again gives. Same images: same names, sizes and modification times (else "
+                        "refused, saying what differs); an image whose bytes changed at the same size and time is "
+                        "detected anew")
     g.add_argument("--crop-size", type=int, default=CROP_SIZE,
                    help="side of the aligned crops kept in the cache's crop store, which distill.py and transfer.py "
                         f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)")
@@ -135,17 +137,24 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> No
     --faces-from, take the faces that cache found instead of detecting them."""
     opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch, workers=args.workers,
                    detect_size=args.detect_size, smallest_face=args.smallest_face, streams=args.streams)
-    donor = None
-    if args.faces_from is not None:
-        try:
-            donor = FeatureCache(args.faces_from)
-        except (FileNotFoundError, CacheMismatch) as e:
-            raise SystemExit(f"error: --faces-from: {e}") from None
-        why = KnownFaces.differences(cache.manifest, donor.manifest) + list(donor.damaged_shards(every=True).values())
-        if why:
-            raise SystemExit(f"error: --faces-from {args.faces_from} cannot give this cache its faces: "
-                             + "; ".join(why[:4]))
+    donor = faces_donor(args, cache.manifest) if args.faces_from is not None else None
     engine_extract(cache, teachers, device, opts, rank, world, log, faces_from=donor)
+
+
+def faces_donor(args, plan: dict) -> FeatureCache:
+    """The --faces-from cache, if it found the faces of these images with these detector settings (plan: the
+    new cache's manifest, or what it will hold); else the run stops saying what differs."""
+    if args.out is not None and Path(args.faces_from).resolve() == Path(args.out).resolve():
+        raise SystemExit(f"error: --faces-from {args.faces_from} is --cache itself: name the other cache")
+    try:
+        donor = FeatureCache(args.faces_from)
+        why = KnownFaces.differences(plan, donor.manifest) + list(donor.damaged_shards(every=True).values())
+    except (OSError, CacheMismatch) as e:
+        raise SystemExit(f"error: --faces-from: {e}") from None
+    if why:
+        raise SystemExit(f"error: --faces-from {args.faces_from} cannot give this cache its faces: "
+                         + "; ".join(why[:4]))
+    return donor
 
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
@@ -455,6 +464,9 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
+    if args.faces_from is not None:  # before the run folder, and before --overwrite deletes anything
+        faces_donor(args, make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align,
+                                    args.min_face_prob, args.crop_size, args.detect_size, args.smallest_face))
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")

@@ -195,13 +195,16 @@ def faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
     faces are reused, so that each teacher set does not detect them again."""
     for other, manifest in task_caches(cache_dir):
         if other != cache.path and KnownFaces.matches(cache.manifest, manifest):
-            donor = FeatureCache(other)
-            if not donor.damaged_shards(every=True):
-                return donor
+            try:  # a damaged cache lying there is passed over, never a reason to stop
+                donor = FeatureCache(other)
+                if not donor.damaged_shards(every=True):
+                    return donor
+            except (OSError, CacheMismatch):
+                continue
     return None
 
 
-def task_cache(data, root: Path, teachers, args, device, log) -> FeatureCache:
+def task_cache(data, teachers, args, device, log) -> FeatureCache:
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse.
 
     Keyed by the images, not by the task: AgeR-, AgeC-, Gender- and Ethnic-UTK read the same files and share
@@ -540,7 +543,7 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
                                       f"(available: {', '.join(ok)})")
 
 
-def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg=None, save=lambda r: None) -> dict:
+def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing."""
     n_out = tasks.output_size(task, data)
     # (a method shown n/a for this task, from --method all, needs nothing)
@@ -561,7 +564,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
     teachers = build_teachers([t["name"] for t in unsup.teachers], device) if unsup else []
     if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
         raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
-    cache = task_cache(data, root, teachers, args, device, log)
+    cache = task_cache(data, teachers, args, device, log)
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -595,7 +598,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
-            teacher = (task_cache(data, root, build_teachers([kd.kd_teacher(task, args)], device), args, device,
+            teacher = (task_cache(data, build_teachers([kd.kd_teacher(task, args)], device), args, device,
                                   log) if method == "kd" else None)
             results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
@@ -605,7 +608,7 @@ def evaluate_task(task, data, root, methods, args, device, run, log, student_cfg
             shutil.rmtree(Path(args.run_dir) / "etl" / task.name, ignore_errors=True)  # keeps a folder's first)
         if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
             name = kd.kd_teacher(task, args)
-            teacher = task_cache(data, root, build_teachers([name], device), args, device, log)
+            teacher = task_cache(data, build_teachers([name], device), args, device, log)
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
             features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
@@ -822,14 +825,14 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
 
 def joint(read, all_results, methods, args, device, log) -> list[str]:
     """The multitask method: one model over every task (2MD-MTL); its entries join each task's results."""
-    jobs = [(task, data, task_cache(data, root, [], args, device, log)) for task, data, root in read]
+    jobs = [(task, data, task_cache(data, [], args, device, log)) for task, data, _ in read]
     unlabelled = None
     if args.pseudo_label:
         from common.images import list_images
 
         root = args.pseudo_label
         data = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
-        unlabelled = (data, task_cache(data, root, [], args, device, log))
+        unlabelled = (data, task_cache(data, [], args, device, log))
         args.pseudo_epochs = args.pseudo_epochs or args.epochs
     results = multitask.run_joint(jobs, args, device, log, unlabelled)
     for r in all_results:
@@ -982,10 +985,10 @@ def main(argv=None):
     if student_cfg and "note" in student_cfg:
         log.info(student_cfg.pop("note"))
     all_results = []
-    for task, data, root in read:
+    for task, data, _ in read:
         if data.skipped:
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
-        all_results.append(evaluate_task(task, data, root, methods, args, device, run, log, student_cfg,
+        all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial])))
     if "multitask" in methods:
         methods = joint(read, all_results, methods, args, device, log)

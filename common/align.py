@@ -27,6 +27,10 @@ DETECT_SIZE = 640
 # Faces smaller than this (pixels of that copy) are not searched for. MTCNN's own smallest is 20; its first
 # pyramid levels, the largest and most costly, look only for faces under 40 pixels (6 % of a 640 copy).
 SMALLEST_FACE = 20
+# The version of the detection code, in every new cache's manifest: raised when a change moves which face an
+# image gets or where (2: NMS within each image on the CPU). A cache gives its faces to another
+# (extract.KnownFaces) only at the current version; resuming and reading caches do not depend on it.
+DETECTOR = 2
 # What one more detection pass costs, in pixels of P-Net work: about 20 frames of 640x360. An estimate
 # from the H100 timings at three detect sizes (a part of each batch's time that did not shrink with the
 # pixels); it only decides which image sizes share a canvas, never what is found.

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
+from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
 from common.images import PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
@@ -175,6 +175,28 @@ def list_hash(root: Path, images) -> str:
             stamp = "-1"
         h.update(f"{rel}\t{stamp}\n".encode("utf-8", PATH_ERRORS))
     return h.hexdigest()
+
+
+def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", align="mtcnn", min_face_prob=0.9,
+              crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE) -> dict:
+    """What a cache of these images, teachers and settings holds: its manifest before any shard (see
+    FeatureCache.create_or_resume)."""
+    return {
+        "format": FORMAT,
+        "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version} for t in teachers],
+        "dtype": dtype,
+        "align": align,
+        "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,
+        "detect_size": int(detect_size) if align == "mtcnn" else None,
+        "smallest_face": int(smallest_face) if align == "mtcnn" else None,
+        "detector": DETECTOR if align == "mtcnn" else None,
+        "data_root": str(Path(data_root).resolve()),
+        "n_images": len(images),
+        "list_hash": list_hash(data_root, images),
+        "shard_size": shard_size,
+        "shard_bounds": list(range(0, len(images), shard_size)) + [len(images)],
+        "crop_size": int(crop_size),
+    }
 
 
 def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
@@ -479,22 +501,8 @@ class FeatureCache:
         the crop store. The detector's settings matter with --align mtcnn only; with none they are not
         recorded."""
         path = Path(path)
-        bounds = list(range(0, len(images), shard_size)) + [len(images)]
-        plan = {
-            "format": FORMAT,
-            "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version} for t in teachers],
-            "dtype": dtype,
-            "align": align,
-            "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,
-            "detect_size": int(detect_size) if align == "mtcnn" else None,
-            "smallest_face": int(smallest_face) if align == "mtcnn" else None,
-            "data_root": str(Path(data_root).resolve()),
-            "n_images": len(images),
-            "list_hash": list_hash(data_root, images),
-            "shard_size": shard_size,
-            "shard_bounds": bounds,
-            "crop_size": int(crop_size),
-        }
+        plan = make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
+                         detect_size, smallest_face)
         manifest = path / "manifest.json"
         if manifest.exists():
             old = read_manifest(path)

@@ -48,11 +48,12 @@ class Options:
 class KnownFaces:
     """The detections of a finished cache of the same files and detector settings, reused instead of detecting
     again (detection bounds extraction): the same float32 matrices give the same crops, so the new cache's
-    faces are those of the old one. A row whose bytes differ from those the old cache saw (sha1) is detected
-    anew."""
+    faces are those of the old one. The same files are the same names, sizes and modification times (the
+    list hash); a row whose bytes still differ from those the old cache saw (sha1) is detected anew."""
 
     # Everything that decides which face a row gets, and where: equal in both plans, or nothing is reused.
-    SAME = ("data_root", "n_images", "list_hash", "align", "min_face_prob", "detect_size", "smallest_face")
+    SAME = ("format", "detector", "data_root", "n_images", "list_hash", "align", "min_face_prob", "detect_size",
+            "smallest_face")
 
     def __init__(self, cache):
         self.cache, self.shards, self.lock = cache, {}, threading.Lock()

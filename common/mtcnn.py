@@ -200,24 +200,26 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
 
 
-def _nms(boxes, scores, ids, threshold, overlap="iou", image=None):
-    """NMS within each group of ids (image: each box's image, when groups are finer than images).
+def _nms(boxes, scores, image, threshold, overlap="iou", within=None, groups=1):
+    """NMS within each image (and within each group `within`, 0 to groups - 1, of an image: its pyramid levels).
 
-    The CPU keeps torchvision's and facenet-pytorch's functions, called once per image: called once for the
-    batch, an image's answer depended on the others. Their offset trick moves each group's boxes by a
-    multiple of the batch's largest coordinate (float32 rounding that differs with the batch), and
-    facenet-pytorch's last NMS breaks ties of equal scores (saturated O-Net probabilities) with numpy's
-    unstable argsort over the whole batch: in a batch with a larger image, a face moved by 10 pixels."""
-    image = ids if image is None else image
+    The CPU keeps torchvision's and facenet-pytorch's functions, called once per image with the groups an
+    image alone would have: called once for the batch, an image's answer depended on the others. Their offset
+    trick moves each group's boxes by a multiple of the largest coordinate (float32 rounding that differed
+    with the batch and with the image's place in it), and facenet-pytorch's last NMS breaks ties of equal
+    scores (saturated O-Net probabilities) with numpy's unstable argsort over all the boxes it is given: in a
+    batch with a larger image, a face moved by 10 pixels."""
     if boxes.device.type != "cpu":
-        return nms_by_image(boxes, scores, ids, threshold, overlap=overlap)
+        return nms_by_image(boxes, scores, image if within is None else image * groups + within, threshold,
+                            overlap=overlap)
     picks = [torch.zeros(0, dtype=torch.long)]
     for k in torch.unique(image).tolist():  # in image order: an image's boxes keep their order alone
         sel = (image == k).nonzero()[:, 0]
+        ids = torch.zeros_like(sel) if within is None else within[sel]
         if overlap == "min":
-            keep = _fn().batched_nms_numpy(boxes[sel], scores[sel], ids[sel], threshold, "Min")
+            keep = _fn().batched_nms_numpy(boxes[sel], scores[sel], ids, threshold, "Min")
         else:
-            keep = batched_nms(boxes[sel], scores[sel], ids[sel], threshold)
+            keep = batched_nms(boxes[sel], scores[sel], ids, threshold)
         picks.append(sel[keep])
     return torch.cat(picks)
 
@@ -303,7 +305,7 @@ def _stage_one(imgs, resize, sizes, mtcnn, smallest=0):
     scale = torch.tensor(scales, dtype=prob.dtype, device=dev)[level, None]
     boxes = torch.cat([((2 * cell + 1) / scale).floor(), ((2 * cell + 12) / scale).floor(), prob[hit, None],
                        reg[hit]], 1)
-    pick = _nms(boxes[:, :4], boxes[:, 4], image * len(scales) + level, 0.5, image=image)
+    pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.5, within=level, groups=len(scales))
     pick = pick[torch.sort(level[pick], stable=True).indices]  # facenet-pytorch's order: by level, then score
     boxes, image = boxes[pick], image[pick]
     pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7)

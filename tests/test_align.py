@@ -267,10 +267,11 @@ def test_area_crops_match_area_interpolation():
             torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-3)
 
 
-def _gpu_nms(boxes, scores, ids, threshold, overlap="iou", image=None):
+def _gpu_nms(boxes, scores, image, threshold, overlap="iou", within=None, groups=1):
     """common.mtcnn._nms as it runs on a GPU (nms_by_image), on the CPU."""
     from common.mtcnn import nms_by_image
-    return nms_by_image(boxes, scores, ids, threshold, overlap=overlap)
+    return nms_by_image(boxes, scores, image if within is None else image * groups + within, threshold,
+                        overlap=overlap)
 
 
 @pytest.mark.parametrize("way", ["cpu", "table", "table, nms_by_image"])
@@ -471,3 +472,29 @@ def test_size_groups_pool_sizes_without_widening_a_batch_of_one_size():
     assert len(check(mixed, size_groups(mixed, call=DETECT_CALL))) <= 8
     assert sorted(map(sorted, size_groups(sizes, waste=1.0))) == sorted(
         [i for i, s in enumerate(sizes) if s == size] for size in set(sizes))
+
+
+def test_cpu_nms_keeps_for_each_image_what_it_keeps_alone():
+    """common.mtcnn._nms on the CPU, one call over many images: each image keeps exactly the boxes it keeps
+    alone, wherever it sits in the batch. One call over the batch shifted each image's boxes by a multiple of
+    its index, and float32 rounding then flipped pairs that overlap by just about the threshold; ties of
+    equal scores went another way too."""
+    import torch
+
+    from common.mtcnn import _nms
+
+    g = torch.Generator().manual_seed(7)
+    n, side = 2000, 100.0
+    for overlap, d in (("iou", 0.3 * side / 1.7), ("min", 0.3 * (side + 1))):  # the shift that overlaps by 0.7
+        a = torch.rand(n, 1, 2, generator=g) * 500 + torch.rand(n, 1, 2, generator=g)  # fractional, as stage 2's
+        shift = d + (torch.rand(n, 1, generator=g) - 0.5) * 2e-3
+        first = torch.cat([a, a + side], 2)
+        second = first + torch.cat([shift, torch.zeros_like(shift)] * 2, 1)[:, None]
+        boxes = torch.cat([first, second], 1)  # (n, 2, 4)
+        scores = torch.tensor([0.9, 0.8]).repeat(n, 1)
+        scores[::3] = 1.0  # and ties
+        image = torch.arange(n).repeat_interleave(2)
+        together = _nms(boxes.reshape(-1, 4), scores.reshape(-1), image, 0.7, overlap)
+        for i in range(n):
+            alone = _nms(boxes[i], scores[i], torch.zeros(2, dtype=torch.long), 0.7, overlap) + 2 * i
+            assert torch.equal(together[image[together] == i], alone), (overlap, i)

@@ -369,3 +369,9 @@ def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monk
     with pytest.raises(SystemExit, match=r"cannot give this cache its faces: min_face_prob 0.9 != 0.5"):
         fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c5"), "--teachers", "gender", "--extract-only",
                    "--faces-from", str(fused / "feats"), "--min-face-prob", "0.5", "--run-dir", str(tmp_path / "r5")])
+    assert not (tmp_path / "c5").exists() and not (tmp_path / "r5").exists()  # refused before any work
+    # --overwrite of the donor itself would delete the faces it is asked to give
+    with pytest.raises(SystemExit, match="is --cache itself"):
+        fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
+                   "--faces-from", str(tmp_path / "c"), "--overwrite", "--run-dir", str(tmp_path / "r6")])
+    assert FeatureCache(tmp_path / "c").manifest["complete"]
