@@ -64,8 +64,12 @@ class KnownFaces:
         did): unfinished, or another image list, folder or detector setting."""
         defaults = {"smallest_face": SMALLEST_FACE} if plan.get("align") == "mtcnn" else {}
         why = [] if other.get("complete") is True else ["it is not finished"]
-        return why + [f"{k} {other.get(k, defaults.get(k))} != {plan.get(k, defaults.get(k))}" for k in cls.SAME
-                      if plan.get(k, defaults.get(k)) != other.get(k, defaults.get(k))]
+        for k in cls.SAME:
+            mine, theirs = plan.get(k, defaults.get(k)), other.get(k, defaults.get(k))
+            if mine != theirs:
+                why.append(f"its faces come from another version of the detection code ({theirs}, now {mine})"
+                           if k == "detector" else f"{k} {theirs} != {mine}")
+        return why
 
     @classmethod
     def matches(cls, plan: dict, other: dict) -> bool:
