@@ -132,12 +132,11 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- faces
-def extract(args, cache: FeatureCache, teachers, device, rank, world, log) -> None:
-    """Detect, align and run every teacher on this rank's unfinished shards (common.extract); with
-    --faces-from, take the faces that cache found instead of detecting them."""
+def extract(args, cache: FeatureCache, teachers, device, rank, world, log, donor=None) -> None:
+    """Detect, align and run every teacher on this rank's unfinished shards (common.extract); with a donor
+    (--faces-from), take the faces that cache found instead of detecting them."""
     opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch, workers=args.workers,
                    detect_size=args.detect_size, smallest_face=args.smallest_face, streams=args.streams)
-    donor = faces_donor(args, cache.manifest) if args.faces_from is not None else None
     engine_extract(cache, teachers, device, opts, rank, world, log, faces_from=donor)
 
 
@@ -464,9 +463,10 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
-    if args.faces_from is not None:  # before the run folder, and before --overwrite deletes anything
-        faces_donor(args, make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align,
-                                    args.min_face_prob, args.crop_size, args.detect_size, args.smallest_face))
+    plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
+                     args.crop_size, args.detect_size, args.smallest_face)
+    # before the run folder, and before --overwrite deletes anything
+    donor = faces_donor(args, plan) if args.faces_from is not None else None
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
@@ -477,9 +477,7 @@ def main(argv=None):
         dist.barrier()
     try:
         def open_cache():
-            return FeatureCache.create_or_resume(args.out, args.data, images, teachers, args.shard_size, args.dtype,
-                                                 args.align, args.min_face_prob, args.crop_size, args.detect_size,
-                                                 args.smallest_face)
+            return FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
 
         if rank == 0:
             cache = open_cache()
@@ -490,7 +488,7 @@ def main(argv=None):
             cache = open_cache()
     except CacheMismatch as e:
         raise SystemExit(f"error: {e}")
-    extract(args, cache, teachers, device, rank, world, log)
+    extract(args, cache, teachers, device, rank, world, log, donor)
     if world > 1:
         dist.barrier()
     if rank != 0:

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.cache import CacheMismatch, FeatureCache, list_hash, read_manifest, write_json, write_missed
+from common.cache import CacheMismatch, FeatureCache, make_plan, read_manifest, write_json, write_missed
 from common.extract import KnownFaces, Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
@@ -167,18 +167,14 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
     return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
 
 
-def detector_setting(align, min_face_prob) -> str:
-    """What of the detector's settings a task cache's name and key hold: the threshold only when it detects."""
-    return f"{align}-p{min_face_prob:g}" if align == "mtcnn" and min_face_prob is not None else f"{align}"
-
-
-def other_versions(cache_dir: Path, where: Path, teacher_names, setting: str, path: Path) -> list[str]:
-    """The task caches under cache_dir made from `where` with the same teachers and detector setting (a
-    folder whose files changed leaves its old cache behind: at millions of faces worth a line in the log)."""
+def other_versions(cache_dir: Path, plan: dict, path: Path) -> list[str]:
+    """The task caches under cache_dir made from the folder of `plan` with the same teachers and detector
+    setting (a folder whose files changed leaves its old cache behind: at millions of faces worth a line in
+    the log)."""
+    names = lambda m: [t.get("name") for t in m.get("teachers", [])]
     return [str(other) for other, old in task_caches(cache_dir)
-            if other != path and old.get("data_root") == str(where)
-            and [t.get("name") for t in old.get("teachers", [])] == teacher_names
-            and detector_setting(old.get("align"), old.get("min_face_prob")) == setting]
+            if other != path and names(old) == names(plan)
+            and all(old.get(k) == plan[k] for k in ("data_root", "align", "min_face_prob"))]
 
 
 def task_caches(cache_dir: Path):
@@ -215,22 +211,22 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
     root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
     rel = [os.path.relpath(p, root) for p in paths]
     where = root.resolve()
-    setting = detector_setting(args.align, args.min_face_prob)
+    plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
+                     min_face_prob=args.min_face_prob)
+    setting = f"{args.align}-p{args.min_face_prob:g}" if args.align == "mtcnn" else args.align  # for the name
     teacher_names = [t.name for t in teachers]
-    key = hashlib.sha1("\0".join([list_hash(where, rel), *teacher_names, setting]).encode("utf-8", "surrogateescape"))
+    key = hashlib.sha1("\0".join([plan["list_hash"], *teacher_names, setting]).encode("utf-8", "surrogateescape"))
     key.update(os.fsencode(where))
     # The name only helps a reader find a cache: any byte a file system may refuse becomes _, and it is
     # kept short (a long folder name or a custom teacher's spec made it too long to create).
     readable = re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join([where.name or "root", *teacher_names]))[:80]
     path = args.cache_dir / f"{readable}-{setting}-{key.hexdigest()[:12]}"
-    if not (path / "manifest.json").exists() and (older := other_versions(args.cache_dir, where, teacher_names,
-                                                                          setting, path)):
+    if not (path / "manifest.json").exists() and (older := other_versions(args.cache_dir, plan, path)):
         log.info(f"new task cache {path}; the same folder and teachers have other caches, made from another list "
                  f"of its files (an earlier version of the folder, another task reading part of it, or an older "
                  f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
     try:
-        cache = FeatureCache.create_or_resume(path, root, rel, teachers, shard_size=4096, dtype="float32",
-                                              align=args.align, min_face_prob=args.min_face_prob)
+        cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan)
     except CacheMismatch as e:
         why = "; ".join(e.problems) or str(e)
         raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
@@ -531,8 +527,8 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
     """Why a method cannot run on a task (None: it can); asked of every task and method before any work."""
     if method == "multitask":
         return None
-    if method == "kd":
-        return kd.teacher_problem(task, kd_teacher)
+    if method == "kd":  # kd_teacher: --kd-teacher as given (one name, or one per task)
+        return kd.teacher_problem(task, kd.named_teacher(task, kd_teacher))
     if task.kind == "landmarks":
         ok = kd.LANDMARK_METHODS
     elif task.kind == "verification":  # embeddings compared by cosine, or a model trained on identities
@@ -547,8 +543,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing."""
     n_out = tasks.output_size(task, data)
     # (a method shown n/a for this task, from --method all, needs nothing)
-    need_teachers = [m for m in methods if m not in IMAGE_METHODS
-                     and not unavailable(task, m, kd.named_teacher(task, args.kd_teacher))]
+    need_teachers = [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
     try:
         unsup = FeatureCache(args.teacher_cache).require_complete() if need_teachers else None
     except (FileNotFoundError, RuntimeError) as e:
@@ -594,7 +589,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
         # only from --method all: a named method a task cannot take stopped the run before any work
-        if why := unavailable(task, method, kd.named_teacher(task, args.kd_teacher)):
+        if why := unavailable(task, method, args.kd_teacher):
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
@@ -823,16 +818,12 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     return text
 
 
-def joint(read, all_results, methods, args, device, log) -> list[str]:
-    """The multitask method: one model over every task (2MD-MTL); its entries join each task's results."""
+def joint(read, unlabelled, all_results, methods, args, device, log) -> list[str]:
+    """The multitask method: one model over every task (2MD-MTL); its entries join each task's results.
+    unlabelled: the --pseudo-label images (TaskData), for data distillation, or None."""
     jobs = [(task, data, task_cache(data, [], args, device, log)) for task, data, _ in read]
-    unlabelled = None
-    if args.pseudo_label:
-        from common.images import list_images
-
-        root = args.pseudo_label
-        data = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
-        unlabelled = (data, task_cache(data, [], args, device, log))
+    if unlabelled is not None:
+        unlabelled = (unlabelled, task_cache(unlabelled, [], args, device, log))
         args.pseudo_epochs = args.pseudo_epochs or args.epochs
     results = multitask.run_joint(jobs, args, device, log, unlabelled)
     for r in all_results:
@@ -954,8 +945,7 @@ def main(argv=None):
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
     # (a method that came with `all` and that a task cannot take is shown n/a instead)
-    why = [w for task, _ in jobs for m in methods if m in named
-           and (w := unavailable(task, m, kd.named_teacher(task, args.kd_teacher)))]
+    why = [w for task, _ in jobs for m in methods if m in named and (w := unavailable(task, m, args.kd_teacher))]
     if (given := kd.per_task(args.kd_teacher)) and (other := sorted(set(given) - {t.name for t, _ in jobs})):
         why.append(f"--kd-teacher names {', '.join(other)}, not a task of this run ({', '.join(t.name for t, _ in jobs)})")
     if why:
@@ -973,11 +963,14 @@ def main(argv=None):
             raise SystemExit(f"error: {why}")
         if "kd" in methods and task.kind == "classification":  # the teacher's classes fit the task's
             kd.class_map(task, data, REGISTRY[kd.kd_teacher(task, args)].answer)
-    if args.pseudo_label is not None:
+    unlabelled = None
+    if args.pseudo_label is not None:  # listed once, here, before any work
         from common.images import list_images
 
-        if not list_images(args.pseudo_label):
-            raise SystemExit(f"error: --pseudo-label {args.pseudo_label} holds no image to label")
+        root = args.pseudo_label
+        unlabelled = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
+        if not unlabelled.samples:
+            raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
@@ -991,7 +984,7 @@ def main(argv=None):
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial])))
     if "multitask" in methods:
-        methods = joint(read, all_results, methods, args, device, log)
+        methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)
     if "etl" in methods:
         prune.etl_report(all_results, run, log, {r["task"]: r["metric"] not in metrics.LOWER_IS_BETTER

@@ -199,6 +199,12 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
     }
 
 
+def as_planned(manifest: dict) -> dict:
+    """A manifest with the keys its cache predates filled as that cache was made: caches written before
+    smallest_face existed searched every pyramid level, as 20 does."""
+    return {"smallest_face": 20 if manifest.get("align") == "mtcnn" else None, **manifest}
+
+
 def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
     """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file)."""
     missed = [(cache.images[i], r) for i, r in cache.missed()]
@@ -491,7 +497,7 @@ class FeatureCache:
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
                          align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
-                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE) -> "FeatureCache":
+                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
@@ -499,10 +505,11 @@ class FeatureCache:
         threshold, the size of the copy it sees and the smallest face it looks for (all change which faces
         are found), and the size of
         the crop store. The detector's settings matter with --align mtcnn only; with none they are not
-        recorded."""
+        recorded. plan: make_plan's answer for these same arguments, when the caller has made it already
+        (it stats every image)."""
         path = Path(path)
-        plan = make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
-                         detect_size, smallest_face)
+        plan = plan or make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
+                                 detect_size, smallest_face)
         manifest = path / "manifest.json"
         if manifest.exists():
             old = read_manifest(path)
@@ -528,8 +535,7 @@ class FeatureCache:
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
-        # caches written before smallest_face existed searched every pyramid level, as 20 does
-        old = {"smallest_face": 20 if old.get("align") == "mtcnn" else None, **old}
+        old = as_planned(old)
         for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")

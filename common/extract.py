@@ -29,7 +29,7 @@ from tqdm import tqdm
 from kernels import fuse_features
 
 from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
-from .cache import open_npz
+from .cache import as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import float32_convolutions
 
@@ -62,10 +62,10 @@ class KnownFaces:
     def differences(cls, plan: dict, other: dict) -> list[str]:
         """Why a cache with manifest `other` did not find the faces a cache planned as `plan` would (empty: it
         did): unfinished, or another image list, folder or detector setting."""
-        defaults = {"smallest_face": SMALLEST_FACE} if plan.get("align") == "mtcnn" else {}
+        plan, other = as_planned(plan), as_planned(other)
         why = [] if other.get("complete") is True else ["it is not finished"]
         for k in cls.SAME:
-            mine, theirs = plan.get(k, defaults.get(k)), other.get(k, defaults.get(k))
+            mine, theirs = plan.get(k), other.get(k)
             if mine != theirs:
                 why.append(f"its faces come from another version of the detection code ({theirs}, now {mine})"
                            if k == "detector" else f"{k} {theirs} != {mine}")
