@@ -211,12 +211,15 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
     root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
     rel = [os.path.relpath(p, root) for p in paths]
     where = root.resolve()
+    boxes = [s.box for s in data.samples]  # AffectNet's face boxes: each image's face is searched around its own
     plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
-                     min_face_prob=args.min_face_prob)
+                     min_face_prob=args.min_face_prob, boxes=boxes)
     setting = f"{args.align}-p{args.min_face_prob:g}" if args.align == "mtcnn" else args.align  # for the name
     teacher_names = [t.name for t in teachers]
     key = hashlib.sha1("\0".join([plan["list_hash"], *teacher_names, setting]).encode("utf-8", "surrogateescape"))
     key.update(os.fsencode(where))
+    if plan["boxes"]:
+        key.update(plan["boxes"].encode())
     # The name only helps a reader find a cache: any byte a file system may refuse becomes _, and it is
     # kept short (a long folder name or a custom teacher's spec made it too long to create).
     readable = re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join([where.name or "root", *teacher_names]))[:80]
@@ -226,7 +229,7 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
                  f"of its files (an earlier version of the folder, another task reading part of it, or an older "
                  f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
     try:
-        cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan)
+        cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes)
     except CacheMismatch as e:
         why = "; ".join(e.problems) or str(e)
         raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
@@ -296,12 +299,25 @@ def face_batches(cache, rows, labels, size, train, args, device):
 
 
 # ------------------------------------------------------------------------------------- heads and loss
+def label_range_seen(task, data, y) -> tuple[float, float]:
+    """A regression task without a fixed range (a user's CSV) takes it from the labels of the faces no split tests:
+    the range scales the targets, clips the predictions and gives missed faces its midpoint, so test labels may
+    not set it."""
+    seen = np.ones(len(y), bool)
+    for sp in data.splits:
+        seen[sp.test] = False
+    if not seen.any():
+        raise SystemExit(f"error: {task.name}: every face is tested by some split, so no label is left to set the "
+                         f"range of the regression: give the task a label_range")
+    return float(y[seen].min()), float(y[seen].max())
+
+
 def targets(task, data, n_out) -> tuple[torch.Tensor, tuple | None]:
     """Labels as a tensor the loss takes; regression targets scaled to [0, 1] over the label range."""
     labels = [s.label for s in data.samples]
     if task.kind == "regression":
         y = np.asarray(labels, np.float64)
-        lo_hi = task.label_range or (float(y.min()), float(y.max()))
+        lo_hi = task.label_range or label_range_seen(task, data, y)
         return torch.tensor((y - lo_hi[0]) / max(lo_hi[1] - lo_hi[0], 1e-9), dtype=torch.float32), lo_hi
     if task.kind == "multilabel":
         return torch.tensor(np.asarray(labels, np.float32)), None
@@ -584,7 +600,9 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     results = {}
     out = {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
-           "validation": selection, "results": results}
+           "validation": selection, "skipped_by_reader": len(data.skipped), "results": results}
+    if data.counts:  # the reader's own filters (AffectNet's codes 8-10, IMDb-WIKI's rules): how many rows each took
+        out["reader_counts"] = dict(data.counts)
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
@@ -809,8 +827,11 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
               for r in all_results for m in methods if r["results"][m].get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
              if r["results"][m].get("note")]
+    read = [f"- {r['task']}: the reader skipped {r.get('skipped_by_reader', 0)} file(s) (named in the log)"
+            + (f"; its filters: {r['reader_counts']}" if r.get("reader_counts") else "")
+            for r in all_results if r.get("skipped_by_reader") or r.get("reader_counts")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
-                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + chosen + extra)
+                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + read + chosen + extra)
     text = f"{md}\n\n{notes}\n"
     (run / "report.md").write_text(text)
     write_json(run / "report.json", all_results)
@@ -981,6 +1002,8 @@ def main(argv=None):
     for task, data, _ in read:
         if data.skipped:
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
+        if data.counts:
+            log.info(f"{task.name}: the reader's counts: {data.counts}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial])))
     if "multitask" in methods:

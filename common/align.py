@@ -177,6 +177,20 @@ def _canvas(images, idx, dtype=torch.float32):
     return out
 
 
+def _around(box, w: int, h: int):
+    """The pixel region (x0, y0, x1, y1) searched for a face box: the square around its centre, twice its larger
+    side, within the image; None for no box (NaN), a string when the box lies outside the image."""
+    if box is None or not np.isfinite(np.asarray(box, np.float64)).all():
+        return None
+    bx0, by0, bx1, by1 = (float(v) for v in box)
+    cx, cy, half = (bx0 + bx1) / 2, (by0 + by1) / 2, max(bx1 - bx0, by1 - by0, 1.0)
+    x0, y0 = max(0, int(np.floor(cx - half))), max(0, int(np.floor(cy - half)))
+    x1, y1 = min(w, int(np.ceil(cx + half))), min(h, int(np.ceil(cy + half)))
+    if x1 <= x0 or y1 <= y0:
+        return f"the dataset's face box ({bx0:g}, {by0:g}, {bx1:g}, {by1:g}) lies outside the {w}x{h} image"
+    return x0, y0, x1, y1
+
+
 class BatchDetector:
     """MTCNN on whole batches, on the run's device: each image is shrunk (never enlarged) so that its longer
     side is at most detect_size, images of different sizes share zero-padded canvases (each searched as
@@ -184,7 +198,9 @@ class BatchDetector:
     The face rule is FaceDetector's: confidence >= min_prob, then the face closest to the image centre.
     min_face is in pixels of the shrunk copy. smallest_face (pixels of the copy): MTCNN's pyramid levels
     that look only for faces smaller than this are skipped, the rest kept as they are (common.mtcnn._pyramid);
-    20, MTCNN's min_face, skips none."""
+    20, MTCNN's min_face, skips none. A dataset's face box (AffectNet gives one per image, whose images may hold
+    several faces) makes the search run on the square around it, twice its larger side, so that the face
+    closest to that region's centre is the annotated one."""
 
     def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE,
                  smallest_face: int = SMALLEST_FACE):
@@ -192,11 +208,24 @@ class BatchDetector:
         self.min_prob, self.detect_size, self.device = min_prob, detect_size, torch.device(device)
         self.smallest_face = smallest_face
 
-    def __call__(self, images: list) -> list:
+    def __call__(self, images: list, boxes=None) -> list:
         """images: (3, H, W) uint8 tensors -> per image (matrix 2x3, score), None (no face), or the reason
-        (a string) why an image is too small to search."""
+        (a string) why an image is too small to search. boxes: per image, its face box (x0, y0, x1, y1) in
+        pixels, or NaN / None for the whole image."""
+        out, offset, what = [None] * len(images), [(0, 0)] * len(images), ["image"] * len(images)
+        if boxes is not None:
+            images = list(images)
+            for i, box in enumerate(boxes):
+                region = _around(box, images[i].shape[2], images[i].shape[1])
+                if isinstance(region, str):
+                    out[i] = region
+                elif region is not None:
+                    x0, y0, x1, y1 = region
+                    images[i], offset[i], what[i] = images[i][:, y0:y1, x0:x1], (x0, y0), "the region around its face box"
         small, scale = [None] * len(images), [None] * len(images)
-        for (h, w), idx in by_size([img.shape[1:] for img in images]).items():  # one resize per image size
+        live = [i for i in range(len(images)) if out[i] is None]
+        for (h, w), sub in by_size([images[i].shape[1:] for i in live]).items():  # one resize per image size
+            idx = [live[j] for j in sub]
             s = min(1.0, self.detect_size / max(h, w))
             x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True).float()
             if s < 1:
@@ -204,16 +233,17 @@ class BatchDetector:
                                   antialias=True, align_corners=False)
             for j, i in enumerate(idx):
                 small[i], scale[i] = x[j], (x.shape[3] / w, x.shape[2] / h)
-        out = [None] * len(images)
         # MTCNN builds no pyramid below its smallest face (see FaceDetector), and a face cannot be larger than
         # its image: a copy smaller than the smallest face searched is not searched, and says so
         m = max(self.inner.min_face, self.smallest_face)
         ok = []
         for i, x in enumerate(small):
+            if x is None:
+                continue
             if min(x.shape[1:]) < m:
                 h, w = images[i].shape[1:]
                 copy = "" if x.shape[1:] == images[i].shape[1:] else f" ({x.shape[2]}x{x.shape[1]} as searched)"
-                out[i] = f"image is {w}x{h} pixels{copy}: smaller than the {m}-pixel faces the detector looks for"
+                out[i] = f"{what[i]} is {w}x{h} pixels{copy}: smaller than the {m}-pixel faces the detector looks for"
             else:
                 ok.append(i)
         # images of other sizes share a zero-padded canvas; each is still searched as if alone
@@ -233,7 +263,7 @@ class BatchDetector:
                 b = boxes[keep, :4].astype(np.float64) / [sx, sy, sx, sy]
                 centres = (b[:, :2] + b[:, 2:]) / 2
                 best = keep[int(np.argmin(((centres - [w / 2, h / 2]) ** 2).sum(1)))]
-                chosen.append((i, marks[best].astype(np.float64) / [sx, sy], float(boxes[best, 4])))
+                chosen.append((i, marks[best].astype(np.float64) / [sx, sy] + offset[i], float(boxes[best, 4])))
             if chosen:  # one batched solve, not one per face
                 mats = similarity_transform(np.stack([pts for _, pts, _ in chosen]), TEMPLATE)
                 for (i, _, score), mat in zip(chosen, mats):

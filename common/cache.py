@@ -177,10 +177,26 @@ def list_hash(root: Path, images) -> str:
     return h.hexdigest()
 
 
+def face_boxes(boxes) -> np.ndarray | None:
+    """A dataset's face boxes, one (x0, y0, x1, y1) row per image in pixels, NaN where it gives none; None
+    when it gives none at all."""
+    if boxes is None:
+        return None
+    rows = [(np.nan,) * 4 if b is None else tuple(b) for b in boxes]
+    out = np.array(rows, np.float64).reshape(len(rows), 4)
+    return None if np.isnan(out).all() else out
+
+
+def boxes_hash(boxes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(boxes, np.float64).tobytes()).hexdigest()
+
+
 def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", align="mtcnn", min_face_prob=0.9,
-              crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE) -> dict:
+              crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, boxes=None) -> dict:
     """What a cache of these images, teachers and settings holds: its manifest before any shard (see
-    FeatureCache.create_or_resume)."""
+    FeatureCache.create_or_resume). boxes: face_boxes' array (each image's face is searched around its box;
+    they change which face a row gets, so their hash is part of the plan), or None."""
+    boxes = face_boxes(boxes) if align == "mtcnn" else None  # crops taken as they are have no face to pick
     return {
         "format": FORMAT,
         "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version} for t in teachers],
@@ -196,13 +212,14 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
         "shard_size": shard_size,
         "shard_bounds": list(range(0, len(images), shard_size)) + [len(images)],
         "crop_size": int(crop_size),
+        "boxes": boxes_hash(boxes) if boxes is not None else None,
     }
 
 
 def as_planned(manifest: dict) -> dict:
     """A manifest with the keys its cache predates filled as that cache was made: caches written before
     smallest_face existed searched every pyramid level, as 20 does."""
-    return {"smallest_face": 20 if manifest.get("align") == "mtcnn" else None, **manifest}
+    return {"smallest_face": 20 if manifest.get("align") == "mtcnn" else None, "boxes": None, **manifest}
 
 
 def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
@@ -497,7 +514,7 @@ class FeatureCache:
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
                          align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
-                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None) -> "FeatureCache":
+                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None, boxes=None) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
@@ -506,10 +523,10 @@ class FeatureCache:
         are found), and the size of
         the crop store. The detector's settings matter with --align mtcnn only; with none they are not
         recorded. plan: make_plan's answer for these same arguments, when the caller has made it already
-        (it stats every image)."""
+        (it stats every image). boxes: the dataset's face boxes (make_plan), kept in face_boxes.npy."""
         path = Path(path)
         plan = plan or make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
-                                 detect_size, smallest_face)
+                                 detect_size, smallest_face, boxes)
         manifest = path / "manifest.json"
         if manifest.exists():
             old = read_manifest(path)
@@ -519,6 +536,8 @@ class FeatureCache:
                                     + ". Use another --cache folder, or --overwrite to rebuild it.", problems)
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
+            if plan["boxes"]:
+                atomic_write(path / "face_boxes.npy", lambda f: np.save(f, face_boxes(boxes)))
             write_json(manifest, {**plan, "complete": False})
         return cls(path)
 
@@ -536,7 +555,8 @@ class FeatureCache:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
                             f"!= {new['n_images']} files under {new['data_root']}")
         old = as_planned(old)
-        for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size"):
+        for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size",
+                    "boxes"):
             if old.get(key) != new[key]:
                 problems.append(f"{key} {old.get(key)} != {new[key]}")
         return problems
@@ -553,6 +573,21 @@ class FeatureCache:
     @property
     def redo_hint(self) -> str:
         return _redo_hint(self.path, self.data_root)
+
+    @property
+    def boxes(self) -> np.ndarray | None:
+        """The dataset's face boxes the detector searches around (one row per image, NaN for none), or None."""
+        if not self.manifest.get("boxes"):
+            return None
+        path = self.path / "face_boxes.npy"
+        try:
+            boxes = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CacheDamaged(f"{path} is missing or damaged ({e})", _rebuild_hint(self.path, self.data_root)) from None
+        if boxes_hash(boxes) != self.manifest["boxes"]:
+            raise CacheDamaged(f"{path} does not hold the boxes its manifest was planned with",
+                               _rebuild_hint(self.path, self.data_root))
+        return boxes
 
     def shard_problem(self, k: int) -> str | None:
         """What is wrong with shard k's files ("FILE: why"), from headers, sizes and zip directories alone."""

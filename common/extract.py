@@ -53,7 +53,7 @@ class KnownFaces:
 
     # Everything that decides which face a row gets, and where: equal in both plans, or nothing is reused.
     SAME = ("format", "detector", "data_root", "n_images", "list_hash", "align", "min_face_prob", "detect_size",
-            "smallest_face")
+            "smallest_face", "boxes")
 
     def __init__(self, cache):
         self.cache, self.shards, self.lock = cache, {}, threading.Lock()
@@ -185,8 +185,10 @@ def _chunks(lo, hi, size):
 class Engine:
     """Decode -> detect -> align -> teachers for one batch of loader items, on `device`."""
 
-    def __init__(self, teachers, device, opts: Options, timer=None, known: KnownFaces | None = None):
+    def __init__(self, teachers, device, opts: Options, timer=None, known: KnownFaces | None = None, boxes=None):
+        """boxes: a dataset's face box per cache row (NaN: none), searched around instead of the whole image."""
         self.teachers, self.device, self.opts, self.known = teachers, torch.device(device), opts, known
+        self.boxes = boxes
         self.timer = timer or _untimed
         # Batches in other lanes may call the teachers at the same time: a runtime such as LiteRT keeps
         # per-call state in its interpreter, so each teacher runs one batch at a time.
@@ -225,7 +227,8 @@ class Engine:
             if self.detector is None:
                 hits = [(center_matrix(images[i].shape[2], images[i].shape[1]), 1.0) for i in todo]
             else:
-                hits = self.detector([images[i] for i in todo]) if todo else []
+                boxes = None if self.boxes is None or rows is None else [self.boxes[rows[i]] for i in todo]
+                hits = self.detector([images[i] for i in todo], boxes) if todo else []
         hit_of.update(zip(todo, hits))
         found = []
         for i, hit in ((i, hit_of[i]) for i in ok):
@@ -375,7 +378,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
         known = KnownFaces(faces_from)
         if log:
             log.info(f"faces (detections and alignment) taken from {faces_from.path}: no detection")
-    engine = Engine(teachers, device, opts, timer, known)
+    engine = Engine(teachers, device, opts, timer, known, cache.boxes)
     timer = engine.timer
     dtype = getattr(torch, cache.manifest["dtype"])
     s = cache.crop_size

@@ -104,6 +104,8 @@ def verification_folds(scores, same, folds):
 def verification_per_fold(scores, same, folds) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy on each fold, accuracy on the other folds that chose its threshold), folds in sorted order."""
     scores, same, folds = np.asarray(scores, np.float64), np.asarray(same, bool), np.asarray(folds)
+    if len(np.unique(folds)) < 2:  # a fold's threshold comes from the other folds: with one, from no pair at all
+        raise ValueError(f"verification needs at least 2 folds, got {len(np.unique(folds))}")
     accs, fits = [], []
     for f in np.unique(folds):
         test = folds == f

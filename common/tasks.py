@@ -251,7 +251,7 @@ def load_image(sample):
 
 UTK_RACES = ["White", "Black", "Asian", "Indian", "Others"]
 # UTKFace/[age]_[gender]_[race]_[date&time].jpg[.chip.jpg]; a few real files lack a field.
-_UTK_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d+")
+_UTK_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d")
 
 
 def _age_group_names(bins) -> list[str]:
@@ -262,7 +262,7 @@ def _utk(root: Path, p: dict) -> TaskData:
     folder = _need(_sub(root, "UTKFace"))
     rows, skipped = [], []
     for f in _image_files(folder):
-        m = _UTK_NAME.fullmatch(f.name.split(".")[0])
+        m = _UTK_NAME.match(f.name)  # not up to the first dot: real names such as `24_0_1_2017… .jpg…` and `…357jpg…`
         if m:
             rows.append((str(f), int(m[1]), int(m[2]), int(m[3])))
         else:
@@ -342,11 +342,16 @@ def _lfw(root: Path, p: dict) -> TaskData:
     path = _need(root / "pairs.txt")
     rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     head = rows[0][1] if rows else []
-    if not (1 <= len(head) <= 2 and all(h.isdigit() for h in head)) or not int(head[-1]):
+    if not (len(head) == 2 and all(h.isdigit() for h in head)) or not int(head[-1]):
         raise BadLabels(f"{path} line {rows[0][0] if rows else 1}: expected the header `<folds> <pairs per fold>` "
-                        f"(or `<pairs>`), got {' '.join(head)!r}")
+                        f"(View 2's pairs.txt: `10 300`), got {' '.join(head)!r}" +
+                        (" (a single count is View 1's pairsDevTrain.txt / pairsDevTest.txt, which this 10-fold "
+                         "protocol does not read)" if len(head) == 1 else ""))
     rows = rows[1:]
-    n_folds, n = (int(head[0]), int(head[1])) if len(head) == 2 else (1, int(head[0]))
+    n_folds, n = int(head[0]), int(head[1])
+    if n_folds < 2:  # each fold's threshold is chosen on the other folds: one fold leaves nothing to choose it on
+        raise BadLabels(f"{path}: the header gives {n_folds} fold(s); the protocol needs at "
+                        f"least 2 (a fold's threshold is chosen on the others)")
     if len(rows) != 2 * n_folds * n:
         raise BadLabels(f"{path}: header says {n_folds} folds x 2 x {n} pairs, found {len(rows)} pair lines")
     samples, index, names = [], {}, {}
@@ -406,6 +411,9 @@ def _raf(root: Path, p: dict) -> TaskData:
 
 AFFECTNET_NAMES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
 AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression"]
+# the distributed order; the real validation.csv comes without a header line, training.csv with this one
+AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+                    "expression", "valence", "arousal"]
 
 
 def _affectnet(root: Path, p: dict) -> TaskData:
@@ -415,7 +423,11 @@ def _affectnet(root: Path, p: dict) -> TaskData:
     samples, which, dropped = [], [], 0
     for part, name in (("train", "training.csv"), ("test", "validation.csv")):
         with open(_need(root / name), newline="") as f:
-            reader = csv.DictReader(f)
+            first = next(csv.reader(f), [])
+            f.seek(0)
+            # a first line that names no column of the header but has its width is already a row
+            headerless = len(first) == len(AFFECTNET_HEADER) and not set(first) & set(AFFECTNET_HEADER)
+            reader = csv.DictReader(f, fieldnames=AFFECTNET_HEADER if headerless else None)
             missing = [c for c in AFFECTNET_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise BadLabels(f"{root / name}: no column {', '.join(missing)} (its header: {reader.fieldnames})")
@@ -721,6 +733,13 @@ def _folder(root: Path, p: dict) -> TaskData:
 _CSV_HEADER = {"file", "filename", "path", "image", "img", "name"}
 
 
+def _is_header(cell: str, folder: Path) -> bool:
+    """A first CSV cell that is a usual column name, or that names no file and has no image extension (such
+    as `filepath`): read as a data row, it would be a missing image and, in classification, a class of its own."""
+    return (cell.lower() in _CSV_HEADER or
+            (os.path.splitext(cell)[1].lower() not in IMAGE_EXTS and not (folder / cell).exists()))
+
+
 def _lines(numbers) -> str:
     more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
     return ("lines " if len(numbers) > 1 else "line ") + ", ".join(map(str, numbers[:10])) + more
@@ -732,7 +751,7 @@ def _csv_table(root: Path, p: dict) -> TaskData:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         rows = [(reader.line_num, r) for r in reader if r and r[0].strip()]
-    header = rows[0][1] if rows and rows[0][1][0].strip().lower() in _CSV_HEADER else None
+    header = rows[0][1] if rows and _is_header(rows[0][1][0].strip(), path.parent) else None
     rows = rows[1:] if header else rows
     if no_label := [n for n, r in rows if len(r) < 2 or not r[1].strip()]:
         raise BadLabels(f"{path}: no label on {_lines(no_label)} (expected rows file,label[,split])")
@@ -827,7 +846,7 @@ _REGISTRY = [
          "train on training.csv, report validation.csv accuracy; expressions 8-10 (none/uncertain/no face) dropped",
          "root/{training.csv, validation.csv}, images at root/[Manually_Annotated/]Manually_Annotated_Images/"
          "<subDirectory_filePath>; "
-         "face box from face_x/y/width/height", _affectnet),
+         "face box from face_x/y/width/height (the face is searched around it)", _affectnet),
     Task("Expr-RAF", "Emotion Classification", "classification", 7, None, "accuracy",
          "official train/test partition (train_/test_ file prefix), test accuracy",
          "basic/EmoLabel/list_patition_label.txt + basic/Image/aligned/<name>_aligned.jpg", _raf, {"aligned": True}),

@@ -498,3 +498,28 @@ def test_cpu_nms_keeps_for_each_image_what_it_keeps_alone():
         for i in range(n):
             alone = _nms(boxes[i], scores[i], torch.zeros(2, dtype=torch.long), 0.7, overlap) + 2 * i
             assert torch.equal(together[image[together] == i], alone), (overlap, i)
+
+
+def test_a_dataset_face_box_picks_its_face_in_a_photo_of_several(face_dir, detector):
+    """AffectNet gives a face box per image: the face searched for is the one around it, not the one nearest
+    the centre, with its landmarks in the whole image's pixels."""
+    from common.align import BatchDetector
+
+    img = read_image(face_dir / "multi_face.jpg")
+    boxes, probs, _ = detector.mtcnn.detect(img, landmarks=True)
+    boxes = np.asarray(boxes, np.float64)[np.asarray(probs, np.float64) >= 0.9]
+    assert len(boxes) >= 3
+    x, det = _chw(img), BatchDetector()
+    alone = det([x])[0]
+    assert np.allclose(det([x], [np.full(4, np.nan)])[0][0], alone[0])  # NaN: no box, the whole image
+    eyes = []
+    for box in boxes:
+        matrix, score = det([x], [box])[0]
+        inv = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
+        pts = TEMPLATE @ inv[:2, :2].T + inv[:2, 2]  # the five points the crop puts on the template
+        assert score >= 0.9 and ((pts >= box[:2]) & (pts <= box[2:])).all(), box
+        eyes.append(pts[:2].mean(0))
+    assert len({tuple(np.round(e)) for e in eyes}) == len(boxes)  # a face of its own for each box
+    far = det([x, x], [np.array([5000.0, 5000, 5100, 5100]), boxes[0]])
+    assert far[0] == "the dataset's face box (5000, 5000, 5100, 5100) lies outside the 1000x667 image"
+    assert far[1][1] >= 0.9

@@ -208,6 +208,32 @@ def test_same_size_edit_and_detector_threshold_change_the_plan(tmp_path, images)
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
 
 
+def test_dataset_face_boxes_are_part_of_the_plan(tmp_path, images):
+    from common.extract import KnownFaces
+
+    root, names = images
+    boxes = [None] * len(names)
+    boxes[2] = (10.0, 20.0, 60.0, 80.0)
+    c = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, boxes=boxes)
+    got = c.boxes
+    assert np.isnan(np.delete(got, 2, 0)).all() and list(got[2]) == [10, 20, 60, 80]
+    assert FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, boxes=boxes).boxes is not None
+    moved = list(boxes)
+    moved[2] = (11.0, 20.0, 60.0, 80.0)  # another box may hold another face
+    for other in (moved, None):
+        with pytest.raises(CacheMismatch, match="boxes"):
+            FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, boxes=other)
+    plain = FeatureCache.create_or_resume(tmp_path / "p", root, names, TEACHERS, shard_size=5, boxes=[None] * len(names))
+    assert plain.boxes is None and plain.manifest["boxes"] is None  # no box at all: the plan of a plain folder
+    assert "boxes" in " ".join(KnownFaces.differences(plain.manifest, {**c.manifest, "complete": True}))
+    no_align = FeatureCache.create_or_resume(tmp_path / "n", root, names, TEACHERS, shard_size=5, align="none",
+                                             boxes=boxes)
+    assert no_align.boxes is None  # crops taken as they are: nothing to search
+    np.save(tmp_path / "c" / "face_boxes.npy", np.zeros((len(names), 4)))
+    with pytest.raises(CacheDamaged, match="face_boxes.npy does not hold the boxes"):
+        FeatureCache(tmp_path / "c").boxes
+
+
 def test_faces_stored_in_a_csv_follow_the_csv_file(tmp_path):
     """FER2013's faces are rows of one CSV ('fer2013.csv#row12'): the rows have no file of their own, so the
     list's hash follows the CSV's size and time (a corrected CSV used to leave the hash as it was)."""

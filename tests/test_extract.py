@@ -216,7 +216,8 @@ def test_faces_taken_from_another_cache_are_the_faces_it_would_find(face_dir, tm
     faces = FeatureCache(faces.path)
     detected = []
     real = BatchDetector.__call__
-    monkeypatch.setattr(BatchDetector, "__call__", lambda self, images: (detected.extend(images), real(self, images))[1])
+    monkeypatch.setattr(BatchDetector, "__call__",
+                        lambda self, images, boxes=None: (detected.extend(images), real(self, images, boxes))[1])
 
     def make(name, root, donor, shard_size=3):
         c = FeatureCache.create_or_resume(tmp_path / name, root, NAMES, teachers, shard_size=shard_size,
@@ -266,3 +267,26 @@ def test_faces_taken_from_another_cache_are_the_faces_it_would_find(face_dir, tm
     assert not KnownFaces.matches(other.manifest, faces.manifest)
     with pytest.raises(ValueError, match="cannot be reused"):
         extract(other, teachers, "cpu", Options(batch=2, min_face_prob=0.5), faces_from=faces)
+
+
+def test_each_row_is_searched_around_its_own_dataset_box(face_dir, tmp_path):
+    """The same photo of several faces in three rows, each with a box around another face (AffectNet's rows):
+    each row's matrix puts its own face on the template, across batch and shard edges."""
+    from common.align import TEMPLATE, FaceDetector
+    from common.images import read_image
+
+    img = read_image(face_dir / "multi_face.jpg")
+    boxes, probs, _ = FaceDetector().mtcnn.detect(img, landmarks=True)
+    boxes = np.asarray(boxes, np.float64)[np.asarray(probs, np.float64) >= 0.9][:3]
+    names = ["multi_face.jpg", "zz_noface.jpg", "multi_face.jpg", "multi_face.jpg"]
+    rows = [boxes[0], None, boxes[1], boxes[2]]
+    cache = FeatureCache.create_or_resume(tmp_path / "c", face_dir, names, [], shard_size=3, dtype="float32",
+                                          crop_size=32, boxes=rows)
+    extract(cache, [], "cpu", Options(batch=2, streams=2))
+    cache.finalize()
+    cache = FeatureCache(tmp_path / "c")
+    assert list(cache.found) == [True, False, True, True]
+    for r, box in ((0, boxes[0]), (2, boxes[1]), (3, boxes[2])):
+        inv = np.linalg.inv(np.vstack([cache.matrices[r].astype(np.float64), [0, 0, 1]]))
+        pts = TEMPLATE @ inv[:2, :2].T + inv[:2, 2]
+        assert ((pts >= box[:2]) & (pts <= box[2:])).all(), r

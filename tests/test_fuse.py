@@ -359,7 +359,7 @@ def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monk
     import fuse
     from common.align import BatchDetector
 
-    monkeypatch.setattr(BatchDetector, "__call__", lambda self, images: pytest.fail("detected again"))
+    monkeypatch.setattr(BatchDetector, "__call__", lambda self, images, boxes=None: pytest.fail("detected again"))
     fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
                "--faces-from", str(fused / "feats"), "--shard-size", "3", "--run-dir", str(tmp_path / "run")])
     old, new = FeatureCache(fused / "feats"), FeatureCache(tmp_path / "c")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,19 @@ def test_a_fixture_built_again_in_the_same_folder_is_the_same(tmp_path):
 
 # ----------------------------------------------------------------------------- readers, one by one
 
+def test_utk_real_names_with_a_space_or_no_dot_are_read(tmp_path):
+    # Two files of the real release whose labels are whole but whose extension is odd.
+    root = fx.make_fixture("AgeR-UTK", tmp_path)
+    odd = {"24_0_1_20170116220224657 .jpg.chip.jpg": (24, 0, 1), "55_0_0_20170116232725357jpg.chip.jpg": (55, 0, 0)}
+    for k, name in enumerate(odd):
+        fx.write_face(root / name, 80 + k)  # root is the UTKFace folder
+    for task, field in (("AgeR-UTK", 0), ("Gender-UTK", 1), ("Ethnic-UTK", 2)):
+        data = load(task, root)
+        labels = {Path(s.path).name: s.label for s in data.samples}
+        assert sorted(data.skipped) == sorted(fx.UTK_MALFORMED)
+        assert all(labels[name] == want[field] for name, want in odd.items())
+
+
 def test_utk_labels_and_malformed_names_counted(built):
     root = built("AgeR-UTK")
     ages = load("AgeR-UTK", root)
@@ -179,6 +193,16 @@ def test_affectnet_drops_8_to_10_and_keeps_boxes(built):
     assert first.path.endswith("Manually_Annotated_Images/689/a1.jpg") and first.box == (0.0, 0.0, 50.0, 50.0)
     # Row 4 of training.csv (k=4) follows a dropped row: its box is x=4, y=8, 54x54.
     assert data.samples[3].box == (4.0, 8.0, 58.0, 62.0)
+    assert [data.samples[i].label for i in data.splits[0].test] == [1, 6, 0]
+
+
+def test_affectnet_validation_csv_without_header_as_distributed(tmp_path):
+    root = fx.make_affectnet(tmp_path)
+    want = [(s.path, s.label, s.box) for s in load("Expr-AffectNet", root).samples]
+    val = root / "validation.csv"
+    val.write_text("".join(val.read_text().splitlines(keepends=True)[1:]))  # the real file's first line is a row
+    data = load("Expr-AffectNet", root)
+    assert [(s.path, s.label, s.box) for s in data.samples] == want
     assert [data.samples[i].label for i in data.splits[0].test] == [1, 6, 0]
 
 
@@ -303,6 +327,12 @@ def test_user_csv_tasks(tmp_path):
     assert list(s.train) == [0, 3] and list(s.val) == [1, 4] and list(s.test) == [2, 5]
     with pytest.raises(ValueError):
         tasks.csv_task("Bad", kind="multilabel")
+    # Any header whose first column names no image file is a header, not a sample with a class of its own.
+    fx.replace_line(root / "labels.csv", 1, "filepath,emotion,subset")
+    again = cls.loader(root / "labels.csv")
+    assert again.label_names == ["1", "3", "7"] and [s.path for s in again.samples] == [s.path for s in data.samples]
+    fx.replace_line(root / "labels.csv", 1, None)  # no header at all: the first row is a sample
+    assert len(cls.loader(root / "labels.csv").samples) == 6
 
 
 def test_missing_folder_names_path_and_layout(tmp_path):
@@ -424,6 +454,8 @@ def test_bad_label_files_name_file_and_line(tmp_path):
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 3, "Person_01\t1\ttwo", r"pairs.txt line 3: expected `name i j`")
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 4, "Person_00\t1\tPerson_01", r"pairs.txt line 4: expected `name1")
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 5, None, r"pairs.txt: header says 10 folds x 2 x 2 pairs, found 39")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 1, "40", r"pairs.txt line 1: .*single count is View 1")
+    fails("Identity-LFW", fx.make_lfw, "pairs.txt", 1, "1\t20", r"pairs.txt: the header gives 1 fold\(s\); .* at least 2")
 
 
 def _bad_labels(name, root) -> str:
@@ -667,6 +699,8 @@ def test_candidates_are_chosen_on_the_threshold_folds():
         fits.append(np.mean((scores[folds != f] > t) == same[folds != f]))
     mean, _, fit = metrics.verification_folds(scores, same, folds)
     assert fit == pytest.approx(np.mean(fits)) and fit > mean  # thresholds fit noise: the fit score is optimistic
+    with pytest.raises(ValueError, match="at least 2 folds"):  # one fold: no pair left to choose its threshold on
+        metrics.verification_folds(scores, same, np.zeros(200))
 
 
 def test_validation_carved_from_training_only():

@@ -55,6 +55,10 @@ def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
         check_score(tasks.get_task(name), r["results"][m])
     md = (tmp_path / "run" / "report.md").read_text()
     assert name in md and "missed" in md
+    read = tasks.load(name, data)  # what the reader left out and filtered is on record (UTK's odd names, AffectNet's 8-10)
+    assert r["skipped_by_reader"] == len(read.skipped) and r.get("reader_counts", {}) == read.counts
+    if read.skipped or read.counts:
+        assert f"the reader skipped {len(read.skipped)} file(s)" in md
 
 
 def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
@@ -345,3 +349,17 @@ def test_help_says_what_each_flag_does_and_its_default(capsys, monkeypatch):
     transfer.main(["--list"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in tasks.TASKS) and "(= Object-ImageNet)" in listed
+
+
+def test_regression_range_of_a_user_csv_is_not_set_by_test_labels(tmp_path):
+    from tests.fixtures import make_csv_table
+
+    root = make_csv_table(tmp_path, values=(21.0, 33.5, 90.0, 18.0, 60.0, 27.0), split=True)  # 90 and 27 are test
+    task = tasks.csv_task("Score-Mine", kind="regression")
+    data = task.loader(root)
+    y, lo_hi = transfer.targets(task, data, 1)
+    assert lo_hi == (18.0, 60.0)
+    assert float(y[2]) == pytest.approx((90 - 18) / 42)  # a test label outside the range is scaled, never used to set it
+    data.splits = [tasks.Split("all tested", data.splits[0].test, np.arange(len(data.samples)))]
+    with pytest.raises(SystemExit, match="label_range"):
+        transfer.targets(task, data, 1)
