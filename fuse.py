@@ -195,8 +195,10 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
     loads the ones it had finished (any change of faces, units, recipe or weight starts a new fit)."""
     recipe = recipe_of(args, len(train))
     ckpt = fusion.fit_file(fusion.fits_folder(args.out / "fits"), op, d_in, d_out, data, train, val, recipe, weight)
-    if args.refit:
+    refitted = vars(args).setdefault("refitted", set())  # a sweep's fit that is the main one is not trained twice
+    if args.refit and ckpt not in refitted:
         ckpt.unlink(missing_ok=True)
+        refitted.add(ckpt)
     bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
     model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device,
                              progress=lambda s: bar.update(s - bar.n), checkpoint=ckpt)
@@ -264,6 +266,9 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
     for d in dims:
         if not 1 <= d <= width:  # G maps the h_i to at most as many dimensions as they have
             raise SystemExit(f"error: --dim {d}: h_G's width must be from 1 to {width}, the teachers' total width")
+    for flag, value in (("--val-max", args.val_max), ("--test-max", args.test_max)):
+        if value < 2:  # else the run fails after all of G's training, on an empty set
+            raise SystemExit(f"error: {flag} {value}: validation and test need at least 2 faces each")
     return ops + ([write] if write not in ops else []), write, dims
 
 
@@ -313,11 +318,13 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
             table[col] = fusion.nrmse_per_block(reconstruct(models[col], data, test), x_test, data.mean, slices)
     md = fusion.table5({c.upper().replace("+BAL", " bal"): table[c] for c in table})
     note = ("; 'bal': every teacher's block weighs the same in the loss" if args.balance != "none" else "")
+    note += f"; CONCAT keeps all {d_in} dimensions" if "concat" in ops else ""
     (run / "table5.md").write_text(
         f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. "
         f"G trained on {len(train)} faces, steps chosen on {len(val)} validation faces; autoencoder layout "
         f"{args.ae_layout}{note}\n\n{md}\n")
-    write_json(run / "table5.json", {"dim": dims[0], "n_test": len(test), "split": sizes, "layout": args.ae_layout,
+    write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
+                                     "n_test": len(test), "split": sizes, "layout": args.ae_layout,
                                      "nrmse": table, "training": infos})
     log.info("\n" + md)
 
@@ -337,23 +344,25 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
             write_hG(cache, write, models[name], write, d_in, data, split, args, infos[name]["fit_file"])
             log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
         cache.mark_default_embedding(write)
+    # the sweeps fit G as h_G's is fitted: balanced with --balance equal (with both, h_G's is the plain one)
     if len(dims) > 1:
-        sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log)
+        sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log, variants[0])
     if n_sweep:
-        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log)
+        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log, variants[0])
 
 
-def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log) -> None:
+def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log, weight=None) -> None:
     """Figure 2: reconstruction error against the width of h_G."""
     results = []
     dims = sorted(dims)
     for d in dims:
-        model, _ = train_operator(op, cache.dim, d, data, train, val, args, log)
+        model, _ = train_operator(op, cache.dim, d, data, train, val, args, log, weight)
         err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
         results.append({"dim": d, **err, "average": float(np.mean(list(err.values())))})
     write_json(run / "dim_sweep.json", results)
     plots.lines(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
-                "width of h_G", "test normalised RMSE", f"Reconstruction error of G ({op}) vs h_G width", logx=True)
+                "width of h_G", "test normalised RMSE",
+                f"Reconstruction error of G ({op}{', balanced' if weight is not None else ''}) vs h_G width", logx=True)
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
@@ -369,7 +378,7 @@ def sweep_sets(split, args, n):
     return np.sort(pool[~is_val]), np.sort(pool[is_val])
 
 
-def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
+def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
     Corpus size N counts G's training plus validation faces (sweep_sets), never a test face; each N is
@@ -384,19 +393,21 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log) -> None:
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:
             t0 = time.perf_counter()
-            model, info = train_operator(op, cache.dim, dim, data, train, val, args, log)
+            model, info = train_operator(op, cache.dim, dim, data, train, val, args, log, weight)
             err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
             row[op] = {**err, "average": float(np.mean(list(err.values()))), "seconds": time.perf_counter() - t0,
                        **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden")}}
         results.append(row)
         log.info(f"N={n}: average test NRMSE " + ", ".join(f"{op} {row[op]['average']:.3f}" for op in ops))
         write_json(run / "n_sweep.json", {"dim": dim, "n_test": len(test), "layout": args.ae_layout,
+                                          "balanced": weight is not None,
                                           "teachers": [t["name"] for t in cache.teachers], "results": results})
     head = ["N (train + val)"] + [op.upper() for op in ops]
     rows = [[f"{r['N']} ({r['n_train']} + {r['n_val']})"] + [r[op]["average"] for op in ops] for r in results]
     md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
+    bal = ", teachers balanced" if weight is not None else ""
     (run / "n_sweep.md").write_text(f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
-                                    f"autoencoder layout {args.ae_layout}\n\n{md}\n")
+                                    f"autoencoder layout {args.ae_layout}{bal}\n\n{md}\n")
     plots.lines(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
                 "faces G learns from (N)", "test normalised RMSE",
                 f"Reconstruction error of G vs corpus size (h_G width {dim})", logx=True)

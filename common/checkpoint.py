@@ -84,12 +84,16 @@ def save_state(path, state) -> None:
     """Write state (nested dicts/lists/tuples of tensors, arrays and plain values) to path, atomically.
     Written by safetensors straight to the file, not built in memory first (a fit of G at the paper's
     widths is 0.8 GB)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {}
     meta = {"format": FORMAT, "state": json.dumps(_encode(state, tensors))}
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as e:  # its I/O errors (a full disk) are not OSError: callers catch OSError
+            raise OSError(f"could not write {path}: {e}") from e
 
 
 def load_state(path):

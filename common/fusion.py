@@ -38,7 +38,8 @@ from common.checkpoint import StateError, load_state, save_state
 log = logging.getLogger(__name__)
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
 FIT_FORMAT = 1  # names the fits' folder, with this file's source and torch's version (_CODE)
-_CODE = hashlib.sha1(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+# torch's release, not its build (`+cpu`, `+cu130`): a cache moves between a CPU box and a GPU box
+_CODE = hashlib.sha1(Path(__file__).read_bytes() + torch.__version__.split("+")[0].encode()).hexdigest()[:16]
 LAYOUTS = ("residual", "paper")
 
 
@@ -211,12 +212,18 @@ class PCA(nn.Module):
             while len(memo) >= 2:
                 memo.pop(next(iter(memo)))
             path = None if store is None else Path(store) / f"pca-{_sha(data.fingerprint.encode(), *key[:2])[:24]}.npy"
-            if path is not None and path.exists():
-                memo[key] = torch.from_numpy(np.load(path))
-            else:
+            try:  # a file that cannot be read is computed again, like a missing one
+                memo[key] = torch.from_numpy(np.load(path, allow_pickle=False)) if path and path.exists() else None
+            except (OSError, ValueError) as e:
+                log.warning(f"could not read the PCA axes in {path} ({e}); computing them again")
+                memo[key] = None
+            if memo[key] is None:
                 memo[key] = self.axes(data.batches(rows, 4096))
-                if path is not None:
-                    atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))
+                try:
+                    if path is not None:
+                        atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))
+                except OSError as e:  # a full disk costs the next process this pass, not this run
+                    log.warning(f"could not keep the PCA axes in {path} ({e})")
         self.components.copy_(memo[key][:, : self.d_out].float())
 
     def encode(self, x):
@@ -292,9 +299,12 @@ def load(path) -> tuple[nn.Module, dict]:
 def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: float, test_frac: float,
                     val_max: int, test_max: int) -> dict[str, np.ndarray]:
     """Train / validation / test rows of G. Each face draws a number from a seeded hash of its key (its
-    image path), so the split depends on the faces alone: the same after a resume, the same for every
-    operator, and a face keeps its role when the corpus grows. Test is the faces with the lowest numbers,
-    validation the next ones; each has at least 2 faces and at most *_max (the rest train G)."""
+    image path), so the split depends on the faces alone: the same after a resume and for every operator;
+    while the caps do not bind, a face also keeps its role when the corpus grows (once they do, the larger
+    corpus's lowest numbers take the held-out places). Test is the faces with the lowest numbers, validation
+    the next ones; each has at least 2 faces and at most *_max (the rest train G)."""
+    if min(val_max, test_max) < 2:
+        raise ValueError(f"validation and test need at least 2 faces each (val_max {val_max}, test_max {test_max})")
     rows = np.asarray(rows)
     u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\t{keys[r]}".encode(), digest_size=8).digest(), "little")
                   for r in rows], dtype=np.uint64)
@@ -367,7 +377,7 @@ def prune_fits(root) -> int:
     root, keep = Path(root), fits_folder(root)
     if not root.is_dir():
         return 0
-    dead = [p for p in root.iterdir() if p != keep] + list(keep.glob(".*.tmp"))
+    dead = [p for p in root.iterdir() if p != keep] + list(keep.rglob(".*.tmp"))
     freed = 0
     for p in dead:
         tree = p.is_dir() and not p.is_symlink()
@@ -378,9 +388,11 @@ def prune_fits(root) -> int:
 
 def fit_file(folder, op, d_in, d_out, data, train, val, recipe: Recipe, weight=None) -> Path:
     """Where the fit with exactly these inputs keeps its state: any change of faces, their units, the cache's
-    content, the recipe, the loss weight, this module's source or torch's version gives another file."""
+    content, the recipe, the loss weight, this module's source or torch's version gives another file. PCA and
+    concat are not trained: the recipe is no part of their key."""
     w = np.ones(d_in, np.float32) if weight is None else np.asarray(weight, np.float32)
-    recipe = {k: v for k, v in vars(recipe).items() if k != "checkpoint_s"}  # how often it saves is no matter
+    recipe = ({k: v for k, v in vars(recipe).items() if k != "checkpoint_s"}  # how often it saves is no matter
+              if op not in ("pca", "concat") else None)
     key = json.dumps({"format": FIT_FORMAT, "code": _CODE, "op": op, "d_in": d_in, "d_out": d_out, "recipe": recipe,
                       "data": data.fingerprint, "rows": _sha(np.asarray(train, np.int64), np.asarray(val, np.int64)),
                       "weight": _sha(w)}, sort_keys=True)
@@ -405,21 +417,24 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
         model.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
     info = {"op": op, "layout": recipe.layout if op in ("ae", "vae", "dae") else None, "n_train": len(train),
             "n_val": len(val)}
-    if op == "concat":
-        return model.eval(), info
+    if op == "concat":  # nothing fitted: the same for the same inputs, as a finished fit is
+        return model.eval(), {**info, "loaded": True}
     saved = _load_fit(checkpoint)
+    # the axes on disk beside the fits: a new autoencoder (another recipe or width) starts from them without
+    # a pass over the cache (at 4.12 M faces, 45 GB and an eigendecomposition of 5488 x 5488)
+    store = None if checkpoint is None else Path(checkpoint).parent / "pca"
     if saved is not None and saved["done"]:
         model.load_state_dict(saved["model"])
         return model.eval(), {**saved["info"], "loaded": True}
     if op == "pca":  # a pass over every training face: at 4.12 M, worth keeping like a trained operator
-        model.fit_like(data, train)
+        model.fit_like(data, train, store)
         _save_fit(checkpoint, {"done": True, "model": model.state_dict(), "info": info})
         return model.eval(), info
     if isinstance(model, ResidualAE):
         if saved is None:  # a resumed fit has its linear path in its saved state
             pca = PCA(d_in, d_out).to(device)
             pca.weight.copy_(model.weight)
-            pca.fit_like(data, train)
+            pca.fit_like(data, train, store)
             model.pca_init(pca)
         groups = [{"params": [p for n, p in model.named_parameters() if n.startswith("lin_")], "weight_decay": 0.0},
                   {"params": model.residual_params(), "weight_decay": recipe.weight_decay}]

@@ -149,6 +149,30 @@ def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
     assert "loaded" not in refit["training"]["ae"] and cache.embedding_dir("ae") != version
 
 
+def test_sweeps_fit_G_as_h_G_is_fitted_and_each_fit_is_refitted_once(fused, face_dir, tmp_path):
+    """--balance equal reaches the width sweep (its h_G width reads as Table 5 does); --refit trains the main
+    width once, not again inside the sweep; concat, fitted by nothing, keeps its h_G on a rerun."""
+    import shutil
+
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)  # h_G is rewritten here, not in the fixture
+    common = ["--data", str(face_dir), "--out", str(tmp_path / "feats"), "--teachers", CHEAP, "--epochs", "3",
+              "--shard-size", "4"]
+    fuse.main(common + ["--run-dir", str(tmp_path / "bal"), "--ops", "ae", "--dim", "16,8", "--balance", "equal",
+                        "--refit"])
+    table = json.loads((tmp_path / "bal" / "table5.json").read_text())
+    sweep = {r["dim"]: r["average"] for r in json.loads((tmp_path / "bal" / "dim_sweep.json").read_text())}
+    assert sweep[16] == pytest.approx(np.mean(list(table["nrmse"]["ae+bal"].values())), abs=1e-9)
+    log = (tmp_path / "bal" / "log.txt").read_text()
+    assert log.count("G[ae, 16, balanced]: validation MSE") == 2 and log.count("(finished earlier") == 1
+    for run in ("c1", "c2"):
+        fuse.main(common + ["--run-dir", str(tmp_path / run), "--ops", "concat", "--dim", "8"])
+    assert "comes from this same fit: kept as it is" in (tmp_path / "c2" / "log.txt").read_text()
+    assert "CONCAT keeps all" in (tmp_path / "c2" / "table5.md").read_text()
+    assert json.loads((tmp_path / "c2" / "table5.json").read_text())["widths"]["concat"] > 8
+
+
 def test_n_sweep_larger_than_corpus_fails_before_training(fused, face_dir, tmp_path):
     import fuse
 
@@ -322,7 +346,9 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--dim", "17"], "--dim 17: h_G's width must be from 1 to 16"),
                        (["--teachers", "gender", "--dim", "0"], "--dim 0"),
                        (["--teachers", "gender", "--dim", "x"], "--dim takes whole numbers"),
-                       (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'")]:
+                       (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'"),
+                       (["--teachers", "gender", "--val-max", "0"], "--val-max 0: validation and test need at least 2"),
+                       (["--teachers", "gender", "--test-max", "1"], "--test-max 1")]:
         with pytest.raises(SystemExit) as e:
             run_main(lambda: fuse.main(base + extra))
         assert str(e.value.code).startswith("error: ") and why in str(e.value.code), e.value.code

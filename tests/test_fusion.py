@@ -293,3 +293,44 @@ def test_a_damaged_fit_state_is_moved_aside_and_the_fit_starts_over(tmp_path, ca
     assert info["steps_run"] == 20 and "resumed_from_step" not in info
     assert (tmp_path / "ae.state.safetensors.damaged").exists() and "starts over" in caplog.text
     assert fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), s["train"], s["val"], recipe, checkpoint=ckpt)[1]["loaded"]
+
+
+def test_a_save_that_fails_on_a_full_disk_warns_and_the_fit_goes_on(tmp_path, caplog, monkeypatch):
+    """safetensors reports a full disk as its own error, not OSError: the fit still ends with its result."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    x = curved(120)
+    s = fusion.three_way_split([str(i) for i in range(120)], np.arange(120), 0, 0.2, 0.1, 100, 100)
+    recipe = fusion.Recipe(steps=20, batch=16, eval_every=10, checkpoint_s=0)
+    fusion.log.addHandler(caplog.handler)
+    try:
+        model, info = fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), s["train"], s["val"], recipe,
+                                 checkpoint=tmp_path / "fits" / "ae.state.safetensors")
+    finally:
+        fusion.log.removeHandler(caplog.handler)
+    assert info["steps_run"] == 20 and "No space left on device" in caplog.text and "goes on" in caplog.text
+    assert not list((tmp_path / "fits").glob("*.safetensors")) and not list((tmp_path / "fits").glob(".*.tmp"))
+
+
+def test_pca_fits_do_not_depend_on_the_training_recipe_and_keep_their_axes(tmp_path):
+    x = curved(120)
+    s = fusion.three_way_split([str(i) for i in range(120)], np.arange(120), 0, 0.2, 0.1, 100, 100)
+    data = fusion.Rows(x)
+    a, b = fusion.Recipe(steps=20), fusion.Recipe(steps=40, lr=0.01)
+    name = lambda op, r: fusion.fit_file(tmp_path, op, x.shape[1], 3, data, s["train"], s["val"], r).name  # noqa: E731
+    assert name("pca", a) == name("pca", b) and name("concat", a) == name("concat", b) and name("ae", a) != name("ae", b)
+    # an autoencoder of a new recipe, in a new process, starts from the axes the first one kept on disk
+    fusion.fit("ae", x.shape[1], 3, data, s["train"], s["val"], a, checkpoint=tmp_path / name("ae", a))
+    kept = list((tmp_path / "pca").glob("pca-*.npy"))
+    assert len(kept) == 1
+    fresh = fusion.Rows(x)  # no axes in memory
+    fresh_axes = lambda *args: pytest.fail("the PCA axes were computed again")  # noqa: E731
+    import unittest.mock
+    with unittest.mock.patch.object(fusion.PCA, "axes", fresh_axes):
+        fusion.fit("ae", x.shape[1], 3, fresh, s["train"], s["val"], fusion.Recipe(steps=20, batch=16, eval_every=10),
+                   checkpoint=tmp_path / name("ae", b))
