@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, plots, precision
-from common.cache import FeatureCache, atomic_write, write_json
+from common.cache import FeatureCache, as_planned, atomic_write, write_json
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
@@ -191,23 +191,36 @@ def lr_at(step, total, peak, warmup):
 # A checkpoint is step_N.safetensors (weights + config) and step_N.state.safetensors (optimizer, scaler,
 # RNG; common/checkpoint.py: no pickle, so resuming a run folder from elsewhere runs no code), then
 # latest.json naming them, written last: a kill at any moment leaves the previous one usable.
-def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep):
+def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep, epoch_loss=()):
+    """epoch_loss: the losses of the epoch so far (a resume mid-epoch logs the whole epoch's mean)."""
     d = run / "ckpt"
     name = f"step_{step:08d}"
     extra = {f"decoder.{k}": v for k, v in decoder.state_dict().items()} if decoder is not None else None
     save_student(student, d / f"{name}.safetensors", cfg, extra)
     state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-             "rng": rng_state()}
+             "rng": rng_state(), "epoch_loss": [float(v) for v in epoch_loss]}
     save_state(d / f"{name}{STATE_SUFFIX}", state)
     write_json(d / "latest.json", {"step": step, "weights": f"{name}.safetensors", "state": f"{name}{STATE_SUFFIX}"})
+    # Files of later steps are what a save killed mid-way left before this run resumed from an earlier one:
+    # counted as newest, they would push out the checkpoint latest.json names. The temp files of such a
+    # save go too (each a whole state); no other save is in flight, rank 0 alone writes here.
+    later = lambda p: int(p.name[5:13]) > step  # noqa: E731  step_NNNNNNNN...
+    for p in [p for p in d.glob("step_*") if later(p)] + list(d.glob(".*.tmp")):
+        p.unlink(missing_ok=True)
     weights = sorted(p for p in d.glob("step_*.safetensors") if not p.name.endswith(STATE_SUFFIX))
     for old in weights[:-keep]:
         old.unlink()
         old.with_name(old.name.replace(".safetensors", STATE_SUFFIX)).unlink(missing_ok=True)
 
 
-def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
-    """Restore the latest checkpoint of run into the given objects; returns its step (0 if none)."""
+# settings recorded after runs were already being resumed: compared only when the checkpoint has them
+LATER_SETTINGS = ("embedding_version", "warmup", "weight_decay", "smoothl1_weight", "amp", "cache_content", "align",
+                  "detect_size", "smallest_face", "min_face_prob")
+
+
+def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> tuple[int, list]:
+    """Restore the latest checkpoint of run into the given objects; returns its step (0 if none) and the losses
+    of its epoch so far."""
     if any((run / "ckpt").glob(f"*{LEGACY_STATE_SUFFIX}")):
         raise SystemExit(f"error: cannot resume {run}: its checkpoints were written by an older distill.py as "
                          f"*{LEGACY_STATE_SUFFIX} files, which only load through pickle (a run folder from "
@@ -216,11 +229,14 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
                          f"folder yourself, convert it with `python -m common.checkpoint {run}`, then --resume")
     latest = run / "ckpt" / "latest.json"
     if not latest.exists():
-        return 0
+        return 0, []
     info = json.loads(latest.read_text())
     saved_cfg, tensors = read_checkpoint(run / "ckpt" / info["weights"])
+    # The cache is known by its content and h_G's version: a copy of it elsewhere (a job moved to local disk)
+    # resumes; its path counts only for runs saved before the content was recorded.
+    ignore = {"teacher_cache"} if "cache_content" in saved_cfg else set()
     differs = {k: (saved_cfg.get(k), v) for k, v in {**student.config, **cfg}.items() if saved_cfg.get(k) != v
-               and (k in saved_cfg or k != "embedding_version")}  # (runs saved before it was recorded)
+               and k not in ignore and (k in saved_cfg or k not in LATER_SETTINGS)}
     if differs:
         raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
                          + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
@@ -242,7 +258,7 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> int:
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), list(state.get("epoch_loss", []))
 
 
 RUN_OUTPUTS = ("ckpt", "metrics.jsonl", "loss.png", "student.safetensors", "eval.json", "table5_student.md",
@@ -307,7 +323,11 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     cfg = {"size": args.size, "embedding": name, "loss": args.loss, "embedding_op": meta.get("op"),
            "seed": args.seed, "batch": args.batch, "world": world, "lr": args.lr, "epochs": args.epochs,
            "steps": args.steps, "teacher_cache": str(Path(args.teacher_cache).resolve()),
-           "crop_size": cache.crop_size,
+           "crop_size": cache.crop_size, "cache_content": cache.manifest.get("content_hash"),
+           "warmup": args.warmup, "weight_decay": args.weight_decay,
+           "smoothl1_weight": args.smoothl1_weight if args.loss == "cosine+smoothl1" else None,
+           # how the crops were found and aligned, so that `distill.py embed` finds faces the same way
+           **{k: as_planned(cache.manifest).get(k) for k in ("align", "detect_size", "smallest_face", "min_face_prob")},
            # which version of h_G (fuse.py writes each into a folder of its own): a resume must not go on
            # against targets and units that a fuse.py run has replaced meanwhile
            "embedding_version": Path(meta["folder"]).name}
@@ -316,8 +336,9 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     if channels_last:
         net.to(memory_format=torch.channels_last)
     amp_dtype, scaler = precision.amp_policy(args.amp, device)
+    cfg["amp"] = str(amp_dtype)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else 0
+    start, start_loss = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else (0, [])
     metrics = run / "metrics.jsonl"
     if start and rank == 0 and metrics.exists():
         # Epochs logged after the checkpoint resumed from are trained again: drop their lines.
@@ -350,6 +371,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     return SimpleNamespace(cache=cache, name=name, student=student, decoder=decoder, net=net, model=model, opt=opt,
                            scaler=scaler, amp_dtype=amp_dtype, channels_last=channels_last, loss_fn=loss_fn,
                            loader=loader, sampler=sampler, per_epoch=per_epoch, total=total, start=start, cfg=cfg,
+                           start_loss=start_loss,
                            train_rows=train_rows, val_rows=val_rows, hG_mean=hG_mean)
 
 
@@ -360,7 +382,7 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     the end of each epoch: a non-finite one stops the run there, naming its step, before any checkpoint of
     its weights is written."""
     stop = min(args.stop_at or s.total, s.total)
-    step, epoch_loss, seen, t0 = s.start, [], 0, time.time()
+    step, epoch_loss, seen, t0 = s.start, list(s.start_loss), 0, time.time()
     imgs = args.batch * world
     device = next(s.net.parameters()).device
     bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
@@ -396,23 +418,28 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
             step += 1
             seen += imgs
             pending.append((step, loss))
+            ends_epoch = step % s.per_epoch == 0 or step == s.total
             checkpoint = rank == 0 and (step % args.ckpt_every == 0 or step == stop)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == stop:
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == stop or ends_epoch:
                 sync()  # on every rank at the same steps (the all-reduce inside)
+            if ends_epoch:
+                if rank == 0:  # the epoch's line before its checkpoint: a kill between the two loses no line
+                    log_epoch(run, log, epoch, step, s.total, epoch_loss, seen / max(time.time() - t0, 1e-9))
+                epoch_loss, seen, t0 = [], 0, time.time()
             if checkpoint:
-                save_checkpoint(run, step, s.student, s.decoder, s.opt, s.scaler, s.cfg, args.keep)
+                save_checkpoint(run, step, s.student, s.decoder, s.opt, s.scaler, s.cfg, args.keep, epoch_loss)
             if step == stop:
                 break
-        sync()
-        if rank == 0:
-            rate = seen / max(time.time() - t0, 1e-9)
-            with open(run / "metrics.jsonl", "a") as f:
-                row = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_loss)), "img_s": rate}
-                f.write(json.dumps(row) + "\n")
-            log.info(f"epoch {epoch}: step {step}/{s.total}, mean loss {np.mean(epoch_loss):.4f}, {rate:.1f} img/s")
-        epoch_loss, seen, t0 = [], 0, time.time()
     bar.close()
     return step
+
+
+def log_epoch(run, log, epoch, step, total, losses, rate) -> None:
+    """One line of metrics.jsonl per epoch (the losses of the part before a resume included)."""
+    row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), "img_s": rate}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info(f"epoch {epoch}: step {step}/{total}, mean loss {row['loss']:.4f}, {rate:.1f} img/s")
 
 
 def plot_loss(run: Path, loss: str) -> None:
@@ -437,14 +464,29 @@ def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
     return torch.cat(out).numpy() if out else np.zeros((0, student.config["out_dim"]), np.float32)
 
 
-def fit_check_decoder(h_tr, x_tr, h_va, x_va, epochs, seed, device):
-    """Table 5's check: a decoder like G's fitted from embeddings to standardised h_i; returns its held-out
-    predictions. Inputs are standardised first (a cosine-trained embedding has no fixed scale); like
-    fuse.py for G, the epoch with the lowest held-out error is kept, so both columns share one protocol."""
+def check_rows(cache, name, held, seed) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that choose the check decoder's epoch, rows it is reported on) among the held-out faces: G's own
+    validation and test faces (split.npz), as fuse.py chose G's step and reported Table 5; a seeded half
+    each for an h_G written before split.npz was kept."""
+    split = cache.embedding_dir(name) / "split.npz"
+    if split.exists():
+        with np.load(split) as sp:
+            choose, report = np.intersect1d(sp["val"], held), np.intersect1d(sp["test"], held)
+        if len(choose) and len(report):
+            return choose, report
+    order = np.random.default_rng(seed).permutation(held)
+    return np.sort(order[: len(held) // 2]), np.sort(order[len(held) // 2:])
+
+
+def fit_check_decoder(h_tr, x_tr, h_ch, x_ch, h_re, epochs, seed, device):
+    """Table 5's check: a decoder like G's fitted from embeddings to standardised h_i; returns its predictions
+    for h_re (the faces reported on) at the epoch with the lowest error on h_ch / x_ch (other faces), as
+    fuse.py keeps G's step on validation faces and reports test faces. Inputs are standardised first (a
+    cosine-trained embedding has no fixed scale)."""
     torch.manual_seed(seed)
     mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
     t = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
-    h_tr, h_va, x_tr, x_va = t((h_tr - mu) / sd), t((h_va - mu) / sd), t(x_tr), t(x_va)
+    h_tr, h_ch, h_re, x_tr, x_ch = t((h_tr - mu) / sd), t((h_ch - mu) / sd), t((h_re - mu) / sd), t(x_tr), t(x_ch)
     dec = fusion.mlp(fusion.layer_widths(x_tr.shape[1], h_tr.shape[1])[::-1]).to(device)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
@@ -460,10 +502,9 @@ def fit_check_decoder(h_tr, x_tr, h_va, x_va, epochs, seed, device):
             opt.step()
         with torch.no_grad():
             dec.eval()
-            pred = dec(h_va)
-            err = float(F.mse_loss(pred, x_va))
-        if err < best:
-            best, best_pred = err, pred.cpu().numpy()
+            err = float(F.mse_loss(dec(h_ch), x_ch))
+            if err < best:
+                best, best_pred = err, dec(h_re).cpu().numpy()
     return best_pred
 
 
@@ -479,31 +520,37 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
     cos = lambda a, b: F.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b), dim=1).numpy()
     standardise = lambda x: (x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
     x_fit = standardise(cache.features.take(fit_rows))
-    x_val = cache.features.take(val_rows).astype(np.float64)
-    x_val_std = standardise(x_val)
+    choose, report = check_rows(cache, name, val_rows, args.seed)
+    at = lambda rows: np.searchsorted(val_rows, rows)  # noqa: E731  positions among the held-out rows
+    x_ch = standardise(cache.features.take(choose))
+    x_re = cache.features.take(report).astype(np.float64)
 
     G, _ = fusion.load(cache.embedding_dir(name) / "G.safetensors")
     with torch.no_grad():
-        g_rec = G.decode(torch.from_numpy(h_val_true)).numpy() * std + mean
-    pred = fit_check_decoder(h_fit, x_fit, h_val, x_val_std, args.recon_epochs, args.seed, device) * std + mean
+        g_rec = G.decode(torch.from_numpy(h_val_true[at(report)])).numpy() * std + mean
+    pred = fit_check_decoder(h_fit, x_fit, h_val[at(choose)], x_ch, h_val[at(report)], args.recon_epochs, args.seed,
+                             device) * std + mean
     column = "E_MT" if args.loss == "mt" else "E_unique"
-    table = {f"G ({meta.get('op', name)})": fusion.nrmse_per_block(g_rec, x_val, mean, slices),
-             f"{column} (student)": fusion.nrmse_per_block(pred, x_val, mean, slices)}
-    result = {"embedding": name, "loss": args.loss, "n_fit": len(fit_rows), "n_val": len(val_rows),
-              "params": n_params(student), "nrmse": table,
-              "protocol": "check decoder shaped like G's decoder, fitted on the student's embeddings of "
-                          "n_fit training faces; epoch with the lowest held-out error kept (as fuse.py does for G)"}
+    table = {f"G ({meta.get('op', name)})": fusion.nrmse_per_block(g_rec, x_re, mean, slices),
+             f"{column} (student)": fusion.nrmse_per_block(pred, x_re, mean, slices)}
+    result = {"embedding": name, "loss": args.loss, "n_fit": len(fit_rows), "n_choose": len(choose),
+              "n_report": len(report), "n_val": len(val_rows), "params": n_params(student), "nrmse": table,
+              "protocol": "check decoder shaped like G's decoder, fitted on the student's embeddings of n_fit "
+                          "training faces; its epoch chosen on n_choose held-out faces (G's validation faces), "
+                          "both columns reported on n_report others (G's test faces), as fuse.py does for G; "
+                          "the cosines over all n_val held-out faces"}
     if args.loss == "mt":
         with torch.no_grad():
-            direct = decoder.to(device).eval()(torch.from_numpy(h_val).to(device)).cpu().numpy() * std + mean
-        table["E_MT own decoder"] = fusion.nrmse_per_block(direct, x_val, mean, slices)
+            direct = decoder.to(device).eval()(torch.from_numpy(h_val[at(report)]).to(device)).cpu().numpy()
+        table["E_MT own decoder"] = fusion.nrmse_per_block(direct * std + mean, x_re, mean, slices)
     else:
         hG_mean = hG_mean.astype(np.float32)  # the training mean setup() took: a second pass costs ~19 s at 4.12 M
         result.update(cos_val=float(cos(h_val, h_val_true).mean()),
                       cos_val_mean_baseline=float(cos(np.broadcast_to(hG_mean, h_val_true.shape).copy(),
                                                       h_val_true).mean()))
     md = fusion.table5(table)
-    head = f"Reconstruction normalised RMSE of each h_i on {len(val_rows)} held-out faces (Table 5)"
+    head = (f"Reconstruction normalised RMSE of each h_i on {len(report)} held-out faces (Table 5; the check "
+            f"decoder's epoch chosen on {len(choose)} others)")
     if "cos_val" in result:
         head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} "
                  f"(the training mean of h_G alone scores {result['cos_val_mean_baseline']:.4f})")
@@ -540,18 +587,21 @@ def export_student(student, out_dir, size, formats=EXPORTS) -> dict:
 
 # ------------------------------------------------------------------------------------------- embed
 @torch.no_grad()
-def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9, workers=0):
-    """(embeddings, reasons) for image files: the extraction engine's detection and alignment, the crop the
-    student was trained on (the crop store's size, then its input size), then the student. A row whose
-    image has no usable face is NaN and its reason is non-empty; the rows always line up with paths."""
-    from common.align import CROP_SIZE
+def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, workers=0):
+    """(embeddings, reasons) for image files: the extraction engine's detection and alignment, with the settings
+    of the cache the student learnt from (min_prob, when given, replaces its threshold), the crop the student
+    was trained on (the crop store's size, then its input size), then the student. A row whose image has no
+    usable face is NaN and its reason is non-empty; the rows always line up with paths."""
+    from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
     from common.extract import Options, crops_of_files
 
     student, cfg = load_student(checkpoint, device)
     device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
-    opts = Options(min_face_prob=min_prob, batch=batch, workers=workers)
+    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=min_prob or cfg.get("min_face_prob") or 0.9,
+                   batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
+                   smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)
     bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
     for idx, crops, found, why in crops_of_files(paths, device, opts, cfg.get("crop_size") or CROP_SIZE):
         for i, r in zip(idx, why):
@@ -563,7 +613,7 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=0.9, worker
     return emb, reasons
 
 
-def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=0.9):
+def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=None):
     """(paths, embeddings) of every image under folder; faceless or unreadable images keep a NaN row."""
     from common.images import list_images
 
@@ -584,8 +634,12 @@ def embed_main(argv):
                         "a usable face, and why)")
     p.add_argument("--batch", type=int, default=64, help="faces per student batch")
     p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
-    p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
+    p.add_argument("--min-face-prob", type=float, default=None,
+                   help="detector confidence below which no face counts (default: that of the cache the student "
+                        "learnt from, whose detection settings embed uses; 0.9 for students saved before they were kept)")
     a = p.parse_args(argv)
+    if a.batch < 1:
+        raise SystemExit(f"error: --batch {a.batch}: at least 1 face per batch")
     from common.images import PATH_ERRORS, encode_paths, list_images
 
     # the output's place is checked before the work, not after it
@@ -642,8 +696,9 @@ def main(argv=None):
         s = setup(args, rank, world, device, run, log)
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
-        msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'} "
-               f"(lower --lr, or --amp off, then --resume)")
+        msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat "
+               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite and "
+               f"a lower --lr, or --amp off")
         log.error(msg)
         if world > 1:
             dist.destroy_process_group()

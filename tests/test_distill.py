@@ -119,6 +119,7 @@ def build_cache(root: Path, copies: int = 3, seed: int = 0) -> Path:
     for k in range(cache.n_shards):
         cache.write_embedding_shard("ae", k, h[int(cache.bounds[k]):int(cache.bounds[k + 1])])
     np.save(path / "emb" / "ae" / "val_rows.npy", val)
+    np.savez(path / "emb" / "ae" / "split.npz", train=np.setdiff1d(rows, val), val=val[:2], test=val[2:])  # as fuse.py
     cache.write_embedding_meta("ae", {"op": "ae", "dim": 32, "d_in": d_in, "teachers": cache.teachers,
                                       "val_frac": 0.2, "seed": seed, "model": "G.safetensors"})
     return path
@@ -165,6 +166,8 @@ def test_training_lowers_loss_and_evaluates(trained, cache_dir):
     assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve
     ev = json.loads((trained / "eval.json").read_text())
     assert ev["n_val"] == 5 and ev["embedding"] == "ae"
+    # the check decoder's epoch is chosen on G's validation faces, Table 5 reported on G's test faces only
+    assert (ev["n_choose"], ev["n_report"]) == (2, 3) and "on 3 held-out faces" in (trained / "table5_student.md").read_text()
     assert set(ev["nrmse"]) == {"G (ae)", "E_unique (student)"}
     for col in ev["nrmse"].values():
         assert set(col) == set(TEACHER_NAMES) and all(np.isfinite(v) for v in col.values())
@@ -212,6 +215,41 @@ def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
 
 
+def test_metrics_and_checkpoints_after_a_resume_read_as_an_uninterrupted_run(cache_dir, tmp_path, monkeypatch):
+    """One metrics line per epoch, its loss the whole epoch's, whether the run stopped mid-epoch (--stop-at) or
+    was killed just after an epoch's checkpoint; files a save killed mid-way left at a later step never push out
+    the checkpoint latest.json names."""
+    common = ["--teacher-cache", str(cache_dir), "--steps", "5", "--ckpt-every", "1", "--no-eval", "--keep", "1",
+              *TINY]
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    distill.main([*common, "--out", str(tmp_path / "straight")])
+    want = rows(tmp_path / "straight")
+    assert [r["step"] for r in want] == [2, 4, 5]  # 2 steps an epoch; the last epoch is one step
+    distill.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "3"])  # inside epoch 1
+    ckpt = tmp_path / "stopped" / "ckpt"
+    for name in ("step_00000009.safetensors", "step_00000009.state.safetensors", ".step_00000009.safetensors.x.tmp"):
+        (ckpt / name).write_bytes(b"what a save killed mid-way leaves")
+    distill.main([*common, "--out", str(tmp_path / "stopped"), "--resume"])
+    real = distill.save_checkpoint
+
+    def killed_after_epoch_0(run, step, *a, **k):
+        real(run, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint that ends epoch 0
+
+    monkeypatch.setattr(distill, "save_checkpoint", killed_after_epoch_0)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main([*common, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(distill, "save_checkpoint", real)
+    distill.main([*common, "--out", str(tmp_path / "killed"), "--resume"])
+    for run in ("stopped", "killed"):
+        got = rows(tmp_path / run)
+        assert [(r["epoch"], r["step"]) for r in got] == [(r["epoch"], r["step"]) for r in want], run
+        assert np.allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5, atol=1e-6), run
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step_00000005.safetensors",
+                                                      "step_00000005.state.safetensors"]
+
+
 def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tmp_path):
     run = tmp_path / "r"
     common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--stop-at", "1", "--out", str(run),
@@ -219,6 +257,9 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
     distill.main(common)
     with pytest.raises(SystemExit, match="other settings"):
         distill.main([*common, "--resume", "--seed", "1"])
+    for flag, value in (("--warmup", "0.5"), ("--weight-decay", "0.1")):  # each changes the result
+        with pytest.raises(SystemExit, match=f"{flag[2:].replace('-', '_')}="):
+            distill.main([*common, "--resume", flag, value])
     # The same command again without --resume: refused, naming the flags, and nothing of the run is touched.
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert run / "ckpt" / "step_00000001.state.safetensors" in before
@@ -229,7 +270,7 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
     # --overwrite starts afresh: the old checkpoint is replaced by the new run's.
     distill.main([*common, "--seed", "1", "--overwrite"])
     assert read_checkpoint(run / "ckpt" / "step_00000001.safetensors")[0]["seed"] == 1
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "metrics.jsonl").exists()  # stopped inside its first epoch: its losses wait in the checkpoint
 
 
 def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
@@ -240,6 +281,11 @@ def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
     common = ["--teacher-cache", str(cache_path), "--steps", "2", "--no-eval", "--stop-at", "1",
               "--out", str(tmp_path / "r"), *TINY]
     distill.main(common)
+    # the same cache copied elsewhere (a job moved to local disk) is the same cache: the run resumes there
+    moved = shutil.copytree(cache_path, tmp_path / "moved", symlinks=True)
+    at = common.index("--teacher-cache") + 1
+    distill.main([str(moved) if i == at else c for i, c in enumerate(common)] + ["--resume"])
+    assert json.loads((tmp_path / "r" / "ckpt" / "latest.json").read_text())["step"] == 1
     cache = FeatureCache(cache_path)
     old = cache.embedding_dir("ae")
     with cache.new_embedding("ae") as folder:
@@ -475,7 +521,7 @@ def test_resumed_moments_keep_the_weights_memory_format(tmp_path):
     opt.step()
     distill.save_checkpoint(tmp_path, 1, net, None, opt, None, {}, keep=2)
     net2, opt2 = make()
-    assert distill.load_checkpoint(tmp_path, net2, None, opt2, None, {}, "cpu") == 1
+    assert distill.load_checkpoint(tmp_path, net2, None, opt2, None, {}, "cpu") == (1, [])
     convs = [p for p in net2.parameters() if p.ndim == 4]
     assert convs and all(opt2.state[p]["exp_avg"].stride() == p.stride() for p in convs)
     for p, q in zip(net.parameters(), net2.parameters()):
@@ -523,3 +569,36 @@ def test_a_named_device_that_is_not_here_is_one_line():
             pick_device("cuda")
     with pytest.raises(SystemExit, match="--device bogus"):
         pick_device("bogus")
+
+
+def test_the_check_decoder_is_reported_at_the_epoch_its_choice_faces_pick():
+    """The epoch kept is the best on the faces that choose it, whatever the reported faces would prefer."""
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(64, 8)).astype(np.float32)
+    x = (h @ rng.normal(size=(8, 12)) / np.sqrt(8)).astype(np.float32)
+    # choice faces whose targets are noise pick an early epoch, while the reported faces' error keeps falling:
+    # chosen on the reported faces themselves, a later, better one would be kept
+    noise = rng.normal(size=(16, 12)).astype(np.float32)
+    err = lambda p: float(((p - x[48:]) ** 2).mean())  # noqa: E731
+    by_noise = err(distill.fit_check_decoder(h[:48], x[:48], h[48:], noise, h[48:], 150, 0, "cpu"))
+    by_report = err(distill.fit_check_decoder(h[:48], x[:48], h[48:], x[48:], h[48:], 150, 0, "cpu"))
+    first = err(distill.fit_check_decoder(h[:48], x[:48], h[48:], x[48:], h[48:], 1, 0, "cpu"))
+    assert by_report < 0.8 * first and by_noise > by_report + 0.1
+
+
+def test_embed_finds_faces_as_the_students_cache_did(trained, tmp_path, monkeypatch):
+    import common.extract
+    from common.student import save_student
+
+    student, cfg = load_student(trained)
+    assert (cfg["align"], cfg["detect_size"], cfg["smallest_face"], cfg["min_face_prob"]) == ("mtcnn", 640, 20, 0.9)
+    save_student(student, tmp_path / "s.safetensors", {**cfg, "detect_size": 320, "smallest_face": 40,
+                                                      "min_face_prob": 0.8})
+    seen = []
+    monkeypatch.setattr(common.extract, "crops_of_files", lambda paths, device, opts, size: seen.append(opts) or [])
+    distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"])
+    distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"], min_prob=0.95)
+    assert [(o.detect_size, o.smallest_face, o.min_face_prob) for o in seen] == [(320, 40, 0.8), (320, 40, 0.95)]
+    with pytest.raises(SystemExit, match="--batch 0"):
+        distill.main(["embed", "--student", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy"),
+                      "--batch", "0"])
