@@ -636,7 +636,8 @@ def embed_main(argv):
     p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
     p.add_argument("--min-face-prob", type=float, default=None,
                    help="detector confidence below which no face counts (default: that of the cache the student "
-                        "learnt from, whose detection settings embed uses; 0.9 for students saved before they were kept)")
+                        "learnt from, whose detection settings embed uses; 0.9 for students saved before they "
+                        "were kept)")
     a = p.parse_args(argv)
     if a.batch < 1:
         raise SystemExit(f"error: --batch {a.batch}: at least 1 face per batch")

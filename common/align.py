@@ -221,7 +221,8 @@ class BatchDetector:
                     out[i] = region
                 elif region is not None:
                     x0, y0, x1, y1 = region
-                    images[i], offset[i], what[i] = images[i][:, y0:y1, x0:x1], (x0, y0), "the region around its face box"
+                    images[i], offset[i] = images[i][:, y0:y1, x0:x1], (x0, y0)
+                    what[i] = "the region around its face box"
         small, scale = [None] * len(images), [None] * len(images)
         live = [i for i in range(len(images)) if out[i] is None]
         for (h, w), sub in by_size([images[i].shape[1:] for i in live]).items():  # one resize per image size

@@ -583,7 +583,8 @@ class FeatureCache:
         try:
             boxes = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise CacheDamaged(f"{path} is missing or damaged ({e})", _rebuild_hint(self.path, self.data_root)) from None
+            raise CacheDamaged(f"{path} is missing or damaged ({e})",
+                               _rebuild_hint(self.path, self.data_root)) from None
         if boxes_hash(boxes) != self.manifest["boxes"]:
             raise CacheDamaged(f"{path} does not hold the boxes its manifest was planned with",
                                _rebuild_hint(self.path, self.data_root))

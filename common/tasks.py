@@ -262,7 +262,8 @@ def _utk(root: Path, p: dict) -> TaskData:
     folder = _need(_sub(root, "UTKFace"))
     rows, skipped = [], []
     for f in _image_files(folder):
-        m = _UTK_NAME.match(f.name)  # not up to the first dot: real names such as `24_0_1_2017… .jpg…` and `…357jpg…`
+        # from the name's start, not up to its first dot: real names such as `24_0_1_2017… .jpg…`, `…357jpg…`
+        m = _UTK_NAME.match(f.name)
         if m:
             rows.append((str(f), int(m[1]), int(m[2]), int(m[3])))
         else:
