@@ -54,7 +54,7 @@ from common.cache import CacheMismatch, FeatureCache, make_plan, read_manifest, 
 from common.extract import KnownFaces, Options, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
-from common.student import WIDTH, build_student, load_student
+from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -444,7 +444,7 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
         # @torch: a teacher ported from ONNX / TFLite is fine-tuned as its PyTorch module, on the CPU too
         backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), cache.crop_size
     elif method == "scratch":
-        backbone = build_student(student_cfg["arch"], student_cfg["width"], student_cfg["out_dim"])
+        backbone = student_like(student_cfg)  # a pruned --student's own layer widths
         size = student_cfg.get("size", 112)
     else:
         backbone, size = load_student(args.student)[0], student_cfg.get("size", 112)
@@ -929,6 +929,9 @@ def check_flags(args, methods) -> None:
                          f"{args.kd_temperature:g} and {args.kd_weight:g})")
     if "etl" in methods:
         etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
+        if args.etl_images < 1 or not 0 < args.etl_keep <= 1:
+            raise SystemExit(f"error: --etl-images must be 1 or more (got {args.etl_images}) and --etl-keep a "
+                             f"fraction above 0, at most 1 (got {args.etl_keep:g}; 0.995 keeps 99.5%)")
         if why := etl_base_problem(args.etl_base):
             raise SystemExit(f"error: {why}")
 
@@ -1011,7 +1014,7 @@ def main(argv=None):
     report(all_results, methods, run, log)
     if "etl" in methods:
         prune.etl_report(all_results, run, log, {r["task"]: r["metric"] not in metrics.LOWER_IS_BETTER
-                                                 for r in all_results})
+                                                 for r in all_results}, args.etl_base)
     log.info(f"run folder: {run}")
 
 

@@ -203,13 +203,12 @@ def mlp(d_in: int, n_out: int, hidden: int) -> nn.Module:
 def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int]:
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
-    from .student import build_student, load_student, read_checkpoint
+    from .student import load_student, read_checkpoint, student_like
     from .teachers import TeacherBackbone, build_teachers
 
     if name in ("student", "scratch"):
         cfg = read_checkpoint(student_path)[0]
-        net = load_student(student_path)[0] if name == "student" else build_student(cfg["arch"], cfg["width"],
-                                                                                     cfg["out_dim"])
+        net = load_student(student_path)[0] if name == "student" else student_like(cfg)
         return net, cfg["out_dim"], cfg.get("size", 112)
     if why := backbone_problem(name):
         raise SystemExit(f"error: {why}")

@@ -121,6 +121,16 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise NotAStudent(f"{path} is not a student checkpoint: not a readable safetensors file ({e})") from None
 
 
+def student_like(cfg: dict) -> Student:
+    """A freshly initialised network of a checkpoint's architecture, a pruned one's smaller layers included."""
+    student = build_student(cfg["arch"], cfg["width"], cfg["out_dim"])
+    if cfg.get("pruned"):  # a transfer.py --method etl network: smaller layers, shapes in the metadata
+        from common.prune import apply_shapes
+
+        apply_shapes(student, cfg["pruned"])
+    return student
+
+
 def load_student(path, device="cpu") -> tuple[Student, dict]:
     """(student in eval mode, config) from a checkpoint file or a distill.py run folder.
 
@@ -128,10 +138,6 @@ def load_student(path, device="cpu") -> tuple[Student, dict]:
     student (transfer.py --method etl) also its layer shapes ("pruned") and what it was pruned for ("etl").
     """
     cfg, tensors = read_checkpoint(path)
-    student = build_student(cfg["arch"], cfg["width"], cfg["out_dim"])
-    if cfg.get("pruned"):  # a transfer.py --method etl network: smaller layers, shapes in the metadata
-        from common.prune import apply_shapes
-
-        apply_shapes(student, cfg["pruned"])
+    student = student_like(cfg)
     student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
     return student.to(device).eval(), cfg

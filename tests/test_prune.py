@@ -288,3 +288,46 @@ def test_etl_base_is_checked_before_any_work(tmp_path, monkeypatch, base):
         transfer.main(["--method", "etl", "--etl-base", base, "--run-dir", str(tmp_path / "r")])
     assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
     assert transfer.etl_base_problem("mobilenet_v2") is None and transfer.etl_base_problem("student") is None
+
+
+def test_the_pruned_output_layer_is_checked_on_its_kept_channels(monkeypatch):
+    """mobilenet_v2's embedding is its last 1x1 convolution, which is pruned too: the check compares the kept
+    output channels and still catches a kept filter that computes something else."""
+    from common.teachers import build_teachers
+
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    batches = [(x, torch.tensor([0, 1, 0, 1]))]
+    make = lambda: transfer.TeacherBackbone(build_teachers(["mobilenet_v2"])[0]).eval()  # noqa: E731
+    m = make()
+    removed = prune.etl_prune(m, x[:2], batches, "classification", 0.5)
+    assert m(x[:1]).shape[1] == 640 and len(removed["net.m.features.18.0"]) == 640
+    real = prune.prune
+
+    def wrong(model, *a):  # a cut the tracer got wrong: one kept convolution's filters scaled
+        out = real(model, *a)
+        conv = dict(model.named_modules())["net.m.features.1.conv.0.0"]
+        conv.weight.data *= -3
+        return out
+
+    monkeypatch.setattr(prune, "prune", wrong)
+    with pytest.raises(prune.CannotPrune, match="changed what its kept filters compute"):
+        prune.etl_prune(make(), x[:2], batches, "classification", 0.5)
+
+
+def test_etl_flags_and_a_pruned_students_scratch_twin(etl_run, tmp_path):
+    for extra, why in ((["--etl-images", "0"], "--etl-images must be 1 or more"),
+                       (["--etl-keep", "99.5"], "0.995 keeps 99.5%"), (["--etl-keep", "0"], "got 0;")):
+        with pytest.raises(SystemExit, match=why):
+            transfer.main(["--method", "etl", "--run-dir", str(tmp_path / "r"), *extra])
+    assert not (tmp_path / "r").exists()
+    # scratch on a pruned --student trains that architecture, its smaller layers included
+    from common.student import student_like
+
+    tmp, _, _ = etl_run
+    pruned, cfg = load_student(tmp / "run" / "etl" / "Gender-UTK" / "r0.9" / "model.safetensors")
+    assert prune.count_params(student_like(cfg)) == prune.count_params(pruned)
+    # ratio 0 is the base fine-tuned whole: the student's finetune, or a teacher's P-CNN
+    rows = [{"ratio": 0.0, "params": 10, "value": 0.8, **dict.fromkeys(("mflops", "file_mb", "cpu_ms_b1", "cpu_ms_b64",
+                                                                        "gpu_ms_b1", "gpu_ms_b64"))}]
+    assert prune.report_table(rows, "accuracy", True)[1][0][0] == "finetune (0)"
+    assert prune.report_table(rows, "accuracy", True, "mobilenet_v2")[1][0][0] == "pcnn mobilenet_v2 (0)"
