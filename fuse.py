@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import CacheDamaged, CacheMismatch, FeatureCache, make_plan, read_manifest, write_json, write_missed
-from common.extract import KnownFaces, Options
+from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import list_images
@@ -424,15 +424,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
-    if args.detect_size < SMALLEST_FACE:
-        raise SystemExit(f"error: --detect-size {args.detect_size}: the detection copy needs {SMALLEST_FACE} pixels "
-                         f"or more, MTCNN's smallest face")
-    if args.align == "mtcnn" and not SMALLEST_FACE <= args.smallest_face <= args.detect_size:
-        # under 20 MTCNN has no level to add; over the copy's size nothing is left to search
-        raise SystemExit(f"error: --smallest-face {args.smallest_face} must be between {SMALLEST_FACE} (every level "
-                         f"searched) and --detect-size ({args.detect_size}), in pixels of the detection copy")
-    if args.align == "none" and args.smallest_face != SMALLEST_FACE:
-        raise SystemExit("error: --smallest-face is for the detector, which --align none does not run")
+    if why := detection_problem(args.align, args.detect_size, args.smallest_face):
+        raise SystemExit(f"error: {why}")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

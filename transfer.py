@@ -50,8 +50,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.cache import CacheMismatch, FeatureCache, make_plan, read_manifest, write_json, write_missed
-from common.extract import KnownFaces, Options, extract
+from common.align import DETECT_SIZE, SMALLEST_FACE
+from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, read_manifest, write_json,
+                          write_missed)
+from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, load_student, student_like
@@ -89,6 +91,13 @@ def parse_args(argv=None):
     p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
                    help="mtcnn: detect and align faces; none: the images already are face crops")
     p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
+    p.add_argument("--detect-size", type=int, default=None,
+                   help="longer side of the copy MTCNN searches (see fuse.py --help). Default: the setting the "
+                        "student's teacher cache was extracted with (else --cache's, else 640), so that task faces "
+                        "are found as the faces the student learnt from were")
+    p.add_argument("--smallest-face", type=int, default=None,
+                   help="faces smaller than this many pixels of the detection copy are not searched for (see "
+                        "fuse.py --help). Default: as --detect-size, the student's setting (else 20, every level)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
     p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
@@ -174,7 +183,25 @@ def other_versions(cache_dir: Path, plan: dict, path: Path) -> list[str]:
     names = lambda m: [t.get("name") for t in m.get("teachers", [])]
     return [str(other) for other, old in task_caches(cache_dir)
             if other != path and names(old) == names(plan)
-            and all(old.get(k) == plan[k] for k in ("data_root", "align", "min_face_prob"))]
+            and all(as_planned(old).get(k) == plan[k] for k in ("data_root", "align", "min_face_prob", "detect_size",
+                                                                 "smallest_face"))]
+
+
+def detection_settings(args, student_cfg):
+    """Fills --detect-size and --smallest-face left unset with those the student's faces were found with (its
+    teacher cache's, which distill.py records), else --cache's, else the detector's defaults: a task's faces
+    found otherwise would be cropped from other boxes and landmarks than the student learnt from."""
+    known = dict(student_cfg or {})
+    if not known.get("detect_size"):
+        try:
+            known = as_planned(read_manifest(args.teacher_cache))
+        except (OSError, CacheMismatch):
+            known = {}
+    for flag, default in (("detect_size", DETECT_SIZE), ("smallest_face", SMALLEST_FACE)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, (known.get(flag) or default) if args.align == "mtcnn" else default)
+    if why := detection_problem(args.align, args.detect_size, args.smallest_face):
+        raise SystemExit(f"error: {why}")
 
 
 def task_caches(cache_dir: Path):
@@ -213,8 +240,12 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
     where = root.resolve()
     boxes = [s.box for s in data.samples]  # AffectNet's face boxes: each image's face is searched around its own
     plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
-                     min_face_prob=args.min_face_prob, boxes=boxes)
+                     min_face_prob=args.min_face_prob, detect_size=args.detect_size,
+                     smallest_face=args.smallest_face, boxes=boxes)
     setting = f"{args.align}-p{args.min_face_prob:g}" if args.align == "mtcnn" else args.align  # for the name
+    if args.align == "mtcnn":  # the defaults add nothing, so that caches made before these flags stay found
+        setting += f"-d{args.detect_size}" * (args.detect_size != DETECT_SIZE)
+        setting += f"-s{args.smallest_face}" * (args.smallest_face != SMALLEST_FACE)
     teacher_names = [t.name for t in teachers]
     key = hashlib.sha1("\0".join([plan["list_hash"], *teacher_names, setting]).encode("utf-8", "surrogateescape"))
     key.update(os.fsencode(where))
@@ -236,7 +267,7 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
                          f"rebuild it, or pass another --task-cache") from None
     if cache.remove_damaged(log) or not cache.manifest.get("complete"):
         opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
-                       workers=args.workers)
+                       workers=args.workers, detect_size=args.detect_size, smallest_face=args.smallest_face)
         extract(cache, teachers, device, opts, log=log, faces_from=faces_donor(cache, args.cache_dir))
         cache.finalize()
         cache = FeatureCache(path)
@@ -996,6 +1027,7 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
+    detection_settings(args, student_cfg)
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")

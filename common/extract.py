@@ -45,6 +45,20 @@ class Options:
     streams: int = 0              # batches in flight at once (Lanes); 0: 2 on the CPU, 1 on a GPU or when timed
 
 
+def detection_problem(align: str, detect_size: int, smallest_face: int) -> str | None:
+    """Why these detector settings cannot run (a line for the user), or None."""
+    if detect_size < SMALLEST_FACE:
+        return (f"--detect-size {detect_size}: the detection copy needs {SMALLEST_FACE} pixels or more, MTCNN's "
+                f"smallest face")
+    if align == "mtcnn" and not SMALLEST_FACE <= smallest_face <= detect_size:
+        # under 20 MTCNN has no level to add; over the copy's size nothing is left to search
+        return (f"--smallest-face {smallest_face} must be between {SMALLEST_FACE} (every level searched) and "
+                f"--detect-size ({detect_size}), in pixels of the detection copy")
+    if align == "none" and smallest_face != SMALLEST_FACE:
+        return "--smallest-face is for the detector, which --align none does not run"
+    return None
+
+
 class KnownFaces:
     """The detections of a finished cache of the same files and detector settings, reused instead of detecting
     again (detection bounds extraction): the same float32 matrices give the same crops, so the new cache's

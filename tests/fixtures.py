@@ -85,15 +85,16 @@ UTK_VALID = [  # (age, gender, race)
 UTK_MALFORMED = ["39_1_20170116174525125.jpg.chip.jpg", "61_3_20170109150557335.jpg.chip.jpg", "53__0_20170116184028385.jpg.chip.jpg"]
 
 
-def write_tiny_student(path: Path, size: int) -> Path:
+def write_tiny_student(path: Path, size: int, **extra) -> Path:
     """A small student checkpoint (width 0.125, 16-wide embedding, seeded init) taking size x size crops:
-    for tests of mechanics, not accuracy (distill.py's own tests train real ones)."""
+    for tests of mechanics, not accuracy (distill.py's own tests train real ones). extra: more of its config
+    (the detector settings its faces were found with, say)."""
     import torch
 
     from common.student import build_student, save_student
 
     torch.manual_seed(0)
-    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": size})
+    save_student(build_student("resnet18w", 0.125, 16), path, extra={"size": size, **extra})
     return path
 
 

@@ -1,5 +1,6 @@
 """transfer.py end to end: every task's layout through alignment, training, missed-face rule and report."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -251,6 +252,25 @@ def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fus
     named = capsys.readouterr().out.split("other caches, made from another list of its files")[1].split("\n")[0]
     stale, = [c for c in before if str(b.resolve()) in (c / "manifest.json").read_text()]
     assert str(stale) in named and len([c for c in before if str(c) in named]) == 1
+
+
+def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fused, student_ckpt):
+    """A student distilled from faces found at --detect-size 320 --smallest-face 40 gets its task faces found
+    the same way, unless the flags say otherwise; each setting keeps a task cache of its own."""
+    data = make_fixture("AgeR-UTK", tmp_path / "a")
+    student = write_tiny_student(tmp_path / "s.safetensors", 48, detect_size=320, smallest_face=40)
+    settings = lambda: sorted((m["detect_size"], m["smallest_face"]) for m in
+                              (json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/manifest.json")))
+    run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen")
+    assert settings() == [(320, 40)] and len(list((tmp_path / "cache").glob("*-d320-s40-*"))) == 1
+    run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "20")
+    assert settings() == [(320, 20), (320, 40)]
+    # a student that records none (older, or distilled from crops) leaves the defaults, in the name as before
+    run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
+    assert (640, 20) in settings()
+    assert any(re.search(r"-mtcnn-p0\.9-[0-9a-f]{12}$", p.name) for p in (tmp_path / "cache").iterdir())
+    with pytest.raises(SystemExit, match="--smallest-face 400 must be between"):
+        run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
 
 
 def test_a_long_or_odd_folder_name_gets_a_task_cache(tmp_path, fused, student_ckpt, capsys):
