@@ -464,6 +464,8 @@ def main(argv=None):
         raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")
     names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     extra = load_config(args.teachers_config) if args.teachers_config else []
+    if not names + extra and not args.extract_only:  # --extract-only without teachers: the crop store alone
+        raise SystemExit("error: --teachers names no teacher: G fuses at least one (see --list-teachers)")
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))

@@ -379,6 +379,19 @@ def test_smallest_face_out_of_range_is_refused_before_any_work(tmp_path, monkeyp
     assert not list(tmp_path.iterdir())
 
 
+def test_no_teacher_is_refused_before_any_work_but_extract_only_stores_crops(tmp_path, face_dir, monkeypatch):
+    """--teachers '' used to extract, then stop in G's report with a ZeroDivisionError."""
+    import fuse
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--teachers names no teacher"):
+        fuse.main(["--data", str(face_dir), "--teachers", " , "])
+    assert not list(tmp_path.iterdir())
+    fuse.main(["--data", str(face_dir), "--teachers", "", "--extract-only", "--out", "feats"])
+    manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["teachers"] == [] and (tmp_path / "feats" / "crops").is_dir()
+
+
 def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monkeypatch):
     """A teacher set changed on a corpus already extracted: --faces-from takes the old cache's faces, so
     nothing is detected, and the new cache finds the same faces with the same matrices."""
