@@ -137,7 +137,7 @@ def fuse_features(features, mean, std, out=None, out_dtype=torch.float16, backen
     features: sequence of (B, d_i) floating tensors (any strides, any float dtype each); mean, std:
     1-D float tensors of length sum(d_i). Computes (x - mean) / std in float32 and stores it in `out`
     (a (B, sum d_i) tensor or view, e.g. rows of a staging buffer; its dtype wins) or, when out is None,
-    in a new tensor of out_dtype on the features' device. Returns out.
+    in a new tensor of out_dtype on the features' device. Returns out, outside any autograd graph.
     """
     features = list(features)
     if not features:
@@ -192,7 +192,8 @@ class _CosineDistill(torch.autograd.Function):
             student, target, stats = ctx.saved_tensors
             scale = 1.0 / max(student.shape[0], 1) if ctx.reduction == "mean" else 1.0
             args = (student, target, stats, grad_loss, scale, ctx.eps)
-            if ctx.impl is _triton_impl and _LOSS not in _failed_ops:
+            # an explicit "triton" never falls back, even where an earlier "auto" call gave up on the kernel
+            if ctx.impl is _triton_impl and (_LOSS not in _failed_ops or _requested(ctx.backend) == "triton"):
                 grad = _guarded(_LOSS, ctx.backend, _triton_impl.cosine_backward, *args)
             if grad is None:
                 grad = torch_impl.cosine_backward(*args)
@@ -206,7 +207,9 @@ def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="au
     reduction: "mean" | "sum" | "none" (per-row (B,) loss). Accumulates in float32 (float64 for
     float64 inputs) and returns the loss in that dtype; the gradient comes in the student's dtype.
     Gradient convention: exact derivative of the formula above, except that a student row with
-    |s| <= eps (e.g. all zeros) gets a zero gradient, so the gradient is always finite.
+    |s| <= eps (e.g. all zeros) gets a zero gradient, so the gradient is finite in float32 arithmetic (a
+    float16 student row of tiny but nonzero norm, |s| ~ 1e-6, can still overflow its float16 gradient to
+    inf, which GradScaler sees and skips).
     The target is a fixed teacher output: no gradient flows to it, and a target that requires grad
     raises ValueError while grad mode is on (pass target.detach()).
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 
+@torch.no_grad()  # as the kernel: a cache write, never part of a graph
 def fuse_features(features, mean, std, out):
     col = 0
     for x in features:
@@ -11,7 +12,8 @@ def fuse_features(features, mean, std, out):
         m = mean[col:col + width].to(x.device, torch.float32)
         s = std[col:col + width].to(x.device, torch.float32)
         # Promotion against the float32 statistics gives float32 arithmetic (as in the kernel) with a
-        # single temporary, even for half-precision inputs.
+        # single temporary, even for half-precision inputs; float64 ones are brought down to it first.
+        x = x.float() if x.dtype == torch.float64 else x
         out[:, col:col + width].copy_(torch.sub(x, m).div_(s))
         col += width
     return out

@@ -154,10 +154,11 @@ def _cos_fwd_kernel(s, t, loss, stats, n_rows, eps, DIM: tl.constexpr,
     nt = tl.sqrt(tl.sum(tt, axis=1))
     dot = tl.sum(st, axis=1)
     cos = dot / (tl.maximum(ns, eps) * tl.maximum(nt, eps))
-    tl.store(loss + rows, 1.0 - cos, mask=row_ok)
-    tl.store(stats + rows, ns, mask=row_ok)
-    tl.store(stats + n_rows + rows, nt, mask=row_ok)
-    tl.store(stats + 2 * n_rows + rows, dot, mask=row_ok)
+    r = rows.to(tl.int64)  # 2 * n_rows overflows int32 from 2^30 rows
+    tl.store(loss + r, 1.0 - cos, mask=row_ok)
+    tl.store(stats + r, ns, mask=row_ok)
+    tl.store(stats + (r + n_rows), nt, mask=row_ok)
+    tl.store(stats + (r + n_rows + n_rows), dot, mask=row_ok)
 
 
 @_kernel
@@ -168,10 +169,11 @@ def _cos_bwd_kernel(s, t, stats, g, g_stride, g_scale, grad, n_rows, eps, DIM: t
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
-    ns = tl.load(stats + rows, mask=row_ok, other=1.0)
-    nt = tl.load(stats + n_rows + rows, mask=row_ok, other=1.0)
-    dot = tl.load(stats + 2 * n_rows + rows, mask=row_ok, other=0.0)
-    gr = tl.load(g + rows * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
+    r = rows.to(tl.int64)
+    ns = tl.load(stats + r, mask=row_ok, other=1.0)
+    nt = tl.load(stats + (r + n_rows), mask=row_ok, other=1.0)
+    dot = tl.load(stats + (r + n_rows + n_rows), mask=row_ok, other=0.0)
+    gr = tl.load(g + r * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
     ns_c = tl.maximum(ns, eps)
     nt_c = tl.maximum(nt, eps)
     cos = dot / (ns_c * nt_c)
@@ -189,7 +191,11 @@ def _cos_bwd_kernel(s, t, stats, g, g_stride, g_scale, grad, n_rows, eps, DIM: t
 
 @functools.lru_cache(maxsize=256)
 def plan_loss(n_rows: int, dim: int, strides: tuple, device_type: str, block_d: int | None = None) -> Plan:
-    """Grid and constants of one loss launch; strides: the (row, col) strides of s, t (and grad)."""
+    """Grid and constants of one loss launch; strides: the (row, col) strides of s, t (and grad).
+
+    Strides are compile-time constants: row-major inputs (what the scripts pass) compile once per tile
+    height, while a column-major (transposed) input, whose column stride is its batch size, compiles anew
+    for each batch size."""
     block_d = block_d or min(2048, _pow2_ceil(dim))
     block_m = _rows_per_tile(n_rows, block_d, 1, _on_gpu(device_type))
     names = ("S", "T", "G")

@@ -286,6 +286,49 @@ def test_fallback_matches_torch_cosine_similarity():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_clamps_each_norm_not_their_product(backend):
+    """Rows of norm 1e-5: each above eps, their product (1e-10) below it. Clamping the product would give
+    1 - 0.01 cos; the random O(1) and all-zero rows of the other tests cannot tell the two apart."""
+    gen = _gen(14)
+    s = _randn((4, 24), torch.float32, gen)
+    t = _randn((4, 24), torch.float32, gen)
+    s, t = s / s.norm(dim=1, keepdim=True) * 1e-5, t / t.norm(dim=1, keepdim=True) * 1e-5
+    s.requires_grad_(True)
+    loss = kernels.cosine_distill_loss(s, t, reduction="none", backend=backend)
+    theirs = 1 - torch.nn.functional.cosine_similarity(s.double(), t.double(), dim=1, eps=EPS)
+    _assert_close(loss, theirs, 1e-5)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    ref_rows, ref_grad, scale = _loss_ref(s.detach(), t)
+    _assert_close(grad, ref_grad, 1e-4, scale)
+
+
+@needs_triton
+def test_forced_triton_backward_never_falls_back(monkeypatch, fresh_failures):
+    """An explicit backend="triton" runs its backward in Triton even after an "auto" call gave up on it."""
+    kernels._failed_ops["cosine_distill_loss"] = "an earlier failure"
+    calls = []
+    real = kernels._triton_impl.cosine_backward
+    monkeypatch.setattr(kernels._triton_impl, "cosine_backward", lambda *a: calls.append(1) or real(*a))
+    s, t = _loss_case(5, 16, torch.float32, seed=15)
+    s.requires_grad_(True)
+    torch.autograd.grad(kernels.cosine_distill_loss(s, t, backend="triton"), s)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_is_float32_and_outside_autograd_for_any_input(backend):
+    gen = _gen(16)
+    feats = [torch.randn(3, w, generator=gen, dtype=torch.float64).to(DEV).requires_grad_(True) for w in (5, 2)]
+    mean, std = torch.zeros(7, device=DEV), torch.ones(7, device=DEV) * 3
+    out = kernels.fuse_features(feats, mean, std, out_dtype=torch.float64, backend=backend)
+    assert not out.requires_grad
+    # float32 arithmetic: the float64 inputs' low bits are gone, as in the kernel
+    ref32 = torch.cat([f.detach().float() for f in feats], 1).double() / 3
+    ref64 = torch.cat([f.detach() for f in feats], 1) / 3
+    assert torch.allclose(out, ref32, rtol=1e-6, atol=0) and (out - ref64).abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_target_requiring_grad_raises(backend):
     s, t = _loss_case(3, 4, torch.float32, seed=11, zero_rows=False)
     t.requires_grad_(True)
