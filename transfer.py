@@ -315,7 +315,8 @@ def face_batches(cache, rows, labels, size, train, args, device):
     """() -> iterator of (pixels on device, labels on device); augmented on the device when training, with
     draws from a generator of the main process, so the pixels do not depend on the number of workers."""
     dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), num_workers=args.workers, collate_fn=first,
-                                     batch_sampler=Batches(len(rows), args.batch, train, args.seed))
+                                     batch_sampler=Batches(len(rows), args.batch, train, args.seed),
+                                     pin_memory=torch.device(device).type == "cuda", persistent_workers=args.workers > 0)
     rng = np.random.default_rng(args.seed)
 
     def it():

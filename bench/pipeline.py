@@ -5,7 +5,7 @@ Each stage is timed on its own over the folder (read, decode, detect, align, eac
 the engine end to end, against the per-image path the project had before the engine (PIL decode,
 full-resolution MTCNN and cv2 warp one image at a time, teachers in batches), timed in the same run on
 the first --old-n images. Distillation is timed over --steps steps of distill.py's train_step fed from
-the crop store with device augmentation, against the old loader (decode the image, warp it, torchvision
+the crop store with device augmentation, and fed from transfer.py's fine-tuning loader, against the old loader (decode the image, warp it, torchvision
 v2 transforms per sample) and against train_step alone on one batch already on the device (the
 ceiling); the rows repeat as needed, after --warmup untimed steps. Rates count images per second for
 read, decode, detect and extraction end to end (whose note gives faces/s too), faces per second for
@@ -364,6 +364,7 @@ def main(argv=None):
         alone = train_rate(cache, train, args, device, "synthetic", args.steps)
         new_epoch = train_rate(cache, train, args, device, "store", args.steps)
         old_epoch = train_rate(cache, train, args, device, "images", args.old_steps)
+        task_epoch = train_rate(cache, train, args, device, "task", args.steps)
         add(("distill", "train_step alone (synthetic batches on the device)", alone[0], f"GPU {alone[1]}"))
         add(("distill", "decode + warp + v2 per sample (before)", old_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / old_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M"))
@@ -371,6 +372,8 @@ def main(argv=None):
                      f"{PAPER_FACES * PAPER_EPOCHS / new_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M; "
                      f"{new_epoch[0] / old_epoch[0]:.2f}x before; {new_epoch[0] / alone[0]:.0%} of train_step "
                      f"alone; GPU {new_epoch[1]}"))
+        add(("transfer", "task crop store + device augmentation (transfer.py's loader)", task_epoch[0],
+             f"{task_epoch[0] / alone[0]:.0%} of train_step alone; GPU {task_epoch[1]}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head = (f"{args.n} images, teachers {args.teachers}, batch {args.batch}, {args.workers} workers, {device} "
@@ -386,7 +389,8 @@ def main(argv=None):
 def train_rate(cache, rows, args, device, source: str, steps: int):
     """(images/s over `steps` training steps after --warmup untimed ones, GPU utilisation) with distill.py's
     train_step, the batches coming from the crop store ("store"), from decoding the images as the loader
-    before the store did ("images"), or one fixed batch already on the device ("synthetic"). The rows are
+    before the store did ("images"), from transfer.py's fine-tuning loader ("task"), or one fixed batch already
+    on the device ("synthetic"). The rows are
     repeated to fill the steps, so a small folder still times a steady state."""
     import distill
     from kernels import cosine_distill_loss
@@ -402,6 +406,13 @@ def train_rate(cache, rows, args, device, source: str, steps: int):
         data = AlignedFaces(cache, rows, train=True, targets=cache.features)
         dl = loader(data, sampler=EpochSampler(data, 0), collate_fn=first, pin_memory=device.type == "cuda")
         batches = ((to_device_pixels(b, args.size, device, True), b["target"]) for b in dl)
+    elif source == "task":  # transfer.py's fine-tuning loader over the same crop store, feeding the same step
+        import transfer
+        from types import SimpleNamespace
+
+        targets = torch.from_numpy(cache.features.take(np.arange(len(cache.images))).astype(np.float32))
+        batches = transfer.face_batches(cache, rows, targets, args.size, True,
+                                        SimpleNamespace(workers=args.workers, batch=args.batch, seed=0), device)()
     elif source == "images":
         batches = iter(loader(OldFaces(cache, rows, args.size), shuffle=True))
     else:
