@@ -54,7 +54,7 @@ from common.align import DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, read_manifest, write_json,
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
-from common.facedata import N_PARAMS, aug_params, augment, first, resize
+from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
 from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
@@ -291,35 +291,18 @@ class TaskFaces(torch.utils.data.Dataset):
         return crops, tuple(t[r] for t in self.labels) if isinstance(self.labels, tuple) else self.labels[r]
 
 
-class Batches(torch.utils.data.Sampler):
-    """Positions in batches, in a new seeded order each epoch when shuffling. A last batch of one image joins the
-    one before it: batch norm cannot train on a single image whose feature map has shrunk to one value."""
-
-    def __init__(self, n: int, batch: int, shuffle: bool, seed: int):
-        self.n, self.batch, self.shuffle = n, batch, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else list(range(self.n))
-        chunks = [order[i:i + self.batch] for i in range(0, self.n, self.batch)]
-        if len(chunks) > 1 and len(chunks[-1]) == 1:
-            last = chunks.pop()
-            chunks[-1] += last
-        return iter(chunks)
-
-    def __len__(self):
-        return -(-self.n // self.batch) - (self.n > self.batch and self.n % self.batch == 1)
-
-
 def face_batches(cache, rows, labels, size, train, args, device):
     """() -> iterator of (pixels on device, labels on device); augmented on the device when training, with
     draws from a generator of the main process, so the pixels do not depend on the number of workers."""
+    sampler = Batches(len(rows), args.batch, train, args.seed)
     dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), num_workers=args.workers, collate_fn=first,
-                                     batch_sampler=Batches(len(rows), args.batch, train, args.seed),
-                                     pin_memory=torch.device(device).type == "cuda", persistent_workers=args.workers > 0)
+                                     batch_sampler=sampler, pin_memory=torch.device(device).type == "cuda",
+                                     persistent_workers=args.workers > 0)
     rng = np.random.default_rng(args.seed)
+    epochs = itertools.count()
 
     def it():
+        sampler.set_epoch(next(epochs))
         for crops, t in dl:
             crops = crops.to(device, non_blocking=True)
             if train:

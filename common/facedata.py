@@ -196,3 +196,28 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         if pad > 0:
             order = np.concatenate([order, np.resize(order, pad)])
         return order[self.rank:self.total_size:self.num_replicas].astype(np.int64)
+
+
+class Batches(torch.utils.data.Sampler):
+    """Positions in batches, in the order of (seed, epoch) when shuffling (set_epoch, as DistributedSampler): a
+    DataLoader with worker processes asks for its sampler's order twice per epoch, so a generator drawn at each
+    ask gave another order than without workers. A last batch of one image joins the one before it: batch norm
+    cannot train on a single image whose feature map has shrunk to one value."""
+
+    def __init__(self, n: int, batch: int, shuffle: bool, seed: int):
+        self.n, self.batch, self.shuffle, self.seed, self.epoch = n, batch, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist() if self.shuffle \
+            else list(range(self.n))
+        chunks = [order[i:i + self.batch] for i in range(0, self.n, self.batch)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            last = chunks.pop()
+            chunks[-1] += last
+        return iter(chunks)
+
+    def __len__(self):
+        return -(-self.n // self.batch) - (self.n > self.batch and self.n % self.batch == 1)

@@ -29,6 +29,7 @@ from . import landmarks as lm
 from . import metrics, tasks
 from .align import CANON
 from .align import warp
+from .facedata import Batches
 
 KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
 
@@ -285,10 +286,12 @@ def joint_loss(targets: list[Target], out: dict, rows, views, flipped) -> tuple[
 
 
 # ------------------------------------------------------------------------------------ train, predict
-def loader(rows: Rows, ids, size, train, args, seed=0, view=None, shuffle=None):
+def loader(rows: Rows, ids, size, train, args, seed=0, view=None):
+    """(dataset, DataLoader); the training order is a function of (seed, epoch) alone (Batches, set_epoch), as in
+    transfer.py's fine-tuning, whatever the number of workers, and a last batch of one image joins the one before."""
     ds = Faces(rows, ids, size, train, seed, view)
-    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=train if shuffle is None else shuffle,
-                                     num_workers=args.workers, generator=torch.Generator().manual_seed(seed))
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=Batches(len(ids), args.batch, train, seed),
+                                     num_workers=args.workers)
     return ds, dl
 
 
@@ -306,6 +309,7 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
     best = dict(best or {})
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=None, leave=False):
         ds.epoch = start_epoch + epoch
+        dl.batch_sampler.set_epoch(ds.epoch)
         model.train()
         if frozen:
             model.backbone.eval()

@@ -157,6 +157,24 @@ def test_joint_loss_with_missing_labels(tmp_path):
     assert targets[1].scale == pytest.approx(float((targets[1].y[4:6] - targets[1].y[4:6].median()).abs().mean()))
 
 
+def test_training_views_do_not_depend_on_the_workers(tmp_path):
+    """The joint model's batches (order and augmented pixels) are the same with 0 or 2 worker processes, epoch
+    after epoch."""
+    rows = _rows(tmp_path)
+    seen = {}
+    for workers in (0, 2):
+        ds, dl = multitask.loader(rows, np.arange(8), 32, True, Namespace(batch=3, workers=workers), seed=5)
+        seen[workers] = []
+        for epoch in range(2):
+            ds.epoch = epoch
+            dl.batch_sampler.set_epoch(epoch)
+            seen[workers] += [(px.float(), r) for px, r, _, _ in dl]
+    assert len(seen[0]) == len(seen[2]) == 6
+    for (p0, r0), (p2, r2) in zip(seen[0], seen[2]):
+        assert torch.equal(r0, r2) and torch.allclose(p0, p2, atol=1e-4)
+    assert not torch.equal(torch.cat([r for _, r in seen[0][:3]]), torch.cat([r for _, r in seen[0][3:]]))
+
+
 def test_pseudo_label_round_adds_rows(tmp_path):
     rows = _rows(tmp_path)
     same = SimpleNamespace(samples=[tasks.Sample(p, 1) for p in rows.paths[2:5]])
@@ -338,6 +356,9 @@ def test_batches_fold_a_last_single_image_into_the_one_before():
     for n, batch in ((9, 8), (17, 8), (16, 8), (2, 8), (5, 8), (3, 2)):
         b = transfer.Batches(n, batch, True, 0)
         epochs = [list(b), list(b)]
+        assert epochs[0] == epochs[1]  # asked twice in one epoch (a DataLoader with workers does): one order
+        b.set_epoch(1)
+        epochs[1] = list(b)
         for chunks in epochs:
             assert sorted(i for c in chunks for i in c) == list(range(n)) and len(chunks) == len(b)
             assert min(map(len, chunks)) >= 2

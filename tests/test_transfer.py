@@ -134,6 +134,29 @@ def test_missing_data_names_layout(tmp_path, fused, student_ckpt):
     assert "UTKFace" in str(e.value) or "nope" in str(e.value)
 
 
+def test_face_batches_do_not_depend_on_the_workers_and_reshuffle_every_epoch(fused):
+    """transfer.py's image loader: the same augmented pixels with 0 or 2 worker processes (kept across epochs),
+    a new order each epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from common.cache import FeatureCache
+
+    cache = FeatureCache(fused / "feats")
+    rows = np.flatnonzero(cache.found)
+    labels = torch.arange(len(cache.images))
+    epochs = {}
+    for workers in (0, 2):
+        it = transfer.face_batches(cache, rows, labels, 32, True, SimpleNamespace(workers=workers, batch=4, seed=3),
+                                   "cpu")
+        epochs[workers] = [[(x.clone(), y.clone()) for x, y in it()] for _ in range(2)]
+    for (x0, y0), (x2, y2) in zip(sum(epochs[0], []), sum(epochs[2], [])):
+        assert torch.equal(y0, y2) and torch.allclose(x0, x2, atol=1e-5)
+    order = [torch.cat([y for _, y in epoch]) for epoch in epochs[0]]
+    assert sorted(order[0].tolist()) == sorted(rows.tolist()) and not torch.equal(order[0], order[1])
+
+
 def test_feature_batches_reshuffle_every_epoch():
     import torch
 
