@@ -5,7 +5,7 @@
 Triton's CPU interpreter, which runs the tests here, never calls its compiler; this does, through a stub
 driver. It compiles every launch plan that CUDA would really use for a sweep of batch sizes from 1 to
 65536 (so every tile height, one-row tiles included), for the default teacher set and for loss widths
-536 and 1024 in several dtypes, and prints each variant's global loads and stores (v4 = 16-byte
+536 and 1024 in several dtypes (and a transposed student at a few widths), and prints each variant's global loads and stores (v4 = 16-byte
 accesses). Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ BATCHES = (1, 2, 3, 17, 64, 256, 512, 4096, 65536)
 TEACHER_WIDTHS = (128, 256, 16, 1280, 256, 1280)  # the default teacher set
 LOSS_CASES = ((536, torch.bfloat16, torch.float16), (1024, torch.float16, torch.float16),
               (1024, torch.float32, torch.float32))
+TRANSPOSED_LOSS_CASES = ((16, torch.bfloat16), (67, torch.float16), (536, torch.float16))
 
 
 class _StubDriver:
@@ -63,6 +64,17 @@ def _variants():
             bwd = ti.plan_loss(b, dim, ((dim, 1), (dim, 1), (dim, 1)), "cuda")
             out.append((f"_cos_bwd_kernel[{tag}]", ti._cos_bwd_kernel,
                         (s, t, stats, g, 1, 1.0 / b, torch.empty_like(s), b, 1e-8), bwd))
+    for dim, dtype in TRANSPOSED_LOSS_CASES:  # a column-major student: column stride = batch, no wide loads
+        for b in (1, 3, 256):
+            s, t = torch.empty(dim, b, dtype=dtype).t(), torch.empty(b, dim, dtype=dtype)
+            tag = f"transposed D={dim} {str(dtype)[6:]} B={b}"
+            fwd = ti.plan_loss(b, dim, (s.stride(), t.stride()), "cuda")
+            out.append((f"_cos_fwd_kernel[{tag}]", ti._cos_fwd_kernel,
+                        (s, t, torch.empty(b), torch.empty(3, b), b, 1e-8), fwd))
+            bwd = ti.plan_loss(b, dim, (s.stride(), t.stride(), (dim, 1)), "cuda")
+            out.append((f"_cos_bwd_kernel[{tag}]", ti._cos_bwd_kernel,
+                        (s, t, torch.empty(3, b), torch.empty(b), 1, 1.0 / b, torch.empty(b, dim, dtype=dtype), b,
+                         1e-8), bwd))
     return out
 
 
