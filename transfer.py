@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import json
 import math
 import os
 import re
@@ -120,6 +121,10 @@ def parse_args(argv=None):
     p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir that stopped before its end: the (task, method) results its "
+                        "report.json holds are kept, the others are run; refused when an argument that changes "
+                        "results differs from its args.json")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
     p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
@@ -570,8 +575,11 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
                                       f"(available: {', '.join(ok)})")
 
 
-def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None) -> dict:
-    """Every method on one task; save(partial result) after each, so that a later failure loses nothing."""
+def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
+                  done=None) -> dict:
+    """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
+    done: {method: result} of an interrupted run of the same arguments (--resume), kept instead of run again."""
+    done = done or {}
     n_out = tasks.output_size(task, data)
     # (a method shown n/a for this task, from --method all, needs nothing)
     need_teachers = [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
@@ -621,6 +629,9 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
+        if method in done:
+            results[method] = done[method]
+            continue
         # only from --method all: a named method a task cannot take stopped the run before any work
         if why := unavailable(task, method, args.kd_teacher):
             results[method] = {"metric": task.metric, "value": "n/a", "note": why}
@@ -650,6 +661,28 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
         save(out)
     return out
+
+
+# Arguments that change no result: where the run is, what it runs on and how fast.
+NOT_RESULTS = {"resume", "run_dir", "device", "workers", "argv"}
+
+
+def resumed_results(args) -> dict:
+    """{task: {method: result}} of the interrupted run in --run-dir, after checking that it ran with these
+    arguments (its args.json): a result of other settings must not sit in one table with these."""
+    run = Path(args.run_dir)
+    try:
+        old = json.loads((run / "args.json").read_text())
+        report = json.loads((run / "report.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
+    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
+    if differ:
+        raise SystemExit(f"error: --resume: {run} ran with other arguments ("
+                         + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+                         + "): give the same ones, or start afresh in another --run-dir")
+    return {r["task"]: {m: v for m, v in r.get("results", {}).items() if m != "multitask"} for r in report}
 
 
 def student_config(args, methods) -> dict | None:
@@ -989,9 +1022,12 @@ def main(argv=None):
         why.append(f"--kd-teacher names {', '.join(other)}, not a task of this run ({', '.join(t.name for t, _ in jobs)})")
     if why:
         raise SystemExit("error: " + "\n       ".join(why))
-    if args.run_dir and (Path(args.run_dir) / "report.json").exists():
-        raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir "
-                         f"(or delete that folder)")
+    if args.resume and not (args.run_dir and (Path(args.run_dir) / "report.json").is_file()):
+        raise SystemExit(f"error: --resume continues a run folder given by --run-dir that holds a report.json "
+                         f"({args.run_dir or 'no --run-dir given'} does not)")
+    if args.run_dir and (Path(args.run_dir) / "report.json").exists() and not args.resume:
+        raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir, "
+                         f"--resume to continue it, or delete that folder")
     read = []
     for task, root in jobs:
         data = task.loader(root, {})
@@ -1012,6 +1048,7 @@ def main(argv=None):
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
     detection_settings(args, student_cfg)
+    done = resumed_results(args) if args.resume else {}
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
@@ -1023,8 +1060,11 @@ def main(argv=None):
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
         if data.counts:
             log.info(f"{task.name}: the reader's counts: {data.counts}")
+        if done.get(task.name):
+            log.info(f"{task.name}: kept from the interrupted run: {', '.join(done[task.name])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
-                                         save=lambda partial: write_json(run / "report.json", all_results + [partial])))
+                                         save=lambda partial: write_json(run / "report.json", all_results + [partial]),
+                                         done=done.get(task.name, {})))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

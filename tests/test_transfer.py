@@ -253,6 +253,21 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     with pytest.raises(SystemExit, match="already holds a transfer run"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen", *base,
                        "--run-dir", str(tmp_path / "run")])
+    # --resume keeps frozen's result as it was and runs fused alone, with the same arguments only.
+    with pytest.raises(SystemExit, match=r"other arguments \(--epochs 1 there, 2 now"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
+                       "--run-dir", str(tmp_path / "run"), "--resume"])
+    with pytest.raises(SystemExit, match="--resume continues a run folder"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
+                       "--run-dir", str(tmp_path / "elsewhere"), "--resume"])
+    ran = []
+    monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
+                        ran.append(method) or real(task, data, method, *a, **k))
+    transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
+                   "--run-dir", str(tmp_path / "run"), "--resume", "--workers", "0"])
+    resumed = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    assert ran == ["fused"] and resumed["results"]["frozen"] == saved["results"]["frozen"]
+    assert resumed["results"]["fused"]["n_test"] > 0 and "fused" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fused, student_ckpt, capsys):
