@@ -91,7 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--embedding", default=None, help="which h_G of the cache (default: the one fuse.py wrote last)")
     p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
                    help="mtcnn: detect and align faces; none: the images already are face crops")
-    p.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
+    p.add_argument("--min-face-prob", type=float, default=None,
+                   help="detector confidence below which no face counts. Default: as --detect-size, the student's "
+                        "setting (else 0.9)")
     p.add_argument("--detect-size", type=int, default=None,
                    help="longer side of the copy MTCNN searches (see fuse.py --help). Default: the setting the "
                         "student's teacher cache was extracted with (else --cache's, else 640), so that task faces "
@@ -193,16 +195,16 @@ def other_versions(cache_dir: Path, plan: dict, path: Path) -> list[str]:
 
 
 def detection_settings(args, student_cfg):
-    """Fills --detect-size and --smallest-face left unset with those the student's faces were found with (its
-    teacher cache's, which distill.py records), else --cache's, else the detector's defaults: a task's faces
-    found otherwise would be cropped from other boxes and landmarks than the student learnt from."""
+    """Fills --detect-size, --smallest-face and --min-face-prob left unset with those the student's faces were found
+    with (its teacher cache's, which distill.py records), else --cache's, else the detector's defaults: a task's
+    faces found otherwise would be cropped from other boxes and landmarks than the student learnt from."""
     known = dict(student_cfg or {})
     if not known.get("detect_size"):
         try:
             known = as_planned(read_manifest(args.teacher_cache))
         except (OSError, CacheMismatch):
             known = {}
-    for flag, default in (("detect_size", DETECT_SIZE), ("smallest_face", SMALLEST_FACE)):
+    for flag, default in (("detect_size", DETECT_SIZE), ("smallest_face", SMALLEST_FACE), ("min_face_prob", 0.9)):
         if getattr(args, flag) is None:
             setattr(args, flag, (known.get(flag) or default) if args.align == "mtcnn" else default)
     if why := detection_problem(args.align, args.detect_size, args.smallest_face):

@@ -293,19 +293,20 @@ def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fus
 
 
 def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fused, student_ckpt):
-    """A student distilled from faces found at --detect-size 320 --smallest-face 40 gets its task faces found
-    the same way, unless the flags say otherwise; each setting keeps a task cache of its own."""
+    """A student distilled from faces found at --detect-size 320 --smallest-face 40 --min-face-prob 0.8 gets its
+    task faces found the same way, unless the flags say otherwise; each setting keeps a task cache of its own."""
     data = make_fixture("AgeR-UTK", tmp_path / "a")
-    student = write_tiny_student(tmp_path / "s.safetensors", 48, detect_size=320, smallest_face=40)
-    settings = lambda: sorted((m["detect_size"], m["smallest_face"]) for m in
+    student = write_tiny_student(tmp_path / "s.safetensors", 48, detect_size=320, smallest_face=40,
+                                 min_face_prob=0.8)
+    settings = lambda: sorted((m["detect_size"], m["smallest_face"], m["min_face_prob"]) for m in
                               (json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/manifest.json")))
     run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen")
-    assert settings() == [(320, 40)] and len(list((tmp_path / "cache").glob("*-d320-s40-*"))) == 1
+    assert settings() == [(320, 40, 0.8)] and len(list((tmp_path / "cache").glob("*-p0.8-d320-s40-*"))) == 1
     run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "20")
-    assert settings() == [(320, 20), (320, 40)]
+    assert settings() == [(320, 20, 0.8), (320, 40, 0.8)]
     # a student that records none (older, or distilled from crops) leaves the defaults, in the name as before
     run(tmp_path, "AgeR-UTK", data, fused, student_ckpt, "--method", "frozen")
-    assert (640, 20) in settings()
+    assert (640, 20, 0.9) in settings()
     assert any(re.search(r"-mtcnn-p0\.9-[0-9a-f]{12}$", p.name) for p in (tmp_path / "cache").iterdir())
     with pytest.raises(SystemExit, match="--smallest-face 400 must be between"):
         run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
