@@ -32,7 +32,7 @@ from common.cache import CacheDamaged, CacheMismatch, FeatureCache, make_plan, r
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
-from common.images import list_images
+from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 
@@ -461,7 +461,8 @@ def main(argv=None):
     with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
         images = list_images(args.data)
     if not images:
-        raise SystemExit(f"no images (jpg, png, bmp, tif, webp, ppm) under {args.data}")
+        raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders whose "
+                         f"names start with a dot are left out) under {args.data}")
     names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     extra = load_config(args.teachers_config) if args.teachers_config else []
     if not names + extra and not args.extract_only:  # --extract-only without teachers: the crop store alone

@@ -531,6 +531,12 @@ class FeatureCache:
         if manifest.exists():
             old = read_manifest(path)
             problems = cls._plan_differences(old, plan)
+            if not old.get("complete") and old.get("data_root") != plan["data_root"]:
+                # its rows left to extract would be read from where the images were (a folder moved or copied
+                # with its times kept has the same list): refused, rather than those rows listed unreadable.
+                # A complete cache needs no image again (the crop store), wherever the folder went.
+                problems.append(f"unfinished, and made from the images in {old.get('data_root')}, not "
+                                f"{plan['data_root']}: finish it with --data {old.get('data_root')}")
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
                                     + ". Use another --cache folder, or --overwrite to rebuild it.", problems)

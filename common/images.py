@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 MIN_SIDE = 8
 # PIL's own refusal threshold (2 x MAX_IMAGE_PIXELS, 179 M pixels: larger than any camera photo). It is
 # checked on the header, before a single pixel is decoded: a 30000 x 30000 bomb fits in a few kB.
@@ -101,7 +101,9 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if arr.min() < 0:  # a signed range such as [-1, 1]: clipping would blacken its lower half
+            arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
         arr = arr / 255.0 if arr.max() > 1.0 else arr
         arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)

@@ -117,6 +117,27 @@ def test_mismatched_teachers_or_images_fail_clearly(tmp_path, images):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
 
 
+def test_an_unfinished_cache_of_a_moved_folder_is_refused_a_finished_one_is_not(tmp_path, images):
+    """A folder moved with its file times kept has the same list: resuming read its rows from where it was, listed
+    them unreadable and marked the cache complete. Once complete, the crop store needs the images no more."""
+    import os
+    import shutil
+
+    root, names = images
+    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # copy2: the same sizes and times, so the same list hash
+    for n in names:
+        st = os.stat(root / n)
+        os.utime(moved / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CacheMismatch, match=f"unfinished, and made from the images in {root}"):
+        FeatureCache.create_or_resume(tmp_path / "c", moved, names, TEACHERS, shard_size=5)
+    cache = FeatureCache(tmp_path / "c")
+    fill(cache, np.random.default_rng(0))
+    cache.finalize()
+    assert FeatureCache.create_or_resume(tmp_path / "c", moved, names, TEACHERS, shard_size=5).manifest["complete"]
+
+
 def test_missing_cache_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `python fuse.py"):
         FeatureCache(tmp_path / "none")

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -215,6 +216,29 @@ def test_first_frame_of_animations_and_pages(root):
     assert np.array_equal(read_image(root / "pages.tif"), face)  # TIFF is lossless: page 1 exactly
     gif = read_image(root / "animated.gif").astype(int)
     assert np.abs(gif - face).mean() < 8  # 256-colour palette of the face, not the black frame 2
+
+
+def test_float_images_with_a_signed_range_or_nan_keep_their_face(tmp_path):
+    """A float grey in [-1, 1] is rescaled, not clipped to black below 0; NaN pixels become black silently."""
+    grey = np.asarray(real_face().convert("L"), np.float32) / 255
+    Image.fromarray(grey).save(tmp_path / "unit.tif")
+    Image.fromarray(grey * 2 - 1).save(tmp_path / "signed.tif")
+    nan = grey.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    unit = read_image(tmp_path / "unit.tif").astype(int)
+    signed = read_image(tmp_path / "signed.tif")  # stretched over its own range: the same picture, linearly
+    assert np.corrcoef(signed[..., 0].ravel(), unit[..., 0].ravel())[0, 1] > 0.999 and signed.max() == 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_nan = read_image(tmp_path / "nan.tif")
+    assert with_nan[0, 0].tolist() == [0, 0, 0] and np.abs(with_nan.astype(int) - unit)[1:].max() <= 1
+
+
+def test_jfif_and_jpe_files_are_listed(tmp_path):
+    for name in ("a.jfif", "b.JPE", "c.jpg", ".hidden.jpg"):
+        real_face().save(tmp_path / name, format="JPEG")
+    assert sorted(list_images(tmp_path)) == ["a.jfif", "b.JPE", "c.jpg"]
 
 
 def test_palette_and_16bit_and_grey_agree(root):
