@@ -479,6 +479,15 @@ def _check(spec: TeacherSpec) -> TeacherSpec:
     def bad(msg):
         raise ValueError(f"teacher {spec.name!r}: {msg}")
 
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for key in ("box", "mean", "std"):  # a config file may hold any JSON here
+        v = getattr(spec, key)
+        if not isinstance(v, (list, tuple)) or not all(number(x) for x in v):
+            bad(f"{key} must be a list of numbers, got {v!r}")
+    if not isinstance(spec.name, str) or not spec.name:
+        bad(f"name must be a non-empty string, got {spec.name!r}")
+    if not isinstance(spec.dim, int) or isinstance(spec.dim, bool) or spec.dim < 0:
+        bad(f"dim must be a whole number of 0 or more (0: found by running the model), got {spec.dim!r}")
     if len(spec.box) != 4 or not (spec.box[0] < spec.box[2] and spec.box[1] < spec.box[3]):
         bad(f"box must be (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {spec.box}")
     if spec.color not in COLORS:
@@ -494,7 +503,7 @@ def _check(spec: TeacherSpec) -> TeacherSpec:
             bad(f"{key} needs 1 or {channels} values, got {v}")
     if not all(s != 0 for s in spec.std):
         bad("std must not be 0")
-    if not isinstance(spec.input_size, int) or spec.input_size <= 0:
+    if not isinstance(spec.input_size, int) or isinstance(spec.input_size, bool) or spec.input_size <= 0:
         bad(f"input size must be a positive integer, got {spec.input_size!r}")
     if spec.runtime not in _BUILDERS:
         bad(f"runtime must be one of {list(_BUILDERS)}, got {spec.runtime!r}")
@@ -592,10 +601,15 @@ def _resolve(item) -> TeacherSpec:
     if item.endswith(REFERENCE) and item[:-len(REFERENCE)] in REGISTRY:
         spec = REGISTRY[item[:-len(REFERENCE)]]
         if not spec.reference:
-            raise ValueError(f"teacher {spec.name} has no reference runtime: it is a PyTorch model already")
+            raise ValueError(f"teacher {spec.name} is no port: it runs on its own runtime ({spec.runtime}) "
+                             f"already, so {item} means nothing more")
         return _as_reference(spec)
     if item.endswith(TORCH) and item[:-len(TORCH)] in REGISTRY:
-        return replace(REGISTRY[item[:-len(TORCH)]], reference="")  # no reference left to fall back to
+        spec = REGISTRY[item[:-len(TORCH)]]
+        if spec.runtime != "torch":  # fer, facemesh: LiteRT models without a port
+            raise ValueError(f"teacher {spec.name} has no PyTorch port: it runs on {spec.runtime}, so {item} "
+                             f"cannot be had")
+        return replace(spec, reference="")  # no reference left to fall back to
     if ":" in item:
         return parse_custom(item)
     raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)} (NAME{REFERENCE} / NAME{TORCH} "

@@ -149,7 +149,7 @@ def test_port_and_reference_share_the_version(teachers, ports_):
     for name in PORTED:
         port, ref = ports_[name], teachers[name]
         assert port.name == ref.name == name and port.dim == ref.dim and port.version == ref.version
-    with pytest.raises(ValueError, match="no reference runtime"):
+    with pytest.raises(ValueError, match="onet is no port"):
         build_teachers(["onet@reference"])
     with pytest.raises(ValueError, match="unique"):
         build_teachers(["gender", "gender@reference"])
@@ -497,6 +497,18 @@ def test_bad_teacher_lists_raise(tmp_path):
     cfg.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         load_config(cfg)
+    # fields of the wrong JSON type are a one-line error, not a TypeError from deep inside
+    for field, value, said in (("mean", 127.5, "mean must be a list of numbers"), ("box", 5, "box must be a list"),
+                               ("std", ["a"], "std must be a list"), ("input_size", True, "input size"),
+                               ("dim", "16", "dim must be a whole number"), ("name", "", "name must be")):
+        cfg.write_text(json.dumps([{"spec": "gender", field: value}]))
+        with pytest.raises(ValueError, match=said):
+            load_config(cfg)
+    # @torch and @reference only mean something for a port
+    with pytest.raises(ValueError, match="fer has no PyTorch port"):
+        build_teachers(["fer@torch"])
+    with pytest.raises(ValueError, match="onet is no port"):
+        build_teachers(["onet@reference"])
 
 
 def test_changed_preprocessing_is_another_teacher():
