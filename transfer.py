@@ -56,7 +56,7 @@ from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, re
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
-from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, resolved_args, run_main
 from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers
 
@@ -204,7 +204,8 @@ def detection_settings(args, student_cfg):
             known = as_planned(read_manifest(args.teacher_cache))
         except (OSError, CacheMismatch):
             known = {}
-    for flag, default in (("detect_size", DETECT_SIZE), ("smallest_face", SMALLEST_FACE), ("min_face_prob", 0.9)):
+    for flag in ("detect_size", "smallest_face", "min_face_prob"):
+        default = getattr(Options, flag)  # the engine's defaults, also fuse.py's
         if getattr(args, flag) is None:
             setattr(args, flag, (known.get(flag) or default) if args.align == "mtcnn" else default)
     if why := detection_problem(args.align, args.detect_size, args.smallest_face):
@@ -678,11 +679,12 @@ def resumed_results(args) -> dict:
         report = json.loads((run / "report.json").read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
-    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    now = resolved_args(args)
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("
-                         + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+                         + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now"
+                                     for k in differ)
                          + "): give the same ones, or start afresh in another --run-dir")
     return {r["task"]: {m: v for m, v in r.get("results", {}).items() if m != "multitask"} for r in report}
 

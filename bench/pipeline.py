@@ -5,9 +5,9 @@ Each stage is timed on its own over the folder (read, decode, detect, align, eac
 the engine end to end, against the per-image path the project had before the engine (PIL decode,
 full-resolution MTCNN and cv2 warp one image at a time, teachers in batches), timed in the same run on
 the first --old-n images. Distillation is timed over --steps steps of distill.py's train_step fed from
-the crop store with device augmentation, and fed from transfer.py's fine-tuning loader, against the old loader (decode the image, warp it, torchvision
-v2 transforms per sample) and against train_step alone on one batch already on the device (the
-ceiling); the rows repeat as needed, after --warmup untimed steps. Rates count images per second for
+the crop store with device augmentation, and fed from transfer.py's fine-tuning loader, against the old
+loader (decode the image, warp it, torchvision v2 transforms per sample) and against train_step alone
+on one batch already on the device (the ceiling); the rows repeat as needed, after --warmup untimed steps. Rates count images per second for
 read, decode, detect and extraction end to end (whose note gives faces/s too), faces per second for
 align, the teachers, the write and distillation; the hours are
 projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs).
@@ -390,8 +390,8 @@ def train_rate(cache, rows, args, device, source: str, steps: int):
     """(images/s over `steps` training steps after --warmup untimed ones, GPU utilisation) with distill.py's
     train_step, the batches coming from the crop store ("store"), from decoding the images as the loader
     before the store did ("images"), from transfer.py's fine-tuning loader ("task"), or one fixed batch already
-    on the device ("synthetic"). The rows are
-    repeated to fill the steps, so a small folder still times a steady state."""
+    on the device ("synthetic"). The rows are repeated to fill the steps, so a small folder still times a
+    steady state."""
     import distill
     from kernels import cosine_distill_loss
 

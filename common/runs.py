@@ -28,6 +28,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def resolved_args(args) -> dict:
+    """The arguments as a run folder's args.json holds them (paths as text; argv aside)."""
+    return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                 default=str))
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it."""
     if out:
@@ -43,8 +49,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
                 break
             except FileExistsError:
                 n += 1
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    resolved["argv"] = sys.argv
+    resolved = {**resolved_args(args), "argv": sys.argv}
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
     return run
 

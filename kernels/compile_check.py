@@ -5,8 +5,8 @@
 Triton's CPU interpreter, which runs the tests here, never calls its compiler; this does, through a stub
 driver. It compiles every launch plan that CUDA would really use for a sweep of batch sizes from 1 to
 65536 (so every tile height, one-row tiles included), for the default teacher set and for loss widths
-536 and 1024 in several dtypes (and a transposed student at a few widths), and prints each variant's global loads and stores (v4 = 16-byte
-accesses). Needs TRITON_INTERPRET unset.
+536 and 1024 in several dtypes (and a transposed student at a few widths), and prints each variant's
+global loads and stores (v4 = 16-byte accesses). Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
