@@ -31,7 +31,7 @@ from kernels import fuse_features
 from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
 from .cache import as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
-from .precision import float32_convolutions
+from .precision import no_tf32
 
 
 @dataclass
@@ -447,7 +447,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     # the other runtimes), and the flag is global, so one lane's teacher would flip it under another lane's
     # detection, whose results would then depend on timing. Off throughout, MTCNN runs in float32 on a GPU
     # as on the CPU, whatever the lanes.
-    with ThreadPoolExecutor(max_workers=1) as writer, float32_convolutions():
+    with ThreadPoolExecutor(max_workers=1) as writer, no_tf32():
         try:
             for (k, idx), items in zip(plan, batches, strict=True):  # a short loader is an error, not a gap
                 if k not in shards:
@@ -484,7 +484,7 @@ def crops_of_files(paths, device, opts: Options, crop_size: int):
     paths = [os.path.abspath(p) for p in paths]  # not resolve(): a symbolic-link loop is a listed row
     start = 0
     for items in loader("/", paths, opts, device):
-        with float32_convolutions():  # detection as extract() runs it (not around the yield: the caller's code)
+        with no_tf32():  # detection as extract() runs it (not around the yield: the caller's code)
             crops, _, _, found, _, reasons = engine.run_batch(items)
         idx = np.arange(start, start + len(items))
         yield idx, store_crops(crops, crop_size), found, reasons

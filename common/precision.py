@@ -1,5 +1,5 @@
 """Mixed precision for training on a GPU: which autocast dtype `--amp` means on this device; and
-float32 convolutions where results must match other runtimes (float32_convolutions).
+full float32 math where results must match other runtimes (no_tf32).
 
 bfloat16 needs sm_80 (Ampere) or newer in hardware; older GPUs (V100, T4, P100) emulate it slowly or
 not at all, so there "auto" takes float16 with a GradScaler (float16's narrow range needs loss scaling).
@@ -45,12 +45,16 @@ def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.
 
 
 @contextmanager
-def float32_convolutions():
-    """cuDNN's TF32 convolutions (on by default on Ampere and newer) off inside, the setting put back after.
-    The flag is global, not per thread: whoever runs threads inside must hold it for all of them."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+def no_tf32():
+    """Full float32 inside for cuDNN convolutions and cuBLAS matmuls (TF32 is on by default for cuDNN on
+    Ampere and newer, and for matmuls after set_float32_matmul_precision("high")); the settings put back
+    after. It uses torch's per-operator fp32_precision flags, not the legacy allow_tf32 ones: reading a
+    legacy flag raises once a user has set the two kinds differently, and setting one leaves the other.
+    The flags are global, not per thread: whoever runs threads inside must hold it for all of them."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        conv.fp32_precision, matmul.fp32_precision = before

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .precision import float32_convolutions
+from .precision import no_tf32
 
 BINS = 8
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -466,7 +466,7 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
         removed = prune(backbone, dg, groups, scores, ratio)
         # float32 convolutions for the check below: with cuDNN's TF32 the two networks' different channel
         # counts can pick algorithms that differ by more than its tolerance, a false alarm on a GPU
-        with torch.no_grad(), float32_convolutions():
+        with torch.no_grad(), no_tf32():
             a = backbone.eval()(example)
     except (RuntimeError, IndexError, ValueError) as e:
         raise cannot(e) from e
@@ -478,7 +478,7 @@ def etl_prune(backbone: nn.Module, example, batches, kind: str, ratio: float, ma
                            f"this ratio to remove one of its filters (each keeps max(1, round((1 - ratio) * n)))")
     # A network the tracer misreads (channels reordered by an op it does not know) would be cut wrongly
     # without an error: check the pruned network against the silenced one before anything trains it.
-    with torch.no_grad(), float32_convolutions():
+    with torch.no_grad(), no_tf32():
         b = zero_removed(reference, removed).eval()(example)
     if a.shape != b.shape:  # the output layer itself was pruned (mobilenet_v2's last 1x1 convolution)
         b = b[:, _kept_outputs(removed, a.shape[1], b.shape[1])]

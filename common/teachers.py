@@ -30,7 +30,7 @@ import torch
 
 from . import ports
 from .align import ARCFACE_BOX, CANON, TEMPLATE
-from .precision import float32_convolutions
+from .precision import no_tf32
 from .weights import MissingWeights, package_file, require, sha256
 
 log = logging.getLogger(__name__)
@@ -378,9 +378,9 @@ class TorchTeacher(Teacher):
     def forward(self, x):
         if self.spec.layout == "NCHW":  # (an NHWC input already is channels_last once a port permutes it)
             x = x.contiguous(memory_format=torch.channels_last)
-        # cuDNN's TF32 convolutions (on by default) would move the embeddings by ~1e-3 from every other runtime's;
+        # TF32 convolutions (cuDNN's default) or matmuls would move the embeddings by ~1e-3 from other runtimes';
         # the setting is put back so that the student still trains with whatever the user chose
-        with float32_convolutions():
+        with no_tf32():
             y = self.module(x)
         if isinstance(y, (tuple, list)):
             y = y[0]

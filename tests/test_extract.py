@@ -157,20 +157,25 @@ def test_stage_timing_needs_one_lane(face_dir, tmp_path):
 
 
 def test_lanes_leave_the_global_tf32_flag_as_it_was(face_dir, tmp_path, monkeypatch):
-    """Teachers turn cuDNN's TF32 off around their calls; lanes run them beside detection, so the engine
+    """Teachers turn TF32 off around their calls; lanes run them beside detection, so the engine
     holds it off for the whole extraction: every call sees it off, and the user's setting comes back."""
     seen, fill = [], common.extract.Engine.fill
 
     def spy(self, *args):
-        seen.append(torch.backends.cudnn.allow_tf32)
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
         return fill(self, *args)
 
     monkeypatch.setattr(common.extract.Engine, "fill", spy)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    teachers = build_teachers(["gender"])
-    extract(_cache(tmp_path / "c", face_dir, teachers), teachers, "cpu", Options(batch=2, streams=2))
-    assert seen and not any(seen)
-    assert torch.backends.cudnn.allow_tf32 is True
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision  # (monkeypatch cannot put these properties back)
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        teachers = build_teachers(["gender"])
+        extract(_cache(tmp_path / "c", face_dir, teachers), teachers, "cpu", Options(batch=2, streams=2))
+        assert seen and all(s == ("ieee", "ieee") for s in seen)
+        assert conv.fp32_precision == matmul.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def test_consistency_check_passes_copies_and_fails_a_corrupted_row(face_dir, tmp_path):

@@ -503,6 +503,28 @@ def test_amp_policy_follows_the_gpu_generation(monkeypatch):
             precision.amp_policy("bf16", gpu)
 
 
+def test_no_tf32_turns_both_kinds_off_and_puts_back_a_mixed_setting():
+    """A user who set cuDNN convolutions and RNNs apart (new API) and asked for TF32 matmuls: inside, both
+    convolutions and matmuls are full float32; after, every flag is as it was. Reading the legacy
+    cudnn.allow_tf32 flag raises in that state, so the old helper failed before the first teacher ran."""
+    from common.precision import no_tf32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision
+    try:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = "tf32", "ieee", "tf32"
+        with no_tf32():
+            assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+            assert cudnn.rnn.fp32_precision == "ieee"
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision) == \
+            ("tf32", "ieee", "tf32")
+        with pytest.raises(RuntimeError), no_tf32():  # put back on the way out of a failure too
+            raise RuntimeError("teacher failed")
+        assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = saved
+
+
 # ----------------------------------------------------------------------------------------------------
 # backend selection
 
