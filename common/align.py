@@ -38,6 +38,10 @@ DETECT_CALL = 20 * 640 * 360
 # On the CPU a pass costs little beside its convolutions, and padding costs as much as pixels: about one
 # frame (of 0, 1, 2, 4 and 20 frames, 1 was the fastest on the mixed-size demo folder, within the noise).
 DETECT_CALL_CPU = 640 * 360
+# At most this many bytes of full-resolution float32 pixels at once while shrinking images for detection:
+# a batch of 32 twelve-megapixel photos would otherwise take 4.6 GB in one float copy. Chunks of one size
+# are resized apart, image by image the same computation, so the budget changes no result.
+RESIZE_BYTES = 256 * 2**20
 # Side of the crops kept in the cache's crop store: the whole canonical frame, shrunk. 128 covers the
 # student's default 112 input with the augmentation's 0.8 crop scale without enlarging (48 kB a face,
 # 203 GB for 4.12 M faces); teachers run on the full CANON crop at extraction, never on the store.
@@ -226,14 +230,16 @@ class BatchDetector:
         small, scale = [None] * len(images), [None] * len(images)
         live = [i for i in range(len(images)) if out[i] is None]
         for (h, w), sub in by_size([images[i].shape[1:] for i in live]).items():  # one resize per image size
-            idx = [live[j] for j in sub]
             s = min(1.0, self.detect_size / max(h, w))
-            x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True).float()
-            if s < 1:
-                x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                                  antialias=True, align_corners=False)
-            for j, i in enumerate(idx):
-                small[i], scale[i] = x[j], (x.shape[3] / w, x.shape[2] / h)
+            step = max(1, RESIZE_BYTES // (3 * h * w * 4))
+            for start in range(0, len(sub), step):
+                idx = [live[j] for j in sub[start:start + step]]
+                x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True).float()
+                if s < 1:
+                    x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                                      antialias=True, align_corners=False)
+                for j, i in enumerate(idx):
+                    small[i], scale[i] = x[j], (x.shape[3] / w, x.shape[2] / h)
         # MTCNN builds no pyramid below its smallest face (see FaceDetector), and a face cannot be larger than
         # its image: a copy smaller than the smallest face searched is not searched, and says so
         m = max(self.inner.min_face, self.smallest_face)

@@ -523,3 +523,25 @@ def test_a_dataset_face_box_picks_its_face_in_a_photo_of_several(face_dir, detec
     far = det([x, x], [np.array([5000.0, 5000, 5100, 5100]), boxes[0]])
     assert far[0] == "the dataset's face box (5000, 5000, 5100, 5100) lies outside the 1000x667 image"
     assert far[1][1] >= 0.9
+
+
+def test_shrinking_for_detection_holds_a_bounded_float_copy_and_finds_the_same_faces(face_dir, monkeypatch):
+    """Images of one size are shrunk in chunks of at most RESIZE_BYTES of float pixels (32 twelve-megapixel
+    photos were one 4.6 GB copy), and the chunks change nothing: the same faces, the same landmarks."""
+    import torch.nn.functional as F
+
+    import common.align
+    from common.align import BatchDetector
+
+    img = _chw(read_image(face_dir / "single_face.jpg"))
+    imgs = [img, img.flip(2), img, img.flip(2), img]  # one size: one group
+    whole = BatchDetector(detect_size=160)(imgs)
+    sizes, interpolate = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, *a, **k: sizes.append(len(x)) or interpolate(x, *a, **k))
+    monkeypatch.setattr(common.align, "RESIZE_BYTES", 2 * 3 * img.shape[1] * img.shape[2] * 4)
+    chunked = BatchDetector(detect_size=160)(imgs)
+    assert sizes[:3] == [2, 2, 1]
+    for a, b in zip(whole, chunked):
+        assert a is not None and b is not None
+        np.testing.assert_allclose(b[0], a[0], atol=1e-6)
+        assert b[1] == pytest.approx(a[1])
