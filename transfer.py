@@ -58,7 +58,7 @@ from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, resolved_args, run_main
 from common.student import WIDTH, load_student, student_like
-from common.teachers import REGISTRY, TeacherBackbone, build_teachers
+from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
@@ -598,7 +598,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             g_dim = unsup.embedding(embedding or "ae")[1]["dim"]
         except FileNotFoundError as e:
             raise SystemExit(f"error: --method {','.join(need_teachers)} needs G and h_G: {e}")
-    teachers = build_teachers([t["name"] for t in unsup.teachers], device) if unsup else []
+    teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device) if unsup else []
     if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
         raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
     cache = task_cache(data, teachers, args, device, log)

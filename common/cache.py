@@ -199,7 +199,8 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
     boxes = face_boxes(boxes) if align == "mtcnn" else None  # crops taken as they are have no face to pick
     return {
         "format": FORMAT,
-        "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version} for t in teachers],
+        "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version}
+                     | ({"spec": t.record} if hasattr(t, "record") else {}) for t in teachers],
         "dtype": dtype,
         "align": align,
         "min_face_prob": float(min_face_prob) if align == "mtcnn" else None,

@@ -21,7 +21,7 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ from .weights import MissingWeights, package_file, require, sha256
 log = logging.getLogger(__name__)
 
 __all__ = ["Answer", "TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
-           "load_config", "MissingWeights"]
+           "load_config", "MissingWeights", "spec_record", "cached_teacher"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's ImageNet statistics, in 0-255 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -121,7 +121,7 @@ class Teacher:
 
     def __init__(self, spec: TeacherSpec, device="cpu"):
         _check(spec)
-        self.spec, self.name = spec, spec.name
+        self.spec, self.name, self.record = spec, spec.name, spec_record(spec)
         self.path = _weight_path(spec)
         # The preprocessing is part of what a cached h_i means: a changed box or layer is another teacher.
         how = repr((spec.layer, spec.input_size, spec.box, spec.color, spec.mean, spec.std, spec.layout, spec.reduce))
@@ -614,6 +614,34 @@ def _resolve(item) -> TeacherSpec:
         return parse_custom(item)
     raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)} (NAME{REFERENCE} / NAME{TORCH} "
                      f"force a port's original runtime / its PyTorch module); {_CUSTOM_HELP}; or a JSON config file")
+
+
+def spec_record(spec: TeacherSpec) -> dict:
+    """A teacher as a cache's manifest keeps it (JSON): every field that builds it again, a user's weight file
+    as an absolute path, so that transfer.py rebuilds a fuse.py cache's custom teachers without their config."""
+    record = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("build", "answer")}
+    if not spec.package:
+        record["file"] = str(Path(spec.file).expanduser().resolve())
+    return json.loads(json.dumps(record))  # tuples as lists, as the manifest reads back
+
+
+def cached_teacher(entry: dict) -> str | TeacherSpec:
+    """What build_teachers takes to build again a teacher of a cache's manifest: a registry name where the
+    record is that entry's (in any of its runtimes, so that a port still runs as a port on a GPU), else the
+    recorded spec; the name alone for a cache written before records were kept."""
+    record, name = entry.get("spec"), entry["name"]
+    if record is None:
+        return name
+    if name in REGISTRY:
+        base = REGISTRY[name]
+        forms = [base, replace(base, reference="")] + ([_as_reference(base)] if base.reference else [])
+        if any(record == spec_record(f) for f in forms):
+            return name
+    try:
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+        return _check(TeacherSpec(**values, build=_BUILDERS.get(values.get("runtime"))))
+    except TypeError as e:
+        raise ValueError(f"teacher {name!r}: the cache's record of it cannot be read ({e})") from None
 
 
 def _as_reference(spec: TeacherSpec) -> TeacherSpec:

@@ -470,6 +470,33 @@ def test_config_file_with_overrides(tmp_path, batch):
     assert [t.name for t in build_teachers([str(cfg)])] == ["gender", "my_fer"]
 
 
+def test_a_caches_record_builds_its_teachers_again_without_their_config(resnet, tmp_path, batch, monkeypatch):
+    """transfer.py rebuilds a fuse.py cache's teachers from the manifest alone: a user's model given by a
+    relative path in a config file, and a registry teacher with overrides, come back as they were (their
+    names alone were not enough: 'torchscript:r18' is no spec, and the renamed gender is no registry entry);
+    a plain registry teacher comes back as its name, so that a port runs as a port on a GPU."""
+    from common.teachers import cached_teacher
+
+    m, d = resnet
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "r18.pt").write_bytes((d / "r18.pt").read_bytes())
+    cfg = tmp_path / "models" / "teachers.json"
+    cfg.write_text(json.dumps(["age", {"spec": "torchscript:r18.pt:32", "role": "identity"},
+                               {"spec": "gender", "name": "gender_wide", "box": [0.0, 0.0, 1.0, 1.0]}]))
+    built = build_teachers([str(cfg)])
+    manifest = json.loads(json.dumps([{"name": t.name, "spec": t.record} for t in built]))  # as the cache holds it
+    monkeypatch.chdir(d)  # elsewhere, the config file out of reach
+    sources = [cached_teacher(e) for e in manifest]
+    assert sources[0] == "age" and all(isinstance(s, TeacherSpec) for s in sources[1:])
+    again = build_teachers(sources)
+    assert [t.version for t in again] == [t.version for t in built] and [t.name for t in again] == [t.name for t in built]
+    for a, b in zip(again, built):
+        torch.testing.assert_close(a(batch[:2]), b(batch[:2]))
+    assert cached_teacher({"name": "gender", "dim": 128, "version": "v"}) == "gender"  # a cache from before records
+    with pytest.raises(ValueError, match="cannot be read"):
+        cached_teacher({"name": "x", "spec": {**manifest[1]["spec"], "colour": "RGB"}})
+
+
 @pytest.mark.parametrize("bad", [
     "onnx:/m.onnx", "onnx:/m.onnx:layer:big", "onnx:/m.onnx:layer:0", "torchscript:/m.pt",
     "torchscript:/m.pt:-3", "torchvision:resnet18:/w.pth:64", "torchvision::/w.pth:avgpool:64",

@@ -422,3 +422,26 @@ def test_regression_range_of_a_user_csv_is_not_set_by_test_labels(tmp_path):
     data.splits = [tasks.Split("all tested", data.splits[0].test, np.arange(len(data.samples)))]
     with pytest.raises(SystemExit, match="label_range"):
         transfer.targets(task, data, 1)
+
+
+def test_teacher_methods_rebuild_a_custom_teacher_from_the_cache_alone(tmp_path, face_dir, student_ckpt):
+    """A fuse.py cache made with a --teachers-config model: transfer.py's concat and fused rebuild that teacher
+    from the cache's manifest, with the config file gone (its name alone, 'torchscript:net', is no spec)."""
+    import torch
+
+    import fuse
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    (tmp_path / "models").mkdir()
+    torch.jit.trace(net, torch.zeros(1, 3, 32, 32)).save(str(tmp_path / "models" / "net.pt"))
+    cfg = tmp_path / "models" / "teachers.json"
+    cfg.write_text(json.dumps([{"spec": "torchscript:net.pt:32", "role": "texture"}]))
+    fuse.main(["--data", str(face_dir), "--out", str(tmp_path / "fz" / "feats"), "--run-dir", str(tmp_path / "fz" / "run"),
+               "--teachers", "gender", "--teachers-config", str(cfg), "--ops", "ae", "--epochs", "1", "--dim", "8"])
+    cfg.unlink()
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    r = run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat,fused")
+    for m in ("concat", "fused"):
+        check_score(tasks.get_task("Gender-UTK"), r["results"][m])
