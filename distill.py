@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, plots, precision
-from common.cache import FeatureCache, as_planned, atomic_write, write_json
+from common.cache import FeatureCache, as_planned, atomic_write, write_json, write_reasons
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
@@ -641,7 +641,7 @@ def embed_main(argv):
     a = p.parse_args(argv)
     if a.batch < 1:
         raise SystemExit(f"error: --batch {a.batch}: at least 1 face per batch")
-    from common.images import PATH_ERRORS, encode_paths, list_images
+    from common.images import encode_paths, list_images
 
     # the output's place is checked before the work, not after it
     if a.out.is_dir():
@@ -658,8 +658,7 @@ def embed_main(argv):
     stem = a.out.with_suffix("")
     atomic_write(a.out, lambda f: np.save(f, emb))
     atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write(encode_paths(rel)))
-    missed = "".join(f"{r}\t{why}\n" for r, why in zip(rel, reasons) if why)
-    atomic_write(Path(f"{stem}.missed.tsv"), lambda f: f.write(("path\treason\n" + missed).encode("utf-8", PATH_ERRORS)))
+    write_reasons(Path(f"{stem}.missed.tsv"), [(r, why) for r, why in zip(rel, reasons) if why])
     n_miss = sum(1 for r in reasons if r)
     print(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
           f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")

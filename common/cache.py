@@ -30,7 +30,9 @@ files open at once is bounded (MAX_OPEN), and the paths are one byte buffer, not
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -226,10 +228,21 @@ def as_planned(manifest: dict) -> dict:
 def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
     """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file)."""
     missed = [(cache.images[i], r) for i, r in cache.missed()]
-    lines = "".join(f"{p}\t{r}\n" for p, r in missed)
-    atomic_write(path, lambda f: f.write(("path\treason\n" + lines).encode("utf-8", PATH_ERRORS)))
+    write_reasons(path, missed)
     n_noface = sum(1 for _, r in missed if r == "no face detected")
     return n_noface, len(missed) - n_noface
+
+
+def write_reasons(path: Path, rows) -> None:
+    """(path, reason) rows as a tab-separated file with a header, atomically. The csv module's excel-tab
+    dialect quotes a name holding a tab, a quote or a line-break character (\r included, which its \r\n line
+    ends make it quote), so every reader of such files (csv, pandas, a spreadsheet) gets the name back
+    instead of a shifted or split row."""
+    text = io.StringIO()
+    writer = csv.writer(text, dialect="excel-tab")
+    writer.writerow(("path", "reason"))
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8", PATH_ERRORS)))
 
 
 class PathArray:

@@ -3,6 +3,7 @@
 Each bad file must come out as a counted row with its reason, the real faces beside it exactly as they
 come out alone, and nothing may crash. The files are built here, around real faces from installed packages.
 """
+import csv
 import importlib.util
 import io
 import json
@@ -62,6 +63,8 @@ BAD = {
     "loop.jpg": "Too many levels of symbolic links",
     # opening a FIFO waits for a writer and /dev/zero never ends: both must be refused before a read
     "fifo.jpg": "not a regular file", "dev_zero.jpg": "not a regular file",
+    # names that would shift or split a row of missed_faces.tsv unless quoted
+    "tab\tname.jpg": "empty file", "cr\rname.jpg": "empty file", 'quote"name.jpg': "empty file",
 }
 # A real face under a name with a line break: left out of the listing (with a warning), because the
 # one-name-a-line path lists would shift every later row.
@@ -89,6 +92,8 @@ def build_fuzz(d: Path) -> dict[str, str]:
     Image.new("L", (4000, 1), 128).save(d / "strip_4000x1.png")
     (d / "bomb.png").write_bytes(bomb_png())
     (d / "zero.jpg").write_bytes(b"")
+    for name in ("tab\tname.jpg", "cr\rname.jpg", 'quote"name.jpg'):
+        (d / name).write_bytes(b"")
     (d / "text.jpg").write_text("this is a text file named like a photo\n")
     data = (d / "UPPER.JPG").read_bytes()
     (d / "truncated.jpg").write_bytes(data[: len(data) // 3])
@@ -257,8 +262,8 @@ def test_tiny_image_refused_by_detector(root):
 
 # ----------------------------------------------------------------------------------- the three scripts
 def missed_rows(tsv: Path) -> dict[str, str]:
-    lines = tsv.read_bytes().decode("utf-8", "surrogateescape").splitlines()[1:]
-    return dict(line.split("\t", 1) for line in lines)
+    text = tsv.read_bytes().decode("utf-8", "surrogateescape")
+    return dict(list(csv.reader(io.StringIO(text, newline=""), dialect="excel-tab"))[1:])
 
 
 def rows_by_name(cache):
@@ -318,7 +323,7 @@ def test_distill_embed_lists_every_bad_file(root, fuzz, student, tmp_path):
     write_real_faces(alone)
     distill.main(["embed", "--checkpoint", str(student), "--images", str(root), "--out", str(tmp_path / "e.npy")])
     distill.main(["embed", "--checkpoint", str(student), "--images", str(alone), "--out", str(tmp_path / "a.npy")])
-    paths = (tmp_path / "e.paths.txt").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    paths = (tmp_path / "e.paths.txt").read_bytes().decode("utf-8", "surrogateescape").split("\n")[:-1]
     assert sorted(paths) == sorted(fuzz)
     missed = missed_rows(tmp_path / "e.missed.tsv")
     bad = {k: v for k, v in fuzz.items() if v}
@@ -326,7 +331,7 @@ def test_distill_embed_lists_every_bad_file(root, fuzz, student, tmp_path):
     for name, why in bad.items():
         assert why in missed[name], (name, missed[name])
     emb, one = np.load(tmp_path / "e.npy"), np.load(tmp_path / "a.npy")
-    one_paths = (tmp_path / "a.paths.txt").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    one_paths = (tmp_path / "a.paths.txt").read_bytes().decode("utf-8", "surrogateescape").split("\n")[:-1]
     for i, p in enumerate(paths):
         assert np.isnan(emb[i]).all() == (p in bad), p
         if p in REAL:
