@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import CacheDamaged, CacheMismatch, FeatureCache, make_plan, read_manifest, write_json, write_missed
+from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, list_changes, make_plan, read_manifest, write_json,
+                          write_missed)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -140,14 +141,16 @@ def extract(args, cache: FeatureCache, teachers, device, rank, world, log, donor
     engine_extract(cache, teachers, device, opts, rank, world, log, faces_from=donor)
 
 
-def faces_donor(args, plan: dict) -> FeatureCache:
+def faces_donor(args, plan: dict, images) -> FeatureCache:
     """The --faces-from cache, if it found the faces of these images with these detector settings (plan: the
-    new cache's manifest, or what it will hold); else the run stops saying what differs."""
+    new cache's manifest, or what it will hold); else the run stops saying what differs (which files, too)."""
     if args.out is not None and Path(args.faces_from).resolve() == Path(args.out).resolve():
         raise SystemExit(f"error: --faces-from {args.faces_from} is --cache itself: name the other cache")
     try:
         donor = FeatureCache(args.faces_from)
         why = KnownFaces.differences(plan, donor.manifest) + list(donor.damaged_shards(every=True).values())
+        if donor.manifest.get("list_hash") != plan["list_hash"]:
+            why.append(list_changes(donor.path, images, plan["stamps"]))
     except (OSError, CacheMismatch) as e:
         raise SystemExit(f"error: --faces-from: {e}") from None
     if why:
@@ -473,7 +476,7 @@ def main(argv=None):
     plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
                      args.crop_size, args.detect_size, args.smallest_face)
     # before the run folder, and before --overwrite deletes anything
-    donor = faces_donor(args, plan) if args.faces_from is not None else None
+    donor = faces_donor(args, plan, images) if args.faces_from is not None else None
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
     log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")

@@ -5,6 +5,8 @@ whole files behind):
     manifest.json          plan (teachers with widths and versions, image list hash, shard table), then
                            normalisation statistics and complete=true once every shard is written
     images.txt             the image paths, relative to the data root, one per line, in row order
+    stamps.npy             (n, 2) int64: each image's size and modification time when the cache was planned,
+                           to name the files that changed when a resume is refused (list_changes)
     shards/NNNNN.npy       (rows, sum of teacher widths) features in the cache dtype, teachers side by side
     crops/NNNNN.npy        the crop store: (rows, S, S, 3) uint8, each face's canonical crop (common.align)
                            at S = crop_size pixels (black for rows without a face), so that distill.py and
@@ -161,22 +163,60 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def list_hash(root: Path, images) -> str:
-    """Hash of the image list with each file's size and modification time: one stat per file, no reads,
-    yet it changes when a file is added, removed, replaced or edited in place (even at the same size, as
-    a BMP is). The bytes themselves are hashed as they are decoded: see FeatureCache.content_hash."""
-    h = hashlib.sha256()
-    for rel in images:
+def file_stamps(root: Path, images) -> np.ndarray:
+    """(n, 2) int64: each image's size and modification time in ns, one stat per file and no read; -1 for
+    a missing file. An image stored inside a CSV ("fer2013.csv#row12") has the CSV's stamp, so that a CSV
+    edited in place changes it too."""
+    out = np.full((len(images), 2), -1, np.int64)
+    for i, rel in enumerate(images):
         try:
-            # an image stored inside a CSV ("fer2013.csv#row12") has the CSV's stamp: a CSV edited in place
-            # changes it too
             csv_row = "#row" in rel and csv_row_path(Path(root) / rel)
             st = os.stat(Path(root) / (rel.rsplit("#row", 1)[0] if csv_row else rel))
-            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+            out[i] = st.st_size, st.st_mtime_ns
         except OSError:  # missing
-            stamp = "-1"
+            pass
+    return out
+
+
+def list_hash(root: Path, images, stamps: np.ndarray | None = None) -> str:
+    """Hash of the image list with each file's size and modification time (file_stamps): it changes when a
+    file is added, removed, replaced or edited in place (even at the same size, as a BMP is). The bytes
+    themselves are hashed as they are decoded: see FeatureCache.content_hash."""
+    stamps = file_stamps(root, images) if stamps is None else stamps
+    h = hashlib.sha256()
+    for rel, (size, mtime) in zip(images, stamps.tolist(), strict=True):
+        stamp = "-1" if size < 0 else f"{size}\t{mtime}"
         h.update(f"{rel}\t{stamp}\n".encode("utf-8", PATH_ERRORS))
     return h.hexdigest()
+
+
+def list_changes(cache_path: Path, images, stamps: np.ndarray) -> str:
+    """What differs between the files a cache was made from (its images.txt and stamps.npy) and `images`
+    with `stamps` now, naming a few of each: added, removed, changed size or time. A cache made before
+    stamps were kept tells the names apart only."""
+    cache_path = Path(cache_path)
+    try:
+        old = decode_paths((cache_path / "images.txt").read_bytes())
+    except OSError:
+        return "its list of images cannot be read"
+    try:
+        old_stamps = np.load(cache_path / "stamps.npy")
+    except (OSError, ValueError):
+        old_stamps = None
+    new_at, old_at = {p: i for i, p in enumerate(images)}, {p: i for i, p in enumerate(old)}
+    added = [p for p in images if p not in old_at]
+    removed = [p for p in old if p not in new_at]
+    changed = ([p for p in images if p in old_at and (old_stamps[old_at[p]] != stamps[new_at[p]]).any()]
+               if old_stamps is not None and len(old_stamps) == len(old) else None)
+    few = lambda ps: ", ".join(ps[:5]) + (f" and {len(ps) - 5} more" if len(ps) > 5 else "")  # noqa: E731
+    parts = [f"{len(ps)} {what} ({few(ps)})" for ps, what in ((added, "added"), (removed, "removed"),
+                                                             (changed or [], "changed size or modification time"))
+             if ps]
+    if parts:
+        return "files " + "; ".join(parts)
+    if changed is None:
+        return "the same names, so a file was edited or replaced (the cache predates the record of which)"
+    return "the same files in another order"
 
 
 def face_boxes(boxes) -> np.ndarray | None:
@@ -199,6 +239,7 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
     FeatureCache.create_or_resume). boxes: face_boxes' array (each image's face is searched around its box;
     they change which face a row gets, so their hash is part of the plan), or None."""
     boxes = face_boxes(boxes) if align == "mtcnn" else None  # crops taken as they are have no face to pick
+    stamps = file_stamps(data_root, images)
     return {
         "format": FORMAT,
         "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version}
@@ -211,11 +252,12 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
         "detector": DETECTOR if align == "mtcnn" else None,
         "data_root": str(Path(data_root).resolve()),
         "n_images": len(images),
-        "list_hash": list_hash(data_root, images),
+        "list_hash": list_hash(data_root, images, stamps),
         "shard_size": shard_size,
         "shard_bounds": list(range(0, len(images), shard_size)) + [len(images)],
         "crop_size": int(crop_size),
         "boxes": boxes_hash(boxes) if boxes is not None else None,
+        "stamps": stamps,  # not in the manifest: in stamps.npy, to say which files changed (list_changes)
     }
 
 
@@ -544,7 +586,7 @@ class FeatureCache:
         manifest = path / "manifest.json"
         if manifest.exists():
             old = read_manifest(path)
-            problems = cls._plan_differences(old, plan)
+            problems = cls._plan_differences(old, plan, lambda: list_changes(path, images, plan["stamps"]))
             if not old.get("complete") and old.get("data_root") != plan["data_root"]:
                 # its rows left to extract would be read from where the images were (a folder moved or copied
                 # with its times kept has the same list): refused, rather than those rows listed unreadable.
@@ -558,11 +600,14 @@ class FeatureCache:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             if plan["boxes"]:
                 atomic_write(path / "face_boxes.npy", lambda f: np.save(f, face_boxes(boxes)))
-            write_json(manifest, {**plan, "complete": False})
+            atomic_write(path / "stamps.npy", lambda f: np.save(f, plan["stamps"]))
+            write_json(manifest, {**{k: v for k, v in plan.items() if k != "stamps"}, "complete": False})
         return cls(path)
 
     @staticmethod
-    def _plan_differences(old, new) -> list[str]:
+    def _plan_differences(old, new, changes) -> list[str]:
+        """What differs between manifest `old` and plan `new`; changes(): which files, asked only when the
+        image lists differ."""
         problems = []
         if old.get("format") != new["format"]:
             problems.append(f"format {old.get('format')} != {new['format']}")
@@ -573,7 +618,7 @@ class FeatureCache:
                             f"!= asked {[t[0] for t in new_t]} (versions {[t[2] for t in new_t]})")
         if old.get("list_hash") != new["list_hash"]:
             problems.append(f"image list of {old.get('n_images')} files under {old.get('data_root')} "
-                            f"!= {new['n_images']} files under {new['data_root']}")
+                            f"!= {new['n_images']} files under {new['data_root']}: {changes()}")
         old = as_planned(old)
         for key in ("dtype", "align", "min_face_prob", "detect_size", "smallest_face", "shard_size", "crop_size",
                     "boxes"):

@@ -82,7 +82,8 @@ class KnownFaces:
             mine, theirs = plan.get(k), other.get(k)
             if mine != theirs:
                 why.append(f"its faces come from another version of the detection code ({theirs}, now {mine})"
-                           if k == "detector" else f"{k} {theirs} != {mine}")
+                           if k == "detector" else "it was made from other files (names, sizes or times)"
+                           if k == "list_hash" else f"{k} {theirs} != {mine}")
         return why
 
     @classmethod

@@ -113,7 +113,16 @@ def test_mismatched_teachers_or_images_fail_clearly(tmp_path, images):
     with pytest.raises(CacheMismatch, match="teachers"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, [TEACHERS[0], Meta("b", 5, "b:2")], shard_size=5)
     (root / names[3]).write_bytes(b"changed content, other size")
-    with pytest.raises(CacheMismatch, match="image list"):
+    with pytest.raises(CacheMismatch, match="image list") as err:
+        FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
+    # the refusal names what changed, not only the list's hash
+    assert f"1 changed size or modification time ({names[3]})" in str(err.value), str(err.value)
+    (root / "new.jpg").write_bytes((root / names[0]).read_bytes())
+    with pytest.raises(CacheMismatch) as err:
+        FeatureCache.create_or_resume(tmp_path / "c", root, [*names[1:], "new.jpg"], TEACHERS, shard_size=5)
+    assert f"1 added (new.jpg); 1 removed ({names[0]}); 1 changed size" in str(err.value), str(err.value)
+    (tmp_path / "c" / "stamps.npy").unlink()  # a cache made before the stamps were kept
+    with pytest.raises(CacheMismatch, match="the same names, so a file was edited or replaced"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
 
 
@@ -398,7 +407,8 @@ def test_a_million_rows(tmp_path, monkeypatch):
 
     n, shard = 1_000_000, 1024
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # 2,000 small files: durability is not under test
-    monkeypatch.setattr(common.cache, "list_hash", lambda root, images: "-")  # 1 M stats of absent files
+    # 1 M stats of absent files: no need
+    monkeypatch.setattr(common.cache, "file_stamps", lambda root, images: np.full((len(images), 2), -1, np.int64))
     # By default up to half the open-file limit stay open (all 977 here); a bound of 64 shows it holds.
     monkeypatch.setattr(common.cache, "OPEN_FILES", common.cache.OpenFiles(64))
     names = [f"d{i // 1000:04d}/img{i:07d}.jpg" for i in range(n)]

@@ -179,7 +179,7 @@ def test_start_up_check_is_headers_only(tmp_path, monkeypatch):
     import common.cache
 
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # 600 small files: durability is not under test
-    monkeypatch.setattr(common.cache, "list_hash", lambda root, images: "-")
+    monkeypatch.setattr(common.cache, "file_stamps", lambda root, images: np.full((len(images), 2), -1, np.int64))
     rows, s = 64, 32
     c = FeatureCache.create_or_resume(tmp_path / "c", tmp_path, [f"{i}.jpg" for i in range(200 * rows)], TEACHERS,
                                       shard_size=rows, crop_size=s)

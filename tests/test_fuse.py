@@ -1,6 +1,7 @@
 """fuse.py end to end on real faces with real teachers: cache, missed faces, Table 5, h_G, resume, torchrun."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +410,12 @@ def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monk
         fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c5"), "--teachers", "gender", "--extract-only",
                    "--faces-from", str(fused / "feats"), "--min-face-prob", "0.5", "--run-dir", str(tmp_path / "r5")])
     assert not (tmp_path / "c5").exists() and not (tmp_path / "r5").exists()  # refused before any work
+    copy = tmp_path / "copy"  # the same folder copied, times kept, then one file edited: the refusal names it
+    shutil.copytree(face_dir, copy, symlinks=True)
+    (copy / "tom.png").write_bytes((copy / "tom.png").read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match=r"1 changed size or modification time \(tom.png\)"):
+        fuse.main(["--data", str(copy), "--cache", str(tmp_path / "c7"), "--teachers", "gender", "--extract-only",
+                   "--faces-from", str(tmp_path / "c"), "--run-dir", str(tmp_path / "r7")])
     # --overwrite of the donor itself would delete the faces it is asked to give
     with pytest.raises(SystemExit, match="is --cache itself"):
         fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
