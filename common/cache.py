@@ -203,11 +203,16 @@ def list_changes(cache_path: Path, images, stamps: np.ndarray) -> str:
         old_stamps = np.load(cache_path / "stamps.npy")
     except (OSError, ValueError):
         old_stamps = None
-    new_at, old_at = {p: i for i, p in enumerate(images)}, {p: i for i, p in enumerate(old)}
-    added = [p for p in images if p not in old_at]
-    removed = [p for p in old if p not in new_at]
-    changed = ([p for p in images if p in old_at and (old_stamps[old_at[p]] != stamps[new_at[p]]).any()]
-               if old_stamps is not None and len(old_stamps) == len(old) else None)
+    known = old_stamps is not None and len(old_stamps) == len(old)
+    if old == list(images):  # the usual case, files edited in place: no maps of millions of names
+        added, removed = [], []
+        changed = [old[i] for i in np.flatnonzero((old_stamps != stamps).any(1))] if known else None
+    else:
+        new_at, old_at = {p: i for i, p in enumerate(images)}, {p: i for i, p in enumerate(old)}
+        added = [p for p in images if p not in old_at]
+        removed = [p for p in old if p not in new_at]
+        changed = ([p for p in images if p in old_at and (old_stamps[old_at[p]] != stamps[new_at[p]]).any()]
+                   if known else None)
     few = lambda ps: ", ".join(ps[:5]) + (f" and {len(ps) - 5} more" if len(ps) > 5 else "")  # noqa: E731
     parts = [f"{len(ps)} {what} ({few(ps)})" for ps, what in ((added, "added"), (removed, "removed"),
                                                              (changed or [], "changed size or modification time"))
