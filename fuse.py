@@ -33,7 +33,7 @@ from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, list_change
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
-from common.images import IMAGE_EXTENSIONS, list_images
+from common.images import CANNOT_READ, IMAGE_EXTENSIONS, list_images
 from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 
@@ -49,6 +49,11 @@ def parse_args(argv=None):
                         "old spelling")
     g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --cache and rebuild it")
+    g.add_argument("--retry-unreadable", action="store_true",
+                   help="extract again each shard holding an image the system would not give last time "
+                        "(permission denied, I/O error, gone for a moment: 'cannot read' in missed_faces.tsv) that "
+                        "opens now, say after a network mount came back; it reads every shard's reasons first. (A "
+                        "file whose size or time changed since is another list of images, refused as always)")
     g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
     g = p.add_argument_group("teachers and faces")
@@ -164,6 +169,10 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
     n_noface, n_bad = write_missed(cache, run / "missed_faces.tsv")
     log.info(f"faces: {len(cache.images) - n_noface - n_bad} aligned, {n_noface} images with no face, "
              f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
+    n_unread = sum(CANNOT_READ in r for _, r in cache.missed()) if n_bad else 0
+    if n_unread:
+        log.warning(f"{n_unread} of them could not be read at all (missing, permission denied, I/O error): "
+                    f"once they read, rerun with --retry-unreadable to extract their shards again")
 
 
 def refuse_to_delete(cache: Path, data) -> None:
@@ -492,6 +501,8 @@ def main(argv=None):
         if rank == 0:
             cache = open_cache()
             cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
+            if args.retry_unreadable:
+                cache.remove_unread(log)
         if world > 1:
             dist.barrier()
         if rank != 0:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
-from common.images import PATH_ERRORS, csv_row_path, decode_paths, encode_paths
+from common.images import CANNOT_READ, PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
 
@@ -170,12 +170,17 @@ def file_stamps(root: Path, images) -> np.ndarray:
     out = np.full((len(images), 2), -1, np.int64)
     for i, rel in enumerate(images):
         try:
-            csv_row = "#row" in rel and csv_row_path(Path(root) / rel)
-            st = os.stat(Path(root) / (rel.rsplit("#row", 1)[0] if csv_row else rel))
+            st = os.stat(source_file(root, rel))
             out[i] = st.st_size, st.st_mtime_ns
         except OSError:  # missing
             pass
     return out
+
+
+def source_file(root: Path, rel: str) -> Path:
+    """The file an image row reads: itself, or the CSV that holds it ("fer2013.csv#row12")."""
+    csv_row = "#row" in rel and csv_row_path(Path(root) / rel)
+    return Path(root) / (rel.rsplit("#row", 1)[0] if csv_row else rel)
 
 
 def list_hash(root: Path, images, stamps: np.ndarray | None = None) -> str:
@@ -696,6 +701,31 @@ class FeatureCache:
                 log.warning(f"warning: shard {k} is damaged ({why}): its files are removed and it is extracted again")
             self.remove_shard(k)
         return len(damaged)
+
+    def remove_unread(self, log=None) -> int:
+        """Remove the files of every shard holding a row whose file the system would not give when it was
+        extracted (CANNOT_READ: missing, permission denied, I/O error) and that opens now, so that the next
+        extraction redoes that shard: a network mount that failed for a moment costs a few shards again, not
+        the rows for good. Reads every shard's reasons; returns how many shards."""
+        todo = {}
+        for k in range(self.n_shards):
+            if not self.shard_done(k):
+                continue
+            with open_npz(self.meta_file(k), self.redo_hint) as m:
+                reasons = m["reason"]
+            for j in np.flatnonzero(np.char.find(reasons.astype(str), CANNOT_READ) >= 0):
+                file = source_file(self.data_root, self.images[int(self.bounds[k] + j)])
+                if file.is_file() and os.access(file, os.R_OK):
+                    todo.setdefault(k, []).append(str(file))
+        if todo and self.manifest.get("complete"):  # first: a kill during the redo must still find them to do
+            self.manifest["complete"] = False
+            write_json(self.path / "manifest.json", self.manifest)
+        for k, files in todo.items():
+            if log:
+                log.info(f"shard {k}: {len(files)} file(s) that could not be read now open ({', '.join(files[:3])}"
+                         f"{' ...' if len(files) > 3 else ''}): it is extracted again")
+            self.remove_shard(k)
+        return len(todo)
 
     def remove_shard(self, k: int) -> None:
         """Delete shard k's files so that the next extraction redoes it; the features first, so that a kill

@@ -421,3 +421,39 @@ def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monk
         fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
                    "--faces-from", str(tmp_path / "c"), "--overwrite", "--run-dir", str(tmp_path / "r6")])
     assert FeatureCache(tmp_path / "c").manifest["complete"]
+
+
+def test_retry_unreadable_extracts_again_the_shards_of_files_that_now_read(face_dir, tmp_path, monkeypatch):
+    """A file the system would not give during extraction (an I/O error of a network mount) is a row without a
+    face for good on a plain rerun; with --retry-unreadable, its shard (and only it) is extracted again."""
+    import common.extract
+    import fuse
+    from common.images import BadImage, read_bytes
+
+    data = tmp_path / "faces"
+    data.mkdir()
+    for name in ("0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "45-m7-di-ph.jpg", "single_face.jpg"):
+        shutil.copy2(face_dir / name, data / name)
+
+    def flaky(path):
+        if Path(path).name == "45-m7-di-ph.jpg":
+            raise BadImage(f"{path}: cannot read (Input/output error)")
+        return read_bytes(path)
+
+    argv = ["--data", str(data), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
+            "--shard-size", "2"]
+    monkeypatch.setattr(common.extract, "read_bytes", flaky)
+    fuse.main([*argv, "--run-dir", str(tmp_path / "r1")])
+    monkeypatch.setattr(common.extract, "read_bytes", read_bytes)  # the mount is back
+    assert "rerun with --retry-unreadable" in (tmp_path / "r1" / "log.txt").read_text()
+    fuse.main([*argv, "--run-dir", str(tmp_path / "r2")])
+    cache = FeatureCache(tmp_path / "c")
+    row = list(cache.images).index("45-m7-di-ph.jpg")
+    assert not cache.found[row]  # a plain rerun keeps it as it was
+    first = cache.features.take([0, 1])
+    fuse.main([*argv, "--retry-unreadable", "--run-dir", str(tmp_path / "r3")])
+    cache = FeatureCache(tmp_path / "c").require_complete()
+    assert cache.found.all() and row // 2 == 1
+    assert "shard 1: 1 file(s) that could not be read now open" in (tmp_path / "r3" / "log.txt").read_text()
+    assert "shard 0" not in (tmp_path / "r3" / "log.txt").read_text()
+    np.testing.assert_array_equal(cache.features.take([0, 1]), first)  # the other shard untouched
