@@ -1,7 +1,7 @@
 """Teachers shipped for other runtimes (ONNX, TFLite), rebuilt as PyTorch modules so they run batched on any device.
 
-Two ports, both rebuilt from the shipped weight file every time a teacher loads (well under a second each on the
-CPU, so there is no conversion cache to go stale, and nothing is ever unpickled):
+Two ports, both rebuilt from the shipped weight file every time a teacher loads (under a second each on 2 CPU
+cores, SFace the slowest at 0.7-0.9 s, so there is no conversion cache to go stale, and nothing is ever unpickled):
 
 - onnx_module: the ONNX graph, cut at the embedding layer, with every constant sub-graph (SFace's 29 blocked int8
   `DequantizeLinear` weights and the Reshapes after them) folded to fp32 by ONNX's own reference evaluator, then

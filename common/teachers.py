@@ -7,8 +7,9 @@ their own models with a spec string or a JSON config (parse_custom, load_config)
 
 On a GPU every default teacher is a PyTorch module on the run's device, batched. The four shipped for other
 runtimes (sface, age, gender: ONNX; facex: TFLite) are rebuilt in PyTorch from their own weight file at load time
-(common.ports). Their original runtime is kept as the *reference*, and on the CPU it is what runs by default,
-because there it is 5-10x faster than eager PyTorch (bench/teachers.py). A suffix forces either engine anywhere:
+(common.ports). Their original runtime is kept as the *reference*, and on the CPU it is what runs by default:
+there the zoo ran 1.16x faster with it than with the eager PyTorch ports on 2 quiet cores, and the ports fell
+much further behind on a loaded machine (bench/teachers.py, BENCHMARKS.md). A suffix forces either engine anywhere:
 `sface@reference` (onnxruntime / LiteRT, always on the CPU) or `sface@torch` (the port, on the run's device).
 The ports agree with the reference to ~1e-6 (ONNX conversions) and cosine >= 0.998 (facex, whose int8 "hybrid"
 convolutions are reproduced in float); tests/test_teachers.py guards each on real faces.
@@ -564,7 +565,7 @@ def _bad_teacher_on_value_error(fn):
 def load_config(path) -> list[TeacherSpec]:
     """Teachers from a JSON file: a list (or {"teachers": [...]}) whose entries are registry names, spec strings,
     or objects {"spec": <name or spec string>, and any of name, role, box, mean, std, color, layout, reduce,
-    input_size}. Relative weight paths are taken from the config file's folder."""
+    input_size, dim}. Relative weight paths are taken from the config file's folder."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
