@@ -267,8 +267,13 @@ def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", ali
         "shard_bounds": list(range(0, len(images), shard_size)) + [len(images)],
         "crop_size": int(crop_size),
         "boxes": boxes_hash(boxes) if boxes is not None else None,
-        "stamps": stamps,  # not in the manifest: in stamps.npy, to say which files changed (list_changes)
+        # not in the manifest (PLAN_ARRAYS): stamps.npy, to say which files changed (list_changes); face_boxes.npy
+        "stamps": stamps,
+        "box_array": boxes,
     }
+
+
+PLAN_ARRAYS = ("stamps", "box_array")  # a plan's arrays, kept in files of their own beside the manifest
 
 
 def as_planned(manifest: dict) -> dict:
@@ -609,9 +614,9 @@ class FeatureCache:
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             if plan["boxes"]:
-                atomic_write(path / "face_boxes.npy", lambda f: np.save(f, face_boxes(boxes)))
+                atomic_write(path / "face_boxes.npy", lambda f: np.save(f, plan["box_array"]))
             atomic_write(path / "stamps.npy", lambda f: np.save(f, plan["stamps"]))
-            write_json(manifest, {**{k: v for k, v in plan.items() if k != "stamps"}, "complete": False})
+            write_json(manifest, {**{k: v for k, v in plan.items() if k not in PLAN_ARRAYS}, "complete": False})
         return cls(path)
 
     @staticmethod
