@@ -32,7 +32,7 @@ MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 PATH_ERRORS = "surrogateescape"
 # In the reason of a file the system would not give (missing, permission denied, I/O error): the one kind of
 # failure that may pass (a network mount back, a permission fixed), so fuse.py --retry-unreadable looks for it.
-CANNOT_READ = "cannot read"
+CANNOT_READ = ": cannot read ("  # (with its punctuation, so that a file named "cannot read.jpg" is no match)
 # Files are read whole before decoding; a 179 M-pixel 16-bit TIFF is about 1 GB, so anything past this is
 # no photo (a disk image or a sparse file named .jpg) and would only fill the memory of every worker.
 MAX_FILE_BYTES = 2 << 30
@@ -187,7 +187,7 @@ def read_bytes(path: str | Path) -> bytes:
     except IsADirectoryError as e:
         raise BadImage(f"{path}: a folder, not an image file") from e
     except OSError as e:  # missing, permission denied, symbolic link loop, I/O error
-        raise BadImage(f"{path}: {CANNOT_READ} ({e.strerror or e})") from e
+        raise BadImage(f"{path}{CANNOT_READ}{e.strerror or e})") from e
     if not data:
         raise BadImage(f"{path}: empty file (0 bytes)")
     return data
