@@ -122,6 +122,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order (default: 0)")
     p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
+    p.add_argument("--retry-unreadable", action="store_true",
+                   help="extract again each shard of the task cache holding an image the system would not give last "
+                        "time ('cannot read' in missed_faces-TASK.tsv: permission denied, an I/O error) that opens "
+                        "now; otherwise such an image stays a missed face, scored wrong when it is a test image")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir that stopped before its end: the (task, method) results its "
@@ -273,7 +277,8 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
         why = "; ".join(e.problems) or str(e)
         raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
                          f"rebuild it, or pass another --task-cache") from None
-    if cache.remove_damaged(log) or not cache.manifest.get("complete"):
+    redo = cache.remove_damaged(log) + (cache.remove_unread(log) if args.retry_unreadable else 0)
+    if redo or not cache.manifest.get("complete"):
         opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
                        workers=args.workers, detect_size=args.detect_size, smallest_face=args.smallest_face)
         extract(cache, teachers, device, opts, log=log, faces_from=faces_donor(cache, args.cache_dir))
@@ -680,6 +685,7 @@ def resumed_results(args) -> dict:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
     now = resolved_args(args)
+    old = {**vars(parse_args([])), **old}  # a flag newer than the run: the run had its default
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("

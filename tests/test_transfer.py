@@ -260,6 +260,9 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     with pytest.raises(SystemExit, match="--resume continues a run folder"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                        "--run-dir", str(tmp_path / "elsewhere"), "--resume"])
+    args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
+    args_json.write_text(json.dumps({k: v for k, v in json.loads(args_json.read_text()).items()
+                                     if k not in ("kd_temperature", "retry_unreadable")}))
     ran = []
     monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
                         ran.append(method) or real(task, data, method, *a, **k))
@@ -445,3 +448,25 @@ def test_teacher_methods_rebuild_a_custom_teacher_from_the_cache_alone(tmp_path,
     r = run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat,fused")
     for m in ("concat", "fused"):
         check_score(tasks.get_task("Gender-UTK"), r["results"][m])
+
+
+def test_retry_unreadable_gives_a_task_image_back(tmp_path, fused, student_ckpt, monkeypatch):
+    """An image the system would not give while the task cache was built is a missed face, scored wrong; with
+    --retry-unreadable, once it reads, its shard is extracted again and the face counts."""
+    import common.extract
+    from common.images import BadImage, read_bytes
+
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    victim = sorted(p.name for p in data.iterdir() if p.suffix == ".jpg")[0]
+
+    def flaky(path):
+        if path.name == victim:
+            raise BadImage(f"{path}: cannot read (Input/output error)")
+        return read_bytes(path)
+
+    monkeypatch.setattr(common.extract, "read_bytes", flaky)
+    first = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+    monkeypatch.setattr(common.extract, "read_bytes", read_bytes)
+    again = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+    retried = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen", "--retry-unreadable")
+    assert again["missed_faces"] == first["missed_faces"] == retried["missed_faces"] + 1
