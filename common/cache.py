@@ -283,23 +283,33 @@ def as_planned(manifest: dict) -> dict:
 
 
 def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
-    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file)."""
-    missed = [(cache.images[i], r) for i, r in cache.missed()]
-    write_reasons(path, missed)
-    n_noface = sum(1 for _, r in missed if r == "no face detected")
-    return n_noface, len(missed) - n_noface
+    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file).
+    Streamed shard by shard: at millions of images the list is never held whole."""
+    counts = [0, 0]
+
+    def rows():
+        for i, r in cache.missed():
+            counts[r != "no face detected"] += 1
+            yield cache.images[i], r
+
+    write_reasons(path, rows())
+    return counts[0], counts[1]
 
 
 def write_reasons(path: Path, rows) -> None:
-    """(path, reason) rows as a tab-separated file with a header, atomically. The csv module's excel-tab
-    dialect quotes a name holding a tab, a quote or a line-break character (\r included, which its \r\n line
-    ends make it quote), so every reader of such files (csv, pandas, a spreadsheet) gets the name back
-    instead of a shifted or split row."""
-    text = io.StringIO()
-    writer = csv.writer(text, dialect="excel-tab")
-    writer.writerow(("path", "reason"))
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8", PATH_ERRORS)))
+    """(path, reason) rows as a tab-separated file with a header, atomically, as they come. The csv module's
+    excel-tab dialect quotes a name holding a tab, a quote or a line-break character (\r included, which its
+    \r\n line ends make it quote), so every reader of such files (csv, pandas, a spreadsheet) gets the name
+    back instead of a shifted or split row."""
+    def write(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", errors=PATH_ERRORS, newline="")
+        writer = csv.writer(text, dialect="excel-tab")
+        writer.writerow(("path", "reason"))
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # the file is atomic_write's to close
+
+    atomic_write(path, write)
 
 
 class PathArray:
