@@ -626,6 +626,8 @@ class FeatureCache:
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
                                     + ". Use another --cache folder, or --overwrite to rebuild it.", problems)
+            if not (path / "stamps.npy").exists():  # a cache from before they were kept: the same files now
+                atomic_write(path / "stamps.npy", lambda f: np.save(f, plan["stamps"]))
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
             if plan["boxes"]:

@@ -124,6 +124,12 @@ def test_mismatched_teachers_or_images_fail_clearly(tmp_path, images):
     (tmp_path / "c" / "stamps.npy").unlink()  # a cache made before the stamps were kept
     with pytest.raises(CacheMismatch, match="the same names, so a file was edited or replaced"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)
+    FeatureCache.create_or_resume(tmp_path / "d", root, names, TEACHERS, shard_size=5)
+    (tmp_path / "d" / "stamps.npy").unlink()  # an old cache resumed with its files as they were gets its stamps
+    FeatureCache.create_or_resume(tmp_path / "d", root, names, TEACHERS, shard_size=5)
+    (root / names[1]).write_bytes(b"edited")
+    with pytest.raises(CacheMismatch, match=f"1 changed size or modification time \\({names[1]}\\)"):
+        FeatureCache.create_or_resume(tmp_path / "d", root, names, TEACHERS, shard_size=5)
 
 
 def test_an_unfinished_cache_of_a_moved_folder_is_refused_a_finished_one_is_not(tmp_path, images):
