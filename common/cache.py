@@ -1001,6 +1001,10 @@ class FeatureCache:
         except (ValueError, KeyError, TypeError) as e:
             raise CacheDamaged(f"{folder / 'meta.json'} is damaged ({type(e).__name__}: {e})", remedy) from None
         meta["folder"] = str(folder)
+        written_for, now = meta.get("content_hash"), self.manifest.get("content_hash")
+        if written_for and now and written_for != now:  # rows found since have no h_G: a zero target each
+            raise CacheDamaged(f"h_G '{name}' in {folder} was written for other images than the cache holds now "
+                               f"(shards were extracted again since, say by --retry-unreadable)", remedy)
         files = [self.embedding_file(name, k, folder) for k in range(self.n_shards)]
         # Headers and sizes only, as require_complete does for the features: distill.py fails at its start,
         # and fuse.py, which reads h_G through here before it keeps one, writes a damaged one anew.

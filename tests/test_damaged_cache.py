@@ -170,6 +170,14 @@ def test_stats_and_embeddings(cache):
     (c.embedding_dir("ae") / "meta.json").write_text('{"op": "ae", "di')
     with pytest.raises(CacheDamaged, match=r"meta.json is damaged \(JSONDecodeError"):
         c.embedding("ae")
+    # h_G written for an earlier content of the cache (a shard extracted again found new faces since)
+    (c.embedding_dir("ae") / "meta.json").write_text(json.dumps({"op": "ae", "dim": 3, "content_hash": "old"}))
+    c.manifest["content_hash"] = "new"
+    with pytest.raises(CacheDamaged, match=r"written for other images than the cache holds now.*it writes h_G anew"):
+        c.embedding("ae")
+    c.manifest["content_hash"] = "old"  # the same content: on to the shards (the one cut above)
+    with pytest.raises(CacheDamaged, match=r"00004\.npy: truncated"):
+        c.embedding("ae")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts the bytes read in /proc/self/io")
