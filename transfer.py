@@ -327,25 +327,12 @@ def face_batches(cache, rows, labels, size, train, args, device):
 
 
 # ------------------------------------------------------------------------------------- heads and loss
-def label_range_seen(task, data, y) -> tuple[float, float]:
-    """A regression task without a fixed range (a user's CSV) takes it from the labels of the faces no split tests:
-    the range scales the targets, clips the predictions and gives missed faces its midpoint, so test labels may
-    not set it."""
-    seen = np.ones(len(y), bool)
-    for sp in data.splits:
-        seen[sp.test] = False
-    if not seen.any():
-        raise SystemExit(f"error: {task.name}: every face is tested by some split, so no label is left to set the "
-                         f"range of the regression: give the task a label_range")
-    return float(y[seen].min()), float(y[seen].max())
-
-
 def targets(task, data, n_out) -> tuple[torch.Tensor, tuple | None]:
     """Labels as a tensor the loss takes; regression targets scaled to [0, 1] over the label range."""
     labels = [s.label for s in data.samples]
     if task.kind == "regression":
         y = np.asarray(labels, np.float64)
-        lo_hi = task.label_range or label_range_seen(task, data, y)
+        lo_hi = task.label_range or tasks.label_range_seen(task, data, y)
         return torch.tensor((y - lo_hi[0]) / max(lo_hi[1] - lo_hi[0], 1e-9), dtype=torch.float32), lo_hi
     if task.kind == "multilabel":
         return torch.tensor(np.asarray(labels, np.float32)), None

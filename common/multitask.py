@@ -168,7 +168,7 @@ def task_target(task, data, ids: np.ndarray, rows: Rows, n_rows: int, split) -> 
     lo_hi = None
     if task.kind == "regression":
         v = np.asarray(labels, np.float64)
-        lo_hi = task.label_range or (float(v.min()), float(v.max()))
+        lo_hi = task.label_range or tasks.label_range_seen(task, data, v)  # never from a test label
         values = torch.tensor((v - lo_hi[0]) / max(lo_hi[1] - lo_hi[0], 1e-9), dtype=torch.float32)
         y = torch.zeros(n_rows)
     elif task.kind == "landmarks":
@@ -194,6 +194,21 @@ def task_target(task, data, ids: np.ndarray, rows: Rows, n_rows: int, split) -> 
         t.extra["mean_shape"] = np.mean([labels[i] for i in split.train], 0)
     t.fit_scale(train)
     return t
+
+
+def hold_out(targets: list[Target], held: np.ndarray, log=None) -> None:
+    """An image that some task tests or validates on is never trained on, for any task (UTKFace's tasks share
+    one split; a user's tasks may not): its labels leave every mask, and the loss unit and a head's start are
+    fitted again on the labels that remain."""
+    for t in targets:
+        leak = t.mask[torch.as_tensor(held)].clone()
+        t.mask[torch.as_tensor(held)] = False
+        if leak.any():
+            if log:
+                log.info(f"multitask {t.name}: {int(leak.sum())} training images are another task's "
+                         "test/validation images and are left out")
+            if t.mask.any():
+                t.fit_scale(label_rows(t))
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -545,14 +560,8 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     targets = [task_target(task, data, i, rows, len(rows), s) for (task, data, _), i, s in zip(jobs, ids, splits)]
     for t, (_, how) in zip(targets, carved):
         t.extra["selection"] = how
-    # An image that some task tests on is never trained on, for any task (UTKFace's tasks share one split).
     held = np.unique(np.concatenate([i[p] for sp, i in zip(splits, ids) for p in (sp.test, sp.val)]))
-    for t in targets:
-        leak = t.mask[torch.as_tensor(held)].clone()
-        t.mask[torch.as_tensor(held)] = False
-        if leak.any():
-            log.info(f"multitask {t.name}: {int(leak.sum())} training images are another task's test/validation "
-                     "images and are left out")
+    hold_out(targets, held, log)
     names = ", ".join(f"{t.name} ({int(t.mask.sum())} labels)" for t in targets)
     log.info(f"multitask: {len(rows)} images, {len(targets)} tasks: {names}")
     backbone, width, size = build_backbone(args.backbone, args.student, device)

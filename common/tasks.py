@@ -228,6 +228,19 @@ def with_validation(split: Split, index: int, groups=None, seed: int = 0, frac: 
             f"split)")
 
 
+def label_range_seen(task, data, y) -> tuple[float, float]:
+    """A regression task without a fixed range (a user's CSV) takes it from the labels of the faces no split tests:
+    the range scales the targets, clips the predictions and gives missed faces its midpoint, so test labels may
+    not set it."""
+    seen = np.ones(len(y), bool)
+    for sp in data.splits:
+        seen[sp.test] = False
+    if not seen.any():
+        raise SystemExit(f"error: {task.name}: every face is tested by some split, so no label is left to set the "
+                         f"range of the regression: give the task a label_range")
+    return float(y[seen].min()), float(y[seen].max())
+
+
 def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:
     return [Split(f"leave out {g}", train, test)
             for g, train, test in metrics.leave_one_group_out([s.group for s in samples])]

@@ -508,3 +508,36 @@ def test_rows_are_one_per_file_however_named(tmp_path, monkeypatch):
     own = rows.add(cache, tasks.TaskData([tasks.Sample(str(tmp_path / "faces" / n), None) for n in ("a.jpg", "b.jpg")], []))
     other = rows.add(cache, tasks.TaskData([tasks.Sample(p, None) for p in ("link/b.jpg", "faces/../faces/a.jpg")], []))
     assert len(rows) == 2 and list(other) == [own[1], own[0]]
+
+
+def test_multitask_regression_range_and_loss_unit_come_from_training_labels(tmp_path):
+    """A user's CSV regression task in the joint model: its label range (which scales targets, clips predictions
+    and gives missed test faces its midpoint) is never set by a test label, as in transfer.py's other methods."""
+    from common import tasks
+    from tests.fixtures import make_csv_table
+
+    root = make_csv_table(tmp_path, values=(21.0, 33.5, 150.0, 18.0, 60.0, 27.0), split=True)  # 150, 27: test
+    task = tasks.csv_task("Score-Mine", kind="regression")
+    data = task.loader(root)
+    rows = multitask.Rows()
+    paths = [s.path for s in data.samples]
+    ids = rows.add(_store_cache(paths, np.stack([center_matrix(64, 64)] * len(paths))), data)
+    t = multitask.task_target(task, data, ids, rows, len(rows), data.splits[0])
+    assert t.lo_hi == (18.0, 60.0)
+
+
+def test_held_out_images_leave_the_loss_unit_and_the_heads_start():
+    """A training label on an image another task tests on is dropped, and with it its weight in the task's
+    loss unit and its head's starting value (the median), which were fitted before the drop."""
+    targets = _targets(8)
+    reg = targets[1]
+    reg.y[5] = 100.0  # an extreme label on row 5, which another task tests on
+    reg.fit_scale(multitask.label_rows(reg))
+    before = reg.scale
+    multitask.hold_out(targets, np.array([5]))
+    assert multitask.label_rows(reg).tolist() == [4]
+    assert reg.scale == 1.0 and float(reg.init) == pytest.approx(float(reg.y[4]))  # one label left: nothing to learn
+    assert before > 10
+    cls = targets[0]
+    multitask.hold_out(targets, np.array([0]))
+    assert cls.scale == pytest.approx(float(-(3 * (1 / 3) * np.log(1 / 3))))  # labels 1, 2, 0 of rows 1-3 left
