@@ -125,6 +125,12 @@ def parse_args(argv=None):
     g.add_argument("--test-frac", type=float, default=0.1, help="fraction of faces that Table 5 and Figure 2 report on")
     g.add_argument("--val-max", type=int, default=20000, help="at most this many validation faces")
     g.add_argument("--test-max", type=int, default=20000, help="at most this many test faces")
+    g.add_argument("--split-group", default="image",
+                   help="what keeps faces together in G's train/validation/test split, so that near-duplicates are "
+                        "not on both sides: image (each alone), folder (the images of one subfolder: a person or a "
+                        "video per folder, as VGGFace2 or CASIA-WebFace lay them out), or re:PATTERN (the part of "
+                        "the path the regular expression matches, its first group if any: re:^(.+)_[0-9]+[.]jpg$ keeps "
+                        "the frames name_0001.jpg, name_0002.jpg ... of one video together)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, of training and of synth:N faces")
     g.add_argument("--n-sweep", default="",
                    help="comma list of corpus sizes (e.g. 1000,3000,10000): train --ops on the first N non-test "
@@ -278,6 +284,10 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
     for d in dims:
         if not 1 <= d <= width:  # G maps the h_i to at most as many dimensions as they have
             raise SystemExit(f"error: --dim {d}: h_G's width must be from 1 to {width}, the teachers' total width")
+    try:
+        fusion.split_group(args.split_group)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     for flag, value in (("--val-max", args.val_max), ("--test-max", args.test_max)):
         if value < 2:  # else the run fails after all of G's training, on an empty set
             raise SystemExit(f"error: {flag} {value}: validation and test need at least 2 faces each")
@@ -294,7 +304,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
     try:
         split = fusion.three_way_split(cache.images, rows, args.seed, args.val_frac, args.test_frac,
-                                       args.val_max, args.test_max)
+                                       args.val_max, args.test_max, fusion.split_group(args.split_group))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     train, val, test = split["train"], split["val"], split["test"]

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -296,25 +297,62 @@ def load(path) -> tuple[nn.Module, dict]:
 
 
 # ------------------------------------------------------------------------------------- protocol
+def split_group(spec: str):
+    """--split-group: what keeps faces together in G's split. "image": nothing (each image alone); "folder": the
+    images of one subfolder of the data (a person, a video), images at its top each alone; "re:PATTERN": the
+    part of the path PATTERN matches (its first group if it has one), images it does not match each alone.
+    Returns the key function, or None for "image"."""
+    if spec == "image":
+        return None
+    if spec == "folder":
+        return lambda key: key.rsplit("/", 1)[0] + "/" if "/" in key else key
+    if spec.startswith("re:"):
+        try:
+            pattern = re.compile(spec[3:])
+        except re.error as e:
+            raise ValueError(f"--split-group {spec!r}: not a regular expression ({e})") from None
+
+        def by_pattern(key):
+            m = pattern.search(key)
+            return key if m is None else "re:" + (m.group(1) if pattern.groups else m.group(0))
+        return by_pattern
+    raise ValueError(f"--split-group {spec!r}: expected image, folder or re:PATTERN")
+
+
 def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: float, test_frac: float,
-                    val_max: int, test_max: int) -> dict[str, np.ndarray]:
+                    val_max: int, test_max: int, group=None) -> dict[str, np.ndarray]:
     """Train / validation / test rows of G. Each face draws a number from a seeded hash of its key (its
     image path), so the split depends on the faces alone: the same after a resume and for every operator;
     while the caps do not bind, a face also keeps its role when the corpus grows (once they do, the larger
     corpus's lowest numbers take the held-out places). Test is the faces with the lowest numbers, validation
-    the next ones; each has at least 2 faces and at most *_max (the rest train G)."""
+    the next ones; each has at least 2 faces and at most *_max (the rest train G).
+    group (split_group): faces of one group draw one number and keep one role, so that near-duplicates (the
+    frames of one video, the photos of one person) are not on both sides; test and validation then end at a
+    group's last face, which may take them past their size or cap by part of a group."""
     if min(val_max, test_max) < 2:
         raise ValueError(f"validation and test need at least 2 faces each (val_max {val_max}, test_max {test_max})")
     rows = np.asarray(rows)
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\t{keys[r]}".encode(), digest_size=8).digest(), "little")
-                  for r in rows], dtype=np.uint64)
-    order = rows[np.argsort(u, kind="stable")]
+    draw = lambda key: int.from_bytes(hashlib.blake2b(f"{seed}\t{key}".encode(), digest_size=8).digest(),  # noqa: E731
+                                      "little")
+    u = np.array([draw(keys[r]) for r in rows], dtype=np.uint64)
     n_test = min(test_max, max(2, int(round(len(rows) * test_frac))))
     n_val = min(val_max, max(2, int(round(len(rows) * val_frac))))
-    if len(rows) < n_test + n_val + 2:
-        raise ValueError(f"{len(rows)} faces cannot be split into training, {n_val} validation and {n_test} test faces")
-    return {"train": np.sort(order[n_test + n_val:]), "val": np.sort(order[n_test:n_test + n_val]),
-            "test": np.sort(order[:n_test])}
+    if group is None:
+        order = rows[np.argsort(u, kind="stable")]
+        cut_test, cut_val = n_test, n_test + n_val
+    else:
+        g = np.array([draw(group(keys[r])) for r in rows], dtype=np.uint64)
+        by = np.lexsort((u, g))
+        order, g = rows[by], g[by]
+        ends = np.append(np.flatnonzero(g[1:] != g[:-1]) + 1, len(g))  # one past each group's last face
+        cut_test = int(ends[np.searchsorted(ends, n_test)]) if n_test <= len(g) else len(g)
+        cut_val = int(ends[np.searchsorted(ends, cut_test + n_val)]) if cut_test + n_val <= len(g) else len(g)
+    if len(rows) < cut_val + 2:
+        why = "" if group is None else f" of whole groups ({len(np.unique(g))} groups)"
+        raise ValueError(f"{len(rows)} faces cannot be split into training, {n_val} validation and {n_test} test "
+                         f"faces{why}")
+    return {"train": np.sort(order[cut_val:]), "val": np.sort(order[cut_test:cut_val]),
+            "test": np.sort(order[:cut_test])}
 
 
 class Rows:

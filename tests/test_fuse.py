@@ -349,7 +349,8 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--dim", "x"], "--dim takes whole numbers"),
                        (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'"),
                        (["--teachers", "gender", "--val-max", "0"], "--val-max 0: validation and test need at least 2"),
-                       (["--teachers", "gender", "--test-max", "1"], "--test-max 1")]:
+                       (["--teachers", "gender", "--test-max", "1"], "--test-max 1"),
+                       (["--teachers", "gender", "--split-group", "person"], "expected image, folder or re:PATTERN")]:
         with pytest.raises(SystemExit) as e:
             run_main(lambda: fuse.main(base + extra))
         assert str(e.value.code).startswith("error: ") and why in str(e.value.code), e.value.code

@@ -156,6 +156,33 @@ def test_split_disjoint_stable_and_nested():
         fusion.three_way_split(keys(5), np.arange(5), 0, 0.1, 0.1, 10, 10)
 
 
+def test_split_by_group_keeps_a_group_on_one_side():
+    """--split-group: the frames of one video (or the photos of one person) are never in two of G's sets, the
+    default (each image alone) is the split as it was, and a typo is a clear error."""
+    names = [f"vid{v:03d}/frame_{i:04d}.jpg" for v in range(60) for i in range(7)] + [f"photo_{i}.jpg" for i in range(40)]
+    rows = np.arange(len(names))
+    plain = fusion.three_way_split(names, rows, 0, 0.1, 0.1, 10**6, 10**6)
+    assert all(np.array_equal(plain[k], fusion.three_way_split(names, rows, 0, 0.1, 0.1, 10**6, 10**6,
+                                                               fusion.split_group("image"))[k]) for k in plain)
+    key_sets = lambda s, group: [{group(names[r]) for r in s[k]} for k in ("train", "val", "test")]  # noqa: E731
+    folder = fusion.split_group("folder")
+    assert any(a & b for i, a in enumerate(key_sets(plain, folder)) for b in key_sets(plain, folder)[i + 1:])
+    for spec in ("folder", r"re:^(vid\d+)/"):
+        group = fusion.split_group(spec)
+        s = fusion.three_way_split(names, rows, 0, 0.1, 0.1, 10**6, 10**6, group)
+        sets = key_sets(s, group)
+        assert not any(a & b for i, a in enumerate(sets) for b in sets[i + 1:]), spec
+        assert sum(len(s[k]) for k in s) == len(names) and len(s["test"]) >= round(0.1 * len(names))
+        assert len(s["test"]) < round(0.1 * len(names)) + 7  # whole groups: at most one group past the size
+    assert fusion.split_group("folder")("top.jpg") == "top.jpg"  # an image at the top is alone
+    with pytest.raises(ValueError, match="expected image, folder or re:PATTERN"):
+        fusion.split_group("person")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        fusion.split_group("re:(")
+    with pytest.raises(ValueError, match="whole groups \\(1 groups\\)"):
+        fusion.three_way_split(names[:20], np.arange(20), 0, 0.1, 0.1, 10, 10, lambda key: "one")
+
+
 def recipe_error(n, op, layout, make=curved, seed=0, steps=400, d_out=3):
     x = make(n + 600, seed=seed)
     rows = np.arange(len(x))
