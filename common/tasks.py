@@ -675,12 +675,17 @@ def _imdb_wiki(root: Path, p: dict) -> TaskData:
         keep = ((age >= 0) & (age <= 100) & ~np.isnan(gender) & np.isfinite(face)
                 & (face > p.get("min_face_score", 0.0)) & np.isnan(second))
     kept = _idx(keep)
+    # A file listed twice would be one face on both sides of the random split: its first row kept is the one
+    _, first = np.unique(np.asarray(paths, dtype=str)[kept], return_index=True)
+    counts = {"rows": len(paths), "filtered_out": len(paths) - len(kept)}
+    if len(first) < len(kept):
+        counts["duplicate_paths"] = len(kept) - len(first)
+    kept = kept[np.sort(first)]
     if p["target"] == "age":
         samples, names = [Sample(str(root / paths[i]), float(age[i])) for i in kept], None
     else:
         samples, names = [Sample(str(root / paths[i]), int(gender[i])) for i in kept], ["female", "male"]
-    return TaskData(samples, _seeded(len(samples), p), label_names=names,
-                    counts={"rows": len(paths), "filtered_out": len(paths) - len(kept)})
+    return TaskData(samples, _seeded(len(samples), p), label_names=names, counts=counts)
 
 
 def _tiny_imagenet(root: Path, p: dict) -> TaskData:

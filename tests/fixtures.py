@@ -355,8 +355,9 @@ IMDB_ROWS = [  # (dob, photo_taken, gender, face_score, second_face_score, kept 
 ]
 
 
-def make_imdb(root: Path, struct: str = "imdb") -> Path:
-    """imdb_crop/imdb.mat (IMDB-WIKI struct) + images: 15 rows, 10 kept by the default filter (IMDB_ROWS)."""
+def make_imdb(root: Path, struct: str = "imdb", duplicate: bool = False) -> Path:
+    """imdb_crop/imdb.mat (IMDB-WIKI struct) + images: 15 rows, 10 kept by the default filter (IMDB_ROWS);
+    duplicate: the second row names the first row's file."""
     from scipy.io import savemat
 
     d = root / f"{struct}_crop"
@@ -365,6 +366,8 @@ def make_imdb(root: Path, struct: str = "imdb") -> Path:
         rel = f"{k:02d}/nm{k:07d}_rm{k}_{dob[0]}-{dob[1]}-{dob[2]}_{taken}.jpg"
         write_face(d / rel, k)
         paths.append(rel)
+    if duplicate:
+        paths[1] = paths[0]
     col = lambda i: np.array([[r[i] for r in IMDB_ROWS]], np.float64)  # noqa: E731  (1 x N, as MATLAB stores it)
     full_path = np.empty((1, len(paths)), dtype=object)
     full_path[0, :] = paths

@@ -268,6 +268,13 @@ def test_imdb_filter_and_ages(built):
     assert len(strict.samples) == 9
 
 
+def test_imdb_file_listed_twice_is_one_sample(tmp_path):
+    """A file named by two rows would be one face in two parts of the random split: the first row is kept."""
+    data = load("AgeR-IMDb", fx.make_imdb(tmp_path, duplicate=True))
+    assert data.counts == {"rows": 15, "filtered_out": 5, "duplicate_paths": 1}
+    assert len(data.samples) == len({s.path for s in data.samples}) == 9 and data.samples[0].label == 30
+
+
 def test_wiki_mat_is_read_too(tmp_path):
     root = fx.make_imdb(tmp_path, struct="wiki")
     assert len(load("AgeR-IMDb", root).samples) == 10
