@@ -194,7 +194,7 @@ def loader(root, images, opts: Options, device, reader=None, batches=None):
 
 
 def _chunks(lo, hi, size):
-    return [list(range(i, min(i + size, hi))) for i in range(lo, hi, size)]
+    return [range(i, min(i + size, hi)) for i in range(lo, hi, size)]  # ranges: 4 M indices as lists were 173 MB
 
 
 class Engine:
