@@ -33,7 +33,7 @@ from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, list_change
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
-from common.images import CANNOT_READ, IMAGE_EXTENSIONS, list_images
+from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
 
@@ -172,10 +172,9 @@ def faces_donor(args, plan: dict, images) -> FeatureCache:
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
-    n_noface, n_bad = write_missed(cache, run / "missed_faces.tsv")
+    n_noface, n_bad, n_unread = write_missed(cache, run / "missed_faces.tsv")
     log.info(f"faces: {len(cache.images) - n_noface - n_bad} aligned, {n_noface} images with no face, "
              f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
-    n_unread = sum(CANNOT_READ in r for _, r in cache.missed()) if n_bad else 0
     if n_unread:
         log.warning(f"{n_unread} of them could not be read at all (missing, permission denied, I/O error): "
                     f"once they read, rerun with --retry-unreadable to extract their shards again")
@@ -505,20 +504,18 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     try:
-        def open_cache():
-            return FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
-
         if rank == 0:
-            cache = open_cache()
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
             cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
             if args.retry_unreadable:
                 cache.remove_unread(log)
         if world > 1:
             dist.barrier()
         if rank != 0:
-            cache = open_cache()
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
     except CacheMismatch as e:
         raise SystemExit(f"error: {e}")
+    del images, plan  # the cache holds the paths as one buffer: 4 M names as Python strings were ~0.45 GB
     extract(args, cache, teachers, device, rank, world, log, donor)
     if world > 1:
         dist.barrier()
@@ -527,7 +524,7 @@ def main(argv=None):
         return
     cache.finalize()
     report_missed(cache, run, log)
-    log.info(f"feature cache complete: {cache.path} ({len(images)} images x {cache.dim} dims, {cache.dtype})")
+    log.info(f"feature cache complete: {cache.path} ({len(cache.images)} images x {cache.dim} dims, {cache.dtype})")
     if not args.extract_only:
         fit_and_report(cache, args, device, run, log)
     if world > 1:

@@ -596,7 +596,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     cache = task_cache(data, teachers, args, device, log)
     found = cache.found
     missed = int((~found).sum())
-    n_noface, n_bad = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
+    n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
     log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face (rule of section 4.1 "
              f"applied: {n_noface} with no face, {n_bad} unreadable or missing, listed in "
              f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")

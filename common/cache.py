@@ -44,11 +44,13 @@ import time
 import zipfile
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
 from common.images import CANNOT_READ, PATH_ERRORS, csv_row_path, decode_paths, encode_paths
@@ -168,13 +170,28 @@ def file_stamps(root: Path, images) -> np.ndarray:
     a missing file. An image stored inside a CSV ("fer2013.csv#row12") has the CSV's stamp, so that a CSV
     edited in place changes it too."""
     out = np.full((len(images), 2), -1, np.int64)
-    for i, rel in enumerate(images):
-        try:
-            st = os.stat(source_file(root, rel))
-            out[i] = st.st_size, st.st_mtime_ns
-        except OSError:  # missing
-            pass
+    base = os.fspath(root)
+
+    def stat_chunk(lo: int) -> int:
+        for i in range(lo, min(lo + STAT_CHUNK, len(images))):
+            rel = images[i]
+            try:
+                st = os.stat(os.path.join(base, rel) if "#row" not in rel else source_file(root, rel))
+                out[i] = st.st_size, st.st_mtime_ns
+            except OSError:  # missing
+                pass
+        return min(STAT_CHUNK, len(images) - lo)
+
+    # stat waits on the disk (on a network file system, ~1 ms a file) without the GIL: threads overlap the waits
+    with ThreadPoolExecutor(STAT_THREADS) as pool, \
+            tqdm(total=len(images), unit="file", desc="stat", disable=None if len(images) > STAT_CHUNK else True,
+                 leave=False) as bar:
+        for n in pool.map(stat_chunk, range(0, len(images), STAT_CHUNK)):
+            bar.update(n)
     return out
+
+
+STAT_CHUNK, STAT_THREADS = 8192, 8
 
 
 def source_file(root: Path, rel: str) -> Path:
@@ -287,18 +304,20 @@ def as_planned(manifest: dict) -> dict:
     return {"smallest_face": 20 if manifest.get("align") == "mtcnn" else None, "boxes": None, **manifest}
 
 
-def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int]:
-    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file).
-    Streamed shard by shard: at millions of images the list is never held whole."""
-    counts = [0, 0]
+def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int, int]:
+    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file,
+    of those a file the system would not give: CANNOT_READ). Streamed shard by shard, in one pass: at
+    millions of images the list is never held whole."""
+    counts = [0, 0, 0]
 
     def rows():
         for i, r in cache.missed():
             counts[r != "no face detected"] += 1
+            counts[2] += CANNOT_READ in r
             yield cache.images[i], r
 
     write_reasons(path, rows())
-    return counts[0], counts[1]
+    return counts[0], counts[1], counts[2]
 
 
 def write_reasons(path: Path, rows) -> None:

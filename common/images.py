@@ -77,9 +77,12 @@ def list_images(root: str | Path) -> list[str]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # the folder's relative prefix once, not a relpath per file (at 4 M files that was most of the walk)
+        prefix = os.path.relpath(dirpath, root)
+        prefix = "" if prefix == "." else prefix + os.sep
         for name in dirnames + filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                rel = prefix + name
                 (broken if "\n" in rel else found).append(rel)  # a folder's name may hold it too
     if unreadable:
         log.warning(f"{len(unreadable)} folder(s) under {root} cannot be read, their images are left out: "
