@@ -161,6 +161,18 @@ def atomic_write(path: Path, write) -> None:
         write(f)
 
 
+class _Hashing:
+    """A file to write that feeds what it is given to a hash on the way: a 200 MB crop shard is hashed as it
+    is saved, not read back afterwards."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
@@ -788,18 +800,23 @@ class FeatureCache:
         rows = int(self.bounds[k + 1] - self.bounds[k])
         assert features.shape == (rows, self.dim), (features.shape, rows, self.dim)
         found = np.asarray(found, bool)
-        good = features[found].astype(np.float64)
+        total, squares = np.zeros(self.dim), np.zeros(self.dim)
+        good = np.flatnonzero(found)
+        for lo in range(0, len(good), 512):  # float64 copies of 512 rows at a time, not of the whole shard
+            part = features[good[lo:lo + 512]].astype(np.float64)
+            total += part.sum(0)
+            squares += np.square(part).sum(0)
         meta = dict(found=found, matrix=np.asarray(matrix, np.float32), score=np.asarray(score, np.float32),
                     sha1=np.asarray(sha1, dtype="S40"), reason=np.asarray(reason, dtype=str),
-                    count=np.int64(found.sum()), sum=good.sum(0), sumsq=(good ** 2).sum(0))
+                    count=np.int64(found.sum()), sum=total, sumsq=squares)
         if self.crop_size:
             s = self.crop_size
             if crops is None or crops.shape != (rows, s, s, 3) or crops.dtype != np.uint8:
                 raise ValueError(f"shard {k} needs its ({rows}, {s}, {s}, 3) uint8 crops, got "
                                  f"{None if crops is None else (crops.shape, crops.dtype)}")
-            crops = np.ascontiguousarray(crops)
-            atomic_write(self.crop_file(k), lambda f: np.save(f, crops))
-            meta["crops_sha256"] = np.asarray(hashlib.sha256(self.crop_file(k).read_bytes()).hexdigest())
+            crops, digest = np.ascontiguousarray(crops), hashlib.sha256()
+            atomic_write(self.crop_file(k), lambda f: np.save(_Hashing(f, digest), crops))  # hashed as written
+            meta["crops_sha256"] = np.asarray(digest.hexdigest())
         atomic_write(self.meta_file(k), lambda f: np.savez(f, **meta))
         atomic_write(self.shard_file(k), lambda f: np.save(f, features.astype(self.dtype, copy=False)))
 
