@@ -672,7 +672,7 @@ def resumed_results(args) -> dict:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
     now = resolved_args(args)
-    old = {**vars(parse_args([])), **old}  # a flag newer than the run: the run had its default
+    old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("

@@ -744,16 +744,9 @@ class FeatureCache:
         """Remove the files of every damaged shard, so that the next extraction redoes it (a shard counts as
         done once its features file exists, yet a copy cut short or an edit can damage it afterwards).
         Returns how many; each is logged with what is wrong."""
-        complete = self.manifest.get("complete")
-        damaged = self.damaged_shards(every=complete)  # in a complete cache, a shard not done is lost too
-        if complete and damaged:  # first: a kill during the redo must still find them to do
-            self.manifest["complete"] = False
-            write_json(self.path / "manifest.json", self.manifest)
-        for k, why in damaged.items():
-            if log:
-                log.warning(f"warning: shard {k} is damaged ({why}): its files are removed and it is extracted again")
-            self.remove_shard(k)
-        return len(damaged)
+        damaged = self.damaged_shards(every=self.manifest.get("complete"))  # complete: a shard not done is lost too
+        return self._redo(damaged, log and (lambda k, why: log.warning(
+            f"warning: shard {k} is damaged ({why}): its files are removed and it is extracted again")))
 
     def remove_unread(self, log=None) -> int:
         """Remove the files of every shard holding a row whose file the system would not give when it was
@@ -770,15 +763,22 @@ class FeatureCache:
                 file = source_file(self.data_root, self.images[int(self.bounds[k] + j)])
                 if file.is_file() and os.access(file, os.R_OK):
                     todo.setdefault(k, []).append(str(file))
-        if todo and self.manifest.get("complete"):  # first: a kill during the redo must still find them to do
+        return self._redo(todo, log and (lambda k, files: log.info(
+            f"shard {k}: {len(files)} file(s) that could not be read now open ({', '.join(files[:3])}"
+            f"{' ...' if len(files) > 3 else ''}): it is extracted again")))
+
+    def _redo(self, shards: dict, say=None) -> int:
+        """Remove the files of these shards ({shard: why}) so that the next extraction redoes them, the cache
+        marked unfinished first (a kill during the redo must still find them to do); say(shard, why) for each.
+        Returns how many."""
+        if shards and self.manifest.get("complete"):
             self.manifest["complete"] = False
             write_json(self.path / "manifest.json", self.manifest)
-        for k, files in todo.items():
-            if log:
-                log.info(f"shard {k}: {len(files)} file(s) that could not be read now open ({', '.join(files[:3])}"
-                         f"{' ...' if len(files) > 3 else ''}): it is extracted again")
+        for k, why in shards.items():
+            if say:
+                say(k, why)
             self.remove_shard(k)
-        return len(todo)
+        return len(shards)
 
     def remove_shard(self, k: int) -> None:
         """Delete shard k's files so that the next extraction redoes it; the features first, so that a kill

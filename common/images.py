@@ -31,7 +31,7 @@ MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # the bytes they have on disk (Python's own convention for such names).
 PATH_ERRORS = "surrogateescape"
 # In the reason of a file the system would not give (missing, permission denied, I/O error): the one kind of
-# failure that may pass (a network mount back, a permission fixed), so fuse.py --retry-unreadable looks for it.
+# failure that may pass (a network mount back, a permission fixed), so --retry-unreadable looks for it.
 CANNOT_READ = ": cannot read ("  # (with its punctuation, so that a file named "cannot read.jpg" is no match)
 # Files are read whole before decoding; a 179 M-pixel 16-bit TIFF is about 1 GB, so anything past this is
 # no photo (a disk image or a sparse file named .jpg) and would only fill the memory of every worker.
