@@ -44,12 +44,22 @@ def measure(n: int, w: int, h: int, budget: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT in pixels, such as 4000x3000") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be at least 1 pixel")
+    return w, h
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16, help="photos in the batch, all of one size (one shrink group)")
-    p.add_argument("--size", default="4000x3000", help="WxH of each photo (12 MP by default)")
+    p.add_argument("--size", default="4000x3000", type=size, help="WxH of each photo (12 MP by default)")
     a = p.parse_args(argv)
-    w, h = (int(v) for v in a.size.lower().split("x"))
+    w, h = a.size
     import torch
 
     from common.align import RESIZE_BYTES
