@@ -244,6 +244,9 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
     Written into a new folder that replaces emb/<name> in one atomic switch at the end: a rerun killed
     midway leaves the previous h_G whole, and distill.py never reads a half-written one."""
     found = cache.found
+    held_out = np.union1d(split["val"], split["test"])  # distill.py holds out the faces G never trained on
+    learnt = found & ~np.isin(np.arange(len(found)), held_out)  # and trains on the others
+    s = ss = np.zeros(model.d_out)
     with cache.new_embedding(name) as folder, torch.no_grad():
         fusion.save(model, op, d_in, model.d_out, folder / "G.safetensors")
         np.savez(folder / "stats.npz", mean=data.mean, std=data.std, count=len(split["train"]))  # G's units
@@ -255,8 +258,11 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
             if ok.any():
                 h[ok] = np.concatenate([model.encode(x).cpu().numpy() for x in data.batches(rows[ok], 4096)])
             cache.write_embedding_shard(name, k, h, folder)
-        # distill.py holds out the faces G never trained on (its validation and test faces).
-        np.save(folder / "val_rows.npy", np.union1d(split["val"], split["test"]))
+            x = h[learnt[lo:hi]].astype(cache.dtype).astype(np.float64)  # as stored, as distill.py reads it
+            s, ss = s + x.sum(0), ss + (x * x).sum(0)
+        np.save(folder / "val_rows.npy", held_out)
+        # h_G's column sums over distill.py's training faces: its start need not read all of h_G (4 GB at 4 M)
+        np.savez(folder / "target_sums.npz", sum=s, sumsq=ss, count=int(learnt.sum()))
         np.savez(folder / "split.npz", **split)
         cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
                                           "val_frac": args.val_frac, "test_frac": args.test_frac, "seed": args.seed,
@@ -479,11 +485,13 @@ def main(argv=None):
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
-    with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
-        images = list_images(args.data)
-    if not images:
-        raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders whose "
-                         f"names start with a dot are left out) under {args.data}")
+    early, donor = [], None
+    if rank == 0:  # the other ranks open what rank 0 checked: N processes stat-ing 4 M files is N times the load
+        with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
+            images = list_images(args.data)
+        if not images:
+            raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
+                             f"whose names start with a dot are left out) under {args.data}")
     names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     extra = load_config(args.teachers_config) if args.teachers_config else []
     if not names + extra and not args.extract_only:  # --extract-only without teachers: the crop store alone
@@ -491,31 +499,32 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
-    plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
-                     args.crop_size, args.detect_size, args.smallest_face)
-    # before the run folder, and before --overwrite deletes anything
-    donor = faces_donor(args, plan, images) if args.faces_from is not None else None
+    if rank == 0:
+        plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
+                         args.crop_size, args.detect_size, args.smallest_face)
+        # before the run folder, and before --overwrite deletes anything
+        donor = faces_donor(args, plan, images) if args.faces_from is not None else None
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
-    log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; {len(images)} images")
-    if args.overwrite and rank == 0 and args.out.exists():
-        refuse_to_delete(args.out, args.data)
-        shutil.rmtree(args.out)
-    if world > 1:
+    if rank == 0:
+        log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
+                 f"{len(images)} images")
+        if args.overwrite and args.out.exists():
+            refuse_to_delete(args.out, args.data)
+            shutil.rmtree(args.out)
+        try:
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
+        except CacheMismatch as e:
+            raise SystemExit(f"error: {e}")
+        cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
+        if args.retry_unreadable:
+            cache.remove_unread(log)
+        del images, plan  # the cache holds the paths as one buffer: 4 M names as Python strings were ~0.45 GB
+    if world > 1:  # a rank 0 that stopped above stops them all (torchrun ends the others)
         dist.barrier()
-    try:
-        if rank == 0:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
-            cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
-            if args.retry_unreadable:
-                cache.remove_unread(log)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
-    except CacheMismatch as e:
-        raise SystemExit(f"error: {e}")
-    del images, plan  # the cache holds the paths as one buffer: 4 M names as Python strings were ~0.45 GB
+    if rank != 0:
+        cache = FeatureCache(args.out)
+        donor = FeatureCache(args.faces_from) if args.faces_from is not None else None
     extract(args, cache, teachers, device, rank, world, log, donor)
     if world > 1:
         dist.barrier()
