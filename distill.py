@@ -307,7 +307,11 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
         log.warning(f"warning: --size {args.size} is larger than the crop store's {cache.crop_size}-pixel crops, "
                     f"which the student then sees enlarged, with no more detail; for more, extract the cache "
                     f"with fuse.py --crop-size {args.size} or more")
-    hG_mean, hG_std = fusion.column_stats(hG, train_rows)
+    sums = cache.target_sums(name) if (cache.embedding_dir(name) / "val_rows.npy").exists() else None
+    if sums is not None and sums[2] == len(train_rows):  # fuse.py summed these rows as it wrote h_G
+        hG_mean, hG_std = fusion.stats_of_sums(*sums)
+    else:
+        hG_mean, hG_std = fusion.column_stats(hG, train_rows)
     out_dim = int(meta["dim"])
     targets = cache.features if args.loss == "mt" else hG
 

@@ -18,7 +18,9 @@ whole files behind):
                            statistics of its own training faces beside h_G)
     emb/NAME               fused embeddings (h_G of an operator) in the same shard layout, + meta.json,
                            G.safetensors, split.npz and stats.npz (the mean and std G's input h_i were
-                           standardised with, from G's training faces); emb/NAME is a
+                           standardised with, from G's training faces), val_rows.npy (the faces G held
+                           out, which distill.py holds out too) and target_sums.npz (h_G's column sums over
+                           the others, distill.py's training faces, for its target statistics); emb/NAME is a
                            link to emb/.NAME.<stamp>/. A rerun writes a new such folder and swaps the
                            link in one rename, so a reader sees the old version or the new one, never a
                            mix; the version just replaced is kept for readers still on it.
@@ -1009,6 +1011,15 @@ class FeatureCache:
         with open_npz(f, self._hG_hint(name)) as s:
             return s["mean"], s["std"]
 
+    def target_sums(self, name: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(sum, sum of squares, count) of h_G `name`'s columns over the faces G did not hold out (distill.py's
+        training faces), as fuse.py wrote them beside h_G; None for an h_G written before it kept them."""
+        f = self.embedding_dir(name) / "target_sums.npz"
+        if not f.exists():
+            return None
+        with open_npz(f, self._hG_hint(name)) as z:
+            return z["sum"], z["sumsq"], int(z["count"])
+
     def _hG_hint(self, name: str) -> str:
         return (f"rerun `python fuse.py --data {self.data_root} --cache {self.path}` with the same arguments "
                 f"(--write {name}): it writes h_G anew")  # G's units (stats.npz) live in h_G's folder
@@ -1050,7 +1061,8 @@ class FeatureCache:
             why = npy_problem(f, (int(self.bounds[k + 1] - self.bounds[k]), dim), self.dtype)
             if why:
                 raise CacheDamaged(f"{f}: {why}", remedy)
-        stats = folder / "stats.npz"
-        if stats.exists() and (why := npz_problem(stats, ("mean", "std"))):  # G's units (older h_G have none)
-            raise CacheDamaged(f"{stats}: {why}", remedy)
+        for file, keys in (("stats.npz", ("mean", "std")), ("target_sums.npz", ("sum", "sumsq", "count"))):
+            f = folder / file  # G's units, h_G's sums (an older h_G has neither)
+            if f.exists() and (why := npz_problem(f, keys)):
+                raise CacheDamaged(f"{f}: {why}", remedy)
         return ShardedArray(files, self.bounds, remedy=remedy), meta

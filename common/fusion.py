@@ -626,9 +626,13 @@ def column_stats(array, rows) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std per column over array's rows (std floored at 1e-6, so a dead unit standardises to 0)."""
     if len(rows) == 0:
         raise ValueError("column statistics of no rows")
-    s, ss = column_sums(array, rows)
-    mean = s / len(rows)
-    return mean, np.maximum(np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0)), 1e-6)
+    return stats_of_sums(*column_sums(array, rows), len(rows))
+
+
+def stats_of_sums(s, ss, n) -> tuple[np.ndarray, np.ndarray]:
+    """column_stats from column_sums' answer over n rows."""
+    mean = s / n
+    return mean, np.maximum(np.sqrt(np.maximum(ss / n - mean ** 2, 0)), 1e-6)
 
 
 def block_units(cache, rows) -> tuple[np.ndarray, np.ndarray]:

@@ -183,6 +183,11 @@ def test_stats_and_embeddings(cache):
     c.manifest["content_hash"] = "old"  # the same content: on to the shards (the one cut above)
     with pytest.raises(CacheDamaged, match=r"00004\.npy: truncated"):
         c.embedding("ae")
+    c.write_embedding_shard("ae", 4, np.ones((int(c.bounds[5] - c.bounds[4]), 3)), c.embedding_dir("ae"))
+    c.embedding("ae")  # whole again: on to h_G's column sums, cut short
+    (c.embedding_dir("ae") / "target_sums.npz").write_bytes(b"PK\x03\x04 half")
+    with pytest.raises(CacheDamaged, match=r"target_sums\.npz: not a readable \.npz.*it writes h_G anew"):
+        c.embedding("ae")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts the bytes read in /proc/self/io")

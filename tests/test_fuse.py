@@ -269,6 +269,31 @@ def test_torchrun_two_processes_match_single(face_dir, tmp_path, monkeypatch):
     assert (x != y).mean() < 0.01  # a boundary case now and then, not a different computation
 
 
+def test_other_ranks_open_the_cache_rank0_checked(fused, face_dir, tmp_path, monkeypatch):
+    """Under torchrun, rank 0 alone lists and stats the images and checks the cache; the other ranks open
+    the cache it checked (4 M stat calls per process multiply on a network file system) and make no run
+    folder."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("init_process_group", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(dist, name, lambda *a, **k: None)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a rank other than 0 listed or stat-ed the images")
+
+    monkeypatch.setattr(fuse, "list_images", forbidden)
+    monkeypatch.setattr(fuse, "make_plan", forbidden)
+    fuse.main(["--data", str(face_dir), "--out", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run"),
+               "--teachers", CHEAP, "--extract-only", "--shard-size", "4"])
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
 def test_device_extraction_matches_cpu(face_dir, tmp_path):
     """fuse.py's CUDA path (nvjpeg, batched detection, grid_sample warps, the teachers' PyTorch ports) finds
@@ -458,3 +483,27 @@ def test_retry_unreadable_extracts_again_the_shards_of_files_that_now_read(face_
     assert "shard 1: 1 file(s) that could not be read now open" in (tmp_path / "r3" / "log.txt").read_text()
     assert "shard 0" not in (tmp_path / "r3" / "log.txt").read_text()
     np.testing.assert_array_equal(cache.features.take([0, 1]), first)  # the other shard untouched
+
+
+def test_hG_column_sums_written_for_distills_training_faces(fused, tmp_path, monkeypatch):
+    """fuse.py sums h_G's columns over the faces distill.py trains on as it writes h_G, so that distill.py's
+    start reads no h_G for its statistics (4 GB at the paper's 4.12 M faces), and they are the same."""
+    sys.path.insert(0, str(ROOT))
+    import distill
+
+    cache = FeatureCache(fused / "feats")
+    name = cache.embedding_names()[0]
+    hG, _ = cache.embedding(name)
+    train, _ = distill.split_rows(cache, name, 0)
+    s, ss, n = cache.target_sums(name)
+    assert n == len(train)
+    for ours, full in zip(fusion.stats_of_sums(s, ss, n), fusion.column_stats(hG, train)):
+        assert np.allclose(ours, full, rtol=1e-6, atol=1e-7)
+
+    def reads_all_of_hG(*a, **k):
+        raise AssertionError("distill.py read h_G for statistics fuse.py wrote")
+
+    monkeypatch.setattr(fusion, "column_stats", reads_all_of_hG)
+    distill.main(["--teacher-cache", str(fused / "feats"), "--out", str(tmp_path / "run"), "--steps", "1", "--no-eval",
+                  "--size", "48", "--width", "0.25", "--batch", "4", "--workers", "0"])
+    assert (tmp_path / "run" / "student.safetensors").exists()
