@@ -43,7 +43,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and cache")
     g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree), or synth:N for N synthetic "
                    "faces drawn by an installed DCGAN into data/synth/ (see README). "
-                   "Default: the embedded real faces, gathered from installed packages into data/demo_faces")
+                   "Default: the images an existing --cache was made from, else the embedded real faces, gathered "
+                   "from installed packages into data/demo_faces. A complete --cache whose images are gone is "
+                   "taken as it is (G is fitted anew on its features)")
     g.add_argument("--cache", "--out", dest="out", metavar="DIR", type=Path,
                    help="feature cache folder (default: feats/demo, or feats/NAME with --data DIR/NAME); --out is the "
                         "old spelling")
@@ -168,6 +170,26 @@ def faces_donor(args, plan: dict, images) -> FeatureCache:
         raise SystemExit(f"error: --faces-from {args.faces_from} cannot give this cache its faces: "
                          + "; ".join(why[:4]))
     return donor
+
+
+def complete_cache_without_images(args):
+    """(images, stamps) that the complete cache at --cache was made from, when --data is not there any more:
+    G can be fitted anew on it (its features and crops need no image again), the plan checked as if every
+    file were unchanged. None when --data is there, or there is no such cache (the usual checks follow)."""
+    out = Path(args.out)
+    if Path(args.data).exists() or args.overwrite or not (out / "manifest.json").is_file():
+        return None
+    if not read_manifest(out).get("complete") or not (out / "stamps.npy").is_file():
+        return None
+    for flag, asked in (("--retry-unreadable", args.retry_unreadable), ("--faces-from", args.faces_from)):
+        if asked:
+            raise SystemExit(f"error: {flag} reads images, and --data {args.data} is not there")
+    cache = FeatureCache(out)
+    if damaged := cache.damaged_shards(every=True):
+        k, why = next(iter(damaged.items()))
+        raise SystemExit(f"error: {len(damaged)} shard(s) of {out} are damaged (shard {k}: {why}), and the images "
+                         f"to extract them again are not at --data {args.data}")
+    return cache.images, np.load(out / "stamps.npy")
 
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
@@ -461,6 +483,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)  # else every rank's NCCL context lands on GPU 0
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.data is None and args.out is not None and (args.out / "manifest.json").is_file():
+        args.data = Path(read_manifest(args.out)["data_root"])  # G fitted anew on a cache: its own images
     if args.data is None:
         from common.demo import build_demo_faces
 
@@ -485,10 +509,13 @@ def main(argv=None):
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
-    early, donor = [], None
+    early, donor, kept, stamps = [], None, None, None
     if rank == 0:  # the other ranks open what rank 0 checked: N processes stat-ing 4 M files is N times the load
-        with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
-            images = list_images(args.data)
+        if kept := complete_cache_without_images(args):
+            images, stamps = kept
+        else:
+            with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
+                images = list_images(args.data)
         if not images:
             raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
                              f"whose names start with a dot are left out) under {args.data}")
@@ -501,7 +528,7 @@ def main(argv=None):
         fusion_choices(args, sum(t.dim for t in teachers))
     if rank == 0:
         plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
-                         args.crop_size, args.detect_size, args.smallest_face)
+                         args.crop_size, args.detect_size, args.smallest_face, stamps=stamps)
         # before the run folder, and before --overwrite deletes anything
         donor = faces_donor(args, plan, images) if args.faces_from is not None else None
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
@@ -509,6 +536,9 @@ def main(argv=None):
     if rank == 0:
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")
+        if kept:
+            log.warning(f"warning: --data {args.data} is not there: the complete cache {args.out} is taken as it was "
+                        f"made (its features and crops; no image is read, so files changed since go unnoticed)")
         if args.overwrite and args.out.exists():
             refuse_to_delete(args.out, args.data)
             shutil.rmtree(args.out)

@@ -280,12 +280,14 @@ def boxes_hash(boxes: np.ndarray) -> str:
 
 
 def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", align="mtcnn", min_face_prob=0.9,
-              crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, boxes=None) -> dict:
+              crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, boxes=None,
+              stamps=None) -> dict:
     """What a cache of these images, teachers and settings holds: its manifest before any shard (see
     FeatureCache.create_or_resume). boxes: face_boxes' array (each image's face is searched around its box;
-    they change which face a row gets, so their hash is part of the plan), or None."""
+    they change which face a row gets, so their hash is part of the plan), or None. stamps: file_stamps of
+    the images, when known without a stat of each (a complete cache's own stamps.npy)."""
     boxes = face_boxes(boxes) if align == "mtcnn" else None  # crops taken as they are have no face to pick
-    stamps = file_stamps(data_root, images)
+    stamps = file_stamps(data_root, images) if stamps is None else stamps
     return {
         "format": FORMAT,
         "teachers": [{"name": t.name, "dim": int(t.dim), "version": t.version}
