@@ -211,7 +211,8 @@ def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="au
     float16 student row of tiny but nonzero norm, |s| ~ 1e-6, can still overflow its float16 gradient to
     inf, which GradScaler sees and skips).
     The target is a fixed teacher output: no gradient flows to it, and a target that requires grad
-    raises ValueError while grad mode is on (pass target.detach()).
+    raises ValueError while grad mode is on (pass target.detach()). First derivatives only (no double
+    backward). Inside autocast both implementations still compute in float32.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
@@ -222,6 +223,10 @@ def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="au
         raise ValueError("student and target must be floating tensors")
     if target.requires_grad and torch.is_grad_enabled():
         raise ValueError("cosine_distill_loss computes no gradient for the target; pass target.detach()")
+    try:  # the kernel takes a Python float: a tensor or numpy eps would fail it (and, under "auto", for good)
+        eps = float(eps)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"eps must be a number, got {eps!r}") from None
     if resolve_backend(backend, [student, target], _TRITON_LOSS_DTYPES, op=_LOSS) == "triton":
         impl = _triton_impl
     else:

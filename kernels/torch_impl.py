@@ -12,8 +12,9 @@ def fuse_features(features, mean, std, out):
         m = mean[col:col + width].to(x.device, torch.float32)
         s = std[col:col + width].to(x.device, torch.float32)
         # Promotion against the float32 statistics gives float32 arithmetic (as in the kernel) with a
-        # single temporary, even for half-precision inputs; float64 ones are brought down to it first.
-        x = x.float() if x.dtype == torch.float64 else x
+        # single temporary, even for half-precision inputs; float64 ones are brought down to it first, and
+        # float8 ones up (torch does not promote float8 with other types).
+        x = x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
         out[:, col:col + width].copy_(torch.sub(x, m).div_(s))
         col += width
     return out
@@ -27,8 +28,9 @@ def cosine_forward(student, target, eps):
     """Per-row loss 1 - cos and the statistics the backward needs, stats = (|s|, |t|, s.t) as (3, B)."""
     acc = _acc_dtype(student, target)
     s, t = student.to(acc), target.to(acc)
-    stats = torch.stack([torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1),
-                         torch.linalg.vecdot(s, t, dim=1)])
+    # (s * t).sum, not linalg.vecdot: autocast runs vecdot in half precision, where a fp16 dot of large rows
+    # overflows (a loss of -inf for a caller inside autocast); mul and sum keep float32 as the kernel does
+    stats = torch.stack([torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1), (s * t).sum(1)])
     ns, nt, dot = stats
     return 1 - dot / (ns.clamp_min(eps) * nt.clamp_min(eps)), stats
 

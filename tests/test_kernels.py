@@ -339,6 +339,53 @@ def test_loss_target_requiring_grad_raises(backend):
     kernels.cosine_distill_loss(s, t.detach(), backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_loss_keeps_float32_inside_autocast(backend, amp):
+    """A caller inside autocast gets the float32 loss and gradient: in half precision the dot product of
+    rows of norm ~450 overflows (the fallback once gave -inf, and an inf gradient, for a loss of 0)."""
+    s = (torch.randn(2, 512, generator=_gen(21)) * 20).to(DEV).requires_grad_(True)
+    t = s.detach().clone()
+    with torch.autocast(DEV.type, dtype=amp):
+        loss = kernels.cosine_distill_loss(s, t, reduction="none", backend=backend)
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(s.grad).all()
+    assert loss.abs().max() < 1e-5, loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_takes_float8_features(backend):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    x = torch.randn(4, 3, generator=_gen(22)).to(DEV, torch.float8_e4m3fn)
+    mean, std = torch.zeros(3, device=DEV), torch.full((3,), 2.0, device=DEV)
+    out = kernels.fuse_features([x], mean, std, out_dtype=torch.float32, backend=backend)
+    _assert_close(out, x.double() / 2, RTOL[torch.float32])
+
+
+@pytest.mark.skipif(DEV.type != "cuda" or bool(_skip_reason), reason="Triton's CPU interpreter stores bf16 rounded "
+                    "toward zero (1 ulp off half the time), within RTOL: the rounding is checked on a GPU")
+def test_fuse_rounds_bf16_to_nearest_on_the_gpu():
+    x = torch.randn(64, 100, generator=_gen(23)).to(DEV)
+    mean, std = torch.zeros(100, device=DEV), torch.full((100,), 3.0, device=DEV)
+    out = kernels.fuse_features([x], mean, std, out_dtype=torch.bfloat16, backend="triton")
+    assert (out == (x / 3).to(torch.bfloat16)).float().mean() > 0.99
+
+
+def test_eps_of_another_number_type_keeps_the_kernel(fresh_failures):
+    """An eps given as a tensor or numpy number is the same eps: not a kernel failure that sends every
+    later call of the process to the fallback; what is not a number is a clear error."""
+    import numpy as np
+
+    s, t = _loss_case(3, 4, torch.float32, seed=13, zero_rows=False)
+    want = kernels.cosine_distill_loss(s, t, eps=1e-8)
+    for eps in (torch.tensor(1e-8), np.float32(1e-8)):
+        _assert_close(kernels.cosine_distill_loss(s, t, eps=eps), want, RTOL[torch.float32])
+    assert kernels._failed_ops == {}
+    with pytest.raises(ValueError, match="eps must be a number"):
+        kernels.cosine_distill_loss(s, t, eps="small")
+
+
 def test_loss_validates_arguments():
     s, t = _loss_case(3, 4, torch.float32, seed=12, zero_rows=False)
     with pytest.raises(ValueError):
