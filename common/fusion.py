@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cache import atomic_write
+from common.images import PATH_ERRORS
 from common.checkpoint import StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -336,8 +337,9 @@ def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: floa
     if min(val_max, test_max) < 2:
         raise ValueError(f"validation and test need at least 2 faces each (val_max {val_max}, test_max {test_max})")
     rows = np.asarray(rows)
-    draw = lambda key: int.from_bytes(hashlib.blake2b(f"{seed}\t{key}".encode(), digest_size=8).digest(),  # noqa: E731
-                                      "little")
+    # a name that is not UTF-8 comes as lone surrogates (PATH_ERRORS): hashed as its own bytes
+    draw = lambda key: int.from_bytes(hashlib.blake2b(f"{seed}\t{key}".encode("utf-8", PATH_ERRORS),  # noqa: E731
+                                                      digest_size=8).digest(), "little")
     u = np.array([draw(keys[r]) for r in rows], dtype=np.uint64)
     n_test = min(test_max, max(2, int(round(len(rows) * test_frac))))
     n_val = min(val_max, max(2, int(round(len(rows) * val_frac))))
