@@ -397,10 +397,10 @@ def _read_header(f):
     return tuple(shape), dtype, f.tell()
 
 
-def npy_problem(path, shape, dtype) -> str | None:
-    """What is wrong with the .npy file at path, from its header and size alone (None: it looks whole).
-    Two small reads, never the data: a check of every shard costs O(shards), not a pass over 200 GB."""
-    shape, dtype = tuple(shape), np.dtype(dtype)
+def npy_problem(path, shape=None, dtype=None) -> str | None:
+    """What is wrong with the .npy file at path, from its header and size alone (None: it looks whole);
+    shape and dtype, when given, are what it must hold. Two small reads, never the data: a check of every
+    shard costs O(shards), not a pass over 200 GB."""
     try:
         with open(path, "rb", buffering=0) as f:  # unbuffered: a header, not the 4-8 kB a buffer would fetch
             got, got_dtype, offset = _read_header(f)
@@ -409,6 +409,8 @@ def npy_problem(path, shape, dtype) -> str | None:
         return "missing"
     except ValueError as e:
         return str(e)
+    shape = got if shape is None else tuple(shape)
+    dtype = got_dtype if dtype is None else np.dtype(dtype)
     if got != shape or got_dtype != dtype:
         return f"holds {got_dtype} {got}, expected {dtype} {shape}"
     want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -416,6 +418,20 @@ def npy_problem(path, shape, dtype) -> str | None:
         return f"truncated: {size} bytes of {want}"
     if size > want:
         return f"{size - want} bytes past the end of its array"
+    return None
+
+
+def safetensors_problem(path) -> str | None:
+    """What is wrong with the .safetensors file at path, from its header alone (None: it opens)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with safe_open(str(path), "np") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        return f"not a readable .safetensors file ({type(e).__name__}: {e})"
     return None
 
 
@@ -1067,4 +1083,14 @@ class FeatureCache:
             f = folder / file  # G's units, h_G's sums (an older h_G has neither)
             if f.exists() and (why := npz_problem(f, keys)):
                 raise CacheDamaged(f"{f}: {why}", remedy)
+        # G and its split, read by distill.py only after training and by transfer.py's fused method: checked
+        # here so that both fail at their start, and fuse.py, which keeps an h_G only through here, rewrites them
+        must = "split" in meta  # fuse.py records the split's sizes with its files (an older h_G may lack them)
+        checks = [(folder / "split.npz", must, lambda f: npz_problem(f, ("train", "val", "test"))),
+                  (folder / "val_rows.npy", must, npy_problem)]
+        if meta.get("model"):
+            checks.append((folder / meta["model"], True, safetensors_problem))
+        for f, required, check in checks:
+            if (required or f.exists()) and (problem := check(f)):
+                raise CacheDamaged(f"{f}: {problem}", remedy)
         return ShardedArray(files, self.bounds, remedy=remedy), meta

@@ -3,6 +3,7 @@ names the file and what to do, found at start from headers and sizes; fuse.py re
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,36 @@ def test_fuse_resume_redoes_damaged_shards(face_dir, tmp_path, capsys):
         assert f.read_bytes() == data, f
     assert c.verify_crops() == []
     np.testing.assert_allclose(c.embedding("pca")[0].take(rows), h_before, rtol=1e-3, atol=1e-3)
+
+
+def test_damaged_G_or_split_beside_h_G_is_found_at_once_and_written_anew(face_dir, tmp_path, capsys):
+    """G and its split, beside h_G, are read by distill.py only after its training (and by transfer.py's fused
+    method): a damaged or missing one stops them at their start, naming the file, and fuse.py, which keeps
+    an h_G only when it reads whole, writes it anew (it used to keep it and say so)."""
+    import re
+
+    import fuse
+
+    args = ["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--run-dir", str(tmp_path / "run"),
+            "--teachers", "gender", "--shard-size", "3", "--ops", "pca", "--dim", "4"]
+    fuse.main(args)
+    c = FeatureCache(tmp_path / "c")
+    folder = c.embedding_dir("pca")
+    for name, junk in (("G.safetensors", b"garbage"), ("split.npz", b"PK\x03\x04 half"), ("val_rows.npy", b"\x93NUM")):
+        good = (folder / name).read_bytes()
+        (folder / name).write_bytes(junk)
+        with pytest.raises(CacheDamaged, match=rf"{re.escape(name)}: .*it writes h_G anew"):
+            c.embedding("pca")
+        (folder / name).write_bytes(good)
+    c.embedding("pca")
+    (folder / "G.safetensors").unlink()
+    with pytest.raises(CacheDamaged, match=r"G\.safetensors: missing"):
+        c.embedding("pca")
+    capsys.readouterr()
+    fuse.main(args)
+    assert "warning: h_G (pca) is damaged" in capsys.readouterr().out
+    _, meta = FeatureCache(tmp_path / "c").embedding("pca")
+    assert (Path(meta["folder"]) / "G.safetensors").is_file()
 
 
 def test_transfer_redoes_a_damaged_task_cache(tmp_path, fused, capsys):
