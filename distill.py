@@ -42,7 +42,8 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import HelpFormatter, dist_info, get_logger, make_run_dir, pick_device, run_main
-from common.student import ARCHS, WIDTH, build_student, load_student, n_params, read_checkpoint, save_student
+from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
+                            save_student)
 from kernels import cosine_distill_loss
 
 LOSSES = ("cosine", "cosine+smoothl1", "mt")
@@ -218,7 +219,36 @@ LATER_SETTINGS = ("embedding_version", "warmup", "weight_decay", "smoothl1_weigh
                   "detect_size", "smallest_face", "min_face_prob")
 
 
-def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> tuple[int, list]:
+def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
+    """(config, tensors, training state) of the newest checkpoint of run that reads whole: the one latest.json
+    names, else (a file damaged since, a latest.json that is not JSON) the one before it that --keep kept,
+    said in the log. None when run has none; a SystemExit naming each problem when none reads."""
+    d = run / "ckpt"
+    if not (d / "latest.json").exists():
+        return None
+    weights = sorted((p.name for p in d.glob("step_*.safetensors") if not p.name.endswith(STATE_SUFFIX)), reverse=True)
+    try:
+        named = json.loads((d / "latest.json").read_text())["weights"]
+        weights = [named] + [w for w in weights if w < named]  # later ones: a save killed before latest.json
+    except (ValueError, KeyError, TypeError) as e:
+        problems = [f"latest.json is damaged ({type(e).__name__}: {e})"]
+    else:
+        problems = []
+    for name in weights:
+        try:
+            saved_cfg, tensors = read_checkpoint(d / name)
+            state = load_state(d / name.replace(".safetensors", STATE_SUFFIX))
+        except (OSError, NotAStudent, StateError) as e:
+            problems.append(str(e))
+            continue
+        if problems and log:
+            log.warning(f"warning: {'; '.join(problems)}: resuming from {name}, the newest checkpoint that reads")
+        return saved_cfg, tensors, state
+    raise SystemExit(f"error: cannot resume {run}: no checkpoint reads ({'; '.join(problems) or 'none left'}). "
+                     f"Start it afresh with --overwrite instead of --resume (or another --run-dir)")
+
+
+def load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log=None) -> tuple[int, list]:
     """Restore the latest checkpoint of run into the given objects; returns its step (0 if none) and the losses
     of its epoch so far."""
     if any((run / "ckpt").glob(f"*{LEGACY_STATE_SUFFIX}")):
@@ -227,11 +257,10 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> tuple[in
                          f"elsewhere could run code), so they are not read. Start it afresh with the same "
                          f"command and --overwrite instead of --resume (or another --run-dir), or, if you wrote this "
                          f"folder yourself, convert it with `python -m common.checkpoint {run}`, then --resume")
-    latest = run / "ckpt" / "latest.json"
-    if not latest.exists():
+    found = readable_checkpoint(run, log)
+    if found is None:
         return 0, []
-    info = json.loads(latest.read_text())
-    saved_cfg, tensors = read_checkpoint(run / "ckpt" / info["weights"])
+    saved_cfg, tensors, state = found
     # The cache is known by its content and h_G's version: a copy of it elsewhere (a job moved to local disk)
     # resumes; its path counts only for runs saved before the content was recorded.
     ignore = {"teacher_cache"} if "cache_content" in saved_cfg else set()
@@ -243,10 +272,6 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device) -> tuple[in
     student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
     if decoder is not None:
         decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
-    try:
-        state = load_state(run / "ckpt" / info["state"])
-    except StateError as e:
-        raise SystemExit(f"error: cannot resume {run}: {e}") from None
     opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
     # ...but not to their memory format: moments saved contiguous beside channels-last weights would
     # take AdamW off its foreach path (one kernel per tensor) for the rest of the run
@@ -342,7 +367,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     amp_dtype, scaler = precision.amp_policy(args.amp, device)
     cfg["amp"] = str(amp_dtype)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start, start_loss = load_checkpoint(run, student, decoder, opt, scaler, cfg, device) if args.resume else (0, [])
+    start, start_loss = load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log) if args.resume else (0, [])
     metrics = run / "metrics.jsonl"
     if start and rank == 0 and metrics.exists():
         # Epochs logged after the checkpoint resumed from are trained again: drop their lines.

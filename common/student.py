@@ -138,6 +138,11 @@ def load_student(path, device="cpu") -> tuple[Student, dict]:
     student (transfer.py --method etl) also its layer shapes ("pruned") and what it was pruned for ("etl").
     """
     cfg, tensors = read_checkpoint(path)
-    student = student_like(cfg)
-    student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    try:  # a config its tensors do not fit (an edited file, another tool's): the file's fault, said in one line
+        student = student_like(cfg)
+        student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        why = " ".join(str(e).split())
+        raise NotAStudent(f"{path}: its weights do not fit the network its config describes "
+                          f"({ {k: cfg[k] for k in ('arch', 'width', 'out_dim')} }): {why[:300]}") from None
     return student.to(device).eval(), cfg

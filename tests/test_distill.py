@@ -215,6 +215,35 @@ def test_resume_equals_uninterrupted_run(cache_dir, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
 
 
+def test_resume_passes_over_a_damaged_checkpoint_to_the_one_before(cache_dir, tmp_path, capsys):
+    """A checkpoint damaged after it was written (a copy cut short), or a latest.json that is not JSON: --resume
+    goes on from the newest checkpoint that reads whole (--keep kept the one before), says so, and ends as
+    the uninterrupted run; with none readable it stops naming each problem, not on a JSON traceback."""
+    common = ["--teacher-cache", str(cache_dir), "--steps", "6", "--ckpt-every", "2", "--no-eval", *TINY]
+    distill.main([*common, "--out", str(tmp_path / "straight")])
+    for case in ("cut", "json"):
+        run = tmp_path / case
+        distill.main([*common, "--out", str(run), "--stop-at", "4"])
+        ckpt = run / "ckpt"
+        if case == "cut":
+            (ckpt / "step_00000004.safetensors").write_bytes((ckpt / "step_00000004.safetensors").read_bytes()[:-9])
+        else:
+            (ckpt / "latest.json").write_text("{garbage")
+        capsys.readouterr()
+        distill.main([*common, "--out", str(run), "--resume"])
+        said = capsys.readouterr().out
+        assert ("resuming from step_00000002.safetensors, the newest" in said if case == "cut" else
+                "latest.json is damaged" in said and "resuming from step_00000004" in said), said
+        a, b = weights(tmp_path / "straight"), weights(run)
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0) for k in a)
+    run = tmp_path / "none"
+    distill.main([*common, "--out", str(run), "--stop-at", "2"])
+    (run / "ckpt" / "latest.json").write_text("{garbage")
+    (run / "ckpt" / "step_00000002.safetensors").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=r"no checkpoint reads \(latest.json is damaged .*step_00000002"):
+        distill.main([*common, "--out", str(run), "--resume"])
+
+
 def test_metrics_and_checkpoints_after_a_resume_read_as_an_uninterrupted_run(cache_dir, tmp_path, monkeypatch):
     """One metrics line per epoch, its loss the whole epoch's, whether the run stopped mid-epoch (--stop-at) or
     was killed just after an epoch's checkpoint; files a save killed mid-way left at a later step never push out
@@ -541,6 +570,16 @@ def test_a_file_that_is_not_a_student_says_so(tmp_path):
             load_student(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
         load_student(tmp_path / "nowhere")
+    # a config its weights do not fit (another width, a lost tensor, an unknown architecture): one line too
+    student = build_student("resnet18w", 0.25, 8)
+    state = {f"student.{k}": v.contiguous() for k, v in student.state_dict().items()}
+    for name, cfg, tensors in (("wide", {"width": 0.42}, state),
+                               ("lost", {}, {k: v for k, v in state.items() if k != "student.proj.weight"}),
+                               ("arch", {"arch": "vgg99"}, state)):
+        meta = {"arch": "resnet18w", "width": 0.25, "out_dim": 8, **cfg}
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"config": json.dumps(meta)})
+        with pytest.raises(NotAStudent, match="do not fit the network its config describes"):
+            load_student(tmp_path / f"{name}.safetensors")
 
 
 def test_export_typo_stops_before_training():
