@@ -54,8 +54,10 @@ def parse_args(argv=None):
     g.add_argument("--retry-unreadable", action="store_true",
                    help="extract again each shard holding an image the system would not give last time "
                         "(permission denied, I/O error, gone for a moment: 'cannot read' in missed_faces.tsv) that "
-                        "opens now, say after a network mount came back; it reads every shard's reasons first. (A "
-                        "file whose size or time changed since is another list of images, refused as always)")
+                        "opens now, say after a network mount came back; it reads every shard's reasons first. A "
+                        "file that was missing then (a dangling link, an unmounted folder) and is there now is "
+                        "taken too; any other file whose size or time changed since is another list of images, "
+                        "refused as always")
     g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
     g = p.add_argument_group("teachers and faces")
@@ -543,7 +545,8 @@ def main(argv=None):
             refuse_to_delete(args.out, args.data)
             shutil.rmtree(args.out)
         try:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan)
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan,
+                                                  appeared_ok=args.retry_unreadable)
         except CacheMismatch as e:
             raise SystemExit(f"error: {e}")
         cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache

@@ -265,6 +265,20 @@ def list_changes(cache_path: Path, images, stamps: np.ndarray) -> str:
     return "the same files in another order"
 
 
+def only_appeared(cache_path: Path, images, plan: dict) -> bool:
+    """True when `images` are the names the cache was planned with and every file whose stamp changed was
+    missing then (a dangling link, an unmounted folder): the rows listed "cannot read" that now read."""
+    try:
+        old_stamps = np.load(Path(cache_path) / "stamps.npy")
+        same_names = decode_paths((Path(cache_path) / "images.txt").read_bytes()) == list(images)
+    except (OSError, ValueError):
+        return False
+    if not same_names or old_stamps.shape != plan["stamps"].shape:
+        return False
+    changed = (old_stamps != plan["stamps"]).any(1)
+    return bool(changed.any()) and bool((old_stamps[changed, 0] < 0).all())
+
+
 def face_boxes(boxes) -> np.ndarray | None:
     """A dataset's face boxes, one (x0, y0, x1, y1) row per image in pixels, NaN where it gives none; None
     when it gives none at all."""
@@ -651,7 +665,8 @@ class FeatureCache:
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
                          align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
-                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None, boxes=None) -> "FeatureCache":
+                         detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None, boxes=None,
+                         appeared_ok=False) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
@@ -660,13 +675,18 @@ class FeatureCache:
         are found), and the size of
         the crop store. The detector's settings matter with --align mtcnn only; with none they are not
         recorded. plan: make_plan's answer for these same arguments, when the caller has made it already
-        (it stats every image). boxes: the dataset's face boxes (make_plan), kept in face_boxes.npy."""
+        (it stats every image). boxes: the dataset's face boxes (make_plan), kept in face_boxes.npy.
+        appeared_ok: files that were missing when the cache was planned and are there now do not refuse the
+        resume; the cache takes their stamps (fuse.py --retry-unreadable then extracts their shards again)."""
         path = Path(path)
         plan = plan or make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
                                  detect_size, smallest_face, boxes)
         manifest = path / "manifest.json"
         if manifest.exists():
             old = read_manifest(path)
+            appeared = appeared_ok and old.get("list_hash") != plan["list_hash"] and only_appeared(path, images, plan)
+            if appeared:
+                old = {**old, "list_hash": plan["list_hash"]}
             problems = cls._plan_differences(old, plan, lambda: list_changes(path, images, plan["stamps"]))
             if not old.get("complete") and old.get("data_root") != plan["data_root"]:
                 # its rows left to extract would be read from where the images were (a folder moved or copied
@@ -677,7 +697,9 @@ class FeatureCache:
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
                                     + ". Use another --cache folder, or --overwrite to rebuild it.", problems)
-            if not (path / "stamps.npy").exists():  # a cache from before they were kept: the same files now
+            if appeared:  # the manifest first: killed between the two, the stamps only name changes wrongly
+                write_json(manifest, old)
+            if appeared or not (path / "stamps.npy").exists():  # (or a cache from before they were kept)
                 atomic_write(path / "stamps.npy", lambda f: np.save(f, plan["stamps"]))
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))
@@ -899,7 +921,7 @@ class FeatureCache:
         of distill.py or transfer.py, not hours in when a batch first reaches the damaged shard."""
         if not self.manifest.get("complete"):
             done = sum(self.shard_done(k) for k in range(self.n_shards))
-            raise RuntimeError(f"the cache at {self.path} is incomplete ({done}/{self.n_shards} shards): "
+            raise CacheMismatch(f"the cache at {self.path} is incomplete ({done}/{self.n_shards} shards): "
                                f"run fuse.py again with the same arguments to finish it")
         damaged = list(self.damaged_shards(every=True).values())
         if damaged:

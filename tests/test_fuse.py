@@ -485,6 +485,35 @@ def test_retry_unreadable_extracts_again_the_shards_of_files_that_now_read(face_
     np.testing.assert_array_equal(cache.features.take([0, 1]), first)  # the other shard untouched
 
 
+def test_retry_unreadable_takes_back_a_file_that_was_missing(face_dir, tmp_path):
+    """A file missing during extraction (a dangling link, a folder not mounted) has no stamp then, so its
+    coming back used to refuse the resume as a changed file, --retry-unreadable included. With the flag, a
+    file that was missing and is there now is taken: its shard is extracted again; any other change is still
+    refused."""
+    import fuse
+
+    data, elsewhere = tmp_path / "faces", tmp_path / "elsewhere"
+    data.mkdir(), elsewhere.mkdir()
+    for name in ("0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "single_face.jpg"):
+        shutil.copy2(face_dir / name, data / name)
+    (data / "linked.jpg").symlink_to(elsewhere / "45-m7-di-ph.jpg")  # dangling for now
+    argv = ["--data", str(data), "--cache", str(tmp_path / "c"), "--teachers", "gender", "--extract-only",
+            "--shard-size", "2"]
+    fuse.main([*argv, "--run-dir", str(tmp_path / "r1")])
+    row = list(FeatureCache(tmp_path / "c").images).index("linked.jpg")
+    assert not FeatureCache(tmp_path / "c").found[row]
+    shutil.copy2(face_dir / "45-m7-di-ph.jpg", elsewhere / "45-m7-di-ph.jpg")  # the mount is back
+    with pytest.raises(SystemExit, match="changed size or modification time \\(linked.jpg\\)"):
+        fuse.main([*argv, "--run-dir", str(tmp_path / "r2")])  # without the flag: a changed file, as before
+    fuse.main([*argv, "--retry-unreadable", "--run-dir", str(tmp_path / "r3")])
+    cache = FeatureCache(tmp_path / "c").require_complete()
+    assert cache.found[row] and f"shard {row // 2}: 1 file(s)" in (tmp_path / "r3" / "log.txt").read_text()
+    fuse.main([*argv, "--run-dir", str(tmp_path / "r4")])  # the cache now holds the file as it is
+    (data / "single_face.jpg").write_bytes((face_dir / "0-f1-su-ph.jpg").read_bytes())  # a real change
+    with pytest.raises(SystemExit, match="changed size or modification time \\(single_face.jpg\\)"):
+        fuse.main([*argv, "--retry-unreadable", "--run-dir", str(tmp_path / "r5")])
+
+
 def test_hG_column_sums_written_for_distills_training_faces(fused, tmp_path, monkeypatch):
     """fuse.py sums h_G's columns over the faces distill.py trains on as it writes h_G, so that distill.py's
     start reads no h_G for its statistics (4 GB at the paper's 4.12 M faces), and they are the same."""
