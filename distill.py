@@ -138,6 +138,8 @@ def parse_args(argv=None):
                       "size") and v < 1]
     if args.steps < 0:
         p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
+    if not args.width > 0:  # 0 or less still builds: 1-channel layers, a few hundred parameters
+        p.error(f"--width {args.width}: the channel multiplier must be above 0 ({WIDTH} is the paper's student)")
     if small:
         p.error(f"{', '.join(small)}: must be 1 or more")
     if args.resume and args.out is None and args.teacher_cache != Path("feats/demo"):  # the demo's is fixed

@@ -129,8 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/transfer-TIME)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir that stopped before its end: the (task, method) results its "
-                        "report.json holds are kept, the others are run; refused when an argument that changes "
-                        "results differs from its args.json")
+                        "report.json holds are kept, the others are run (all of them if it stopped before its first "
+                        "result, or there is no run there yet); refused when an argument that changes results "
+                        "differs from its args.json")
     p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
     p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
@@ -666,9 +667,12 @@ def resumed_results(args) -> dict:
     """{task: {method: result}} of the interrupted run in --run-dir, after checking that it ran with these
     arguments (its args.json): a result of other settings must not sit in one table with these."""
     run = Path(args.run_dir)
+    if not (run / "args.json").is_file() and not (run / "report.json").is_file():
+        return {}  # stopped before it wrote anything (or never started): every (task, method) runs
     try:
         old = json.loads((run / "args.json").read_text())
-        report = json.loads((run / "report.json").read_text())
+        # stopped before its first result: the arguments are still checked, then everything runs
+        report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else []
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
     now = resolved_args(args)
@@ -1019,9 +1023,8 @@ def main(argv=None):
         why.append(f"--kd-teacher names {', '.join(other)}, not a task of this run ({', '.join(t.name for t, _ in jobs)})")
     if why:
         raise SystemExit("error: " + "\n       ".join(why))
-    if args.resume and not (args.run_dir and (Path(args.run_dir) / "report.json").is_file()):
-        raise SystemExit(f"error: --resume continues a run folder given by --run-dir that holds a report.json "
-                         f"({args.run_dir or 'no --run-dir given'} does not)")
+    if args.resume and not args.run_dir:
+        raise SystemExit("error: --resume continues the run in the folder given by --run-dir: name it")
     if args.run_dir and (Path(args.run_dir) / "report.json").exists() and not args.resume:
         raise SystemExit(f"error: {args.run_dir} already holds a transfer run's report.json: pass another --run-dir, "
                          f"--resume to continue it, or delete that folder")

@@ -97,6 +97,9 @@ def _with_layout_errors(task: Task, raw):
             data = raw(root, params)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{task.name}: {e}. Expected layout: {task.layout}") from e
+        except NotADirectoryError as e:  # a file given where the layout has a folder
+            raise NotADirectoryError(f"{task.name}: {e.filename or root} is not a folder. Expected layout: "
+                                     f"{task.layout}") from e
         except BadLabels as e:
             raise BadLabels(f"{task.name}: {e}. Expected layout: {task.layout}") from e
         if not data.samples:

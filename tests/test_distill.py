@@ -592,6 +592,7 @@ def test_export_typo_stops_before_training():
                                        (["--log-every", "0", "--keep", "0"], "--log-every 0, --keep 0: must be"),
                                        (["--recon-epochs", "0"], "--recon-epochs 0"), (["--epochs", "0"], "--epochs 0"),
                                        (["--steps", "-2"], "--steps -2: give 0"),
+                                       (["--width", "0"], "--width 0.0: the channel multiplier must be above 0"),
                                        (["--resume", "--cache", "elsewhere"], "--resume needs --run-dir")])
 def test_flags_that_would_fail_hours_in_are_refused_at_once(argv, why, capsys):
     """--ckpt-every 0 divided by zero at the first step, --recon-epochs 0 crashed after training, --epochs 0

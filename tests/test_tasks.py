@@ -346,6 +346,9 @@ def test_missing_folder_names_path_and_layout(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load("AgeR-UTK", tmp_path / "nowhere")
     assert "nowhere" in str(e.value) and get_task("AgeR-UTK").layout in str(e.value)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="afile is not a folder. Expected layout"):
+        load("AgeR-UTK", tmp_path / "afile")
     (tmp_path / "celeba").mkdir()
     with pytest.raises(FileNotFoundError) as e:
         get_task("Attrib-CelebA").loader(tmp_path)

@@ -257,9 +257,14 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     with pytest.raises(SystemExit, match=r"other arguments \(--epochs 1 there, 2 now"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
                        "--run-dir", str(tmp_path / "run"), "--resume"])
-    with pytest.raises(SystemExit, match="--resume continues a run folder"):
-        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
-                       "--run-dir", str(tmp_path / "elsewhere"), "--resume"])
+    with pytest.raises(SystemExit, match="--resume continues the run in the folder given by --run-dir"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--resume"])
+    # a run stopped before its first result (args.json, no report.json): its arguments still bind a --resume
+    (tmp_path / "early2").mkdir()
+    shutil.copy(tmp_path / "run" / "args.json", tmp_path / "early2" / "args.json")
+    with pytest.raises(SystemExit, match=r"other arguments \(--epochs 1 there, 2 now"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
+                       "--run-dir", str(tmp_path / "early2"), "--resume"])
     args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
     args_json.write_text(json.dumps({k: v for k, v in json.loads(args_json.read_text()).items()
                                      if k not in ("kd_temperature", "retry_unreadable")}))
