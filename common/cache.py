@@ -960,11 +960,37 @@ class FeatureCache:
         return ShardedArray([self.crop_file(k) for k in range(self.n_shards)], self.bounds, direct=True,
                             remedy=self.redo_hint)
 
-    def verify_crops(self) -> list[int]:
-        """Shards whose crop file no longer matches the sha256 the manifest recorded (empty: all intact)."""
+    def verify_crops(self, progress=False) -> list[int]:
+        """Shards done whose crop file no longer matches the sha256 recorded when it was written (in the shard's
+        metadata, and the manifest once complete): a change of the bytes that keeps the size, which the
+        header checks cannot see. Reads the whole crop store (203 GB at 4.12 M faces), 8 MB at a time."""
         want = self.manifest.get("crops_sha256") or []
-        return [k for k, h in enumerate(want)
-                if not self.crop_file(k).exists() or hashlib.sha256(self.crop_file(k).read_bytes()).hexdigest() != h]
+        bad = []
+        for k in tqdm(range(self.n_shards), unit="shard", desc="verify crops", disable=None if progress else True):
+            if k < len(want):
+                recorded = want[k]
+            elif self.crop_size and self.shard_done(k):
+                with open_npz(self.meta_file(k), self.redo_hint) as m:
+                    recorded = str(m["crops_sha256"]) if "crops_sha256" in m.files else None
+            else:
+                continue
+            if recorded is None:
+                continue
+            h = hashlib.sha256()
+            try:
+                with open(self.crop_file(k), "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        h.update(chunk)
+            except FileNotFoundError:
+                pass
+            if h.hexdigest() != recorded:
+                bad.append(k)
+        return bad
+
+    def remove_altered_crops(self, log=None) -> int:
+        """verify_crops, then remove every shard whose crops changed, so that the next extraction redoes it."""
+        return self._redo({k: "its crops differ from their recorded sha256" for k in self.verify_crops(True)},
+                          log and (lambda k, why: log.warning(f"warning: shard {k}: {why}: it is extracted again")))
 
     @property
     def found(self) -> np.ndarray:
