@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
                         "(the paper used 300x300 crops; --size 224 or 300 comes closer to it, from a cache "
-                        "extracted with fuse.py --crop-size at least as large: the default store's 128-pixel crops "
-                        "would only be enlarged)")
+                        "extracted with fuse.py --crop-size at least as large: a store of 128-pixel crops, fuse.py's "
+                        "own size, would only be enlarged)")
     g.add_argument("--workers", type=int, default=2,
                    help="DataLoader worker processes gathering crops from the cache's crop store (augmentation "
                         "runs per batch on the device)")
@@ -654,8 +654,9 @@ def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=None):
 
 
 def embed_main(argv):
-    p = argparse.ArgumentParser(prog="distill.py embed", description="Embed a folder of face images with a "
-                                "trained student: detect and align each face, then write one row per image.")
+    p = argparse.ArgumentParser(prog="distill.py embed", formatter_class=HelpFormatter,
+                                description="Embed a folder of face images with a trained student: detect and "
+                                            "align each face, then write one row per image.")
     p.add_argument("--student", "--checkpoint", dest="checkpoint", metavar="PATH", type=Path, required=True,
                    help="student .safetensors or a distill.py run folder")
     p.add_argument("--data", "--images", dest="images", metavar="DIR", type=Path, required=True, help="folder of images (any tree)")

@@ -35,7 +35,7 @@ from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
-from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, load_config
+from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
 def parse_args(argv=None):
@@ -66,8 +66,10 @@ def parse_args(argv=None):
     g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
     g = p.add_argument_group("teachers and faces")
-    g.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS),
-                   help="comma list of built-in teachers (see --list-teachers; NAME@reference / NAME@torch "
+    g.add_argument("--teachers",
+                   help="comma list of built-in teachers (default: those of an existing --cache, so that G is "
+                        f"fitted anew on it as it was made; else {','.join(DEFAULT_TEACHERS)}; see "
+                        "--list-teachers; NAME@reference / NAME@torch "
                         "force a ported teacher's original runtime / its PyTorch module) and/or custom specs: "
                         "onnx:/path/model.onnx:LAYER:SIZE, litert:/path/model.tflite:LAYER:SIZE, "
                         "torchscript:/path/model.pt:SIZE, torchvision:resnet18:/path/weights.pth:LAYER:SIZE")
@@ -527,8 +529,13 @@ def main(argv=None):
         if not images:
             raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
                              f"whose names start with a dot are left out) under {args.data}")
-    names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     extra = load_config(args.teachers_config) if args.teachers_config else []
+    if args.teachers is None and not extra and (args.out / "manifest.json").is_file():
+        kept = read_manifest(args.out)["teachers"]  # G fitted anew on a cache: its teachers (named in args.json)
+        names, args.teachers = [cached_teacher(t) for t in kept], ",".join(t["name"] for t in kept)
+    else:
+        args.teachers = ",".join(DEFAULT_TEACHERS) if args.teachers is None else args.teachers
+        names = [n.strip() for n in args.teachers.split(",") if n.strip()]
     if not names + extra and not args.extract_only:  # --extract-only without teachers: the crop store alone
         raise SystemExit("error: --teachers names no teacher: G fuses at least one (see --list-teachers)")
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     aliases = ", ".join(f"{a} = {t}" for a, t in tasks.ALIASES.items())
     p.add_argument("--list", action="store_true",
                    help=f"print the {len(tasks.TASKS)} tasks (the paper's Table 1 and FER2013; alias {aliases}) "
-                        f"with their metric, protocol and data layout, and exit")
+                        f"with their metric, protocol and data layout, then the embedded default task, and exit")
     p.add_argument("--task", help=f"task name (see --list); default: the embedded {DEMO_TASK}")
     p.add_argument("--tasks", help="comma list of tasks for one report table, each with its folder as NAME=DIR "
                                    "(instead of --task and --data)")
@@ -104,7 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
     p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
-    p.add_argument("--batch", type=int, default=32, help="batch size")
+    p.add_argument("--batch", type=int, default=32, help="faces per training step of the methods that train a "
+                   "network or a head (--batch-features: per teacher batch while caching features)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (backbone: --lr / 10)")
     p.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP head")
     p.add_argument("--max-splits", type=int, default=0,
@@ -989,6 +990,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list:
         print(tasks.list_tasks_table())
+        print(f"\nWithout --task / --tasks: {DEMO_TASK}, embedded ({demo_task.__doc__.split(':')[0]}: face vs "
+              f"non-face, accuracy, a split per class, folder layout built in data/lfw_subset on first use)")
         return
     device = pick_device(args.device)
     named = [m.strip() for m in args.method.split(",") if m.strip()]

@@ -162,7 +162,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two batch sizes and fewer repetitions")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the kernels run (auto: cuda if present; on the CPU, Triton's interpreter)")
     parser.add_argument("--batches", type=int, nargs="+",
                         help="batch sizes (default 64 256 1024 4096, and 65536 on a GPU)")
     parser.add_argument("--feat-dtype", choices=DTYPES, default="fp32", help="teacher embedding dtype")

@@ -540,15 +540,17 @@ def test_hG_column_sums_written_for_distills_training_faces(fused, tmp_path, mon
 
 def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     """A complete cache needs no image again: with its source folder gone (moved, or deleted after the
-    extraction), fuse.py fits G anew on it, --data defaulting to the folder it was made from. What would read
-    an image is refused, and so is a damaged shard (it could not be extracted again)."""
+    extraction), fuse.py fits G anew on it, --data and --teachers defaulting to the folder and the teachers it
+    was made from. What would read an image is refused, and so is a damaged shard (it could not be extracted
+    again)."""
     cache = tmp_path / "feats"
     shutil.copytree(fused / "feats", cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "data_root": str(tmp_path / "moved")}))
-    common = ["--cache", cache, "--teachers", CHEAP, "--shard-size", "4", "--ops", "pca"]
+    common = ["--cache", cache, "--shard-size", "4", "--ops", "pca"]
     out = run_fuse(*common, "--run-dir", tmp_path / "run")
     assert "is not there: the complete cache" in out.stderr + out.stdout
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["teachers"] == CHEAP
     assert "pca" in FeatureCache(cache).embedding_names()
     assert (tmp_path / "run" / "table5.md").exists() or list((tmp_path / "run").glob("table5*"))
     refused = run_fuse(*common, "--retry-unreadable", "--run-dir", tmp_path / "r2", check=False)

@@ -416,6 +416,7 @@ def test_help_says_what_each_flag_does_and_its_default(capsys, monkeypatch):
     transfer.main(["--list"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in tasks.TASKS) and "(= Object-ImageNet)" in listed
+    assert f"Without --task / --tasks: {transfer.DEMO_TASK}, embedded" in listed  # the default is listed too
 
 
 def test_regression_range_of_a_user_csv_is_not_set_by_test_labels(tmp_path):
