@@ -68,7 +68,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("teachers and faces")
     g.add_argument("--teachers",
                    help="comma list of built-in teachers (default: those of an existing --cache, so that G is "
-                        f"fitted anew on it as it was made; else {','.join(DEFAULT_TEACHERS)}; see "
+                        f"fitted anew on it as it was made, unless --overwrite; else {','.join(DEFAULT_TEACHERS)}; see "
                         "--list-teachers; NAME@reference / NAME@torch "
                         "force a ported teacher's original runtime / its PyTorch module) and/or custom specs: "
                         "onnx:/path/model.onnx:LAYER:SIZE, litert:/path/model.tflite:LAYER:SIZE, "
@@ -530,9 +530,9 @@ def main(argv=None):
             raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
                              f"whose names start with a dot are left out) under {args.data}")
     extra = load_config(args.teachers_config) if args.teachers_config else []
-    if args.teachers is None and not extra and (args.out / "manifest.json").is_file():
-        kept = read_manifest(args.out)["teachers"]  # G fitted anew on a cache: its teachers (named in args.json)
-        names, args.teachers = [cached_teacher(t) for t in kept], ",".join(t["name"] for t in kept)
+    if args.teachers is None and not extra and not args.overwrite and (args.out / "manifest.json").is_file():
+        recorded = read_manifest(args.out)["teachers"]  # G fitted anew on a cache: its teachers (named in args.json)
+        names, args.teachers = [cached_teacher(t) for t in recorded], ",".join(t["name"] for t in recorded)
     else:
         args.teachers = ",".join(DEFAULT_TEACHERS) if args.teachers is None else args.teachers
         names = [n.strip() for n in args.teachers.split(",") if n.strip()]

@@ -545,9 +545,11 @@ def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     again)."""
     cache = tmp_path / "feats"
     shutil.copytree(fused / "feats", cache)
+    common = ["--cache", cache, "--shard-size", "4", "--ops", "pca"]
+    out = run_fuse(*common, "--run-dir", tmp_path / "run0")  # the images still there: checked, no warning
+    assert "is not there" not in out.stderr + out.stdout and "pca" in FeatureCache(cache).embedding_names()
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "data_root": str(tmp_path / "moved")}))
-    common = ["--cache", cache, "--shard-size", "4", "--ops", "pca"]
     out = run_fuse(*common, "--run-dir", tmp_path / "run")
     assert "is not there: the complete cache" in out.stderr + out.stdout
     assert json.loads((tmp_path / "run" / "args.json").read_text())["teachers"] == CHEAP
