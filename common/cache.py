@@ -922,7 +922,7 @@ class FeatureCache:
         if not self.manifest.get("complete"):
             done = sum(self.shard_done(k) for k in range(self.n_shards))
             raise CacheMismatch(f"the cache at {self.path} is incomplete ({done}/{self.n_shards} shards): "
-                               f"run fuse.py again with the same arguments to finish it")
+                                f"run fuse.py again with the same arguments to finish it")
         damaged = list(self.damaged_shards(every=True).values())
         if damaged:
             more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
