@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -41,7 +42,7 @@ from common.cache import FeatureCache, as_planned, atomic_write, write_json, wri
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
-from common.runs import HelpFormatter, dist_info, get_logger, make_run_dir, pick_device, run_main
+from common.runs import HelpFormatter, dist_info, get_logger, init_dist, make_run_dir, pick_device, run_main
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -425,7 +426,7 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
             return
         values = torch.stack([loss for _, loss in pending])
         if world > 1:
-            torch.distributed.all_reduce(values)  # every rank must see a NaN, to stop together
+            dist.all_reduce(values)  # every rank must see a NaN, to stop together
             values /= world
         values = values.tolist()
         for (at, _), value in zip(pending, values):
@@ -644,15 +645,6 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     return emb, reasons
 
 
-def embed_folder(checkpoint, folder, batch=64, device="cpu", min_prob=None):
-    """(paths, embeddings) of every image under folder; faceless or unreadable images keep a NaN row."""
-    from common.images import list_images
-
-    paths = [str(Path(folder) / p) for p in list_images(folder)]
-    emb, _ = embed_images(checkpoint, paths, batch, device, min_prob)
-    return paths, emb
-
-
 def embed_main(argv):
     p = argparse.ArgumentParser(prog="distill.py embed", formatter_class=HelpFormatter,
                                 description="Embed a folder of face images with a trained student: detect and "
@@ -708,11 +700,7 @@ def main(argv=None):
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_dist(device)
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.backends.cudnn.deterministic = args.deterministic
     if args.out is None and args.teacher_cache == Path("feats/demo"):

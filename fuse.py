@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -34,7 +35,8 @@ from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
-from common.runs import HelpFormatter, dist_info, get_logger, kept_warnings, make_run_dir, pick_device, run_main
+from common.runs import (HelpFormatter, dist_info, get_logger, init_dist, kept_warnings, make_run_dir, pick_device,
+                         run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -488,11 +490,7 @@ def main(argv=None):
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # else every rank's NCCL context lands on GPU 0
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_dist(device)
     if args.data is None and args.out is not None and (args.out / "manifest.json").is_file():
         args.data = Path(read_manifest(args.out)["data_root"])  # G fitted anew on a cache: its own images
     if args.data is None:

@@ -369,11 +369,7 @@ def decode(task, out: np.ndarray, lo_hi) -> np.ndarray:
 
 
 def score(task, preds, y_true) -> float:
-    if task.metric == "mae":
-        return metrics.mae(preds, y_true)
-    if task.metric == "error_rate":
-        return metrics.mean_error_rate(preds, y_true)
-    return metrics.accuracy(preds, y_true)
+    return metrics.METRICS[task.metric](preds, y_true)
 
 
 def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups, desc, amp=(None, None), loss=None):
@@ -816,10 +812,7 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
 
 def pooled_score(task, splits, outs, y_true) -> float:
     """Leave-one-out protocols pool every held-out prediction before scoring (the usual FG-NET MAE)."""
-    if len(splits) == 1:
-        return float(score(task, outs[0], y_true[splits[0].test]))
-    tested = np.concatenate([sp.test for sp in splits])
-    return float(score(task, np.concatenate(outs), y_true[tested]))
+    return float(metrics.pooled(metrics.METRICS[task.metric], [sp.test for sp in splits], outs, y_true))
 
 
 def mean_val(values) -> float | None:

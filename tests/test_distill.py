@@ -380,7 +380,10 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
     for n in ["astronaut.png", NO_FACE]:
         (folder / n).write_bytes((faces / n).read_bytes())
     (folder / "broken.jpg").write_bytes(b"not an image")
-    paths, emb = distill.embed_folder(trained, folder)
+    distill.main(["embed", "--student", str(trained / "student.safetensors"), "--data", str(folder),
+                  "--out", str(tmp_path / "emb.npy"), "--device", "cpu"])
+    emb = np.load(tmp_path / "emb.npy")
+    paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
     assert [Path(p).name for p in paths] == ["astronaut.png", "broken.jpg", NO_FACE]
     assert emb.shape == (3, 32)
     assert np.isfinite(emb[0]).all() and np.isnan(emb[1:]).all()
@@ -392,8 +395,8 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
     ref = torch.from_numpy(distill.embed_rows(student, cache, [row], cfg["size"], torch.device("cpu")))
     assert torch.nn.functional.cosine_similarity(ref, torch.from_numpy(emb[:1])).item() > 0.98
     distill.main(["embed", "--checkpoint", str(trained / "student.safetensors"), "--images", str(folder),
-                  "--out", str(tmp_path / "emb.npy"), "--device", "cpu"])
-    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), emb, atol=1e-5)
+                  "--out", str(tmp_path / "old.npy"), "--device", "cpu"])  # the former spellings
+    np.testing.assert_allclose(np.load(tmp_path / "old.npy"), emb, atol=1e-5)
     missed = (tmp_path / "emb.missed.tsv").read_text()
     assert NO_FACE in missed and "no face detected" in missed and "broken.jpg" in missed
 
