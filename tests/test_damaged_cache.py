@@ -306,7 +306,7 @@ def test_damaged_G_or_split_beside_h_G_is_found_at_once_and_written_anew(face_di
     assert (Path(meta["folder"]) / "G.safetensors").is_file()
 
 
-def test_transfer_redoes_a_damaged_task_cache(tmp_path, fused, capsys):
+def test_transfer_redoes_a_damaged_task_cache(tmp_path, capsys):
     """transfer.py's task cache is written by the same engine: a damaged shard is named, redone, and the
     result is the one of the undamaged cache."""
     import transfer

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -340,6 +341,30 @@ def test_cosine_smoothl1_runs(cache_dir, tmp_path):
     distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "sl1"), "--loss", "cosine+smoothl1",
                   "--steps", "3", "--no-eval", *TINY])
     assert load_student(tmp_path / "sl1")[1]["loss"] == "cosine+smoothl1"
+    # the loss itself: cosine plus smoothl1_weight times smooth L1 on h_G standardised by its column statistics
+    gen = torch.Generator().manual_seed(0)
+    out, t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    mean, std = np.linspace(-1, 1, 4), np.linspace(0.5, 2, 4)
+    for w in (0.0, 2.5):
+        got = distill.make_loss("cosine+smoothl1", None, None, mean, std, "cpu", w)(out, t)
+        mu, sd = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        want = (1 - F.cosine_similarity(out, t)).mean() + w * F.smooth_l1_loss((out - mu) / sd, (t - mu) / sd)
+        assert torch.allclose(got, want, atol=1e-6), (w, got, want)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero():
+    total, peak = 1000, 3e-3
+    lrs = [distill.lr_at(s, total, peak, 0.05) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / 50) and lrs[49] == pytest.approx(peak)  # 50 warm-up steps
+    assert max(lrs) == pytest.approx(peak) and all(a >= b for a, b in zip(lrs[50:], lrs[51:]))
+    assert lrs[50 + 475] == pytest.approx(peak / 2) and lrs[-1] < peak * 1e-4
+
+
+def test_distill_refuses_a_batch_larger_than_its_faces_and_a_missing_cache(cache_dir, tmp_path):
+    with pytest.raises(SystemExit, match="fewer than one step of --batch 4096"):
+        distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "big"), *TINY, "--batch", "4096"])
+    with pytest.raises((SystemExit, FileNotFoundError), match="no feature cache at"):
+        distill.main(["--teacher-cache", str(tmp_path / "nowhere"), "--out", str(tmp_path / "none"), *TINY])
 
 
 def test_multitask_variant(cache_dir, tmp_path):

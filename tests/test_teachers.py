@@ -334,10 +334,8 @@ def test_teacher_answers_are_the_whole_models_output(teachers, faces, batch):
 
 
 def test_onet_matches_facenet_pytorch(teachers, batch):
-    try:
-        from facenet_pytorch.models.mtcnn import ONet
-    except ImportError as e:
-        pytest.skip(f"facenet_pytorch does not import here ({e})")
+    from facenet_pytorch.models.mtcnn import ONet  # installed with the project (detection needs it): no skip
+
     ref = ONet(pretrained=True).eval()
     feats = {}
     ref.prelu5.register_forward_hook(lambda m, i, o: feats.update(h=o))
