@@ -589,8 +589,12 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         except FileNotFoundError as e:
             raise SystemExit(f"error: --method {','.join(need_teachers)} needs G and h_G: {e}")
     teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device) if unsup else []
-    if unsup and [t.version for t in teachers] != [t["version"] for t in unsup.teachers]:
-        raise SystemExit(f"the teachers installed here differ from those of {args.teacher_cache}")
+    if unsup and (other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
+                            if t.version != r["version"]]):
+        name, here, there = other[0]
+        raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
+                         f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
+                         f"the same teacher packages, or make a cache with these by fuse.py")
     cache = task_cache(data, teachers, args, device, log)
     found = cache.found
     missed = int((~found).sum())

