@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -225,14 +224,23 @@ def test_missing_data_folder(tmp_path):
 def test_resume_after_kill_gives_same_cache(face_dir, tmp_path):
     common = ["--data", face_dir, "--teachers", "age,gender", "--shard-size", "2", "--extract-only"]
     run_fuse(*common, "--out", tmp_path / "clean", "--run-dir", tmp_path / "r0")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fuse.py"), *map(str, common), "--out", tmp_path / "killed",
-                             "--run-dir", tmp_path / "r1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # fuse.py kills itself (SIGKILL) once its second shard is written, while the other threads (loader, lanes,
+    # the background writer) are wherever they are: polling from here for the kill raced a fast machine.
+    die = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+           "import common.cache as cc\n"
+           "write, written = cc.FeatureCache.write_shard, []\n"
+           "def write_then_die(self, *a, **k):\n"
+           "    write(self, *a, **k)\n"
+           "    written.append(1)\n"
+           "    if len(written) == 2:\n"
+           "        os.kill(os.getpid(), signal.SIGKILL)\n"
+           "cc.FeatureCache.write_shard = write_then_die\n"
+           "import fuse\n"
+           "fuse.run_main(fuse.main)\n")
+    killed = subprocess.run([sys.executable, "-c", die, *map(str, common), "--out", tmp_path / "killed", "--run-dir",
+                             tmp_path / "r1"], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     shards = tmp_path / "killed" / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(shards.glob("*.npy"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done_before = len(list(shards.glob("*.npy")))
     n_shards = len(json.loads((tmp_path / "killed" / "manifest.json").read_text())["shard_bounds"]) - 1
     assert 0 < done_before < n_shards, "the kill must land mid-run"
