@@ -596,3 +596,19 @@ def test_distill_takes_the_h_G_it_is_told(fused, tmp_path):
                   "--steps", "1", "--no-eval", "--size", "48", "--width", "0.25", "--batch", "4", "--workers", "0"])
     _, cfg = load_student(tmp_path / "run")
     assert cfg["embedding"] == "pca" and cfg["out_dim"] == 8
+
+
+def test_n_sweep_fits_G_on_growing_corpora_against_one_test_set(fused, tmp_path):
+    """--n-sweep (Figure 2's corpus-size axis): one row per N, G learning from N faces (training plus
+    validation), all scored on the main split's test faces, with its table and plot."""
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    test = np.load(fused / "feats" / "emb" / "ae" / "split.npz")["test"]
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run"), "--ops", "pca", "--dim", "4",
+               "--shard-size", "4", "--n-sweep", "6,9", "--val-frac", "0.3"])  # 2 and 3 validation faces
+    sweep = json.loads((tmp_path / "run" / "n_sweep.json").read_text())
+    assert [r["N"] for r in sweep["results"]] == [6, 9] and sweep["n_test"] == len(test)
+    assert all(r["n_train"] + r["n_val"] == r["N"] and 0 <= r["pca"]["average"] < 10 for r in sweep["results"])
+    assert (tmp_path / "run" / "n_sweep.md").read_text().count("|") > 6
+    assert (tmp_path / "run" / "n_sweep.png").stat().st_size > 1000
