@@ -961,21 +961,18 @@ class FeatureCache:
                             remedy=self.redo_hint)
 
     def verify_crops(self, progress=False) -> list[int]:
-        """Shards done whose crop file no longer matches the sha256 recorded when it was written (in the shard's
-        metadata, and the manifest once complete): a change of the bytes that keeps the size, which the
-        header checks cannot see. Reads the whole crop store (203 GB at 4.12 M faces), 8 MB at a time."""
-        want = self.manifest.get("crops_sha256") or []
+        """Shards done whose crop file no longer matches the sha256 recorded in the shard's metadata as it was
+        written (the manifest's crops_sha256 is a copy made at finalize, stale for a shard redone since): a
+        change of the bytes that keeps the size, which the header checks cannot see. Reads the whole crop store
+        (203 GB at 4.12 M faces), 8 MB at a time."""
         bad = []
         for k in tqdm(range(self.n_shards), unit="shard", desc="verify crops", disable=None if progress else True):
-            if k < len(want):
-                recorded = want[k]
-            elif self.crop_size and self.shard_done(k):
-                with open_npz(self.meta_file(k), self.redo_hint) as m:
-                    recorded = str(m["crops_sha256"]) if "crops_sha256" in m.files else None
-            else:
+            if not (self.crop_size and self.shard_done(k)):
                 continue
-            if recorded is None:
-                continue
+            with open_npz(self.meta_file(k), self.redo_hint) as m:
+                if "crops_sha256" not in m.files:
+                    continue
+                recorded = str(m["crops_sha256"])
             h = hashlib.sha256()
             try:
                 with open(self.crop_file(k), "rb") as f:
@@ -1127,14 +1124,13 @@ class FeatureCache:
             why = npy_problem(f, (int(self.bounds[k + 1] - self.bounds[k]), dim), self.dtype)
             if why:
                 raise CacheDamaged(f"{f}: {why}", remedy)
-        for file, keys in (("stats.npz", ("mean", "std")), ("target_sums.npz", ("sum", "sumsq", "count"))):
-            f = folder / file  # G's units, h_G's sums (an older h_G has neither)
-            if f.exists() and (why := npz_problem(f, keys)):
-                raise CacheDamaged(f"{f}: {why}", remedy)
-        # G and its split, read by distill.py only after training and by transfer.py's fused method: checked
-        # here so that both fail at their start, and fuse.py, which keeps an h_G only through here, rewrites them
+        # G's units, h_G's sums (an older h_G has neither); G and its split, read by distill.py only after
+        # training and by transfer.py's fused method: checked here so that both fail at their start, and fuse.py,
+        # which keeps an h_G only through here, rewrites them
         must = "split" in meta  # fuse.py records the split's sizes with its files (an older h_G may lack them)
-        checks = [(folder / "split.npz", must, lambda f: npz_problem(f, ("train", "val", "test"))),
+        checks = [(folder / "stats.npz", False, lambda f: npz_problem(f, ("mean", "std"))),
+                  (folder / "target_sums.npz", False, lambda f: npz_problem(f, ("sum", "sumsq", "count"))),
+                  (folder / "split.npz", must, lambda f: npz_problem(f, ("train", "val", "test"))),
                   (folder / "val_rows.npy", must, npy_problem)]
         if meta.get("model"):
             checks.append((folder / meta["model"], True, safetensors_problem))

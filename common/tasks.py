@@ -3,9 +3,9 @@
 Each Task names its on-disk reader, its evaluation protocol and its metric. Readers parse the datasets
 as they are distributed (each task's layout: `transfer.py --list`, and the README) and only list files
 and labels: the extraction engine opens the images later (common.images.read_image). torchvision's
-CelebA, LFWPairs/LFWPeople and FER2013 readers are not used because, even with download=False, they refuse any copy whose files do not
-match their md5 sums (and LFW wants torchvision's own `lfw-py/` archive layout), so they reject
-re-packed copies, fixtures and corrected label files alike.
+CelebA, LFWPairs/LFWPeople and FER2013 readers are not used because, even with download=False, they
+refuse any copy whose files do not match their md5 sums (and LFW wants torchvision's own `lfw-py/`
+archive layout), so they reject re-packed copies, fixtures and corrected label files alike.
 
 Adding a dataset takes one entry: register_task(folder_task(...)) for `root/<class>/*.jpg`, or
 register_task(csv_task(...)) for a `file,label[,split]` CSV.
@@ -23,7 +23,6 @@ import numpy as np
 
 from . import metrics
 from .images import IMAGE_EXTENSIONS
-
 
 
 @dataclass
@@ -251,8 +250,6 @@ def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:
 def _seeded(n: int, p: dict) -> list[Split]:
     return [random_split(n, p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1))))]
 
-
-# ----------------------------------------------------------------------------- images
 
 # ----------------------------------------------------------------------------- readers
 

@@ -89,6 +89,13 @@ def test_crop_store_round_trip_and_hashes(tmp_path, images):
     arr[0, 0, 0, 0] ^= 1
     np.save(c.crop_file(2), arr)
     assert c.verify_crops() == [2]
+    # Shard 2 redone (as --retry-unreadable does) with other crops, the cache not yet finalized again: the
+    # manifest's copy of the hashes is stale, the shard's own record is not, and nothing is flagged.
+    c._redo({2: "redo"})
+    n = int(c.bounds[3] - c.bounds[2])
+    c.write_shard(2, np.zeros((n, c.dim), np.float32), [True] * n, np.zeros((n, 2, 3)), np.ones(n), ["0" * 40] * n,
+                  [""] * n, crops=np.full((n, 6, 6, 3), 7, np.uint8))
+    assert not c.manifest["complete"] and c.verify_crops() == []
     with pytest.raises(CacheMismatch, match="crop_size"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5, crop_size=8)
     bare = FeatureCache.create_or_resume(tmp_path / "bare", root, names, TEACHERS, shard_size=5, crop_size=0)
