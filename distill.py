@@ -8,8 +8,9 @@ held-out cosine and the reconstruction check of Table 5 (a decoder shaped like G
 student's embeddings to give back every teacher's h_i), beside G's own error.
 
 --loss mt trains instead the one-step multitask model of section 3.4, E_MT = G~ o E_unique: the
-student and a fresh decoder shaped like G's, jointly, to reconstruct every standardised h_i, so the
-paper's two-step vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
+student and a fresh decoder shaped like G's, jointly, to reconstruct every standardised h_i (eq. 3's MSE plus
+a 1 - cos term per teacher, averaged: our addition, so that a narrow teacher counts), so the paper's two-step
+vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
 
   python distill.py                                        # the cache of `python fuse.py` (feats/demo)
   python distill.py --cache feats/faces --run-dir runs/s1                 # your own cache

@@ -118,7 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--write", help="operator whose h_G is written into the cache for distill.py (default: first of --ops)")
     g.add_argument("--dim", default="",
                    help="width of h_G (default: mean teacher width, the paper's rule); a comma list a,b,c also "
-                        "sweeps the widths with the first operator and plots error vs width (Figure 2); "
+                        "sweeps the widths with the first operator and plots error vs width (Figure 2's reconstruction "
+                        "part; its transfer part: distil and transfer one h_G per width); "
                         "the first width of the list is the one written")
     g.add_argument("--ae-layout", default="residual", choices=fusion.LAYOUTS,
                    help="residual: linear path started from the PCA fit plus a regularised non-linear residual whose "
@@ -354,7 +355,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     if n_sweep and n_sweep[-1] > len(train) + len(val):
         raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
     for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
-        a, b = sweep_sets(split, args, n)
+        a, b = sweep_sets(split, args, n, cache.images)
         if min(len(a), len(b)) < 2:
             raise SystemExit(f"--n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
     sizes = {k: len(v) for k, v in split.items()}
@@ -413,7 +414,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
 
 
 def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log, weight=None) -> None:
-    """Figure 2: reconstruction error against the width of h_G."""
+    """Figure 2's reconstruction part: error against the width of h_G (its transfer curves need a student
+    distilled per width)."""
     results = []
     dims = sorted(dims)
     for d in dims:
@@ -427,15 +429,31 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
-def sweep_sets(split, args, n):
+def sweep_sets(split, args, n, keys=None):
     """(training, validation) faces of an --n-sweep corpus of n: the first n of a seeded order of the non-test
     faces, every (1 / val_frac)-th of them a validation face up to val_max. Each smaller corpus is part of the
     larger ones, and each has its own share of validation faces: the main split's, capped at val_max for
-    the whole corpus, would leave a small one a handful (5 of 1,000 at the paper's 4.12 M faces)."""
-    pool = np.random.default_rng(args.seed).permutation(np.union1d(split["train"], split["val"]))[:n]
+    the whole corpus, would leave a small one a handful (5 of 1,000 at the paper's 4.12 M faces).
+    With --split-group (keys: the cache's image paths) the order and the roles go by whole groups, as in the
+    main split: a person's or a video's faces never sit on both sides."""
+    pool = np.union1d(split["train"], split["val"])
+    rng = np.random.default_rng(args.seed)
+    group = fusion.split_group(getattr(args, "split_group", "image"))
+    if group is None:  # each face its own group
+        order = rng.permutation(pool)
+        place = np.arange(len(order))
+    else:
+        ids = {}
+        g = np.array([ids.setdefault(group(keys[r]), len(ids)) for r in pool])
+        place = rng.permutation(len(ids))[g]  # each group's place in a seeded order
+        by = np.argsort(place, kind="stable")
+        order, place = pool[by], place[by]
     every = max(2, round(1 / args.val_frac)) if args.val_frac > 0 else len(pool) + 1
-    i = np.arange(len(pool))
-    is_val = (i % every == 0) & (i // every < args.val_max)
+    size = np.bincount(place)
+    val_group = np.arange(len(size)) % every == 0
+    before = np.cumsum(size * val_group) - size * val_group  # validation faces of the groups placed before
+    is_val = (val_group & (before < args.val_max))[place[:n]]
+    pool = order[:n]
     return np.sort(pool[~is_val]), np.sort(pool[is_val])
 
 
@@ -449,7 +467,7 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None)
     dim = (fusion_choices(args, cache.dim)[2] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
-        train, val = sweep_sets(split, args, n)
+        train, val = sweep_sets(split, args, n, cache.images)
         data = Standardised(cache, data.device, fusion.block_units(cache, train))
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
-from common.align import DETECT_SIZE, SMALLEST_FACE
+from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, read_manifest, write_json,
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
@@ -89,8 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="fuse.py cache whose teachers, statistics and G the feature methods use")
     p.add_argument("--embedding", default=None, help="which h_G of the cache (default: the one fuse.py wrote last)")
-    p.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
-                   help="mtcnn: detect and align faces; none: the images already are face crops")
+    p.add_argument("--align", default=None, choices=["mtcnn", "none"],
+                   help="mtcnn: detect and align faces; none: each whole image is the crop (face crops, objects). "
+                        "Default: each task's own: none for Object-TinyImageNet and the embedded demo, else mtcnn")
     p.add_argument("--min-face-prob", type=float, default=None,
                    help="detector confidence below which no face counts. Default: as --detect-size, the student's "
                         "setting (else 0.9)")
@@ -186,7 +187,9 @@ def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
             (root / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray((img * 255).round().astype(np.uint8)).save(root / cls / f"{i:03d}.png")
         (root / ".complete").write_text("complete\n")
-    return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True), root
+    # 25x25 crops are already faces, too small for a detector
+    return tasks.folder_task(DEMO_TASK, root=root, knowledge="Face vs non-face", per_class_split=True,
+                             align="none"), root
 
 
 def other_versions(cache_dir: Path, plan: dict, path: Path) -> list[str]:
@@ -197,13 +200,19 @@ def other_versions(cache_dir: Path, plan: dict, path: Path) -> list[str]:
     return [str(other) for other, old in task_caches(cache_dir)
             if other != path and names(old) == names(plan)
             and all(as_planned(old).get(k) == plan[k] for k in ("data_root", "align", "min_face_prob", "detect_size",
-                                                                 "smallest_face"))]
+                                                                 "smallest_face", "crop_size"))]
 
 
-def detection_settings(args, student_cfg):
+def align_of(task, args) -> str:
+    return args.align or task.align
+
+
+def detection_settings(args, student_cfg, aligns):
     """Fills --detect-size, --smallest-face and --min-face-prob left unset with those the student's faces were found
     with (its teacher cache's, which distill.py records), else --cache's, else the detector's defaults: a task's
-    faces found otherwise would be cropped from other boxes and landmarks than the student learnt from."""
+    faces found otherwise would be cropped from other boxes and landmarks than the student learnt from.
+    aligns: the alignments of the run's tasks."""
+    detect = "mtcnn" in aligns
     known = dict(student_cfg or {})
     if not known.get("detect_size"):
         try:
@@ -213,8 +222,8 @@ def detection_settings(args, student_cfg):
     for flag in ("detect_size", "smallest_face", "min_face_prob"):
         default = getattr(Options, flag)  # the engine's defaults, also fuse.py's
         if getattr(args, flag) is None:
-            setattr(args, flag, (known.get(flag) or default) if args.align == "mtcnn" else default)
-    if why := detection_problem(args.align, args.detect_size, args.smallest_face):
+            setattr(args, flag, (known.get(flag) or default) if detect else default)
+    if why := detection_problem("mtcnn" if detect else "none", args.detect_size, args.smallest_face):
         raise SystemExit(f"error: {why}")
 
 
@@ -241,8 +250,9 @@ def faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
     return None
 
 
-def task_cache(data, teachers, args, device, log) -> FeatureCache:
-    """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse.
+def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) -> FeatureCache:
+    """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse; the crop
+    store at crop_size pixels (CANON: the canonical crop the teachers take at extraction, for fine-tuning one).
 
     Keyed by the images, not by the task: AgeR-, AgeC-, Gender- and Ethnic-UTK read the same files and share
     one cache per teacher set, whether the task was given DIR or DIR/UTKFace. The files' names, sizes and
@@ -253,13 +263,18 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
     rel = [os.path.relpath(p, root) for p in paths]
     where = root.resolve()
     boxes = [s.box for s in data.samples]  # AffectNet's face boxes: each image's face is searched around its own
-    plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=args.align,
-                     min_face_prob=args.min_face_prob, detect_size=args.detect_size,
-                     smallest_face=args.smallest_face, boxes=boxes)
-    setting = f"{args.align}-p{args.min_face_prob:g}" if args.align == "mtcnn" else args.align  # for the name
-    if args.align == "mtcnn":  # the defaults add nothing, so that caches made before these flags stay found
-        setting += f"-d{args.detect_size}" * (args.detect_size != DETECT_SIZE)
-        setting += f"-s{args.smallest_face}" * (args.smallest_face != SMALLEST_FACE)
+    # whole images (--align none) take no detector setting: one cache whatever the run's other tasks set
+    detect = Options(align=align, min_face_prob=args.min_face_prob, batch=args.batch_features, workers=args.workers,
+                     detect_size=args.detect_size, smallest_face=args.smallest_face) if align == "mtcnn" else \
+        Options(align=align, batch=args.batch_features, workers=args.workers)
+    plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=align,
+                     min_face_prob=detect.min_face_prob, crop_size=crop_size, detect_size=detect.detect_size,
+                     smallest_face=detect.smallest_face, boxes=boxes)
+    setting = f"{align}-p{detect.min_face_prob:g}" if align == "mtcnn" else align  # for the name
+    if align == "mtcnn":  # the defaults add nothing, so that caches made before these flags stay found
+        setting += f"-d{detect.detect_size}" * (detect.detect_size != DETECT_SIZE)
+        setting += f"-s{detect.smallest_face}" * (detect.smallest_face != SMALLEST_FACE)
+    setting += f"-c{crop_size}" * (crop_size != CROP_SIZE)
     teacher_names = [t.name for t in teachers]
     key = hashlib.sha1("\0".join([plan["list_hash"], *teacher_names, setting]).encode("utf-8", "surrogateescape"))
     key.update(os.fsencode(where))
@@ -281,9 +296,7 @@ def task_cache(data, teachers, args, device, log) -> FeatureCache:
                          f"rebuild it, or pass another --task-cache") from None
     redo = cache.remove_damaged(log) + (cache.remove_unread(log) if args.retry_unreadable else 0)
     if redo or not cache.manifest.get("complete"):
-        opts = Options(align=args.align, min_face_prob=args.min_face_prob, batch=args.batch_features,
-                       workers=args.workers, detect_size=args.detect_size, smallest_face=args.smallest_face)
-        extract(cache, teachers, device, opts, log=log, faces_from=faces_donor(cache, args.cache_dir))
+        extract(cache, teachers, device, detect, log=log, faces_from=faces_donor(cache, args.cache_dir))
         cache.finalize()
         cache = FeatureCache(path)
     return cache
@@ -443,17 +456,32 @@ def decode_labels(task, y: np.ndarray, lo_hi):
     return y * (lo_hi[1] - lo_hi[0]) + lo_hi[0] if task.kind == "regression" else y
 
 
+def fine_tunes_teacher(method, args) -> bool:
+    """P-CNN, and ETL pruning a teacher: a teacher network trained on the task's images."""
+    return method == "pcnn" or (method == "etl" and args.etl_base != "student")
+
+
+def teacher_crops(data, cache, args, device, log, align) -> FeatureCache:
+    """The task's faces at the canonical crop's full size, from which each teacher cut its input at extraction:
+    a teacher fine-tuned (P-CNN) sees its input as BT and BCT read its features, where the 128-pixel store would
+    hand it an enlarged copy (facex's 200-pixel input from 84 pixels). Its faces are the main cache's (reused,
+    not detected again); 4 times the store's disk (192 kB a face)."""
+    wide = task_cache(data, [], args, device, log, align, crop_size=CANON)
+    if not np.array_equal(wide.found, cache.found):  # reused detections find the same faces: never expected
+        raise SystemExit(f"error: the task caches {cache.path} and {wide.path} found different faces; delete "
+                         f"{wide.path} to have it made again from the first")
+    return wide
+
+
 def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, student_cfg, method, log, teacher=None,
                   ratio=None, soft=None):
     """finetune / scratch / pcnn / etl / kd: a backbone + head trained end to end on the task's images for one split.
     kd is finetune with `soft` (kd.SoftTargets), the teacher's answers, as a second target."""
     torch.manual_seed(args.seed)
-    if method == "etl" and args.etl_base != "student":
-        teacher, method_net = args.etl_base, "pcnn"
-    else:
-        method_net = method
+    method_net = "pcnn" if fine_tunes_teacher(method, args) else method
+    teacher = args.etl_base if method == "etl" and method_net == "pcnn" else teacher
     if method_net == "pcnn":
-        # Teachers take the whole canonical crop (here the crop store's) and cut their own box from it.
+        # Teachers take the whole canonical crop (teacher_crops) and cut their own box from it.
         # @torch: a teacher ported from ONNX / TFLite is fine-tuned as its PyTorch module, on the CPU too
         backbone, size = TeacherBackbone(build_teachers([f"{teacher}@torch"], device)[0]), cache.crop_size
     elif method == "scratch":
@@ -595,7 +623,8 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
                          f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
                          f"the same teacher packages, or make a cache with these by fuse.py")
-    cache = task_cache(data, teachers, args, device, log)
+    align = align_of(task, args)
+    cache, wide = task_cache(data, teachers, args, device, log, align), None
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -635,7 +664,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(data, build_teachers([kd.kd_teacher(task, args)], device), args, device,
-                                  log) if method == "kd" else None)
+                                  log, align) if method == "kd" else None)
             results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
@@ -644,15 +673,17 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             shutil.rmtree(Path(args.run_dir) / "etl" / task.name, ignore_errors=True)  # keeps a folder's first)
         if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
             name = kd.kd_teacher(task, args)
-            teacher = task_cache(data, build_teachers([name], device), args, device, log)
+            teacher = task_cache(data, build_teachers([name], device), args, device, log, align)
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
             features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
-            results[method] = supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args,
-                                         device, student_cfg, log, g_widths)
+            if fine_tunes_teacher(method, args):
+                wide = wide or teacher_crops(data, cache, args, device, log, align)
+            results[method] = supervised(task, data, method, features, wide if fine_tunes_teacher(method, args) else
+                                         cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log, g_widths)
         results[method]["selection"] = selection
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
@@ -850,6 +881,7 @@ def verification(task, data, features, found, log, max_folds: int | None = None)
     accs = np.array([per_fold[n][0][k] for k, n in enumerate(names)])
     in_test = np.isin(folds, tested)
     best = {"metric": "verification_accuracy", "value": float(accs.mean()), "std": float(accs.std()),
+            "se": metrics.standard_error(accs),
             "chosen": names[0] if len(set(names)) == 1 else ",".join(map(str, names)),
             "val": float(np.mean([per_fold[n][1][k] for k, n in enumerate(names)])), "n_test": int(in_test.sum()),
             "missed_test": int((~(found[a] & found[b]))[in_test].sum())}
@@ -869,7 +901,8 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
     chosen = [f"- {r['task']} {m}: chose {r['results'][m]['chosen']}"
               + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
-                 if r["results"][m].get("search") else "") + ", on validation"
+                 if r["results"][m].get("search") else "")
+              + (", on the threshold folds" if r["metric"] == "verification_accuracy" else ", on validation")
               + (" (each split on its own)" if r["results"][m].get("chosen_per_split") else "")
               for r in all_results for m in methods if r["results"][m].get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
@@ -879,7 +912,11 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
             for r in all_results if r.get("skipped_by_reader") or r.get("reader_counts")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
                         f"epochs and candidates chosen on {r['validation']}" for r in all_results] + read + chosen + extra)
-    text = f"{md}\n\n{notes}\n"
+    # The paper's tables give percent: 0.9790 here is its 97.90
+    units = ("- every value is a test score (faces or pairs no choice looked at); units: accuracy, error_rate and verification_accuracy are fractions (x 100 = the paper's %); "
+             "mae is in the label's units (years, PSPI); nme is a fraction of the normalising distance; "
+             "verification's standard error over folds (LFW's S_E) is `se` in report.json")
+    text = f"{md}\n\n{notes}\n{units}\n"
     (run / "report.md").write_text(text)
     write_json(run / "report.json", all_results)
     log.info("\n" + text)
@@ -889,9 +926,10 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
 def joint(read, unlabelled, all_results, methods, args, device, log) -> list[str]:
     """The multitask method: one model over every task (2MD-MTL); its entries join each task's results.
     unlabelled: the --pseudo-label images (TaskData), for data distillation, or None."""
-    jobs = [(task, data, task_cache(data, [], args, device, log)) for task, data, _ in read]
+    crop = CROP_SIZE if args.backbone in ("student", "scratch") else CANON  # a teacher's own input: teacher_crops
+    jobs = [(task, data, task_cache(data, [], args, device, log, align_of(task, args), crop)) for task, data, _ in read]
     if unlabelled is not None:
-        unlabelled = (unlabelled, task_cache(unlabelled, [], args, device, log))
+        unlabelled = (unlabelled, task_cache(unlabelled, [], args, device, log, args.align or "mtcnn", crop))
         args.pseudo_epochs = args.pseudo_epochs or args.epochs
     results = multitask.run_joint(jobs, args, device, log, unlabelled)
     for r in all_results:
@@ -1012,9 +1050,7 @@ def main(argv=None):
             raise SystemExit(f"--task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
         jobs.append((task_named(args.task), args.data))
     else:
-        task, root = demo_task()
-        args.align = "none"  # 25x25 crops are already faces: too small for a detector
-        jobs.append((task, root))
+        jobs.append(demo_task())
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
     # (a method that came with `all` and that a task cannot take is shown n/a instead)
@@ -1047,7 +1083,7 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
-    detection_settings(args, student_cfg)
+    detection_settings(args, student_cfg, {align_of(task, args) for task, _ in jobs})
     done = resumed_results(args) if args.resume else {}
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there

@@ -564,8 +564,8 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     hold_out(targets, held, log)
     names = ", ".join(f"{t.name} ({int(t.mask.sum())} labels)" for t in targets)
     log.info(f"multitask: {len(rows)} images, {len(targets)} tasks: {names}")
+    torch.manual_seed(args.seed)  # before the backbone: scratch's weights are drawn there
     backbone, width, size = build_backbone(args.backbone, args.student, device)
-    torch.manual_seed(args.seed)
     model = JointModel(backbone, width, targets, args.hidden).to(device)
     groups = lambda: lr_groups(model, args, args.backbone == "scratch")  # noqa: E731
     validate = validator(targets, rows, size, args, device)

@@ -387,12 +387,13 @@ def choose(entries: dict, higher_is_better: bool, keep: float) -> tuple[float, s
 # ------------------------------------------------------------------------------------------ report
 def report_table(rows: list[dict], metric: str, higher_is_better: bool,
                  base_name: str = "student") -> tuple[list, list]:
-    """Headers and rows of the size / speed / accuracy table; `rows` hold ratio, measures and value. Ratio 0 is
-    the base fine-tuned whole: finetune for the student, P-CNN's for a teacher base."""
+    """Headers and rows of the size / speed / accuracy table; `rows` hold ratio, measures, value (test) and val
+    (the validation score the choice read, None: not measured). Ratio 0 is the base fine-tuned whole: finetune
+    for the student, P-CNN's for a teacher base."""
     zero = "finetune (0)" if base_name == "student" else f"pcnn {base_name} (0)"
     base = next((r for r in rows if r["ratio"] == 0.0), None)
     headers = ["ratio", "params", "params kept", "MFLOPs", "file MB", "CPU ms b1", "CPU ms b64", "GPU ms b1",
-               "GPU ms b64", metric, "metric kept"]
+               "GPU ms b64", f"{metric} (val)", f"{metric} (test)", "test kept"]
     table = []
     for r in sorted(rows, key=lambda r: r["ratio"]):
         kept = None
@@ -406,7 +407,7 @@ def report_table(rows: list[dict], metric: str, higher_is_better: bool,
                       f"{r['params']:,}", fmt(r["params"] / base["params"] if base else None, "{:.1%}"),
                       fmt(r["mflops"], "{:.2f}"), fmt(r["file_mb"], "{:.3f}"), fmt(r["cpu_ms_b1"], "{:.2f}"),
                       fmt(r["cpu_ms_b64"]), fmt(r["gpu_ms_b1"], "{:.2f}"), fmt(r["gpu_ms_b64"], "{:.2f}"),
-                      f"{r['value']:.4f}", "n/a" if kept is None else f"{kept:.1%}"])
+                      fmt(r.get("val"), "{:.4f}"), f"{r['value']:.4f}", "n/a" if kept is None else f"{kept:.1%}"])
     return headers, table
 
 

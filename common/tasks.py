@@ -71,6 +71,9 @@ class Task:
     layout: str
     loader: Callable[[Path, dict], TaskData] = field(hash=False)
     params: dict = field(default_factory=dict, hash=False)  # a dict cannot be hashed; tasks still can
+    # How its images become crops unless --align says otherwise: "mtcnn" (detect and align a face) or "none"
+    # (the whole image: objects, or crops too small for the detector)
+    align: str = "mtcnn"
 
     def __post_init__(self):
         # Whoever calls task.loader directly still gets the expected layout in a missing-file error.
@@ -381,12 +384,18 @@ def _lfw(root: Path, p: dict) -> TaskData:
     rank = {name: i for i, name in enumerate(order)}
     for s in samples:
         s.label = rank[s.group]
-    splits = []
+    splits, shared = [], 0
     for f in range(n_folds):
         test = np.unique([i for q in pairs if q.fold == f for i in (q.a, q.b)])
-        train = np.setdiff1d([i for q in pairs if q.fold != f for i in (q.a, q.b)], test)
-        splits.append(Split(f"fold {f + 1}", train.astype(np.int64), test.astype(np.int64)))
-    return TaskData(samples, splits, pairs=pairs, label_names=order)
+        other = np.setdiff1d([i for q in pairs if q.fold != f for i in (q.a, q.b)], test)
+        # View 2's folds hold disjoint people; a pairs file that does not would have the identity training
+        # (finetune, scratch, kd) learn a person its tested fold compares: that person's images are left out
+        tested = {samples[i].group for i in test}
+        train = np.array([i for i in other if samples[i].group not in tested], np.int64)
+        shared += len(other) - len(train)
+        splits.append(Split(f"fold {f + 1}", train, test.astype(np.int64)))
+    counts = {"training_images_of_a_tested_person_left_out": shared} if shared else {}
+    return TaskData(samples, splits, pairs=pairs, label_names=order, counts=counts)
 
 
 RAF_NAMES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -895,7 +904,8 @@ _REGISTRY = [
          "leave-one-subject-out (one split per subject), frame-level PSPI MAE pooled over all frames",
          "Images/<subject>/<sequence>/<frame>.png + Frame_Labels/PSPI/<subject>/<sequence>/<frame>_facs.txt", _unbc),
     Task("Object-TinyImageNet", "Object Classification", "classification", 200, None, "accuracy",
-         "train on train/, report val/ accuracy (the paper's stand-in for Object-ImageNet)", TINY_LAYOUT, _tiny_imagenet),
+         "train on train/, report val/ accuracy (the paper's stand-in for Object-ImageNet); whole images, no face "
+         "detection", TINY_LAYOUT, _tiny_imagenet, align="none"),
     Task("Align-CelebA", "Face Alignment", "landmarks", 10, None, "nme",
          "official partition (list_eval_partition.txt); NME over the 5 points, normalised by the distance between "
          "the eye centres; a missed face predicts the mean training shape",

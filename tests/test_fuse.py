@@ -345,6 +345,28 @@ def test_sweep_corpora_are_nested_with_their_own_validation_share():
     assert set(sets[1000][1]) <= set(sets[3000][1])  # a face keeps its role as the corpus grows
 
 
+def test_sweep_corpora_keep_split_groups_whole():
+    """With --split-group, an --n-sweep corpus's validation faces are whole groups (a person's or a video's
+    faces never on both sides), as in the main split; the corpora stay nested."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    keys = [f"p{g:03d}/{i}.jpg" for g in range(400) for i in range(5)]  # 400 people x 5 photos
+    split = {"train": np.arange(0, 1500), "val": np.arange(1500, 1750), "test": np.arange(1750, 2000)}
+    args = SimpleNamespace(seed=0, val_frac=0.1, val_max=150, split_group="folder")
+    sets = {n: fuse.sweep_sets(split, args, n, keys) for n in (500, 1000, 1750)}
+    person = lambda rows: {keys[r].split("/")[0] for r in rows}
+    for n, (train, val) in sets.items():
+        assert len(train) + len(val) == n and not person(train) & person(val)
+        assert 0.05 * n <= len(val) <= min(0.15 * n, 150 + 4)  # its share, in whole groups, capped
+    assert set(np.r_[sets[500]]) <= set(np.r_[sets[1000]]) <= set(np.r_[sets[1750]])
+    # without groups, faces of a person fall on both sides
+    assert person(fuse.sweep_sets(split, SimpleNamespace(seed=0, val_frac=0.1, val_max=150), 1000)[0]) & \
+        person(fuse.sweep_sets(split, SimpleNamespace(seed=0, val_frac=0.1, val_max=150), 1000)[1])
+
+
 def test_overwrite_deletes_a_cache_and_nothing_else(tmp_path, face_dir):
     """--overwrite on a folder that is not a cache (a typo in --cache), or on the images themselves, stops
     with every file in place."""

@@ -254,6 +254,9 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
               "--max-splits", "1", "--kd-weight", "2")
     res = r["Identity-LFW"]["results"]["kd"]
     assert 0 <= res["value"] <= 1 and 0 <= res["teacher"] <= 1 and len(res["per_split"]) == 1
+    # the report says these LFW figures are not the paper's protocol (identity pre-training on VGGFace2)
+    assert "not the paper's 100,000 VGGFace2 faces" in res["note"]
+    assert "not the paper's 100,000 VGGFace2" in (tmp_path / "b" / "run" / "report.md").read_text()
     with pytest.raises(SystemExit, match="its 8 classes are more than the 7 that the kd teacher knows"):
         _main(tmp_path / "c", tiny_student, "--task", "Expr-AffectNet", "--data",
               str(make_fixture("Expr-AffectNet", tmp_path / "r")), "--method", "kd")
@@ -541,3 +544,16 @@ def test_held_out_images_leave_the_loss_unit_and_the_heads_start():
     cls = targets[0]
     multitask.hold_out(targets, np.array([0]))
     assert cls.scale == pytest.approx(float(-(3 * (1 / 3) * np.log(1 / 3))))  # labels 1, 2, 0 of rows 1-3 left
+
+
+def test_scratch_weights_follow_the_seed_not_what_ran_before(tiny_student):
+    """kd's (and multitask's) scratch network is drawn after --seed is set: its start does not depend on the
+    methods run before it in the process, nor on which ones a --resume skipped."""
+    from common import kd
+
+    args = SimpleNamespace(student=tiny_student, seed=3, hidden=8, lr=1e-3)
+    target = [multitask.Target("y", "classification", 2, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool))]
+    first = kd._model(target, "scratch", args, "cpu")[0].state_dict()
+    torch.rand(1000)  # another method's draws
+    again = kd._model(target, "scratch", args, "cpu")[0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -329,5 +329,10 @@ def test_etl_flags_and_a_pruned_students_scratch_twin(etl_run, tmp_path):
     # ratio 0 is the base fine-tuned whole: the student's finetune, or a teacher's P-CNN
     rows = [{"ratio": 0.0, "params": 10, "value": 0.8, **dict.fromkeys(("mflops", "file_mb", "cpu_ms_b1", "cpu_ms_b64",
                                                                         "gpu_ms_b1", "gpu_ms_b64"))}]
-    assert prune.report_table(rows, "accuracy", True)[1][0][0] == "finetune (0)"
+    headers, table = prune.report_table(rows, "accuracy", True)
+    assert table[0][0] == "finetune (0)"
+    # the choice reads validation, the value is a test score: both columns, the unmeasured one said so
+    assert headers[-3:] == ["accuracy (val)", "accuracy (test)", "test kept"]
+    assert table[0][-3:] == ["not measured", "0.8000", "100.0%"]
+    assert prune.report_table([{**rows[0], "val": 0.75}], "accuracy", True)[1][0][-3] == "0.7500"
     assert prune.report_table(rows, "accuracy", True, "mobilenet_v2")[1][0][0] == "pcnn mobilenet_v2 (0)"

@@ -168,6 +168,20 @@ def test_lfw_pairs_and_folds(built):
     assert len(data.label_names) == 20
 
 
+def test_lfw_identity_training_never_holds_a_tested_person(built, tmp_path):
+    """A pairs file whose folds share a person (View 2's do not): each fold's identity training leaves that
+    person's images out, and the reader's counts say how many."""
+    assert load("Identity-LFW", built("Identity-LFW")).counts == {}
+    root = fx.make_fixture("Identity-LFW", tmp_path)
+    pairs = root / "pairs.txt"
+    pairs.write_text(pairs.read_text().replace("Person_02\t1\t2\n", "Person_00\t3\t4\n", 1))  # fold 2 <- fold 1's
+    data = load("Identity-LFW", root)
+    for s in data.splits:
+        assert not {data.samples[i].group for i in s.train} & {data.samples[i].group for i in s.test}
+    # Person_00's 4 images: 3 and 4 left out of fold 1's training, 1 and 2 of fold 2's
+    assert data.counts == {"training_images_of_a_tested_person_left_out": 4}
+
+
 def test_raf_aligned_names_and_labels(built):
     data = load("Expr-RAF", built("Expr-RAF"))
     assert data.samples[0].path.endswith("basic/Image/aligned/train_00001_aligned.jpg")
@@ -601,6 +615,9 @@ def test_verification_10fold_by_hand():
         folds += [f] * 4
     mean, std = metrics.verification_folds(scores, same, folds)[:2]
     assert mean == pytest.approx(0.95) and std == pytest.approx(0.1)
+    # LFW's S_E: sqrt((2 * 0.2^2 + 8 * 0.05^2) / 9) / sqrt(10) = 1/30
+    accs = metrics.verification_per_fold(scores, same, folds)[0]
+    assert metrics.standard_error(accs) == pytest.approx(1 / 30) and metrics.standard_error(accs[:1]) is None
     # On all 40 pairs: t=0.2 errs once (the 0.95 pair), t=0.6 twice.
     assert metrics.best_threshold(scores, same) == pytest.approx(0.2)
 

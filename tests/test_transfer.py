@@ -78,11 +78,12 @@ def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
 
 
 def test_training_reads_the_crop_store_not_the_images(tmp_path, fused, student_ckpt, monkeypatch):
-    """Once the task's cache exists, fine-tuning (student and P-CNN) and the frozen embedding decode no image."""
+    """Once the task's caches exist, fine-tuning (student and P-CNN) and the frozen embedding decode no image."""
     import common.extract
 
     data = make_fixture("Gender-UTK", tmp_path / "data")
-    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen,fused")  # builds the task cache
+    # builds the task caches (P-CNN's at the canonical crop size too)
+    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen,fused,pcnn")
 
     def no_decoding(*a, **k):
         raise AssertionError("an image was decoded again")
@@ -318,6 +319,46 @@ def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fuse
     assert any(re.search(r"-mtcnn-p0\.9-[0-9a-f]{12}$", p.name) for p in (tmp_path / "cache").iterdir())
     with pytest.raises(SystemExit, match="--smallest-face 400 must be between"):
         run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
+
+
+def test_each_task_aligns_its_own_way_unless_align_says(tmp_path, fused, student_ckpt):
+    """TinyImageNet's 64-pixel object photos are whole images (a detector found nothing there and the missed-face
+    rule scored ~0); the face tasks of the same run are detected and aligned; --align overrides both."""
+    tiny, utk = make_fixture("Object-TinyImageNet", tmp_path / "t"), make_fixture("Gender-UTK", tmp_path / "u")
+    aligns = lambda: sorted(json.loads(p.read_text())["align"] for p in (tmp_path / "cache").glob("*/manifest.json"))
+    transfer.main(["--tasks", f"Object-TinyImageNet={tiny},Gender-UTK={utk}", "--method", "frozen", "--student",
+                   str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"),
+                   "--run-dir", str(tmp_path / "run"), "--max-splits", "1", "--head-epochs", "2"])
+    assert aligns() == ["mtcnn", "none"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "whole images, no face detection" in md and "fractions (x 100 = the paper's %)" in md
+    run(tmp_path, "Object-TinyImageNet", tiny, fused, student_ckpt, "--method", "frozen", "--align", "mtcnn")
+    assert aligns() == ["mtcnn", "mtcnn", "none"]
+
+
+def test_pcnn_fine_tunes_a_teacher_on_the_crop_it_was_extracted_from(tmp_path, fused, student_ckpt):
+    """P-CNN trains a teacher on the canonical crop it cut its input from at extraction (BT's features), from a
+    second task cache of the same faces at that size; the 128-pixel store, enlarged, gave it other features."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.align import CANON, store_crops
+    from common.cache import FeatureCache
+    from common.teachers import build_teachers
+
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "bt,pcnn")
+    assert np.isfinite(r["results"]["pcnn"]["value"])
+    caches = {m["crop_size"]: FeatureCache(p) for p, m in transfer.task_caches(tmp_path / "cache")}
+    assert sorted(caches) == [128, CANON]
+    store, wide = caches[128], caches[CANON]
+    assert np.array_equal(store.found, wide.found) and not wide.teachers  # its faces, none of its features
+    rows = np.flatnonzero(store.found)[:8]
+    cached = torch.from_numpy(np.asarray(store.features.take(rows), np.float32)[:, store.slices()["age"]])
+    age = build_teachers(["age@torch"])[0]
+    crops = lambda c: torch.from_numpy(np.ascontiguousarray(c.crops.take(rows))).permute(0, 3, 1, 2)
+    assert F.cosine_similarity(age(crops(wide)), cached).min() > 0.999
+    assert F.cosine_similarity(age(store_crops(crops(store), CANON)), cached).min() < 0.999
 
 
 def test_a_long_or_odd_folder_name_gets_a_task_cache(tmp_path, fused, student_ckpt, capsys):
