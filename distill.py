@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +44,8 @@ from common.cache import FeatureCache, as_planned, atomic_write, write_json, wri
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
-from common.runs import HelpFormatter, dist_info, get_logger, init_dist, make_run_dir, pick_device, run_main
+from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
+                         init_dist, make_run_dir, pick_device, run_main)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -75,13 +77,13 @@ def parse_args(argv=None):
     g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the one fuse.py wrote last)")
     g.add_argument("--run-dir", "--out", dest="out", metavar="DIR", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
                    "transfer.py looks, else runs/distill-TIME); --resume needs it")
-    g.add_argument("--size", type=int, default=112,
+    g.add_argument("--size", type=POSITIVE_INT, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
                         "(the paper used 300x300 crops; --size 224 or 300 comes closer to it, from a cache "
                         "extracted with fuse.py --crop-size at least as large: a store of 128-pixel crops, fuse.py's "
                         "own size, would only be enlarged)")
-    g.add_argument("--workers", type=int, default=2,
+    g.add_argument("--workers", type=COUNT, default=2,
                    help="DataLoader worker processes gathering crops from the cache's crop store (augmentation "
                         "runs per batch on the device)")
     g = p.add_argument_group("student")
@@ -94,15 +96,15 @@ def parse_args(argv=None):
                    help="cosine: eq. (4), 1 - cos(h_G, student); cosine+smoothl1: plus smooth-L1 on standardised "
                         "h_G (as in UNIC/Theia); mt: one-step E_MT = fresh decoder shaped like G's o student, fitting "
                         "every standardised h_i (MSE + mean per-teacher cosine; sec. 3.4)")
-    g.add_argument("--smoothl1-weight", type=float, default=1.0, help="weight of the smooth-L1 term of cosine+smoothl1")
+    g.add_argument("--smoothl1-weight", type=NONNEGATIVE, default=1.0, help="weight of the smooth-L1 term of cosine+smoothl1")
     g.add_argument("--epochs", type=int, default=40,
                    help="passes over the training faces (40: 1.5 min on the demo cache with 2 idle CPU cores)")
     g.add_argument("--steps", type=int, default=0, help="total optimizer steps (overrides --epochs when > 0)")
-    g.add_argument("--batch", type=int, default=32, help="faces per step and per process")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    g.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the augmentations")
+    g.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per step and per process")
+    g.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
+    g.add_argument("--warmup", type=PROBABILITY, default=0.05, help="fraction of the steps spent warming up the lr")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05, help="AdamW weight decay")
+    g.add_argument("--seed", type=COUNT, default=0, help="seed of the init, the data order and the augmentations")
     g.add_argument("--log-every", type=int, default=50,
                    help="steps between loss checks and progress updates (the only host syncs of the loop)")
     g = p.add_argument_group("hardware")
@@ -122,13 +124,13 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --run-dir that already holds a run, deleting its checkpoints, metrics and "
                         "results (without it, and without --resume, such a folder is refused)")
-    g.add_argument("--stop-at", type=int, default=0,
+    g.add_argument("--stop-at", type=COUNT, default=0,
                    help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
-    g.add_argument("--inject-nan-at", type=int, default=0, help="testing: make the loss of this step NaN")
+    g.add_argument("--inject-nan-at", type=COUNT, default=0, help="testing: make the loss of this step NaN")
     g = p.add_argument_group("evaluation and export")
     g.add_argument("--no-eval", action="store_true", help="skip the held-out cosine and Table 5 check")
     g.add_argument("--recon-epochs", type=int, default=40, help="epochs of the Table 5 check decoder (as fuse.py's G)")
-    g.add_argument("--recon-max-train", type=int, default=50000,
+    g.add_argument("--recon-max-train", type=POSITIVE_INT, default=50000,
                    help="at most this many training faces (a seeded subset) embedded to fit the check decoder; "
                         "their h_i are held in memory (50000 x 5488 floats = 1.1 GB for the paper's teachers)")
     g.add_argument("--export", default="", type=export_formats,
@@ -632,7 +634,7 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
-    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=min_prob or cfg.get("min_face_prob") or 0.9,
+    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=(cfg.get("min_face_prob") or 0.9) if min_prob is None else min_prob,
                    batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
                    smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)
     bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
@@ -659,7 +661,7 @@ def embed_main(argv):
                         "a usable face, and why)")
     p.add_argument("--batch", type=int, default=64, help="faces per student batch")
     p.add_argument("--device", default="auto", help="device of the student (auto, cpu, cuda ...)")
-    p.add_argument("--min-face-prob", type=float, default=None,
+    p.add_argument("--min-face-prob", type=PROBABILITY, default=None,
                    help="detector confidence below which no face counts (default: that of the cache the student "
                         "learnt from, whose detection settings embed uses; 0.9 for students saved before they "
                         "were kept)")
@@ -673,8 +675,9 @@ def embed_main(argv):
         raise SystemExit(f"error: --out {a.out} is a folder; name a file, such as {a.out / 'embeddings.npy'}")
     try:
         a.out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=a.out.parent).close()  # a folder there but not writable fails now too
     except OSError as e:
-        raise SystemExit(f"error: cannot make the folder of --out {a.out} ({e.strerror})")
+        raise SystemExit(f"error: cannot write into the folder of --out {a.out} ({e.strerror})")
     rel = list_images(a.images)
     if not rel:
         raise SystemExit(f"error: no images under {a.images}")

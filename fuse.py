@@ -17,6 +17,7 @@ writes and the others read), --run-dir (logs, tables, checkpoints), --student (d
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -29,15 +30,25 @@ from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, list_changes, make_plan, read_manifest, write_json,
-                          write_missed)
+from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, list_changes, make_plan, read_manifest,
+                          write_json, write_missed)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
-from common.runs import (HelpFormatter, dist_info, get_logger, init_dist, kept_warnings, make_run_dir, pick_device,
-                         run_main)
+from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter,
+                         dist_info, get_logger, init_dist, kept_warnings, make_run_dir, pick_device, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
+
+
+# The extraction's settings: a flag left out takes the one the existing --cache was made with (a rerun, or G
+# fitted anew, needs none of them again), else this default.
+EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": 0.9, "detect_size": DETECT_SIZE,
+              "smallest_face": SMALLEST_FACE, "crop_size": CROP_SIZE}
+
+
+def made_with(flag: str) -> str:
+    return f" (default: the existing --cache's, else {EXTRACTION[flag]})"
 
 
 def parse_args(argv=None):
@@ -65,8 +76,9 @@ def parse_args(argv=None):
                         "sha256 recorded when they were written (a bit flip, an edit that kept the size, which the "
                         "start-up checks of sizes and headers cannot see); needs the images; 203 GB of reads at "
                         "4.12 M faces")
-    g.add_argument("--shard-size", type=int, default=4096, help="faces per cache shard (resume granularity)")
-    g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of h_i")
+    g.add_argument("--shard-size", type=POSITIVE_INT,
+                   help="faces per cache shard (resume granularity)" + made_with("shard_size"))
+    g.add_argument("--dtype", choices=["float16", "float32"], help="storage type of h_i" + made_with("dtype"))
     g = p.add_argument_group("teachers and faces")
     g.add_argument("--teachers",
                    help="comma list of built-in teachers (default: those of an existing --cache, so that G is "
@@ -80,27 +92,28 @@ def parse_args(argv=None):
                         "spec strings, or objects {\"spec\": ..., and any of name, role, box, mean, std, color, "
                         "layout, reduce, input_size, dim}; relative paths are from the file's folder")
     g.add_argument("--list-teachers", action="store_true", help="print the teacher registry and exit")
-    g.add_argument("--align", default="mtcnn", choices=["mtcnn", "none"],
-                   help="mtcnn: detect and align each face; none: images already are face crops")
-    g.add_argument("--min-face-prob", type=float, default=0.9, help="detector confidence below which no face counts")
-    g.add_argument("--batch", type=int, default=32, help="images per batch (detection, alignment, teachers)")
-    g.add_argument("--workers", type=int, default=0,
+    g.add_argument("--align", choices=["mtcnn", "none"],
+                   help="mtcnn: detect and align each face; none: images already are face crops" + made_with("align"))
+    g.add_argument("--min-face-prob", type=PROBABILITY,
+                   help="detector confidence below which no face counts" + made_with("min_face_prob"))
+    g.add_argument("--batch", type=POSITIVE_INT, default=32, help="images per batch (detection, alignment, teachers)")
+    g.add_argument("--workers", type=COUNT, default=0,
                    help="loader processes reading and decoding images (detection runs batched in the main process)")
-    g.add_argument("--streams", type=int, default=0,
+    g.add_argument("--streams", type=COUNT, default=0,
                    help="batches in flight at once, each on a thread and (on a GPU) a CUDA stream of its own, so "
                         "that one batch's kernels run while another's detection dispatches its small ops or waits "
                         "on the device. 0 (default): 2 on the CPU (1.12x one on 2 cores), 1 on a GPU, where more "
                         "is not yet measured (BENCHMARKS.md)")
-    g.add_argument("--detect-size", type=int, default=DETECT_SIZE,
+    g.add_argument("--detect-size", type=int,
                    help="longer side of the downscaled copy MTCNN searches (landmarks are mapped back to full "
-                        "resolution); smaller is faster but misses small faces")
-    g.add_argument("--smallest-face", type=int, default=SMALLEST_FACE,
+                        "resolution); smaller is faster but misses small faces" + made_with("detect_size"))
+    g.add_argument("--smallest-face", type=POSITIVE_INT,
                    help="faces smaller than this many pixels of that copy are not searched for: MTCNN's pyramid "
                         "levels that look only for them, its largest and costliest, are skipped and the others kept "
                         "as they are; only the dropped levels' proposals leave the NMS, which can move the "
-                        "landmarks of faces up to about twice this size. The default skips none. 40 ran detection "
+                        "landmarks of faces up to about twice this size. 20 skips none. 40 ran detection "
                         "about 2x faster on the CPU with the same faces and landmarks on the demo media and on "
-                        "images of mixed sizes (BENCHMARKS.md)")
+                        "images of mixed sizes (BENCHMARKS.md)" + made_with("smallest_face"))
     g.add_argument("--faces-from", type=Path, metavar="CACHE",
                    help="a finished cache of the same images and detector settings (say, the one made before a "
                         "teacher was added): its faces (detections, alignment matrices) are taken and nothing is "
@@ -108,9 +121,10 @@ def parse_args(argv=None):
                         "that detecting again gives. Same images: same names, sizes and modification times (else "
                         "refused, saying what differs); an image whose bytes changed at the same size and time is "
                         "detected anew")
-    g.add_argument("--crop-size", type=int, default=CROP_SIZE,
+    g.add_argument("--crop-size", type=COUNT,
                    help="side of the aligned crops kept in the cache's crop store, which distill.py and transfer.py "
-                        f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)")
+                        f"read instead of the images ({CROP_SIZE}: 48 kB a face, 203 GB for 4.12 M faces; 0: none)"
+                        + made_with("crop_size"))
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     g = p.add_argument_group("fusion G")
     g.add_argument("--ops", default="ae,pca,vae,dae",
@@ -128,15 +142,15 @@ def parse_args(argv=None):
     g.add_argument("--balance", default="none", choices=["none", "equal", "both"],
                    help="equal: every teacher's block weighs the same in G's loss (else wide teachers dominate); "
                         "both: train and report each operator both ways (h_G written from the unweighted one)")
-    g.add_argument("--steps", type=int, default=2000, help="most optimizer steps of an autoencoder (cosine schedule)")
-    g.add_argument("--epochs", type=int, default=0, help="if > 0, steps = this many passes over the training faces")
-    g.add_argument("--eval-every", type=int, default=50, help="steps between validation checks (early stopping)")
-    g.add_argument("--patience", type=int, default=10, help="validation checks without improvement before stopping")
-    g.add_argument("--fusion-batch", type=int, default=256, help="batch size for training G")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate for G")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay of the residual networks")
-    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of faces that choose G's step (validation)")
-    g.add_argument("--test-frac", type=float, default=0.1, help="fraction of faces that Table 5 and Figure 2 report on")
+    g.add_argument("--steps", type=POSITIVE_INT, default=2000, help="most optimizer steps of an autoencoder (cosine schedule)")
+    g.add_argument("--epochs", type=COUNT, default=0, help="if > 0, steps = this many passes over the training faces")
+    g.add_argument("--eval-every", type=POSITIVE_INT, default=50, help="steps between validation checks (early stopping)")
+    g.add_argument("--patience", type=COUNT, default=10, help="validation checks without improvement before stopping")
+    g.add_argument("--fusion-batch", type=POSITIVE_INT, default=256, help="batch size for training G")
+    g.add_argument("--lr", type=POSITIVE, default=1e-3, help="AdamW peak learning rate for G")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05, help="weight decay of the residual networks")
+    g.add_argument("--val-frac", type=FRACTION, default=0.1, help="fraction of faces that choose G's step (validation)")
+    g.add_argument("--test-frac", type=FRACTION, default=0.1, help="fraction of faces that Table 5 and Figure 2 report on")
     g.add_argument("--val-max", type=int, default=20000, help="at most this many validation faces")
     g.add_argument("--test-max", type=int, default=20000, help="at most this many test faces")
     g.add_argument("--split-group", default="image",
@@ -145,11 +159,11 @@ def parse_args(argv=None):
                         "video per folder, as VGGFace2 or CASIA-WebFace lay them out), or re:PATTERN (the part of "
                         "the path the regular expression matches, its first group if any: re:^(.+)_[0-9]+[.]jpg$ keeps "
                         "the frames name_0001.jpg, name_0002.jpg ... of one video together)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split, of training and of synth:N faces")
+    g.add_argument("--seed", type=COUNT, default=0, help="seed of the split, of training and of synth:N faces")
     g.add_argument("--n-sweep", default="",
                    help="comma list of corpus sizes (e.g. 1000,3000,10000): train --ops on the first N non-test "
                         "faces and plot test error against N (n_sweep.md/.png)")
-    g.add_argument("--synth-size", type=int, default=160, help="pixel size of synth:N faces (the DCGAN draws 64)")
+    g.add_argument("--synth-size", type=POSITIVE_INT, default=160, help="pixel size of synth:N faces (the DCGAN draws 64)")
     g.add_argument("--refit", action="store_true",
                    help="train every operator again, replacing the fits kept in the cache's fits/ folder (by "
                         "default a rerun loads the fits it finished and resumes the one a kill cut off)")
@@ -331,7 +345,22 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
     for flag, value in (("--val-max", args.val_max), ("--test-max", args.test_max)):
         if value < 2:  # else the run fails after all of G's training, on an empty set
             raise SystemExit(f"error: {flag} {value}: validation and test need at least 2 faces each")
+    if args.val_frac + args.test_frac >= 1:
+        raise SystemExit(f"error: --val-frac {args.val_frac} and --test-frac {args.test_frac} leave no face to train "
+                         f"G on: their sum must be under 1")
+    n_sweep_sizes(args)
     return ops + ([write] if write not in ops else []), write, dims
+
+
+def n_sweep_sizes(args) -> list[int]:
+    """--n-sweep's corpus sizes, in increasing order (checked by fusion_choices before any extraction)."""
+    try:
+        sizes = sorted(float(n) for n in args.n_sweep.split(",") if n.strip())
+    except ValueError:
+        sizes = [0]
+    if sizes and not all(math.isfinite(n) and n >= 1 and n == int(n) for n in sizes):
+        raise SystemExit(f"error: --n-sweep {args.n_sweep!r}: write a comma list of face counts, e.g. 1000,3000,10000")
+    return [int(n) for n in sizes]
 
 
 def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
@@ -348,10 +377,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     train, val, test = split["train"], split["val"], split["test"]
-    try:
-        n_sweep = sorted(int(float(n)) for n in args.n_sweep.split(",") if n.strip())
-    except ValueError:
-        raise SystemExit(f"--n-sweep {args.n_sweep!r}: write a comma list of face counts, e.g. 1000,3000,10000")
+    n_sweep = n_sweep_sizes(args)
     if n_sweep and n_sweep[-1] > len(train) + len(val):
         raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
     for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
@@ -359,7 +385,16 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         if min(len(a), len(b)) < 2:
             raise SystemExit(f"--n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
     sizes = {k: len(v) for k, v in split.items()}
-    write_json(run / "split.json", {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac})
+    record = {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
+    if group := fusion.split_group(args.split_group):  # a pattern that ties nothing together leaks near-duplicates
+        record["split_group"], record["groups"] = args.split_group, {k: len({group(cache.images[r]) for r in v})
+                                                                     for k, v in split.items()}
+        log.info(f"G's split keeps --split-group {args.split_group} whole: {record['groups']['train']} training, "
+                 f"{record['groups']['val']} validation and {record['groups']['test']} test groups")
+        if record["groups"] == sizes:
+            log.warning(f"warning: --split-group {args.split_group} put every face in a group of its own: no two "
+                        f"faces are held together (a pattern that matches no path, or a tree without subfolders)")
+    write_json(run / "split.json", record)
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
              f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
              f"{args.ae_layout}")
@@ -499,12 +534,26 @@ def list_teachers() -> None:
     print(tabulate(rows, headers=["teacher", "role", "width", "input", "runtime", "weights from", "default"]))
 
 
+def extraction_settings(args) -> None:
+    """Fills the extraction flags left out (None) with those the existing --cache was made with, else the
+    defaults (EXTRACTION), and checks the detector's."""
+    made = {}
+    if not args.overwrite and (Path(args.out) / "manifest.json").is_file():
+        try:
+            made = as_planned(read_manifest(args.out))
+        except (OSError, CacheMismatch):
+            made = {}  # a damaged manifest: create_or_resume says what is wrong with it
+    for flag, default in EXTRACTION.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default if made.get(flag) is None else made[flag])
+    if why := detection_problem(args.align, args.detect_size, args.smallest_face):
+        raise SystemExit(f"error: {why}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
-    if why := detection_problem(args.align, args.detect_size, args.smallest_face):
-        raise SystemExit(f"error: {why}")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
@@ -535,6 +584,12 @@ def main(argv=None):
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --cache {args.out} is a file: name a folder for the cache")
+    extraction_settings(args)
+    if args.overwrite and args.run_dir and Path(args.run_dir).resolve().is_relative_to(Path(args.out).resolve()):
+        raise SystemExit(f"error: --run-dir {args.run_dir} is inside --cache {args.out}, which --overwrite deletes: "
+                         f"give the run a folder of its own")
     early, donor, kept, stamps = [], None, None, None
     if rank == 0:  # the other ranks open what rank 0 checked: N processes stat-ing 4 M files is N times the load
         if kept := complete_cache_without_images(args):

@@ -56,7 +56,8 @@ from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, re
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
-from common.runs import HelpFormatter, get_logger, make_run_dir, pick_device, resolved_args, run_main
+from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, make_run_dir,
+                         pick_device, resolved_args, run_main)
 from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
@@ -92,36 +93,36 @@ def parse_args(argv=None):
     p.add_argument("--align", default=None, choices=["mtcnn", "none"],
                    help="mtcnn: detect and align faces; none: each whole image is the crop (face crops, objects). "
                         "Default: each task's own: none for Object-TinyImageNet and the embedded demo, else mtcnn")
-    p.add_argument("--min-face-prob", type=float, default=None,
+    p.add_argument("--min-face-prob", type=PROBABILITY, default=None,
                    help="detector confidence below which no face counts. Default: as --detect-size, the student's "
                         "setting (else 0.9)")
     p.add_argument("--detect-size", type=int, default=None,
                    help="longer side of the copy MTCNN searches (see fuse.py --help). Default: the setting the "
                         "student's teacher cache was extracted with (else --cache's, else 640), so that task faces "
                         "are found as the faces the student learnt from were")
-    p.add_argument("--smallest-face", type=int, default=None,
+    p.add_argument("--smallest-face", type=POSITIVE_INT, default=None,
                    help="faces smaller than this many pixels of the detection copy are not searched for (see "
                         "fuse.py --help). Default: as --detect-size, the student's setting (else 20, every level)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
     p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
-    p.add_argument("--batch", type=int, default=32, help="faces per training step of the methods that train a "
+    p.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per training step of the methods that train a "
                    "network or a head (--batch-features: per teacher batch while caching features)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (backbone: --lr / 10)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP head")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate of the head (backbone: --lr / 10)")
+    p.add_argument("--hidden", type=POSITIVE_INT, default=512, help="hidden width of the MLP head")
     p.add_argument("--max-splits", type=int, default=0,
                    help="run only the first N splits of a leave-one-out protocol (default: 0, all, as the protocol "
                         "says)")
-    p.add_argument("--max-subsets", type=int, default=0, help="cap on teacher subsets tried by bct (default: 0, all)")
+    p.add_argument("--max-subsets", type=COUNT, default=0, help="cap on teacher subsets tried by bct (default: 0, all)")
     p.add_argument("--val-frac", type=float, default=0.1,
                    help="where a protocol has no validation split, this fraction of each split's training part "
                         "(of its persons, for leave-one-person-out) is held out to choose epochs and candidates")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=COUNT, default=0,
                    help="image loading worker processes (default: 0, loading in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES,
                    help="finetune, scratch, pcnn and etl: " + precision.HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of heads, fine-tuning and data order (default: 0)")
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of heads, fine-tuning and data order (default: 0)")
     p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")
     p.add_argument("--retry-unreadable", action="store_true",
@@ -134,7 +135,7 @@ def parse_args(argv=None):
                         "report.json holds are kept, the others are run (all of them if it stopped before its first "
                         "result, or there is no run there yet); refused when an argument that changes results "
                         "differs from its args.json")
-    p.add_argument("--batch-features", type=int, default=32, help="faces per teacher batch when caching features")
+    p.add_argument("--batch-features", type=POSITIVE_INT, default=32, help="faces per teacher batch when caching features")
     p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
                         "plain finetune with the same protocol, is always run beside them")
@@ -154,12 +155,12 @@ def parse_args(argv=None):
                    help="multitask data distillation (needs --method multitask): label these unlabelled faces (any "
                         "folder tree) and the other datasets' training images for the tasks they lack, then train "
                         "on; reported beside the same training without the pseudo-labels")
-    g.add_argument("--pseudo-threshold", type=float, default=0.9,
+    g.add_argument("--pseudo-threshold", type=PROBABILITY, default=0.9,
                    help="keep a pseudo class when its probability, averaged over flips and scales, reaches this")
-    g.add_argument("--pseudo-agreement", type=float, default=0.05,
+    g.add_argument("--pseudo-agreement", type=PROBABILITY, default=0.05,
                    help="keep a pseudo value (regression, landmarks) when its std over flips and scales is at most "
                         "this fraction of the label range (of the face crop for landmarks)")
-    g.add_argument("--pseudo-epochs", type=int, default=None, help="epochs after pseudo-labelling (default: --epochs)")
+    g.add_argument("--pseudo-epochs", type=POSITIVE_INT, default=None, help="epochs after pseudo-labelling (default: --epochs)")
     g.add_argument("--kd-weight", type=float, default=1.0,
                    help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
     g.add_argument("--kd-teacher", default=None,
@@ -599,8 +600,9 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
 def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
                   done=None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
-    done: {method: result} of an interrupted run of the same arguments (--resume), kept instead of run again."""
-    done = done or {}
+    done: (data fingerprint, {method: result}) of an interrupted run of the same arguments (--resume), kept
+    instead of run again if its data were these."""
+    done_data, done = done or (None, {})
     n_out = tasks.output_size(task, data)
     # (a method shown n/a for this task, from --method all, needs nothing)
     need_teachers = [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
@@ -625,6 +627,10 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
                          f"the same teacher packages, or make a cache with these by fuse.py")
     align = align_of(task, args)
     cache, wide = task_cache(data, teachers, args, device, log, align), None
+    if done and done_data not in (None, fingerprint(data, cache)):
+        raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
+                         f"or splits): its results would sit beside results of other data; start afresh in another "
+                         f"--run-dir")
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -647,7 +653,8 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
     g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
     results = {}
-    out = {"task": task.name, "metric": task.metric, "protocol": task.protocol, "n_images": len(data.samples),
+    out = {"task": task.name, "data": fingerprint(data, cache), "metric": task.metric, "protocol": task.protocol,
+           "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
            "validation": selection, "skipped_by_reader": len(data.skipped), "results": results}
     if data.counts:  # the reader's own filters (AffectNet's codes 8-10, IMDb-WIKI's rules): how many rows each took
@@ -692,7 +699,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
 
 
 # Arguments that change no result: where the run is, what it runs on and how fast.
-NOT_RESULTS = {"resume", "run_dir", "device", "workers", "argv"}
+NOT_RESULTS = {"resume", "run_dir", "device", "workers", "argv", "script"}
 
 
 def resumed_results(args) -> dict:
@@ -715,7 +722,19 @@ def resumed_results(args) -> dict:
                          + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ)
                          + "): give the same ones, or start afresh in another --run-dir")
-    return {r["task"]: {m: v for m, v in r.get("results", {}).items() if m != "multitask"} for r in report}
+    return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if m != "multitask"})
+            for r in report}
+
+
+def fingerprint(data, cache) -> str:
+    """What a task's results are of: its files (names, sizes, times: the task cache's list hash), each sample's
+    label and the splits."""
+    h = hashlib.sha1(cache.manifest["list_hash"].encode())
+    h.update(json.dumps([s.label for s in data.samples], default=lambda a: np.asarray(a).tolist()).encode())
+    for s in data.splits:
+        for part in (s.train, s.val, s.test):
+            h.update(b"|" if part is None else np.asarray(part, np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def student_config(args, methods) -> dict | None:
@@ -1045,6 +1064,8 @@ def main(argv=None):
             if not folder:
                 raise SystemExit(f"--tasks: give each task its folder as NAME=DIR (got {item!r})")
             jobs.append((task_named(name), Path(folder)))
+        if len({t.name for t, _ in jobs}) < len(jobs):  # one report row per task: a second would run it twice
+            raise SystemExit(f"error: --tasks names a task twice ({args.tasks})")
     elif args.task and args.task != DEMO_TASK:
         if args.data is None:
             raise SystemExit(f"--task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
@@ -1096,11 +1117,11 @@ def main(argv=None):
             log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
         if data.counts:
             log.info(f"{task.name}: the reader's counts: {data.counts}")
-        if done.get(task.name):
-            log.info(f"{task.name}: kept from the interrupted run: {', '.join(done[task.name])}")
+        if done.get(task.name, (None, {}))[1]:
+            log.info(f"{task.name}: kept from the interrupted run: {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
-                                         done=done.get(task.name, {})))
+                                         done=done.get(task.name)))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

@@ -335,7 +335,7 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
             if loss is None:
                 continue
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch}")
+                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

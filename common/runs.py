@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -28,6 +29,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def bounded(kind=int, lo=None, hi=None, above=None, below=None):
+    """An argparse type: a finite number of `kind` within the bounds (lo <= x <= hi, above < x < below), so
+    that a NaN, a negative count or a zero batch stops at the command line, not in a traceback hours in."""
+    words = [f">= {lo:g}" if lo is not None else "", f"> {above:g}" if above is not None else "",
+             f"<= {hi:g}" if hi is not None else "", f"< {below:g}" if below is not None else ""]
+    wanted = ("a whole number" if kind is int else "a number") + " " + " and ".join(w for w in words if w)
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {wanted}") from None
+        if not (math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+                and (above is None or v > above) and (below is None or v < below)):
+            raise argparse.ArgumentTypeError(f"{text}: expected {wanted}")
+        return v
+    parse.__name__ = kind.__name__  # what argparse names in its own messages
+    return parse
+
+
+COUNT = bounded(int, lo=0)  # workers, seeds, steps where 0 means none or off
+POSITIVE_INT = bounded(int, lo=1)  # batches, sizes, epochs
+POSITIVE = bounded(float, above=0)  # learning rates, temperatures, widths
+NONNEGATIVE = bounded(float, lo=0)  # weights, weight decay
+PROBABILITY = bounded(float, lo=0, hi=1)  # detector confidences, shares of 0 to 1 both included
+FRACTION = bounded(float, lo=0, below=1)  # a part held out of the rest
+
+
 def resolved_args(args) -> dict:
     """The arguments as a run folder's args.json holds them (paths as text; argv aside)."""
     return json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -35,9 +64,18 @@ def resolved_args(args) -> dict:
 
 
 def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
-    """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it."""
+    """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
+    script (`prefix`) that made it: another script's run folder is refused, not written over."""
     if out:
         run = Path(out)
+        if run.exists() and not run.is_dir():
+            raise SystemExit(f"error: --run-dir {run} is a file: name a folder")
+        try:
+            made_by = json.loads((run / "args.json").read_text()).get("script", prefix)
+        except (OSError, ValueError, AttributeError):
+            made_by = prefix  # no run there yet (or one from before the script was recorded)
+        if made_by != prefix:
+            raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
         run.mkdir(parents=True, exist_ok=True)
     else:  # two runs started in the same second get folders of their own
         stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
@@ -49,7 +87,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
                 break
             except FileExistsError:
                 n += 1
-    resolved = {**resolved_args(args), "argv": sys.argv}
+    resolved = {**resolved_args(args), "script": prefix, "argv": sys.argv}
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
     return run
 
@@ -147,6 +185,12 @@ def run_main(main) -> None:
 
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
+        sys.stderr.write("\ninterrupted: run the same command again to go on where it stopped (distill.py and "
+                         "transfer.py: with --resume and the same --run-dir)\n")
+        sys.exit(130)
+    except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
+        sys.exit(f"error: {e}")
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
             NotAStudent, BadLabels, BadTeacher, CannotPrune) as e:
         sys.exit(f"error: {e}")

@@ -41,7 +41,7 @@ def parse(spec: str) -> int | None:
     scale = {"k": 1000, "m": 1000_000}.get(text[-1:], 1)
     try:
         n = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # synth:abc, synth:inf
         n = 0
     if n < 1:
         raise SystemExit(f"--data {spec}: write synth:N with N a positive number of faces (e.g. synth:10000, synth:10k)")

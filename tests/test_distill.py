@@ -429,7 +429,7 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
 def test_embed_refuses_a_bad_out_before_any_work(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "embed_images", lambda *a, **k: pytest.fail("embedded before checking --out"))
     (tmp_path / "file").write_text("x")
-    for out, why in [(tmp_path, "is a folder"), (tmp_path / "file" / "e.npy", "cannot make the folder")]:
+    for out, why in [(tmp_path, "is a folder"), (tmp_path / "file" / "e.npy", "cannot write into the folder")]:
         with pytest.raises(SystemExit, match=why):
             distill.main(["embed", "--checkpoint", str(trained / "student.safetensors"), "--images",
                           str(tmp_path), "--out", str(out)])
@@ -666,7 +666,9 @@ def test_embed_finds_faces_as_the_students_cache_did(trained, tmp_path, monkeypa
     monkeypatch.setattr(common.extract, "crops_of_files", lambda paths, device, opts, size: seen.append(opts) or [])
     distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"])
     distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"], min_prob=0.95)
-    assert [(o.detect_size, o.smallest_face, o.min_face_prob) for o in seen] == [(320, 40, 0.8), (320, 40, 0.95)]
+    distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"], min_prob=0.0)  # every face counts: not the cache's
+    assert [(o.detect_size, o.smallest_face, o.min_face_prob) for o in seen] == [(320, 40, 0.8), (320, 40, 0.95),
+                                                                                (320, 40, 0.0)]
     with pytest.raises(SystemExit, match="--batch 0"):
         distill.main(["embed", "--student", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy"),
                       "--batch", "0"])

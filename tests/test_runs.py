@@ -47,3 +47,50 @@ def test_permission_denied_is_one_line():
 def test_other_errors_keep_their_traceback(error):
     with pytest.raises(type(error)):
         run_main(raising(error))
+
+
+def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(raising(KeyboardInterrupt()))
+    assert e.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: ae: the loss became inf; lower --lr$"):
+        run_main(raising(FloatingPointError("ae: the loss became inf; lower --lr")))
+
+
+def test_a_run_folder_is_never_another_scripts_nor_a_file(tmp_path):
+    """distill.py into fuse.py's run folder replaced its args.json and appended to its log; a file as
+    --run-dir gave a FileExistsError traceback."""
+    import json
+    from argparse import Namespace
+
+    from common.runs import make_run_dir
+
+    run = make_run_dir(tmp_path / "run", "fuse", Namespace(seed=1))
+    assert json.loads((run / "args.json").read_text())["script"] == "fuse"
+    with pytest.raises(SystemExit, match="holds a fuse.py run: give distill.py a folder of its own"):
+        make_run_dir(run, "distill", Namespace(seed=2))
+    assert json.loads((run / "args.json").read_text())["seed"] == 1
+    assert make_run_dir(run, "fuse", Namespace(seed=3)) == run  # the same script's rerun (resume) goes on
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="afile is a file"):
+        make_run_dir(tmp_path / "afile", "fuse", Namespace())
+
+
+BAD_NUMBERS = [("transfer", ["--lr", "nan"]), ("transfer", ["--lr", "-1"]), ("transfer", ["--hidden", "0"]),
+               ("transfer", ["--seed", "-1"]), ("transfer", ["--workers", "-1"]), ("transfer", ["--min-face-prob", "1.5"]),
+               ("transfer", ["--max-subsets", "-1"]), ("transfer", ["--batch-features", "0"]),
+               ("fuse", ["--shard-size", "0"]), ("fuse", ["--batch", "0"]), ("fuse", ["--eval-every", "0"]),
+               ("fuse", ["--fusion-batch", "0"]), ("fuse", ["--lr", "nan"]), ("fuse", ["--min-face-prob", "nan"]),
+               ("fuse", ["--val-frac", "-0.5"]), ("fuse", ["--crop-size", "-1"]), ("fuse", ["--steps", "-5"]),
+               ("distill", ["--lr", "-1"]), ("distill", ["--warmup", "nan"]), ("distill", ["--weight-decay", "-1"]),
+               ("distill", ["--workers", "-1"]), ("distill", ["--stop-at", "-3"])]
+
+
+@pytest.mark.parametrize("script, argv", BAD_NUMBERS, ids=[" ".join([s, *a]) for s, a in BAD_NUMBERS])
+def test_numbers_out_of_range_stop_at_the_command_line(script, argv, capsys):
+    """NaN learning rates, negative counts and zero batches ran (a NaN score reported, a traceback hours in)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).parse_args(argv)
+    assert e.value.code == 2 and f"argument {argv[0]}: {argv[1]}: expected" in capsys.readouterr().err

@@ -269,6 +269,7 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
     args_json.write_text(json.dumps({k: v for k, v in json.loads(args_json.read_text()).items()
                                      if k not in ("kd_temperature", "retry_unreadable")}))
+    shutil.copytree(tmp_path / "run", tmp_path / "run-copy")
     ran = []
     monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
                         ran.append(method) or real(task, data, method, *a, **k))
@@ -277,6 +278,12 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     resumed = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     assert ran == ["fused"] and resumed["results"]["frozen"] == saved["results"]["frozen"]
     assert resumed["results"]["fused"]["n_test"] > 0 and "fused" in (tmp_path / "run" / "report.md").read_text()
+    # images added to the folder since: frozen's kept result was of other data, so the resume is refused
+    first = sorted(utk.glob("*.jpg*"))[0]
+    shutil.copy(first, utk / "33_1_0_20170109150557335.jpg.chip.jpg")
+    with pytest.raises(SystemExit, match="AgeR-UTK's data changed since the interrupted run"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
+                       "--run-dir", str(tmp_path / "run-copy"), "--resume"])
 
 
 def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fused, student_ckpt, capsys):
@@ -421,6 +428,7 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                       (["--method", "finetune", "--prune", "0.5"], "--prune 0.5 is for --method etl"),
                       (["--method", "finetune", "--kd-weight", "2"], "--kd-weight 2.0 is for --method kd"),
                       (["--val-frac", "1"], "--val-frac must lie between 0 and 1"),
+                      (["--tasks", "AgeR-UTK=a,AgeR-UTK=b"], "--tasks names a task twice"),
                       (["--method", ","], "--method: name at least one of")]:
         with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
             transfer.main(argv)
