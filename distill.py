@@ -45,7 +45,7 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
-                         init_dist, make_run_dir, pick_device, run_main)
+                         init_dist, make_run_dir, pick_device, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -230,12 +230,15 @@ def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
     names, else (a file damaged since, a latest.json that is not JSON) the one before it that --keep kept,
     said in the log. None when run has none; a SystemExit naming each problem when none reads."""
     d = run / "ckpt"
-    if not (d / "latest.json").exists():
-        return None
     weights = sorted((p.name for p in d.glob("step_*.safetensors") if not p.name.endswith(STATE_SUFFIX)), reverse=True)
+    missing = not (d / "latest.json").exists()
+    if missing and not weights:
+        return None
     try:
         named = json.loads((d / "latest.json").read_text())["weights"]
         weights = [named] + [w for w in weights if w < named]  # later ones: a save killed before latest.json
+    except FileNotFoundError:  # deleted since (its checkpoints still count), or the first save was cut short
+        problems = ["latest.json is missing"]
     except (ValueError, KeyError, TypeError) as e:
         problems = [f"latest.json is damaged ({type(e).__name__}: {e})"]
     else:
@@ -250,6 +253,8 @@ def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
         if problems and log:
             log.warning(f"warning: {'; '.join(problems)}: resuming from {name}, the newest checkpoint that reads")
         return saved_cfg, tensors, state
+    if missing:  # killed before its first checkpoint was whole: nothing here to resume
+        return None
     raise SystemExit(f"error: cannot resume {run}: no checkpoint reads ({'; '.join(problems) or 'none left'}). "
                      f"Start it afresh with --overwrite instead of --resume (or another --run-dir)")
 
@@ -377,8 +382,8 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     metrics = run / "metrics.jsonl"
     if start and rank == 0 and metrics.exists():
         # Epochs logged after the checkpoint resumed from are trained again: drop their lines.
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= start]
-        atomic_write(metrics, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        kept = [row for row in read_metrics(metrics) if row["step"] <= start]
+        atomic_write(metrics, lambda f: f.write("".join(json.dumps(row) + "\n" for row in kept).encode()))
     if start == 0 and rank == 0 and args.resume and ((run / "ckpt").exists() or (run / "metrics.jsonl").exists()):
         # No latest.json: killed before its first checkpoint was whole, so nothing here can be resumed.
         log.info(f"no checkpoint to resume in {run}: starting afresh, removing the partial files of the first try")
@@ -391,7 +396,7 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
     loss_fn = make_loss(args.loss, cache, name, hG_mean, hG_std, device, args.smoothl1_weight)
 
     data = AlignedFaces(cache, train_rows, train=True, targets=targets)
-    sampler = EpochSampler(data, args.seed, rank, world)
+    sampler = EpochSampler(data, args.seed, rank, world, batch=args.batch)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                                          drop_last=True, pin_memory=device.type == "cuda", collate_fn=first,
                                          persistent_workers=args.workers > 0)
@@ -423,6 +428,8 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
                disable=None if rank == 0 else True, dynamic_ncols=True)
     pending = []  # (step, 0-d loss on the device) since the last sync
+    # Without a terminal (a batch job's log) tqdm draws nothing: a line at most once a minute instead
+    quiet, said = rank == 0 and bar.disable, [time.time(), step]
 
     def sync():
         if not pending:
@@ -438,6 +445,11 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
         epoch_loss.extend(values)
         bar.update(len(pending) * imgs)
         bar.set_postfix(loss=f"{values[-1]:.4f}", epoch=epoch)
+        if quiet and time.time() - said[0] >= PROGRESS_EVERY:
+            at = pending[-1][0]
+            log.info(f"step {at}/{s.total}: loss {values[-1]:.4f}, "
+                     f"{(at - said[1]) * imgs / (time.time() - said[0]):.1f} img/s")
+            said[:] = [time.time(), at]
         pending.clear()
 
     while step < stop:
@@ -469,6 +481,21 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     return step
 
 
+PROGRESS_EVERY = 60  # seconds between progress lines in a log without a terminal
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The epochs of metrics.jsonl; a line an append cut short (a kill, a full disk) is passed over, and a
+    resume rewrites the file without it."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
+
+
 def log_epoch(run, log, epoch, step, total, losses, rate) -> None:
     """One line of metrics.jsonl per epoch (the losses of the part before a resume included)."""
     row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), "img_s": rate}
@@ -479,8 +506,7 @@ def log_epoch(run, log, epoch, step, total, losses, rate) -> None:
 
 def plot_loss(run: Path, loss: str) -> None:
     """loss.png: every epoch of metrics.jsonl, those of the runs resumed from included."""
-    log_file = run / "metrics.jsonl"
-    epochs = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    epochs = read_metrics(run / "metrics.jsonl")
     if epochs:
         plots.lines(run / "loss.png", None, {"mean over the epoch": ([r["step"] for r in epochs],
                                                                    [r["loss"] for r in epochs])},
@@ -710,7 +736,7 @@ def main(argv=None):
     if args.out is None and args.teacher_cache == Path("feats/demo"):
         args.out = Path("runs/distill-demo")
     refuse_to_clobber(args.out, args.resume, args.overwrite, delete=rank == 0)
-    run = make_run_dir(args.out, "distill", args) if rank == 0 else None
+    run = make_run_dir(args.out, "distill", args, record=not args.resume) if rank == 0 else None
     if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --run-dir is not given)
         box = [run]
         dist.broadcast_object_list(box)
@@ -718,6 +744,8 @@ def main(argv=None):
     log = get_logger(run, "distill") if rank == 0 else logging.getLogger(f"distill.rank{rank}")
     try:
         s = setup(args, rank, world, device, run, log)
+        if args.resume and rank == 0:  # its settings checked against the checkpoint's
+            write_args(run, "distill", args)
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
         msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat "
@@ -745,7 +773,12 @@ def main(argv=None):
         for fmt, path in export_student(s.student, run, args.size, formats).items():
             log.info(f"exported {fmt}: {path}")
         s.student.to(device)
-    if not args.no_eval:
+    now = s.cache.embedding_dir(s.name).name
+    if not args.no_eval and now != s.cfg["embedding_version"]:  # its G, units and split are another h_G's
+        log.warning(f"warning: fuse.py wrote h_G '{s.name}' anew while the student trained ({now}, the student "
+                    f"learnt {s.cfg['embedding_version']}): not evaluated against it (no eval.json); distill again "
+                    f"to have a student of the new h_G")
+    elif not args.no_eval:
         evaluate(args, s.cache, s.name, s.student, s.decoder, s.train_rows, s.val_rows, device, run, log, s.hG_mean)
     log.info(f"run folder: {run}")
 

@@ -163,10 +163,16 @@ def first(batch):
 
 class EpochSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler whose order is a function of (seed, epoch), that can start mid-epoch (resume),
-    and that hands each index with its augmentation seed. Works for a single process too."""
+    and that hands each index with its augmentation seed. Works for a single process too.
 
-    def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    An epoch is whole global batches (world x batch faces) of that order, rank r taking every world-th from
+    r: step k of N processes trains on the faces of step k of one process with N times the batch, none twice
+    (DistributedSampler's padding gave a face to two ranks, and an epoch another number of steps)."""
+
+    def __init__(self, dataset, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, batch: int = 1):
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.num_samples = len(dataset) // (world * batch) * batch
+        self.total_size = self.num_samples * world
         self.skip = 0
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
@@ -184,7 +190,7 @@ class EpochSampler(torch.utils.data.DistributedSampler):
             yield from zip(positions[s:s + 65536].tolist(), seeds[s:s + 65536].tolist())
 
     def _positions(self) -> np.ndarray:
-        """This rank's positions for the epoch, DistributedSampler's order (drop_last=False), kept in numpy."""
+        """This rank's positions for the epoch, in DistributedSampler's order, kept in numpy."""
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator()
@@ -192,9 +198,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
             order = torch.randperm(n, generator=g).numpy()
         else:
             order = np.arange(n)
-        pad = self.total_size - n
-        if pad > 0:
-            order = np.concatenate([order, np.resize(order, pad)])
         return order[self.rank:self.total_size:self.num_replicas].astype(np.int64)
 
 

@@ -13,6 +13,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
+
 
 RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it into their temporary folder)
 
@@ -63,9 +68,10 @@ def resolved_args(args) -> dict:
                                  default=str))
 
 
-def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
+def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
-    script (`prefix`) that made it: another script's run folder is refused, not written over."""
+    script (`prefix`) that made it: another script's run folder is refused, not written over. record=False
+    leaves args.json to write_args (a resume writes it once its checks passed: a refused one keeps the run's)."""
     if out:
         run = Path(out)
         if run.exists() and not run.is_dir():
@@ -77,6 +83,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
         if made_by != prefix:
             raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
         run.mkdir(parents=True, exist_ok=True)
+        hold(run)
     else:  # two runs started in the same second get folders of their own
         stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -87,9 +94,33 @@ def make_run_dir(out: str | Path | None, prefix: str, args) -> Path:
                 break
             except FileExistsError:
                 n += 1
+    if record:
+        write_args(run, prefix, args)
+    return run
+
+
+def write_args(run: Path, prefix: str, args) -> None:
     resolved = {**resolved_args(args), "script": prefix, "argv": sys.argv}
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
-    return run
+
+
+_HELD = {}  # run folders this process holds: a second main() in one process (tests, notebooks) goes on
+
+
+def hold(run: Path) -> None:
+    """Lock the run folder for this process's life: a second command given the same --run-dir while the first
+    runs would interleave its log, metrics and checkpoints with the first's (and delete its temporary files)."""
+    key = str(run.resolve())
+    if key in _HELD or fcntl is None:
+        return
+    f = open(run / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"error: another run is writing into {run} (the same --run-dir given twice?): wait for "
+                         f"it to end, or give this one another folder") from None
+    _HELD[key] = f
 
 
 @contextmanager

@@ -222,19 +222,22 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_one_before(cache_dir, tm
     the uninterrupted run; with none readable it stops naming each problem, not on a JSON traceback."""
     common = ["--teacher-cache", str(cache_dir), "--steps", "6", "--ckpt-every", "2", "--no-eval", *TINY]
     distill.main([*common, "--out", str(tmp_path / "straight")])
-    for case in ("cut", "json"):
+    for case in ("cut", "json", "gone"):  # gone: latest.json deleted, which removed every checkpoint
         run = tmp_path / case
         distill.main([*common, "--out", str(run), "--stop-at", "4"])
         ckpt = run / "ckpt"
         if case == "cut":
             (ckpt / "step_00000004.safetensors").write_bytes((ckpt / "step_00000004.safetensors").read_bytes()[:-9])
-        else:
+        elif case == "json":
             (ckpt / "latest.json").write_text("{garbage")
+        else:
+            (ckpt / "latest.json").unlink()
         capsys.readouterr()
         distill.main([*common, "--out", str(run), "--resume"])
         said = capsys.readouterr().out
         assert ("resuming from step_00000002.safetensors, the newest" in said if case == "cut" else
-                "latest.json is damaged" in said and "resuming from step_00000004" in said), said
+                f"latest.json is {'damaged' if case == 'json' else 'missing'}" in said
+                and "resuming from step_00000004" in said), said
         a, b = weights(tmp_path / "straight"), weights(run)
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0) for k in a)
     run = tmp_path / "none"
@@ -259,6 +262,8 @@ def test_metrics_and_checkpoints_after_a_resume_read_as_an_uninterrupted_run(cac
     ckpt = tmp_path / "stopped" / "ckpt"
     for name in ("step_00000009.safetensors", "step_00000009.state.safetensors", ".step_00000009.safetensors.x.tmp"):
         (ckpt / name).write_bytes(b"what a save killed mid-way leaves")
+    with open(tmp_path / "stopped" / "metrics.jsonl", "a") as f:  # an append cut short (a traceback on resume)
+        f.write('{"epoch": 2, "step": 6, "lo')
     distill.main([*common, "--out", str(tmp_path / "stopped"), "--resume"])
     real = distill.save_checkpoint
 
@@ -287,6 +292,7 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
     distill.main(common)
     with pytest.raises(SystemExit, match="other settings"):
         distill.main([*common, "--resume", "--seed", "1"])
+    assert json.loads((run / "args.json").read_text())["seed"] == 0  # a refused resume leaves the run's own args
     for flag, value in (("--warmup", "0.5"), ("--weight-decay", "0.1")):  # each changes the result
         with pytest.raises(SystemExit, match=f"{flag[2:].replace('-', '_')}="):
             distill.main([*common, "--resume", flag, value])
@@ -323,6 +329,37 @@ def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
             shutil.copy(f, folder / f.name)
     with pytest.raises(SystemExit, match="embedding_version"):
         distill.main([*common, "--resume"])
+
+
+def test_an_h_G_that_fuse_replaced_during_training_is_not_evaluated_against(cache_dir, tmp_path, monkeypatch, capsys):
+    """fuse.py writing h_G anew while a student trains: the evaluation read the new G, units and split and
+    reported them as the student's (a negated h_G gave cosine -0.80 for +0.80)."""
+    import shutil
+
+    cache_path = shutil.copytree(cache_dir, tmp_path / "cache", symlinks=True)
+    real = distill.save_student
+
+    def fuse_meanwhile(*a, **k):
+        cache = FeatureCache(cache_path)
+        old = cache.embedding_dir("ae")
+        with cache.new_embedding("ae") as folder:
+            for f in old.iterdir():
+                shutil.copy(f, folder / f.name)
+        return real(*a, **k)
+    monkeypatch.setattr(distill, "save_student", fuse_meanwhile)
+    distill.main(["--teacher-cache", str(cache_path), "--steps", "2", "--out", str(tmp_path / "r"), *TINY])
+    assert "wrote h_G 'ae' anew while the student trained" in capsys.readouterr().out
+    assert (tmp_path / "r" / "student.safetensors").exists() and not (tmp_path / "r" / "eval.json").exists()
+
+
+def test_a_log_without_a_terminal_gets_progress_lines(cache_dir, tmp_path, monkeypatch, capsys):
+    """tqdm draws nothing into a batch job's log: lines with the step and images/s take its place."""
+    monkeypatch.setattr(distill, "PROGRESS_EVERY", 0)
+    distill.main(["--teacher-cache", str(cache_dir), "--steps", "3", "--log-every", "1", "--no-eval",
+                  "--out", str(tmp_path / "r"), *TINY])
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert [line.split(":")[0] for line in lines if line.startswith("step ") and "img/s" in line] == \
+        ["step 1/3", "step 2/3", "step 3/3"]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
@@ -449,6 +486,14 @@ def test_two_process_gloo_ddp(cache_dir, tmp_path):
     assert cfg["world"] == 2
     assert json.loads((run / "eval.json").read_text())["n_val"] == 5
     assert len(losses(run)) == 2
+    # One process with the summed batch (8): the same faces at each step, the same steps; batch norm's
+    # statistics are each process's own, so the losses are close, not equal (0.5 % apart when measured).
+    distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "one"), "--epochs", "2", "--no-eval",
+                  "--device", "cpu", *TINY])
+    two = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    assert abs(two[0]["loss"] - one[0]["loss"]) < 0.01 * one[0]["loss"], (two, one)
 
 
 def test_sample_seeds_vectorised():
@@ -482,12 +527,23 @@ def test_seed_uniforms_and_epoch_order():
         def __len__(self):
             return len(self.rows)
 
-    for world, rank in ((1, 0), (4, 3)):
-        ours = EpochSampler(Rows(), seed=5, rank=rank, world=world)
-        ref = torch.utils.data.DistributedSampler(Rows(), num_replicas=world, rank=rank, seed=5)
-        ours.set_position(2, 7)
-        ref.set_epoch(2)
-        assert [pos for pos, _ in ours] == list(ref)[7:]
+    ours = EpochSampler(Rows(), seed=5)
+    ref = torch.utils.data.DistributedSampler(Rows(), num_replicas=1, rank=0, seed=5)
+    ours.set_position(2, 7)
+    ref.set_epoch(2)
+    assert [pos for pos, _ in ours] == list(ref)[7:]
+    # N processes: step k trains on the faces of one process's step k at N times the batch, none twice (103
+    # faces, 4 x 5: 5 steps of 20, the 3 left over wait for the next epoch's order, as one process's do)
+    one = EpochSampler(Rows(), seed=5, batch=20)
+    one.set_position(2)
+    ranks = [EpochSampler(Rows(), seed=5, rank=r, world=4, batch=5) for r in range(4)]
+    for r in ranks:
+        r.set_position(2)
+    mine = [[pos for pos, _ in r] for r in ranks]
+    assert [len(m) for m in mine] == [25] * 4 and len(set(sum(mine, []))) == 100
+    single = [pos for pos, _ in one]
+    for k in range(5):
+        assert sorted(sum((m[5 * k:5 * k + 5] for m in mine), [])) == sorted(single[20 * k:20 * k + 20])
 
 
 # ------------------------------------------------------------------------------------------ crop store
