@@ -116,10 +116,13 @@ def hold(run: Path) -> None:
     f = open(run / ".lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.close()
         raise SystemExit(f"error: another run is writing into {run} (the same --run-dir given twice?): wait for "
                          f"it to end, or give this one another folder") from None
+    except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
+        f.close()
+        return
     _HELD[key] = f
 
 

@@ -120,3 +120,16 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
         first.kill()
         first.wait()
     assert make_run_dir(held, "distill", Namespace()) == held  # free once that process ended
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some network mounts: that is no other run, and must not stop this one."""
+    import errno
+    from argparse import Namespace
+
+    from common import runs
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
