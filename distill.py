@@ -45,7 +45,7 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
-                         init_dist, make_run_dir, pick_device, run_main, write_args)
+                         hold, holding_runs, init_dist, make_run_dir, pick_device, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -222,7 +222,7 @@ def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep, epoch_l
 
 # settings recorded after runs were already being resumed: compared only when the checkpoint has them
 LATER_SETTINGS = ("embedding_version", "warmup", "weight_decay", "smoothl1_weight", "amp", "cache_content", "align",
-                  "detect_size", "smallest_face", "min_face_prob")
+                  "detect_size", "smallest_face", "min_face_prob", "per_epoch")
 
 
 def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
@@ -277,6 +277,10 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log=None) -
     ignore = {"teacher_cache"} if "cache_content" in saved_cfg else set()
     differs = {k: (saved_cfg.get(k), v) for k, v in {**student.config, **cfg}.items() if saved_cfg.get(k) != v
                and k not in ignore and (k in saved_cfg or k not in LATER_SETTINGS)}
+    if "per_epoch" not in saved_cfg and saved_cfg.get("world", 1) > 1:  # an epoch's steps were counted otherwise
+        raise SystemExit(f"error: cannot resume {run}: a multi-process run saved by an older distill.py, whose "
+                         f"epochs had another number of steps (a face could go to two processes): start it afresh "
+                         f"with --overwrite")
     if differs:
         raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
                          + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
@@ -370,7 +374,8 @@ def setup(args, rank, world, device, run, log) -> SimpleNamespace:
            **{k: as_planned(cache.manifest).get(k) for k in ("align", "detect_size", "smallest_face", "min_face_prob")},
            # which version of h_G (fuse.py writes each into a folder of its own): a resume must not go on
            # against targets and units that a fuse.py run has replaced meanwhile
-           "embedding_version": Path(meta["folder"]).name}
+           "embedding_version": Path(meta["folder"]).name,
+           "per_epoch": len(train_rows) // (world * args.batch)}  # EpochSampler's: whole global batches
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     net.to(device)
     if channels_last:
@@ -719,6 +724,7 @@ def embed_main(argv):
 
 
 # -------------------------------------------------------------------------------------------- main
+@holding_runs
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["embed"]:
@@ -735,6 +741,8 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = args.deterministic
     if args.out is None and args.teacher_cache == Path("feats/demo"):
         args.out = Path("runs/distill-demo")
+    if rank == 0 and args.out is not None and Path(args.out).is_dir():
+        hold(Path(args.out))  # before --overwrite deletes anything: a run still going there keeps its files
     refuse_to_clobber(args.out, args.resume, args.overwrite, delete=rank == 0)
     run = make_run_dir(args.out, "distill", args, record=not args.resume) if rank == 0 else None
     if world > 1:  # the other ranks need the run folder rank 0 chose (a timestamp when --run-dir is not given)

@@ -36,8 +36,8 @@ from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
-from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter,
-                         dist_info, get_logger, init_dist, kept_warnings, make_run_dir, pick_device, run_main)
+from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
+                         get_logger, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -543,13 +543,18 @@ def extraction_settings(args) -> None:
             made = as_planned(read_manifest(args.out))
         except (OSError, CacheMismatch):
             made = {}  # a damaged manifest: create_or_resume says what is wrong with it
+    args.align = args.align or made.get("align") or EXTRACTION["align"]
     for flag, default in EXTRACTION.items():
+        # the detector's settings of a cache made another way are no setting of this one's (--align none then
+        # refused --smallest-face, a flag never given): the cache's mismatch is what is said
+        detector = flag in ("min_face_prob", "detect_size", "smallest_face") and made.get("align") != args.align
         if getattr(args, flag) is None:
-            setattr(args, flag, default if made.get(flag) is None else made[flag])
+            setattr(args, flag, default if made.get(flag) is None or detector else made[flag])
     if why := detection_problem(args.align, args.detect_size, args.smallest_face):
         raise SystemExit(f"error: {why}")
 
 
+@holding_runs
 def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:

@@ -56,8 +56,8 @@ from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, re
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
-from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, make_run_dir,
-                         pick_device, resolved_args, run_main)
+from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
+                         make_run_dir, pick_device, resolved_args, run_main)
 from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
@@ -702,7 +702,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
 NOT_RESULTS = {"resume", "run_dir", "device", "workers", "argv", "script"}
 
 
-def resumed_results(args) -> dict:
+def resumed_results(args, aligns=frozenset()) -> dict:
     """{task: {method: result}} of the interrupted run in --run-dir, after checking that it ran with these
     arguments (its args.json): a result of other settings must not sit in one table with these."""
     run = Path(args.run_dir)
@@ -716,6 +716,8 @@ def resumed_results(args) -> dict:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
     now = resolved_args(args)
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
+    if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
+        old["align"] = None
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("
@@ -732,8 +734,9 @@ def fingerprint(data, cache) -> str:
     h = hashlib.sha1(cache.manifest["list_hash"].encode())
     h.update(json.dumps([s.label for s in data.samples], default=lambda a: np.asarray(a).tolist()).encode())
     for s in data.splits:
-        for part in (s.train, s.val, s.test):
-            h.update(b"|" if part is None else np.asarray(part, np.int64).tobytes())
+        for part in (s.train, s.val, s.test):  # each part's length first: a face moved across a border shows
+            part = np.zeros(0, np.int64) if part is None else np.asarray(part, np.int64)
+            h.update(np.int64(len(part)).tobytes() + part.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -1040,6 +1043,7 @@ def check_flags(args, methods) -> None:
             raise SystemExit(f"error: {why}")
 
 
+@holding_runs
 def main(argv=None):
     args = parse_args(argv)
     if args.list:
@@ -1104,8 +1108,9 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
-    detection_settings(args, student_cfg, {align_of(task, args) for task, _ in jobs})
-    done = resumed_results(args) if args.resume else {}
+    task_aligns = {align_of(task, args) for task, _ in jobs}  # the unlabelled faces of --pseudo-label are detected
+    detection_settings(args, student_cfg, task_aligns | ({args.align or "mtcnn"} if unlabelled else set()))
+    done = resumed_results(args, task_aligns) if args.resume else {}
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")

@@ -204,6 +204,9 @@ def verification(task, data, rows, method, args, device, log, teacher_cache) -> 
     for f, split in enumerate(splits):
         mask = torch.zeros(len(rows), dtype=torch.bool)
         mask[torch.as_tensor(split.train[found[split.train]])] = True
+        if not mask.any():  # every person of the other folds is tested in this one too (tasks._lfw)
+            raise SystemExit(f"error: {task.name} {split.name}: no training face to learn identities from (every "
+                             f"person of the other folds is one this fold tests, or no face was found)")
         ident = Target("identity", "classification", n_ids, labels, mask)
         ident.fit_scale(np.flatnonzero(mask.numpy()))
         targets = [ident]

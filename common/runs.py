@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import math
@@ -104,7 +105,21 @@ def write_args(run: Path, prefix: str, args) -> None:
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
 
 
-_HELD = {}  # run folders this process holds: a second main() in one process (tests, notebooks) goes on
+_HELD = {}  # run folders this process holds: a second make_run_dir of one main() goes on
+
+
+def holding_runs(main):
+    """A script's main that lets go of the run folders it locked when it returns or fails: a notebook or a
+    driver script that calls it can then run the command line on the same folder."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                _HELD.pop(key).close()
+    return wrapped
 
 
 def hold(run: Path) -> None:

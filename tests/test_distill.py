@@ -309,6 +309,28 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
     assert not (run / "metrics.jsonl").exists()  # stopped inside its first epoch: its losses wait in the checkpoint
 
 
+def test_overwrite_leaves_a_run_still_going_untouched(cache_dir, tmp_path):
+    """--overwrite deleted the checkpoints of a run another process was still writing, then said the folder
+    was in use: the folder is taken first now, and nothing is deleted."""
+    import subprocess
+
+    run = tmp_path / "r"
+    common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--out", str(run), *TINY]
+    distill.main([*common, "--stop-at", "1"])
+    before = sorted(p.name for p in (run / "ckpt").iterdir())
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                              "from common.runs import hold; hold(Path(sys.argv[1])); print('held', flush=True); "
+                              "time.sleep(60)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match="another run is writing into"):
+            distill.main([*common, "--overwrite"])
+    finally:
+        first.kill()
+        first.wait()
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == before
+
+
 def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
     """A fuse.py rerun that writes h_G anew (another G, other units) must not be trained against silently."""
     import shutil

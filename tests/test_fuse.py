@@ -606,6 +606,29 @@ def test_complete_cache_fits_G_anew_with_its_images_gone(fused, tmp_path):
     assert shard.exists()  # nothing removed: its rows would have been lost for good
 
 
+def test_extraction_settings_come_from_the_cache_made_the_same_way(tmp_path):
+    """Flags left out take the existing cache's settings; its detector's only when it was detected the same
+    way: --align none on a cache made with --smallest-face 40 was refused for --smallest-face, never given."""
+    from argparse import Namespace
+
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"align": "mtcnn", "smallest_face": 40, "detect_size": 480,
+                                                       "min_face_prob": 0.8, "shard_size": 8, "crop_size": 96,
+                                                       "dtype": "float32"}))
+    unset = dict.fromkeys(fuse.EXTRACTION)
+    args = Namespace(out=tmp_path, overwrite=False, **unset)
+    fuse.extraction_settings(args)
+    assert (args.align, args.smallest_face, args.detect_size, args.shard_size, args.crop_size) == ("mtcnn", 40, 480, 8, 96)
+    args = Namespace(out=tmp_path, overwrite=False, **{**unset, "align": "none"})
+    fuse.extraction_settings(args)  # no SystemExit: the cache's mismatch is said by create_or_resume
+    assert (args.smallest_face, args.shard_size) == (fuse.EXTRACTION["smallest_face"], 8)
+    args = Namespace(out=tmp_path, overwrite=True, **unset)  # --overwrite: the defaults, nothing of the old cache
+    fuse.extraction_settings(args)
+    assert args.shard_size == 4096 and args.smallest_face == 20
+
+
 def test_split_groups_are_counted_and_a_pattern_that_ties_nothing_is_said(fused, tmp_path, capsys):
     """--split-group folder on a flat folder, or a pattern that matches nothing, silently drew each image alone:
     the groups are counted into split.json and the log, with a warning when no two faces were tied together."""

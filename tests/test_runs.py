@@ -133,3 +133,20 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(runs.fcntl, "flock", no_locks)
     assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
+
+
+def test_a_main_lets_go_of_its_run_folder_when_it_returns(tmp_path):
+    """A notebook that called main() could not run the command line on the same folder afterwards."""
+    import subprocess
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+
+    from common.runs import holding_runs, make_run_dir
+
+    main = holding_runs(lambda: make_run_dir(tmp_path / "run", "fuse", Namespace()))
+    main()
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from common.runs import hold; "
+                           "hold(Path(sys.argv[1]))", str(tmp_path / "run")], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

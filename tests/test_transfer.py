@@ -267,8 +267,9 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
                        "--run-dir", str(tmp_path / "early2"), "--resume"])
     args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
-    args_json.write_text(json.dumps({k: v for k, v in json.loads(args_json.read_text()).items()
-                                     if k not in ("kd_temperature", "retry_unreadable")}))
+    args_json.write_text(json.dumps({**{k: v for k, v in json.loads(args_json.read_text()).items()
+                                        if k not in ("kd_temperature", "retry_unreadable")},
+                                     "align": "mtcnn"}))  # before each task had its alignment: recorded as given
     shutil.copytree(tmp_path / "run", tmp_path / "run-copy")
     ran = []
     monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
@@ -328,6 +329,20 @@ def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fuse
         run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
 
 
+def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border():
+    """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
+    as train [0 1] + val [2] + test [3]."""
+    from types import SimpleNamespace
+
+    samples = [tasks.Sample(f"{i}.jpg", i % 2) for i in range(4)]
+    cache = SimpleNamespace(manifest={"list_hash": "x"})
+    fp = lambda *parts: transfer.fingerprint(tasks.TaskData(samples, [tasks.Split("s", *parts)]), cache)
+    none = np.zeros(0, np.int64)  # a protocol's empty validation part (CelebA's partition file read whole)
+    a = fp(np.array([0, 1, 2]), np.array([3]), none)
+    assert a == fp(np.array([0, 1, 2]), np.array([3]), none)
+    assert len({a, fp(np.array([0, 1]), np.array([3]), np.array([2])), fp(np.array([0, 1]), np.array([2, 3]), none)}) == 3
+
+
 def test_each_task_aligns_its_own_way_unless_align_says(tmp_path, fused, student_ckpt):
     """TinyImageNet's 64-pixel object photos are whole images (a detector found nothing there and the missed-face
     rule scored ~0); the face tasks of the same run are detected and aligned; --align overrides both."""
@@ -343,7 +358,7 @@ def test_each_task_aligns_its_own_way_unless_align_says(tmp_path, fused, student
     assert aligns() == ["mtcnn", "mtcnn", "none"]
 
 
-def test_pcnn_fine_tunes_a_teacher_on_the_crop_it_was_extracted_from(tmp_path, fused, student_ckpt):
+def test_pcnn_fine_tunes_a_teacher_on_the_crop_it_was_extracted_from(tmp_path, fused, student_ckpt, monkeypatch):
     """P-CNN trains a teacher on the canonical crop it cut its input from at extraction (BT's features), from a
     second task cache of the same faces at that size; the 128-pixel store, enlarged, gave it other features."""
     import torch
@@ -354,8 +369,11 @@ def test_pcnn_fine_tunes_a_teacher_on_the_crop_it_was_extracted_from(tmp_path, f
     from common.teachers import build_teachers
 
     data = make_fixture("Gender-UTK", tmp_path / "data")
+    read = []
+    real = transfer.face_batches
+    monkeypatch.setattr(transfer, "face_batches", lambda cache, *a, **k: read.append(cache.crop_size) or real(cache, *a, **k))
     r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "bt,pcnn")
-    assert np.isfinite(r["results"]["pcnn"]["value"])
+    assert np.isfinite(r["results"]["pcnn"]["value"]) and set(read) == {CANON}  # what P-CNN trained on
     caches = {m["crop_size"]: FeatureCache(p) for p, m in transfer.task_caches(tmp_path / "cache")}
     assert sorted(caches) == [128, CANON]
     store, wide = caches[128], caches[CANON]
