@@ -123,7 +123,8 @@ def parse_args(argv=None):
                         "preemptible job can always pass it); the result equals an uninterrupted run")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --run-dir that already holds a run, deleting its checkpoints, metrics and "
-                        "results (without it, and without --resume, such a folder is refused)")
+                        "results (without it, and without --resume, such a folder is refused; a folder another run "
+                        "is still writing into is refused either way)")
     g.add_argument("--stop-at", type=COUNT, default=0,
                    help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
     g.add_argument("--inject-nan-at", type=COUNT, default=0, help="testing: make the loss of this step NaN")
@@ -280,7 +281,7 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log=None) -
     if "per_epoch" not in saved_cfg and saved_cfg.get("world", 1) > 1:  # an epoch's steps were counted otherwise
         raise SystemExit(f"error: cannot resume {run}: a multi-process run saved by an older distill.py, whose "
                          f"epochs had another number of steps (a face could go to two processes): start it afresh "
-                         f"with --overwrite")
+                         f"with --overwrite instead of --resume")
     if differs:
         raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
                          + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
@@ -757,7 +758,7 @@ def main(argv=None):
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
         msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat "
-               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite and "
+               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite (instead of --resume) and "
                f"a lower --lr, or --amp off")
         log.error(msg)
         if world > 1:

@@ -48,7 +48,8 @@ EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_fac
 
 
 def made_with(flag: str) -> str:
-    return f" (default: the existing --cache's, else {EXTRACTION[flag]})"
+    detector = " made with the same --align" if flag in ("min_face_prob", "detect_size", "smallest_face") else ""
+    return f" (default: that of an existing --cache{detector}, unless --overwrite; else {EXTRACTION[flag]})"
 
 
 def parse_args(argv=None):

@@ -134,7 +134,7 @@ def parse_args(argv=None):
                    help="continue the run in --run-dir that stopped before its end: the (task, method) results its "
                         "report.json holds are kept, the others are run (all of them if it stopped before its first "
                         "result, or there is no run there yet); refused when an argument that changes results "
-                        "differs from its args.json")
+                        "differs from its args.json, or a task's files, labels or splits changed since")
     p.add_argument("--batch-features", type=POSITIVE_INT, default=32, help="faces per teacher batch when caching features")
     p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "

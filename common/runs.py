@@ -95,6 +95,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
                 break
             except FileExistsError:
                 n += 1
+        hold(run)  # its name is in the log: a --resume given it while this run goes on is refused too
     if record:
         write_args(run, prefix, args)
     return run
@@ -235,8 +236,9 @@ def run_main(main) -> None:
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
-        sys.stderr.write("\ninterrupted: run the same command again to go on where it stopped (distill.py and "
-                         "transfer.py: with --resume and the same --run-dir)\n")
+        sys.stderr.write("\ninterrupted: run the same command again, without --overwrite (which would delete what "
+                         "was done), to go on where it stopped (distill.py and transfer.py: with --resume and the "
+                         "run's folder as --run-dir)\n")
         sys.exit(130)
     except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
         sys.exit(f"error: {e}")

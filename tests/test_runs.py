@@ -150,3 +150,23 @@ def test_a_main_lets_go_of_its_run_folder_when_it_returns(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from common.runs import hold; "
                            "hold(Path(sys.argv[1]))", str(tmp_path / "run")], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_timestamped_run_folder_is_locked_too(tmp_path, monkeypatch):
+    """A run without --run-dir gets runs/SCRIPT-TIME: a --resume given that folder while it runs is refused."""
+    import subprocess
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+
+    from common import runs
+
+    monkeypatch.setattr(runs, "RUNS", tmp_path)
+    root = Path(__file__).resolve().parents[1]
+
+    def main():
+        run = runs.make_run_dir(None, "distill", Namespace())
+        return subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from common.runs import hold; "
+                               "hold(Path(sys.argv[1]))", str(run)], cwd=root, capture_output=True, text=True)
+    other = runs.holding_runs(main)()
+    assert other.returncode != 0 and "another run is writing into" in other.stderr
