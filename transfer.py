@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheMismatch, FeatureCache, as_planned, make_plan, read_manifest, write_json,
+from common.cache import (CacheMismatch, FeatureCache, as_planned, list_hash, make_plan, read_manifest, write_json,
                           write_missed)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
@@ -251,6 +251,13 @@ def faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
     return None
 
 
+def task_files(data) -> tuple[Path, list[str]]:
+    """(root, the images' paths under it): the folder a task's caches are made from."""
+    paths = [os.path.abspath(s.path) for s in data.samples]
+    root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+    return root, [os.path.relpath(p, root) for p in paths]
+
+
 def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) -> FeatureCache:
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse; the crop
     store at crop_size pixels (CANON: the canonical crop the teachers take at extraction, for fine-tuning one).
@@ -259,9 +266,7 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) ->
     one cache per teacher set, whether the task was given DIR or DIR/UTKFace. The files' names, sizes and
     times are in the key too, so a folder rebuilt or edited gets a cache of its own, as does each detector
     setting (they change which faces are found)."""
-    paths = [os.path.abspath(s.path) for s in data.samples]
-    root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
-    rel = [os.path.relpath(p, root) for p in paths]
+    root, rel = task_files(data)
     where = root.resolve()
     boxes = [s.box for s in data.samples]  # AffectNet's face boxes: each image's face is searched around its own
     # whole images (--align none) take no detector setting: one cache whatever the run's other tasks set
@@ -625,12 +630,13 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
                          f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
                          f"the same teacher packages, or make a cache with these by fuse.py")
-    align = align_of(task, args)
-    cache, wide = task_cache(data, teachers, args, device, log, align), None
-    if done and done_data not in (None, fingerprint(data, cache)):
+    data_fp = fingerprint(data)
+    if done and done_data not in (None, data_fp):  # before a changed folder's extraction, not after it
         raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
                          f"or splits): its results would sit beside results of other data; start afresh in another "
                          f"--run-dir")
+    align = align_of(task, args)
+    cache, wide = task_cache(data, teachers, args, device, log, align), None
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -653,7 +659,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
     g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
     results = {}
-    out = {"task": task.name, "data": fingerprint(data, cache), "metric": task.metric, "protocol": task.protocol,
+    out = {"task": task.name, "data": data_fp, "metric": task.metric, "protocol": task.protocol,
            "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
            "validation": selection, "skipped_by_reader": len(data.skipped), "results": results}
@@ -728,10 +734,10 @@ def resumed_results(args, aligns=frozenset()) -> dict:
             for r in report}
 
 
-def fingerprint(data, cache) -> str:
-    """What a task's results are of: its files (names, sizes, times: the task cache's list hash), each sample's
+def fingerprint(data) -> str:
+    """What a task's results are of: its files (names, sizes, times: its task caches' list hash), each sample's
     label and the splits."""
-    h = hashlib.sha1(cache.manifest["list_hash"].encode())
+    h = hashlib.sha1(list_hash(*task_files(data)).encode())
     h.update(json.dumps([s.label for s in data.samples], default=lambda a: np.asarray(a).tolist()).encode())
     for s in data.splits:
         for part in (s.train, s.val, s.test):  # each part's length first: a face moved across a border shows

@@ -282,9 +282,11 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     # images added to the folder since: frozen's kept result was of other data, so the resume is refused
     first = sorted(utk.glob("*.jpg*"))[0]
     shutil.copy(first, utk / "33_1_0_20170109150557335.jpg.chip.jpg")
+    caches = sorted((tmp_path / "cache").iterdir())
     with pytest.raises(SystemExit, match="AgeR-UTK's data changed since the interrupted run"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                        "--run-dir", str(tmp_path / "run-copy"), "--resume"])
+    assert sorted((tmp_path / "cache").iterdir()) == caches  # refused before the changed folder was extracted
 
 
 def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fused, student_ckpt, capsys):
@@ -329,14 +331,13 @@ def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fuse
         run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
 
 
-def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border():
+def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
     """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
     as train [0 1] + val [2] + test [3]."""
-    from types import SimpleNamespace
-
-    samples = [tasks.Sample(f"{i}.jpg", i % 2) for i in range(4)]
-    cache = SimpleNamespace(manifest={"list_hash": "x"})
-    fp = lambda *parts: transfer.fingerprint(tasks.TaskData(samples, [tasks.Split("s", *parts)]), cache)
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x" * i)
+    samples = [tasks.Sample(str(tmp_path / f"{i}.jpg"), i % 2) for i in range(4)]
+    fp = lambda *parts: transfer.fingerprint(tasks.TaskData(samples, [tasks.Split("s", *parts)]))  # noqa: E731
     none = np.zeros(0, np.int64)  # a protocol's empty validation part (CelebA's partition file read whole)
     a = fp(np.array([0, 1, 2]), np.array([3]), none)
     assert a == fp(np.array([0, 1, 2]), np.array([3]), none)
