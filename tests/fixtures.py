@@ -7,6 +7,7 @@ Labels are made up; each maker's docstring gives the counts the tests rely on.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import functools
@@ -460,6 +461,24 @@ MAKERS = {
     "AgeR-FG": make_fgnet, "Pain-UNBC": make_unbc, "Object-TinyImageNet": make_tinyimagenet,
     "Object-ImageNet": make_tinyimagenet, "FER2013": make_fer2013, "Align-CelebA": make_celeba, "Align-300W": make_300w,
 }
+
+
+@contextlib.contextmanager
+def held_elsewhere(folder: Path):
+    """Another process holding folder's run lock (common.runs.hold) until the block ends: a run still going."""
+    import subprocess
+    import sys
+
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                              "from common.runs import hold; hold(Path(sys.argv[1])); print('held', flush=True); "
+                              "time.sleep(60)", str(folder)], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        yield
+    finally:
+        first.kill()
+        first.wait()
 
 
 def make_fixture(task_name: str, root) -> Path:

@@ -312,22 +312,14 @@ def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tm
 def test_overwrite_leaves_a_run_still_going_untouched(cache_dir, tmp_path):
     """--overwrite deleted the checkpoints of a run another process was still writing, then said the folder
     was in use: the folder is taken first now, and nothing is deleted."""
-    import subprocess
+    from tests.fixtures import held_elsewhere
 
     run = tmp_path / "r"
     common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--out", str(run), *TINY]
     distill.main([*common, "--stop-at", "1"])
     before = sorted(p.name for p in (run / "ckpt").iterdir())
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                              "from common.runs import hold; hold(Path(sys.argv[1])); print('held', flush=True); "
-                              "time.sleep(60)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match="another run is writing into"):
-            distill.main([*common, "--overwrite"])
-    finally:
-        first.kill()
-        first.wait()
+    with held_elsewhere(run), pytest.raises(SystemExit, match="another run is writing into"):
+        distill.main([*common, "--overwrite"])
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == before
 
 

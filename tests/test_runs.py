@@ -99,27 +99,16 @@ def test_numbers_out_of_range_stop_at_the_command_line(script, argv, capsys):
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
     """Two distill.py runs given one --run-dir interleaved their metrics and deleted each other's temporary
     checkpoint files: the second is refused while the first holds the folder."""
-    import subprocess
-    import sys
     from argparse import Namespace
-    from pathlib import Path
 
-    from common.runs import make_run_dir
+    from common.runs import holding_runs, make_run_dir
+    from tests.fixtures import held_elsewhere
 
-    root = Path(__file__).resolve().parents[1]
     held = tmp_path / "run"
     held.mkdir()
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                              "from common.runs import hold; hold(Path(sys.argv[1])); print('held', flush=True); "
-                              "time.sleep(60)", str(held)], cwd=root, stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match="another run is writing into"):
-            make_run_dir(held, "distill", Namespace())
-    finally:
-        first.kill()
-        first.wait()
-    assert make_run_dir(held, "distill", Namespace()) == held  # free once that process ended
+    with held_elsewhere(held), pytest.raises(SystemExit, match="another run is writing into"):
+        make_run_dir(held, "distill", Namespace())
+    assert holding_runs(make_run_dir)(held, "distill", Namespace()) == held  # free once that process ended
 
 
 def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
