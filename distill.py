@@ -96,7 +96,8 @@ def parse_args(argv=None):
                    help="cosine: eq. (4), 1 - cos(h_G, student); cosine+smoothl1: plus smooth-L1 on standardised "
                         "h_G (as in UNIC/Theia); mt: one-step E_MT = fresh decoder shaped like G's o student, fitting "
                         "every standardised h_i (MSE + mean per-teacher cosine; sec. 3.4)")
-    g.add_argument("--smoothl1-weight", type=NONNEGATIVE, default=1.0, help="weight of the smooth-L1 term of cosine+smoothl1")
+    g.add_argument("--smoothl1-weight", type=NONNEGATIVE, default=1.0,
+                   help="weight of the smooth-L1 term of cosine+smoothl1")
     g.add_argument("--epochs", type=int, default=40,
                    help="passes over the training faces (40: 1.5 min on the demo cache with 2 idle CPU cores)")
     g.add_argument("--steps", type=int, default=0, help="total optimizer steps (overrides --epochs when > 0)")
@@ -666,7 +667,8 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
-    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=(cfg.get("min_face_prob") or 0.9) if min_prob is None else min_prob,
+    threshold = (cfg.get("min_face_prob") or 0.9) if min_prob is None else min_prob  # 0 is a threshold: every face
+    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=threshold,
                    batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
                    smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)
     bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
@@ -758,7 +760,8 @@ def main(argv=None):
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
         msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat "
-               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite (instead of --resume) and "
+               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite "
+               f"(instead of --resume) and "
                f"a lower --lr, or --amp off")
         log.error(msg)
         if world > 1:

@@ -43,8 +43,8 @@ from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_t
 
 # The extraction's settings: a flag left out takes the one the existing --cache was made with (a rerun, or G
 # fitted anew, needs none of them again), else this default.
-EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": 0.9, "detect_size": DETECT_SIZE,
-              "smallest_face": SMALLEST_FACE, "crop_size": CROP_SIZE}
+EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": 0.9,
+              "detect_size": DETECT_SIZE, "smallest_face": SMALLEST_FACE, "crop_size": CROP_SIZE}
 
 
 def made_with(flag: str) -> str:
@@ -143,15 +143,18 @@ def parse_args(argv=None):
     g.add_argument("--balance", default="none", choices=["none", "equal", "both"],
                    help="equal: every teacher's block weighs the same in G's loss (else wide teachers dominate); "
                         "both: train and report each operator both ways (h_G written from the unweighted one)")
-    g.add_argument("--steps", type=POSITIVE_INT, default=2000, help="most optimizer steps of an autoencoder (cosine schedule)")
+    g.add_argument("--steps", type=POSITIVE_INT, default=2000,
+                   help="most optimizer steps of an autoencoder (cosine schedule)")
     g.add_argument("--epochs", type=COUNT, default=0, help="if > 0, steps = this many passes over the training faces")
-    g.add_argument("--eval-every", type=POSITIVE_INT, default=50, help="steps between validation checks (early stopping)")
+    g.add_argument("--eval-every", type=POSITIVE_INT, default=50,
+                   help="steps between validation checks (early stopping)")
     g.add_argument("--patience", type=COUNT, default=10, help="validation checks without improvement before stopping")
     g.add_argument("--fusion-batch", type=POSITIVE_INT, default=256, help="batch size for training G")
     g.add_argument("--lr", type=POSITIVE, default=1e-3, help="AdamW peak learning rate for G")
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05, help="weight decay of the residual networks")
     g.add_argument("--val-frac", type=FRACTION, default=0.1, help="fraction of faces that choose G's step (validation)")
-    g.add_argument("--test-frac", type=FRACTION, default=0.1, help="fraction of faces that Table 5 and Figure 2 report on")
+    g.add_argument("--test-frac", type=FRACTION, default=0.1,
+                   help="fraction of faces that Table 5 and Figure 2 report on")
     g.add_argument("--val-max", type=int, default=20000, help="at most this many validation faces")
     g.add_argument("--test-max", type=int, default=20000, help="at most this many test faces")
     g.add_argument("--split-group", default="image",
@@ -164,7 +167,8 @@ def parse_args(argv=None):
     g.add_argument("--n-sweep", default="",
                    help="comma list of corpus sizes (e.g. 1000,3000,10000): train --ops on the first N non-test "
                         "faces and plot test error against N (n_sweep.md/.png)")
-    g.add_argument("--synth-size", type=POSITIVE_INT, default=160, help="pixel size of synth:N faces (the DCGAN draws 64)")
+    g.add_argument("--synth-size", type=POSITIVE_INT, default=160,
+                   help="pixel size of synth:N faces (the DCGAN draws 64)")
     g.add_argument("--refit", action="store_true",
                    help="train every operator again, replacing the fits kept in the cache's fits/ folder (by "
                         "default a rerun loads the fits it finished and resumes the one a kill cut off)")

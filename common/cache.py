@@ -696,7 +696,8 @@ class FeatureCache:
                                 f"{plan['data_root']}: finish it with --data {old.get('data_root')}")
             if problems:
                 raise CacheMismatch(f"the cache at {path} was written differently: " + "; ".join(problems)
-                                    + ". Use another --cache folder, or --overwrite to delete it and extract anew.", problems)
+                                    + ". Use another --cache folder, or --overwrite to delete it and extract anew.",
+                                    problems)
             if appeared:  # the manifest first: killed between the two, the stamps only name changes wrongly
                 write_json(manifest, old)
             if appeared or not (path / "stamps.npy").exists():  # (or a cache from before they were kept)

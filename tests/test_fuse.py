@@ -620,7 +620,8 @@ def test_extraction_settings_come_from_the_cache_made_the_same_way(tmp_path):
     unset = dict.fromkeys(fuse.EXTRACTION)
     args = Namespace(out=tmp_path, overwrite=False, **unset)
     fuse.extraction_settings(args)
-    assert (args.align, args.smallest_face, args.detect_size, args.shard_size, args.crop_size) == ("mtcnn", 40, 480, 8, 96)
+    got = (args.align, args.smallest_face, args.detect_size, args.shard_size, args.crop_size)
+    assert got == ("mtcnn", 40, 480, 8, 96)
     args = Namespace(out=tmp_path, overwrite=False, **{**unset, "align": "none"})
     fuse.extraction_settings(args)  # no SystemExit: the cache's mismatch is said by create_or_resume
     assert (args.smallest_face, args.shard_size) == (fuse.EXTRACTION["smallest_face"], 8)
