@@ -124,8 +124,9 @@ def holding_runs(main):
 
 
 def hold(run: Path) -> None:
-    """Lock the run folder for this process's life: a second command given the same --run-dir while the first
-    runs would interleave its log, metrics and checkpoints with the first's (and delete its temporary files)."""
+    """Lock the run folder until the script's main returns (holding_runs), else the process ends: a second
+    command given the same --run-dir while the first runs would interleave its log, metrics and checkpoints
+    with the first's (and delete its temporary files)."""
     key = str(run.resolve())
     if key in _HELD or fcntl is None:
         return
