@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, list_hash, make_plan, read_manifest, write_json,
-                          write_missed)
+                          write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
@@ -294,17 +294,18 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) ->
         log.info(f"new task cache {path}; the same folder and teachers have other caches, made from another list "
                  f"of its files (an earlier version of the folder, another task reading part of it, or an older "
                  f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
-    try:
-        cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes)
-    except CacheMismatch as e:
-        why = "; ".join(e.problems) or str(e)
-        raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
-                         f"rebuild it, or pass another --task-cache") from None
-    redo = cache.remove_damaged(log) + (cache.remove_unread(log) if args.retry_unreadable else 0)
-    if redo or not cache.manifest.get("complete"):
-        extract(cache, teachers, device, detect, log=log, faces_from=faces_donor(cache, args.cache_dir))
-        cache.finalize()
-        cache = FeatureCache(path)
+    with writer_lock(path, log):
+        try:
+            cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes)
+        except CacheMismatch as e:
+            why = "; ".join(e.problems) or str(e)
+            raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
+                             f"rebuild it, or pass another --task-cache") from None
+        redo = cache.remove_damaged(log) + (cache.remove_unread(log) if args.retry_unreadable else 0)
+        if redo or not cache.manifest.get("complete"):
+            extract(cache, teachers, device, detect, log=log, faces_from=faces_donor(cache, args.cache_dir))
+            cache.finalize()
+            cache = FeatureCache(path)
     return cache
 
 

@@ -301,11 +301,11 @@ def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fus
     assert len(list((tmp_path / "cache").glob("UTKFace-*"))) == 2
     # An image replaced under the same name (a fixture or a dataset rebuilt): the old faces are stale, so the
     # run makes a cache of its own and names the old one, which the copy's cache is not.
-    before = set((tmp_path / "cache").iterdir())
+    before = {p for p in (tmp_path / "cache").iterdir() if p.is_dir()}  # caches, not their writers' lock files
     Image.new("RGB", (64, 64)).save(sorted(b.glob("*.jpg"))[0])
     capsys.readouterr()
     run(tmp_path, "AgeR-UTK", b, fused, student_ckpt, "--method", "frozen")
-    assert len(set((tmp_path / "cache").iterdir()) - before) == 1
+    assert len({p for p in (tmp_path / "cache").iterdir() if p.is_dir()} - before) == 1
     named = capsys.readouterr().out.split("other caches, made from another list of its files")[1].split("\n")[0]
     stale, = [c for c in before if str(b.resolve()) in (c / "manifest.json").read_text()]
     assert str(stale) in named and len([c for c in before if str(c) in named]) == 1
@@ -329,6 +329,33 @@ def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fuse
     assert any(re.search(r"-mtcnn-p0\.9-[0-9a-f]{12}$", p.name) for p in (tmp_path / "cache").iterdir())
     with pytest.raises(SystemExit, match="--smallest-face 400 must be between"):
         run(tmp_path, "AgeR-UTK", data, fused, student, "--method", "frozen", "--smallest-face", "400")
+
+
+def test_a_task_cache_is_written_by_one_run_at_a_time(tmp_path, fused, student_ckpt, monkeypatch, capsys):
+    """Two transfer.py runs on one dataset (two methods started side by side) extracted the same task cache twice
+    over into the same files: the second waits for the first, says so, then finds the cache finished."""
+    import subprocess
+    import sys
+
+    from common import cache as cache_module
+
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    seen = []
+    real = cache_module.writer_lock
+    monkeypatch.setattr(transfer, "writer_lock", lambda path, log=None: seen.append(path) or real(path, log))
+    run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+    (path,) = seen
+    code = ("import sys, time; from pathlib import Path; from common.cache import writer_lock\n"
+            "with writer_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(3)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=transfer.__file__.rsplit("/", 1)[0],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+        assert f"waiting for another run writing {path}" in capsys.readouterr().out
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
@@ -396,7 +423,7 @@ def test_a_long_or_odd_folder_name_gets_a_task_cache(tmp_path, fused, student_ck
     for _ in range(2):  # made, then found again
         r = run(tmp_path, "AgeR-UTK", odd, fused, student_ckpt, "--method", "frozen")
         assert np.isfinite(r["results"]["frozen"]["value"])
-    (cache,) = (tmp_path / "cache").iterdir()
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(cache.name) < 120 and cache.name.isascii() and "Logging error" not in capsys.readouterr().err
 
 
