@@ -165,12 +165,12 @@ def atomic_file(path: Path):
 @contextmanager
 def writer_lock(path: Path, log=None):
     """One process at a time writes the cache at path: two transfer.py runs on one dataset (two methods started
-    side by side) extracted the same task cache twice over, into the same files. The lock is a hidden file
-    beside the cache (deleting the cache keeps it); another process waits, saying so, and then finds the cache
-    finished. A file system without locks goes on unlocked."""
+    side by side) extracted the same task cache twice over, into the same files. The lock is a file in a hidden
+    folder beside the cache (deleting the cache keeps it); another process waits, saying so, and then finds
+    the cache finished. A file system without locks goes on unlocked."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as f:
+    (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".locks" / f"{path.name}.lock", "a") as f:
         try:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
