@@ -37,7 +37,8 @@ from common.extract import extract as engine_extract
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
-                         get_logger, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device, run_main)
+                         get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
+                         run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -597,6 +598,10 @@ def main(argv=None):
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --cache {args.out} is a file: name a folder for the cache")
     extraction_settings(args)
+    if rank == 0:  # a second fuse.py on one cache would extract, fit and write h_G into the same files
+        hold(args.out, args.out.parent / ".locks" / f"{args.out.name}.lock",
+             f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
+             f"another --cache")
     if args.overwrite and args.run_dir and Path(args.run_dir).resolve().is_relative_to(Path(args.out).resolve()):
         raise SystemExit(f"error: --run-dir {args.run_dir} is inside --cache {args.out}, which --overwrite deletes: "
                          f"give the run a folder of its own")

@@ -123,20 +123,22 @@ def holding_runs(main):
     return wrapped
 
 
-def hold(run: Path) -> None:
+def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> None:
     """Lock the run folder until the script's main returns (holding_runs), else the process ends: a second
     command given the same --run-dir while the first runs would interleave its log, metrics and checkpoints
-    with the first's (and delete its temporary files)."""
-    key = str(run.resolve())
+    with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal."""
+    lock = lock or run / ".lock"
+    key = str(lock.resolve())
     if key in _HELD or fcntl is None:
         return
-    f = open(run / ".lock", "a")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise SystemExit(f"error: another run is writing into {run} (the same --run-dir given twice?): wait for "
-                         f"it to end, or give this one another folder") from None
+        raise SystemExit(busy or f"error: another run is writing into {run} (the same --run-dir given twice?): "
+                                 f"wait for it to end, or give this one another folder") from None
     except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
         f.close()
         return

@@ -630,6 +630,21 @@ def test_extraction_settings_come_from_the_cache_made_the_same_way(tmp_path):
     assert args.shard_size == 4096 and args.smallest_face == 20
 
 
+def test_a_second_fuse_on_one_cache_is_refused(tmp_path, face_dir, monkeypatch):
+    """Two fuse.py runs on one cache extracted, fitted G and wrote h_G into the same files at once."""
+    sys.path.insert(0, str(ROOT))
+    import fuse
+    from tests.fixtures import held_elsewhere
+
+    monkeypatch.setattr(fuse, "extract", lambda *a, **k: pytest.fail("extracted beside another run"))
+    cache = tmp_path / "feats" / "faces"
+    with held_elsewhere(cache, tmp_path / "feats" / ".locks" / "faces.lock"), \
+            pytest.raises(SystemExit, match="another fuse.py run is writing the cache"):
+        fuse.main(["--data", str(face_dir), "--cache", str(cache), "--teachers", "gender",
+                   "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_split_groups_are_counted_and_a_pattern_that_ties_nothing_is_said(fused, tmp_path, capsys):
     """--split-group folder on a flat folder, or a pattern that matches nothing, silently drew each image alone:
     the groups are counted into split.json and the log, with a warning when no two faces were tied together."""
