@@ -598,10 +598,6 @@ def main(argv=None):
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --cache {args.out} is a file: name a folder for the cache")
     extraction_settings(args)
-    if rank == 0:  # a second fuse.py on one cache would extract, fit and write h_G into the same files
-        hold(args.out, args.out.parent / ".locks" / f"{args.out.name}.lock",
-             f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
-             f"another --cache")
     if args.overwrite and args.run_dir and Path(args.run_dir).resolve().is_relative_to(Path(args.out).resolve()):
         raise SystemExit(f"error: --run-dir {args.run_dir} is inside --cache {args.out}, which --overwrite deletes: "
                          f"give the run a folder of its own")
@@ -632,6 +628,11 @@ def main(argv=None):
                          args.crop_size, args.detect_size, args.smallest_face, stamps=stamps)
         # before the run folder, and before --overwrite deletes anything
         donor = faces_donor(args, plan, images) if args.faces_from is not None else None
+    if rank == 0:  # after every check (a refused run leaves nothing): a second fuse.py on one cache would
+        # extract, fit G and write h_G into the same files
+        hold(args.out, args.out.parent / ".locks" / f"{args.out.name}.lock",
+             f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
+             f"another --cache")
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
     if rank == 0:
