@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, list_changes, make_plan, read_manifest,
-                          write_json, write_missed)
+from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, list_changes, lock_file, make_plan,
+                          read_manifest, write_json, write_missed)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -630,7 +630,7 @@ def main(argv=None):
         donor = faces_donor(args, plan, images) if args.faces_from is not None else None
     if rank == 0:  # after every check (a refused run leaves nothing): a second fuse.py on one cache would
         # extract, fit G and write h_G into the same files
-        hold(args.out, args.out.parent / ".locks" / f"{args.out.name}.lock",
+        hold(args.out, lock_file(args.out),
              f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
              f"another --cache")
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None

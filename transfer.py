@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheMismatch, FeatureCache, as_planned, list_hash, make_plan, read_manifest, write_json,
-                          write_missed, writer_lock)
+from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, list_hash, make_plan, read_manifest,
+                          write_json, write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
@@ -135,7 +135,8 @@ def parse_args(argv=None):
                         "report.json holds are kept, the others are run (all of them if it stopped before its first "
                         "result, or there is no run there yet); refused when an argument that changes results "
                         "differs from its args.json, or a task's files, labels or splits changed since")
-    p.add_argument("--batch-features", type=POSITIVE_INT, default=32, help="faces per teacher batch when caching features")
+    p.add_argument("--batch-features", type=POSITIVE_INT, default=32,
+                   help="faces per teacher batch when caching features")
     p.add_argument("--prune", default="0.5,0.75,0.9,0.97",
                    help="etl: comma list of pruning ratios (fraction of every layer's filters removed); ratio 0, "
                         "plain finetune with the same protocol, is always run beside them")
@@ -160,7 +161,8 @@ def parse_args(argv=None):
     g.add_argument("--pseudo-agreement", type=PROBABILITY, default=0.05,
                    help="keep a pseudo value (regression, landmarks) when its std over flips and scales is at most "
                         "this fraction of the label range (of the face crop for landmarks)")
-    g.add_argument("--pseudo-epochs", type=POSITIVE_INT, default=None, help="epochs after pseudo-labelling (default: --epochs)")
+    g.add_argument("--pseudo-epochs", type=POSITIVE_INT, default=None,
+                   help="epochs after pseudo-labelling (default: --epochs)")
     g.add_argument("--kd-weight", type=float, default=1.0,
                    help="weight of kd's distillation term (each term is in units of its constant-predictor loss)")
     g.add_argument("--kd-teacher", default=None,
@@ -258,7 +260,7 @@ def task_files(data) -> tuple[Path, list[str]]:
     return root, [os.path.relpath(p, root) for p in paths]
 
 
-def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) -> FeatureCache:
+def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE, stamps=None) -> FeatureCache:
     """Aligned faces (and the teachers' h_i when teachers are given) of every sample, cached for reuse; the crop
     store at crop_size pixels (CANON: the canonical crop the teachers take at extraction, for fine-tuning one).
 
@@ -275,7 +277,7 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE) ->
         Options(align=align, batch=args.batch_features, workers=args.workers)
     plan = make_plan(root, rel, teachers, shard_size=4096, dtype="float32", align=align,
                      min_face_prob=detect.min_face_prob, crop_size=crop_size, detect_size=detect.detect_size,
-                     smallest_face=detect.smallest_face, boxes=boxes)
+                     smallest_face=detect.smallest_face, boxes=boxes, stamps=stamps)
     setting = f"{align}-p{detect.min_face_prob:g}" if align == "mtcnn" else align  # for the name
     if align == "mtcnn":  # the defaults add nothing, so that caches made before these flags stay found
         setting += f"-d{detect.detect_size}" * (detect.detect_size != DETECT_SIZE)
@@ -468,12 +470,12 @@ def fine_tunes_teacher(method, args) -> bool:
     return method == "pcnn" or (method == "etl" and args.etl_base != "student")
 
 
-def teacher_crops(data, cache, args, device, log, align) -> FeatureCache:
+def teacher_crops(data, cache, args, device, log, align, stamps=None) -> FeatureCache:
     """The task's faces at the canonical crop's full size, from which each teacher cut its input at extraction:
     a teacher fine-tuned (P-CNN) sees its input as BT and BCT read its features, where the 128-pixel store would
     hand it an enlarged copy (facex's 200-pixel input from 84 pixels). Its faces are the main cache's (reused,
     not detected again); 4 times the store's disk (192 kB a face)."""
-    wide = task_cache(data, [], args, device, log, align, crop_size=CANON)
+    wide = task_cache(data, [], args, device, log, align, crop_size=CANON, stamps=stamps)
     if not np.array_equal(wide.found, cache.found):  # reused detections find the same faces: never expected
         raise SystemExit(f"error: the task caches {cache.path} and {wide.path} found different faces; delete "
                          f"{wide.path} to have it made again from the first")
@@ -631,13 +633,14 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
                          f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
                          f"the same teacher packages, or make a cache with these by fuse.py")
-    data_fp = fingerprint(data)
+    stamps = file_stamps(*task_files(data))  # one stat of each file, for the fingerprint and every task cache
+    data_fp = fingerprint(data, stamps)
     if done and done_data not in (None, data_fp):  # before a changed folder's extraction, not after it
         raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
                          f"or splits): its results would sit beside results of other data; start afresh in another "
                          f"--run-dir")
     align = align_of(task, args)
-    cache, wide = task_cache(data, teachers, args, device, log, align), None
+    cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
     found = cache.found
     missed = int((~found).sum())
     n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
@@ -678,7 +681,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             continue
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(data, build_teachers([kd.kd_teacher(task, args)], device), args, device,
-                                  log, align) if method == "kd" else None)
+                                  log, align, stamps=stamps) if method == "kd" else None)
             results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
@@ -687,17 +690,18 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             shutil.rmtree(Path(args.run_dir) / "etl" / task.name, ignore_errors=True)  # keeps a folder's first)
         if method == "kd":  # a classification or regression task: the teacher's own answers, from its features
             name = kd.kd_teacher(task, args)
-            teacher = task_cache(data, build_teachers([name], device), args, device, log, align)
+            teacher = task_cache(data, build_teachers([name], device), args, device, log, align, stamps=stamps)
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
             features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
+            images = cache
             if fine_tunes_teacher(method, args):
-                wide = wide or teacher_crops(data, cache, args, device, log, align)
-            results[method] = supervised(task, data, method, features, wide if fine_tunes_teacher(method, args) else
-                                         cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log, g_widths)
+                images = wide = wide or teacher_crops(data, cache, args, device, log, align, stamps)
+            results[method] = supervised(task, data, method, features, images, y, lo_hi, splits, found, n_out, args,
+                                         device, student_cfg, log, g_widths)
         results[method]["selection"] = selection
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
@@ -735,10 +739,10 @@ def resumed_results(args, aligns=frozenset()) -> dict:
             for r in report}
 
 
-def fingerprint(data) -> str:
-    """What a task's results are of: its files (names, sizes, times: its task caches' list hash), each sample's
-    label and the splits."""
-    h = hashlib.sha1(list_hash(*task_files(data)).encode())
+def fingerprint(data, stamps=None) -> str:
+    """What a task's results are of: its files (names, sizes, times: its task caches' list hash; stamps: their
+    file_stamps, when already taken), each sample's label and the splits."""
+    h = hashlib.sha1(list_hash(*task_files(data), stamps).encode())
     h.update(json.dumps([s.label for s in data.samples], default=lambda a: np.asarray(a).tolist()).encode())
     for s in data.splits:
         for part in (s.train, s.val, s.test):  # each part's length first: a face moved across a border shows
@@ -942,7 +946,8 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
                         f"epochs and candidates chosen on {r['validation']}" for r in all_results] + read + chosen + extra)
     # The paper's tables give percent: 0.9790 here is its 97.90
-    units = ("- every value is a test score (faces or pairs no choice looked at); units: accuracy, error_rate and verification_accuracy are fractions (x 100 = the paper's %); "
+    units = ("- every value is a test score (faces or pairs no choice looked at); units: accuracy, error_rate and "
+             "verification_accuracy are fractions (x 100 = the paper's %); "
              "mae is in the label's units (years, PSPI); nme is a fraction of the normalising distance; "
              "verification's standard error over folds (LFW's S_E) is `se` in report.json")
     text = f"{md}\n\n{notes}\n{units}\n"

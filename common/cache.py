@@ -54,11 +54,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows: caches are not locked
-    fcntl = None
-
+from common import locks
 from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
 from common.images import CANNOT_READ, PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
@@ -162,25 +158,23 @@ def atomic_file(path: Path):
         raise
 
 
+def lock_file(path: Path) -> Path:
+    """The lock of the cache at path: in a hidden folder beside it, so that deleting the cache keeps it."""
+    path = Path(path)
+    return path.parent / ".locks" / f"{path.name}.lock"
+
+
 @contextmanager
 def writer_lock(path: Path, log=None):
     """One process at a time writes the cache at path: two transfer.py runs on one dataset (two methods started
-    side by side) extracted the same task cache twice over, into the same files. The lock is a file in a hidden
-    folder beside the cache (deleting the cache keeps it); another process waits, saying so, and then finds
-    the cache finished. A file system without locks goes on unlocked."""
-    path = Path(path)
-    (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".locks" / f"{path.name}.lock", "a") as f:
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if log:
-                    log.info(f"waiting for another run writing {path}")
-                fcntl.flock(f, fcntl.LOCK_EX)
-        except (OSError, AttributeError):  # no locks here (a network mount; fcntl None on Windows)
-            pass
+    side by side) extracted the same task cache twice over, into the same files. Another process waits, saying
+    so, and then finds the cache finished."""
+    f = locks.acquire(lock_file(path), log=log, what=path)
+    try:
         yield
+    finally:
+        if f is not None:
+            f.close()
 
 
 def atomic_write(path: Path, write) -> None:

@@ -14,10 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there are not locked
-    fcntl = None
+from common import locks
 
 
 RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it into their temporary folder)
@@ -84,7 +81,6 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
         if made_by != prefix:
             raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
         run.mkdir(parents=True, exist_ok=True)
-        hold(run)
     else:  # two runs started in the same second get folders of their own
         stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -95,7 +91,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
                 break
             except FileExistsError:
                 n += 1
-        hold(run)  # its name is in the log: a --resume given it while this run goes on is refused too
+    hold(run)  # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
     if record:
         write_args(run, prefix, args)
     return run
@@ -129,20 +125,12 @@ def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> None:
     with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal."""
     lock = lock or run / ".lock"
     key = str(lock.resolve())
-    if key in _HELD or fcntl is None:
+    if key in _HELD:
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    f = open(lock, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise SystemExit(busy or f"error: another run is writing into {run} (the same --run-dir given twice?): "
-                                 f"wait for it to end, or give this one another folder") from None
-    except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
-        f.close()
-        return
-    _HELD[key] = f
+    f = locks.acquire(lock, busy or f"error: another run is writing into {run} (the same --run-dir given twice?): "
+                                    f"wait for it to end, or give this one another folder")
+    if f is not None:
+        _HELD[key] = f
 
 
 @contextmanager

@@ -464,17 +464,17 @@ MAKERS = {
 
 
 @contextlib.contextmanager
-def held_elsewhere(folder: Path, lock: Path | None = None):
+def held_elsewhere(folder: Path, lock: Path | None = None, seconds: float = 60):
     """Another process holding folder's run lock (common.runs.hold; lock: its file, if not folder/.lock) until
-    the block ends: a run still going."""
+    the block ends or `seconds` passed: a run still going."""
     import subprocess
     import sys
 
     first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                               "from common.runs import hold; hold(Path(sys.argv[1]), Path(sys.argv[2])); "
-                              "print('held', flush=True); time.sleep(60)", str(folder),
-                              str(lock or Path(folder) / ".lock")], cwd=Path(__file__).resolve().parents[1],
-                             stdout=subprocess.PIPE, text=True)
+                              "print('held', flush=True); time.sleep(float(sys.argv[3]))", str(folder),
+                              str(lock or Path(folder) / ".lock"), str(seconds)],
+                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "held"
         yield

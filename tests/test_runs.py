@@ -116,11 +116,11 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     import errno
     from argparse import Namespace
 
-    from common import runs
+    from common import locks, runs
 
     def no_locks(*a):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
 
 

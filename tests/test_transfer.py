@@ -335,10 +335,8 @@ def test_task_faces_are_found_with_the_students_detector_settings(tmp_path, fuse
 def test_a_task_cache_is_written_by_one_run_at_a_time(tmp_path, fused, student_ckpt, monkeypatch, capsys):
     """Two transfer.py runs on one dataset (two methods started side by side) extracted the same task cache twice
     over into the same files: the second waits for the first, says so, then finds the cache finished."""
-    import subprocess
-    import sys
-
     from common import cache as cache_module
+    from tests.fixtures import held_elsewhere
 
     data = make_fixture("Gender-UTK", tmp_path / "data")
     seen = []
@@ -346,17 +344,9 @@ def test_a_task_cache_is_written_by_one_run_at_a_time(tmp_path, fused, student_c
     monkeypatch.setattr(transfer, "writer_lock", lambda path, log=None: seen.append(path) or real(path, log))
     run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
     (path,) = seen
-    code = ("import sys, time; from pathlib import Path; from common.cache import writer_lock\n"
-            "with writer_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(3)")
-    other = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=transfer.__file__.rsplit("/", 1)[0],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "held"
+    with held_elsewhere(path, cache_module.lock_file(path), seconds=3):  # the other run, writing it
         run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
         assert f"waiting for another run writing {path}" in capsys.readouterr().out
-    finally:
-        other.kill()
-        other.wait()
 
 
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
