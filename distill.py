@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, plots, precision
-from common.cache import FeatureCache, as_planned, atomic_write, write_json, write_reasons
+from common.cache import FeatureCache, as_planned, atomic_write, hold_for_reading, write_json, write_reasons
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
@@ -736,6 +736,8 @@ def main(argv=None):
     if not (args.teacher_cache / "manifest.json").exists():
         raise SystemExit(f"error: no feature cache at {args.teacher_cache}: run `python fuse.py` first "
                          f"(it writes feats/demo), or pass --cache")
+    # every rank, for the whole run: fuse.py --overwrite (or --retry-unreadable) of this cache is refused meanwhile
+    hold_for_reading(args.teacher_cache)
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

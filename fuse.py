@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, list_changes, lock_file, make_plan,
-                          read_manifest, write_json, write_missed)
+from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
+                          lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -633,6 +633,14 @@ def main(argv=None):
         hold(args.out, lock_file(args.out),
              f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
              f"another --cache")
+        if rewrites := [f for f, on in (("--overwrite", args.overwrite), ("--retry-unreadable", args.retry_unreadable),
+                                         ("--verify-crops", args.verify_crops)) if on]:
+            hold(args.out, readers_lock_file(args.out),
+                 f"error: a distill.py or transfer.py run is reading the cache {args.out}, whose files "
+                 f"{' and '.join(rewrites)} may delete or write anew: wait for it to end, or give this run another "
+                 f"--cache")
+        if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
+            hold_for_reading(donor.path)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     log = get_logger(run, f"fuse{rank}", early)
     if rank == 0:

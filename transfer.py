@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
-from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, list_hash, make_plan, read_manifest,
-                          write_json, write_missed, writer_lock)
+from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
+                          read_manifest, write_json, write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
@@ -1123,6 +1123,8 @@ def main(argv=None):
     task_aligns = {align_of(task, args) for task, _ in jobs}  # the unlabelled faces of --pseudo-label are detected
     detection_settings(args, student_cfg, task_aligns | ({args.align or "mtcnn"} if unlabelled else set()))
     done = resumed_results(args, task_aligns) if args.resume else {}
+    if any(m not in IMAGE_METHODS and not unavailable(t, m, args.kd_teacher) for t, _ in jobs for m in methods):
+        hold_for_reading(args.teacher_cache)  # fuse.py --overwrite (--retry-unreadable ...) of it refused meanwhile
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")

@@ -164,6 +164,19 @@ def lock_file(path: Path) -> Path:
     return path.parent / ".locks" / f"{path.name}.lock"
 
 
+def readers_lock_file(path: Path) -> Path:
+    """The lock that runs reading the cache at path share (distill.py, transfer.py, a --faces-from fuse.py), and
+    that fuse.py takes alone before it deletes or rewrites files of it (--overwrite, --retry-unreadable ...)."""
+    path = Path(path)
+    return path.parent / ".locks" / f"{path.name}.readers.lock"
+
+
+def hold_for_reading(path: Path) -> None:
+    """Keep the cache at path from being deleted or rewritten by fuse.py while this script's main runs."""
+    locks.hold(readers_lock_file(path), f"error: a fuse.py run is deleting or rewriting the cache {path} "
+                                        f"(--overwrite, --retry-unreadable ...): wait for it to end", shared=True)
+
+
 @contextmanager
 def writer_lock(path: Path, log=None):
     """One process at a time writes the cache at path: two transfer.py runs on one dataset (two methods started
@@ -1055,7 +1068,8 @@ class FeatureCache:
         """Yield a fresh folder for a new version of h_G `name`; on success, switch emb/NAME to it atomically.
 
         Nothing reads the folder before the switch, so a run killed while writing leaves the previous
-        version in place (the unfinished folder is removed at the next switch)."""
+        version in place (the unfinished folder is removed at the next switch). Older versions are removed
+        too, but not while a run reads the cache (readers_lock_file): it may be reading one of them."""
         root = self.path / "emb"
         root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.{time.strftime('%Y%m%d-%H%M%S')}."))
@@ -1074,6 +1088,8 @@ class FeatureCache:
         tmp.unlink(missing_ok=True)
         os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
         os.replace(tmp, link)  # the switch: one rename
+        if locks.others_hold(readers_lock_file(self.path)):
+            return
         for old in root.glob(f".{name}.*"):
             if old.is_dir() and old.resolve() not in (folder.resolve(), previous):
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""File locks (flock) that keep two processes from writing one run folder or one cache at once."""
+"""File locks (flock) that keep two processes from writing one run folder or one cache at once, and a cache
+that a run reads from being deleted or rewritten under it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,25 +9,29 @@ try:
 except ImportError:  # Windows: nothing is locked
     fcntl = None
 
+held = {}  # lock file (resolved) -> open file: the locks this process holds until its script's main returns
 
-def acquire(path: Path, busy: str | None = None, log=None, what=None):
-    """Open and lock the file at path (made, with its folder). Held by another process: busy given, SystemExit
-    with that line; else wait for it, saying in log that it waits for `what`. Returns the open file, whose
-    closing lets go, or None on a file system without locks (some network mounts): the work goes on unlocked."""
+
+def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False):
+    """Open and lock the file at path (made, with its folder); shared: a reader's lock, which other readers
+    share and a writer's excludes. Held by another process: busy given, SystemExit with that line; else wait
+    for it, saying in log that it waits for `what`. Returns the open file, whose closing lets go, or None on a
+    file system without locks (some network mounts): the work goes on unlocked."""
     if fcntl is None:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a")
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if busy is not None:
                 raise SystemExit(busy) from None
             if log:
                 log.info(f"waiting for another run writing {what}")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, mode)
     except OSError:
         f.close()
         return None
@@ -34,3 +39,27 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None):
         f.close()
         raise
     return f
+
+
+def hold(path: Path, busy: str, shared: bool = False) -> None:
+    """acquire, kept until the script's main returns (common.runs.holding_runs), else the process ends. A lock
+    this process holds already is kept as it is."""
+    key = str(Path(path).resolve())
+    if key not in held and (f := acquire(path, busy, shared=shared)) is not None:
+        held[key] = f
+
+
+def others_hold(path: Path) -> bool:
+    """Whether another process holds the lock at path (shared or not). A lock this process holds (`held`)
+    is not another's."""
+    path = Path(path)
+    if fcntl is None or not path.exists() or str(path.resolve()) in held:
+        return False
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when f closes
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -102,20 +102,17 @@ def write_args(run: Path, prefix: str, args) -> None:
     (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
 
 
-_HELD = {}  # run folders this process holds: a second make_run_dir of one main() goes on
-
-
 def holding_runs(main):
     """A script's main that lets go of the run folders it locked when it returns or fails: a notebook or a
     driver script that calls it can then run the command line on the same folder."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
-        before = set(_HELD)
+        before = set(locks.held)
         try:
             return main(*args, **kwargs)
         finally:
-            for key in set(_HELD) - before:
-                _HELD.pop(key).close()
+            for key in set(locks.held) - before:
+                locks.held.pop(key).close()
     return wrapped
 
 
@@ -123,14 +120,8 @@ def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> None:
     """Lock the run folder until the script's main returns (holding_runs), else the process ends: a second
     command given the same --run-dir while the first runs would interleave its log, metrics and checkpoints
     with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal."""
-    lock = lock or run / ".lock"
-    key = str(lock.resolve())
-    if key in _HELD:
-        return
-    f = locks.acquire(lock, busy or f"error: another run is writing into {run} (the same --run-dir given twice?): "
-                                    f"wait for it to end, or give this one another folder")
-    if f is not None:
-        _HELD[key] = f
+    locks.hold(lock or run / ".lock", busy or f"error: another run is writing into {run} (the same --run-dir given "
+                                              f"twice?): wait for it to end, or give this one another folder")
 
 
 @contextmanager

@@ -464,16 +464,16 @@ MAKERS = {
 
 
 @contextlib.contextmanager
-def held_elsewhere(folder: Path, lock: Path | None = None, seconds: float = 60):
-    """Another process holding folder's run lock (common.runs.hold; lock: its file, if not folder/.lock) until
-    the block ends or `seconds` passed: a run still going."""
+def held_elsewhere(folder: Path, lock: Path | None = None, seconds: float = 60, shared: bool = False):
+    """Another process holding folder's run lock (common.runs.hold; lock: its file, if not folder/.lock; shared:
+    a reader's lock) until the block ends or `seconds` passed: a run still going."""
     import subprocess
     import sys
 
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                              "from common.runs import hold; hold(Path(sys.argv[1]), Path(sys.argv[2])); "
-                              "print('held', flush=True); time.sleep(float(sys.argv[3]))", str(folder),
-                              str(lock or Path(folder) / ".lock"), str(seconds)],
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.locks import hold; "
+                              "hold(sys.argv[1], 'busy', shared=sys.argv[3] == '1'); print('held', flush=True); "
+                              "time.sleep(float(sys.argv[2]))", str(lock or Path(folder) / ".lock"), str(seconds),
+                              "1" if shared else "0"],
                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "held"

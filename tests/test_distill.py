@@ -345,6 +345,17 @@ def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
         distill.main([*common, "--resume"])
 
 
+def test_a_cache_that_fuse_is_rewriting_is_not_trained_on(cache_dir, tmp_path):
+    """distill.py started while fuse.py --overwrite deleted and extracted its cache again read half a cache."""
+    from common.cache import readers_lock_file
+    from tests.fixtures import held_elsewhere
+
+    with held_elsewhere(cache_dir, readers_lock_file(cache_dir)), \
+            pytest.raises(SystemExit, match="a fuse.py run is deleting or rewriting the cache"):
+        distill.main(["--teacher-cache", str(cache_dir), "--steps", "1", "--out", str(tmp_path / "r"), *TINY])
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_h_G_that_fuse_replaced_during_training_is_not_evaluated_against(cache_dir, tmp_path, monkeypatch, capsys):
     """fuse.py writing h_G anew while a student trains: the evaluation read the new G, units and split and
     reported them as the student's (a negated h_G gave cosine -0.80 for +0.80)."""

@@ -645,6 +645,36 @@ def test_a_second_fuse_on_one_cache_is_refused(tmp_path, face_dir, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cache_that_another_run_reads_is_not_deleted_or_rewritten(fused, tmp_path, face_dir, monkeypatch):
+    """fuse.py --overwrite (or --retry-unreadable, --verify-crops) deleted a cache while a distill.py run read
+    it, and two G refits deleted the h_G version it read: refused, and kept, while a reader holds the cache."""
+    sys.path.insert(0, str(ROOT))
+    import fuse
+    from common.cache import FeatureCache, readers_lock_file
+    from tests.fixtures import held_elsewhere
+
+    cache_path = tmp_path / "feats"
+    shutil.copytree(fused / "feats", cache_path, symlinks=True)
+    monkeypatch.setattr(fuse, "extract", lambda *a, **k: pytest.fail("extracted under a reader"))
+    cache = FeatureCache(cache_path)
+    read = cache.embedding_dir("ae")
+    with held_elsewhere(cache_path, readers_lock_file(cache_path), shared=True):  # distill.py, training
+        for flag in ("--overwrite", "--retry-unreadable", "--verify-crops"):
+            with pytest.raises(SystemExit, match=f"run is reading the cache .*{flag} may delete"):
+                fuse.main(["--data", str(face_dir), "--cache", str(cache_path), flag, "--teachers", CHEAP,
+                           "--run-dir", str(tmp_path / "refused")])
+        assert (cache_path / "manifest.json").exists() and not (tmp_path / "refused").exists()
+        for _ in range(2):  # G fitted anew twice meanwhile: fine, and the version being read stays
+            with cache.new_embedding("ae") as folder:
+                for f in read.iterdir():
+                    shutil.copy(f, folder / f.name)
+        assert read.is_dir()
+    with cache.new_embedding("ae") as folder:  # no reader: the versions before the previous one go
+        for f in read.iterdir():
+            shutil.copy(f, folder / f.name)
+    assert not read.exists()
+
+
 def test_split_groups_are_counted_and_a_pattern_that_ties_nothing_is_said(fused, tmp_path, capsys):
     """--split-group folder on a flat folder, or a pattern that matches nothing, silently drew each image alone:
     the groups are counted into split.json and the log, with a warning when no two faces were tied together."""

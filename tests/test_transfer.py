@@ -349,6 +349,22 @@ def test_a_task_cache_is_written_by_one_run_at_a_time(tmp_path, fused, student_c
         assert f"waiting for another run writing {path}" in capsys.readouterr().out
 
 
+def test_the_teachers_cache_being_rewritten_is_not_read(tmp_path, fused, student_ckpt):
+    """transfer.py's teacher-feature methods read G and the teachers' units from a fuse.py cache: not while a
+    fuse.py --overwrite deletes and extracts it again (and it keeps that cache from being deleted meanwhile)."""
+    from common.cache import readers_lock_file
+    from tests.fixtures import held_elsewhere
+
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    cache = fused / "feats"
+    with held_elsewhere(cache, readers_lock_file(cache)), \
+            pytest.raises(SystemExit, match="a fuse.py run is deleting or rewriting the cache"):
+        run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "bt")
+    assert not (tmp_path / "run").exists()  # refused before any work
+    with held_elsewhere(cache, readers_lock_file(cache)):  # a method that needs no teacher is not refused
+        run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+
+
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
     """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
     as train [0 1] + val [2] + test [3]."""
