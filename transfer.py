@@ -147,17 +147,20 @@ def parse_args(argv=None):
                    help="etl: at most this many training faces score the filters (no augmentation)")
     p.add_argument("--etl-keep", type=float, default=0.995,
                    help="etl: the reported ratio is the most pruned one keeping this share of ratio 0's "
-                        "validation score (the paper's 99.5 %%); chosen on validation only")
+                        "validation score (a rule modelled on the 99.5 %% of plain transfer ETL reports keeping); "
+                        "chosen on validation only. A ratio is a share of filters, not of model size")
     g = p.add_argument_group("multitask (2MD-MTL) and kd (Wang 2017)")
     g.add_argument("--backbone", default="student",
                    help="multitask backbone: student (the --student checkpoint), scratch (its architecture, random "
                         "init) or a PyTorch teacher (onet, mobilenet_v2, ...)")
     g.add_argument("--pseudo-label", type=Path, metavar="DIR",
                    help="multitask data distillation (needs --method multitask): label these unlabelled faces (any "
-                        "folder tree) and the other datasets' training images for the tasks they lack, then train "
-                        "on; reported beside the same training without the pseudo-labels")
+                        "folder tree) and the other datasets' training images for the tasks they lack (attribute "
+                        "tasks are not pseudo-labelled), then train on; reported beside the same training without "
+                        "the pseudo-labels")
     g.add_argument("--pseudo-threshold", type=PROBABILITY, default=0.9,
-                   help="keep a pseudo class when its probability, averaged over flips and scales, reaches this")
+                   help="keep a pseudo class when its probability, averaged over flips and scales, reaches this "
+                        "(this project's choice, as is --pseudo-agreement: the paper's summary gives neither)")
     g.add_argument("--pseudo-agreement", type=PROBABILITY, default=0.05,
                    help="keep a pseudo value (regression, landmarks) when its std over flips and scales is at most "
                         "this fraction of the label range (of the face crop for landmarks)")
@@ -862,8 +865,8 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
              "missed_test": int(sum((~found[sp.test]).sum() for sp in splits))}
     if len(set(names)) > 1:
         entry["chosen_per_split"] = names
-    if picks[0][1]:
-        entry["rule"] = picks[0][1]
+    if method == "etl":
+        entry["rule"] = prune.rule_line(picks)
     if len(candidates) > 1 and method != "etl" and any(v is None for v in chosen_vals):
         entry["note"] = "a split without a validation score shows its first candidate: nothing was chosen there"
     if len(candidates) > 1:
@@ -873,8 +876,10 @@ def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_o
         teacher = [tasks.missed_face_rule(task, features.preds[sp.test], missed[sp.test], lo_hi) for sp in splits]
         entry["teacher"], entry["teacher_name"] = pooled_score(task, splits, teacher, y_true), features.teacher
         what = f"T {features.temperature:g}; " if task.kind == "classification" else ""
-        entry["note"] = (f"teacher {features.teacher}'s own prediction: {task.metric} {entry['teacher']:.4f} on the "
-                         f"same test images; {what}kd weight {args.kd_weight}")
+        mapped = (" (its answer among the task's classes: a teacher class the task lacks is left out)"
+                  if task.kind == "classification" else "")
+        entry["note"] = (f"teacher {features.teacher}'s own prediction{mapped}: {task.metric} {entry['teacher']:.4f} "
+                         f"on the same test images; {what}kd weight {args.kd_weight}")
     return entry
 
 

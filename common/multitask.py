@@ -315,7 +315,8 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
     """Adam on the joint loss over every row with at least one label; batches mix datasets.
 
     validate(model) -> {task name: score} after each epoch; for each task the weights of its best epoch are
-    kept (tasks may peak at different epochs). Returns {task name: (score, state)}, empty without validate;
+    kept (tasks may peak at different epochs). Returns {task name: (score, state, epoch counted from 1 over
+    every round)}, empty without validate;
     `best` carries such a record over from earlier epochs. frozen: the backbone (and its batch statistics) stays.
     """
     ids = np.unique(np.concatenate([label_rows(t) for t in targets]))
@@ -342,7 +343,7 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
         if validate is not None:
             for name, s in validate(model).items():
                 if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):
-                    best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()}, ds.epoch + 1)
     model.eval()
     return best
 
@@ -501,18 +502,19 @@ def lr_groups(model: JointModel, args, scratch: bool, frozen: bool = False) -> l
 
 
 def evaluate(model, targets, rows, size, args, device, best: dict) -> dict:
-    """Each task's test score, with the weights of its best validation epoch (the last epoch without one)."""
+    """Each task's test score, with the weights of its best validation epoch (the last epoch without one): each
+    task's own checkpoint, so the tasks' scores may come from different epochs of the joint model."""
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     res = {}
     for t in targets:
         if t.task is None:
             continue
-        val, state = best.get(t.name, (None, final))
+        val, state, epoch = best.get(t.name, (None, final, None))
         model.load_state_dict(state)
         value, _ = score_rows(t, model, rows, t.split.test, size, args, device)
         test_rows = t.extra["sample_rows"][t.split.test]
         res[t.name] = {"metric": t.task.metric, "value": float(value), "val": None if val is None else float(val),
-                       "chosen": None, "n_test": len(test_rows),
+                       "chosen": None if epoch is None else f"epoch {epoch}", "epoch": epoch, "n_test": len(test_rows),
                        "missed_test": int((~np.asarray(rows.found)[test_rows]).sum()),
                        "selection": t.extra.get("selection", "no choice made: the last epoch")}
     model.load_state_dict(final)
@@ -590,5 +592,8 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
             if name == "multitask+pseudo":
                 e["pseudo_labels"] = added.get(task_name, 0)
                 e["note"] = f"{added.get(task_name, 0)} pseudo-labels added"
+                if e["epoch"] is not None and e["epoch"] <= args.epochs:  # no epoch with them did better on val
+                    e["note"] += (f"; no epoch trained with them beat round 1's epoch {e['epoch']} on validation: "
+                                  f"the model scored is multitask's round-1 model, which never saw a pseudo-label")
             results.setdefault(task_name, {})[name] = e
     return results

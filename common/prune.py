@@ -381,7 +381,16 @@ def choose(entries: dict, higher_is_better: bool, keep: float) -> tuple[float, s
     ok = [r for r, e in entries.items() if e.get("val") is not None
           and (e["val"] >= keep * base if higher_is_better else e["val"] <= base / keep)]
     pick = max(ok) if ok else 0.0
-    return pick, f"the most pruned ratio keeping {keep:.1%} of the unpruned validation score: {pick:g}"
+    return pick, f"the most pruned ratio keeping {keep:.1%} of the unpruned validation score"
+
+
+def rule_line(picks: list[tuple[str, str]]) -> str:
+    """etl.md's line on the choice, from each split's (ratio, rule) of choose: with several splits (leave-one-
+    out), each one's own pick, not the first split's alone."""
+    rules = "; ".join(dict.fromkeys(r for _, r in picks))
+    if len(picks) == 1:
+        return f"{rules}: {picks[0][0]}"
+    return f"{rules}, on each split's own validation faces: {', '.join(p for p, _ in picks)}"
 
 
 # ------------------------------------------------------------------------------------------ report

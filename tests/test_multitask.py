@@ -219,6 +219,11 @@ def test_multitask_with_pseudo_labels_end_to_end(tmp_path, tiny_student):
         assert all(np.isfinite(res[m]["value"]) for m in res)
         # threshold 0: every training image of the other dataset and every unlabelled face gets a label
         assert res["multitask+pseudo"]["pseudo_labels"] > 0
+        # each task's epoch is chosen on validation over both rounds (--epochs 1, then --pseudo-epochs): a
+        # pseudo column whose choice fell in round 1 scores a model that never saw a pseudo-label, and says so
+        pseudo = res["multitask+pseudo"]
+        assert all(res[m]["chosen"] == f"epoch {res[m]['epoch']}" for m in res)
+        assert ("never saw a pseudo-label" in pseudo["note"]) == (pseudo["epoch"] == 1)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "multitask+pseudo" in md and "pseudo-labels added" in md
 
@@ -279,6 +284,8 @@ def test_kd_on_gender_age_and_expression(tmp_path, tiny_student):
         assert res["kd"]["n_test"] == res["finetune"]["n_test"] and "kd weight 1.0" in res["kd"]["note"]
         assert np.isfinite(res["kd"]["teacher"]) and f"teacher {teacher}'s own" in res["kd"]["note"]
         assert res["kd"]["teacher_name"] == teacher
+        # a teacher's classes that the task lacks are left out of its own score: the note says so
+        assert ("answer among the task's classes" in res["kd"]["note"]) == (metric == "accuracy"), task
     with pytest.raises(SystemExit, match="--kd-teacher age: Gender-UTK distils a teacher's own gender prediction"):
         _main(tmp_path / "x", tiny_student, "--task", "Gender-UTK", "--data", str(utk), "--method", "kd",
               "--kd-teacher", "age")

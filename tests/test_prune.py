@@ -196,6 +196,7 @@ def test_etl_every_ratio_end_to_end(etl_run):
     assert [row["mflops"] for row in rows] == sorted((row["mflops"] for row in rows), reverse=True)
     md = (run / "etl.md").read_text()
     assert "finetune (0)" in md and "0.97" in md and "not measured" in md  # no GPU here
+    assert f"* chosen: the most pruned ratio keeping 99.5% of the unpruned validation score: {res['chosen']}" in md
     assert (run / "etl.png").stat().st_size > 1000
 
 
@@ -336,3 +337,20 @@ def test_etl_flags_and_a_pruned_students_scratch_twin(etl_run, tmp_path):
     assert table[0][-3:] == ["not measured", "0.8000", "100.0%"]
     assert prune.report_table([{**rows[0], "val": 0.75}], "accuracy", True)[1][0][-3] == "0.7500"
     assert prune.report_table(rows, "accuracy", True, "mobilenet_v2")[1][0][0] == "pcnn mobilenet_v2 (0)"
+
+
+def test_the_etl_choice_is_made_on_validation_and_said_for_every_split():
+    """The most pruned ratio that keeps --etl-keep of ratio 0's validation score (an error may grow by 1/keep);
+    with leave-one-out splits etl.md named the first split's pick only."""
+    from common.prune import choose, rule_line
+
+    entries = {0.0: {"val": 0.80}, 0.5: {"val": 0.797}, 0.75: {"val": 0.70}, 0.9: {"val": 0.799}}
+    assert choose(entries, True, 0.995)[0] == 0.9
+    assert choose(entries, True, 0.9999)[0] == 0.0
+    assert choose({0.0: {"val": 2.0}, 0.5: {"val": 2.009}, 0.9: {"val": 2.02}}, False, 0.995)[0] == 0.5
+    ratio, rule = choose({0.0: {"val": None}, 0.5: {"val": 0.7}}, True, 0.995)
+    assert ratio == 0.5 and "nothing is chosen on test" in rule
+    keep = choose(entries, True, 0.995)[1]
+    assert rule_line([("0.9", keep)]) == f"{keep}: 0.9"
+    line = rule_line([("0.9", keep), ("0.5", keep), ("0", keep)])
+    assert line.count(keep) == 1 and line.endswith("each split's own validation faces: 0.9, 0.5, 0")
