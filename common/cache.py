@@ -1142,7 +1142,7 @@ class FeatureCache:
         folder = self.embedding_dir(name)
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' "
-                                    f"(has: {self.embedding_names() or 'none'}): run fuse.py --write {name}")
+                                    f"(has: {self.embedding_names() or 'none'}): run fuse.py --cache {self.path} --write {name}")
         remedy = self._hG_hint(name)
         try:
             meta = json.loads((folder / "meta.json").read_bytes())

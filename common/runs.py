@@ -66,6 +66,20 @@ def resolved_args(args) -> dict:
                                  default=str))
 
 
+LAST_RUN = []  # [script, run folder] of the run folder this process made last
+
+
+def interrupted_line() -> str:
+    """What a Ctrl-C ends with: how to go on where the run stopped (what was written is whole)."""
+    if not LAST_RUN:
+        return "interrupted before its run folder was made: run the same command again"
+    script, run = LAST_RUN
+    if script == "fuse":
+        return (f"interrupted (run folder {run}): run the same command again, without --overwrite (which would "
+                f"delete the cache), to go on where it stopped")
+    return f"interrupted: to go on where it stopped, run the same command again with --resume --run-dir {run}"
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
     script (`prefix`) that made it: another script's run folder is refused, not written over. record=False
@@ -92,6 +106,7 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
             except FileExistsError:
                 n += 1
     hold(run)  # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
+    LAST_RUN[:] = [prefix, run]  # for the line a Ctrl-C ends with
     if record:
         write_args(run, prefix, args)
     return run
@@ -218,9 +233,7 @@ def run_main(main) -> None:
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
-        sys.stderr.write("\ninterrupted: run the same command again, without --overwrite (which would delete what "
-                         "was done), to go on where it stopped (distill.py and transfer.py: with --resume and the "
-                         "run's folder as --run-dir)\n")
+        sys.stderr.write(f"\n{interrupted_line()}\n")
         sys.exit(130)
     except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
         sys.exit(f"error: {e}")

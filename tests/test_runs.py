@@ -49,10 +49,20 @@ def test_other_errors_keep_their_traceback(error):
         run_main(raising(error))
 
 
-def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(raising(KeyboardInterrupt()))
-    assert e.value.code == 130 and "run the same command again" in capsys.readouterr().err
+def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys, tmp_path):
+    """Ctrl-C says how to go on: "the same command again" resumed fuse.py but was refused by distill.py and
+    transfer.py, which need --resume and their run folder (a timestamped one when none was given)."""
+    from argparse import Namespace
+
+    from common.runs import make_run_dir
+
+    for script in ("fuse", "distill", "transfer"):
+        run = make_run_dir(tmp_path / script, script, Namespace())
+        with pytest.raises(SystemExit) as e:
+            run_main(raising(KeyboardInterrupt()))
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and "run the same command again" in err
+        assert (f"--resume --run-dir {run}" in err) == (script != "fuse") and ("--overwrite" in err) == (script == "fuse")
     with pytest.raises(SystemExit, match=r"^error: ae: the loss became inf; lower --lr$"):
         run_main(raising(FloatingPointError("ae: the loss became inf; lower --lr")))
 
