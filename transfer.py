@@ -87,9 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
                    help="distill.py checkpoint or run folder (default: runs/distill-demo, the one `python distill.py` "
                         "writes)")
-    p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
-                   help="fuse.py cache whose teachers, statistics and G the feature methods use")
-    p.add_argument("--embedding", default=None, help="which h_G of the cache (default: the one fuse.py wrote last)")
+    p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=None,
+                   help="fuse.py cache whose teachers, statistics and G the feature methods use (default: the one the "
+                        "student learnt from, which distill.py records in it, when it is still there; else feats/demo)")
+    p.add_argument("--embedding", default=None,
+                   help="which h_G of the cache (default: the student's, when --cache is the cache it learnt from; "
+                        "else the one fuse.py wrote last)")
     p.add_argument("--align", default=None, choices=["mtcnn", "none"],
                    help="mtcnn: detect and align faces; none: each whole image is the crop (face crops, objects). "
                         "Default: each task's own: none for Object-TinyImageNet and the embedded demo, else mtcnn")
@@ -608,34 +611,83 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
                                       f"(available: {', '.join(ok)})")
 
 
-def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
-                  done=None) -> dict:
-    """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
-    done: (data fingerprint, {method: result}) of an interrupted run of the same arguments (--resume), kept
-    instead of run again if its data were these."""
-    done_data, done = done or (None, {})
-    n_out = tasks.output_size(task, data)
-    # (a method shown n/a for this task, from --method all, needs nothing)
-    need_teachers = [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
+DEMO_CACHE = Path("feats/demo")
+
+
+def the_students_cache(args, student_cfg) -> None:
+    """--cache left unset: the cache the student learnt from, if it is still where distill.py recorded it, so that
+    the student's columns and the teacher-feature columns (fused, concat, ...) come from one fuse.py run."""
+    if args.teacher_cache is not None:
+        return
+    recorded = Path((student_cfg or {}).get("teacher_cache") or DEMO_CACHE)
+    same = recorded.resolve() == DEMO_CACHE.resolve()  # the demo's kept as written: a --resume compares it
+    args.teacher_cache = DEMO_CACHE if same or not (recorded / "manifest.json").is_file() else recorded
+
+
+def pairing_warning(unsup: FeatureCache, embedding: str | None, student_cfg) -> str | None:
+    """What differs between the student and the h_G the teacher-feature methods read: the two kinds of columns
+    then stand for two fusions (another cache's G, or another G of the same cache)."""
+    if not student_cfg or not student_cfg.get("embedding"):
+        return None
+    mine = student_cfg.get("cache_content")
+    if mine and mine != unsup.manifest.get("content_hash"):
+        return (f"warning: the student learnt from the cache {student_cfg.get('teacher_cache')}, the teacher-feature "
+                f"methods read {unsup.path}, made of other images or teachers: their columns are of two fusions")
+    if embedding != student_cfg["embedding"]:
+        return (f"warning: the student learnt h_G '{student_cfg['embedding']}', the teacher-feature methods read "
+                f"h_G '{embedding}' of {unsup.path}: their columns are of two fusions (--embedding names one)")
+    return None
+
+
+def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
+    """(cache, h_G name, h_G width, teachers) of the fuse.py cache that the teacher-feature methods `need` read
+    (all None and no teacher when none is needed). Checked once, before the run folder is made: a cache without
+    G, or made by other teacher versions, stops the run before any work. student_cfg: the student's, whose h_G
+    is the default when this is its cache."""
+    if not need:
+        return None, None, None, []
+    hold_for_reading(args.teacher_cache)  # fuse.py --overwrite (--retry-unreadable ...) of it refused meanwhile
     try:
-        unsup = FeatureCache(args.teacher_cache).require_complete() if need_teachers else None
+        unsup = FeatureCache(args.teacher_cache).require_complete()
     except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: --method {','.join(need_teachers)} needs the teachers, their statistics and G "
+        raise SystemExit(f"error: --method {','.join(need)} needs the teachers, their statistics and G "
                          f"of a fuse.py cache: {e}")
-    # The h_G (with its G and units) that the teacher-feature methods read: one, resolved once.
-    embedding = (args.embedding or next(iter(unsup.embedding_names()), None)) if unsup else None
-    if unsup:
-        try:
-            g_dim = unsup.embedding(embedding or "ae")[1]["dim"]
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: --method {','.join(need_teachers)} needs G and h_G: {e}")
-    teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device) if unsup else []
-    if unsup and (other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
-                            if t.version != r["version"]]):
+    # The h_G (with its G and units) that the teacher-feature methods read: one, resolved once; the student's
+    # when this is its cache
+    names = unsup.embedding_names()
+    own = (student_cfg or {}).get("embedding")
+    if not args.embedding and own in names and student_cfg.get("cache_content") in (
+            None, unsup.manifest.get("content_hash")):
+        args.embedding = own
+    embedding = args.embedding or next(iter(names), None)
+    try:
+        g_dim = unsup.embedding(embedding or "ae")[1]["dim"]
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --method {','.join(need)} needs G and h_G: {e}")
+    teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device)
+    if other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
+                 if t.version != r["version"]]:
         name, here, there = other[0]
         raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
                          f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
                          f"the same teacher packages, or make a cache with these by fuse.py")
+    return unsup, embedding, g_dim, teachers
+
+
+def needs_teachers(task, methods, args) -> list[str]:
+    # (a method shown n/a for this task, from --method all, needs nothing)
+    return [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
+
+
+def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
+                  done=None, source=(None, None, None, [])) -> dict:
+    """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
+    done: (data fingerprint, {method: result}) of an interrupted run of the same arguments (--resume), kept
+    instead of run again if its data were these. source: teacher_source's, for the teacher-feature methods."""
+    done_data, done = done or (None, {})
+    n_out = tasks.output_size(task, data)
+    # a task none of whose methods reads teacher features runs no teacher on its images
+    unsup, embedding, g_dim, teachers = source if needs_teachers(task, methods, args) else (None, None, None, [])
     stamps = file_stamps(*task_files(data))  # one stat of each file, for the fingerprint and every task cache
     data_fp = fingerprint(data, stamps)
     if done and done_data not in (None, data_fp):  # before a changed folder's extraction, not after it
@@ -672,6 +724,8 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
            "validation": selection, "skipped_by_reader": len(data.skipped), "results": results}
     if data.counts:  # the reader's own filters (AffectNet's codes 8-10, IMDb-WIKI's rules): how many rows each took
         out["reader_counts"] = dict(data.counts)
+    if unsup:  # what the teacher-feature columns are of
+        out["teacher_cache"], out["embedding"] = str(unsup.path), embedding
     for method in methods:
         if method == "multitask":
             continue  # one joint model over every task: main() runs it once all tasks are read
@@ -732,6 +786,8 @@ def resumed_results(args, aligns=frozenset()) -> dict:
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
         old["align"] = None
+    if old["embedding"] is None:  # recorded unresolved (the cache's default then) before the student's was taken
+        old["embedding"] = now["embedding"]
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("
@@ -771,7 +827,7 @@ def student_config(args, methods) -> dict | None:
                 else "holds no student" if path.exists() else "does not exist")
         raise SystemExit(f"error: --method {','.join(need)} needs the distilled student, {path} "
                          f"(a student.safetensors or a distill.py run folder holding one), which {what}: "
-                         f"make it with `python distill.py --cache {args.teacher_cache} --run-dir {out}`"
+                         f"make it with `python distill.py --cache {args.teacher_cache or DEMO_CACHE} --run-dir {out}`"
                          + (f" and pass --student {out}" if out != path else "") + ", or pass --student")
     if have and (need or "scratch" in methods):
         return load_student(path)[1]
@@ -1125,16 +1181,19 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
+    the_students_cache(args, student_cfg)
     task_aligns = {align_of(task, args) for task, _ in jobs}  # the unlabelled faces of --pseudo-label are detected
     detection_settings(args, student_cfg, task_aligns | ({args.align or "mtcnn"} if unlabelled else set()))
+    source = teacher_source(args, list(dict.fromkeys(m for t, _ in jobs for m in needs_teachers(t, methods, args))),
+                            device, student_cfg)  # (it fills --embedding, which a --resume compares)
     done = resumed_results(args, task_aligns) if args.resume else {}
-    if any(m not in IMAGE_METHODS and not unavailable(t, m, args.kd_teacher) for t, _ in jobs for m in methods):
-        hold_for_reading(args.teacher_cache)  # fuse.py --overwrite (--retry-unreadable ...) of it refused meanwhile
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
     if student_cfg and "note" in student_cfg:
         log.info(student_cfg.pop("note"))
+    if source[0] and (why := pairing_warning(source[0], source[1], student_cfg)):
+        log.warning(why)
     all_results = []
     for task, data, _ in read:
         if data.skipped:
@@ -1145,7 +1204,7 @@ def main(argv=None):
             log.info(f"{task.name}: kept from the interrupted run: {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
-                                         done=done.get(task.name)))
+                                         done=done.get(task.name), source=source))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

@@ -186,8 +186,10 @@ def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_pat
     import shutil
 
     bare = shutil.copytree(fused / "feats", tmp_path / "bare", ignore=shutil.ignore_patterns("emb", "fits"))
-    with pytest.raises(SystemExit, match=r"--method concat needs G and h_G: .* holds no fused embedding .*run fuse.py"):
-        transfer.main([*base[:-1], str(bare), "--method", "concat"])
+    with pytest.raises(SystemExit, match=rf"--method concat needs G and h_G: .* holds no fused embedding .*run fuse.py "
+                                         rf"--cache {bare} --write ae"):  # that cache, not the default one
+        transfer.main([*base[:-1], str(bare), "--method", "concat", "--run-dir", str(tmp_path / "r3")])
+    assert not (tmp_path / "r3").exists()
 
 
 def test_selection_without_a_validation_split_is_carved_from_training(tmp_path, fused, student_ckpt):
@@ -363,6 +365,34 @@ def test_the_teachers_cache_being_rewritten_is_not_read(tmp_path, fused, student
     assert not (tmp_path / "run").exists()  # refused before any work
     with held_elsewhere(cache, readers_lock_file(cache)):  # a method that needs no teacher is not refused
         run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "frozen")
+
+
+def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, capsys):
+    """--cache and --embedding defaulted to feats/demo and the h_G fuse.py wrote last, whatever the student
+    learnt from: its columns sat beside another fusion's without a word. They default to the student's now, and
+    a given other one is warned about; report.json names what the teacher columns read."""
+    from common.cache import FeatureCache
+    from tests.fixtures import write_tiny_student
+
+    cache = FeatureCache(shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True))
+    with cache.new_embedding("pca") as folder:  # a second h_G, not the default: taking the student's is seen
+        for f in cache.embedding_dir("ae").iterdir():
+            shutil.copy(f, folder / f.name)
+    assert cache.embedding_names()[0] == "ae"
+    student = write_tiny_student(tmp_path / "s.safetensors", 48, embedding="pca", teacher_cache=str(cache.path),
+                                 cache_content=cache.manifest["content_hash"])
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    base = ["--task", "Gender-UTK", "--data", str(data), "--student", str(student), "--method", "frozen,fused",
+            "--task-cache", str(tmp_path / "tc"), "--epochs", "1", "--head-epochs", "2", "--max-splits", "1"]
+    transfer.main([*base, "--run-dir", str(tmp_path / "r1")])  # no --cache: the student's
+    (r,) = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert (r["teacher_cache"], r["embedding"]) == (str(cache.path), "pca")
+    assert json.loads((tmp_path / "r1" / "args.json").read_text())["embedding"] == "pca"
+    assert "warning: the student learnt" not in capsys.readouterr().out
+    transfer.main([*base, "--cache", str(cache.path), "--embedding", "ae", "--run-dir", str(tmp_path / "r2")])
+    assert "warning: the student learnt h_G 'pca', the teacher-feature methods read h_G 'ae'" in capsys.readouterr().out
+    (r,) = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert r["embedding"] == "ae"
 
 
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
