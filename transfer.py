@@ -1069,8 +1069,11 @@ def etl_base_problem(name: str) -> str | None:
 
 
 # Flags that only a method reads: given (not left at their default) without it, they would be ignored.
+HEAD_METHODS = ("frozen", "fused", "concat", "pca", "bt", "bct")  # an MLP head on fixed features (--head-epochs)
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
-                "pseudo_epochs": "multitask", "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd"}
+                "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
+                "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",
+                "head_epochs": HEAD_METHODS}
 
 
 def check_flags(args, methods) -> None:
@@ -1094,10 +1097,15 @@ def check_flags(args, methods) -> None:
     if args.max_splits is not None and args.max_splits < 0:
         raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
     defaults = vars(parse_args([]))
-    for flag, method in FLAG_METHODS.items():
-        if getattr(args, flag) != defaults[flag] and method not in methods:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is for --method {method}, "
-                             f"which this run does not have")
+    for flag, takers in FLAG_METHODS.items():
+        takers = (takers,) if isinstance(takers, str) else takers
+        if getattr(args, flag) != defaults[flag] and not set(takers) & set(methods):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is for --method "
+                             f"{' or '.join(takers)}, which this run does not have")
+    if args.pseudo_label is None and any(getattr(args, f) != defaults[f] for f in ("pseudo_threshold",
+                                                                                    "pseudo_agreement", "pseudo_epochs")):
+        raise SystemExit("error: --pseudo-threshold, --pseudo-agreement and --pseudo-epochs are for data distillation: "
+                         "give --pseudo-label DIR")
     if not 0 < args.val_frac < 1 or (args.pseudo_epochs is not None and args.pseudo_epochs < 1):
         raise SystemExit(f"error: --val-frac must lie between 0 and 1 (got {args.val_frac:g}) and --pseudo-epochs "
                          f"be 1 or more (got {args.pseudo_epochs})")

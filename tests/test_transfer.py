@@ -20,9 +20,12 @@ def student_ckpt(tmp_path_factory, fused):
 
 def run(tmp_path, task, data, fused, student, *extra):
     shutil.rmtree(tmp_path / "run", ignore_errors=True)  # transfer.py does not overwrite a run's report
+    methods = set(extra[extra.index("--method") + 1].split(",")) if "--method" in extra else {"finetune"}
+    small = (["--head-epochs", "3"] if methods & {"all", *transfer.HEAD_METHODS} else []) + \
+        (["--max-subsets", "3"] if methods & {"all", "bct"} else [])  # (each refused where no method reads it)
     transfer.main(["--task", task, "--data", str(data), "--student", str(student), "--teacher-cache",
                    str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
-                   "--epochs", "1", "--head-epochs", "3", "--max-splits", "2", "--max-subsets", "3", *extra])
+                   "--epochs", "1", "--max-splits", "2", *small, *extra])
     return json.loads((tmp_path / "run" / "report.json").read_text())[0]
 
 
@@ -510,6 +513,11 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                       (["--pseudo-label", "faces", "--method", "finetune"], "--pseudo-label needs --method multitask"),
                       (["--method", "finetune", "--prune", "0.5"], "--prune 0.5 is for --method etl"),
                       (["--method", "finetune", "--kd-weight", "2"], "--kd-weight 2.0 is for --method kd"),
+                      (["--method", "finetune", "--head-epochs", "7"], "--head-epochs 7 is for --method frozen or fused"),
+                      (["--method", "bt", "--max-subsets", "3"], "--max-subsets 3 is for --method bct"),
+                      (["--method", "finetune", "--pseudo-threshold", "0.5"], "--pseudo-threshold 0.5 is for --method "
+                                                                              "multitask"),
+                      (["--method", "multitask", "--pseudo-agreement", "0.1"], "for data distillation: give --pseudo-label"),
                       (["--val-frac", "1"], "--val-frac must lie between 0 and 1"),
                       (["--tasks", "AgeR-UTK=a,AgeR-UTK=b"], "--tasks names a task twice"),
                       (["--method", ","], "--method: name at least one of")]:
