@@ -335,12 +335,19 @@ def split_rows(cache, name, seed):
     return np.setdiff1d(found, val), val
 
 
-def setup(args, rank, world, device, run, log) -> SimpleNamespace:
-    """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state."""
+def targets(args) -> tuple:
+    """(cache, h_G name, h_G, its meta): the cache's h_G `--embedding` (default: the one fuse.py wrote last), its
+    files checked, before the run folder is made (a cache without one left an empty run folder)."""
     cache = FeatureCache(args.teacher_cache).require_complete()
     names = cache.embedding_names()
     name = args.embedding or (names[0] if names else None)
-    hG, meta = cache.embedding(name or "ae")
+    return cache, name, *cache.embedding(name or "ae")
+
+
+def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
+    """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state.
+    known: targets(args)."""
+    cache, name, hG, meta = known
     train_rows, val_rows = split_rows(cache, name, args.seed)
     if len(train_rows) < args.batch * world:
         raise SystemExit(f"error: {len(train_rows)} training faces, fewer than one step of --batch {args.batch} "
@@ -738,6 +745,7 @@ def main(argv=None):
                          f"(it writes feats/demo), or pass --cache")
     # every rank, for the whole run: fuse.py --overwrite (or --retry-unreadable) of this cache is refused meanwhile
     hold_for_reading(args.teacher_cache)
+    known = targets(args)
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
@@ -756,7 +764,7 @@ def main(argv=None):
         run = box[0]
     log = get_logger(run, "distill") if rank == 0 else logging.getLogger(f"distill.rank{rank}")
     try:
-        s = setup(args, rank, world, device, run, log)
+        s = setup(args, rank, world, device, run, log, known)
         if args.resume and rank == 0:  # its settings checked against the checkpoint's
             write_args(run, "distill", args)
         finished = train(s, args, rank, world, run, log) == s.total

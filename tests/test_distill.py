@@ -345,6 +345,17 @@ def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
         distill.main([*common, "--resume"])
 
 
+def test_a_cache_without_h_G_stops_before_the_run_folder(cache_dir, tmp_path):
+    """A cache fuse.py --extract-only wrote (no h_G): one line naming the command for that cache, and no empty run
+    folder left behind (it held args.json and an empty log.txt)."""
+    import shutil
+
+    bare = shutil.copytree(cache_dir, tmp_path / "bare", symlinks=True, ignore=shutil.ignore_patterns("emb"))
+    with pytest.raises(FileNotFoundError, match=f"holds no fused embedding 'ae' .*fuse.py --cache {bare} --write ae"):
+        distill.main(["--teacher-cache", str(bare), "--steps", "1", "--out", str(tmp_path / "r"), *TINY])
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_cache_that_fuse_is_rewriting_is_not_trained_on(cache_dir, tmp_path):
     """distill.py started while fuse.py --overwrite deleted and extracted its cache again read half a cache."""
     from common.cache import readers_lock_file
