@@ -99,7 +99,7 @@ def parse_args(argv=None):
     g.add_argument("--smoothl1-weight", type=NONNEGATIVE, default=1.0,
                    help="weight of the smooth-L1 term of cosine+smoothl1")
     g.add_argument("--epochs", type=int, default=40,
-                   help="passes over the training faces (40: 1.5 min on the demo cache with 2 idle CPU cores)")
+                   help="passes over the training faces (40: about a minute on the demo cache with 2 CPU cores)")
     g.add_argument("--steps", type=int, default=0, help="total optimizer steps (overrides --epochs when > 0)")
     g.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per step and per process")
     g.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")

@@ -280,7 +280,9 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
         how = (f" (finished earlier: {ckpt})" if info.get("loaded") else
                f" (resumed at step {info['resumed_from_step']})" if "resumed_from_step" in info else "")
         log.info(f"G[{op}, {d_out}{', balanced' if weight is not None else ''}]: validation MSE {info['best_val_mse']:.4f} "
-                 f"(G's units) at step {info['best_step']} of {info['steps_run']}"
+                 f"(G's units) at step {info['best_step']}"
+                 + (f"; stopped early at step {info['steps_run']} of {recipe.steps}" if info["steps_run"] < recipe.steps
+                    else f" of {info['steps_run']}")
                  + (f", hidden width {info['hidden']}" if "hidden" in info else "") + how)
     return model, info
 
@@ -401,9 +403,9 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
             log.warning(f"warning: --split-group {args.split_group} put every face in a group of its own: no two "
                         f"faces are held together (a pattern that matches no path, or a tree without subfolders)")
     write_json(run / "split.json", record)
+    layout = f"; autoencoder layout {args.ae_layout}" if set(ops) & set(fusion.AUTOENCODERS) else ""
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
-             f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}); autoencoder layout "
-             f"{args.ae_layout}")
+             f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}){layout}")
     data = Standardised(cache, device, fusion.block_units(cache, train))
     freed = fusion.prune_fits(args.out / "fits")
     if freed:
@@ -424,8 +426,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     note += f"; CONCAT keeps all {d_in} dimensions" if "concat" in ops else ""
     (run / "table5.md").write_text(
         f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. "
-        f"G trained on {len(train)} faces, steps chosen on {len(val)} validation faces; autoencoder layout "
-        f"{args.ae_layout}{note}\n\n{md}\n")
+        f"G trained on {len(train)} faces, steps chosen on {len(val)} validation faces{layout}{note}\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
                                      "n_test": len(test), "split": sizes, "layout": args.ae_layout,
                                      "nrmse": table, "training": infos})

@@ -44,6 +44,7 @@ FIT_FORMAT = 1  # names the fits' folder, with this file's source and torch's ve
 # torch's release, not its build (`+cpu`, `+cu130`): a cache moves between a CPU box and a GPU box
 _CODE = hashlib.sha1(Path(__file__).read_bytes() + torch.__version__.split("+")[0].encode()).hexdigest()[:16]
 LAYOUTS = ("residual", "paper")
+AUTOENCODERS = ("ae", "vae", "dae")  # the operators --ae-layout shapes
 
 
 def layer_widths(d_in: int, d_out: int, layers: int = 3) -> list[int]:
@@ -253,7 +254,7 @@ class Concat(nn.Module):
 
 def build(op: str, d_in: int, d_out: int, layout: str = "paper", hidden: int = 0) -> nn.Module:
     """An untrained operator; the residual layout needs its hidden width (see hidden_width)."""
-    if op in ("ae", "vae", "dae"):
+    if op in AUTOENCODERS:
         if layout == "residual":
             return ResidualAE(d_in, d_out, hidden or hidden_width(0, d_in, d_out), kind=op)
         if layout != "paper":
@@ -354,7 +355,7 @@ def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: floa
         cut_test = int(ends[np.searchsorted(ends, n_test)]) if n_test <= len(g) else len(g)
         cut_val = int(ends[np.searchsorted(ends, cut_test + n_val)]) if cut_test + n_val <= len(g) else len(g)
     if len(rows) < cut_val + 2:
-        why = "" if group is None else f" of whole groups ({len(np.unique(g))} groups)"
+        why = "" if group is None else f" of whole groups ({len(np.unique(g))} group{'s' if len(np.unique(g)) != 1 else ''})"
         raise ValueError(f"{len(rows)} faces cannot be split into training, {n_val} validation and {n_test} test "
                          f"faces{why}")
     return {"train": np.sort(order[cut_val:]), "val": np.sort(order[cut_test:cut_val]),
@@ -459,7 +460,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
     model = build(op, d_in, d_out, recipe.layout, hidden).to(device)
     if weight is not None and hasattr(model, "weight"):
         model.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-    info = {"op": op, "layout": recipe.layout if op in ("ae", "vae", "dae") else None, "n_train": len(train),
+    info = {"op": op, "layout": recipe.layout if op in AUTOENCODERS else None, "n_train": len(train),
             "n_val": len(val)}
     if op == "concat":  # nothing fitted: the same for the same inputs, as a finished fit is
         return model.eval(), {**info, "loaded": True}

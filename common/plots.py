@@ -15,9 +15,13 @@ def lines(path: Path, xs, series: dict, xlabel: str, ylabel: str, title: str, lo
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in series.items():
         x, y = ys if isinstance(ys, tuple) else (xs, ys)
+        if len(y):  # in x order: --dim 64,32,128 is one line, not a zigzag
+            x, y = zip(*sorted(zip(x, y), key=lambda p: p[0]))
         ax.plot(x, y, marker="o" if len(y) < 50 else None, lw=2.5 if name in bold else 1, label=name)
-    if logx:
+    if logx:  # ticks at the values swept (a log axis labels 3x10^1, 4x10^1 ... for 32, 64)
         ax.set_xscale("log")
+        ax.set_xticks(list(xs), [f"{x:g}" for x in xs])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
