@@ -568,8 +568,12 @@ class TeacherFeatures:
 
     def __init__(self, task_cache: FeatureCache, unsup: FeatureCache, embedding: str):
         mean, std = unsup.input_stats(embedding)
-        x = task_cache.features.take(np.arange(len(task_cache.images))).astype(np.float32)
-        self.x = torch.from_numpy((x - mean) / std).float()
+        # in place, in float32: (x - mean) / std with float64 statistics held ~6 copies of the task's features
+        # at its peak (~25 GB for CelebA's 202,599 faces)
+        x = np.asarray(task_cache.features.take(np.arange(len(task_cache.images))), dtype=np.float32)
+        x -= mean.astype(np.float32)
+        x /= std.astype(np.float32)
+        self.x = torch.from_numpy(x)
         self.slices = unsup.slices()
 
     def subset(self, names) -> torch.Tensor:
@@ -717,7 +721,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         selection = "the folds that pick each fold's threshold (never the tested fold)"
     # The concat baseline's MLP has G's encoder layers (Table 6), ending at h_G's width.
     g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
-    results = {}
+    results, shared = {}, {}  # shared: the task's teacher features, read once for all its methods
     out = {"task": task.name, "data": data_fp, "metric": task.metric, "protocol": task.protocol,
            "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
@@ -750,7 +754,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             teacher = task_cache(data, build_teachers([name], device), args, device, log, align, stamps=stamps)
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
-            features = method_features(method, cache, unsup, embedding, args, device, student_cfg)
+            features = method_features(method, cache, unsup, embedding, args, device, student_cfg, shared)
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
@@ -837,8 +841,9 @@ def student_config(args, methods) -> dict | None:
     return None
 
 
-def method_features(method, cache, unsup, name, args, device, student_cfg):
-    """The fixed features a method reads: a tensor, or {candidate name: tensor} for the selections."""
+def method_features(method, cache, unsup, name, args, device, student_cfg, shared=None):
+    """The fixed features a method reads: a tensor, or {candidate name: tensor} for the selections. shared: a dict
+    kept over one task's methods, which then read one copy of the task's teacher features."""
     if method in ("finetune", "scratch"):
         return None
     if method == "etl":  # ratio 0 is plain finetune with the same protocol, the reference of every ratio
@@ -851,7 +856,8 @@ def method_features(method, cache, unsup, name, args, device, student_cfg):
         return torch_teachers
     if method == "frozen":
         return student_embeddings(cache, args, device, student_cfg)
-    tf = TeacherFeatures(cache, unsup, name)
+    shared = {} if shared is None else shared
+    tf = shared["teachers"] = shared.get("teachers") or TeacherFeatures(cache, unsup, name)
     names = [t["name"] for t in unsup.teachers]
     if method == "concat":
         return tf.subset(names)

@@ -398,6 +398,24 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
     assert r["embedding"] == "ae"
 
 
+def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, student_ckpt, monkeypatch):
+    """Each teacher-feature method rebuilt the task's standardised h_i through float64 copies (~6x the features at
+    the peak, ~25 GB for CelebA): one float32 copy now, shared by the task's methods, equal to the float64 sum."""
+    made = []
+
+    class Counted(transfer.TeacherFeatures):
+        def __init__(self, task_cache, unsup, embedding):
+            super().__init__(task_cache, unsup, embedding)
+            made.append(self)
+            mean, std = unsup.input_stats(embedding)
+            want = (task_cache.features.take(np.arange(len(task_cache.images))).astype(np.float64) - mean) / std
+            assert self.x.dtype == transfer.torch.float32 and np.allclose(self.x.numpy(), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(transfer, "TeacherFeatures", Counted)
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "concat,fused,bt")
+    assert len(made) == 1 and set(r["results"]) == {"concat", "fused", "bt"}
+
+
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
     """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
     as train [0 1] + val [2] + test [3]."""
