@@ -282,10 +282,16 @@ def list_changes(cache_path: Path, images, stamps: np.ndarray) -> str:
         added, removed = [], []
         changed = [old[i] for i in np.flatnonzero((old_stamps != stamps).any(1))] if known else None
     else:
-        new_at, old_at = {p: i for i, p in enumerate(images)}, {p: i for i, p in enumerate(old)}
-        added = [p for p in images if p not in old_at]
-        removed = [p for p in old if p not in new_at]
-        changed = ([p for p in images if p in old_at and (old_stamps[old_at[p]] != stamps[new_at[p]]).any()]
+        images = list(images)
+        old_at = {p: i for i, p in enumerate(old)}
+        at = np.fromiter((old_at.get(p, -1) for p in images), np.int64, len(images))  # each image's old row
+        both = np.flatnonzero(at >= 0)
+        added = [images[i] for i in np.flatnonzero(at < 0)]
+        kept = np.zeros(len(old), bool)
+        kept[at[both]] = True
+        removed = [old[i] for i in np.flatnonzero(~kept)]
+        # one array comparison: a small one per file took ~2.5 s a million files
+        changed = ([images[i] for i in both[(old_stamps[at[both]] != np.asarray(stamps)[both]).any(1)]]
                    if known else None)
     few = lambda ps: ", ".join(ps[:5]) + (f" and {len(ps) - 5} more" if len(ps) > 5 else "")  # noqa: E731
     parts = [f"{len(ps)} {what} ({few(ps)})" for ps, what in ((added, "added"), (removed, "removed"),
