@@ -379,9 +379,15 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     rows = np.flatnonzero(cache.found)
     if len(rows) < 10:
         raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
+    group = fusion.split_group(args.split_group)
+    drawn = fusion.draws(cache.images, rows, args.seed, group)  # one pass over 4 M paths, for the split and sweeps
+    groups = None  # each face's group (its number), for the counts and --n-sweep
+    if group is not None:
+        groups = np.zeros(len(cache.images), np.uint64)
+        groups[rows] = drawn[1]
     try:
         split = fusion.three_way_split(cache.images, rows, args.seed, args.val_frac, args.test_frac,
-                                       args.val_max, args.test_max, fusion.split_group(args.split_group))
+                                       args.val_max, args.test_max, group, drawn)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     train, val, test = split["train"], split["val"], split["test"]
@@ -389,13 +395,13 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     if n_sweep and n_sweep[-1] > len(train) + len(val):
         raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
     for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
-        a, b = sweep_sets(split, args, n, cache.images)
+        a, b = sweep_sets(split, args, n, groups=groups)
         if min(len(a), len(b)) < 2:
             raise SystemExit(f"--n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
     sizes = {k: len(v) for k, v in split.items()}
     record = {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
-    if group := fusion.split_group(args.split_group):  # a pattern that ties nothing together leaks near-duplicates
-        record["split_group"], record["groups"] = args.split_group, {k: len({group(cache.images[r]) for r in v})
+    if group is not None:  # a pattern that ties nothing together leaks near-duplicates
+        record["split_group"], record["groups"] = args.split_group, {k: len(np.unique(groups[v]))
                                                                      for k, v in split.items()}
         log.info(f"G's split keeps --split-group {args.split_group} whole: {record['groups']['train']} training, "
                  f"{record['groups']['val']} validation and {record['groups']['test']} test groups")
@@ -452,7 +458,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log, variants[0])
     if n_sweep:
-        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log, variants[0])
+        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log, variants[0], groups)
 
 
 def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log, weight=None) -> None:
@@ -471,13 +477,13 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
     log.info(f"width sweep {dims}: average NRMSE {[round(r['average'], 3) for r in results]} -> {run / 'dim_sweep.png'}")
 
 
-def sweep_sets(split, args, n, keys=None):
+def sweep_sets(split, args, n, keys=None, groups=None):
     """(training, validation) faces of an --n-sweep corpus of n: the first n of a seeded order of the non-test
     faces, every (1 / val_frac)-th of them a validation face up to val_max. Each smaller corpus is part of the
     larger ones, and each has its own share of validation faces: the main split's, capped at val_max for
     the whole corpus, would leave a small one a handful (5 of 1,000 at the paper's 4.12 M faces).
-    With --split-group (keys: the cache's image paths) the order and the roles go by whole groups, as in the
-    main split: a person's or a video's faces never sit on both sides."""
+    With --split-group (keys: the cache's image paths, or groups: each row's group, any label) the order and the
+    roles go by whole groups, as in the main split: a person's or a video's faces never sit on both sides."""
     pool = np.union1d(split["train"], split["val"])
     rng = np.random.default_rng(args.seed)
     group = fusion.split_group(getattr(args, "split_group", "image"))
@@ -485,9 +491,9 @@ def sweep_sets(split, args, n, keys=None):
         order = rng.permutation(pool)
         place = np.arange(len(order))
     else:
-        ids = {}
-        g = np.array([ids.setdefault(group(keys[r]), len(ids)) for r in pool])
-        place = rng.permutation(len(ids))[g]  # each group's place in a seeded order
+        labels = groups[pool] if groups is not None else np.array([group(keys[r]) for r in pool], dtype=object)
+        g = fusion.first_seen_ids(labels)
+        place = rng.permutation(int(g.max()) + 1 if len(g) else 0)[g]  # each group's place in a seeded order
         by = np.argsort(place, kind="stable")
         order, place = pool[by], place[by]
     every = max(2, round(1 / args.val_frac)) if args.val_frac > 0 else len(pool) + 1
@@ -499,7 +505,7 @@ def sweep_sets(split, args, n, keys=None):
     return np.sort(pool[~is_val]), np.sort(pool[is_val])
 
 
-def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None) -> None:
+def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None, groups=None) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
     Corpus size N counts G's training plus validation faces (sweep_sets), never a test face; each N is
@@ -509,7 +515,7 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None)
     dim = (fusion_choices(args, cache.dim)[2] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
-        train, val = sweep_sets(split, args, n, cache.images)
+        train, val = sweep_sets(split, args, n, groups=groups)
         data = Standardised(cache, data.device, fusion.block_units(cache, train))
         row = {"N": n, "n_train": len(train), "n_val": len(val)}
         for op in ops:

@@ -419,7 +419,12 @@ class PathArray:
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= start:
+                return []
+            return decode_paths(self._buf[self._offsets[start]:self._offsets[stop]].tobytes())  # one decode
         i = int(i) + (len(self) if int(i) < 0 else 0)
         if not 0 <= i < len(self):
             raise IndexError(f"path {i} of {len(self)}")

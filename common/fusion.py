@@ -325,8 +325,38 @@ def split_group(spec: str):
     raise ValueError(f"--split-group {spec!r}: expected image, folder or re:PATTERN")
 
 
+def draws(keys, rows, seed: int, group=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(each row's number, its group's number or None) for three_way_split: seeded 64-bit hashes of its key (its
+    image path) and of its group's key. The keys (a cache's PathArray or a list) are read in slices of 65,536
+    rows: one path at a time cost ~2 s a million faces more than the hashing."""
+    rows = np.asarray(rows, np.int64)
+    u = np.empty(len(rows), np.uint64)
+    g = None if group is None else np.empty(len(rows), np.uint64)
+
+    def draw(key):  # a name that is not UTF-8 comes as lone surrogates (PATH_ERRORS): hashed as its own bytes
+        return int.from_bytes(hashlib.blake2b(f"{seed}\t{key}".encode("utf-8", PATH_ERRORS), digest_size=8).digest(),
+                              "little")
+    for lo in range(0, len(rows), 1 << 16):
+        part = rows[lo:lo + (1 << 16)]
+        first = int(part.min())
+        names = keys[first:int(part.max()) + 1]
+        picked = [names[r - first] for r in part.tolist()]
+        u[lo:lo + len(part)] = [draw(k) for k in picked]
+        if group is not None:
+            g[lo:lo + len(part)] = [draw(group(k)) for k in picked]
+    return u, g
+
+
+def first_seen_ids(labels) -> np.ndarray:
+    """Each label's number in the order labels first appear (0 for the first one's, ...)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
 def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: float, test_frac: float,
-                    val_max: int, test_max: int, group=None) -> dict[str, np.ndarray]:
+                    val_max: int, test_max: int, group=None, drawn=None) -> dict[str, np.ndarray]:
     """Train / validation / test rows of G. Each face draws a number from a seeded hash of its key (its
     image path), so the split depends on the faces alone: the same after a resume and for every operator;
     while the caps do not bind, a face also keeps its role when the corpus grows (once they do, the larger
@@ -334,21 +364,18 @@ def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: floa
     the next ones; each has at least 2 faces and at most *_max (the rest train G).
     group (split_group): faces of one group draw one number and keep one role, so that near-duplicates (the
     frames of one video, the photos of one person) are not on both sides; test and validation then end at a
-    group's last face, which may take them past their size or cap by part of a group."""
+    group's last face, which may take them past their size or cap by part of a group.
+    drawn: draws(keys, rows, seed, group), when the caller has them already."""
     if min(val_max, test_max) < 2:
         raise ValueError(f"validation and test need at least 2 faces each (val_max {val_max}, test_max {test_max})")
     rows = np.asarray(rows)
-    # a name that is not UTF-8 comes as lone surrogates (PATH_ERRORS): hashed as its own bytes
-    draw = lambda key: int.from_bytes(hashlib.blake2b(f"{seed}\t{key}".encode("utf-8", PATH_ERRORS),  # noqa: E731
-                                                      digest_size=8).digest(), "little")
-    u = np.array([draw(keys[r]) for r in rows], dtype=np.uint64)
+    u, g = drawn if drawn is not None else draws(keys, rows, seed, group)
     n_test = min(test_max, max(2, int(round(len(rows) * test_frac))))
     n_val = min(val_max, max(2, int(round(len(rows) * val_frac))))
     if group is None:
         order = rows[np.argsort(u, kind="stable")]
         cut_test, cut_val = n_test, n_test + n_val
     else:
-        g = np.array([draw(group(keys[r])) for r in rows], dtype=np.uint64)
         by = np.lexsort((u, g))
         order, g = rows[by], g[by]
         ends = np.append(np.flatnonzero(g[1:] != g[:-1]) + 1, len(g))  # one past each group's last face

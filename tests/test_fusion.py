@@ -197,7 +197,7 @@ def test_split_by_group_keeps_a_group_on_one_side():
         fusion.split_group("person")
     with pytest.raises(ValueError, match="not a regular expression"):
         fusion.split_group("re:(")
-    with pytest.raises(ValueError, match="whole groups \\(1 groups\\)"):
+    with pytest.raises(ValueError, match="whole groups \\(1 group\\)"):
         fusion.three_way_split(names[:20], np.arange(20), 0, 0.1, 0.1, 10, 10, lambda key: "one")
 
 
