@@ -40,7 +40,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, plots, precision
-from common.cache import FeatureCache, as_planned, atomic_write, hold_for_reading, write_json, write_reasons
+from common.cache import (FeatureCache, as_planned, atomic_write, hold_for_reading, open_files_warning, write_json,
+                          write_reasons)
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
@@ -363,6 +364,8 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
         hG_mean, hG_std = fusion.column_stats(hG, train_rows)
     out_dim = int(meta["dim"])
     targets = cache.features if args.loss == "mt" else hG
+    if rank == 0 and (why := open_files_warning(2 * cache.n_shards)):  # the crops and the targets
+        log.warning(why)
 
     torch.manual_seed(args.seed)
     student = build_student(args.arch, args.width, out_dim)

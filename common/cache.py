@@ -80,6 +80,17 @@ def _open_budget() -> int:
 
 
 MAX_OPEN = _open_budget()
+
+
+def open_files_warning(n_files: int) -> str | None:
+    """A warning when a run reads more shard files than it may keep open (MAX_OPEN): random batches then reopen
+    files all the time (+29 ms a batch measured at 1,006 shards and a budget of 512; far more on network
+    storage). None when they fit."""
+    if n_files <= MAX_OPEN:
+        return None
+    return (f"warning: this run reads {n_files} shard files and keeps at most {MAX_OPEN} open (half the open-file "
+            f"limit, `ulimit -Hn`): random batches will reopen files, slower on network storage; raise the hard "
+            f"limit, or extract the cache with a larger --shard-size")
 # What write_shard puts in a shard's meta.npz (and crops_sha256 with a crop store).
 META_KEYS = ("found", "matrix", "score", "sha1", "reason", "count", "sum", "sumsq")
 IOV_MAX = 1024  # buffers one os.preadv may take (POSIX's minimum, Linux's value)

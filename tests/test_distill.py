@@ -356,6 +356,19 @@ def test_a_cache_without_h_G_stops_before_the_run_folder(cache_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_more_shards_than_open_files_is_said(cache_dir, tmp_path, monkeypatch, capsys):
+    """At 4.12 M faces (~1,000 shards of crops and as many of h_G) a low open-file limit made random batches
+    reopen shard files all the time, silently: the run says so, with the remedies."""
+    from common import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "MAX_OPEN", 1)
+    distill.main(["--teacher-cache", str(cache_dir), "--steps", "1", "--no-eval", "--out", str(tmp_path / "r"), *TINY])
+    assert "keeps at most 1 open" in capsys.readouterr().out
+    monkeypatch.setattr(cache_module, "MAX_OPEN", 10**6)
+    distill.main(["--teacher-cache", str(cache_dir), "--steps", "1", "--no-eval", "--out", str(tmp_path / "r2"), *TINY])
+    assert "shard files and keeps" not in capsys.readouterr().out
+
+
 def test_a_cache_that_fuse_is_rewriting_is_not_trained_on(cache_dir, tmp_path):
     """distill.py started while fuse.py --overwrite deleted and extracted its cache again read half a cache."""
     from common.cache import readers_lock_file
