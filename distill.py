@@ -46,7 +46,8 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
-                         hold, holding_runs, init_dist, make_run_dir, pick_device, run_main, write_args)
+                         hold, holding_runs, init_dist, make_run_dir, pick_device, resume_defaults, run_main,
+                         write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -122,7 +123,8 @@ def parse_args(argv=None):
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept in RUN/ckpt (older ones are deleted)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --run-dir (start fresh if there is none, so a "
-                        "preemptible job can always pass it); the result equals an uninterrupted run")
+                        "preemptible job can always pass it); the result equals an uninterrupted run. Flags not given "
+                        "take the run's recorded values (--stop-at aside): `--resume --run-dir RUN` alone continues it")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --run-dir that already holds a run, deleting its checkpoints, metrics and "
                         "results (without it, and without --resume, such a folder is refused; a folder another run "
@@ -139,6 +141,8 @@ def parse_args(argv=None):
     g.add_argument("--export", default="", type=export_formats,
                    help="formats to export the final student to: onnx,torchscript (comma list)")
     args = p.parse_args(argv)
+    if args.resume and args.out:  # `--resume --run-dir RUN` alone: the rest as RUN ran
+        args = resume_defaults(p, argv, args, Path(args.out), keep=("resume", "out", "stop_at", "overwrite"))
     # Values that would divide by zero hours in, train nothing, or make no Table 5 check: refused now.
     small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
              if k in ("epochs", "log_every", "ckpt_every", "keep", "recon_epochs", "recon_max_train", "batch",

@@ -57,7 +57,7 @@ from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, 
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
-                         make_run_dir, pick_device, resolved_args, run_main)
+                         make_run_dir, pick_device, resolved_args, resume_defaults, run_main)
 from common.student import WIDTH, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
@@ -136,7 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir that stopped before its end: the (task, method) results its "
                         "report.json holds are kept, the others are run (all of them if it stopped before its first "
-                        "result, or there is no run there yet); refused when an argument that changes results "
+                        "result, or there is no run there yet); flags not given take the values of its args.json "
+                        "(`--resume --run-dir RUN` alone continues it); refused when an argument that changes results "
                         "differs from its args.json, or a task's files, labels or splits changed since")
     p.add_argument("--batch-features", type=POSITIVE_INT, default=32,
                    help="faces per teacher batch when caching features")
@@ -179,7 +180,10 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=4.0,
                    help="kd on classes (gender, expression, age groups): the temperature of the teacher's and the student's "
                         "softmax in the distillation term (Hinton's soft targets)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.run_dir:  # `--resume --run-dir RUN` alone: the rest as RUN ran
+        args = resume_defaults(p, argv, args, Path(args.run_dir), keep=("resume", "run_dir"))
+    return args
 
 
 # ------------------------------------------------------------------------------------------- the data
@@ -1215,7 +1219,7 @@ def main(argv=None):
         if data.counts:
             log.info(f"{task.name}: the reader's counts: {data.counts}")
         if done.get(task.name, (None, {}))[1]:
-            log.info(f"{task.name}: kept from the interrupted run: {', '.join(done[task.name][1])}")
+            log.info(f"{task.name}: kept from the run resumed (not run again): {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
                                          done=done.get(task.name), source=source))

@@ -66,6 +66,31 @@ def resolved_args(args) -> dict:
                                  default=str))
 
 
+def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, keep=("resume",)):
+    """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
+    one), so that `--resume --run-dir RUN` alone continues RUN instead of being refused for every default that
+    differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own)."""
+    try:
+        recorded = json.loads((Path(run) / "args.json").read_text())
+    except (OSError, ValueError):
+        return args  # no run there yet, or its record unreadable: the resume check says so
+    actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
+    saved = [a.default for a in actions]
+    try:  # what the command line gave: parsed again with no defaults at all
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        given = set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in zip(actions, saved):
+            a.default = d
+    for a in actions:
+        if a.dest in recorded and a.dest not in given and a.dest not in keep:
+            value = recorded[a.dest]
+            paths = a.type is Path or isinstance(a.default, Path)
+            setattr(args, a.dest, Path(value) if paths and value is not None else value)
+    return args
+
+
 LAST_RUN = []  # [script, run folder] of the run folder this process made last
 
 

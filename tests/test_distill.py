@@ -285,6 +285,19 @@ def test_metrics_and_checkpoints_after_a_resume_read_as_an_uninterrupted_run(cac
                                                       "step_00000005.state.safetensors"]
 
 
+def test_resume_needs_only_the_run_folder(cache_dir, tmp_path):
+    """`--resume --run-dir RUN` alone continues RUN: every flag not given is the one RUN ran with (each default
+    that differed, here the cache, --steps and the tiny student's settings, was refused); --stop-at is not."""
+    run = tmp_path / "r"
+    distill.main(["--teacher-cache", str(cache_dir), "--steps", "3", "--no-eval", "--stop-at", "1", "--out", str(run),
+                  *TINY])
+    distill.main(["--run-dir", str(run), "--resume"])
+    assert (run / "student.safetensors").exists()
+    assert json.loads((run / "ckpt" / "latest.json").read_text())["step"] == 3
+    with pytest.raises(SystemExit, match="other settings"):  # a flag given still counts, and is checked
+        distill.main(["--run-dir", str(run), "--resume", "--seed", "1"])
+
+
 def test_resume_refuses_other_settings_and_rerun_keeps_checkpoints(cache_dir, tmp_path):
     run = tmp_path / "r"
     common = ["--teacher-cache", str(cache_dir), "--steps", "2", "--no-eval", "--stop-at", "1", "--out", str(run),

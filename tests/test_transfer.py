@@ -276,6 +276,7 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
                                         if k not in ("kd_temperature", "retry_unreadable")},
                                      "align": "mtcnn"}))  # before each task had its alignment: recorded as given
     shutil.copytree(tmp_path / "run", tmp_path / "run-copy")
+    shutil.copytree(tmp_path / "run", tmp_path / "run-short")
     ran = []
     monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
                         ran.append(method) or real(task, data, method, *a, **k))
@@ -284,6 +285,11 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     resumed = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     assert ran == ["fused"] and resumed["results"]["frozen"] == saved["results"]["frozen"]
     assert resumed["results"]["fused"]["n_test"] > 0 and "fused" in (tmp_path / "run" / "report.md").read_text()
+    # `--resume --run-dir RUN` alone: every flag not given is the one RUN ran with
+    transfer.main(["--run-dir", str(tmp_path / "run-short"), "--resume", "--workers", "0"])
+    short = json.loads((tmp_path / "run-short" / "report.json").read_text())[0]
+    assert ran == ["fused", "fused"] and short["results"]["frozen"] == saved["results"]["frozen"]
+    assert short["results"]["fused"]["value"] == pytest.approx(resumed["results"]["fused"]["value"], rel=1e-4)
     # images added to the folder since: frozen's kept result was of other data, so the resume is refused
     first = sorted(utk.glob("*.jpg*"))[0]
     shutil.copy(first, utk / "33_1_0_20170109150557335.jpg.chip.jpg")
