@@ -77,7 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true",
                    help=f"print the {len(tasks.TASKS)} tasks (the paper's Table 1 and FER2013; alias {aliases}) "
                         f"with their metric, protocol and data layout, then the embedded default task, and exit")
-    p.add_argument("--task", help=f"task name (see --list); default: the embedded {DEMO_TASK}")
+    p.add_argument("--task", help=f"task name (see --list), or your own data as folder:NAME (a folder per class), "
+                                  f"csv:NAME or csv-regression:NAME (DIR/labels.csv rows file,label[,split]); default: "
+                                  f"the embedded {DEMO_TASK}")
     p.add_argument("--tasks", help="comma list of tasks for one report table, each with its folder as NAME=DIR "
                                    "(instead of --task and --data)")
     p.add_argument("--data", type=Path, help="the task's dataset folder, in its own distributed layout")

@@ -422,6 +422,27 @@ def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, stud
     assert len(made) == 1 and set(r["results"]) == {"concat", "fused", "bt"}
 
 
+def test_your_own_labelled_data_from_the_command_line(tmp_path, fused, student_ckpt, monkeypatch):
+    """Own data needed an edit of common/tasks.py (or a folder passed as Identity-MS, reported as identity):
+    --task csv:NAME, csv-regression:NAME and folder:NAME read it, named NAME in the report."""
+    from tests.fixtures import make_csv_table
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))  # the user tasks registered here stay here
+    root = make_csv_table(tmp_path / "csv", values=(21.0, 33.5, 45.0, 18.0, 60.0, 27.0, 39.0, 52.0, 30.0, 24.0))
+    r = run(tmp_path, "csv-regression:My-Score", root, fused, student_ckpt, "--method", "frozen", "--align", "none")
+    assert (r["task"], r["metric"]) == ("My-Score", "mae") and np.isfinite(r["results"]["frozen"]["value"])
+    folders = tmp_path / "byclass"
+    for i, face in enumerate(sorted(root.rglob("*.jpg"))):
+        (folders / ("mask" if i % 2 else "nomask")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, folders / ("mask" if i % 2 else "nomask") / face.name)
+    r = run(tmp_path, "folder:Mask", folders, fused, student_ckpt, "--method", "frozen", "--align", "none")
+    assert (r["task"], r["metric"]) == ("Mask", "accuracy") and 0 <= r["results"]["frozen"]["value"] <= 1
+    for bad, why in (("csv:AgeR-UTK", "not as a registered task"), ("csv:a/b", "it names files"),
+                     ("tsv:Mine", "your own data as folder:NAME")):
+        with pytest.raises(SystemExit, match=why):
+            transfer.main(["--task", bad, "--data", str(root)])
+
+
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
     """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
     as train [0 1] + val [2] + test [3]."""
