@@ -56,6 +56,7 @@ from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, 
                           read_manifest, write_json, write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
+from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
                          make_run_dir, pick_device, resolved_args, resume_defaults, run_main)
 from common.student import WIDTH, load_student, student_like
@@ -417,16 +418,19 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
     opt = torch.optim.Adam(lr_groups)
     amp_dtype, scaler = amp
     best, best_state = None, None
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=None, leave=False):
+    bar = Progress(desc)
+    for epoch in range(epochs):
         model.train()
         for x, y in train_batches():
             with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(x)
             precision.backward_step(loss(out.float(), y), opt, scaler)
+            bar.update(len(x), epoch=f"{epoch + 1}/{epochs}")
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
             if best is None or metrics.better(task.metric, s, best):
                 best, best_state = s, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

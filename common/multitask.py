@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from . import landmarks as lm
 from . import metrics, tasks
 from .align import CANON
 from .align import warp
 from .facedata import Batches
+from .progress import Progress
 
 KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
 
@@ -323,7 +323,8 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
     ds, dl = loader(rows, ids, size, True, args, seed=args.seed)
     opt = torch.optim.Adam(lr_groups)
     best = dict(best or {})
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=None, leave=False):
+    bar = Progress(desc, total=epochs * len(ids))
+    for epoch in range(epochs):
         ds.epoch = start_epoch + epoch
         dl.batch_sampler.set_epoch(ds.epoch)
         model.train()
@@ -340,10 +341,12 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update(len(x), epoch=f"{start_epoch + epoch + 1}")
         if validate is not None:
             for name, s in validate(model).items():
                 if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):
                     best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()}, ds.epoch + 1)
+    bar.close()
     model.eval()
     return best
 

@@ -169,3 +169,31 @@ def test_a_timestamped_run_folder_is_locked_too(tmp_path, monkeypatch):
                                "hold(Path(sys.argv[1]))", str(run)], cwd=root, capture_output=True, text=True)
     other = runs.holding_runs(main)()
     assert other.returncode != 0 and "another run is writing into" in other.stderr
+
+
+def test_progress_lines_in_a_log_without_a_terminal(monkeypatch):
+    """tqdm draws nothing into a batch job's log: a line with the count and the rate stands in, at most once
+    every EVERY seconds (transfer.py's and multitask's training said nothing for hours on a real dataset)."""
+    import logging
+
+    from common import progress
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+    lines, keep = [], Keep()
+    progress.log.addHandler(keep)  # (the scripts' loggers may have cut common.* off the root's handlers)
+    monkeypatch.setattr(progress, "EVERY", 0)
+    bar = progress.Progress("finetune AgeR-UTK", total=96)
+    assert bar.bar.disable  # pytest's captured stderr is no terminal
+    for _ in range(3):
+        bar.update(32, epoch="1/3")
+    bar.close()
+    assert len(lines) == 3 and lines[-1].startswith("finetune AgeR-UTK: 96/96 img, ") and lines[-1].endswith(
+        "img/s, epoch 1/3")
+    monkeypatch.setattr(progress, "EVERY", 3600)
+    lines.clear()
+    bar = progress.Progress("quiet")
+    bar.update(5)
+    progress.log.removeHandler(keep)
+    assert not lines

@@ -443,6 +443,16 @@ def test_your_own_labelled_data_from_the_command_line(tmp_path, fused, student_c
             transfer.main(["--task", bad, "--data", str(root)])
 
 
+def test_training_progress_reaches_the_runs_log(tmp_path, fused, student_ckpt, monkeypatch):
+    """Without a terminal the training said nothing between a task's first line and each method's result."""
+    from common import progress
+
+    monkeypatch.setattr(progress, "EVERY", 0)
+    run(tmp_path, "Gender-UTK", make_fixture("Gender-UTK", tmp_path / "data"), fused, student_ckpt,
+        "--method", "finetune")
+    assert re.search(r"img, [0-9.]+ img/s, epoch 1/1", (tmp_path / "run" / "log.txt").read_text())
+
+
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
     """Resumed results are kept only for the same data: parts hashed back to back read train [0 1 2] + test [3]
     as train [0 1] + val [2] + test [3]."""

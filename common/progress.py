@@ -1,0 +1,39 @@
+"""Progress of long loops: a tqdm bar on a terminal; in a batch job's log (no terminal, where tqdm draws
+nothing), a line with the count and the rate at most once every EVERY seconds, so that hours of training on a
+real dataset are not hours of silence."""
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm import tqdm
+
+EVERY = 60  # seconds between lines in a log without a terminal
+log = logging.getLogger("common.progress")  # the scripts' log handlers take common.* (runs.get_logger)
+log.setLevel(logging.INFO)
+
+
+class Progress:
+    def __init__(self, desc: str, unit: str = "img", total: int | None = None):
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
+        self.desc, self.unit, self.total, self.done = desc, unit, total, 0
+        self.start = self.said = time.time()
+
+    def update(self, n: int = 1, **info) -> None:
+        """n more done; info (epoch=..., val=...) shown beside the count."""
+        self.done += n
+        if not self.bar.disable:
+            self.bar.update(n)
+            if info:
+                self.bar.set_postfix(info, refresh=False)
+            return
+        now = time.time()
+        if now - self.said >= EVERY:
+            self.said = now
+            of = f"/{self.total}" if self.total else ""
+            extra = "".join(f", {k} {v}" for k, v in info.items())
+            log.info(f"{self.desc}: {self.done}{of} {self.unit}, {self.done / (now - self.start):.1f} "
+                     f"{self.unit}/s{extra}")
+
+    def close(self) -> None:
+        self.bar.close()
