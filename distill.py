@@ -669,11 +669,11 @@ def export_student(student, out_dir, size, formats=EXPORTS) -> dict:
 
 # ------------------------------------------------------------------------------------------- embed
 @torch.no_grad()
-def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, workers=0):
+def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, workers=0, say=None):
     """(embeddings, reasons) for image files: the extraction engine's detection and alignment, with the settings
     of the cache the student learnt from (min_prob, when given, replaces its threshold), the crop the student
     was trained on (the crop store's size, then its input size), then the student. A row whose image has no
-    usable face is NaN and its reason is non-empty; the rows always line up with paths."""
+    usable face is NaN and its reason is non-empty; the rows always line up with paths. say: told the settings."""
     from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
     from common.extract import Options, crops_of_files
 
@@ -685,6 +685,12 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=threshold,
                    batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
                    smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)
+    if say:
+        found_by = ("each whole image is the crop (--align none)" if opts.align == "none" else
+                    f"MTCNN at --detect-size {opts.detect_size}, --smallest-face {opts.smallest_face}, "
+                    f"--min-face-prob {opts.min_face_prob:g}")
+        say(f"faces: {found_by}, as the student's training faces were found; {cfg.get('crop_size') or CROP_SIZE}-"
+            f"pixel crops resized to the student's {cfg['size']}")
     bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
     for idx, crops, found, why in crops_of_files(paths, device, opts, cfg.get("crop_size") or CROP_SIZE):
         for i, r in zip(idx, why):
@@ -730,7 +736,7 @@ def embed_main(argv):
     if not rel:
         raise SystemExit(f"error: no images under {a.images}")
     emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
-                                pick_device(a.device), a.min_face_prob)
+                                pick_device(a.device), a.min_face_prob, say=print)
     stem = a.out.with_suffix("")
     atomic_write(a.out, lambda f: np.save(f, emb))
     atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write(encode_paths(rel)))

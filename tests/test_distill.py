@@ -497,7 +497,7 @@ def test_export_onnx_and_torchscript(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- embed
-def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
+def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     faces = FeatureCache(cache_dir).data_root
@@ -506,6 +506,8 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path):
     (folder / "broken.jpg").write_bytes(b"not an image")
     distill.main(["embed", "--student", str(trained / "student.safetensors"), "--data", str(folder),
                   "--out", str(tmp_path / "emb.npy"), "--device", "cpu"])
+    said = capsys.readouterr().out  # how the faces were found is said (an ETL model on --align none, say)
+    assert "faces: MTCNN at --detect-size" in said and "as the student's training faces were found" in said
     emb = np.load(tmp_path / "emb.npy")
     paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
     assert [Path(p).name for p in paths] == ["astronaut.png", "broken.jpg", NO_FACE]
