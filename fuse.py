@@ -630,6 +630,12 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
+    if rank == 0 and not args.extract_only and (group := fusion.split_group(args.split_group)) is not None:
+        # G's split needs a group for test, one for validation and one to train on: with fewer (a flat tree and
+        # --split-group folder) it stopped after the whole extraction
+        if (n := len({group(p) for p in images})) < 3:
+            raise SystemExit(f"error: --split-group {args.split_group} ties the {len(images)} images into {n} "
+                             f"group{'s' if n != 1 else ''}; G's split needs 3 or more (test, validation, training)")
     if rank == 0:
         plan = make_plan(args.data, images, teachers, args.shard_size, args.dtype, args.align, args.min_face_prob,
                          args.crop_size, args.detect_size, args.smallest_face, stamps=stamps)
