@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from kernels import fuse_features
 
@@ -32,6 +31,7 @@ from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matr
 from .cache import as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import no_tf32
+from .progress import Progress
 
 
 @dataclass
@@ -400,8 +400,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     # Batches never straddle a shard, so each one fills a slice of a single shard's staging buffers.
     plan = [(k, b) for k in todo for b in _chunks(int(cache.bounds[k]), int(cache.bounds[k + 1]), opts.batch)]
     batches = loader(cache.data_root, cache.images, opts, device, reader, [b for _, b in plan])
-    bar = tqdm(total=total, initial=total - sum(rows_of(k) for k in todo), unit="img", desc=f"extract[{rank}]",
-               disable=None, dynamic_ncols=True)
+    bar = Progress(f"extract[{rank}]", total=total, initial=total - sum(rows_of(k) for k in todo), leave=True)
     last = [time.perf_counter()]
 
     def write(k, feats, crops, meta, done):

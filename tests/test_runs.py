@@ -191,6 +191,11 @@ def test_progress_lines_in_a_log_without_a_terminal(monkeypatch):
     bar.close()
     assert len(lines) == 3 and lines[-1].startswith("finetune AgeR-UTK: 96/96 img, ") and lines[-1].endswith(
         "img/s, epoch 1/3")
+    lines.clear()  # a resumed extraction: the images done before count, not in this run's rate
+    bar = progress.Progress("extract[0]", total=100, initial=60)
+    bar.update(40)
+    assert lines[0].startswith("extract[0]: 100/100 img, ")
+    assert float(lines[0].split(", ")[1].split()[0]) > 0
     monkeypatch.setattr(progress, "EVERY", 3600)
     lines.clear()
     bar = progress.Progress("quiet")
