@@ -142,7 +142,7 @@ def parse_args(argv=None):
                    help="formats to export the final student to: onnx,torchscript (comma list)")
     args = p.parse_args(argv)
     if args.resume and args.out:  # `--resume --run-dir RUN` alone: the rest as RUN ran
-        args = resume_defaults(p, argv, args, Path(args.out), keep=("resume", "out", "stop_at", "overwrite"))
+        args = resume_defaults(p, argv, args, Path(args.out), "distill", keep=("resume", "out", "stop_at", "overwrite"))
     # Values that would divide by zero hours in, train nothing, or make no Table 5 check: refused now.
     small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
              if k in ("epochs", "log_every", "ckpt_every", "keep", "recon_epochs", "recon_max_train", "batch",
@@ -759,6 +759,7 @@ def main(argv=None):
     # every rank, for the whole run: fuse.py --overwrite (or --retry-unreadable) of this cache is refused meanwhile
     hold_for_reading(args.teacher_cache)
     known = targets(args)
+    args.embedding = known[1]  # recorded resolved: a --resume reads this h_G even if fuse.py wrote another since
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

@@ -185,7 +185,7 @@ def parse_args(argv=None):
                         "softmax in the distillation term (Hinton's soft targets)")
     args = p.parse_args(argv)
     if args.resume and args.run_dir:  # `--resume --run-dir RUN` alone: the rest as RUN ran
-        args = resume_defaults(p, argv, args, Path(args.run_dir), keep=("resume", "run_dir"))
+        args = resume_defaults(p, argv, args, Path(args.run_dir), "transfer", keep=("resume", "run_dir"))
     return args
 
 
@@ -638,6 +638,16 @@ def the_students_cache(args, student_cfg) -> None:
     args.teacher_cache = DEMO_CACHE if same or not (recorded / "manifest.json").is_file() else recorded
 
 
+def its_cache(unsup: FeatureCache, student_cfg) -> bool:
+    """Whether unsup is the cache the student learnt from: the same content (a copy elsewhere is), or for a
+    student saved before the content was recorded, the same folder."""
+    mine = (student_cfg or {}).get("cache_content")
+    if mine:
+        return mine == unsup.manifest.get("content_hash")
+    recorded = (student_cfg or {}).get("teacher_cache")
+    return bool(recorded) and Path(recorded).resolve() == Path(unsup.path).resolve()
+
+
 def pairing_warning(unsup: FeatureCache, embedding: str | None, student_cfg) -> str | None:
     """What differs between the student and the h_G the teacher-feature methods read: the two kinds of columns
     then stand for two fusions (another cache's G, or another G of the same cache)."""
@@ -670,14 +680,15 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
     # when this is its cache
     names = unsup.embedding_names()
     own = (student_cfg or {}).get("embedding")
-    if not args.embedding and own in names and student_cfg.get("cache_content") in (
-            None, unsup.manifest.get("content_hash")):
+    if not args.embedding and own in names and its_cache(unsup, student_cfg):
         args.embedding = own
     embedding = args.embedding or next(iter(names), None)
     try:
         g_dim = unsup.embedding(embedding or "ae")[1]["dim"]
     except FileNotFoundError as e:
         raise SystemExit(f"error: --method {','.join(need)} needs G and h_G: {e}")
+    # one version of h_G (G, units, split) for every task and method, whatever fuse.py writes meanwhile
+    unsup.pin_embedding(embedding or "ae")
     teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device)
     if other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
                  if t.version != r["version"]]:
@@ -765,6 +776,8 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             features = kd.soft_targets(task, data, teacher, lo_hi, args.kd_temperature, name)
         else:
             features = method_features(method, cache, unsup, embedding, args, device, student_cfg, shared)
+            if not any(m in TEACHER_FEATURE_METHODS for m in methods[methods.index(method) + 1:]):
+                shared.clear()  # the last method to read them has its own copy: not held through etl's training
         if task.kind == "verification":
             results[method] = verification(task, data, features, found, log, args.max_splits or None)
         else:
@@ -800,8 +813,11 @@ def resumed_results(args, aligns=frozenset()) -> dict:
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
         old["align"] = None
-    if old["embedding"] is None:  # recorded unresolved (the cache's default then) before the student's was taken
-        old["embedding"] = now["embedding"]
+    if old["embedding"] is None and now["embedding"] is not None:  # recorded unresolved: it meant the cache's
+        try:  # default h_G (the one fuse.py wrote last), not the student's, which is taken now
+            old["embedding"] = next(iter(FeatureCache(args.teacher_cache).embedding_names()), None)
+        except (OSError, CacheMismatch):
+            pass
     differ = sorted(k for k in set(old) | set(now) if k not in NOT_RESULTS and old.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"error: --resume: {run} ran with other arguments ("
@@ -1085,7 +1101,8 @@ def etl_base_problem(name: str) -> str | None:
 
 
 # Flags that only a method reads: given (not left at their default) without it, they would be ignored.
-HEAD_METHODS = ("frozen", "fused", "concat", "pca", "bt", "bct")  # an MLP head on fixed features (--head-epochs)
+TEACHER_FEATURE_METHODS = ("fused", "concat", "pca", "bt", "bct")  # MLP heads on the task's teacher features
+HEAD_METHODS = ("frozen", *TEACHER_FEATURE_METHODS)  # an MLP head on fixed features (--head-epochs)
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
                 "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
                 "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",

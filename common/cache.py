@@ -1078,9 +1078,17 @@ class FeatureCache:
 
     # -- fused embeddings (h_G) --------------------------------------------------------------------
     def embedding_dir(self, name: str) -> Path:
-        """The folder of the current version of h_G `name`, resolved once: whoever reads through the
-        returned path keeps reading that version even if fuse.py switches to a new one meanwhile."""
-        return (self.path / "emb" / name).resolve()
+        """The folder of the current version of h_G `name` (the pinned one, once pin_embedding was called),
+        resolved once: whoever reads through the returned path keeps reading that version even if fuse.py
+        switches to a new one meanwhile."""
+        pinned = getattr(self, "_pinned", {})
+        return pinned[name] if name in pinned else (self.path / "emb" / name).resolve()
+
+    def pin_embedding(self, name: str) -> Path:
+        """From now on this object reads h_G `name`'s current version (its G, units, split) whatever fuse.py
+        writes meanwhile: a run reading it over hours (several tasks) reads one version throughout."""
+        self._pinned = {**getattr(self, "_pinned", {}), name: self.embedding_dir(name)}
+        return self._pinned[name]
 
     def embedding_file(self, name: str, k: int, folder: Path | None = None) -> Path:
         return (folder or self.embedding_dir(name)) / f"{k:05d}.npy"

@@ -2,6 +2,7 @@
 that a run reads from being deleted or rewritten under it."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 try:
@@ -12,26 +13,36 @@ except ImportError:  # Windows: nothing is locked
 held = {}  # lock file (resolved) -> open file: the locks this process holds until its script's main returns
 
 
-def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False):
+def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False, patience: float = 2.0):
     """Open and lock the file at path (made, with its folder); shared: a reader's lock, which other readers
-    share and a writer's excludes. Held by another process: busy given, SystemExit with that line; else wait
-    for it, saying in log that it waits for `what`. Returns the open file, whose closing lets go, or None on a
-    file system without locks (some network mounts): the work goes on unlocked."""
+    share and a writer's excludes. Held by another process: busy given, SystemExit with that line once it is
+    still held after `patience` seconds (another process's brief check is not a run); else wait for it, saying
+    in log that it waits for `what`. Returns the open file, whose closing lets go, or None where no lock can be
+    had (a file system without locks, a read-only or another user's folder): the work goes on unlocked."""
     if fcntl is None:
         return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError:
+        return None
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-        try:
-            fcntl.flock(f, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if busy is not None:
-                raise SystemExit(busy) from None
-            if log:
-                log.info(f"waiting for another run writing {what}")
-            fcntl.flock(f, mode)
+        give_up = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if busy is None:
+                    if log:
+                        log.info(f"waiting for another run writing {what}")
+                    fcntl.flock(f, mode)
+                    break
+                if time.monotonic() >= give_up:
+                    raise SystemExit(busy) from None
+                time.sleep(0.1)
     except OSError:
         f.close()
         return None

@@ -14,9 +14,11 @@ log.setLevel(logging.INFO)
 
 
 class Progress:
-    def __init__(self, desc: str, unit: str = "img", total: int | None = None, initial: int = 0, leave=False):
-        """initial: done before this run (a resumed one), counted but not in the rate."""
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None, leave=leave,
+    def __init__(self, desc: str, unit: str = "img", total: int | None = None, initial: int = 0, leave=False,
+                 disable=None):
+        """initial: done before this run (a resumed one), counted but not in the rate. disable: tqdm's (None: no
+        bar without a terminal; True: the log lines even on one)."""
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=leave,
                         dynamic_ncols=True)
         self.desc, self.unit, self.total, self.done, self.initial = desc, unit, total, initial, initial
         self.start = self.said = time.time()
@@ -34,7 +36,7 @@ class Progress:
             self.said = now
             of = f"/{self.total}" if self.total else ""
             extra = "".join(f", {k} {v}" for k, v in info.items())
-            log.info(f"{self.desc}: {self.done}{of} {self.unit}, {(self.done - self.initial) / (now - self.start):.1f} "
+            log.info(f"{self.desc}: {self.done}{of} {self.unit}, {(self.done - self.initial) / max(now - self.start, 1e-6):.1f} "
                      f"{self.unit}/s{extra}")
 
     def close(self) -> None:

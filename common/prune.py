@@ -387,10 +387,12 @@ def choose(entries: dict, higher_is_better: bool, keep: float) -> tuple[float, s
 def rule_line(picks: list[tuple[str, str]]) -> str:
     """etl.md's line on the choice, from each split's (ratio, rule) of choose: with several splits (leave-one-
     out), each one's own pick, not the first split's alone."""
-    rules = "; ".join(dict.fromkeys(r for _, r in picks))
+    rules = list(dict.fromkeys(r for _, r in picks))
     if len(picks) == 1:
-        return f"{rules}: {picks[0][0]}"
-    return f"{rules}, on each split's own validation faces: {', '.join(p for p, _ in picks)}"
+        return f"{rules[0]}: {picks[0][0]}"
+    if len(rules) == 1:
+        return f"{rules[0]}, on each split's own validation faces: {', '.join(p for p, _ in picks)}"
+    return "; ".join(f"split {i}: {r}: {p}" for i, (p, r) in enumerate(picks))  # some without a validation score
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -66,14 +66,17 @@ def resolved_args(args) -> dict:
                                  default=str))
 
 
-def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, keep=("resume",)):
+def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, script: str, keep=("resume",)):
     """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
     one), so that `--resume --run-dir RUN` alone continues RUN instead of being refused for every default that
-    differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own)."""
+    differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own).
+    Another script's run folder lends nothing (make_run_dir refuses it)."""
     try:
         recorded = json.loads((Path(run) / "args.json").read_text())
     except (OSError, ValueError):
         return args  # no run there yet, or its record unreadable: the resume check says so
+    if not isinstance(recorded, dict) or recorded.get("script", script) != script:
+        return args
     actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
     saved = [a.default for a in actions]
     try:  # what the command line gave: parsed again with no defaults at all
@@ -148,6 +151,7 @@ def holding_runs(main):
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         before = set(locks.held)
+        LAST_RUN.clear()  # a driver running several mains: the Ctrl-C line names this one's folder
         try:
             return main(*args, **kwargs)
         finally:
@@ -258,7 +262,8 @@ def run_main(main) -> None:
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
-        sys.stderr.write(f"\n{interrupted_line()}\n")
+        if dist_info()[0] == 0:  # rank 0 alone made the run folder and says how to go on
+            sys.stderr.write(f"\n{interrupted_line()}\n")
         sys.exit(130)
     except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
         sys.exit(f"error: {e}")

@@ -338,6 +338,12 @@ def test_embedding_rerun_switches_atomically(tmp_path, images):
     assert cache.embedding_names() == ["ae"]
     write(4.0)  # version 1 is now two behind: removed, with the killed attempt's folder
     assert len([p for p in (cache.path / "emb").iterdir() if p.is_dir() and not p.is_symlink()]) == 2
+    # A reader over hours (transfer.py, task after task) pins the version it started with: G, units, split
+    pinned = FeatureCache(cache.path)
+    folder = pinned.pin_embedding("ae")
+    write(5.0)
+    assert pinned.embedding_dir("ae") == folder and pinned.embedding("ae")[1]["value"] == 4.0
+    assert FeatureCache(cache.path).embedding("ae")[1]["value"] == 5.0  # a new reader takes the new version
 
 
 def test_paths_round_trip_any_bytes(tmp_path, images):
@@ -527,3 +533,20 @@ def test_path_array_slices_and_split_draws_read_as_a_list():
         for a, b in zip(fusion.draws(pa, rows, 4, group), fusion.draws(names, rows, 4, group)):
             assert (a is None and b is None) or np.array_equal(a, b)
     assert fusion.first_seen_ids(np.array(["b", "a", "b", "c", "a"], dtype=object)).tolist() == [0, 1, 0, 2, 1]
+
+
+def test_a_lock_that_cannot_be_had_leaves_the_work_unlocked_and_a_brief_one_is_waited_for(tmp_path):
+    """A cache on a read-only or another user's folder: its readers' lock cannot be made there, which stopped
+    distill.py and transfer.py with an OSError; another process holding a lock for an instant (fuse.py's check
+    for readers) is waited for, not taken for a run."""
+    from common import locks
+    from tests.fixtures import held_elsewhere
+
+    (tmp_path / "file").write_text("")
+    assert locks.acquire(tmp_path / "file" / ".locks" / "c.lock", "busy", shared=True) is None
+    with held_elsewhere(tmp_path, tmp_path / "l.lock", seconds=0.5):
+        f = locks.acquire(tmp_path / "l.lock", "busy", patience=20)  # let go after 0.5 s: had
+    assert f is not None
+    f.close()
+    with held_elsewhere(tmp_path, tmp_path / "l.lock"), pytest.raises(SystemExit, match="busy"):
+        locks.acquire(tmp_path / "l.lock", "busy", patience=0.3)

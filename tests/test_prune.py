@@ -354,3 +354,5 @@ def test_the_etl_choice_is_made_on_validation_and_said_for_every_split():
     assert rule_line([("0.9", keep)]) == f"{keep}: 0.9"
     line = rule_line([("0.9", keep), ("0.5", keep), ("0", keep)])
     assert line.count(keep) == 1 and line.endswith("each split's own validation faces: 0.9, 0.5, 0")
+    none = choose({0.0: {"val": None}, 0.5: {"val": 0.7}}, True, 0.995)[1]  # a split without validation faces
+    assert rule_line([("0.9", keep), ("0.5", none)]) == f"split 0: {keep}: 0.9; split 1: {none}: 0.5"

@@ -54,15 +54,22 @@ def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys, tmp_path):
     transfer.py, which need --resume and their run folder (a timestamped one when none was given)."""
     from argparse import Namespace
 
-    from common.runs import make_run_dir
+    from common.runs import holding_runs, make_run_dir
 
-    for script in ("fuse", "distill", "transfer"):
-        run = make_run_dir(tmp_path / script, script, Namespace())
+    for script in ("fuse", "distill", "transfer", None):
+        @holding_runs  # as the scripts' mains: the locks let go, and the folder named is this main's
+        def main():
+            run = make_run_dir(tmp_path / script, script, Namespace()) if script else None
+            raise KeyboardInterrupt(run)
         with pytest.raises(SystemExit) as e:
-            run_main(raising(KeyboardInterrupt()))
+            run_main(main)
         err = capsys.readouterr().err
         assert e.value.code == 130 and "run the same command again" in err
-        assert (f"--resume --run-dir {run}" in err) == (script != "fuse") and ("--overwrite" in err) == (script == "fuse")
+        if script is None:
+            assert "interrupted before its run folder was made" in err
+            continue
+        assert (f"--resume --run-dir {tmp_path / script}" in err) == (script != "fuse")
+        assert ("--overwrite" in err) == (script == "fuse")
     with pytest.raises(SystemExit, match=r"^error: ae: the loss became inf; lower --lr$"):
         run_main(raising(FloatingPointError("ae: the loss became inf; lower --lr")))
 
@@ -184,21 +191,20 @@ def test_progress_lines_in_a_log_without_a_terminal(monkeypatch):
     lines, keep = [], Keep()
     progress.log.addHandler(keep)  # (the scripts' loggers may have cut common.* off the root's handlers)
     monkeypatch.setattr(progress, "EVERY", 0)
-    bar = progress.Progress("finetune AgeR-UTK", total=96)
-    assert bar.bar.disable  # pytest's captured stderr is no terminal
+    bar = progress.Progress("finetune AgeR-UTK", total=96, disable=True)  # as without a terminal
     for _ in range(3):
         bar.update(32, epoch="1/3")
     bar.close()
     assert len(lines) == 3 and lines[-1].startswith("finetune AgeR-UTK: 96/96 img, ") and lines[-1].endswith(
         "img/s, epoch 1/3")
     lines.clear()  # a resumed extraction: the images done before count, not in this run's rate
-    bar = progress.Progress("extract[0]", total=100, initial=60)
+    bar = progress.Progress("extract[0]", total=100, initial=60, disable=True)
     bar.update(40)
     assert lines[0].startswith("extract[0]: 100/100 img, ")
     assert float(lines[0].split(", ")[1].split()[0]) > 0
     monkeypatch.setattr(progress, "EVERY", 3600)
     lines.clear()
-    bar = progress.Progress("quiet")
+    bar = progress.Progress("quiet", disable=True)
     bar.update(5)
     progress.log.removeHandler(keep)
     assert not lines

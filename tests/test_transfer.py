@@ -274,7 +274,8 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
     args_json.write_text(json.dumps({**{k: v for k, v in json.loads(args_json.read_text()).items()
                                         if k not in ("kd_temperature", "retry_unreadable")},
-                                     "align": "mtcnn"}))  # before each task had its alignment: recorded as given
+                                     "align": "mtcnn",  # before each task had its alignment: recorded as given
+                                     "embedding": None}))  # before the h_G was recorded resolved
     shutil.copytree(tmp_path / "run", tmp_path / "run-copy")
     shutil.copytree(tmp_path / "run", tmp_path / "run-short")
     ran = []
@@ -406,20 +407,32 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
 
 def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, student_ckpt, monkeypatch):
     """Each teacher-feature method rebuilt the task's standardised h_i through float64 copies (~6x the features at
-    the peak, ~25 GB for CelebA): one float32 copy now, shared by the task's methods, equal to the float64 sum."""
+    the peak, ~25 GB for CelebA): one float32 copy now, shared by the task's methods (and let go after the last
+    of them), equal to the float64 sum."""
+    import gc
+    import weakref
+
     made = []
 
     class Counted(transfer.TeacherFeatures):
         def __init__(self, task_cache, unsup, embedding):
             super().__init__(task_cache, unsup, embedding)
-            made.append(self)
+            made.append(weakref.ref(self))
             mean, std = unsup.input_stats(embedding)
             want = (task_cache.features.take(np.arange(len(task_cache.images))).astype(np.float64) - mean) / std
             assert self.x.dtype == transfer.torch.float32 and np.allclose(self.x.numpy(), want, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(transfer, "TeacherFeatures", Counted)
+    real, freed = transfer.supervised, []
+
+    def supervised(task, data, method, *a, **k):
+        gc.collect()
+        freed.append(made[0]() is None)  # not held through a later method that does not read them (etl's)
+        return real(task, data, method, *a, **k)
+    monkeypatch.setattr(transfer, "supervised", supervised)
     data = make_fixture("Gender-UTK", tmp_path / "data")
-    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "concat,fused,bt")
-    assert len(made) == 1 and set(r["results"]) == {"concat", "fused", "bt"}
+    r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "concat,fused,bt,finetune")
+    assert len(made) == 1 and set(r["results"]) == {"concat", "fused", "bt", "finetune"}
+    assert freed == [False, False, False, True]
 
 
 def test_your_own_labelled_data_from_the_command_line(tmp_path, fused, student_ckpt, monkeypatch):
@@ -451,6 +464,20 @@ def test_training_progress_reaches_the_runs_log(tmp_path, fused, student_ckpt, m
     run(tmp_path, "Gender-UTK", make_fixture("Gender-UTK", tmp_path / "data"), fused, student_ckpt,
         "--method", "finetune")
     assert re.search(r"img, [0-9.]+ img/s, epoch 1/1", (tmp_path / "run" / "log.txt").read_text())
+
+
+def test_a_students_cache_is_told_by_content_or_else_by_folder(fused, tmp_path):
+    """A student saved before the cache's content was recorded takes its h_G only from the folder it learnt
+    from, not from any cache holding an h_G of that name."""
+    from common.cache import FeatureCache
+
+    cache = FeatureCache(fused / "feats")
+    copy = FeatureCache(shutil.copytree(fused / "feats", tmp_path / "copy", symlinks=True))
+    assert transfer.its_cache(copy, {"cache_content": cache.manifest["content_hash"]})  # a copy is the same
+    assert not transfer.its_cache(cache, {"cache_content": "another"})
+    assert transfer.its_cache(cache, {"teacher_cache": str(fused / "feats")})
+    assert not transfer.its_cache(copy, {"teacher_cache": str(fused / "feats")})
+    assert not transfer.its_cache(cache, {})
 
 
 def test_a_task_fingerprint_sees_a_face_moved_across_a_split_border(tmp_path):
@@ -687,3 +714,15 @@ def test_teachers_of_another_version_than_the_cache_are_refused(tmp_path, fused,
                        str(feats), "--method", "concat", "--cache-dir", str(tmp_path / "tasks"), "--run-dir",
                        str(tmp_path / "run")])
     assert not (tmp_path / "tasks").exists()
+
+
+def test_resume_takes_nothing_from_another_scripts_run(tmp_path):
+    """--resume --run-dir of a distill.py run borrowed its --epochs and --batch, so that the first error named
+    arguments never given; another script's folder lends nothing (and is refused as it is)."""
+    (tmp_path / "args.json").write_text(json.dumps({"script": "distill", "epochs": 3, "batch": 8}))
+    args = transfer.parse_args(["--resume", "--run-dir", str(tmp_path)])
+    defaults = transfer.parse_args([])
+    assert (args.epochs, args.batch) == (defaults.epochs, defaults.batch)
+    (tmp_path / "args.json").write_text(json.dumps({"script": "transfer", "epochs": 3, "batch": 8}))
+    args = transfer.parse_args(["--resume", "--run-dir", str(tmp_path), "--batch", "4"])
+    assert (args.epochs, args.batch) == (3, 4)  # a flag given wins
