@@ -141,8 +141,14 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
 
 
 def write_args(run: Path, prefix: str, args) -> None:
-    resolved = {**resolved_args(args), "script": prefix, "argv": sys.argv}
-    (run / "args.json").write_text(json.dumps(resolved, indent=1, default=str))
+    """args.json: the resolved arguments by their argparse names (dest: fuse.py's `out` is --cache, distill.py's
+    `out` --run-dir and `teacher_cache` --cache, transfer.py's `teacher_cache` --cache and `cache_dir`
+    --task-cache), the script, the run folder itself (a timestamped one when --run-dir was not given) and the
+    command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
+    resolved = {**resolved_args(args), "script": prefix, "run_folder": str(run), "argv": sys.argv}
+    tmp = run / ".args.json.tmp"
+    tmp.write_text(json.dumps(resolved, indent=1, default=str))
+    os.replace(tmp, run / "args.json")
 
 
 def holding_runs(main):

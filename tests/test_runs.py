@@ -208,3 +208,20 @@ def test_progress_lines_in_a_log_without_a_terminal(monkeypatch):
     bar.update(5)
     progress.log.removeHandler(keep)
     assert not lines
+
+
+def test_args_json_names_the_run_folder_and_is_written_whole(tmp_path, monkeypatch):
+    """A run without --run-dir recorded run_dir null, though it went to a timestamped folder; args.json is
+    written through a temporary file (a kill mid-write left a run that --resume could not read)."""
+    import json
+    from argparse import Namespace
+    from pathlib import Path
+
+    from common import runs
+
+    monkeypatch.setattr(runs, "RUNS", tmp_path / "runs")
+    run = runs.make_run_dir(None, "fuse", Namespace(run_dir=None, out=Path("feats/demo")))
+    recorded = json.loads((run / "args.json").read_text())
+    assert recorded["run_folder"] == str(run) and recorded["run_dir"] is None and recorded["script"] == "fuse"
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json"]
+    runs.locks.held.pop(str((run / ".lock").resolve())).close()
