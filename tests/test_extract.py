@@ -295,3 +295,15 @@ def test_each_row_is_searched_around_its_own_dataset_box(face_dir, tmp_path):
         inv = np.linalg.inv(np.vstack([cache.matrices[r].astype(np.float64), [0, 0, 1]]))
         pts = TEMPLATE @ inv[:2, :2].T + inv[:2, 2]
         assert ((pts >= box[:2]) & (pts <= box[2:])).all(), r
+
+
+def test_the_cpu_crop_buffer_is_made_channels_last_and_zeroed():
+    """A shard's crop buffer is channels-last on the CPU (cv2 warps into (size, size, 3) rows, the store is
+    (n, size, size, 3)); made so at once, not zeroed and then copied (0.33 s a 4,096-face shard)."""
+    import torch
+
+    from common.extract import _crop_buffer
+
+    x = _crop_buffer(5, 16, "cpu")
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.uint8 and not x.any()
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.permute(0, 2, 3, 1).is_contiguous()
