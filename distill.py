@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common import fusion, plots, precision
 from common.cache import (FeatureCache, as_planned, atomic_write, hold_for_reading, open_files_warning, write_json,
-                          write_reasons)
+                          write_reasons, write_text)
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
@@ -636,7 +636,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
     if "cos_val" in result:
         head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} "
                  f"(the training mean of h_G alone scores {result['cos_val_mean_baseline']:.4f})")
-    (run / "table5_student.md").write_text(f"{head}\n\n{md}\n")
+    write_text(run / "table5_student.md", f"{head}\n\n{md}\n")
     write_json(run / "eval.json", result)
     log.info(f"{head}\n{md}")
     return result

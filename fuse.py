@@ -31,7 +31,8 @@ from tqdm import tqdm
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
-                          lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed)
+                          lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed,
+                          write_text)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.fusion import Standardised
@@ -430,9 +431,9 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     md = fusion.table5({c.upper().replace("+BAL", " bal"): table[c] for c in table})
     note = ("; 'bal': every teacher's block weighs the same in the loss" if args.balance != "none" else "")
     note += f"; CONCAT keeps all {d_in} dimensions" if "concat" in ops else ""
-    (run / "table5.md").write_text(
-        f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. "
-        f"G trained on {len(train)} faces, steps chosen on {len(val)} validation faces{layout}{note}\n\n{md}\n")
+    write_text(run / "table5.md", f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), "
+               f"as in Table 5. G trained on {len(train)} faces, steps chosen on {len(val)} validation faces"
+               f"{layout}{note}\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
                                      "n_test": len(test), "split": sizes, "layout": args.ae_layout,
                                      "nrmse": table, "training": infos})
@@ -533,8 +534,8 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None,
     rows = [[f"{r['N']} ({r['n_train']} + {r['n_val']})"] + [r[op]["average"] for op in ops] for r in results]
     md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
     bal = ", teachers balanced" if weight is not None else ""
-    (run / "n_sweep.md").write_text(f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
-                                    f"autoencoder layout {args.ae_layout}{bal}\n\n{md}\n")
+    write_text(run / "n_sweep.md", f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
+                                   f"autoencoder layout {args.ae_layout}{bal}\n\n{md}\n")
     plots.lines(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
                 "faces G learns from (N)", "test normalised RMSE",
                 f"Reconstruction error of G vs corpus size (h_G width {dim})", logx=True)

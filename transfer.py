@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
-                          read_manifest, write_json, write_missed, writer_lock)
+                          read_manifest, write_json, write_missed, write_text, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.progress import Progress
@@ -1044,7 +1044,7 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
              "mae is in the label's units (years, PSPI); nme is a fraction of the normalising distance; "
              "verification's standard error over folds (LFW's S_E) is `se` in report.json")
     text = f"{md}\n\n{notes}\n{units}\n"
-    (run / "report.md").write_text(text)
+    write_text(run / "report.md", text)
     write_json(run / "report.json", all_results)
     log.info("\n" + text)
     return text

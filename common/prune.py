@@ -603,7 +603,7 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
     or a teacher's name, fine-tuned unpruned)."""
     from tabulate import tabulate
 
-    from common.cache import write_json
+    from common.cache import write_json, write_text
 
     parts, all_rows = [], {}
     for r in results:
@@ -625,7 +625,7 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
     text = "\n".join(parts)
     if not all_rows:  # etl came with --method all and no task could take it: no empty files
         return text
-    (Path(run) / "etl.md").write_text(text)
+    write_text(Path(run) / "etl.md", text)
     write_json(Path(run) / "etl.json", all_rows)
     plot(all_rows, Path(run) / "etl.png", higher)
     if log:

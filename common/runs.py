@@ -134,6 +134,9 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
             except FileExistsError:
                 n += 1
     hold(run)  # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
+    from common.cache import remove_temporary  # (held: a temporary file there is a killed run's)
+
+    remove_temporary(run, recursive=True)  # its checkpoints' and reports' too
     LAST_RUN[:] = [prefix, run]  # for the line a Ctrl-C ends with
     if record:
         write_args(run, prefix, args)

@@ -550,3 +550,30 @@ def test_a_lock_that_cannot_be_had_leaves_the_work_unlocked_and_a_brief_one_is_w
     f.close()
     with held_elsewhere(tmp_path, tmp_path / "l.lock"), pytest.raises(SystemExit, match="busy"):
         locks.acquire(tmp_path / "l.lock", "busy", patience=0.3)
+
+
+def test_a_killed_writers_temporary_files_are_removed_on_resume(tmp_path, images):
+    """kill -9 raises nothing, so atomic_file's temporary file (a crop shard's ~200 MB) stayed for good after a
+    resume in the cache, its shards and crops, and in run folders: the writer holding the lock removes them."""
+    from argparse import Namespace
+
+    from common import runs
+
+    root, names = images
+    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
+    left = [tmp_path / "c" / ".stats.npzab12.tmp", tmp_path / "c" / "shards" / ".00001.meta.npzcd34.tmp",
+            tmp_path / "c" / "crops" / ".00000.npyef56.tmp"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    keep = tmp_path / "c" / "shards" / "notes.tmp"  # not a temporary file of ours
+    keep.write_bytes(b"x")
+    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
+    assert not any(p.exists() for p in left) and keep.exists() and cache.path.exists()
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    (run / ".report.jsonx1.tmp").write_text("{")
+    (run / "ckpt" / ".step_00000002.safetensorsy2.tmp").write_text("")
+    runs.make_run_dir(run, "transfer", Namespace())
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [".lock", "args.json"]
+    runs.locks.held.pop(str((run / ".lock").resolve())).close()
