@@ -4,13 +4,14 @@ The student E^G_unique (common/student.py: ResNet-18 layout at 0.42 width, 2.2 M
 1024-wide h_G, as in the paper) maps an aligned face crop straight to an estimate of h_G, trained on
 the faces of the feature cache that fuse.py wrote by minimising eq. (4), 1 - cos(h_G, student(x)).
 Held-out faces are the ones fuse.py held out when it trained G. At the end the run folder gets the
-held-out cosine and the reconstruction check of Table 5 (a decoder shaped like G's, trained on the
+held-out cosine and the reconstruction check of Table 5 (a decoder shaped like the paper-layout G, trained on the
 student's embeddings to give back every teacher's h_i), beside G's own error.
 
 --loss mt trains instead the one-step multitask model of section 3.4, E_MT = G~ o E_unique: the
-student and a fresh decoder shaped like G's, jointly, to reconstruct every standardised h_i (eq. 3's MSE plus
-a 1 - cos term per teacher, averaged: our addition, so that a narrow teacher counts), so the paper's two-step
-vs one-step comparison (Table 5, section 4.5) can be run on the same faces.
+student and a fresh decoder shaped like the paper-layout G (geometric widths), jointly, to reconstruct every
+standardised h_i (eq. 3's MSE plus a 1 - cos term per teacher, averaged: our addition, so that a narrow
+teacher counts), so the paper's two-step vs one-step comparison (Table 5, section 4.5) can be run on the
+same faces.
 
   python distill.py                                        # the cache of `python fuse.py` (feats/demo)
   python distill.py --cache feats/faces --run-dir runs/s1                 # your own cache
@@ -78,7 +79,7 @@ def parse_args(argv=None):
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
     g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the one fuse.py wrote last)")
     g.add_argument("--run-dir", "--out", dest="out", metavar="DIR", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
-                   "transfer.py looks, else runs/distill-TIME); --resume needs it")
+                   "transfer.py looks, else runs/distill-TIME); --resume needs it, but on the demo cache")
     g.add_argument("--size", type=POSITIVE_INT, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
@@ -96,7 +97,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--loss", default="cosine", choices=LOSSES,
                    help="cosine: eq. (4), 1 - cos(h_G, student); cosine+smoothl1: plus smooth-L1 on standardised "
-                        "h_G (as in UNIC/Theia); mt: one-step E_MT = fresh decoder shaped like G's o student, fitting "
+                        "h_G (as in UNIC/Theia); mt: one-step E_MT = fresh paper-layout decoder o student, fitting "
                         "every standardised h_i (MSE + mean per-teacher cosine; sec. 3.4)")
     g.add_argument("--smoothl1-weight", type=NONNEGATIVE, default=1.0,
                    help="weight of the smooth-L1 term of cosine+smoothl1")
@@ -617,8 +618,9 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
              f"{column} (student)": fusion.nrmse_per_block(pred, x_re, mean, slices)}
     result = {"embedding": name, "loss": args.loss, "n_fit": len(fit_rows), "n_choose": len(choose),
               "n_report": len(report), "n_val": len(val_rows), "params": n_params(student), "nrmse": table,
-              "protocol": "check decoder shaped like G's decoder, fitted on the student's embeddings of n_fit "
-                          "training faces; its epoch chosen on n_choose held-out faces (G's validation faces), "
+              "protocol": "check decoder shaped like the paper-layout G's decoder, fitted on the student's "
+                          "embeddings of n_fit training faces; its epoch chosen on n_choose held-out faces (G's "
+                          "validation faces), "
                           "both columns reported on n_report others (G's test faces), as fuse.py does for G; "
                           "the cosines over all n_val held-out faces"}
     if args.loss == "mt":

@@ -8,7 +8,7 @@
 
   python fuse.py                                  # embedded real faces from installed packages
   python fuse.py --data /faces --cache feats/faces     # your own unlabelled faces (any folder tree)
-  python fuse.py --data synth:10000 --n-sweep 1000,3000,10000   # synthetic faces: how G scales with N
+  python fuse.py --data synth:11000 --n-sweep 1000,3000,10000 --test-frac 0.08   # synthetic: how G scales with N
   torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/faces   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
@@ -63,8 +63,9 @@ def parse_args(argv=None):
                    "from installed packages into data/demo_faces. A complete --cache whose images are gone is "
                    "taken as it is (G is fitted anew on its features)")
     g.add_argument("--cache", "--out", dest="out", metavar="DIR", type=Path,
-                   help="feature cache folder (default: feats/demo, or feats/NAME with --data DIR/NAME); --out is the "
-                        "old spelling")
+                   help="feature cache folder (default: feats/demo; feats/NAME with --data DIR/NAME, feats/NAME-faces "
+                        "for a folder named demo or tasks, feats/nN-SIZEpx-sSEED for synth:N); --out is the old "
+                        "spelling")
     g.add_argument("--run-dir", type=Path, help="run folder for logs, tables and plots (default: runs/fuse-TIME)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing cache at --cache and rebuild it")
     g.add_argument("--retry-unreadable", action="store_true",
@@ -85,7 +86,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("teachers and faces")
     g.add_argument("--teachers",
                    help="comma list of built-in teachers (default: those of an existing --cache, so that G is "
-                        f"fitted anew on it as it was made, unless --overwrite; else {','.join(DEFAULT_TEACHERS)}; see "
+                        f"fitted anew on it as it was made, unless --overwrite or --teachers-config; else "
+                        f"{','.join(DEFAULT_TEACHERS)}; see "
                         "--list-teachers; NAME@reference / NAME@torch "
                         "force a ported teacher's original runtime / its PyTorch module) and/or custom specs: "
                         "onnx:/path/model.onnx:LAYER:SIZE, litert:/path/model.tflite:LAYER:SIZE, "
@@ -631,6 +633,11 @@ def main(argv=None):
     teachers = build_teachers(names + extra, device)  # before the run folder: a typo leaves no empty one
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
+    if rank == 0 and not args.extract_only and (sweep := n_sweep_sizes(args)):  # its faces are fewer than images
+        outside = len(images) - min(args.test_max, max(2, round(len(images) * args.test_frac)))
+        if sweep[-1] > outside:
+            raise SystemExit(f"error: --n-sweep {sweep[-1]}: {len(images)} images leave at most {outside} faces outside "
+                             f"the test set (--test-frac {args.test_frac:g}); sweep fewer, or bring more images")
     if rank == 0 and not args.extract_only and (group := fusion.split_group(args.split_group)) is not None:
         # G's split needs a group for test, one for validation and one to train on: with fewer (a flat tree and
         # --split-group folder) it stopped after the whole extraction

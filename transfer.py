@@ -11,7 +11,7 @@ Methods (--method, comma list or `all`):
   scratch   the student's architecture from random init, trained on the task ("CNN" baseline)
   pcnn      the best PyTorch teacher fine-tuned whole with an MLP head ("P-CNN" baseline)
   fused     MLP on h_G = G(teachers) (E^G, needs the teachers and G of a fuse.py cache)
-  concat    MLP with G's layer widths on all standardised h_i (Table 6 "Concat")
+  concat    MLP with the paper-layout G's layer widths on all standardised h_i (Table 6 "Concat")
   pca       MLP on the PCA of all h_i, fitted on the fuse.py faces, at h_G's width (Table 6 "PCA")
   bt        best single teacher: an MLP per teacher, the best on validation reported (Table 6 "BT")
   bct       best combination of teachers: every subset, brute force, the best on validation (Table 6 "BCT")
@@ -114,11 +114,12 @@ def parse_args(argv=None):
     p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
     p.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per training step of the methods that train a "
                    "network or a head (--batch-features: per teacher batch while caching features)")
-    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate of the head (backbone: --lr / 10)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3,
+                   help="learning rate of the head (a pretrained backbone: --lr / 10; scratch's: --lr)")
     p.add_argument("--hidden", type=POSITIVE_INT, default=512, help="hidden width of the MLP head")
     p.add_argument("--max-splits", type=int, default=0,
-                   help="run only the first N splits of a leave-one-out protocol (default: 0, all, as the protocol "
-                        "says)")
+                   help="run only the first N splits of a leave-one-out protocol, or folds of LFW (default: 0, all, "
+                        "as the protocol says)")
     p.add_argument("--max-subsets", type=COUNT, default=0, help="cap on teacher subsets tried by bct (default: 0, all)")
     p.add_argument("--val-frac", type=float, default=0.1,
                    help="where a protocol has no validation split, this fraction of each split's training part "
@@ -127,7 +128,7 @@ def parse_args(argv=None):
                    help="image loading worker processes (default: 0, loading in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES,
-                   help="finetune, scratch, pcnn and etl: " + precision.HELP)
+                   help="finetune, scratch, pcnn, etl and kd on classes or values: " + precision.HELP)
     p.add_argument("--seed", type=COUNT, default=0, help="seed of heads, fine-tuning and data order (default: 0)")
     p.add_argument("--task-cache", "--cache-dir", dest="cache_dir", metavar="DIR", type=Path, default=Path("feats/tasks"),
                    help="where the task's aligned faces (and teacher features) are cached for reuse")

@@ -410,6 +410,7 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--test-max", "1"], "--test-max 1"),
                        (["--teachers", "gender", "--split-group", "person"], "expected image, folder or re:PATTERN"),
                        (["--teachers", "gender", "--split-group", "re:[.]"], "into 1 group; G's split needs 3 or more"),
+                       (["--teachers", "gender", "--n-sweep", "5,500"], "--n-sweep 500: 16 images leave at most 14 faces"),
                        (["--teachers", "gender", "--n-sweep=-8,22"], "--n-sweep '-8,22': write a comma list"),
                        (["--teachers", "gender", "--n-sweep", "inf"], "--n-sweep 'inf'"),
                        (["--teachers", "gender", "--val-frac", "0.6", "--test-frac", "0.6"], "leave no face to train"),
