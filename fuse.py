@@ -8,7 +8,7 @@
 
   python fuse.py                                  # embedded real faces from installed packages
   python fuse.py --data /faces --cache feats/faces     # your own unlabelled faces (any folder tree)
-  python fuse.py --data synth:11000 --n-sweep 1000,3000,10000 --test-frac 0.08   # synthetic: how G scales with N
+  python fuse.py --data synth:11000 --align none --test-frac 0.08 --n-sweep 1000,3000,10000   # G against N
   torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/faces   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tabulate import tabulate
 from tqdm import tqdm
 
-from common import fusion, plots, synth
+from common import fusion, locks, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
                           lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed,
@@ -675,7 +675,8 @@ def main(argv=None):
             shutil.rmtree(args.out)
         try:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan,
-                                                  appeared_ok=args.retry_unreadable)
+                                                  appeared_ok=args.retry_unreadable,
+                                                  locked=str(lock_file(args.out).resolve()) in locks.held)
         except CacheMismatch as e:
             raise SystemExit(f"error: {e}")
         cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache

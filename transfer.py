@@ -310,9 +310,9 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE, st
         log.info(f"new task cache {path}; the same folder and teachers have other caches, made from another list "
                  f"of its files (an earlier version of the folder, another task reading part of it, or an older "
                  f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
-    with writer_lock(path, log):
+    with writer_lock(path, log) as locked:
         try:
-            cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes)
+            cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes, locked=locked)
         except CacheMismatch as e:
             why = "; ".join(e.problems) or str(e)
             raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "

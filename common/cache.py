@@ -205,10 +205,10 @@ def hold_for_reading(path: Path) -> None:
 def writer_lock(path: Path, log=None):
     """One process at a time writes the cache at path: two transfer.py runs on one dataset (two methods started
     side by side) extracted the same task cache twice over, into the same files. Another process waits, saying
-    so, and then finds the cache finished."""
+    so, and then finds the cache finished. Yields whether the lock is held (False where none can be had)."""
     f = locks.acquire(lock_file(path), log=log, what=path)
     try:
-        yield
+        yield f is not None
     finally:
         if f is not None:
             f.close()
@@ -739,7 +739,7 @@ class FeatureCache:
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
                          align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
                          detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None, boxes=None,
-                         appeared_ok=False) -> "FeatureCache":
+                         appeared_ok=False, locked=False) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.
 
         The plan holds everything that changes what the cache contains: teachers (weights and
@@ -750,7 +750,9 @@ class FeatureCache:
         recorded. plan: make_plan's answer for these same arguments, when the caller has made it already
         (it stats every image). boxes: the dataset's face boxes (make_plan), kept in face_boxes.npy.
         appeared_ok: files that were missing when the cache was planned and are there now do not refuse the
-        resume; the cache takes their stamps (fuse.py --retry-unreadable then extracts their shards again)."""
+        resume; the cache takes their stamps (fuse.py --retry-unreadable then extracts their shards again).
+        locked: the caller holds the cache's writer lock, so the temporary files there are a killed writer's
+        (removed); unlocked (no lock could be had), they may be a live writer's and stay."""
         path = Path(path)
         plan = plan or make_plan(data_root, images, teachers, shard_size, dtype, align, min_face_prob, crop_size,
                                  detect_size, smallest_face, boxes)
@@ -775,7 +777,7 @@ class FeatureCache:
                 write_json(manifest, old)
             if appeared or not (path / "stamps.npy").exists():  # (or a cache from before they were kept)
                 atomic_write(path / "stamps.npy", lambda f: np.save(f, plan["stamps"]))
-            for folder in (path, path / "shards", path / "crops"):  # the caller writes this cache alone
+            for folder in (path, path / "shards", path / "crops") if locked else ():
                 remove_temporary(folder)
         else:
             atomic_write(path / "images.txt", lambda f: f.write(encode_paths(images)))

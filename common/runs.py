@@ -134,9 +134,12 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
             except FileExistsError:
                 n += 1
     hold(run)  # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
-    from common.cache import remove_temporary  # (held: a temporary file there is a killed run's)
+    if str((run / ".lock").resolve()) in locks.held:  # held: a temporary file of its own is a killed run's
+        from common.cache import remove_temporary
 
-    remove_temporary(run, recursive=True)  # its checkpoints' and reports' too
+        remove_temporary(run)  # its own folders only: a --run-dir above other runs or caches holds their writers'
+        for sub in ("ckpt", "etl"):
+            remove_temporary(run / sub, recursive=True)
     LAST_RUN[:] = [prefix, run]  # for the line a Ctrl-C ends with
     if record:
         write_args(run, prefix, args)
@@ -148,10 +151,10 @@ def write_args(run: Path, prefix: str, args) -> None:
     `out` --run-dir and `teacher_cache` --cache, transfer.py's `teacher_cache` --cache and `cache_dir`
     --task-cache), the script, the run folder itself (a timestamped one when --run-dir was not given) and the
     command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
-    resolved = {**resolved_args(args), "script": prefix, "run_folder": str(run), "argv": sys.argv}
-    tmp = run / ".args.json.tmp"
-    tmp.write_text(json.dumps(resolved, indent=1, default=str))
-    os.replace(tmp, run / "args.json")
+    from common.cache import write_json
+
+    write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
+                                   "argv": sys.argv})
 
 
 def holding_runs(main):

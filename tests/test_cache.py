@@ -568,12 +568,17 @@ def test_a_killed_writers_temporary_files_are_removed_on_resume(tmp_path, images
         p.write_bytes(b"half")
     keep = tmp_path / "c" / "shards" / "notes.tmp"  # not a temporary file of ours
     keep.write_bytes(b"x")
-    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
+    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)  # unlocked: kept
+    assert all(p.exists() for p in left)  # (no lock could be had: they may be a live writer's)
+    FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10, locked=True)
     assert not any(p.exists() for p in left) and keep.exists() and cache.path.exists()
     run = tmp_path / "run"
     (run / "ckpt").mkdir(parents=True)
     (run / ".report.jsonx1.tmp").write_text("{")
     (run / "ckpt" / ".step_00000002.safetensorsy2.tmp").write_text("")
+    other = run / "another-run" / "ckpt" / ".step_00000100.safetensorsz3.tmp"  # --run-dir above another run:
+    other.parent.mkdir(parents=True)  # its writer's file is not ours
+    other.write_text("")
     runs.make_run_dir(run, "transfer", Namespace())
-    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [".lock", "args.json"]
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [".lock", other.name, "args.json"]
     runs.locks.held.pop(str((run / ".lock").resolve())).close()

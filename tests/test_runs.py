@@ -222,6 +222,6 @@ def test_args_json_names_the_run_folder_and_is_written_whole(tmp_path, monkeypat
     monkeypatch.setattr(runs, "RUNS", tmp_path / "runs")
     run = runs.make_run_dir(None, "fuse", Namespace(run_dir=None, out=Path("feats/demo")))
     recorded = json.loads((run / "args.json").read_text())
-    assert recorded["run_folder"] == str(run) and recorded["run_dir"] is None and recorded["script"] == "fuse"
+    assert recorded["run_folder"] == str(run.resolve()) and recorded["run_dir"] is None and recorded["script"] == "fuse"
     assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json"]
     runs.locks.held.pop(str((run / ".lock").resolve())).close()
