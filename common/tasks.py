@@ -941,9 +941,9 @@ for _t in _REGISTRY:
 
 
 # Your own labelled data without a registry entry: --task KIND:NAME (NAME names the task in the reports).
-USER_KINDS = {"folder": "a folder per class (random 80/10/10 split)",
-              "csv": "classification from root/labels.csv rows file,label[,train|val|test]",
-              "csv-regression": "regression (MAE) from the same labels.csv"}
+USER_KINDS = {"folder": "a folder per class, random 80/10/10 split",
+              "csv": "classes from DIR/labels.csv rows file,label[,train|val|test]",
+              "csv-regression": "values, scored by MAE, from the same labels.csv"}
 
 
 def get_task(name: str) -> Task:

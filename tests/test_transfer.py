@@ -125,7 +125,8 @@ def test_missed_faces_follow_paper_rule(tmp_path, fused, student_ckpt):
 def test_demo_task_and_list(tmp_path, fused, student_ckpt, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     transfer.main(["--list"])
-    assert "AgeR-UTK" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "AgeR-UTK" in listed and "--task folder:NAME (a folder per class" in listed
     transfer.main(["--student", str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--method", "frozen,bt",
                    "--run-dir", str(tmp_path / "run"), "--head-epochs", "3"])
     r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
