@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tabulate import tabulate
 from tqdm import tqdm
 
-from common import fusion, locks, plots, synth
+from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
                           lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed,
@@ -634,7 +634,7 @@ def main(argv=None):
     if not args.extract_only:
         fusion_choices(args, sum(t.dim for t in teachers))
     if rank == 0 and not args.extract_only and (sweep := n_sweep_sizes(args)):  # its faces are fewer than images
-        outside = len(images) - min(args.test_max, max(2, round(len(images) * args.test_frac)))
+        outside = len(images) - fusion.held_out_size(len(images), args.test_frac, args.test_max)
         if sweep[-1] > outside:
             raise SystemExit(f"error: --n-sweep {sweep[-1]}: {len(images)} images leave at most {outside} faces outside "
                              f"the test set (--test-frac {args.test_frac:g}); sweep fewer, or bring more images")
@@ -651,9 +651,9 @@ def main(argv=None):
         donor = faces_donor(args, plan, images) if args.faces_from is not None else None
     if rank == 0:  # after every check (a refused run leaves nothing): a second fuse.py on one cache would
         # extract, fit G and write h_G into the same files
-        hold(args.out, lock_file(args.out),
-             f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this one "
-             f"another --cache")
+        locked = hold(args.out, lock_file(args.out),
+                      f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this "
+                      f"one another --cache")
         if rewrites := [f for f, on in (("--overwrite", args.overwrite), ("--retry-unreadable", args.retry_unreadable),
                                          ("--verify-crops", args.verify_crops)) if on]:
             hold(args.out, readers_lock_file(args.out),
@@ -675,8 +675,7 @@ def main(argv=None):
             shutil.rmtree(args.out)
         try:
             cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan,
-                                                  appeared_ok=args.retry_unreadable,
-                                                  locked=str(lock_file(args.out).resolve()) in locks.held)
+                                                  appeared_ok=args.retry_unreadable, locked=locked)
         except CacheMismatch as e:
             raise SystemExit(f"error: {e}")
         cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache

@@ -1165,8 +1165,7 @@ def main(argv=None):
         print(tasks.list_tasks_table())
         print(f"\nWithout --task / --tasks: {DEMO_TASK}, embedded ({demo_task.__doc__.split(':')[0]}: face vs "
               f"non-face, accuracy, a split per class, folder layout built in data/lfw_subset on first use)")
-        print("Your own labelled data, no code: --task " + ", ".join(f"{k}:NAME ({v})" for k, v in
-                                                                     tasks.USER_KINDS.items()) + ", with --data DIR")
+        print(f"Your own labelled data, no code: --task {tasks.user_kinds_text()}, with --data DIR")
         return
     device = pick_device(args.device)
     named = [m.strip() for m in args.method.split(",") if m.strip()]

@@ -191,8 +191,7 @@ def lock_file(path: Path) -> Path:
 def readers_lock_file(path: Path) -> Path:
     """The lock that runs reading the cache at path share (distill.py, transfer.py, a --faces-from fuse.py), and
     that fuse.py takes alone before it deletes or rewrites files of it (--overwrite, --retry-unreadable ...)."""
-    path = Path(path)
-    return path.parent / ".locks" / f"{path.name}.readers.lock"
+    return lock_file(path).with_suffix(".readers.lock")
 
 
 def hold_for_reading(path: Path) -> None:
@@ -715,6 +714,7 @@ class ShardedArray:
 class FeatureCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._pinned = {}  # h_G name -> the version folder this object reads (pin_embedding)
         manifest = self.path / "manifest.json"
         if not manifest.exists():
             raise FileNotFoundError(f"no feature cache at {self.path} (no manifest.json): "
@@ -1103,13 +1103,12 @@ class FeatureCache:
         """The folder of the current version of h_G `name` (the pinned one, once pin_embedding was called),
         resolved once: whoever reads through the returned path keeps reading that version even if fuse.py
         switches to a new one meanwhile."""
-        pinned = getattr(self, "_pinned", {})
-        return pinned[name] if name in pinned else (self.path / "emb" / name).resolve()
+        return self._pinned[name] if name in self._pinned else (self.path / "emb" / name).resolve()
 
     def pin_embedding(self, name: str) -> Path:
         """From now on this object reads h_G `name`'s current version (its G, units, split) whatever fuse.py
         writes meanwhile: a run reading it over hours (several tasks) reads one version throughout."""
-        self._pinned = {**getattr(self, "_pinned", {}), name: self.embedding_dir(name)}
+        self._pinned[name] = self.embedding_dir(name)
         return self._pinned[name]
 
     def embedding_file(self, name: str, k: int, folder: Path | None = None) -> Path:

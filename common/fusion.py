@@ -355,6 +355,12 @@ def first_seen_ids(labels) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
+def held_out_size(n: int, frac: float, cap: int) -> int:
+    """How many of n faces a held-out part (test, validation) of G's split takes: frac of them, 2 at least,
+    cap at most."""
+    return min(cap, max(2, int(round(n * frac))))
+
+
 def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: float, test_frac: float,
                     val_max: int, test_max: int, group=None, drawn=None) -> dict[str, np.ndarray]:
     """Train / validation / test rows of G. Each face draws a number from a seeded hash of its key (its
@@ -370,8 +376,7 @@ def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: floa
         raise ValueError(f"validation and test need at least 2 faces each (val_max {val_max}, test_max {test_max})")
     rows = np.asarray(rows)
     u, g = drawn if drawn is not None else draws(keys, rows, seed, group)
-    n_test = min(test_max, max(2, int(round(len(rows) * test_frac))))
-    n_val = min(val_max, max(2, int(round(len(rows) * val_frac))))
+    n_test, n_val = held_out_size(len(rows), test_frac, test_max), held_out_size(len(rows), val_frac, val_max)
     if group is None:
         order = rows[np.argsort(u, kind="stable")]
         cut_test, cut_val = n_test, n_test + n_val
@@ -382,7 +387,8 @@ def three_way_split(keys: list[str], rows: np.ndarray, seed: int, val_frac: floa
         cut_test = int(ends[np.searchsorted(ends, n_test)]) if n_test <= len(g) else len(g)
         cut_val = int(ends[np.searchsorted(ends, cut_test + n_val)]) if cut_test + n_val <= len(g) else len(g)
     if len(rows) < cut_val + 2:
-        why = "" if group is None else f" of whole groups ({len(np.unique(g))} group{'s' if len(np.unique(g)) != 1 else ''})"
+        n_groups = 0 if group is None else len(np.unique(g))
+        why = "" if group is None else f" of whole groups ({n_groups} group{'s' if n_groups != 1 else ''})"
         raise ValueError(f"{len(rows)} faces cannot be split into training, {n_val} validation and {n_test} test "
                          f"faces{why}")
     return {"train": np.sort(order[cut_val:]), "val": np.sort(order[cut_test:cut_val]),

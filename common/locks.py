@@ -52,19 +52,24 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
     return f
 
 
-def hold(path: Path, busy: str, shared: bool = False) -> None:
+def hold(path: Path, busy: str, shared: bool = False) -> bool:
     """acquire, kept until the script's main returns (common.runs.holding_runs), else the process ends. A lock
-    this process holds already is kept as it is."""
-    key = str(Path(path).resolve())
-    if key not in held and (f := acquire(path, busy, shared=shared)) is not None:
-        held[key] = f
+    this process holds already is kept as it is. Returns whether it is held (False where none can be had)."""
+    if not is_held(path) and (f := acquire(path, busy, shared=shared)) is not None:
+        held[str(Path(path).resolve())] = f
+    return is_held(path)
+
+
+def is_held(path: Path) -> bool:
+    """Whether this process holds the lock at path (hold)."""
+    return str(Path(path).resolve()) in held
 
 
 def others_hold(path: Path) -> bool:
     """Whether another process holds the lock at path (shared or not). A lock this process holds (`held`)
     is not another's."""
     path = Path(path)
-    if fcntl is None or not path.exists() or str(path.resolve()) in held:
+    if fcntl is None or not path.exists() or is_held(path):
         return False
     try:
         with open(path, "a") as f:

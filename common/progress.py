@@ -36,8 +36,8 @@ class Progress:
             self.said = now
             of = f"/{self.total}" if self.total else ""
             extra = "".join(f", {k} {v}" for k, v in info.items())
-            log.info(f"{self.desc}: {self.done}{of} {self.unit}, {(self.done - self.initial) / max(now - self.start, 1e-6):.1f} "
-                     f"{self.unit}/s{extra}")
+            rate = (self.done - self.initial) / max(now - self.start, 1e-6)
+            log.info(f"{self.desc}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{extra}")
 
     def close(self) -> None:
         self.bar.close()

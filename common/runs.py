@@ -133,8 +133,8 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
                 break
             except FileExistsError:
                 n += 1
-    hold(run)  # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
-    if str((run / ".lock").resolve()) in locks.held:  # held: a temporary file of its own is a killed run's
+    # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
+    if hold(run):  # held: a temporary file of its own is a killed run's
         from common.cache import remove_temporary
 
         remove_temporary(run)  # its own folders only: a --run-dir above other runs or caches holds their writers'
@@ -172,11 +172,12 @@ def holding_runs(main):
     return wrapped
 
 
-def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> None:
+def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> bool:
     """Lock the run folder until the script's main returns (holding_runs), else the process ends: a second
     command given the same --run-dir while the first runs would interleave its log, metrics and checkpoints
-    with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal."""
-    locks.hold(lock or run / ".lock", busy or f"error: another run is writing into {run} (the same --run-dir given "
+    with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal.
+    Returns whether it is held (False on a file system without locks)."""
+    return locks.hold(lock or run / ".lock", busy or f"error: another run is writing into {run} (the same --run-dir given "
                                               f"twice?): wait for it to end, or give this one another folder")
 
 

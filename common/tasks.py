@@ -946,20 +946,25 @@ USER_KINDS = {"folder": "a folder per class, random 80/10/10 split",
               "csv-regression": "values, scored by MAE, from the same labels.csv"}
 
 
+def user_kinds_text() -> str:
+    return ", ".join(f"{k}:NAME ({v})" for k, v in USER_KINDS.items())
+
+
 def get_task(name: str) -> Task:
     name = ALIASES.get(name, name)
     kind, _, own = name.partition(":")
     if own and kind in USER_KINDS and name not in TASKS:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", own) or own in TASKS:
+        if own in TASKS:
             raise KeyError(f"--task {name}: name your task with letters, digits, '_', '.' or '-', and not as a "
-                           f"registered task ({own} is one)" if own in TASKS else
-                           f"--task {name}: name your task with letters, digits, '_', '.' or '-' (it names files)")
+                           f"registered task ({own} is one)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", own):
+            raise KeyError(f"--task {name}: name your task with letters, digits, '_', '.' or '-' (it names files)")
         # registered under KIND:NAME, named NAME in reports and file names
         TASKS[name] = folder_task(own) if kind == "folder" else csv_task(
             own, kind="regression" if kind == "csv-regression" else "classification")
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join([*TASKS, *ALIASES])}, or your own data as "
-                       + ", ".join(f"{k}:NAME ({v})" for k, v in USER_KINDS.items()))
+                       f"{user_kinds_text()}")
     return TASKS[name]
 
 
