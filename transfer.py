@@ -59,7 +59,7 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
                          make_run_dir, pick_device, resolved_args, resume_defaults, run_main)
-from common.student import WIDTH, load_student, student_like
+from common.student import WIDTH, head, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -375,15 +375,6 @@ def targets(task, data, n_out) -> tuple[torch.Tensor, tuple | None]:
     if task.kind == "multilabel":
         return torch.tensor(np.asarray(labels, np.float32)), None
     return torch.tensor(np.asarray(labels, np.int64)), None
-
-
-def head(d_in: int, n_out: int, hidden: int, widths: list[int] | None = None) -> nn.Module:
-    """The MLP C_(t,d) put on an embedding; `widths` gives G-shaped layers for the concat baseline."""
-    widths = widths or [d_in, hidden]
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(0.2)]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], n_out))
 
 
 def task_loss(task, out, y):

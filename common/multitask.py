@@ -30,6 +30,7 @@ from .align import CANON
 from .align import warp
 from .facedata import Batches
 from .progress import Progress
+from .student import head
 
 KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
 
@@ -212,10 +213,6 @@ def hold_out(targets: list[Target], held: np.ndarray, log=None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def mlp(d_in: int, n_out: int, hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, n_out))
-
-
 def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int]:
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
@@ -239,16 +236,16 @@ class JointModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.names = [t.name for t in targets if t.on is None]
-        self.heads = nn.ModuleList([mlp(width, t.n_out, hidden) if t.kind != "embedding" else nn.Linear(width, t.n_out)
+        self.heads = nn.ModuleList([head(width, t.n_out, hidden) if t.kind != "embedding" else nn.Linear(width, t.n_out)
                                     for t in targets if t.on is None])
-        for head, t in zip(self.heads, [t for t in targets if t.on is None]):
+        for mod, t in zip(self.heads, [t for t in targets if t.on is None]):
             if t.init is not None:  # start at the constant predictor: points on the mean face, not in a corner
                 with torch.no_grad():
-                    head[-1].bias.copy_(t.init)
+                    mod[-1].bias.copy_(t.init)
 
     def forward(self, x) -> dict:
         h = self.backbone(x)
-        out = {n: head(h) for n, head in zip(self.names, self.heads)}
+        out = {n: mod(h) for n, mod in zip(self.names, self.heads)}
         out["_embedding"] = h
         return out
 

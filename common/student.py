@@ -78,6 +78,15 @@ def build_student(arch: str = "resnet18w", width: float = WIDTH, out_dim: int = 
     return Student(arch, width, out_dim)
 
 
+def head(d_in: int, n_out: int, hidden: int, widths: list[int] | None = None) -> nn.Module:
+    """The MLP C_(t,d) put on an embedding; `widths` gives G-shaped layers for the concat baseline."""
+    widths = widths or [d_in, hidden]
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(0.2)]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], n_out))
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -8,7 +8,7 @@ import torch
 
 import transfer
 from common import prune
-from common.student import build_student, load_student
+from common.student import build_student, head, load_student
 from tests.fixtures import face_pool, make_fixture, write_tiny_student
 
 RATIOS = (0.5, 0.75, 0.9, 0.97)
@@ -211,7 +211,7 @@ def test_etl_model_onnx_matches_and_reloads(etl_run, ratio):
     assert cfg["etl"]["ratio"] == ratio and cfg["pruned"]
     from safetensors.torch import load_file
 
-    hd = transfer.head(student.proj.out_features, cfg["etl"]["n_out"], cfg["etl"]["hidden"])
+    hd = head(student.proj.out_features, cfg["etl"]["n_out"], cfg["etl"]["hidden"])
     hd.load_state_dict({k[5:]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("head.")})
     model = torch.nn.Sequential(student, hd).eval()
     stats = json.loads((folder / "stats.json").read_text())
