@@ -102,8 +102,11 @@ def parse_args(argv=None):
     g.add_argument("--min-face-prob", type=PROBABILITY,
                    help="detector confidence below which no face counts" + made_with("min_face_prob"))
     g.add_argument("--batch", type=POSITIVE_INT, default=32, help="images per batch (detection, alignment, teachers)")
-    g.add_argument("--workers", type=COUNT, default=0,
-                   help="loader processes reading and decoding images (detection runs batched in the main process)")
+    g.add_argument("--workers", type=COUNT, default=None,
+                   help="loader processes reading and decoding images (detection runs batched in the main process). "
+                        "Default: 0 on the CPU (the teachers use every core); on a GPU the cores this process may "
+                        "use less 2, split between torchrun's processes on the machine, at most 12 (the H100 "
+                        "measurement ran 12 of 16 cores)")
     g.add_argument("--streams", type=COUNT, default=0,
                    help="batches in flight at once, each on a thread and (on a GPU) a CUDA stream of its own, so "
                         "that one batch's kernels run while another's detection dispatches its small ops or waits "

@@ -39,10 +39,13 @@ class Options:
     align: str = "mtcnn"          # mtcnn: detect and align; none: the images already are face crops
     min_face_prob: float = 0.9    # detector confidence below which no face counts
     batch: int = 32               # images per batch (detection, warp, teachers)
-    workers: int = 0              # loader processes reading and decoding
+    workers: int | None = None    # loader processes reading and decoding; None: default_workers(device)
     detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees
     smallest_face: int = SMALLEST_FACE  # pixels of that copy; MTCNN's levels for smaller faces are skipped
     streams: int = 0              # batches in flight at once (Lanes); 0: 2 on the CPU, 1 on a GPU or when timed
+
+    def loader_workers(self, device) -> int:
+        return default_workers(device) if self.workers is None else self.workers
 
 
 def detection_problem(align: str, detect_size: int, smallest_face: int) -> str | None:
@@ -184,14 +187,28 @@ def _as_list(batch):
     return batch
 
 
+def default_workers(device) -> int:
+    """Loader processes when none are asked for. On the CPU none: the teachers keep every core busy and
+    decoding in the main thread is what BENCHMARKS.md's CPU rows measured. On a GPU the host only reads and
+    decodes, so all but two of the cores this process may use (the main thread dispatching the device's
+    work, the shard writer), split between the processes torchrun starts on the machine, at most 12: the
+    H100 measurement's 12 of 16 cores."""
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(0, min(12, per_process - 2))
+
+
 def loader(root, images, opts: Options, device, reader=None, batches=None):
     """Loader items of `images` in `batches` (lists of indices; default: runs of opts.batch in order)."""
     gpu = torch.device(device).type == "cuda"
     files = ImageFiles(root, images, reader, gpu_jpeg=gpu)
     if batches is None:
         batches = _chunks(0, len(images), opts.batch)
-    return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=opts.workers, collate_fn=_as_list,
-                                       prefetch_factor=4 if opts.workers else None)
+    workers = opts.loader_workers(device)
+    return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=workers, collate_fn=_as_list,
+                                       prefetch_factor=4 if workers else None)
 
 
 def _chunks(lo, hi, size):
@@ -385,7 +402,8 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     # 2 on the CPU: 1.12x one on 2 cores (BENCHMARKS.md); on a GPU more is not yet measured
     streams = opts.streams or (2 if device.type == "cpu" and timer is None else 1)
     if log:
-        log.info(f"extracting on {device}: batches of {opts.batch}, {streams} in flight, {opts.workers} loader workers")
+        log.info(f"extracting on {device}: batches of {opts.batch}, {streams} in flight, "
+                 f"{opts.loader_workers(device)} loader workers")
     known = None
     if faces_from is not None:
         if not KnownFaces.matches(cache.manifest, faces_from.manifest):

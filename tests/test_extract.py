@@ -307,3 +307,20 @@ def test_the_cpu_crop_buffer_is_made_channels_last_and_zeroed():
     x = _crop_buffer(5, 16, "cpu")
     assert x.shape == (5, 3, 16, 16) and x.dtype == torch.uint8 and not x.any()
     assert x.is_contiguous(memory_format=torch.channels_last) and x.permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_to_the_spare_cores_on_a_gpu(monkeypatch):
+    """fuse.py's --workers default: a GPU run decodes in worker processes, not in the dispatching thread."""
+    import fuse
+
+    assert fuse.parse_args(["--data", "x"]).workers is None
+    opts = Options()
+    assert opts.loader_workers("cpu") == 0
+    monkeypatch.setattr(common.extract.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert opts.loader_workers("cuda") == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 processes on the machine share its 16 cores
+    assert opts.loader_workers("cuda") == 2
+    monkeypatch.setattr(common.extract.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert opts.loader_workers(torch.device("cuda", 1)) == 0
+    assert Options(workers=3).loader_workers("cuda") == 3
