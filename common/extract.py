@@ -163,7 +163,7 @@ class ImageFiles(torch.utils.data.Dataset):
             data = read_bytes(path)
             item["sha1"] = hashlib.sha1(data).hexdigest()
             if self.gpu_jpeg and nvjpeg_safe(data):
-                item["jpeg"] = data
+                item["jpeg"], item["path"] = data, str(path)
             else:
                 item["image"] = _chw(decode_image(data, path))
         except BadImage as e:
@@ -235,15 +235,27 @@ class Engine:
                                        smallest_face=opts.smallest_face)
                          if opts.align == "mtcnn" else None)
 
-    def decode(self, items) -> list:
-        """(3, H, W) uint8 images on the device (None for bad rows); nvjpeg for the JPEGs the workers passed on."""
+    def decode(self, items, reasons) -> list:
+        """(3, H, W) uint8 images on the device (None for bad rows, their reasons set); nvjpeg for the JPEGs
+        the workers passed on."""
         with self.timer("decode", sum(1 for it in items if it["jpeg"] is not None)):
             jpeg = [i for i, it in enumerate(items) if it["jpeg"] is not None]
-            decoded = decode_jpegs_on([items[i]["jpeg"] for i in jpeg], self.device) if jpeg else []
+            try:
+                decoded = decode_jpegs_on([items[i]["jpeg"] for i in jpeg], self.device) if jpeg else []
+            except RuntimeError:  # nvjpeg fails its whole batch for one stream it refuses (a damaged file
+                decoded = [self._decode_on_host(items[i], reasons, i) for i in jpeg]  # passes its header check)
         images = [None if it["image"] is None else it["image"].to(self.device, non_blocking=True) for it in items]
         for i, img in zip(jpeg, decoded):
             images[i] = img
         return images
+
+    def _decode_on_host(self, item, reasons, i):
+        """PIL's pixels, or its reason for refusing the file: what the CPU path gives the same bytes."""
+        try:
+            return _chw(decode_image(item["jpeg"], item["path"])).to(self.device)
+        except BadImage as e:
+            reasons[i] = str(e)
+            return None
 
     def align(self, images, reasons, sha1s=None, rows=None):
         """Canonical crops (N, 3, CANON, CANON) uint8 on the device (black where no face), matrices, scores."""
@@ -295,7 +307,7 @@ class Engine:
     def run_batch(self, items, rows=None):
         """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch (of these cache rows)."""
         reasons, sha1s = [it["reason"] for it in items], [it["sha1"] for it in items]
-        images = self.decode(items)
+        images = self.decode(items, reasons)
         crops, matrices, scores, found = self.align(images, reasons, sha1s, rows)
         return crops, matrices, scores, found, sha1s, reasons
 

@@ -239,7 +239,7 @@ def test_engine_jpeg_bytes_path(face_dir):
     items = [files[i] for i in range(len(names))]
     assert [it["jpeg"] is not None for it in items] == [True, False, False, False, False]  # bw.jpg is grey
     assert "not a readable image" in items[3]["reason"] and items[3]["image"] is None
-    images = Engine([], "cpu", Options(align="none")).decode(items)
+    images = Engine([], "cpu", Options(align="none")).decode(items, [it["reason"] for it in items])
     for n, img in zip(names, images):
         if n == "odd/truncated.jpg":
             assert img is None
@@ -247,6 +247,34 @@ def test_engine_jpeg_bytes_path(face_dir):
         ref = read_image(face_dir / n).astype(int)
         diff = np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref)
         assert diff.shape == ref.shape and diff.mean() < 1.0, (n, diff.mean())
+
+
+def test_a_batch_nvjpeg_refuses_is_decoded_file_by_file_as_the_cpu_path_would(face_dir, tmp_path, monkeypatch):
+    """nvjpeg fails a whole batched call for one stream it cannot decode, and a damaged JPEG can pass the
+    header check: the batch is then decoded by PIL, the good files to PIL's pixels, the bad one a row with
+    PIL's reason naming the file, instead of the error ending the extraction."""
+    import common.extract
+    from common.extract import Engine, ImageFiles, Options
+
+    data = (face_dir / "single_face.jpg").read_bytes()
+    bad = bytearray(data)
+    bad[data.index(b"\xff\xc4") + 5] = 0xFF  # a broken Huffman table: the header still reads, the scan does not
+    (tmp_path / "bad.jpg").write_bytes(bytes(bad))
+    (tmp_path / "good.jpg").write_bytes(data)
+    files = ImageFiles(tmp_path, ["good.jpg", "bad.jpg"], gpu_jpeg=True)
+    items = [files[0], files[1]]
+    assert all(it["jpeg"] is not None for it in items)  # both passed nvjpeg_safe
+
+    def refuse(datas, device):
+        raise RuntimeError("Error while decoding JPEG images: nvjpegDecodeBatched failed: 6")
+
+    monkeypatch.setattr(common.extract, "decode_jpegs_on", refuse)
+    reasons = ["", ""]
+    good, broken = Engine([], "cpu", Options(align="none")).decode(items, reasons)
+    assert broken is None and "bad.jpg" in reasons[1] and "not a readable image" in reasons[1]
+    assert reasons[0] == ""
+    ref = read_image(tmp_path / "good.jpg").astype(int)
+    assert np.array_equal(good.permute(1, 2, 0).numpy().astype(int), ref)
 
 
 def test_area_crops_match_area_interpolation():
