@@ -245,9 +245,16 @@ def _common_sampling(img) -> bool:
             and all(tuple(c[1:3]) == (1, 1) for c in layers[1:]))
 
 
+def _ycbcr(img) -> bool:
+    """Colour stored as YCbCr, as nearly every JPEG is. One stored as RGB (an Adobe marker with transform 0,
+    or components named R, G, B) decodes right in libjpeg; whether nvjpeg honours that is unchecked, so
+    those take PIL's path rather than risk wrong colours without an error."""
+    return img.info.get("adobe_transform") != 0 and [c[0] for c in img.layer] != [82, 71, 66]
+
+
 def nvjpeg_safe(data: bytes) -> bool:
     """True when the GPU JPEG decoder gives the pixels PIL would: a complete baseline three-component
-    (RGB) JPEG in a common subsampling, with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS.
+    (RGB) JPEG in a common subsampling, its colour stored as YCbCr, with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS.
     Everything else (grey, CMYK, progressive, rotated, truncated, not a JPEG, a bomb) takes the PIL
     path, which keeps every bad-input rule. Grey is in that list because nvjpeg (torchvision 0.26, H100)
     decoded a grey JPEG with 2x2 sampling into wrong pixels (mean error 63 levels) without any error.
@@ -258,7 +265,7 @@ def nvjpeg_safe(data: bytes) -> bool:
         with Image.open(io.BytesIO(data)) as img:
             orientation = img.getexif().get(0x0112, 1)
             w, h = img.size
-            return (img.format == "JPEG" and img.mode == "RGB" and _common_sampling(img)
+            return (img.format == "JPEG" and img.mode == "RGB" and _common_sampling(img) and _ycbcr(img)
                     and not img.info.get("progressive")
                     and not img.info.get("progression") and orientation == 1 and min(w, h) >= MIN_SIDE
                     and w * h <= MAX_PIXELS)

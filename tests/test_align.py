@@ -220,12 +220,20 @@ def test_common_subsamplings_go_to_nvjpeg(face_dir):
 
 
 def test_odd_jpegs_stay_on_pil(face_dir):
+    import io
+
+    from PIL import Image
+
     from common.images import nvjpeg_safe
 
     assert nvjpeg_safe((face_dir / "single_face.jpg").read_bytes())
     # bw.jpg: grey with 2x2 sampling, which nvjpeg decoded wrong (mean error 63 levels) on an H100
     for n in ["odd/cmyk.jpg", "odd/truncated.jpg", "odd/corrupt.jpg", "tom.png", "bw.jpg"]:
         assert not nvjpeg_safe((face_dir / n).read_bytes()), n
+    # colour stored as RGB, not YCbCr (Adobe transform 0): libjpeg honours it, nvjpeg is unchecked
+    stored_rgb = io.BytesIO()
+    Image.open(face_dir / "single_face.jpg").save(stored_rgb, "JPEG", quality=90, keep_rgb=True)
+    assert not nvjpeg_safe(stored_rgb.getvalue())
 
 
 def test_engine_jpeg_bytes_path(face_dir):
