@@ -360,7 +360,8 @@ def face_batches(cache, rows, labels, size, train, args, device):
                 x = augment(crops, torch.from_numpy(aug_params(rng.random((len(crops), N_PARAMS)))), size)
             else:
                 x = resize(crops, size)
-            yield x, tuple(v.to(device) for v in t) if isinstance(t, tuple) else t.to(device)
+            yield x, (tuple(v.to(device, non_blocking=True) for v in t) if isinstance(t, tuple)
+                      else t.to(device, non_blocking=True))
     return it
 
 
@@ -413,11 +414,17 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
     bar = Progress(desc)
     for epoch in range(epochs):
         model.train()
+        finite = True  # a device flag, read once an epoch: a check each step would make the host wait
         for x, y in train_batches():
             with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(x)
-            precision.backward_step(loss(out.float(), y), opt, scaler)
+            step_loss = loss(out.float(), y)
+            precision.backward_step(step_loss, opt, scaler)
+            finite = torch.isfinite(step_loss.detach()) & finite
             bar.update(len(x), epoch=f"{epoch + 1}/{epochs}")
+        if scaler is None and not bool(finite):  # (float16's scaler skips such steps and lowers its scale)
+            raise FloatingPointError(f"{desc}: the training loss became inf or NaN in epoch {epoch + 1} "
+                                     f"(weights diverged or a non-finite input); lower --lr")
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
             if best is None or metrics.better(task.metric, s, best):

@@ -147,5 +147,8 @@ LOWER_IS_BETTER = {"mae", "error_rate", "nme"}
 
 
 def better(metric: str, a: float, b: float) -> bool:
-    """True when score a beats score b under metric."""
+    """True when score a beats score b under metric. NaN (a diverged model's score) never beats a number and
+    any number beats it: with plain comparisons a NaN first epoch stayed "best" for good."""
+    if np.isnan(a) or np.isnan(b):
+        return not np.isnan(a)
     return a < b if metric in LOWER_IS_BETTER else a > b

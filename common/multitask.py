@@ -290,8 +290,9 @@ def joint_loss(targets: list[Target], out: dict, rows, views, flipped) -> tuple[
         if not keep.any():
             continue
         sel = torch.nonzero(keep).flatten()
-        y = batch_labels(t, rows[sel], views[sel], flipped[sel]).to(out["_embedding"].device)
-        loss = target_loss(t, output_of(t, out)[sel.to(out["_embedding"].device)], y) / t.scale
+        device = out["_embedding"].device
+        y = batch_labels(t, rows[sel], views[sel], flipped[sel]).to(device, non_blocking=True)
+        loss = target_loss(t, output_of(t, out)[sel.to(device, non_blocking=True)], y) / t.scale
         parts[t.name] = loss.detach()  # a tensor: float() here would make the host wait every step
         total = t.weight * loss if total is None else total + t.weight * loss
     return total, parts
@@ -303,7 +304,7 @@ def loader(rows: Rows, ids, size, train, args, seed=0, view=None):
     transfer.py's fine-tuning, whatever the number of workers, and a last batch of one image joins the one before."""
     ds = Faces(rows, ids, size, train, seed, view)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=Batches(len(ids), args.batch, train, seed),
-                                     num_workers=args.workers)
+                                     num_workers=args.workers, pin_memory=torch.cuda.is_available())
     return ds, dl
 
 
@@ -327,18 +328,21 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
         model.train()
         if frozen:
             model.backbone.eval()
+        finite = True  # a device flag, read once an epoch: a check each step would make the host wait
         for x, r, v, f in dl:
             if len(x) < 2:  # batch norm cannot train on one image: the odd one out waits for the next epoch
                 continue
-            loss, _ = joint_loss(targets, model(x.to(device)), r, v, f)
+            loss, _ = joint_loss(targets, model(x.to(device, non_blocking=True)), r, v, f)
             if loss is None:
                 continue
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            finite = torch.isfinite(loss.detach()) & finite
             bar.update(len(x), epoch=f"{start_epoch + epoch + 1}")
+        if not bool(finite):
+            raise FloatingPointError(f"{desc}: the loss became inf or NaN in epoch {start_epoch + epoch + 1}; "
+                                     "lower --lr")
         if validate is not None:
             for name, s in validate(model).items():
                 if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):

@@ -766,3 +766,11 @@ def test_layout_variants_found_on_disk(tmp_path):
     (lfw / "lfw").rename(lfw / "lfw-deepfunneled")
     got = load("Identity-LFW", lfw)
     assert len(got.samples) == n and all("lfw-deepfunneled" in s.path for s in got.samples)
+
+
+def test_a_nan_score_never_beats_a_number_and_any_number_beats_it():
+    nan = float("nan")
+    for metric in ("accuracy", "mae"):
+        assert metrics.better(metric, 0.5, nan) and not metrics.better(metric, nan, 0.5)
+        assert not metrics.better(metric, nan, nan)
+    assert metrics.better("mae", 1.0, 2.0) and metrics.better("accuracy", 2.0, 1.0)

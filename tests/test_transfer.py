@@ -172,6 +172,27 @@ def test_feature_batches_reshuffle_every_epoch():
     assert not torch.equal(first, second)
 
 
+def test_fit_never_keeps_a_nan_epoch_and_stops_when_the_loss_is_not_finite(monkeypatch):
+    """A validation score of NaN (a diverged epoch) is never the best one kept over a real score, and a
+    training loss that became inf or NaN stops with a message instead of reporting a diverged model's
+    plausible-looking accuracy."""
+    import torch
+
+    task = tasks.TASKS["Gender-UTK"]
+    x, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 2
+    batches = transfer.feature_batches(x, y, np.arange(40), 8, shuffle=True)
+    scores = iter([float("nan"), 0.6, 0.7, 0.65])
+    monkeypatch.setattr(transfer, "score", lambda task, preds, y_true: next(scores))
+    model = torch.nn.Linear(4, 2)
+    best = transfer.fit(model, batches, batches, task, 4, None, y.numpy(), model.parameters(), "nan")
+    assert best == 0.7
+
+    x[3, 1] = float("inf")
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(FloatingPointError, match="inf or NaN in epoch 1"):
+        transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "inf")
+
+
 def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused):
     data = make_fixture("AgeR-UTK", tmp_path / "data")
     base = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"), "--epochs", "1",
