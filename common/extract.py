@@ -301,8 +301,8 @@ class Engine:
             with self.timer(f"teacher {t.name}", len(crops)), lock:
                 outs.append(t(crops).to(self.device))
         fuse_features(outs, *self._identity, out=out)  # placed and cast, not standardised
-        if not found.all():
-            out[torch.from_numpy(~found).to(out.device)] = 0
+        if not found.all():  # a mask, not boolean indexing, which would make the host wait for the device
+            out.masked_fill_(torch.from_numpy(~found).to(out.device, non_blocking=True)[:, None], 0)
 
     def run_batch(self, items, rows=None):
         """(canonical crops, matrices, scores, found, sha1s, reasons) of one loader batch (of these cache rows)."""
@@ -435,6 +435,7 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     last = [time.perf_counter()]
 
     def write(k, feats, crops, meta, done):
+        drop_non_finite(feats, meta, cache.slices(), cache.manifest["dtype"])
         cache.write_shard(k, feats, crops=crops, **meta)
         if log:  # a log line per shard too: the bar is hidden when output goes to a file
             # Time since the previous shard was written: with writes overlapped, that is the run's rate.
@@ -506,6 +507,19 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                     with timer("write", 0):
                         pending.result()
     bar.close()
+
+
+def drop_non_finite(feats: np.ndarray, meta: dict, slices: dict, dtype: str) -> None:
+    """A face on which a teacher gave inf or NaN (an activation past float16's range once stored, or a
+    teacher's numeric failure on one crop) becomes a missed face whose reason names the teacher, its row
+    zeroed: one such row would make every teacher statistic, and so G and h_G, NaN."""
+    bad = np.flatnonzero(np.asarray(meta["found"], bool) & ~np.isfinite(feats).all(axis=1))
+    for i in bad:
+        names = [name for name, sl in slices.items() if not np.isfinite(feats[i, sl]).all()]
+        hint = " (past float16's range of +-65,504? --dtype float32 stores it)" if dtype == "float16" else ""
+        meta["found"][i] = False
+        meta["reason"][i] = f"teacher {', '.join(names)} gave inf or NaN features{hint}"
+        feats[i] = 0
 
 
 def crops_of_files(paths, device, opts: Options, crop_size: int):

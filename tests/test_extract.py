@@ -324,3 +324,43 @@ def test_loader_workers_default_to_none_on_the_cpu_and_to_the_spare_cores_on_a_g
     monkeypatch.setattr(common.extract.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert opts.loader_workers(torch.device("cuda", 1)) == 0
     assert Options(workers=3).loader_workers("cuda") == 3
+
+
+def test_a_face_a_teacher_gave_inf_for_is_a_missed_face_naming_it(face_dir, tmp_path):
+    """An activation past float16's range is inf once stored, and one such row made every statistic of the
+    cache, and so G and every h_G, NaN: that face is listed as missed, with the teacher and the remedy."""
+    teachers = build_teachers(["gender"])
+    gender = teachers[0]
+    real_call = type(gender).__call__
+
+    class Loud(type(gender)):  # the real teacher, its first face's output scaled past float16's range
+        def __call__(self, crops):
+            out = real_call(self, crops).clone()
+            out[0] = out[0] * 1e6 + 1e5
+            return out
+
+    gender.__class__ = Loud
+    cache = FeatureCache.create_or_resume(tmp_path / "c", face_dir, REAL_FACES, teachers, shard_size=8,
+                                          dtype="float16", crop_size=32)
+    extract(cache, teachers, "cpu", Options(batch=8))
+    cache.finalize()
+    assert np.isfinite(cache.features.take(np.arange(len(REAL_FACES))).astype(np.float32)).all()
+    reasons = list(_meta(cache, 0)["reason"])
+    assert not cache.found[0] and "teacher gender gave inf or NaN" in reasons[0] and "float32" in reasons[0]
+    assert cache.found[1:].sum() >= len(REAL_FACES) - 2  # the other faces are kept
+    with np.load(cache.path / "stats.npz") as st:
+        assert np.isfinite(st["mean"]).all() and np.isfinite(st["std"]).all()
+
+
+def test_g_refuses_a_cache_that_stored_non_finite_features_naming_the_teacher(tmp_path):
+    from types import SimpleNamespace
+
+    from common import fusion
+
+    x = np.random.default_rng(0).normal(size=(12, 5))
+    x[4, 3] = np.inf
+    cache = SimpleNamespace(path=tmp_path, found=np.ones(12, bool), features=x,
+                            sums=lambda: (12, x.sum(0), (x ** 2).sum(0)),
+                            slices=lambda: {"age": slice(0, 3), "gender": slice(3, 5)})
+    with pytest.raises(FloatingPointError, match="teacher gender stored inf or NaN"):
+        fusion.block_units(cache, np.arange(10))
