@@ -166,7 +166,11 @@ def make_loss(kind, cache, name, hG_mean, hG_std, device, smoothl1_weight=1.0):
         return lambda out, t: cosine_distill_loss(out, t)
     if kind == "cosine+smoothl1":
         mu = torch.tensor(hG_mean, dtype=torch.float32, device=device)
-        sd = torch.tensor(hG_std, dtype=torch.float32, device=device)
+        # A dimension of h_G that barely varies on the training faces (G wider than the rank its training
+        # faces give: 390 of the demo's 536) would, divided by its own spread, outweigh the rest millions of
+        # times: no spread counts as less than a tenth of the typical (RMS) one.
+        floor = 0.1 * float(np.sqrt(np.mean(np.square(hG_std))))
+        sd = torch.tensor(np.maximum(hG_std, floor), dtype=torch.float32, device=device)
         return lambda out, t: (cosine_distill_loss(out, t)
                                + smoothl1_weight * F.smooth_l1_loss((out - mu) / sd, (t - mu) / sd))
     # mt: G's own objective (eq. 3, MSE on the standardised concatenation) plus one cosine term per

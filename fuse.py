@@ -418,6 +418,10 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     layout = f"; autoencoder layout {args.ae_layout}" if set(ops) & set(fusion.AUTOENCODERS) else ""
     log.info(f"G: {sizes['train']} training faces, {sizes['val']} validation (step choice), {sizes['test']} test "
              f"(Table 5); input {d_in}, h_G {dims[0]} (mean teacher width {mean_width}){layout}")
+    if max(dims) >= sizes["train"]:  # PCA's rank, which the residual autoencoder starts from
+        log.warning(f"warning: h_G is up to {max(dims)} wide but G trains on {sizes['train']} faces: a linear G "
+                    f"varies along at most {sizes['train'] - 1} of its dimensions on them, the rest stay "
+                    f"(nearly) constant; more faces, or a smaller --dim, use the width")
     data = Standardised(cache, device, fusion.block_units(cache, train))
     freed = fusion.prune_fits(args.out / "fits")
     if freed:

@@ -527,6 +527,9 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
     snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
     if saved is None:
         best, best_step, best_state, waited = val_loss(model, data, val), 0, snapshot(), 0
+        if not math.isfinite(best):
+            raise FloatingPointError(f"{op}: the validation error of the starting point is {best}: the "
+                                     "validation faces' h_i hold inf or NaN")
         step, done_in_epoch = 0, 0
     else:
         model.load_state_dict(saved["model"])
@@ -563,6 +566,8 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
                                              f"{step}; lower --lr")
                 checked = step
                 v = val_loss(model, data, val)
+                if not math.isfinite(v):  # else `v < best` is never true and step 0 is kept without a word
+                    raise FloatingPointError(f"{op}: the validation error became {v} at step {step}; lower --lr")
                 if v < best:
                     best, best_step, best_state, waited = v, step, snapshot(), 0
                 else:

@@ -731,3 +731,16 @@ def test_n_sweep_fits_G_on_growing_corpora_against_one_test_set(fused, tmp_path)
     assert all(r["n_train"] + r["n_val"] == r["N"] and 0 <= r["pca"]["average"] < 10 for r in sweep["results"])
     assert (tmp_path / "run" / "n_sweep.md").read_text().count("|") > 6
     assert (tmp_path / "run" / "n_sweep.png").stat().st_size > 1000
+
+
+def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, capsys):
+    """A linear G varies along at most (training faces - 1) dimensions: the rest of a wider h_G is constant,
+    which nothing said (390 of the demo's 536 dimensions)."""
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "narrow"), "--ops", "pca", "--dim", "2"])
+    assert "a linear G varies along at most" not in capsys.readouterr().out
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
+    assert "a linear G varies along at most" in capsys.readouterr().out

@@ -248,6 +248,14 @@ def test_a_diverging_fit_stops_at_the_next_evaluation():
         fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), s["train"], s["val"], recipe)
 
 
+def test_a_nan_validation_error_stops_the_fit_instead_of_keeping_step_0():
+    x = curved(200, seed=4)
+    x[150:] = np.nan  # validation rows only: training stays finite
+    recipe = fusion.Recipe(layout="paper", steps=20, batch=32, eval_every=5, patience=50)
+    with pytest.raises(FloatingPointError, match="validation error"):
+        fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), np.arange(150), np.arange(150, 200), recipe)
+
+
 def test_pca_axes_computed_once_per_rows_and_weight():
     """Every operator and width of a run starts from the same PCA: its axes come from one pass over the rows
     for each (rows, weight), the same components as a fit of its own."""
