@@ -85,6 +85,18 @@ class BadLabels(ValueError):
     line and what was expected. A ValueError, so that callers which catch those still do."""
 
 
+def _eyes_apart(task: Task, data) -> None:
+    """NME divides by the distance between two points of each label: a label with them at one place (an
+    annotation error, or points not annotated written as 0 0) would weigh a billion times the others."""
+    for s in data.samples:
+        pts = np.asarray(s.label, np.float64).reshape(-1, 2)
+        if len(pts) in metrics.OCULAR:
+            a, b = metrics.OCULAR[len(pts)]
+            if not np.linalg.norm(pts[a] - pts[b]) > 0:
+                raise BadLabels(f"{task.name}: {s.path}: its points {a + 1} and {b + 1} (the eyes, which normalise "
+                                f"the error) are at one place, {pts[a].tolist()}: fix or remove this label")
+
+
 def _with_layout_errors(task: Task, raw):
     def loader(root=None, params=None) -> TaskData:
         params = {**task.params, **(params or {})}
@@ -107,6 +119,8 @@ def _with_layout_errors(task: Task, raw):
             # An empty folder, or another dataset's: stop here, not at the first empty concatenation far later.
             skipped = f" ({len(data.skipped)} files skipped, e.g. {data.skipped[:3]})" if data.skipped else ""
             raise FileNotFoundError(f"{task.name}: no images found in {root}{skipped}. Expected layout: {task.layout}")
+        if task.metric == "nme":
+            _eyes_apart(task, data)
         return data
 
     loader.raw = raw

@@ -474,6 +474,9 @@ def test_bad_label_files_name_file_and_line(tmp_path):
     fails("Expr-RAF", fx.make_raf, raf, 3, "val_00003.jpg 3", r"label.txt line 3: .*'val_00003.jpg' .* train_ or test_")
     fails("Align-CelebA", fx.make_celeba, "list_landmarks_align_celeba.txt", 2, "x1 y1",
           r"list_landmarks_align_celeba.txt line 2: expected the columns")
+    # both eyes at one place: NME divides by their distance (the image's line is found by its name)
+    fails("Align-CelebA", fx.make_celeba, "list_landmarks_align_celeba.txt", 4, "000002.jpg 30 40 30 40 50 60 40 70 60 70",
+          r"Align-CelebA: .*000002.jpg: its points 1 and 2 \(the eyes.*\[30.0, 40.0\]")
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 1, "10\tx", r"pairs.txt line 1: expected the header")
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 3, "Person_01\t1\ttwo", r"pairs.txt line 3: expected `name i j`")
     fails("Identity-LFW", fx.make_lfw, "pairs.txt", 4, "Person_00\t1\tPerson_01", r"pairs.txt line 4: expected `name1")
