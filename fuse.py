@@ -479,7 +479,7 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
     for d in dims:
         model, _ = train_operator(op, cache.dim, d, data, train, val, args, log, weight)
         err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
-        results.append({"dim": d, **err, "average": float(np.mean(list(err.values())))})
+        results.append({"dim": d, **err, "average": fusion.average_nrmse(err)})
     write_json(run / "dim_sweep.json", results)
     plots.lines(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
                 "width of h_G", "test normalised RMSE",
@@ -532,7 +532,7 @@ def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None,
             t0 = time.perf_counter()
             model, info = train_operator(op, cache.dim, dim, data, train, val, args, log, weight)
             err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
-            row[op] = {**err, "average": float(np.mean(list(err.values()))), "seconds": time.perf_counter() - t0,
+            row[op] = {**err, "average": fusion.average_nrmse(err), "seconds": time.perf_counter() - t0,
                        **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden")}}
         results.append(row)
         log.info(f"N={n}: average test NRMSE " + ", ".join(f"{op} {row[op]['average']:.3f}" for op in ops))

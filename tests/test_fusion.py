@@ -88,6 +88,15 @@ def test_nrmse_per_block():
     assert fusion.nrmse_per_block(x, x, mean, slices) == {"a": 0.0, "b": 0.0}
     r = fusion.nrmse_per_block(np.tile(mean, (100, 1)), x, mean, slices)
     assert r["a"] == pytest.approx(1.0) and r["b"] == pytest.approx(1.0)
+    # a teacher constant on every face: no error to normalise (a floor made 1e-7 off read 0.41), n/a in the
+    # table and left out of the average
+    x[:, 2:] = 0.5
+    r = fusion.nrmse_per_block(x + 1e-7 * rng.normal(size=x.shape), x, x.mean(0), slices)
+    assert np.isnan(r["b"]) and r["a"] < 1e-3
+    md = fusion.table5({"PCA": r})
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| ")}
+    assert rows["b"] == "n/a" and float(rows["Average"]) == pytest.approx(r["a"], abs=1e-3)
+    assert "b gave the same h_i on every test face" in md
 
 
 # ------------------------------------------------------------------ residual layout, split, recipe
