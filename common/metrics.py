@@ -63,6 +63,8 @@ def mean_error_rate(pred, target, threshold: float = 0.5) -> float:
     what the CelebA literature reports, so it is computed that way.
     """
     pred, target = np.asarray(pred, np.float64), np.asarray(target)
+    if len(target) == 0:
+        raise ValueError("error rate of an empty set")
     wrong = ((pred > threshold) != (target > 0.5)) | np.isnan(pred)
     return float(wrong.mean(0).mean())
 

@@ -777,3 +777,10 @@ def test_a_nan_score_never_beats_a_number_and_any_number_beats_it():
         assert metrics.better(metric, 0.5, nan) and not metrics.better(metric, nan, 0.5)
         assert not metrics.better(metric, nan, nan)
     assert metrics.better("mae", 1.0, 2.0) and metrics.better("accuracy", 2.0, 1.0)
+
+
+def test_every_metric_refuses_an_empty_set_instead_of_a_quiet_nan():
+    for name in ("accuracy", "mae", "error_rate", "nme"):
+        empty = np.zeros((0, 5, 2)) if name == "nme" else np.zeros((0, 3)) if name == "error_rate" else np.zeros(0)
+        with pytest.raises(ValueError, match="empty set"):
+            metrics.METRICS[name](empty, empty)
