@@ -344,12 +344,17 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
             raise FloatingPointError(f"{desc}: the loss became inf or NaN in epoch {start_epoch + epoch + 1}; "
                                      "lower --lr")
         if validate is not None:
-            for name, s in validate(model).items():
-                if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):
-                    best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()}, ds.epoch + 1)
+            keep_best(best, validate(model), targets, model, ds.epoch + 1)
     bar.close()
     model.eval()
     return best
+
+
+def keep_best(best: dict, scores: dict, targets, model, epoch: int) -> None:
+    """For each task scored, this epoch's weights when its validation score beats the best one so far."""
+    for name, s in scores.items():
+        if name not in best or metrics.better(name_metric(targets, name), s, best[name][0]):
+            best[name] = (s, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch)
 
 
 def name_metric(targets, name) -> str:

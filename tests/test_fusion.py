@@ -396,3 +396,44 @@ def test_pca_fits_do_not_depend_on_the_training_recipe_and_keep_their_axes(tmp_p
     with unittest.mock.patch.object(fusion.PCA, "axes", fresh_axes):
         fusion.fit("ae", x.shape[1], 3, fresh, s["train"], s["val"], fusion.Recipe(steps=20, batch=16, eval_every=10),
                    checkpoint=tmp_path / name("ae", b))
+
+
+# ---------------------------------------------------- numbers behind Table 5 (from a mutation audit)
+def test_nrmse_is_a_root_and_table5_averages_every_teacher():
+    x = np.random.default_rng(0).normal(size=(100, 6))
+    mean = x.mean(0)
+    r = fusion.nrmse_per_block(mean + 0.5 * (x - mean), x, mean, {"a": slice(0, 2), "b": slice(2, 6)})
+    assert r["a"] == pytest.approx(0.5) and r["b"] == pytest.approx(0.5)  # half the spread left: 0.5, not 0.25
+    assert "0.200" in fusion.table5({"PCA": {"a": 0.1, "b": 0.3}}).splitlines()[-1]
+
+
+def test_early_stopping_waits_exactly_its_patience():
+    """lr 0: every evaluation equals the start, so the fit stops after `patience` of them, keeping step 0."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    r = fusion.Recipe(steps=400, batch=16, lr=0.0, weight_decay=0.0, eval_every=2, patience=3)
+    _, info = fusion.fit("ae", 8, 2, fusion.Rows(x), np.arange(48), np.arange(48, 64), r)
+    assert info["best_step"] == 0 and info["steps_run"] == 6
+
+
+def test_fit_reshuffles_the_training_faces_every_epoch():
+    seen = []
+
+    class Spy(fusion.Rows):
+        def batches(self, rows, size, rng=None):
+            if size == 8:
+                seen.append(np.asarray(rows).copy())
+            return super().batches(rows, size, rng)
+
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    fusion.fit("ae", 6, 2, Spy(x), np.arange(32), np.arange(32, 40),
+               fusion.Recipe(steps=8, batch=8, eval_every=100, patience=100))
+    assert not np.array_equal(seen[0], np.arange(32)) and not np.array_equal(seen[0], seen[1])
+
+
+def test_validation_error_is_a_mean_per_value_and_masking_noise_keeps_the_mean():
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    assert fusion.val_loss(fusion.PCA(8, 2), fusion.Rows(x), np.arange(50)) == pytest.approx(
+        float((x ** 2).mean()), rel=1e-5)  # an unfitted PCA reconstructs 0
+    torch.manual_seed(0)
+    y = fusion.mask_noise(torch.ones(200_000), 0.2)
+    assert abs(float((y == 0).float().mean()) - 0.2) < 0.01 and abs(float(y.mean()) - 1) < 0.01

@@ -564,3 +564,35 @@ def test_scratch_weights_follow_the_seed_not_what_ran_before(tiny_student):
     torch.rand(1000)  # another method's draws
     again = kd._model(target, "scratch", args, "cpu")[0].state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_training_rows_are_the_splits_found_faces_and_each_target_weighs_as_told():
+    """(From a mutation audit: nothing failed when missed faces were trained on or the weights ignored.)"""
+    from common.tasks import Sample, Split
+
+    data = SimpleNamespace(samples=[Sample(f"{i}.jpg", i % 2) for i in range(4)])
+    rows = SimpleNamespace(found=np.array([True, False, True, True]))
+    t = multitask.task_target(tasks.get_task("Gender-UTK"), data, np.arange(4), rows, 4,
+                              Split("s", np.array([0, 1, 2]), np.array([3])))
+    assert t.mask.tolist() == [True, False, True, False]  # row 1: no face found; row 3: a test image
+
+    y = torch.tensor([0.2, 0.8, 0.5, 0.1])
+    a = multitask.Target("a", "regression", 1, y.clone(), torch.ones(4, dtype=torch.bool), weight=2.0)
+    b = multitask.Target("b", "regression", 1, y.clone(), torch.ones(4, dtype=torch.bool), weight=0.0)
+    out = {"a": torch.zeros(4, 1), "b": torch.ones(4, 1), "_embedding": torch.zeros(4, 3)}
+    total, parts = multitask.joint_loss([a, b], out, torch.arange(4), torch.zeros(4, 2, 3),
+                                        torch.zeros(4, dtype=torch.bool))
+    assert float(total) == pytest.approx(2.0 * float(parts["a"]))
+
+
+def test_each_task_keeps_its_own_best_validation_epoch():
+    """(From a mutation audit: keeping the worst epoch passed every test.)"""
+    acc = SimpleNamespace(name="g", task=SimpleNamespace(metric="accuracy"))
+    err = SimpleNamespace(name="a", task=SimpleNamespace(metric="mae"))
+    model, best = torch.nn.Linear(2, 1), {}
+    for epoch, scores in enumerate([{"g": 0.5, "a": 5.0}, {"g": 0.9, "a": 4.0}, {"g": 0.7, "a": 3.0}], 1):
+        with torch.no_grad():
+            model.bias.fill_(epoch)
+        multitask.keep_best(best, scores, [acc, err], model, epoch)
+    assert (best["g"][0], best["g"][2], float(best["g"][1]["bias"])) == (0.9, 2, 2.0)
+    assert (best["a"][0], best["a"][2], float(best["a"][1]["bias"])) == (3.0, 3, 3.0)

@@ -106,6 +106,25 @@ def test_filters_that_carry_the_label_are_kept():
     assert 5 not in removed["backbone.conv1"]
 
 
+def test_every_attribute_of_a_multilabel_task_scores_the_filters():
+    """(From a mutation audit: scoring against the first attribute alone passed.) A filter that tells the
+    second attribute, the first one the same for every face, scores highest."""
+    s = _student()
+    x, y = _faces(48)
+    attrs = np.stack([np.zeros(len(y)), (y == 1).numpy()], 1).astype(np.float32)  # the first tells nothing
+    assert [c.tolist() for c in prune.label_columns(attrs, "multilabel")] == [list(attrs[:, 0] > 0.5), list(attrs[:, 1] > 0.5)]
+    x[y == 1, 0] = 0
+    with torch.no_grad():
+        s.backbone.conv1.weight[5] = 0
+        s.backbone.conv1.weight[5, 0] = 0.05
+        for block in s.backbone.layer1:
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
+    dg, groups, scores = prune.score_groups(s, x[:1], [(x, torch.from_numpy(attrs))], "multilabel")
+    stem = next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
+    assert np.argmax(scores[stem]) == 5
+
+
 def test_negative_responses_count_where_no_relu_follows():
     """A batch norm feeding a skip connection (or a linear bottleneck) passes its negative values on: a
     filter that is minus the label there carries it all, and must score as much as the label itself."""

@@ -784,3 +784,14 @@ def test_every_metric_refuses_an_empty_set_instead_of_a_quiet_nan():
         empty = np.zeros((0, 5, 2)) if name == "nme" else np.zeros((0, 3)) if name == "error_rate" else np.zeros(0)
         with pytest.raises(ValueError, match="empty set"):
             metrics.METRICS[name](empty, empty)
+
+
+def test_metric_directions_68_point_nme_and_pooled_folds():
+    """(From a mutation audit: the NME direction, the 68-point normalisation and the fold order were untested.)"""
+    for name, lower in [("accuracy", False), ("mae", True), ("error_rate", True), ("nme", True)]:
+        assert metrics.better(name, 0.1, 0.2) is lower
+    t = np.random.default_rng(0).uniform(0, 100, (1, 68, 2))
+    t[0, 36], t[0, 45], t[0, 39], t[0, 42] = (0, 0), (40, 0), (12, 0), (28, 0)  # outer corners 40 apart
+    assert metrics.nme(t + [2.0, 0], t) == pytest.approx(0.05)
+    assert metrics.pooled(metrics.mae, [np.array([2]), np.array([0, 1])],
+                          [np.array([30.0]), np.array([10.0, 20])], np.array([10.0, 20, 30])) == 0

@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,6 +192,31 @@ def test_fit_never_keeps_a_nan_epoch_and_stops_when_the_loss_is_not_finite(monke
     model = torch.nn.Linear(4, 2)
     with pytest.raises(FloatingPointError, match="inf or NaN in epoch 1"):
         transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "inf")
+
+
+@pytest.mark.parametrize("metric,seq", [("accuracy", [0.5, 0.9, 0.7]), ("mae", [5.0, 3.0, 4.0])])
+def test_fit_restores_the_best_validation_epoch_and_chooses_on_validation_faces(monkeypatch, metric, seq):
+    """(From a mutation audit: keeping the worst epoch, or validation rows that are test rows, passed.)"""
+    import torch
+
+    from common.tasks import Split
+
+    task = SimpleNamespace(kind="classification", metric=metric)
+    model, snaps, it = torch.nn.Linear(3, 2), [], iter(seq)
+
+    def scripted(*a):
+        snaps.append(model.weight.detach().clone())
+        return next(it)
+
+    monkeypatch.setattr(transfer, "score", scripted)
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+    batches = lambda: iter([(x, y)])  # noqa: E731
+    got = transfer.fit(model, batches, batches, task, 3, None, y.numpy(), [{"params": model.parameters(), "lr": 0.1}], "t")
+    assert got == seq[1] and torch.equal(model.weight, snaps[1])
+
+    found = np.ones(6, bool)
+    found[4] = False
+    assert transfer.val_rows_of(Split("s", np.array([0, 1]), np.array([2, 3]), np.array([4, 5])), found).tolist() == [5]
 
 
 def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused):
