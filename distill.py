@@ -47,8 +47,8 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
-                         hold, holding_runs, init_dist, make_run_dir, pick_device, resume_defaults, run_main,
-                         write_args)
+                         hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device, resume_defaults,
+                         run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -726,6 +726,7 @@ def embed_main(argv):
                         "learnt from, whose detection settings embed uses; 0.9 for students saved before they "
                         "were kept)")
     a = p.parse_args(argv)
+    one_process_only("distill.py embed", "--out (e.g. one folder of images each)")
     if a.batch < 1:
         raise SystemExit(f"error: --batch {a.batch}: at least 1 face per batch")
     from common.images import encode_paths, list_images

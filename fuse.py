@@ -17,6 +17,7 @@ writes and the others read), --run-dir (logs, tables, checkpoints), --student (d
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import shutil
 import time
@@ -585,7 +586,11 @@ def main(argv=None):
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
-        init_dist(device)
+        # The other ranks wait at barriers while rank 0 alone lists and checks the images and cache (with
+        # --verify-crops, reads the whole crop store), and while the slowest rank ends its shards: hours at
+        # millions of faces, past torch's default of 10 minutes (NCCL). A rank that fails ends them all anyway
+        # (torchrun stops the job), so the long wait costs nothing then.
+        init_dist(device, timeout=datetime.timedelta(days=7))
     if args.data is None and args.out is not None and (args.out / "manifest.json").is_file():
         args.data = Path(read_manifest(args.out)["data_root"])  # G fitted anew on a cache: its own images
     if args.data is None:
@@ -670,7 +675,11 @@ def main(argv=None):
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
-    log = get_logger(run, f"fuse{rank}", early)
+    if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
+        box = [run]
+        dist.broadcast_object_list(box)
+        run = box[0]
+    log = get_logger(run, f"fuse{rank}", early if rank == 0 else (), rank)
     if rank == 0:
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")

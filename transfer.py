@@ -58,7 +58,7 @@ from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
-                         make_run_dir, pick_device, resolved_args, resume_defaults, run_main)
+                         make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main)
 from common.student import WIDTH, head, load_student, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
@@ -1165,6 +1165,7 @@ def main(argv=None):
               f"non-face, accuracy, a split per class, folder layout built in data/lfw_subset on first use)")
         print(f"Your own labelled data, no code: --task {tasks.user_kinds_text()}, with --data DIR")
         return
+    one_process_only("transfer.py", "--run-dir (e.g. one task each)")
     device = pick_device(args.device)
     named = [m.strip() for m in args.method.split(",") if m.strip()]
     # all: the first METHODS; beside it, kd or multitask come along (all,kd)

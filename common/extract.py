@@ -405,8 +405,9 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     todo = [k for k in mine if not cache.shard_done(k)]
     rows_of = lambda k: int(cache.bounds[k + 1] - cache.bounds[k])
     total = sum(rows_of(k) for k in mine)
+    of_rank = f" of rank {rank}" if world > 1 else ""
     if log and len(todo) < len(mine):
-        log.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already in {cache.path}")
+        log.info(f"resuming: {len(mine) - len(todo)} of the {len(mine)} shards{of_rank} already in {cache.path}")
     if not todo:
         return  # before the loader: no workers are started for nothing
     if timer is not None and opts.streams > 1:
@@ -414,8 +415,8 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     # 2 on the CPU: 1.12x one on 2 cores (BENCHMARKS.md); on a GPU more is not yet measured
     streams = opts.streams or (2 if device.type == "cpu" and timer is None else 1)
     if log:
-        log.info(f"extracting on {device}: batches of {opts.batch}, {streams} in flight, "
-                 f"{opts.loader_workers(device)} loader workers")
+        log.info(f"extracting on {device}{' the shards' + of_rank if world > 1 else ''}: batches of {opts.batch}, "
+                 f"{streams} in flight, {opts.loader_workers(device)} loader workers")
     known = None
     if faces_from is not None:
         if not KnownFaces.matches(cache.manifest, faces_from.manifest):

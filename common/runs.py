@@ -201,17 +201,18 @@ def kept_warnings():
         lib.handlers, lib.propagate = saved
 
 
-def get_logger(run: Path | None, name: str, early=()) -> logging.Logger:
+def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.Logger:
     """Logger writing to stdout and run/log.txt (appending, so a resumed run keeps its history).
 
-    Without a run folder (ranks other than 0 under torchrun) it writes to stdout only. `early`: log records
-    kept by kept_warnings, written into log.txt (stderr has shown them already).
+    Without a run folder it writes to stdout only. `early`: log records kept by kept_warnings, written into
+    log.txt (stderr has shown them already). rank > 0 (another process of a torchrun job, appending to the
+    same log.txt): its lines say so.
     """
     log = logging.getLogger(name)
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter("%(asctime)s " + (f"rank {rank}: " if rank else "") + "%(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(run / "log.txt")] if run else [])
     for h in handlers:
         h.setFormatter(fmt)
@@ -231,12 +232,22 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_dist(device) -> None:
+def one_process_only(script: str, apart: str) -> None:
+    """Refuse torchrun for a script that does not split its work: every process would do all of it, into
+    the same files (or be refused by its own job's lock, a message blaming a second command)."""
+    if dist_info()[1] > 1:
+        raise SystemExit(f"error: {script} runs in one process and does not split its work under torchrun: start "
+                         f"it with python (on several GPUs, one run per GPU, each with its own --device cuda:N and "
+                         f"{apart})")
+
+
+def init_dist(device, timeout=None) -> None:
     """Join torchrun's process group: NCCL between GPUs, gloo on the CPU. pick_device has made each rank's
-    GPU the current one, so that its NCCL context lands there and not on GPU 0."""
+    GPU the current one, so that its NCCL context lands there and not on GPU 0. timeout: how long a
+    collective may wait for the slowest rank (torch's default: 10 min with NCCL, 30 with gloo)."""
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"timeout": timeout} if timeout else {}))
 
 
 def pick_device(name: str = "auto"):

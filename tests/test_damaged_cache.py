@@ -240,7 +240,7 @@ def test_fuse_resume_redoes_damaged_shards(face_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     for k, f in damaged.items():
         assert f"warning: shard {k} is damaged ({f}: " in out, out
-    assert f"resuming: {c.n_shards - 4} of {c.n_shards} shards already" in out
+    assert f"resuming: {c.n_shards - 4} of the {c.n_shards} shards already" in out
     assert "warning: h_G (pca) is damaged" in out and "00002.npy: truncated" in out
     c = FeatureCache(tmp_path / "c").require_complete()
     assert {f: f.stat().st_mtime_ns for f in untouched} == untouched  # nothing else was deleted or rewritten

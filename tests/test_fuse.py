@@ -267,6 +267,8 @@ def test_torchrun_two_processes_match_single(face_dir, tmp_path, monkeypatch):
                     *map(str, common), "--out", str(tmp_path / "two"), "--run-dir", str(tmp_path / "r2")],
                    cwd=ROOT, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two").require_complete()
+    log = (tmp_path / "r2" / "log.txt").read_text()  # the other rank's lines are part of the run's record
+    assert "rank 1: extracting on cpu the shards of rank 1" in log and "shards of rank 0" in log
     rows = np.arange(len(a.images))
     assert np.array_equal(a.found, b.found) and np.allclose(a.matrices, b.matrices, atol=1e-3)
     # Tolerance: one fp16 step of the stored value. torchrun gives each process its own thread count, so
@@ -292,7 +294,7 @@ def test_other_ranks_open_the_cache_rank0_checked(fused, face_dir, tmp_path, mon
     shutil.copytree(fused / "feats", tmp_path / "feats")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for name in ("init_process_group", "barrier", "destroy_process_group"):
+    for name in ("init_process_group", "barrier", "destroy_process_group", "broadcast_object_list"):
         monkeypatch.setattr(dist, name, lambda *a, **k: None)
 
     def forbidden(*a, **k):
@@ -303,6 +305,30 @@ def test_other_ranks_open_the_cache_rank0_checked(fused, face_dir, tmp_path, mon
     fuse.main(["--data", str(face_dir), "--out", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run"),
                "--teachers", CHEAP, "--extract-only", "--shard-size", "4"])
     assert not (tmp_path / "run").exists()
+
+
+def test_ranks_wait_for_each_other_longer_than_torchs_default(face_dir, tmp_path, monkeypatch):
+    """The other ranks wait at barriers while rank 0 alone checks the images and cache, and while the
+    slowest rank ends its shards: hours at scale, past torch's 10 minutes (NCCL), which killed the job."""
+    import datetime
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    seen = {}
+
+    def init(backend, **kw):
+        seen.update(kw)
+        raise SystemExit("stop here")
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", init)
+    with pytest.raises(SystemExit, match="stop here"):
+        fuse.main(["--data", str(face_dir), "--out", str(tmp_path / "c"), "--teachers", CHEAP, "--extract-only"])
+    assert seen.get("timeout") and seen["timeout"] >= datetime.timedelta(hours=24)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")

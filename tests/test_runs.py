@@ -225,3 +225,19 @@ def test_args_json_names_the_run_folder_and_is_written_whole(tmp_path, monkeypat
     assert recorded["run_folder"] == str(run.resolve()) and recorded["run_dir"] is None and recorded["script"] == "fuse"
     assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json"]
     runs.locks.held.pop(str((run / ".lock").resolve())).close()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_scripts_that_do_not_split_their_work_refuse_torchrun(tmp_path, monkeypatch, rank):
+    """Under torchrun every process ran all of transfer.py (twice the work, or a refusal by its own job's
+    run-folder lock blaming a second command) and of distill.py embed: they stop at once, making nothing."""
+    import distill
+    import transfer
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="does not split its work under torchrun"):
+        transfer.main(["--run-dir", str(tmp_path / "t"), "--task-cache", str(tmp_path / "tc")])
+    with pytest.raises(SystemExit, match="distill.py embed runs in one process"):
+        distill.main(["embed", "--student", str(tmp_path / "s"), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy")])
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e.npy").exists()
