@@ -265,8 +265,9 @@ class Engine:
         hit_of = {}
         if self.known is not None and rows is not None:  # the old cache's answer, where it saw the same bytes
             for i, (sha1, was_found, matrix, score, reason) in zip(ok, self.known.rows([rows[i] for i in ok])):
-                if sha1 == sha1s[i]:
-                    hit_of[i] = (matrix.astype(np.float64), score) if was_found else (reason or None)
+                if sha1 == sha1s[i]:  # a face its teachers failed on was still found by its detector
+                    face = was_found or NON_FINITE in reason
+                    hit_of[i] = (matrix.astype(np.float64), score) if face else (reason or None)
         todo = [i for i in ok if i not in hit_of]
         with self.timer("detect", len(todo)):
             if self.detector is None:
@@ -510,6 +511,9 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
     bar.close()
 
 
+NON_FINITE = "gave inf or NaN features"
+
+
 def drop_non_finite(feats: np.ndarray, meta: dict, slices: dict, dtype: str) -> None:
     """A face on which a teacher gave inf or NaN (an activation past float16's range once stored, or a
     teacher's numeric failure on one crop) becomes a missed face whose reason names the teacher, its row
@@ -519,7 +523,7 @@ def drop_non_finite(feats: np.ndarray, meta: dict, slices: dict, dtype: str) -> 
         names = [name for name, sl in slices.items() if not np.isfinite(feats[i, sl]).all()]
         hint = " (past float16's range of +-65,504? --dtype float32 stores it)" if dtype == "float16" else ""
         meta["found"][i] = False
-        meta["reason"][i] = f"teacher {', '.join(names)} gave inf or NaN features{hint}"
+        meta["reason"][i] = f"teacher {', '.join(names)} {NON_FINITE}{hint}"
         feats[i] = 0
 
 

@@ -350,6 +350,12 @@ def test_a_face_a_teacher_gave_inf_for_is_a_missed_face_naming_it(face_dir, tmp_
     assert cache.found[1:].sum() >= len(REAL_FACES) - 2  # the other faces are kept
     with np.load(cache.path / "stats.npz") as st:
         assert np.isfinite(st["mean"]).all() and np.isfinite(st["std"]).all()
+    # its detector found that face: a cache taking this one's faces (--faces-from) has it, its teachers working
+    gender.__class__ = Loud.__mro__[1]
+    again = FeatureCache.create_or_resume(tmp_path / "again", face_dir, REAL_FACES, teachers, shard_size=8,
+                                          dtype="float32", crop_size=32)
+    extract(again, teachers, "cpu", Options(batch=8), faces_from=FeatureCache(cache.path))
+    assert again.found[0] and list(again.found[1:]) == list(cache.found[1:])
 
 
 def test_g_refuses_a_cache_that_stored_non_finite_features_naming_the_teacher(tmp_path):
