@@ -106,8 +106,10 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=COUNT, default=None,
                    help="loader processes reading and decoding images (detection runs batched in the main process). "
                         "Default: 0 on the CPU (the teachers use every core); on a GPU the cores this process may "
-                        "use less 2, split between torchrun's processes on the machine, at most 12 (the H100 "
-                        "measurement ran 12 of 16 cores)")
+                        "use, shared out between torchrun's processes on the machine, less 2 each (the dispatching "
+                        "thread, the shard writer), at most 12 (the H100 measurement ran 12 of 16 cores). Workers "
+                        "pass decoded images through /dev/shm: in a container with a small one, enlarge it or "
+                        "lower this")
     g.add_argument("--streams", type=COUNT, default=0,
                    help="batches in flight at once, each on a thread and (on a GPU) a CUDA stream of its own, so "
                         "that one batch's kernels run while another's detection dispatches its small ops or waits "
@@ -234,11 +236,12 @@ def complete_cache_without_images(args):
 
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
-    n_noface, n_bad, n_unread = write_missed(cache, run / "missed_faces.tsv")
-    log.info(f"faces: {len(cache.images) - n_noface - n_bad} aligned, {n_noface} images with no face, "
-             f"{n_bad} unreadable (listed in {run / 'missed_faces.tsv'})")
-    if n_unread:
-        log.warning(f"{n_unread} of them could not be read at all (missing, permission denied, I/O error): "
+    m = write_missed(cache, run / "missed_faces.tsv")
+    failed = f", {m.teachers} on which a teacher gave inf or NaN" if m.teachers else ""
+    log.info(f"faces: {len(cache.images) - sum(m[:2]) - m.teachers} aligned, {m.no_face} images with no face, "
+             f"{m.unusable} unreadable{failed} (listed in {run / 'missed_faces.tsv'})")
+    if m.unread:
+        log.warning(f"{m.unread} of them could not be read at all (missing, permission denied, I/O error): "
                     f"once they read, rerun with --retry-unreadable to extract their shards again")
 
 

@@ -722,9 +722,10 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
     found = cache.found
     missed = int((~found).sum())
-    n_noface, n_bad, _ = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
+    m = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
+    failed = f", {m.teachers} on which a teacher gave inf or NaN" if m.teachers else ""
     log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face (rule of section 4.1 "
-             f"applied: {n_noface} with no face, {n_bad} unreadable or missing, listed in "
+             f"applied: {m.no_face} with no face, {m.unusable} unreadable or missing{failed}, listed in "
              f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")
     y, lo_hi = targets(task, data, n_out) if task.kind not in ("verification", "landmarks") else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits

@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -232,7 +233,20 @@ class _Hashing:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    """Strict JSON: a NaN or infinite number (a teacher without spread in Table 5, a diverged decoder's
+    error) is written null, which jq, JavaScript and every other reader parse; the markdown tables say
+    n/a or inf."""
+    atomic_write(path, lambda f: f.write(json.dumps(_finite(obj), indent=1, allow_nan=False).encode()))
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_text(path: Path, text: str) -> None:
@@ -401,20 +415,30 @@ def as_planned(manifest: dict) -> dict:
     return {"smallest_face": 20 if manifest.get("align") == "mtcnn" else None, "boxes": None, **manifest}
 
 
-def write_missed(cache: "FeatureCache", path: Path) -> tuple[int, int, int]:
-    """List every image without a usable face, and why, in a .tsv; returns (no face found, unusable file,
-    of those a file the system would not give: CANNOT_READ). Streamed shard by shard, in one pass: at
-    millions of images the list is never held whole."""
-    counts = [0, 0, 0]
+# The reason of a row whose face was found but on which a teacher gave inf or NaN (common.extract)
+NON_FINITE = "gave inf or NaN features"
+
+
+class Missed(NamedTuple):
+    no_face: int  # no face detected
+    unusable: int  # the file: unreadable, not an image, too small ...
+    unread: int  # of those, a file the system would not give (CANNOT_READ)
+    teachers: int  # a face, on which a teacher gave inf or NaN (NON_FINITE)
+
+
+def write_missed(cache: "FeatureCache", path: Path) -> Missed:
+    """List every image without a usable face, and why, in a .tsv, and count them by kind. Streamed shard
+    by shard, in one pass: at millions of images the list is never held whole."""
+    counts = [0, 0, 0, 0]
 
     def rows():
         for i, r in cache.missed():
-            counts[r != "no face detected"] += 1
+            counts[3 if NON_FINITE in r else 0 if r == "no face detected" else 1] += 1
             counts[2] += CANNOT_READ in r
             yield cache.images[i], r
 
     write_reasons(path, rows())
-    return counts[0], counts[1], counts[2]
+    return Missed(*counts)
 
 
 def write_reasons(path: Path, rows) -> None:

@@ -12,6 +12,7 @@ it while the next shard fills. With streams > 1, several batches are in flight a
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import threading
@@ -28,10 +29,12 @@ import torch
 from kernels import fuse_features
 
 from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
-from .cache import as_planned, open_npz
+from .cache import NON_FINITE, as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import no_tf32
 from .progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -242,8 +245,12 @@ class Engine:
             jpeg = [i for i, it in enumerate(items) if it["jpeg"] is not None]
             try:
                 decoded = decode_jpegs_on([items[i]["jpeg"] for i in jpeg], self.device) if jpeg else []
-            except RuntimeError:  # nvjpeg fails its whole batch for one stream it refuses (a damaged file
-                decoded = [self._decode_on_host(items[i], reasons, i) for i in jpeg]  # passes its header check)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the device's own trouble, not the files': decoding them on the host would hide it
+            except RuntimeError as e:  # nvjpeg fails its whole batch for one stream it refuses (a damaged
+                # file passes its header check): the batch is decoded on the host, as the CPU path would
+                log.warning(f"nvjpeg refused a batch of {len(jpeg)} JPEGs ({str(e)[:200]}): decoded by PIL instead")
+                decoded = [self._decode_on_host(items[i], reasons, i) for i in jpeg]
         images = [None if it["image"] is None else it["image"].to(self.device, non_blocking=True) for it in items]
         for i, img in zip(jpeg, decoded):
             images[i] = img
@@ -509,9 +516,6 @@ def extract(cache, teachers, device, opts: Options, rank=0, world=1, log=None, r
                     with timer("write", 0):
                         pending.result()
     bar.close()
-
-
-NON_FINITE = "gave inf or NaN features"
 
 
 def drop_non_finite(feats: np.ndarray, meta: dict, slices: dict, dtype: str) -> None:

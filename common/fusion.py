@@ -639,7 +639,10 @@ def nrmse_per_block(x_hat: np.ndarray, x: np.ndarray, mean: np.ndarray, slices: 
     for name, sl in slices.items():
         err = np.sum((x_hat[:, sl] - x[:, sl]) ** 2)
         spread = np.sum((x[:, sl] - mean[sl]) ** 2)
-        out[name] = float(math.sqrt(err / spread)) if spread > 1e-12 * x[:, sl].size else math.nan
+        if spread <= 1e-12 * x[:, sl].size:
+            out[name] = math.nan
+        else:  # a NaN reconstruction (a diverged decoder) is an infinite error, not a constant teacher
+            out[name] = float(math.sqrt(err / spread)) if np.isfinite(err) else math.inf
     return out
 
 
@@ -660,8 +663,9 @@ def table5(columns: dict[str, dict[str, float]]) -> str:
     md = tabulate(rows, headers=["h_i"] + list(columns), tablefmt="github", floatfmt=".3f", missingval="n/a")
     constant = [n for n in names if any(math.isnan(columns[c][n]) for c in columns)]
     if constant:
+        them = "them" if len(constant) > 1 else "it"
         md += (f"\n\nn/a: {', '.join(constant)} gave the same h_i on every test face, so there is no error to "
-               "normalise; the average leaves it out.")
+               f"normalise; the average leaves {them} out.")
     return md
 
 

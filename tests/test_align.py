@@ -230,10 +230,17 @@ def test_odd_jpegs_stay_on_pil(face_dir):
     # bw.jpg: grey with 2x2 sampling, which nvjpeg decoded wrong (mean error 63 levels) on an H100
     for n in ["odd/cmyk.jpg", "odd/truncated.jpg", "odd/corrupt.jpg", "tom.png", "bw.jpg"]:
         assert not nvjpeg_safe((face_dir / n).read_bytes()), n
-    # colour stored as RGB, not YCbCr (Adobe transform 0): libjpeg honours it, nvjpeg is unchecked
-    stored_rgb = io.BytesIO()
+    # colour stored as RGB, not YCbCr: libjpeg honours it, nvjpeg is unchecked. Either sign alone says so:
+    # components named R, G, B (the Adobe marker cut out), or an Adobe marker with transform 0
+    stored_rgb, plain = io.BytesIO(), io.BytesIO()
     Image.open(face_dir / "single_face.jpg").save(stored_rgb, "JPEG", quality=90, keep_rgb=True)
-    assert not nvjpeg_safe(stored_rgb.getvalue())
+    Image.open(face_dir / "single_face.jpg").save(plain, "JPEG", quality=90)
+    rgb, ycc = stored_rgb.getvalue(), plain.getvalue()
+    at = rgb.index(b"\xff\xee")
+    app14 = rgb[at:at + 2 + int.from_bytes(rgb[at + 2:at + 4], "big")]
+    assert app14[-1] == 0 and nvjpeg_safe(ycc)
+    for data in (rgb, rgb.replace(app14, b""), ycc[:2] + app14 + ycc[2:]):
+        assert not nvjpeg_safe(data)
 
 
 def test_engine_jpeg_bytes_path(face_dir):
@@ -261,6 +268,8 @@ def test_a_batch_nvjpeg_refuses_is_decoded_file_by_file_as_the_cpu_path_would(fa
     """nvjpeg fails a whole batched call for one stream it cannot decode, and a damaged JPEG can pass the
     header check: the batch is then decoded by PIL, the good files to PIL's pixels, the bad one a row with
     PIL's reason naming the file, instead of the error ending the extraction."""
+    import torch
+
     import common.extract
     from common.extract import Engine, ImageFiles, Options
 
@@ -283,6 +292,13 @@ def test_a_batch_nvjpeg_refuses_is_decoded_file_by_file_as_the_cpu_path_would(fa
     assert reasons[0] == ""
     ref = read_image(tmp_path / "good.jpg").astype(int)
     assert np.array_equal(good.permute(1, 2, 0).numpy().astype(int), ref)
+
+    def out_of_memory(datas, device):  # the device's trouble, not the files': not hidden by the host path
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(common.extract, "decode_jpegs_on", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Engine([], "cpu", Options(align="none")).decode(items, ["", ""])
 
 
 def test_area_crops_match_area_interpolation():

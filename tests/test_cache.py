@@ -582,3 +582,16 @@ def test_a_killed_writers_temporary_files_are_removed_on_resume(tmp_path, images
     runs.make_run_dir(run, "transfer", Namespace())
     assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [".lock", other.name, "args.json"]
     runs.locks.held.pop(str((run / ".lock").resolve())).close()
+
+
+def test_json_reports_are_strict_json_with_null_for_nan(tmp_path):
+    """Table 5's n/a (NaN) and a diverged decoder's inf were written as bare NaN / Infinity, which jq and
+    JavaScript refuse."""
+    import json
+
+    from common.cache import write_json
+
+    write_json(tmp_path / "r.json", {"nrmse": {"a": float("nan"), "b": 0.25}, "w": [float("inf"), np.float64(1.5)]})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"nrmse": {"a": None, "b": 0.25}, "w": [None, 1.5]}

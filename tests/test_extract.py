@@ -347,6 +347,10 @@ def test_a_face_a_teacher_gave_inf_for_is_a_missed_face_naming_it(face_dir, tmp_
     assert np.isfinite(cache.features.take(np.arange(len(REAL_FACES))).astype(np.float32)).all()
     reasons = list(_meta(cache, 0)["reason"])
     assert not cache.found[0] and "teacher gender gave inf or NaN" in reasons[0] and "float32" in reasons[0]
+    from common.cache import write_missed
+
+    counted = write_missed(cache, tmp_path / "missed.tsv")  # not an unreadable file, nor a photo without a face
+    assert counted.teachers == 1 and counted.unusable == 0
     assert cache.found[1:].sum() >= len(REAL_FACES) - 2  # the other faces are kept
     with np.load(cache.path / "stats.npz") as st:
         assert np.isfinite(st["mean"]).all() and np.isfinite(st["std"]).all()

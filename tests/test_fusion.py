@@ -1,4 +1,6 @@
 """Fusion operators: shapes, the paper's layer widths, reconstruction quality, save/load."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,10 @@ def test_nrmse_per_block():
     md = fusion.table5({"PCA": r})
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| ")}
     assert rows["b"] == "n/a" and float(rows["Average"]) == pytest.approx(r["a"], abs=1e-3)
-    assert "b gave the same h_i on every test face" in md
+    assert "b gave the same h_i on every test face" in md and "leaves it out" in md
+    broken = x + 0.1  # a diverged decoder's NaN is an infinite error, not a constant teacher
+    broken[0, 0] = np.nan
+    assert fusion.nrmse_per_block(broken, x, x.mean(0), slices)["a"] == math.inf
 
 
 # ------------------------------------------------------------------ residual layout, split, recipe
@@ -262,6 +267,15 @@ def test_a_nan_validation_error_stops_the_fit_instead_of_keeping_step_0():
     x[150:] = np.nan  # validation rows only: training stays finite
     recipe = fusion.Recipe(layout="paper", steps=20, batch=32, eval_every=5, patience=50)
     with pytest.raises(FloatingPointError, match="validation error"):
+        fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), np.arange(150), np.arange(150, 200), recipe)
+
+
+def test_a_validation_error_turning_nan_during_the_fit_stops_it(monkeypatch):
+    x = curved(200, seed=4)
+    errors = iter([1.0, float("nan")])  # the start, then the first evaluation
+    monkeypatch.setattr(fusion, "val_loss", lambda model, data, rows: next(errors))
+    recipe = fusion.Recipe(layout="paper", steps=20, batch=32, eval_every=5, patience=50)
+    with pytest.raises(FloatingPointError, match="validation error became nan at step 5"):
         fusion.fit("ae", x.shape[1], 3, fusion.Rows(x), np.arange(150), np.arange(150, 200), recipe)
 
 

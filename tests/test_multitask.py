@@ -596,3 +596,16 @@ def test_each_task_keeps_its_own_best_validation_epoch():
         multitask.keep_best(best, scores, [acc, err], model, epoch)
     assert (best["g"][0], best["g"][2], float(best["g"][1]["bias"])) == (0.9, 2, 2.0)
     assert (best["a"][0], best["a"][2], float(best["a"][1]["bias"])) == (3.0, 3, 3.0)
+
+
+def test_a_loss_that_diverges_stops_the_joint_training_with_its_epoch(tmp_path):
+    """The loss is checked once an epoch on a device flag (not read back each step): a diverged one still
+    stops the run, naming the epoch and the flag to change."""
+    from common.student import build_student
+
+    rows, targets = _rows(tmp_path), _targets(8)
+    torch.manual_seed(0)
+    model = multitask.JointModel(build_student("resnet18w", 0.125, 16), 16, targets, 8)
+    args = Namespace(batch=4, workers=0, seed=0)
+    with pytest.raises(FloatingPointError, match=r"inf or NaN in epoch [12]; lower --lr"):
+        multitask.train(model, targets, rows, 32, 2, [{"params": model.parameters(), "lr": 1e30}], args, "cpu")
