@@ -271,7 +271,7 @@ def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
                      f"Start it afresh with --overwrite instead of --resume (or another --run-dir)")
 
 
-def load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log=None) -> tuple[int, list]:
+def load_checkpoint(run, student, decoder, opt, scaler, cfg, log=None) -> tuple[int, list]:
     """Restore the latest checkpoint of run into the given objects; returns its step (0 if none) and the losses
     of its epoch so far."""
     if any((run / "ckpt").glob(f"*{LEGACY_STATE_SUFFIX}")):
@@ -404,7 +404,7 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
     amp_dtype, scaler = precision.amp_policy(args.amp, device)
     cfg["amp"] = str(amp_dtype)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start, start_loss = load_checkpoint(run, student, decoder, opt, scaler, cfg, device, log) if args.resume else (0, [])
+    start, start_loss = load_checkpoint(run, student, decoder, opt, scaler, cfg, log) if args.resume else (0, [])
     metrics = run / "metrics.jsonl"
     if start and rank == 0 and metrics.exists():
         # Epochs logged after the checkpoint resumed from are trained again: drop their lines.

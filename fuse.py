@@ -237,9 +237,8 @@ def complete_cache_without_images(args):
 def report_missed(cache: FeatureCache, run: Path, log) -> None:
     """List every image without a usable face (paper section 4.1 counts them; transfer.py applies the rule)."""
     m = write_missed(cache, run / "missed_faces.tsv")
-    failed = f", {m.teachers} on which a teacher gave inf or NaN" if m.teachers else ""
-    log.info(f"faces: {len(cache.images) - sum(m[:2]) - m.teachers} aligned, {m.no_face} images with no face, "
-             f"{m.unusable} unreadable{failed} (listed in {run / 'missed_faces.tsv'})")
+    log.info(f"faces: {len(cache.images) - m.no_face - m.unusable - m.teachers} aligned; {m.kinds()} (listed in "
+             f"{run / 'missed_faces.tsv'})")
     if m.unread:
         log.warning(f"{m.unread} of them could not be read at all (missing, permission denied, I/O error): "
                     f"once they read, rerun with --retry-unreadable to extract their shards again")

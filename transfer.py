@@ -253,7 +253,7 @@ def task_caches(cache_dir: Path):
             continue
 
 
-def faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
+def find_faces_donor(cache: FeatureCache, cache_dir: Path) -> FeatureCache | None:
     """A finished, undamaged task cache of the same files and detector setting (another teacher set's): its
     faces are reused, so that each teacher set does not detect them again."""
     for other, manifest in task_caches(cache_dir):
@@ -319,7 +319,7 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE, st
                              f"rebuild it, or pass another --task-cache") from None
         redo = cache.remove_damaged(log) + (cache.remove_unread(log) if args.retry_unreadable else 0)
         if redo or not cache.manifest.get("complete"):
-            extract(cache, teachers, device, detect, log=log, faces_from=faces_donor(cache, args.cache_dir))
+            extract(cache, teachers, device, detect, log=log, faces_from=find_faces_donor(cache, args.cache_dir))
             cache.finalize()
             cache = FeatureCache(path)
     return cache
@@ -366,7 +366,7 @@ def face_batches(cache, rows, labels, size, train, args, device):
 
 
 # ------------------------------------------------------------------------------------- heads and loss
-def targets(task, data, n_out) -> tuple[torch.Tensor, tuple | None]:
+def targets(task, data) -> tuple[torch.Tensor, tuple | None]:
     """Labels as a tensor the loss takes; regression targets scaled to [0, 1] over the label range."""
     labels = [s.label for s in data.samples]
     if task.kind == "regression":
@@ -608,7 +608,7 @@ class Subsets(Mapping):
 
 
 # -------------------------------------------------------------------------------------------- driver
-def unavailable(task, method, kd_teacher=None) -> str | None:
+def unavailable(task, method, kd_teacher) -> str | None:
     """Why a method cannot run on a task (None: it can); asked of every task and method before any work."""
     if method == "multitask":
         return None
@@ -619,7 +619,7 @@ def unavailable(task, method, kd_teacher=None) -> str | None:
     elif task.kind == "verification":  # embeddings compared by cosine, or a model trained on identities
         ok = kd.VERIFICATION_METHODS + ("frozen", "fused", "concat", "pca", "bt", "bct")
     else:
-        ok = tuple(m for m in METHODS if m != "kd")
+        ok = METHODS
     return None if method in ok else (f"{task.name}: --method {method} is not available for a {task.kind} task "
                                       f"(available: {', '.join(ok)})")
 
@@ -723,11 +723,10 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     found = cache.found
     missed = int((~found).sum())
     m = write_missed(cache, run / f"missed_faces-{task.name}.tsv")
-    failed = f", {m.teachers} on which a teacher gave inf or NaN" if m.teachers else ""
     log.info(f"{task.name}: {len(data.samples)} images, {missed} without a usable face (rule of section 4.1 "
-             f"applied: {m.no_face} with no face, {m.unusable} unreadable or missing{failed}, listed in "
+             f"applied: {m.kinds()}, listed in "
              f"missed_faces-{task.name}.tsv), {len(data.splits)} split(s), protocol: {task.protocol}")
-    y, lo_hi = targets(task, data, n_out) if task.kind not in ("verification", "landmarks") else (None, None)
+    y, lo_hi = targets(task, data) if task.kind not in ("verification", "landmarks") else (None, None)
     splits = data.splits[: args.max_splits] if args.max_splits else data.splits
     # Every choice (epochs, best teacher, subset) is made on validation faces, never on the test ones.
     groups = [s.group for s in data.samples] if task.protocol.startswith("leave-one") else None
@@ -764,7 +763,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(data, build_teachers([kd.kd_teacher(task, args)], device), args, device,
                                   log, align, stamps=stamps) if method == "kd" else None)
-            results[method] = kd.run(task, data, cache, method, args, device, log, teacher)
+            results[method] = kd.run(task, data, cache, method, args, device, teacher)
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
             continue
@@ -779,12 +778,12 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
             if not any(m in TEACHER_FEATURE_METHODS for m in methods[methods.index(method) + 1:]):
                 shared.clear()  # the last method to read them has its own copy: not held through etl's training
         if task.kind == "verification":
-            results[method] = verification(task, data, features, found, log, args.max_splits or None)
+            results[method] = verification(task, data, features, found, args.max_splits or None)
         else:
             images = cache
             if fine_tunes_teacher(method, args):
                 images = wide = wide or teacher_crops(data, cache, args, device, log, align, stamps)
-            results[method] = supervised(task, data, method, features, images, y, lo_hi, splits, found, n_out, args,
+            results[method] = supervised(task, method, features, images, y, lo_hi, splits, found, n_out, args,
                                          device, student_cfg, log, g_widths)
         results[method]["selection"] = selection
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
@@ -908,7 +907,7 @@ def method_features(method, cache, unsup, name, args, device, student_cfg, share
     raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
-def supervised(task, data, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log,
+def supervised(task, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log,
                g_widths=None):
     y_true = decode_labels(task, y.numpy(), lo_hi)
     candidates = features if isinstance(features, Mapping) else {None: features}
@@ -980,23 +979,17 @@ def mean_val(values) -> float | None:
     return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
-def verification(task, data, features, found, log, max_folds: int | None = None) -> dict:
+def verification(task, data, features, found, max_folds: int | None = None) -> dict:
     """LFW's protocol on embeddings; with max_folds (--max-splits) only the first folds are tested, as the
     methods that train a model per fold do, so that one report row compares the same test pairs."""
-    pairs = data.pairs
-    a = np.array([p.a for p in pairs])
-    b = np.array([p.b for p in pairs])
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
+    a, b, same, folds = tasks.pair_arrays(data)
     candidates = features if isinstance(features, Mapping) else {None: features}
     search, per_fold = {}, {}
     for name, feats in candidates.items():
         if not isinstance(feats, torch.Tensor):
             raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
                              f"training set first (use --method frozen, fused, concat, pca, bt or bct)")
-        f = F.normalize(feats.float(), dim=1).numpy()
-        s = (f[a] * f[b]).sum(1)
-        s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
+        s = metrics.pair_scores(F.normalize(feats.float(), dim=1).numpy(), a, b, found)  # missed: NaN, wrong
         per_fold[name] = metrics.verification_per_fold(s, same, folds)
         accs, fits = (v[:max_folds] for v in per_fold[name])
         search[name] = {"value": float(accs.mean()), "std": float(accs.std()), "val": float(fits.mean())}

@@ -425,6 +425,10 @@ class Missed(NamedTuple):
     unread: int  # of those, a file the system would not give (CANNOT_READ)
     teachers: int  # a face, on which a teacher gave inf or NaN (NON_FINITE)
 
+    def kinds(self) -> str:
+        failed = f", {self.teachers} on which a teacher gave inf or NaN" if self.teachers else ""
+        return f"{self.no_face} with no face, {self.unusable} unreadable or missing{failed}"
+
 
 def write_missed(cache: "FeatureCache", path: Path) -> Missed:
     """List every image without a usable face, and why, in a .tsv, and count them by kind. Streamed shard

@@ -129,18 +129,15 @@ def teacher_rows(rows: Rows, teacher_cache) -> tuple[np.ndarray, np.ndarray]:
     return h, np.asarray(rows.found) & np.asarray(teacher_cache.found)
 
 
-def run(task, data, cache, method, args, device, log, teacher_cache=None) -> dict:
-    """One method (finetune, frozen, scratch, kd) on a landmark or verification task; a transfer.py result entry."""
-    allowed = LANDMARK_METHODS if task.kind == "landmarks" else VERIFICATION_METHODS
-    if method not in allowed:
-        raise SystemExit(f"{task.name}: method {method!r} is not available for a {task.kind} task "
-                         f"(choose from {', '.join(allowed)})")
+def run(task, data, cache, method, args, device, teacher_cache) -> dict:
+    """One method of LANDMARK_METHODS or VERIFICATION_METHODS (transfer.unavailable has refused the others)
+    on a landmark or verification task; a transfer.py result entry."""
     rows = Rows()
     ids = rows.add(cache, data)
     if (ids != np.arange(len(ids))).any():
         raise SystemExit(f"{task.name}: the same image file is listed twice")
     runner = landmarks if task.kind == "landmarks" else verification
-    return runner(task, data, rows, method, args, device, log, teacher_cache)
+    return runner(task, data, rows, method, args, device, teacher_cache)
 
 
 def _model(targets, method, args, device):
@@ -153,7 +150,7 @@ def _model(targets, method, args, device):
     return model, size, lr_groups(model, args, method == "scratch", frozen), frozen
 
 
-def landmarks(task, data, rows, method, args, device, log, teacher_cache) -> dict:
+def landmarks(task, data, rows, method, args, device, teacher_cache) -> dict:
     split, selection = tasks.with_validation(data.splits[0], 0, None, args.seed, args.val_frac)
     target = task_target(task, data, np.arange(len(rows)), rows, len(rows), split)
     target.extra["selection"] = selection
@@ -190,10 +187,8 @@ def landmarks(task, data, rows, method, args, device, log, teacher_cache) -> dic
     return {**res, "per_split": [res["value"]], **entry, "note": "; ".join(notes)}
 
 
-def verification(task, data, rows, method, args, device, log, teacher_cache) -> dict:
-    pairs = data.pairs
-    a, b = np.array([p.a for p in pairs]), np.array([p.b for p in pairs])
-    same, folds = np.array([p.same for p in pairs]), np.array([p.fold for p in pairs])
+def verification(task, data, rows, method, args, device, teacher_cache) -> dict:
+    a, b, same, folds = tasks.pair_arrays(data)
     found = np.asarray(rows.found)
     labels = torch.as_tensor(np.array([s.label for s in data.samples], np.int64))
     n_ids = len(data.label_names or []) or int(labels.max()) + 1
@@ -220,15 +215,15 @@ def verification(task, data, rows, method, args, device, log, teacher_cache) -> 
         train(model, targets, rows, size, args.epochs, groups, args, device, desc=f"{task.name} {method} {split.name}")
         emb = torch.nn.functional.normalize(embeddings(model, rows, np.arange(len(rows)), size, args, device), dim=1)
         fold = np.unique(folds)[f]
-        scores = _pair_scores(emb.numpy(), a, b, found)
-        acc, fit = _fold_accuracy(scores, same, folds, fold)
+        scores = metrics.pair_scores(emb.numpy(), a, b, found)
+        acc, fit = metrics.fold_accuracy(scores, same, folds == fold)
         accs.append(acc)
         fits.append(fit)
         n_test += int((folds == fold).sum())
         missed_test += int(np.isnan(scores[folds == fold]).sum())
         if method == "kd":
             t = torch.nn.functional.normalize(torch.from_numpy(h), dim=1).numpy()
-            teacher_accs.append(_fold_accuracy(_pair_scores(t, a, b, ok), same, folds, fold)[0])
+            teacher_accs.append(metrics.fold_accuracy(metrics.pair_scores(t, a, b, ok), same, folds == fold)[0])
     entry = {"metric": "verification_accuracy", "value": float(np.mean(accs)), "std": float(np.std(accs)),
              "se": metrics.standard_error(accs),
              "per_split": [float(x) for x in accs], "chosen": None, "val": float(np.mean(fits)), "n_test": n_test,
@@ -241,21 +236,6 @@ def verification(task, data, rows, method, args, device, log, teacher_cache) -> 
         notes.append(f"teacher {kd_teacher(task, args)}'s own embedding: {entry['teacher']:.4f} on the same "
                      f"{len(accs)} fold(s); kd weight {args.kd_weight}")
     return {**entry, "note": "; ".join(notes)}
-
-
-def _pair_scores(emb, a, b, found) -> np.ndarray:
-    s = (emb[a] * emb[b]).sum(1)
-    s[~(found[a] & found[b])] = np.nan  # a pair with a missed face counts as wrong
-    return s
-
-
-def _fold_accuracy(scores, same, folds, fold) -> tuple[float, float]:
-    """LFW's rule for one fold: the threshold is the best one on the other folds' pairs.
-    Returns (accuracy on the fold, accuracy on the other folds at that threshold)."""
-    test = folds == fold
-    t = metrics.best_threshold(scores[~test], same[~test])
-    right = ((scores > t) == same) & ~np.isnan(scores)
-    return float(right[test].mean()), float(right[~test].mean())
 
 
 # ------------------------------------------------------------------- classification and age regression

@@ -91,18 +91,6 @@ def best_threshold(scores, same) -> float:
     return float(cands[int(np.argmax(right))])
 
 
-def verification_folds(scores, same, folds):
-    """LFW protocol: for each fold, pick the threshold on the other folds, score the held-out fold.
-
-    Returns (mean, std, fit): mean and std (ddof=0, the folds' spread) of the per-fold accuracies, and the
-    mean accuracy on the folds that chose each threshold, which is what a choice between embeddings may look
-    at (the tested folds may not). Works for any number of folds; pairs with a NaN score (missed face) count
-    as wrong. LFW's own tables give the standard error of the mean instead: standard_error.
-    """
-    accs, fits = verification_per_fold(scores, same, folds)
-    return float(np.mean(accs)), float(np.std(accs)), float(np.mean(fits))
-
-
 def standard_error(per_fold) -> float | None:
     """LFW's S_E beside the mean accuracy: the folds' sample std (ddof=1) over sqrt(folds); None for one fold."""
     per_fold = np.asarray(per_fold, np.float64)
@@ -110,18 +98,30 @@ def standard_error(per_fold) -> float | None:
 
 
 def verification_per_fold(scores, same, folds) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy on each fold, accuracy on the other folds that chose its threshold), folds in sorted order."""
+    """LFW protocol, for any number of folds: (accuracy on each fold, accuracy on the other folds that chose
+    its threshold), folds in sorted order. The second is what a choice between embeddings may look at (the
+    tested fold may not). LFW's own tables give standard_error of the first beside its mean."""
     scores, same, folds = np.asarray(scores, np.float64), np.asarray(same, bool), np.asarray(folds)
     if len(np.unique(folds)) < 2:  # a fold's threshold comes from the other folds: with one, from no pair at all
         raise ValueError(f"verification needs at least 2 folds, got {len(np.unique(folds))}")
-    accs, fits = [], []
-    for f in np.unique(folds):
-        test = folds == f
-        t = best_threshold(scores[~test], same[~test])
-        right = ((scores > t) == same) & ~np.isnan(scores)
-        accs.append(right[test].mean())
-        fits.append(right[~test].mean())
+    accs, fits = zip(*(fold_accuracy(scores, same, folds == f) for f in np.unique(folds)))
     return np.array(accs), np.array(fits)
+
+
+def fold_accuracy(scores, same, test) -> tuple[float, float]:
+    """LFW's rule for one fold (test: its pairs): the threshold is the best one on the other folds' pairs.
+    Returns (accuracy on the fold, accuracy on the other folds at that threshold); a pair with a NaN score
+    (a missed face) counts as wrong."""
+    t = best_threshold(scores[~test], same[~test])
+    right = ((scores > t) == same) & ~np.isnan(scores)
+    return float(right[test].mean()), float(right[~test].mean())
+
+
+def pair_scores(emb, a, b, found) -> np.ndarray:
+    """Each pair's dot product of unit-length embeddings; NaN for a pair with a missed face."""
+    s = (emb[a] * emb[b]).sum(1)
+    s[~(found[a] & found[b])] = np.nan
+    return s
 
 
 def leave_one_group_out(groups):

@@ -41,6 +41,13 @@ class Pair:
     fold: int
 
 
+def pair_arrays(data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, same, fold) of a verification task's pairs, as arrays."""
+    pairs = data.pairs
+    return (np.array([p.a for p in pairs]), np.array([p.b for p in pairs]), np.array([p.same for p in pairs]),
+            np.array([p.fold for p in pairs]))
+
+
 @dataclass
 class Split:
     name: str

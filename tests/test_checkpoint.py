@@ -174,7 +174,7 @@ def test_pickle_payload_is_refused_never_run(tmp_path):
     payload = run / "ckpt" / "step_00000002.state.pt"
     # distill.py --resume: refused before anything is read, with both ways out.
     with pytest.raises(SystemExit) as e:
-        distill.load_checkpoint(run, None, None, None, None, {}, "cpu")
+        distill.load_checkpoint(run, None, None, None, None, {})
     msg = str(e.value.code)
     assert "pickle" in msg and "--overwrite" in msg and f"python -m common.checkpoint {run}" in msg
     # The same bytes under the new name: not safetensors, refused.
@@ -211,7 +211,7 @@ def test_convert_older_run_folder(tmp_path):
     expected = draws()
     run = old_run(tmp_path, state)
     with pytest.raises(SystemExit, match="older distill.py"):
-        distill.load_checkpoint(run, None, None, None, None, {}, "cpu")
+        distill.load_checkpoint(run, None, None, None, None, {})
     checkpoint.main([str(run)])
     ckpt = run / "ckpt"
     assert not list(ckpt.glob("*.pt"))

@@ -705,7 +705,7 @@ def test_resumed_moments_keep_the_weights_memory_format(tmp_path):
     opt.step()
     distill.save_checkpoint(tmp_path, 1, net, None, opt, None, {}, keep=2)
     net2, opt2 = make()
-    assert distill.load_checkpoint(tmp_path, net2, None, opt2, None, {}, "cpu") == (1, [])
+    assert distill.load_checkpoint(tmp_path, net2, None, opt2, None, {}) == (1, [])
     convs = [p for p in net2.parameters() if p.ndim == 4]
     assert convs and all(opt2.state[p]["exp_avg"].stride() == p.stride() for p in convs)
     for p, q in zip(net.parameters(), net2.parameters()):

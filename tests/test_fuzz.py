@@ -296,7 +296,7 @@ def test_fuse_lists_every_bad_file(root, fuzz, tmp_path):
         assert why in missed[name], (name, missed[name])
     n_bad = len(bad)
     log = (tmp_path / "r" / "log.txt").read_text()
-    assert f"{len(fuzz) - n_bad} aligned, 0 images with no face, {n_bad} unreadable" in log
+    assert f"{len(fuzz) - n_bad} aligned; 0 with no face, {n_bad} unreadable or missing" in log
     # the file the listing left out (a line break in its name) is named in the run's log, not only on stderr
     assert "left out because their names hold a line break" in log and repr(NEWLINE) in log
     # The real faces come out as they do alone.

@@ -616,10 +616,9 @@ def test_verification_10fold_by_hand():
         scores += s
         same += [True, True, False, False]
         folds += [f] * 4
-    mean, std = metrics.verification_folds(scores, same, folds)[:2]
-    assert mean == pytest.approx(0.95) and std == pytest.approx(0.1)
-    # LFW's S_E: sqrt((2 * 0.2^2 + 8 * 0.05^2) / 9) / sqrt(10) = 1/30
     accs = metrics.verification_per_fold(scores, same, folds)[0]
+    assert accs.mean() == pytest.approx(0.95) and accs.std() == pytest.approx(0.1)
+    # LFW's S_E: sqrt((2 * 0.2^2 + 8 * 0.05^2) / 9) / sqrt(10) = 1/30
     assert metrics.standard_error(accs) == pytest.approx(1 / 30) and metrics.standard_error(accs[:1]) is None
     # On all 40 pairs: t=0.2 errs once (the 0.95 pair), t=0.6 twice.
     assert metrics.best_threshold(scores, same) == pytest.approx(0.2)
@@ -632,8 +631,7 @@ def test_verification_missed_pairs_count_wrong():
     missed = np.zeros(20, bool)
     missed[0] = True
     scores = missed_face_rule(get_task("Identity-LFW"), scores, missed)
-    mean, _ = metrics.verification_folds(scores, same, folds)[:2]
-    assert mean == pytest.approx(0.95)
+    assert metrics.verification_per_fold(scores, same, folds)[0].mean() == pytest.approx(0.95)
 
 
 def test_missed_face_rule():
@@ -718,18 +716,18 @@ def test_candidates_are_chosen_on_the_threshold_folds():
     scores = np.array([0.9, 0.1, 0.4, 0.2, 0.35, 0.25])
     same = np.array([True, False, True, False, True, False])
     folds = np.array([0, 0, 1, 1, 2, 2])
-    mean, std, fit = metrics.verification_folds(scores, same, folds)
-    assert mean == pytest.approx(1.0) and fit == pytest.approx(1.0)
+    accs, fits = metrics.verification_per_fold(scores, same, folds)
+    assert accs.mean() == pytest.approx(1.0) and fits.mean() == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     scores, same, folds = rng.random(200), rng.random(200) < 0.5, np.repeat(np.arange(10), 20)
     fits = []
     for f in range(10):
         t = metrics.best_threshold(scores[folds != f], same[folds != f])
         fits.append(np.mean((scores[folds != f] > t) == same[folds != f]))
-    mean, _, fit = metrics.verification_folds(scores, same, folds)
-    assert fit == pytest.approx(np.mean(fits)) and fit > mean  # thresholds fit noise: the fit score is optimistic
+    accs, fit = metrics.verification_per_fold(scores, same, folds)
+    assert fit.mean() == pytest.approx(np.mean(fits)) and fit.mean() > accs.mean()  # thresholds fit noise: the fit score is optimistic
     with pytest.raises(ValueError, match="at least 2 folds"):  # one fold: no pair left to choose its threshold on
-        metrics.verification_folds(scores, same, np.zeros(200))
+        metrics.verification_per_fold(scores, same, np.zeros(200))
 
 
 def test_validation_carved_from_training_only():

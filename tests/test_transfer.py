@@ -274,7 +274,7 @@ def test_verification_picks_each_fold_on_the_other_folds():
     picks = []
     for flip in (False, True):
         ps = [SimpleNamespace(**{**vars(p), "same": p.same ^ (flip and p.fold == 0)}) for p in pairs]
-        r = transfer.verification(task, SimpleNamespace(pairs=ps), cands, found, None)
+        r = transfer.verification(task, SimpleNamespace(pairs=ps), cands, found)
         picks.append(r.get("chosen_per_split") or [r["chosen"]] * folds)
         assert 0.3 < r["value"] < 0.7  # noise embeddings: chance, within the few pairs of a fold
     assert picks[0][0] == picks[1][0]
@@ -297,8 +297,8 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     def fail(*a, **k):
         raise RuntimeError("cut off")
     real = transfer.supervised
-    monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
-                        fail() if method == "fused" else real(task, data, method, *a, **k))
+    monkeypatch.setattr(transfer, "supervised", lambda task, method, *a, **k:
+                        fail() if method == "fused" else real(task, method, *a, **k))
     with pytest.raises(RuntimeError, match="cut off"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                        "--run-dir", str(tmp_path / "run")])
@@ -327,8 +327,8 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     shutil.copytree(tmp_path / "run", tmp_path / "run-copy")
     shutil.copytree(tmp_path / "run", tmp_path / "run-short")
     ran = []
-    monkeypatch.setattr(transfer, "supervised", lambda task, data, method, *a, **k:
-                        ran.append(method) or real(task, data, method, *a, **k))
+    monkeypatch.setattr(transfer, "supervised", lambda task, method, *a, **k:
+                        ran.append(method) or real(task, method, *a, **k))
     transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                    "--run-dir", str(tmp_path / "run"), "--resume", "--workers", "0"])
     resumed = json.loads((tmp_path / "run" / "report.json").read_text())[0]
@@ -472,10 +472,10 @@ def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, stud
     monkeypatch.setattr(transfer, "TeacherFeatures", Counted)
     real, freed = transfer.supervised, []
 
-    def supervised(task, data, method, *a, **k):
+    def supervised(task, method, *a, **k):
         gc.collect()
         freed.append(made[0]() is None)  # not held through a later method that does not read them (etl's)
-        return real(task, data, method, *a, **k)
+        return real(task, method, *a, **k)
     monkeypatch.setattr(transfer, "supervised", supervised)
     data = make_fixture("Gender-UTK", tmp_path / "data")
     r = run(tmp_path, "Gender-UTK", data, fused, student_ckpt, "--method", "concat,fused,bt,finetune")
@@ -695,12 +695,12 @@ def test_regression_range_of_a_user_csv_is_not_set_by_test_labels(tmp_path):
     root = make_csv_table(tmp_path, values=(21.0, 33.5, 90.0, 18.0, 60.0, 27.0), split=True)  # 90 and 27 are test
     task = tasks.csv_task("Score-Mine", kind="regression")
     data = task.loader(root)
-    y, lo_hi = transfer.targets(task, data, 1)
+    y, lo_hi = transfer.targets(task, data)
     assert lo_hi == (18.0, 60.0)
     assert float(y[2]) == pytest.approx((90 - 18) / 42)  # a test label outside the range is scaled, never used to set it
     data.splits = [tasks.Split("all tested", data.splits[0].test, np.arange(len(data.samples)))]
     with pytest.raises(SystemExit, match="label_range"):
-        transfer.targets(task, data, 1)
+        transfer.targets(task, data)
 
 
 def test_teacher_methods_rebuild_a_custom_teacher_from_the_cache_alone(tmp_path, face_dir, student_ckpt):
