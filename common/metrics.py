@@ -124,13 +124,6 @@ def pair_scores(emb, a, b, found) -> np.ndarray:
     return s
 
 
-def leave_one_group_out(groups):
-    """One (group, train_idx, test_idx) per distinct group, in sorted group order."""
-    groups = np.asarray(groups)
-    idx = np.arange(len(groups))
-    return [(g, idx[groups != g], idx[groups == g]) for g in np.unique(groups)]
-
-
 def pooled(metric, test_indices, preds, targets) -> float:
     """Score cross-validation folds by pooling every held-out prediction, then applying `metric`.
 

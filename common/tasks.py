@@ -267,8 +267,10 @@ def label_range_seen(task, data, y) -> tuple[float, float]:
 
 
 def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:
-    return [Split(f"leave out {g}", train, test)
-            for g, train, test in metrics.leave_one_group_out([s.group for s in samples])]
+    """One split per distinct group (person, subject), in sorted group order, testing that group alone."""
+    groups = np.asarray([s.group for s in samples])
+    idx = np.arange(len(groups))
+    return [Split(f"leave out {g}", idx[groups != g], idx[groups == g]) for g in np.unique(groups)]
 
 
 def _seeded(n: int, p: dict) -> list[Split]:

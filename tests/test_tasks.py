@@ -650,11 +650,11 @@ def test_missed_face_rule():
     assert list(missed_face_rule(own, [1.0, 2.0, 3.0], missed, label_range=(0, 10))) == [1.0, 5.0, 3.0]
 
 
-def test_leave_one_group_out_helper():
-    out = metrics.leave_one_group_out(["b", "a", "b", "c"])
-    assert [g for g, _, _ in out] == ["a", "b", "c"]
-    assert [list(t) for _, _, t in out] == [[1], [0, 2], [3]]
-    assert [list(t) for _, t, _ in out] == [[0, 2, 3], [1, 3], [0, 1, 2]]
+def test_leave_one_group_out_splits():
+    out = tasks.leave_one_group_out_splits([Sample(f"{k}.jpg", 0, g) for k, g in enumerate("babc")])
+    assert [s.name for s in out] == ["leave out a", "leave out b", "leave out c"]
+    assert [list(s.test) for s in out] == [[1], [0, 2], [3]]
+    assert [list(s.train) for s in out] == [[0, 2, 3], [1, 3], [0, 1, 2]]
 
 
 def test_read_image_real_path(built):
