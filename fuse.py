@@ -580,19 +580,9 @@ def extraction_settings(args) -> None:
         raise SystemExit(f"error: {why}")
 
 
-@holding_runs
-def main(argv=None):
-    args = parse_args(argv)
-    if args.list_teachers:
-        return list_teachers()
-    rank, world = dist_info()
-    device = pick_device(args.device)
-    if world > 1:
-        # The other ranks wait at barriers while rank 0 alone lists and checks the images and cache (with
-        # --verify-crops, reads the whole crop store), and while the slowest rank ends its shards: hours at
-        # millions of faces, past torch's default of 10 minutes (NCCL). A rank that fails ends them all anyway
-        # (torchrun stops the job), so the long wait costs nothing then.
-        init_dist(device, timeout=datetime.timedelta(days=7))
+def data_and_cache(args, rank: int, world: int) -> None:
+    """Settle --data and --cache: a cache's own images when only --cache is given, the embedded demo faces
+    (feats/demo) when neither is, synth:N faces made once, else a cache folder named after the images."""
     if args.data is None and args.out is not None and (args.out / "manifest.json").is_file():
         args.data = Path(read_manifest(args.out)["data_root"])  # G fitted anew on a cache: its own images
     if args.data is None:
@@ -619,6 +609,22 @@ def main(argv=None):
         else:
             name = Path(args.data).resolve().name
             args.out = Path("feats") / (f"{name}-faces" if name in ("demo", "tasks") else name)
+
+
+@holding_runs
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_teachers:
+        return list_teachers()
+    rank, world = dist_info()
+    device = pick_device(args.device)
+    if world > 1:
+        # The other ranks wait at barriers while rank 0 alone lists and checks the images and cache (with
+        # --verify-crops, reads the whole crop store), and while the slowest rank ends its shards: hours at
+        # millions of faces, past torch's default of 10 minutes (NCCL). A rank that fails ends them all anyway
+        # (torchrun stops the job), so the long wait costs nothing then.
+        init_dist(device, timeout=datetime.timedelta(days=7))
+    data_and_cache(args, rank, world)
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --cache {args.out} is a file: name a folder for the cache")
     extraction_settings(args)
@@ -663,8 +669,8 @@ def main(argv=None):
                          args.crop_size, args.detect_size, args.smallest_face, stamps=stamps)
         # before the run folder, and before --overwrite deletes anything
         donor = faces_donor(args, plan, images) if args.faces_from is not None else None
-    if rank == 0:  # after every check (a refused run leaves nothing): a second fuse.py on one cache would
-        # extract, fit G and write h_G into the same files
+        # after every check (a refused run leaves nothing): a second fuse.py on one cache would extract, fit G
+        # and write h_G into the same files
         locked = hold(args.out, lock_file(args.out),
                       f"error: another fuse.py run is writing the cache {args.out}: wait for it to end, or give this "
                       f"one another --cache")
