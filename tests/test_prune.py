@@ -86,33 +86,12 @@ def test_pruned_student_computes_what_the_zeroed_one_does():
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
 
 
-def test_filters_that_carry_the_label_are_kept():
-    """A filter made to respond to the label survives a 0.9 cut; MI is computed on the training batches given."""
+def _red_tells_class_1():
+    """A student whose stem filter 5 reads only red, on faces where class 1 has no red: that filter tells
+    the class. The residual branches write into the stem's channels too, and their responses (no ReLU
+    before the add) read red as well: silenced, so that the stem's filter is the one that tells it."""
     s = _student()
     x, y = _faces(48)
-    x[y == 1, 0] = 0  # class 1 has no red: the stem filter that reads only red tells the class
-    with torch.no_grad():
-        s.backbone.conv1.weight[5] = 0
-        s.backbone.conv1.weight[5, 0] = 0.05
-        # The residual branches write into the stem's channels too, and their responses (no ReLU before the
-        # add) read red as well: silenced, so that the stem's filter is the one that tells the class.
-        for block in s.backbone.layer1:
-            block.bn2.weight.zero_()
-            block.bn2.bias.zero_()
-    dg, groups, scores = prune.score_groups(s, x[:1], [(x, y)], "classification")
-    stem = next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
-    assert np.argmax(scores[stem]) == 5
-    removed = prune.prune(s, dg, groups, scores, 0.9)
-    assert 5 not in removed["backbone.conv1"]
-
-
-def test_every_attribute_of_a_multilabel_task_scores_the_filters():
-    """(From a mutation audit: scoring against the first attribute alone passed.) A filter that tells the
-    second attribute, the first one the same for every face, scores highest."""
-    s = _student()
-    x, y = _faces(48)
-    attrs = np.stack([np.zeros(len(y)), (y == 1).numpy()], 1).astype(np.float32)  # the first tells nothing
-    assert [c.tolist() for c in prune.label_columns(attrs, "multilabel")] == [list(attrs[:, 0] > 0.5), list(attrs[:, 1] > 0.5)]
     x[y == 1, 0] = 0
     with torch.no_grad():
         s.backbone.conv1.weight[5] = 0
@@ -120,9 +99,30 @@ def test_every_attribute_of_a_multilabel_task_scores_the_filters():
         for block in s.backbone.layer1:
             block.bn2.weight.zero_()
             block.bn2.bias.zero_()
-    dg, groups, scores = prune.score_groups(s, x[:1], [(x, torch.from_numpy(attrs))], "multilabel")
-    stem = next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
-    assert np.argmax(scores[stem]) == 5
+    return s, x, y
+
+
+def _stem(s, groups) -> int:
+    return next(i for i, g in enumerate(groups) if any(it.dep.target.module is s.backbone.conv1 for it in g))
+
+
+def test_filters_that_carry_the_label_are_kept():
+    """A filter made to respond to the label survives a 0.9 cut; MI is computed on the training batches given."""
+    s, x, y = _red_tells_class_1()
+    dg, groups, scores = prune.score_groups(s, x[:1], [(x, y)], "classification")
+    assert np.argmax(scores[_stem(s, groups)]) == 5
+    removed = prune.prune(s, dg, groups, scores, 0.9)
+    assert 5 not in removed["backbone.conv1"]
+
+
+def test_every_attribute_of_a_multilabel_task_scores_the_filters():
+    """(From a mutation audit: scoring against the first attribute alone passed.) A filter that tells the
+    second attribute, the first one the same for every face, scores highest."""
+    s, x, y = _red_tells_class_1()
+    attrs = np.stack([np.zeros(len(y)), (y == 1).numpy()], 1).astype(np.float32)  # the first tells nothing
+    assert [c.tolist() for c in prune.label_columns(attrs, "multilabel")] == [list(attrs[:, 0] > 0.5), list(attrs[:, 1] > 0.5)]
+    _, groups, scores = prune.score_groups(s, x[:1], [(x, torch.from_numpy(attrs))], "multilabel")
+    assert np.argmax(scores[_stem(s, groups)]) == 5
 
 
 def test_negative_responses_count_where_no_relu_follows():
