@@ -627,6 +627,12 @@ def unavailable(task, method, kd_teacher) -> str | None:
 DEMO_CACHE = Path("feats/demo")
 
 
+def students_record(args) -> dict | None:
+    """The --student's config (where it learnt from: cache, h_G), if there is one."""
+    path = Path(args.student)
+    return load_student(path)[1] if path.is_file() or (path / "student.safetensors").is_file() else None
+
+
 def the_students_cache(args, student_cfg) -> None:
     """--cache left unset: the cache the student learnt from, if it is still where distill.py recorded it, so that
     the student's columns and the teacher-feature columns (fused, concat, ...) come from one fuse.py run."""
@@ -1217,18 +1223,20 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
-    the_students_cache(args, student_cfg)
+    # the teacher-feature columns read the fusion the student learnt from, even when no method runs the student
+    learnt_from = student_cfg or students_record(args)
+    the_students_cache(args, learnt_from)
     task_aligns = {align_of(task, args) for task, _ in jobs}  # the unlabelled faces of --pseudo-label are detected
     detection_settings(args, student_cfg, task_aligns | ({args.align or "mtcnn"} if unlabelled else set()))
     source = teacher_source(args, list(dict.fromkeys(m for t, _ in jobs for m in needs_teachers(t, methods, args))),
-                            device, student_cfg)  # (it fills --embedding, which a --resume compares)
+                            device, learnt_from)  # (it fills --embedding, which a --resume compares)
     done = resumed_results(args, task_aligns) if args.resume else {}
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
     if student_cfg and "note" in student_cfg:
         log.info(student_cfg.pop("note"))
-    if source[0] and (why := pairing_warning(source[0], source[1], student_cfg)):
+    if source[0] and (why := pairing_warning(source[0], source[1], learnt_from)):
         log.warning(why)
     all_results = []
     for task, data, _ in read:

@@ -451,6 +451,12 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
     assert "warning: the student learnt h_G 'pca', the teacher-feature methods read h_G 'ae'" in capsys.readouterr().out
     (r,) = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert r["embedding"] == "ae"
+    # the same when no method runs the student (fused alone read feats/demo and its newest h_G)
+    transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(student), "--method", "fused",
+                   "--task-cache", str(tmp_path / "tc"), "--head-epochs", "2", "--max-splits", "1",
+                   "--run-dir", str(tmp_path / "r3")])
+    (r,) = json.loads((tmp_path / "r3" / "report.json").read_text())
+    assert (r["teacher_cache"], r["embedding"]) == (str(cache.path), "pca")
 
 
 def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, student_ckpt, monkeypatch):
