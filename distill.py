@@ -415,6 +415,8 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
         log.info(f"no checkpoint to resume in {run}: starting afresh, removing the partial files of the first try")
         shutil.rmtree(run / "ckpt", ignore_errors=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
+    elif start == 0 and rank == 0 and args.resume:  # a typo in --run-dir would otherwise cost a run unsaid
+        log.info(f"--resume: no run in {run} yet: starting afresh")
     model = net
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None

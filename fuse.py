@@ -682,6 +682,7 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
+    finished = args.run_dir is not None and (Path(args.run_dir) / "table5.json").is_file()
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
         box = [run]
@@ -689,6 +690,9 @@ def main(argv=None):
         run = box[0]
     log = get_logger(run, f"fuse{rank}", early if rank == 0 else (), rank)
     if rank == 0:
+        if finished:  # the tables are a report of the cache, remade from it: replaced, the log going on
+            log.warning(f"warning: --run-dir {run} holds a finished fuse.py run: its args.json and tables are "
+                        f"replaced by this run's (its log.txt goes on below); another --run-dir keeps both")
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")
         if kept:

@@ -814,6 +814,9 @@ def resumed_results(args, aligns=frozenset()) -> dict:
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else []
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read the run in {run} ({e}); start it afresh in another --run-dir")
+    if old.get("script", "transfer") != "transfer":  # its flags are another script's: no list of them all
+        raise SystemExit(f"error: --resume: {run} holds a {old['script']}.py run, not a transfer.py one: give "
+                         f"transfer.py a folder of its own")
     now = resolved_args(args)
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
@@ -1166,6 +1169,8 @@ def main(argv=None):
         print(f"Your own labelled data, no code: --task {tasks.user_kinds_text()}, with --data DIR")
         return
     one_process_only("transfer.py", "--run-dir (e.g. one task each)")
+    if args.cache_dir.exists() and not args.cache_dir.is_dir():  # else a raw errno after the run folder is made
+        raise SystemExit(f"error: --task-cache {args.cache_dir} is a file: name a folder")
     device = pick_device(args.device)
     named = [m.strip() for m in args.method.split(",") if m.strip()]
     # all: the first METHODS; beside it, kd or multitask come along (all,kd)
@@ -1234,6 +1239,8 @@ def main(argv=None):
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer")
+    if args.resume and not done:  # a typo in --run-dir would otherwise cost a run unsaid
+        log.info(f"--resume: no result in {run} yet: every task and method runs")
     if student_cfg and "note" in student_cfg:
         log.info(student_cfg.pop("note"))
     if source[0] and (why := pairing_warning(source[0], source[1], learnt_from)):

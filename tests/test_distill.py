@@ -799,3 +799,11 @@ def test_embed_finds_faces_as_the_students_cache_did(trained, tmp_path, monkeypa
     with pytest.raises(SystemExit, match="--batch 0"):
         distill.main(["embed", "--student", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy"),
                       "--batch", "0"])
+
+
+def test_a_resume_with_nothing_to_continue_says_so(cache_dir, tmp_path):
+    """--resume into a folder with no run (a typo in --run-dir) starts afresh, as a preemptible job needs, and
+    says so: a whole run is not spent without a word."""
+    distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "new"), "--resume", "--steps", "1",
+                  "--no-eval", *TINY])
+    assert "--resume: no run in" in (tmp_path / "new" / "log.txt").read_text()

@@ -769,4 +769,8 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "narrow"), "--ops", "pca", "--dim", "2"])
     assert "a linear G varies along at most" not in capsys.readouterr().out
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
-    assert "a linear G varies along at most" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a linear G varies along at most" in out and "holds a finished fuse.py run" not in out
+    # the same --run-dir again: its tables are replaced, which is said (the other scripts refuse such a folder)
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "2"])
+    assert f"--run-dir {tmp_path / 'wide'} holds a finished fuse.py run" in capsys.readouterr().out

@@ -91,6 +91,15 @@ def test_a_run_folder_is_never_another_scripts_nor_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="afile is a file"):
         make_run_dir(tmp_path / "afile", "fuse", Namespace())
+    # transfer.py --resume given another script's folder listed every flag as differing
+    import transfer
+
+    args = transfer.parse_args(["--run-dir", str(run), "--resume"])
+    with pytest.raises(SystemExit, match="holds a fuse.py run, not a transfer.py one"):
+        transfer.resumed_results(args)
+    with pytest.raises(SystemExit, match="--task-cache .*afile is a file: name a folder"):
+        transfer.main(["--task-cache", str(tmp_path / "afile"), "--run-dir", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
 
 
 BAD_NUMBERS = [("transfer", ["--lr", "nan"]), ("transfer", ["--lr", "-1"]), ("transfer", ["--hidden", "0"]),

@@ -780,3 +780,11 @@ def test_resume_takes_nothing_from_another_scripts_run(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({"script": "transfer", "epochs": 3, "batch": 8}))
     args = transfer.parse_args(["--resume", "--run-dir", str(tmp_path), "--batch", "4"])
     assert (args.epochs, args.batch) == (3, 4)  # a flag given wins
+
+
+def test_a_resume_with_nothing_to_continue_says_so(tmp_path, fused, student_ckpt):
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(student_ckpt), "--method", "frozen",
+                   "--task-cache", str(tmp_path / "tc"), "--head-epochs", "1", "--max-splits", "1",
+                   "--run-dir", str(tmp_path / "typo"), "--resume"])
+    assert "--resume: no result in" in (tmp_path / "typo" / "log.txt").read_text()
