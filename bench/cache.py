@@ -30,6 +30,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cache import FeatureCache, ShardedArray  # noqa: E402
+from common.runs import COUNT, POSITIVE_INT, HelpFormatter, run_main  # noqa: E402
 
 
 @dataclass
@@ -49,14 +50,14 @@ def median_time(fn, repeat):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=65536, help="faces in the benchmark cache")
-    p.add_argument("--dim", type=int, default=3216, help="row width (3216 = the default six teachers)")
-    p.add_argument("--shard-size", type=int, default=4096, help="faces per shard")
-    p.add_argument("--batch", type=int, default=256, help="rows per random batch")
-    p.add_argument("--batches", type=int, default=200, help="random batches per timing")
-    p.add_argument("--repeat", type=int, default=5, help="timings per measurement (median reported)")
-    p.add_argument("--crops", type=int, default=65536, help="crops in the crop-store benchmark (48 kB each; 0: skip)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--rows", type=POSITIVE_INT, default=65536, help="faces in the benchmark cache")
+    p.add_argument("--dim", type=POSITIVE_INT, default=3216, help="row width (3216 = the default six teachers)")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=4096, help="faces per shard")
+    p.add_argument("--batch", type=POSITIVE_INT, default=256, help="rows per random batch")
+    p.add_argument("--batches", type=POSITIVE_INT, default=200, help="random batches per timing")
+    p.add_argument("--repeat", type=POSITIVE_INT, default=5, help="timings per measurement (median reported)")
+    p.add_argument("--crops", type=COUNT, default=65536, help="crops in the crop-store benchmark (48 kB each; 0: skip)")
     p.add_argument("--crop-batches", type=int, default=4,
                    help="random batches each reader process takes per timing; few against the store, so that a cold "
                         "read lands where nothing was read before, as in an epoch over a store larger than memory")
@@ -89,7 +90,12 @@ def _evict(files) -> bool:
 
 
 def crop_store(args, size: int = 128):
-    workers = [int(w) for w in str(args.workers).split(",")]
+    try:
+        workers = [int(w) for w in str(args.workers).split(",")]
+    except ValueError:
+        workers = [0]
+    if min(workers) < 1:
+        raise SystemExit(f"error: --workers {args.workers}: a comma list of reader process counts, each 1 or more")
     table = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rng = np.random.default_rng(0)
@@ -189,4 +195,4 @@ def features(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

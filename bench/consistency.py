@@ -67,6 +67,10 @@ def main(argv=None):
         caches = [FeatureCache(c).require_complete() for c in args.caches]
     except (FileNotFoundError, RuntimeError, CacheMismatch) as e:  # no cache there, or an unfinished one
         raise SystemExit(f"error: {e}")
+    names = [",".join(t["name"] for t in c.teachers) for c in caches]
+    if len(set(names)) > 1:  # each teacher's h_i is compared with its own in the other caches
+        raise SystemExit("error: the caches hold different teachers: " + "; ".join(
+            f"{p} has {n}" for p, n in zip(args.caches, names)))
     rows, ok = [], True
     firsts = []
     for path, cache in zip(args.caches, caches):

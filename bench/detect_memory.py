@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=16, help="photos in the batch, all of one size (one shrink group)")
     p.add_argument("--size", default="4000x3000", type=size, help="WxH of each photo (12 MP by default)")
     a = p.parse_args(argv)
+    if a.n < 1:
+        p.error(f"--n {a.n}: at least one photo")
     w, h = a.size
     import torch
 

@@ -28,20 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distill  # noqa: E402
 from common import precision  # noqa: E402
-from common.runs import pick_device  # noqa: E402
+from common.runs import COUNT, POSITIVE_INT, HelpFormatter, pick_device, run_main  # noqa: E402
 from common.student import WIDTH, ScaledResNet18, build_student, n_params  # noqa: E402
 from kernels import cosine_distill_loss  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--widths", default=f"{WIDTH},1.0", help="comma list of ResNet-18 width multipliers to compare")
-    p.add_argument("--size", type=int, default=112, help="input side (distill.py's default)")
-    p.add_argument("--batch", type=int, default=0, help="images per step (default: 32 on the CPU, 256 on a GPU)")
-    p.add_argument("--out-dim", type=int, default=1024, help="width of h_G (the paper's 1024)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds per variant, alternating; the best counts")
+    p.add_argument("--size", type=POSITIVE_INT, default=112, help="input side (distill.py's default)")
+    p.add_argument("--batch", type=COUNT, default=0, help="images per step (default: 32 on the CPU, 256 on a GPU)")
+    p.add_argument("--out-dim", type=POSITIVE_INT, default=1024, help="width of h_G (the paper's 1024)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=4, help="timed steps per round")
+    p.add_argument("--warmup", type=COUNT, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=6, help="timed rounds per variant, alternating; the best counts")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES, help="as distill.py --amp")
     return p.parse_args(argv)
@@ -72,6 +72,12 @@ def timed(step, batches, warmup, steps, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        widths = [float(w) for w in args.widths.split(",")]
+    except ValueError:
+        widths = [0.0]
+    if not all(w > 0 for w in widths):
+        raise SystemExit(f"error: --widths {args.widths}: a comma list of width multipliers above 0 (e.g. 0.42,1.0)")
     device = pick_device(args.device)
     batch = args.batch or (256 if device.type == "cuda" else 32)
     torch.backends.cudnn.benchmark = True
@@ -86,7 +92,7 @@ def main(argv=None):
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     rows = []
-    for width in [float(w) for w in args.widths.split(",")]:
+    for width in widths:
         torch.manual_seed(0)
         ours = build_student("resnet18w", width, args.out_dim).to(device)
         if channels_last:
@@ -131,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -163,7 +163,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two batch sizes and fewer repetitions")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where the kernels run (auto: cuda if present; on the CPU, Triton's interpreter)")
+                        help="where the kernels run (auto: cuda if present; on the CPU the PyTorch fallback is timed "
+                             "against eager PyTorch: Triton needs a GPU)")
     parser.add_argument("--batches", type=int, nargs="+",
                         help="batch sizes (default 64 256 1024 4096, and 65536 on a GPU)")
     parser.add_argument("--feat-dtype", choices=DTYPES, default="fp32", help="teacher embedding dtype")
@@ -175,6 +176,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: this machine has no CUDA GPU that torch can use (try --device cpu)")
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if gpu else "cpu")
     if gpu and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers  # noqa: E402
+from common.runs import run_main  # noqa: E402
 from common.weights import MissingWeights  # noqa: E402
 
 
@@ -142,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -250,3 +250,17 @@ def test_scripts_that_do_not_split_their_work_refuse_torchrun(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="distill.py embed runs in one process"):
         distill.main(["embed", "--student", str(tmp_path / "s"), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy")])
     assert not (tmp_path / "t").exists() and not (tmp_path / "e.npy").exists()
+
+
+@pytest.mark.parametrize("argv,say", [(["cache.py", "--rows", "0"], "--rows: 0: expected a whole number >= 1"),
+                                      (["distill.py", "--widths", "abc"], "error: --widths abc: a comma list"),
+                                      (["teachers.py", "--teachers", "gendr"], "error: unknown teacher 'gendr'")])
+def test_benchmarks_refuse_bad_arguments_in_one_line(argv, say):
+    """A zero count or a typo ended in a traceback (ZeroDivisionError, IndexError, BadTeacher...)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    r = subprocess.run([sys.executable, str(bench / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and say in r.stderr and "Traceback" not in r.stderr
