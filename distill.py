@@ -79,7 +79,7 @@ def parse_args(argv=None):
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")
     g.add_argument("--embedding", help="which fused embedding h_G of the cache to distil (default: the one fuse.py wrote last)")
     g.add_argument("--run-dir", "--out", dest="out", metavar="DIR", type=Path, help="run folder (default: runs/distill-demo for the demo cache, where "
-                   "transfer.py looks, else runs/distill-TIME); --resume needs it, but on the demo cache")
+                   "transfer.py looks, else runs/distill-TIME); --resume needs it, except on the demo cache")
     g.add_argument("--size", type=POSITIVE_INT, default=112,
                    help="side of the student's input crop. 112 is the face-recognition standard (ArcFace, "
                         "MobileFaceNet): enough for identity detail at a quarter of the cost of 224 "
@@ -131,8 +131,8 @@ def parse_args(argv=None):
                         "results (without it, and without --resume, such a folder is refused; a folder another run "
                         "is still writing into is refused either way)")
     g.add_argument("--stop-at", type=COUNT, default=0,
-                   help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots)")
-    g.add_argument("--inject-nan-at", type=COUNT, default=0, help="testing: make the loss of this step NaN")
+                   help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots; 0: never)")
+    g.add_argument("--inject-nan-at", type=COUNT, default=0, help="testing: make the loss of this step NaN (0: never)")
     g = p.add_argument_group("evaluation and export")
     g.add_argument("--no-eval", action="store_true", help="skip the held-out cosine and Table 5 check")
     g.add_argument("--recon-epochs", type=int, default=40, help="epochs of the Table 5 check decoder (as fuse.py's G)")
@@ -150,6 +150,8 @@ def parse_args(argv=None):
                       "size") and v < 1]
     if args.steps < 0:
         p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
+    if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1":  # it would go unread
+        p.error(f"--smoothl1-weight weighs the smooth-L1 term of --loss cosine+smoothl1, not of --loss {args.loss}")
     if not args.width > 0:  # 0 or less still builds: 1-channel layers, a few hundred parameters
         p.error(f"--width {args.width}: the channel multiplier must be above 0 ({WIDTH} is the paper's student)")
     if small:

@@ -8,7 +8,8 @@
 
   python fuse.py                                  # embedded real faces from installed packages
   python fuse.py --data /faces --cache feats/faces     # your own unlabelled faces (any folder tree)
-  python fuse.py --data synth:11000 --align none --test-frac 0.08 --n-sweep 1000,3000,10000   # G against N
+  python fuse.py --data synth:11000 --align none --teachers age,gender,onet --ops ae,pca --test-frac 0.08 \
+      --n-sweep 1000,3000,10000                                                  # G against N
   torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/faces   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
@@ -140,7 +141,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("fusion G")
     g.add_argument("--ops", default="ae,pca,vae,dae",
                    help=f"fusion operators to train and compare in the Table 5 report ({', '.join(fusion.OPERATORS)})")
-    g.add_argument("--write", help="operator whose h_G is written into the cache for distill.py (default: first of --ops)")
+    g.add_argument("--write", help="operator whose h_G is written into the cache for distill.py (default: first of "
+                                   "--ops; one not in --ops is trained and reported too)")
     g.add_argument("--dim", default="",
                    help="width of h_G (default: mean teacher width, the paper's rule); a comma list a,b,c also "
                         "sweeps the widths with the first operator and plots error vs width (Figure 2's reconstruction "
@@ -387,7 +389,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     dims = dims or [mean_width]
     rows = np.flatnonzero(cache.found)
     if len(rows) < 10:
-        raise SystemExit(f"only {len(rows)} faces were found in {cache.data_root}: too few to train G")
+        raise SystemExit(f"error: only {len(rows)} faces were found in {cache.data_root}: too few to train G")
     group = fusion.split_group(args.split_group)
     drawn = fusion.draws(cache.images, rows, args.seed, group)  # one pass over 4 M paths, for the split and sweeps
     groups = None  # each face's group (its number), for the counts and --n-sweep
@@ -402,11 +404,11 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     train, val, test = split["train"], split["val"], split["test"]
     n_sweep = n_sweep_sizes(args)
     if n_sweep and n_sweep[-1] > len(train) + len(val):
-        raise SystemExit(f"--n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
+        raise SystemExit(f"error: --n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
     for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
         a, b = sweep_sets(split, args, n, groups=groups)
         if min(len(a), len(b)) < 2:
-            raise SystemExit(f"--n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
+            raise SystemExit(f"error: --n-sweep {n}: {len(a)} training and {len(b)} validation faces; use a larger N")
     sizes = {k: len(v) for k, v in split.items()}
     record = {**sizes, "seed": args.seed, "val_frac": args.val_frac, "test_frac": args.test_frac}
     if group is not None:  # a pattern that ties nothing together leaks near-duplicates
@@ -639,7 +641,7 @@ def main(argv=None):
             with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
                 images = list_images(args.data)
         if not images:
-            raise SystemExit(f"no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
+            raise SystemExit(f"error: no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
                              f"whose names start with a dot are left out) under {args.data}")
     extra = load_config(args.teachers_config) if args.teachers_config else []
     if args.teachers is None and not extra and not args.overwrite and (args.out / "manifest.json").is_file():

@@ -111,7 +111,7 @@ def parse_args(argv=None):
                         "fuse.py --help). Default: as --detect-size, the student's setting (else 20, every level)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
-    p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features")
+    p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features (frozen, fused, concat, pca, bt, bct)")
     p.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per training step of the methods that train a "
                    "network or a head (--batch-features: per teacher batch while caching features)")
     p.add_argument("--lr", type=POSITIVE, default=1e-3,
@@ -886,7 +886,7 @@ def method_features(method, cache, unsup, name, args, device, student_cfg, share
         names = [t["name"] for t in unsup.teachers]
         torch_teachers = {n: None for n in names if REGISTRY.get(n) and REGISTRY[n].runtime == "torch"}
         if not torch_teachers:
-            raise SystemExit(f"pcnn fine-tunes a PyTorch teacher; none among {names}")
+            raise SystemExit(f"error: pcnn fine-tunes a PyTorch teacher; none among {names}")
         return torch_teachers
     if method == "frozen":
         return student_embeddings(cache, args, device, student_cfg)
@@ -913,7 +913,7 @@ def method_features(method, cache, unsup, name, args, device, student_cfg, share
     if method == "bct":
         subsets = [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
         return Subsets(tf, subsets[: args.max_subsets] if args.max_subsets else subsets)
-    raise SystemExit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    raise SystemExit(f"error: unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
 def supervised(task, method, features, cache, y, lo_hi, splits, found, n_out, args, device, student_cfg, log,
@@ -996,7 +996,7 @@ def verification(task, data, features, found, max_folds: int | None = None) -> d
     search, per_fold = {}, {}
     for name, feats in candidates.items():
         if not isinstance(feats, torch.Tensor):
-            raise SystemExit(f"{task.name}: verification uses embeddings; fine-tuning methods need an identity "
+            raise SystemExit(f"error: {task.name}: verification uses embeddings; fine-tuning methods need an identity "
                              f"training set first (use --method frozen, fused, concat, pca, bt or bct)")
         s = metrics.pair_scores(F.normalize(feats.float(), dim=1).numpy(), a, b, found)  # missed: NaN, wrong
         per_fold[name] = metrics.verification_per_fold(s, same, folds)
@@ -1072,9 +1072,9 @@ def etl_ratios(text: str) -> list[float]:
     try:
         ratios = sorted({float(r) for r in text.split(",") if r.strip()})
     except ValueError:
-        raise SystemExit(f"--prune: give comma-separated fractions such as 0.5,0.9 (got {text!r})")
+        raise SystemExit(f"error: --prune: give comma-separated fractions such as 0.5,0.9 (got {text!r})")
     if not ratios or not all(0 < r < 1 for r in ratios):
-        raise SystemExit(f"--prune: every ratio is a fraction of filters removed, 0 < ratio < 1 (got {text!r})")
+        raise SystemExit(f"error: --prune: every ratio is a fraction of filters removed, 0 < ratio < 1 (got {text!r})")
     return ratios
 
 
@@ -1152,9 +1152,10 @@ def check_flags(args, methods) -> None:
                          f"{args.kd_temperature:g} and {args.kd_weight:g})")
     if "etl" in methods:
         etl_ratios(args.prune)  # a bad list fails now, not after the other methods ran
-        if args.etl_images < 1 or not 0 < args.etl_keep <= 1:
-            raise SystemExit(f"error: --etl-images must be 1 or more (got {args.etl_images}) and --etl-keep a "
-                             f"fraction above 0, at most 1 (got {args.etl_keep:g}; 0.995 keeps 99.5%)")
+        if args.etl_images < 1:
+            raise SystemExit(f"error: --etl-images {args.etl_images}: at least 1 training face scores the filters")
+        if not 0 < args.etl_keep <= 1:
+            raise SystemExit(f"error: --etl-keep {args.etl_keep:g}: a fraction above 0, at most 1 (0.995 keeps 99.5%)")
         if why := etl_base_problem(args.etl_base):
             raise SystemExit(f"error: {why}")
 
@@ -1179,20 +1180,20 @@ def main(argv=None):
         raise SystemExit(f"error: --method: name at least one of {', '.join(METHODS + EXTRA_METHODS)} or all")
     for m in methods:
         if m not in METHODS + EXTRA_METHODS:
-            raise SystemExit(f"--method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
+            raise SystemExit(f"error: --method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
     check_flags(args, methods)
     jobs = []
     if args.tasks:
         for item in args.tasks.split(","):
             name, _, folder = item.partition("=")
             if not folder:
-                raise SystemExit(f"--tasks: give each task its folder as NAME=DIR (got {item!r})")
+                raise SystemExit(f"error: --tasks: give each task its folder as NAME=DIR (got {item!r})")
             jobs.append((task_named(name), Path(folder)))
         if len({t.name for t, _ in jobs}) < len(jobs):  # one report row per task: a second would run it twice
             raise SystemExit(f"error: --tasks names a task twice ({args.tasks})")
     elif args.task and args.task != DEMO_TASK:
         if args.data is None:
-            raise SystemExit(f"--task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
+            raise SystemExit(f"error: --task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
         jobs.append((task_named(args.task), args.data))
     else:
         jobs.append(demo_task())
@@ -1213,7 +1214,7 @@ def main(argv=None):
     for task, root in jobs:
         data = task.loader(root, {})
         if task.kind == "verification" and not data.pairs:
-            raise SystemExit(f"{task.name}: no verification pairs were read from {root}")
+            raise SystemExit(f"error: {task.name}: no verification pairs were read from {root}")
         read.append((task, data, root))
         if "multitask" in methods and (why := multitask.task_problem(task, data)):
             raise SystemExit(f"error: {why}")

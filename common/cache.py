@@ -35,6 +35,7 @@ files open at once is bounded (MAX_OPEN), and the paths are one byte buffer, not
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -1220,8 +1221,16 @@ class FeatureCache:
     def embedding(self, name: str) -> tuple[ShardedArray, dict]:
         folder = self.embedding_dir(name)
         if not (folder / "meta.json").exists():
-            raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' "
-                                    f"(has: {self.embedding_names() or 'none'}): run fuse.py --cache {self.path} --write {name}")
+            from common.fusion import OPERATORS  # (fusion imports this module)
+
+            names = self.embedding_names()
+            if name.removesuffix("+bal") in OPERATORS:
+                how = f"run fuse.py --cache {self.path} --write {name}"
+            else:  # a typo: no such operator to write
+                close = difflib.get_close_matches(name, names, n=1)
+                how = ((f"did you mean '{close[0]}'? " if close else "") + f"h_G are named after fuse.py's "
+                       f"operators ({', '.join(OPERATORS)}; +bal when balanced)")
+            raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' (has: {names or 'none'}): {how}")
         remedy = self._hG_hint(name)
         try:
             meta = json.loads((folder / "meta.json").read_bytes())

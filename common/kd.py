@@ -135,7 +135,7 @@ def run(task, data, cache, method, args, device, teacher_cache) -> dict:
     rows = Rows()
     ids = rows.add(cache, data)
     if (ids != np.arange(len(ids))).any():
-        raise SystemExit(f"{task.name}: the same image file is listed twice")
+        raise SystemExit(f"error: {task.name}: the same image file is listed twice")
     runner = landmarks if task.kind == "landmarks" else verification
     return runner(task, data, rows, method, args, device, teacher_cache)
 

@@ -183,7 +183,7 @@ def task_target(task, data, ids: np.ndarray, rows: Rows, n_rows: int, split) -> 
         values = torch.tensor(np.asarray(labels, np.int64))
         y = torch.zeros(n_rows, dtype=torch.int64)
     else:
-        raise SystemExit(f"{task.name}: a {task.kind} task has no per-image label to train a head on")
+        raise SystemExit(f"error: {task.name}: a {task.kind} task has no per-image label to train a head on")
     y[torch.as_tensor(ids)] = values
     mask = torch.zeros(n_rows, dtype=torch.bool)
     found = np.asarray(rows.found)

@@ -259,8 +259,8 @@ def pick_device(name: str = "auto"):
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {name}: {e}") from None
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: this machine has no CUDA GPU that torch can use (try --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

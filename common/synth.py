@@ -44,7 +44,7 @@ def parse(spec: str) -> int | None:
     except (ValueError, OverflowError):  # synth:abc, synth:inf
         n = 0
     if n < 1:
-        raise SystemExit(f"--data {spec}: write synth:N with N a positive number of faces (e.g. synth:10000, synth:10k)")
+        raise SystemExit(f"error: --data {spec}: write synth:N with N a positive number of faces (e.g. synth:10000, synth:10k)")
     return n
 
 
@@ -76,7 +76,7 @@ def ensure(n: int, root: str | Path, size: int = 160, seed: int = 0, device="cpu
     if done_file.exists() and json.loads(done_file.read_text()) == info:
         return root
     if not 16 <= size <= 1024:
-        raise SystemExit(f"synthetic face size {size}: choose 16 to 1024 pixels")
+        raise SystemExit(f"error: synthetic face size {size}: choose 16 to 1024 pixels")
     todo = [i for i in range(n) if not (root / name(i)).exists()]
     if todo:
         _borrow(root, todo, size, seed)

@@ -367,6 +367,10 @@ def test_a_cache_without_h_G_stops_before_the_run_folder(cache_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"holds no fused embedding 'ae' .*fuse.py --cache {bare} --write ae"):
         distill.main(["--teacher-cache", str(bare), "--steps", "1", "--out", str(tmp_path / "r"), *TINY])
     assert not (tmp_path / "r").exists()
+    # a typo in --embedding: no operator of that name to write (the advice was `--write aee`)
+    with pytest.raises(FileNotFoundError, match="'aee' .*did you mean 'ae'\\? h_G are named after fuse.py's operators"):
+        distill.main(["--teacher-cache", str(cache_dir), "--embedding", "aee", "--steps", "1", "--out",
+                      str(tmp_path / "r"), *TINY])
 
 
 def test_more_shards_than_open_files_is_said(cache_dir, tmp_path, monkeypatch, capsys):
@@ -440,6 +444,8 @@ def test_cosine_smoothl1_runs(cache_dir, tmp_path):
     distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "sl1"), "--loss", "cosine+smoothl1",
                   "--steps", "3", "--no-eval", *TINY])
     assert load_student(tmp_path / "sl1")[1]["loss"] == "cosine+smoothl1"
+    with pytest.raises(SystemExit):  # its weight given with another loss would go unread
+        distill.parse_args(["--teacher-cache", str(cache_dir), "--smoothl1-weight", "2"])
     # the loss itself: cosine plus smoothl1_weight times smooth L1 on h_G standardised by its column statistics
     gen = torch.Generator().manual_seed(0)
     out, t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)

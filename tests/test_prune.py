@@ -335,8 +335,8 @@ def test_the_pruned_output_layer_is_checked_on_its_kept_channels(monkeypatch):
 
 
 def test_etl_flags_and_a_pruned_students_scratch_twin(etl_run, tmp_path):
-    for extra, why in ((["--etl-images", "0"], "--etl-images must be 1 or more"),
-                       (["--etl-keep", "99.5"], "0.995 keeps 99.5%"), (["--etl-keep", "0"], "got 0;")):
+    for extra, why in ((["--etl-images", "0"], "--etl-images 0: at least 1 training face"),
+                       (["--etl-keep", "99.5"], "--etl-keep 99.5: .*0.995 keeps 99.5%"), (["--etl-keep", "0"], "--etl-keep 0:")):
         with pytest.raises(SystemExit, match=why):
             transfer.main(["--method", "etl", "--run-dir", str(tmp_path / "r"), *extra])
     assert not (tmp_path / "r").exists()
