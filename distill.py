@@ -738,6 +738,8 @@ def embed_main(argv):
     # the output's place is checked before the work, not after it
     if a.out.is_dir():
         raise SystemExit(f"error: --out {a.out} is a folder; name a file, such as {a.out / 'embeddings.npy'}")
+    if a.out.suffix != ".npy":  # np.save's bytes under another name: read back as text they are garbage
+        raise SystemExit(f"error: --out {a.out}: name a .npy file (such as {a.out.with_suffix('.npy')})")
     try:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=a.out.parent).close()  # a folder there but not writable fails now too

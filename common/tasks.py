@@ -13,6 +13,7 @@ register_task(csv_task(...)) for a `file,label[,split]` CSV.
 from __future__ import annotations
 
 import csv
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -986,8 +987,11 @@ def get_task(name: str) -> Task:
         TASKS[name] = folder_task(own) if kind == "folder" else csv_task(
             own, kind="regression" if kind == "csv-regression" else "classification")
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join([*TASKS, *ALIASES])}, or your own data as "
-                       f"{user_kinds_text()}")
+        known = [*TASKS, *ALIASES]
+        same_but_case = [k for k in known if k.lower() == name.lower()]
+        close = same_but_case or difflib.get_close_matches(name, known, n=1)
+        raise KeyError(f"unknown task {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + f"; known: {', '.join(known)}, or your own data as {user_kinds_text()}")
     return TASKS[name]
 
 

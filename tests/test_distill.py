@@ -543,7 +543,8 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys
 def test_embed_refuses_a_bad_out_before_any_work(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "embed_images", lambda *a, **k: pytest.fail("embedded before checking --out"))
     (tmp_path / "file").write_text("x")
-    for out, why in [(tmp_path, "is a folder"), (tmp_path / "file" / "e.npy", "cannot write into the folder")]:
+    for out, why in [(tmp_path, "is a folder"), (tmp_path / "file" / "e.npy", "cannot write into the folder"),
+                     (tmp_path / "e.txt", "name a .npy file")]:
         with pytest.raises(SystemExit, match=why):
             distill.main(["embed", "--checkpoint", str(trained / "student.safetensors"), "--images",
                           str(tmp_path), "--out", str(out)])

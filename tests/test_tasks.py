@@ -793,3 +793,9 @@ def test_metric_directions_68_point_nme_and_pooled_folds():
     assert metrics.nme(t + [2.0, 0], t) == pytest.approx(0.05)
     assert metrics.pooled(metrics.mae, [np.array([2]), np.array([0, 1])],
                           [np.array([30.0]), np.array([10.0, 20])], np.array([10.0, 20, 30])) == 0
+
+
+def test_a_mistyped_task_name_is_answered_with_the_close_one():
+    for typo in ("ager-utk", "AgeR-UTKK"):
+        with pytest.raises(KeyError, match=r"unknown task .* \(did you mean AgeR-UTK\?\); known: "):
+            get_task(typo)
