@@ -150,7 +150,8 @@ def parse_args(argv=None):
                       "size") and v < 1]
     if args.steps < 0:
         p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
-    if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1":  # it would go unread
+    if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1" and not args.resume:  # it would go unread
+        # (not on a resume: a run recorded before this check is continued as it ran)
         p.error(f"--smoothl1-weight weighs the smooth-L1 term of --loss cosine+smoothl1, not of --loss {args.loss}")
     if not args.width > 0:  # 0 or less still builds: 1-channel layers, a few hundred parameters
         p.error(f"--width {args.width}: the channel multiplier must be above 0 ({WIDTH} is the paper's student)")

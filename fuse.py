@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import shutil
 import time
@@ -41,7 +42,7 @@ from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
-                         run_main)
+                         resolved_args, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -582,6 +583,19 @@ def extraction_settings(args) -> None:
         raise SystemExit(f"error: {why}")
 
 
+def another_finished_run(args) -> bool:
+    """Whether --run-dir holds the tables of a run with other arguments, which this one replaces (the same
+    arguments: a killed run continued; its table5.json is written before h_G and the sweeps)."""
+    if args.run_dir is None or not (Path(args.run_dir) / "table5.json").is_file():
+        return False
+    try:
+        old = json.loads((Path(args.run_dir) / "args.json").read_text())
+    except (OSError, ValueError):
+        return True
+    now = resolved_args(args)
+    return any(old.get(k) != v for k, v in now.items() if k not in ("run_dir", "device", "workers"))
+
+
 def data_and_cache(args, rank: int, world: int) -> None:
     """Settle --data and --cache: a cache's own images when only --cache is given, the embedded demo faces
     (feats/demo) when neither is, synth:N faces made once, else a cache folder named after the images."""
@@ -684,7 +698,7 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
-    finished = args.run_dir is not None and (Path(args.run_dir) / "table5.json").is_file()
+    finished = not args.extract_only and another_finished_run(args)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
         box = [run]
@@ -693,8 +707,8 @@ def main(argv=None):
     log = get_logger(run, f"fuse{rank}", early if rank == 0 else (), rank)
     if rank == 0:
         if finished:  # the tables are a report of the cache, remade from it: replaced, the log going on
-            log.warning(f"warning: --run-dir {run} holds a finished fuse.py run: its args.json and tables are "
-                        f"replaced by this run's (its log.txt goes on below); another --run-dir keeps both")
+            log.warning(f"warning: --run-dir {run} holds a finished fuse.py run of other arguments: its args.json and "
+                        f"tables are replaced by this run's (its log.txt goes on below); another --run-dir keeps both")
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")
         if kept:

@@ -59,7 +59,7 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
                          make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main)
-from common.student import WIDTH, head, load_student, student_like
+from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -628,9 +628,12 @@ DEMO_CACHE = Path("feats/demo")
 
 
 def students_record(args) -> dict | None:
-    """The --student's config (where it learnt from: cache, h_G), if there is one."""
-    path = Path(args.student)
-    return load_student(path)[1] if path.is_file() or (path / "student.safetensors").is_file() else None
+    """The --student's config (where it learnt from: cache, h_G), if one reads there; for runs whose methods
+    do not run the student, so an unreadable one is not a reason to stop."""
+    try:
+        return read_checkpoint(args.student, tensors=False)[0]
+    except (OSError, NotAStudent):
+        return None
 
 
 def the_students_cache(args, student_cfg) -> None:
@@ -1244,7 +1247,7 @@ def main(argv=None):
         log.info(f"--resume: no result in {run} yet: every task and method runs")
     if student_cfg and "note" in student_cfg:
         log.info(student_cfg.pop("note"))
-    if source[0] and (why := pairing_warning(source[0], source[1], learnt_from)):
+    if source[0] and (why := pairing_warning(source[0], source[1], student_cfg)):  # when the student runs
         log.warning(why)
     all_results = []
     for task, data, _ in read:

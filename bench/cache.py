@@ -58,13 +58,20 @@ def main(argv=None):
     p.add_argument("--batches", type=POSITIVE_INT, default=200, help="random batches per timing")
     p.add_argument("--repeat", type=POSITIVE_INT, default=5, help="timings per measurement (median reported)")
     p.add_argument("--crops", type=COUNT, default=65536, help="crops in the crop-store benchmark (48 kB each; 0: skip)")
-    p.add_argument("--crop-batches", type=int, default=4,
+    p.add_argument("--crop-batches", type=POSITIVE_INT, default=4,
                    help="random batches each reader process takes per timing; few against the store, so that a cold "
                         "read lands where nothing was read before, as in an epoch over a store larger than memory")
     p.add_argument("--workers", default="1,4", help="reader processes for the crop store, a comma list")
     p.add_argument("--dir", default=None, help="where the crop store is written (default: the temp folder; on "
                                                "a tmpfs nothing is ever cold, so pick the disk a cache lives on)")
     args = p.parse_args(argv)
+    try:  # checked before the first benchmark, not after it
+        workers = [int(w) for w in str(args.workers).split(",")]
+    except ValueError:
+        workers = [0]
+    if min(workers) < 1:
+        p.error(f"--workers {args.workers}: a comma list of reader process counts, each 1 or more")
+    args.workers = workers
     features(args)
     if args.crops:
         crop_store(args)
@@ -90,12 +97,7 @@ def _evict(files) -> bool:
 
 
 def crop_store(args, size: int = 128):
-    try:
-        workers = [int(w) for w in str(args.workers).split(",")]
-    except ValueError:
-        workers = [0]
-    if min(workers) < 1:
-        raise SystemExit(f"error: --workers {args.workers}: a comma list of reader process counts, each 1 or more")
+    workers = args.workers
     table = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rng = np.random.default_rng(0)

@@ -87,7 +87,7 @@ def main(argv=None):
         at = np.minimum(np.searchsorted(keys, mine), len(keys) - 1)
         shared = np.flatnonzero(keys[at] == mine)
         if not len(shared):
-            raise SystemExit(f"{path} holds none of the images of {args.caches[0]}")
+            raise SystemExit(f"error: {path} holds none of the images of {args.caches[0]}")
         row, worst, found = compare(caches[0], first[at[shared]], shared, cache)
         rows.append({"what": f"{args.caches[0].name} vs {path.name}", **row})
         ok &= worst >= args.min_cos and found >= args.min_found

@@ -1224,12 +1224,12 @@ class FeatureCache:
             from common.fusion import OPERATORS  # (fusion imports this module)
 
             names = self.embedding_names()
-            if name.removesuffix("+bal") in OPERATORS:
+            if name in OPERATORS:
                 how = f"run fuse.py --cache {self.path} --write {name}"
             else:  # a typo: no such operator to write
-                close = difflib.get_close_matches(name, names, n=1)
+                close = difflib.get_close_matches(name, [*names, *OPERATORS], n=1)
                 how = ((f"did you mean '{close[0]}'? " if close else "") + f"h_G are named after fuse.py's "
-                       f"operators ({', '.join(OPERATORS)}; +bal when balanced)")
+                       f"operators ({', '.join(OPERATORS)})")
             raise FileNotFoundError(f"{self.path} holds no fused embedding '{name}' (has: {names or 'none'}): {how}")
         remedy = self._hG_hint(name)
         try:

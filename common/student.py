@@ -108,8 +108,8 @@ class NotAStudent(ValueError):
     """A file given as a student checkpoint that is not one."""
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(config, every tensor) of a file written by save_student."""
+def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
+    """(config, every tensor) of a file written by save_student; tensors=False reads the config alone."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -125,7 +125,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         if not isinstance(cfg, dict) or not {"arch", "width", "out_dim"} <= set(cfg):
             raise NotAStudent(f"{path} is not a student checkpoint (its metadata has no student config: arch, "
                               f"width, out_dim); pass a distill.py run folder or its student.safetensors")
-        return cfg, load_file(str(path))
+        return cfg, load_file(str(path)) if tensors else None
     except (SafetensorError, json.JSONDecodeError) as e:
         raise NotAStudent(f"{path} is not a student checkpoint: not a readable safetensors file ({e})") from None
 

@@ -368,7 +368,7 @@ def test_a_cache_without_h_G_stops_before_the_run_folder(cache_dir, tmp_path):
         distill.main(["--teacher-cache", str(bare), "--steps", "1", "--out", str(tmp_path / "r"), *TINY])
     assert not (tmp_path / "r").exists()
     # a typo in --embedding: no operator of that name to write (the advice was `--write aee`)
-    with pytest.raises(FileNotFoundError, match="'aee' .*did you mean 'ae'\\? h_G are named after fuse.py's operators"):
+    with pytest.raises(FileNotFoundError, match="'aee' .*did you mean 'ae'\\? h_G are named after fuse.py's operators \\(ae, pca"):
         distill.main(["--teacher-cache", str(cache_dir), "--embedding", "aee", "--steps", "1", "--out",
                       str(tmp_path / "r"), *TINY])
 
@@ -440,12 +440,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in good.values())
 
 
-def test_cosine_smoothl1_runs(cache_dir, tmp_path):
+def test_cosine_smoothl1_runs(cache_dir, tmp_path, capsys):
     distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "sl1"), "--loss", "cosine+smoothl1",
                   "--steps", "3", "--no-eval", *TINY])
     assert load_student(tmp_path / "sl1")[1]["loss"] == "cosine+smoothl1"
-    with pytest.raises(SystemExit):  # its weight given with another loss would go unread
+    with pytest.raises(SystemExit):  # its weight given with another loss would go unread (argparse's exit 2)
         distill.parse_args(["--teacher-cache", str(cache_dir), "--smoothl1-weight", "2"])
+    assert "--smoothl1-weight weighs the smooth-L1 term" in capsys.readouterr().err
     # the loss itself: cosine plus smoothl1_weight times smooth L1 on h_G standardised by its column statistics
     gen = torch.Generator().manual_seed(0)
     out, t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)

@@ -771,6 +771,9 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
     out = capsys.readouterr().out
     assert "a linear G varies along at most" in out and "holds a finished fuse.py run" not in out
-    # the same --run-dir again: its tables are replaced, which is said (the other scripts refuse such a folder)
+    # the same command again (a killed run continued: table5.json comes before h_G and the sweeps) says nothing;
+    # other arguments into that --run-dir replace its tables, which is said (the other scripts refuse it)
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
+    assert "holds a finished fuse.py run" not in capsys.readouterr().out
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "2"])
     assert f"--run-dir {tmp_path / 'wide'} holds a finished fuse.py run" in capsys.readouterr().out

@@ -457,6 +457,14 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
                    "--run-dir", str(tmp_path / "r3")])
     (r,) = json.loads((tmp_path / "r3" / "report.json").read_text())
     assert (r["teacher_cache"], r["embedding"]) == (str(cache.path), "pca")
+    # with no student column there are not two fusions to warn of, and a student that does not read stops nothing
+    (tmp_path / "bad.safetensors").write_bytes(b"not a student")
+    capsys.readouterr()
+    for n, student_arg in enumerate([student, tmp_path / "bad.safetensors"]):
+        transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(student_arg), "--method", "fused",
+                       "--cache", str(cache.path), "--embedding", "ae", "--task-cache", str(tmp_path / "tc"),
+                       "--head-epochs", "2", "--max-splits", "1", "--run-dir", str(tmp_path / f"r4-{n}")])
+        assert "warning: the student learnt" not in capsys.readouterr().out
 
 
 def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, student_ckpt, monkeypatch):
