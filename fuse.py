@@ -345,6 +345,8 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
     """(--ops, --write, --dim widths) checked against the teachers' total width: main asks before any
     extraction, so that a typo does not wait hours to show."""
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not ops:
+        raise SystemExit(f"error: --ops names no operator (choose from {', '.join(fusion.OPERATORS)})")
     for op in ops:
         if op not in fusion.OPERATORS:
             raise SystemExit(f"error: --ops: unknown operator {op!r} (choose from {', '.join(fusion.OPERATORS)})")
@@ -357,7 +359,8 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
         raise SystemExit(f"error: --dim takes whole numbers separated by commas, got {args.dim!r}") from None
     for d in dims:
         if not 1 <= d <= width:  # G maps the h_i to at most as many dimensions as they have
-            raise SystemExit(f"error: --dim {d}: h_G's width must be from 1 to {width}, the teachers' total width")
+            raise SystemExit(f"error: --dim {d}: h_G's width must be 1 or more" + (
+                f", at most {width}, the teachers' total width" if math.isfinite(width) else ""))
     try:
         fusion.split_group(args.split_group)
     except ValueError as e:
@@ -632,6 +635,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
+    if not args.extract_only:  # a typo in --ops, --dim ... is told at once, before the teachers load (15 s)
+        fusion_choices(args, math.inf)  # or the demo faces are copied; the width bound comes with the teachers
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:

@@ -425,10 +425,18 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
     import fuse
     from common.runs import run_main
 
+    # an operator's typo is told before the teachers load (about 15 s) or the demo faces are copied
+    monkeypatch.setattr(fuse, "build_teachers", lambda *a, **k: pytest.fail("teachers loaded before --ops was read"))
+    monkeypatch.setattr(fuse, "data_and_cache", lambda *a, **k: pytest.fail("data settled before --ops was read"))
+    with pytest.raises(SystemExit, match="unknown operator 'pac'"):
+        fuse.main(["--ops", "ae,pac"])
+    monkeypatch.undo()
+
     monkeypatch.setattr(fuse, "extract", lambda *a, **k: pytest.fail("extracted before checking the arguments"))
     base = ["--data", str(face_dir), "--cache", str(tmp_path / "c"), "--run-dir", str(tmp_path / "run")]
     for extra, why in [(["--teachers", "bogus"], "error: unknown teacher 'bogus'"),
-                       (["--teachers", "gender", "--dim", "17"], "--dim 17: h_G's width must be from 1 to 16"),
+                       (["--teachers", "gender", "--dim", "17"], "--dim 17: h_G's width must be 1 or more, at most 16"),
+                       (["--teachers", "gender", "--ops", ""], "--ops names no operator"),
                        (["--teachers", "gender", "--dim", "0"], "--dim 0"),
                        (["--teachers", "gender", "--dim", "x"], "--dim takes whole numbers"),
                        (["--teachers", "gender", "--ops", "pca,aex"], "unknown operator 'aex'"),
