@@ -295,6 +295,8 @@ def run_main(main) -> None:
             NotAStudent, BadLabels, BadTeacher, CannotPrune) as e:
         sys.exit(f"error: {e}")
     except Exception as e:
+        if peer_stopped(e):  # rank 0 refused (its one line is above): not a page of gloo's trace per rank
+            sys.exit(f"rank {dist_info()[0]}: stopped, as another process of this job did (its message is above)")
         if not disk_full(e):
             raise
         # Every file is written to a temporary name and renamed once whole, so a full disk leaves the
@@ -306,6 +308,16 @@ def run_main(main) -> None:
 
 # numpy's short write ("N requested and M written") and safetensors' Rust I/O error carry no errno.
 _FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|\d+ requested and \d+ written")
+
+
+def peer_stopped(e) -> bool:
+    """A collective of a rank other than 0 broken by another process's end (gloo: the connection closed)."""
+    rank, world = dist_info()
+    if rank == 0 or world == 1 or not isinstance(e, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistNetworkError) or "closed by peer" in str(e) or "Connection reset" in str(e)
 
 
 def disk_full(e: BaseException | None) -> bool:

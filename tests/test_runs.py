@@ -265,3 +265,18 @@ def test_benchmarks_refuse_bad_arguments_in_one_line(argv, say):
     bench = Path(__file__).resolve().parents[1] / "bench"
     r = subprocess.run([sys.executable, str(bench / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and say in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_rank_whose_peer_stopped_ends_in_one_line(monkeypatch):
+    """Rank 0's refusal was followed by a page of gloo's trace from each other rank."""
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:6578")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match=r"^rank 1: stopped, as another process of this job did"):
+        run_main(raising(gloo))
+    monkeypatch.setenv("RANK", "0")  # rank 0's own failure keeps its trace
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        run_main(raising(gloo))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its trace on every rank
+        run_main(raising(RuntimeError("a bug")))
