@@ -131,7 +131,8 @@ def parse_args(argv=None):
                         "results (without it, and without --resume, such a folder is refused; a folder another run "
                         "is still writing into is refused either way)")
     g.add_argument("--stop-at", type=COUNT, default=0,
-                   help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots; 0: never)")
+                   help="stop after this step as a killed job would, leaving its checkpoint (tests, time slots; "
+                        "0: never)")
     g.add_argument("--inject-nan-at", type=COUNT, default=0, help="testing: make the loss of this step NaN (0: never)")
     g = p.add_argument_group("evaluation and export")
     g.add_argument("--no-eval", action="store_true", help="skip the held-out cosine and Table 5 check")
@@ -348,7 +349,7 @@ def split_rows(cache, name, seed):
     return np.setdiff1d(found, val), val
 
 
-def targets(args) -> tuple:
+def learnt_embedding(args) -> tuple:
     """(cache, h_G name, h_G, its meta): the cache's h_G `--embedding` (default: the one fuse.py wrote last), its
     files checked, before the run folder is made (a cache without one left an empty run folder)."""
     cache = FeatureCache(args.teacher_cache).require_complete()
@@ -359,7 +360,7 @@ def targets(args) -> tuple:
 
 def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
     """Everything the training loop needs: data, student (and decoder for mt), optimizer, restored state.
-    known: targets(args)."""
+    known: learnt_embedding(args)."""
     cache, name, hG, meta = known
     train_rows, val_rows = split_rows(cache, name, args.seed)
     if len(train_rows) < args.batch * world:
@@ -772,7 +773,7 @@ def main(argv=None):
                          f"(it writes feats/demo), or pass --cache")
     # every rank, for the whole run: fuse.py --overwrite (or --retry-unreadable) of this cache is refused meanwhile
     hold_for_reading(args.teacher_cache)
-    known = targets(args)
+    known = learnt_embedding(args)
     args.embedding = known[1]  # recorded resolved: a --resume reads this h_G even if fuse.py wrote another since
     rank, world = dist_info()
     device = pick_device(args.device)

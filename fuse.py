@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import shutil
 import time
@@ -42,7 +41,7 @@ from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
-                         resolved_args, run_main)
+                         recorded_args, resolved_args, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -591,12 +590,9 @@ def another_finished_run(args) -> bool:
     arguments: a killed run continued; its table5.json is written before h_G and the sweeps)."""
     if args.run_dir is None or not (Path(args.run_dir) / "table5.json").is_file():
         return False
-    try:
-        old = json.loads((Path(args.run_dir) / "args.json").read_text())
-    except (OSError, ValueError):
+    if (old := recorded_args(args.run_dir)) is None:
         return True
-    now = resolved_args(args)
-    return any(old.get(k) != v for k, v in now.items() if k not in ("run_dir", "device", "workers"))
+    return any(old.get(k) != v for k, v in resolved_args(args).items() if k not in ("run_dir", "device", "workers"))
 
 
 def data_and_cache(args, rank: int, world: int) -> None:
@@ -660,8 +656,8 @@ def main(argv=None):
             with kept_warnings() as early:  # images left out by the listing are named in the run's log.txt too
                 images = list_images(args.data)
         if not images:
-            raise SystemExit(f"error: no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and folders "
-                             f"whose names start with a dot are left out) under {args.data}")
+            raise SystemExit(f"error: no images ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; files and "
+                             f"folders whose names start with a dot are left out) under {args.data}")
     extra = load_config(args.teachers_config) if args.teachers_config else []
     if args.teachers is None and not extra and not args.overwrite and (args.out / "manifest.json").is_file():
         recorded = read_manifest(args.out)["teachers"]  # G fitted anew on a cache: its teachers (named in args.json)
@@ -677,8 +673,8 @@ def main(argv=None):
     if rank == 0 and not args.extract_only and (sweep := n_sweep_sizes(args)):  # its faces are fewer than images
         outside = len(images) - fusion.held_out_size(len(images), args.test_frac, args.test_max)
         if sweep[-1] > outside:
-            raise SystemExit(f"error: --n-sweep {sweep[-1]}: {len(images)} images leave at most {outside} faces outside "
-                             f"the test set (--test-frac {args.test_frac:g}); sweep fewer, or bring more images")
+            raise SystemExit(f"error: --n-sweep {sweep[-1]}: {len(images)} images leave at most {outside} faces "
+                             f"outside the test set (--test-frac {args.test_frac:g}); sweep fewer, or bring more images")
     if rank == 0 and not args.extract_only and (group := fusion.split_group(args.split_group)) is not None:
         # G's split needs a group for test, one for validation and one to train on: with fewer (a flat tree and
         # --split-group folder) it stopped after the whole extraction
@@ -703,7 +699,7 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
-    finished = not args.extract_only and another_finished_run(args)
+    finished = rank == 0 and not args.extract_only and another_finished_run(args)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
         box = [run]

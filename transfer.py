@@ -111,7 +111,8 @@ def parse_args(argv=None):
                         "fuse.py --help). Default: as --detect-size, the student's setting (else 20, every level)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
-    p.add_argument("--head-epochs", type=int, default=100, help="epochs of the MLP on fixed features (frozen, fused, concat, pca, bt, bct)")
+    p.add_argument("--head-epochs", type=int, default=100,
+                   help="epochs of the MLP on fixed features (frozen, fused, concat, pca, bt, bct)")
     p.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per training step of the methods that train a "
                    "network or a head (--batch-features: per teacher batch while caching features)")
     p.add_argument("--lr", type=POSITIVE, default=1e-3,
@@ -1183,7 +1184,8 @@ def main(argv=None):
         raise SystemExit(f"error: --method: name at least one of {', '.join(METHODS + EXTRA_METHODS)} or all")
     for m in methods:
         if m not in METHODS + EXTRA_METHODS:
-            raise SystemExit(f"error: --method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} or all)")
+            raise SystemExit(f"error: --method: unknown {m!r} (choose from {', '.join(METHODS + EXTRA_METHODS)} "
+                             f"or all)")
     check_flags(args, methods)
     jobs = []
     if args.tasks:
@@ -1196,7 +1198,8 @@ def main(argv=None):
             raise SystemExit(f"error: --tasks names a task twice ({args.tasks})")
     elif args.task and args.task != DEMO_TASK:
         if args.data is None:
-            raise SystemExit(f"error: --task {args.task} needs --data DIR; expected layout: {task_named(args.task).layout}")
+            raise SystemExit(f"error: --task {args.task} needs --data DIR; expected layout: "
+                             f"{task_named(args.task).layout}")
         jobs.append((task_named(args.task), args.data))
     else:
         jobs.append(demo_task())

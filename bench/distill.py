@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dim", type=POSITIVE_INT, default=1024, help="width of h_G (the paper's 1024)")
     p.add_argument("--steps", type=POSITIVE_INT, default=4, help="timed steps per round")
     p.add_argument("--warmup", type=COUNT, default=3, help="untimed steps first (allocator, cuDNN autotuning)")
-    p.add_argument("--rounds", type=POSITIVE_INT, default=6, help="timed rounds per variant, alternating; the best counts")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=6,
+                   help="timed rounds per variant, alternating; the best counts")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda ...")
     p.add_argument("--amp", default="auto", choices=precision.CHOICES, help="as distill.py --amp")
     return p.parse_args(argv)

@@ -718,8 +718,8 @@ def block_units(cache, rows) -> tuple[np.ndarray, np.ndarray]:
         s, ss = column_sums(cache.features, rows)
     if not (np.isfinite(s).all() and np.isfinite(ss).all()):  # a cache extracted before such rows were dropped
         bad = [name for name, sl in cache.slices().items() if not np.isfinite(ss[sl]).all()]
-        raise FloatingPointError(f"{cache.path}: teacher {', '.join(bad)} stored inf or NaN features for some faces: "
-                         "extract the cache again (--overwrite) and those faces are listed as missed")
+        raise FloatingPointError(f"{cache.path}: teacher {', '.join(bad)} stored inf or NaN features for some "
+                                 "faces: extract the cache again (--overwrite) and those faces are listed as missed")
     mean = s / len(rows)
     std = np.sqrt(np.maximum(ss / len(rows) - mean ** 2, 0))
     for sl in cache.slices().values():

@@ -254,7 +254,8 @@ def _ycbcr(img) -> bool:
 
 def nvjpeg_safe(data: bytes) -> bool:
     """True when the GPU JPEG decoder gives the pixels PIL would: a complete baseline three-component
-    (RGB) JPEG in a common subsampling, its colour stored as YCbCr, with no EXIF rotation, at least MIN_SIDE and at most MAX_PIXELS.
+    (RGB) JPEG in a common subsampling, its colour stored as YCbCr, with no EXIF rotation, at least MIN_SIDE
+    and at most MAX_PIXELS.
     Everything else (grey, CMYK, progressive, rotated, truncated, not a JPEG, a bomb) takes the PIL
     path, which keeps every bad-input rule. Grey is in that list because nvjpeg (torchvision 0.26, H100)
     decoded a grey JPEG with 2x2 sampling into wrong pixels (mean error 63 levels) without any error.

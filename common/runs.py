@@ -66,16 +66,23 @@ def resolved_args(args) -> dict:
                                  default=str))
 
 
+def recorded_args(run: Path) -> dict | None:
+    """The args.json of the run folder `run` (write_args's), or None: no run there, or a record that does not
+    read."""
+    try:
+        recorded = json.loads((Path(run) / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, script: str, keep=("resume",)):
     """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
     one), so that `--resume --run-dir RUN` alone continues RUN instead of being refused for every default that
     differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own).
     Another script's run folder lends nothing (make_run_dir refuses it)."""
-    try:
-        recorded = json.loads((Path(run) / "args.json").read_text())
-    except (OSError, ValueError):
-        return args  # no run there yet, or its record unreadable: the resume check says so
-    if not isinstance(recorded, dict) or recorded.get("script", script) != script:
+    recorded = recorded_args(run)
+    if recorded is None or recorded.get("script", script) != script:  # (no run there yet: the resume check says so)
         return args
     actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
     saved = [a.default for a in actions]
@@ -116,10 +123,8 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
         run = Path(out)
         if run.exists() and not run.is_dir():
             raise SystemExit(f"error: --run-dir {run} is a file: name a folder")
-        try:
-            made_by = json.loads((run / "args.json").read_text()).get("script", prefix)
-        except (OSError, ValueError, AttributeError):
-            made_by = prefix  # no run there yet (or one from before the script was recorded)
+        # no run there yet (or one from before the script was recorded): this script's
+        made_by = (recorded_args(run) or {}).get("script", prefix)
         if made_by != prefix:
             raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
         run.mkdir(parents=True, exist_ok=True)
@@ -177,8 +182,8 @@ def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> bool:
     command given the same --run-dir while the first runs would interleave its log, metrics and checkpoints
     with the first's (and delete its temporary files). lock: the lock file (run/.lock), busy: the refusal.
     Returns whether it is held (False on a file system without locks)."""
-    return locks.hold(lock or run / ".lock", busy or f"error: another run is writing into {run} (the same --run-dir given "
-                                              f"twice?): wait for it to end, or give this one another folder")
+    return locks.hold(lock or run / ".lock", busy or f"error: another run is writing into {run} (the same --run-dir "
+                                                     f"given twice?): wait for it to end, or give this one another folder")
 
 
 @contextmanager

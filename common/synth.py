@@ -44,7 +44,8 @@ def parse(spec: str) -> int | None:
     except (ValueError, OverflowError):  # synth:abc, synth:inf
         n = 0
     if n < 1:
-        raise SystemExit(f"error: --data {spec}: write synth:N with N a positive number of faces (e.g. synth:10000, synth:10k)")
+        raise SystemExit(f"error: --data {spec}: write synth:N with N a positive number of faces (e.g. synth:10000, "
+                         "synth:10k)")
     return n
 
 
