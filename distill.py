@@ -41,11 +41,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import fusion, plots, precision
-from common.cache import (FeatureCache, as_planned, atomic_write, hold_for_reading, open_files_warning, write_json,
-                          write_reasons, write_text)
+from common.cache import FeatureCache, as_planned, hold_for_reading, open_files_warning, write_reasons
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
+from common.files import atomic_write, write_json, write_text
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
                          hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device, resume_defaults,
                          run_main, write_args)

@@ -33,10 +33,10 @@ from tqdm import tqdm
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
-                          lock_file, make_plan, read_manifest, readers_lock_file, write_json, write_missed,
-                          write_text)
+                          lock_file, make_plan, read_manifest, readers_lock_file, write_missed)
 from common.extract import KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
+from common.files import write_json, write_text
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,

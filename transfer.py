@@ -53,9 +53,10 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
-                          read_manifest, write_json, write_missed, write_text, writer_lock)
+                          read_manifest, write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
+from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
                          make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cache import atomic_file, write_json
+from common.files import atomic_file, write_json
 
 FORMAT = "facekd-state/1"
 STATE_SUFFIX = ".state.safetensors"

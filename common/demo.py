@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from common import weights
-from common.cache import atomic_write
+from common.files import atomic_write
 
 # (package, folder inside it, file names); frames are sampled from the videos.
 PHOTOS = [

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cache import atomic_write
+from common.files import atomic_write
 from common.checkpoint import StateError, load_state, save_state
 from common.images import PATH_ERRORS
 

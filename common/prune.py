@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_write, write_json, write_text
 from .precision import no_tf32
 
 BINS = 8
@@ -331,7 +332,6 @@ def example_pixels(batch: int, size: int, device="cpu", dtype=torch.float32) -> 
 
 def export_onnx(model: nn.Module, path: Path, example) -> Path:
     """ONNX of the whole pruned model (input 'pixels', dynamic batch), written atomically."""
-    from common.cache import atomic_write
 
     buf = io.BytesIO()
     model.eval()
@@ -520,7 +520,6 @@ def save_pruned(path: Path, backbone: nn.Module, head: nn.Module | None, config:
     """
     from safetensors.torch import save
 
-    from common.cache import atomic_write
     from common.student import Student, save_student
 
     head_t = {f"head.{k}": v.detach().cpu().contiguous() for k, v in (head.state_dict() if head else {}).items()}
@@ -571,7 +570,6 @@ def finish(model: nn.Sequential, out_dir: Path, make_input, device, config: dict
     Returns the stats written to out_dir/stats.json; a second call (the next split of a leave-one-out
     protocol) finds them and keeps the first split's model.
     """
-    from common.cache import write_json
 
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").exists():
@@ -603,7 +601,6 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
     or a teacher's name, fine-tuned unpruned)."""
     from tabulate import tabulate
 
-    from common.cache import write_json, write_text
 
     parts, all_rows = [], {}
     for r in results:

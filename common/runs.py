@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common import locks
+from common.files import remove_temporary, write_json
 
 
 RUNS = Path("runs")  # where a run without --run-dir goes (the tests point it into their temporary folder)
@@ -140,8 +141,6 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
                 n += 1
     # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
     if hold(run):  # held: a temporary file of its own is a killed run's
-        from common.cache import remove_temporary
-
         remove_temporary(run)  # its own folders only: a --run-dir above other runs or caches holds their writers'
         for sub in ("ckpt", "etl"):
             remove_temporary(run / sub, recursive=True)
@@ -156,7 +155,6 @@ def write_args(run: Path, prefix: str, args) -> None:
     `out` --run-dir and `teacher_cache` --cache, transfer.py's `teacher_cache` --cache and `cache_dir`
     --task-cache), the script, the run folder itself (a timestamped one when --run-dir was not given) and the
     command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
-    from common.cache import write_json
 
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
                                    "argv": sys.argv})
@@ -229,6 +227,8 @@ def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.
     for record in early:
         for h in handlers[1:]:
             h.handle(record)
+    if run and rank == 0:  # first: a timestamped folder is otherwise named only when the run ends
+        log.info(f"run folder: {run} (this log in {run / 'log.txt'})")
     return log
 
 

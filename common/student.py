@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from common.files import atomic_write
+
 WIDTH = 0.42
 ARCHS = ("resnet18w", "resnet18")
 _MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -96,7 +98,6 @@ def save_student(student: Student, path, extra: dict | None = None, tensors: dic
     metadata, so a checkpoint alone rebuilds the network. `tensors` adds more weights (a decoder)."""
     from safetensors.torch import save
 
-    from common.cache import atomic_write
 
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     state.update({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common.cache import atomic_write
+from common.files import atomic_write
 from common.weights import package_dir
 
 CHUNK = 500  # faces drawn per seeded latent batch: face i's latent depends on (seed, i // CHUNK) only

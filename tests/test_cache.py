@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from common.cache import CacheDamaged, CacheMismatch, FeatureCache, ShardedArray, atomic_write
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, ShardedArray
+from common.files import atomic_write
 
 
 @dataclass
@@ -460,13 +461,13 @@ def test_written_files_get_the_umask_mode(tmp_path):
     """A cache or a student shared with other users: atomic writes get the mode open() would give (the
     process's umask), not mkstemp's 0600."""
     import common.cache
-    from common.cache import atomic_write
+    from common.files import atomic_write
 
     atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
     with open(tmp_path / "plain.bin", "wb") as f:
         f.write(b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
-    assert common.cache._UMASK & 0o077 == 0o077 or (tmp_path / "f.bin").stat().st_mode & 0o777 != 0o600
+    assert common.files._UMASK & 0o077 == 0o077 or (tmp_path / "f.bin").stat().st_mode & 0o777 != 0o600
 
 
 def test_default_embedding_is_the_one_written_last(tmp_path, images):
@@ -589,7 +590,7 @@ def test_json_reports_are_strict_json_with_null_for_nan(tmp_path):
     JavaScript refuse."""
     import json
 
-    from common.cache import write_json
+    from common.files import write_json
 
     write_json(tmp_path / "r.json", {"nrmse": {"a": float("nan"), "b": 0.25}, "w": [float("inf"), np.float64(1.5)]})
     text = (tmp_path / "r.json").read_text()

@@ -280,3 +280,18 @@ def test_a_rank_whose_peer_stopped_ends_in_one_line(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its trace on every rank
         run_main(raising(RuntimeError("a bug")))
+
+
+def test_the_log_names_the_run_folder_first(tmp_path, capsys):
+    """A timestamped run folder is named on the first line, not only when the run ends (a killed run's log
+    would otherwise be somewhere the user has to guess); another torchrun rank does not repeat it."""
+    from common.runs import get_logger
+
+    run = tmp_path / "fuse-20261129-120000"
+    run.mkdir()
+    get_logger(run, "t_first").info("teachers: ...")
+    out = capsys.readouterr().out.splitlines()
+    assert f"run folder: {run}" in out[0] and "teachers" in out[1]
+    assert f"run folder: {run}" in (run / "log.txt").read_text().splitlines()[0]
+    get_logger(run, "t_rank1", rank=1).info("shard 3")
+    assert "run folder" not in capsys.readouterr().out
