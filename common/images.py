@@ -85,7 +85,10 @@ def list_images(root: str | Path) -> list[str]:
                 rel = prefix + name
                 (broken if "\n" in rel else found).append(rel)  # a folder's name may hold it too
     if unreadable:
-        log.warning(f"{len(unreadable)} folder(s) under {root} cannot be read, their images are left out: "
+        # unlike an unreadable image (a row, which --retry-unreadable reads again), a folder's images never
+        # enter the image list, so a resume cannot add them
+        log.warning(f"{len(unreadable)} folder(s) under {root} cannot be read, their images are left out (of a "
+                    f"cache made now for good: make them readable first, or rebuild it later with --overwrite): "
                     + "; ".join(unreadable[:10]) + (" ..." if len(unreadable) > 10 else ""))
     if broken:
         log.warning(f"{len(broken)} image(s) under {root} left out because their names hold a line break, "

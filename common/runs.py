@@ -216,7 +216,13 @@ def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.
     log.handlers.clear()
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s " + (f"rank {rank}: " if rank else "") + "%(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(run / "log.txt")] if run else [])
+    # A path that is not UTF-8 (its bytes kept as surrogates, as os.fsdecode gives them) is written with its
+    # odd bytes as \udcXX escapes, the log staying UTF-8: strict encoding lost every line naming it, a
+    # "Logging error" trace each.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    handlers = [logging.StreamHandler(sys.stdout)] + (
+        [logging.FileHandler(run / "log.txt", encoding="utf-8", errors="backslashreplace")] if run else [])
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -302,17 +308,26 @@ def run_main(main) -> None:
     except Exception as e:
         if peer_stopped(e):  # rank 0 refused (its one line is above): not a page of gloo's trace per rank
             sys.exit(f"rank {dist_info()[0]}: stopped, as another process of this job did (its message is above)")
-        if not disk_full(e):
+        if (why := cannot_write(e)) is None:
             raise
-        # Every file is written to a temporary name and renamed once whole, so a full disk leaves the
+        # Every file is written to a temporary name and renamed once whole, so a write that fails leaves the
         # old file or none, never half of one.
-        sys.exit(f"error: the disk is full ({e}). Files are written whole or not at all, so nothing already "
-                 "written is damaged: free some space and run the same command again (fuse.py, and "
-                 "distill.py with --resume, go on where they stopped).")
+        sys.exit(f"error: {why} ({e}). Files are written whole or not at all, so nothing already written is "
+                 f"damaged: {_WRITE_ERRORS[why][2]}, then run the command again (fuse.py, and distill.py and "
+                 f"transfer.py with --resume, go on where they stopped).")
 
 
-# numpy's short write ("N requested and M written") and safetensors' Rust I/O error carry no errno.
-_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|\d+ requested and \d+ written")
+# What stops every write, as run_main says it, its errnos, its words where no errno came (numpy's short write
+# "N requested and M written", safetensors' Rust I/O error "os error 28"), and what to do about it.
+_WRITE_ERRORS = {
+    "the disk is full": ((errno.ENOSPC, errno.EDQUOT), r"No space left on device|Disk quota exceeded|os error (28|122)\b"
+                         r"|\d+ requested and \d+ written", "free some space"),
+    "a file is larger than this process may write": ((errno.EFBIG,), r"File too large|os error 27\b",
+                                                     "raise the file size limit (`ulimit -f`; shards are the largest "
+                                                     "files, and a smaller --shard-size makes them smaller)"),
+    "the file system is read-only": ((errno.EROFS,), r"Read-only file system|os error 30\b",
+                                     "give the folder to write (--cache, --run-dir, --task-cache) on a writable one"),
+}
 
 
 def peer_stopped(e) -> bool:
@@ -325,10 +340,12 @@ def peer_stopped(e) -> bool:
     return isinstance(e, dist.DistNetworkError) or "closed by peer" in str(e) or "Connection reset" in str(e)
 
 
-def disk_full(e: BaseException | None) -> bool:
-    """True when e, or an error it was raised from, says the disk or the user's quota is full."""
+def cannot_write(e: BaseException | None) -> str | None:
+    """What in _WRITE_ERRORS stopped a write (the disk or the user's quota full, a file size limit, a read-only
+    file system), said by e or an error it was raised from; None for any other error."""
     while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _FULL.search(str(e)):
-            return True
+        for why, (numbers, words, _) in _WRITE_ERRORS.items():
+            if getattr(e, "errno", None) in numbers or re.search(words, str(e)):
+                return why
         e = e.__cause__ or e.__context__
-    return False
+    return None

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +42,25 @@ def _runs_in_tmp(tmp_path_factory):
     from common import runs
 
     runs.RUNS = tmp_path_factory.mktemp("runs")
+
+
+def torchrun(script: Path, args, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 script args`, one thread per process.
+    Skipped where the processes cannot meet: a fresh network namespace (some sandboxed CI) has its loopback
+    down, and gloo's rendezvous then waits until the timeout instead of failing. Its log folder (torchrun
+    makes one under TMPDIR) goes into tmp_path, not into /tmp for good."""
+    import socket
+
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname(), timeout=5):
+            pass
+    except OSError as e:
+        pytest.skip(f"no loopback network for torchrun's processes to meet on ({e})")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent), "TMPDIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)], cwd=script.parent, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def feat_data() -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from common.cache import FeatureCache  # noqa: E402
 from common.images import read_image  # noqa: E402
 from common.student import WIDTH, build_student, load_student, n_params, read_checkpoint  # noqa: E402
 from common.teachers import build_teachers  # noqa: E402
+from tests.conftest import torchrun  # noqa: E402
 
 FEAT_PHOTOS = ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg",
                "single_face.jpg", "BWPictureHuman.jpg"]
@@ -555,11 +554,8 @@ def test_embed_refuses_a_bad_out_before_any_work(trained, tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_two_process_gloo_ddp(cache_dir, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "distill.py"), "--teacher-cache", str(cache_dir), "--out", str(run), "--epochs", "2",
-           "--device", "cpu", *[a if a != "8" else "4" for a in TINY]]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    res = torchrun(ROOT / "distill.py", ["--teacher-cache", cache_dir, "--out", run, "--epochs", "2", "--device",
+                                         "cpu", *[a if a != "8" else "4" for a in TINY]], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _, cfg = load_student(run)
     assert cfg["world"] == 2

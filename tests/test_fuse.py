@@ -12,13 +12,14 @@ import pytest
 
 from common import fusion, synth
 from common.cache import FeatureCache
-from tests.conftest import CHEAP
+from tests.conftest import CHEAP, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_fuse(*args, check=True, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kw.setdefault("timeout", 600)  # a hang fails the test, not the whole CI job
     return subprocess.run([sys.executable, str(ROOT / "fuse.py"), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=check, **kw)
 
@@ -263,9 +264,8 @@ def test_torchrun_two_processes_match_single(face_dir, tmp_path, monkeypatch):
     # (fp16 last-bit changes), and this test is about splitting the shards, not about threads.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_fuse(*common, "--out", tmp_path / "one", "--run-dir", tmp_path / "r1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "fuse.py"),
-                    *map(str, common), "--out", str(tmp_path / "two"), "--run-dir", str(tmp_path / "r2")],
-                   cwd=ROOT, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = torchrun(ROOT / "fuse.py", [*common, "--out", tmp_path / "two", "--run-dir", tmp_path / "r2"], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two").require_complete()
     log = (tmp_path / "r2" / "log.txt").read_text()  # the other rank's lines are part of the run's record
     assert "rank 1: extracting on cpu the shards of rank 1" in log and "shards of rank 0" in log

