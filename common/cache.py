@@ -961,6 +961,9 @@ class FeatureCache:
         of distill.py or transfer.py, not hours in when a batch first reaches the damaged shard."""
         if not self.manifest.get("complete"):
             done = sum(self.shard_done(k) for k in range(self.n_shards))
+            if locks.others_hold(lock_file(self.path)):  # (running fuse.py again would be refused by that lock)
+                raise CacheMismatch(f"the cache at {self.path} is being written by a fuse.py still running "
+                                    f"({done}/{self.n_shards} shards done): wait for it to end")
             raise CacheMismatch(f"the cache at {self.path} is incomplete ({done}/{self.n_shards} shards): "
                                 f"run fuse.py again with the same arguments to finish it")
         damaged = list(self.damaged_shards(every=True).values())

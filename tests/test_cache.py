@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from common.cache import CacheDamaged, CacheMismatch, FeatureCache, ShardedArray
+from common.cache import CacheDamaged, CacheMismatch, FeatureCache, ShardedArray, lock_file
 from common.files import atomic_write
+from tests.fixtures import held_elsewhere
 
 
 @dataclass
@@ -53,6 +54,9 @@ def test_write_read_stats(tmp_path, images):
     x = fill(cache, np.random.default_rng(0))
     with pytest.raises(CacheMismatch, match="incomplete"):  # the scripts' one-line errors, not a traceback
         FeatureCache(tmp_path / "c").require_complete()
+    with held_elsewhere(tmp_path / "c", lock_file(tmp_path / "c")):  # not "run fuse.py again": it is running
+        with pytest.raises(CacheMismatch, match=r"being written by a fuse.py still running \(5/5 shards done\)"):
+            FeatureCache(tmp_path / "c").require_complete()
     cache.finalize()
     c = FeatureCache(tmp_path / "c").require_complete()
     assert c.images == names
