@@ -176,25 +176,26 @@ def writer_lock(path: Path, log=None):
             f.close()
 
 
-def save_crops(path: Path, crops: np.ndarray) -> str:
-    """np.save's bytes of a (rows, S, S, 3) uint8 crop shard, whole or not at all; returns their sha256, hashed
-    as they are written (a 200 MB shard is not read back). The rows of images without a face are all zero, and
-    are skipped over instead of written: the file holds the same bytes, but those rows take no disk on file
-    systems with holes (a corpus where 30 % of the images hold no face, or a folder of junk files, paid 48 kB
-    per such row at the default size)."""
-    digest, row = hashlib.sha256(), crops[0].nbytes if len(crops) else 0
-    flat = crops.reshape(len(crops), row)
-    used = flat.any(1)
+def save_rows(path: Path, rows: np.ndarray) -> str:
+    """np.save's bytes of a shard (its rows: crops, features), whole or not at all; returns their sha256,
+    hashed as they are written (a 200 MB crop shard is not read back). The rows of images without a face are
+    all zero, and are skipped over instead of written: the file holds the same bytes, but those rows take no
+    disk on file systems with holes (a corpus where 30 % of the images hold no face, or a folder of junk files,
+    paid 48 kB of crop and 6 kB of features per such row at the default sizes)."""
+    digest, row = hashlib.sha256(), rows[0].nbytes if len(rows) else 0
+    rows = np.ascontiguousarray(rows)
+    flat = rows.view(np.uint8).reshape(len(rows), row)  # bytes: a -0.0 is not a hole
+    used = (flat.view(np.uint64) if row % 8 == 0 else flat).any(1)
     edges = np.flatnonzero(np.diff(np.r_[0, used.view(np.int8), 0])).reshape(-1, 2)  # [start, stop) of used rows
 
     def write(f):
         header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(crops))
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
         header = header.getvalue()
         f.write(header)
         digest.update(header)
-        zeros, done = memoryview(bytes(row * min(len(crops), 64))), 0
-        for lo, hi in [*edges.tolist(), (len(crops), len(crops))]:
+        zeros, done = memoryview(bytes(row * min(len(rows), 64))), 0
+        for lo, hi in [*edges.tolist(), (len(rows), len(rows))]:
             for z in range(done, lo, 64):  # the hash sees the zero rows, the file only their length
                 digest.update(zeros[:row * (min(lo, z + 64) - z)])
             f.seek(row * (lo - done), os.SEEK_CUR)
@@ -915,11 +916,11 @@ class FeatureCache:
             if crops is None or crops.shape != (rows, s, s, 3) or crops.dtype != np.uint8:
                 raise ValueError(f"shard {k} needs its ({rows}, {s}, {s}, 3) uint8 crops, got "
                                  f"{None if crops is None else (crops.shape, crops.dtype)}")
-            meta["crops_sha256"] = np.asarray(save_crops(self.crop_file(k), np.ascontiguousarray(crops)))
+            meta["crops_sha256"] = np.asarray(save_rows(self.crop_file(k), crops))
         # compressed: the reasons are fixed-width text as wide as the longest one, mostly empty rows (2.1 of
         # 2.4 MB a shard with one long reason, uncompressed)
         atomic_write(self.meta_file(k), lambda f: np.savez_compressed(f, **meta))
-        atomic_write(self.shard_file(k), lambda f: np.save(f, features.astype(self.dtype, copy=False)))
+        save_rows(self.shard_file(k), features.astype(self.dtype, copy=False))
 
     def sums(self) -> tuple[int, np.ndarray, np.ndarray]:
         """Count, sum and sum of squares (float64, per dimension) of the faces found, from the shards' metadata

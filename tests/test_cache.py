@@ -615,12 +615,15 @@ def test_crop_rows_without_a_face_take_no_disk(tmp_path, images):
     found = np.zeros(n, bool)
     found[[0, 5, n - 2]] = True  # runs of empty rows before, between and after
     crops[found] = np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
-    cache.write_shard(0, np.zeros((n, cache.dim), np.float32), found, np.zeros((n, 2, 3)), np.ones(n),
-                      ["0" * 40] * n, ["" if f else "no face detected" for f in found], crops=crops)
-    want = io.BytesIO()
-    np.save(want, crops)
-    file = cache.crop_file(0)
-    assert file.read_bytes() == want.getvalue() and np.array_equal(np.load(file, mmap_mode="r"), crops)
+    features = np.zeros((n, cache.dim), np.float16)
+    features[found] = 1.5
+    features[1] = -0.0  # a row of negative zeros is no hole: its bytes are not zero
+    cache.write_shard(0, features, found, np.zeros((n, 2, 3)), np.ones(n), ["0" * 40] * n,
+                      ["" if f else "no face detected" for f in found], crops=crops)
+    for file, rows in [(cache.shard_file(0), features), (cache.crop_file(0), crops)]:
+        want = io.BytesIO()
+        np.save(want, rows)
+        assert file.read_bytes() == want.getvalue() and np.array_equal(np.load(file, mmap_mode="r"), rows)
     cache.finalize()
     assert cache.manifest["crops_sha256"] == [hashlib.sha256(want.getvalue()).hexdigest()]
     assert cache.verify_crops() == []
