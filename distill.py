@@ -46,6 +46,7 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.files import atomic_write, write_json, write_text
+from common.progress import Progress
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
                          hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device, resume_defaults,
                          run_main, write_args)
@@ -703,7 +704,7 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
                     f"--min-face-prob {opts.min_face_prob:g}")
         say(f"faces: {found_by}, as the student's training faces were found; {cfg.get('crop_size') or CROP_SIZE}-"
             f"pixel crops resized to the student's {cfg['size']}")
-    bar = tqdm(total=len(paths), desc="embed", unit="img", disable=None)
+    bar = Progress("embed", total=len(paths))
     for idx, crops, found, why in crops_of_files(paths, device, opts, cfg.get("crop_size") or CROP_SIZE):
         for i, r in zip(idx, why):
             reasons[i] = r

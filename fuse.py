@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tabulate import tabulate
-from tqdm import tqdm
 
 from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
@@ -39,6 +38,7 @@ from common.extract import extract as engine_extract
 from common.files import write_json, write_text
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
+from common.progress import Progress, counted
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
                          recorded_args, resolved_args, run_main)
@@ -282,9 +282,10 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
     if args.refit and ckpt not in refitted:
         ckpt.unlink(missing_ok=True)
         refitted.add(ckpt)
-    bar = tqdm(total=recipe.steps, desc=f"G[{op} {d_out}]", unit="step", disable=None, leave=False)
-    model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device,
-                             progress=lambda s: bar.update(s - bar.n), checkpoint=ckpt)
+    # a line a minute in a log without a terminal: minutes of G at scale are not minutes of silence
+    bar = Progress(f"G[{op} {d_out}]", "step", recipe.steps)
+    model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device, checkpoint=ckpt,
+                             progress=lambda s, best: bar.update(s - bar.done, best_val_mse=f"{best:.4f}"))
     bar.close()
     info["fit_file"] = ckpt.name
     if "best_step" in info:
@@ -318,7 +319,7 @@ def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised
     with cache.new_embedding(name) as folder, torch.no_grad():
         fusion.save(model, op, d_in, model.d_out, folder / "G.safetensors")
         np.savez(folder / "stats.npz", mean=data.mean, std=data.std, count=len(split["train"]))  # G's units
-        for k in tqdm(range(cache.n_shards), desc=f"write h_G[{name}]", unit="shard", disable=None, leave=False):
+        for k in counted(range(cache.n_shards), f"write h_G[{name}]", "shard", cache.n_shards):
             lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
             rows = np.arange(lo, hi)
             h = np.zeros((hi - lo, model.d_out), np.float32)

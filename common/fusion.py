@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from common.files import atomic_write
 from common.checkpoint import StateError, load_state, save_state
+from common.files import atomic_write
 from common.images import PATH_ERRORS
+from common.progress import counted
 
 log = logging.getLogger(__name__)
 OPERATORS = ("ae", "pca", "vae", "dae", "concat")
@@ -223,9 +223,7 @@ class PCA(nn.Module):
                 memo[key] = None
             if memo[key] is None:
                 # a pass over every training face's h_i (26 GB at 4.12 M faces): shown, not a frozen "G[pca]" bar
-                batches = tqdm(data.batches(rows, 4096), total=math.ceil(len(rows) / 4096), desc="PCA axes",
-                               unit="batch", disable=None, leave=False)
-                memo[key] = self.axes(batches)
+                memo[key] = self.axes(counted(data.batches(rows, 4096), "PCA axes", "batch", math.ceil(len(rows) / 4096)))
                 try:
                     if path is not None:
                         atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))
@@ -559,7 +557,7 @@ def fit(op: str, d_in: int, d_out: int, data, train, val, recipe: Recipe, weight
             sched.step()
             step, done_in_epoch = step + 1, done_in_epoch + 1
             if progress:
-                progress(step)
+                progress(step, best)
             if step % recipe.eval_every == 0 or step == recipe.steps:
                 if not bool(finite):
                     raise FloatingPointError(f"{op}: the loss became inf or NaN between steps {checked + 1} and "

@@ -41,3 +41,14 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def counted(iterable, desc: str, unit: str = "img", total: int | None = None):
+    """Each item of iterable, counted by a Progress (tqdm's wrapper, with the log lines)."""
+    bar = Progress(desc, unit, total)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -331,7 +331,7 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, op):
     class Killed(Exception):
         pass
 
-    def kill_at_35(step):  # 7 batches an epoch: step 35 ends epoch 5, the last save (step 30) is mid-epoch
+    def kill_at_35(step, best):  # 7 batches an epoch: step 35 ends epoch 5, the last save (step 30) is mid-epoch
         if step == 35:
             raise Killed
 
