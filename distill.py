@@ -1,4 +1,6 @@
 """Step 2 of the paper (section 3.3): distil the fused embedding h_G into one light student CNN.
+(Then `python distill.py embed --student RUN --data DIR --out emb.npy` embeds a folder of images with it:
+`distill.py embed --help`.)
 
 The student E^G_unique (common/student.py: ResNet-18 layout at 0.42 width, 2.2 M parameters with a
 1024-wide h_G, as in the paper) maps an aligned face crop straight to an estimate of h_G, trained on
@@ -647,7 +649,7 @@ def evaluate(args, cache, name, student, decoder, train_rows, val_rows, device, 
     head = (f"Reconstruction normalised RMSE of each h_i on {len(report)} held-out faces (Table 5; the check "
             f"decoder's epoch chosen on {len(choose)} others)")
     if "cos_val" in result:
-        head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} "
+        head += (f"\n\nHeld-out cosine(student, h_G) = {result['cos_val']:.4f} over {len(h_val)} faces "
                  f"(the training mean of h_G alone scores {result['cos_val_mean_baseline']:.4f})")
     write_text(run / "table5_student.md", f"{head}\n\n{md}\n")
     write_json(run / "eval.json", result)

@@ -8,8 +8,8 @@
 
   python fuse.py                                  # embedded real faces from installed packages
   python fuse.py --data /faces --cache feats/faces     # your own unlabelled faces (any folder tree)
-  python fuse.py --data synth:11000 --align none --teachers age,gender,onet --ops ae,pca --test-frac 0.08 \
-      --n-sweep 1000,3000,10000                                                  # G against N
+  python fuse.py --data synth:11000 --align none --teachers age,gender,onet --ops ae,pca --test-frac 0.08 \\
+      --n-sweep 1000,3000,10000               # G against N
   torchrun --nproc_per_node 4 fuse.py --data /faces --cache feats/faces   # several GPUs: shards split by rank
 
 The three scripts name one thing one way: --data (images), --cache (the feature cache this script
@@ -449,13 +449,13 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     md = fusion.table5({c.upper().replace("+BAL", " bal"): table[c] for c in table})
     note = ("; 'bal': every teacher's block weighs the same in the loss" if args.balance != "none" else "")
     note += f"; CONCAT keeps all {d_in} dimensions" if "concat" in ops else ""
-    write_text(run / "table5.md", f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), "
-               f"as in Table 5. G trained on {len(train)} faces, steps chosen on {len(val)} validation faces"
-               f"{layout}{note}\n\n{md}\n")
+    caption = (f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. G "
+               f"trained on {len(train)} faces, steps chosen on {len(val)} validation faces{layout}{note}")
+    write_text(run / "table5.md", f"{caption}\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
                                      "n_test": len(test), "split": sizes, "layout": args.ae_layout,
                                      "nrmse": table, "training": infos})
-    log.info("\n" + md)
+    log.info(f"{caption}\n{md}")  # the screen's table says what it measures, as the file's does
 
     if not args.extract_only:  # before the sweeps: their hours (or a failure in them) must not cost h_G
         name = write if variants[0] is None else f"{write}+bal"

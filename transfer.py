@@ -21,11 +21,11 @@ Methods (--method, comma list or `all`):
   kd        the student trained with the task loss plus a distillation term toward a teacher that knows the
             task (Wang 2017): O-Net's points (landmarks), the identity teacher's embedding (verification), the
             gender, age or expression teacher's own soft prediction (gender, age groups and years, expression)
-Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
-finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
   etl       ETL (John et al. 2022): keep the filters of the student (or --etl-base TEACHER) that tell most about
             the label on the training split, remove the others physically, fine-tune; one model per --prune
             ratio beside ratio 0 (= finetune), with size, MFLOPs and latency in etl.md / etl.png
+Landmark tasks (Align-CelebA, Align-300W) take finetune, frozen, scratch and kd; Identity-LFW also takes
+finetune, scratch and kd, which learn the identities of the other folds (unrestricted LFW protocol).
 Faces the detector misses follow the paper's rule: a classification counts as wrong, a regression
 predicts the middle of the label range; how many were missed is reported for every task.
 Verification tasks (Identity-LFW) use the embedding directly: cosine of the pair, 10-fold accuracy.

@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cache import CacheMismatch, FeatureCache  # noqa: E402
+from common.runs import HelpFormatter  # noqa: E402
 
 
 def sha1s(cache: FeatureCache) -> np.ndarray:
@@ -58,7 +59,7 @@ def compare(cache, a, b, other=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("caches", nargs="+", type=Path, help="feature caches (fuse.py --cache) of the same folder")
     p.add_argument("--min-cos", type=float, default=0.999, help="lowest cosine of any teacher's h_i that passes")
     p.add_argument("--min-found", type=float, default=0.99, help="lowest share of found flags that agree")

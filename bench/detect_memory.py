@@ -19,6 +19,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common.runs import HelpFormatter  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -55,9 +57,9 @@ def size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=16, help="photos in the batch, all of one size (one shrink group)")
-    p.add_argument("--size", default="4000x3000", type=size, help="WxH of each photo (12 MP by default)")
+    p.add_argument("--size", default="4000x3000", type=size, help="WxH of each photo (12 MP)")
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n {a.n}: at least one photo")

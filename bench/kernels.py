@@ -20,6 +20,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
+from common.runs import HelpFormatter  # noqa: E402
 
 # sface identity, age, gender, facex expression, MTCNN ONet landmarks, MobileNetV2 ImageNet.
 TEACHER_WIDTHS = [128, 256, 16, 1280, 256, 1280]
@@ -159,8 +160,7 @@ def describe(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two batch sizes and fewer repetitions")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the kernels run (auto: cuda if present; on the CPU the PyTorch fallback is timed "

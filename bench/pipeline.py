@@ -40,7 +40,7 @@ from common.cache import FeatureCache  # noqa: E402
 from common.extract import Options, Stages, extract  # noqa: E402
 from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels  # noqa: E402
 from common.images import decode_image, decode_jpegs_on, list_images, nvjpeg_safe, read_bytes  # noqa: E402
-from common.runs import pick_device  # noqa: E402
+from common.runs import HelpFormatter, pick_device  # noqa: E402
 from common.student import build_student  # noqa: E402
 from common.teachers import DEFAULT_TEACHERS, build_teachers  # noqa: E402
 
@@ -49,7 +49,7 @@ PAPER_EPOCHS = 40
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=64, help="images in the folder (the demo media, repeated)")
     p.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS), help="teachers run by the extraction")
     p.add_argument("--batch", type=int, default=32, help="images per extraction batch and per training step")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers  # noqa: E402
-from common.runs import run_main  # noqa: E402
+from common.runs import HelpFormatter, run_main  # noqa: E402
 from common.weights import MissingWeights  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def timed(fn, batches, device) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teachers", default=",".join(DEFAULT_TEACHERS),
                    help="comma-separated teachers: registry names, custom specs (onnx:PATH:LAYER:SIZE, ...) or a "
                         "JSON config (default: %(default)s)")
@@ -126,7 +126,8 @@ def main(argv=None):
             y, want = t(faces_b).cpu(), refs[t.name](faces_b)
             cos = torch.nn.functional.cosine_similarity(y, want).min().item()
             parity = (f"{cos:.7f}", f"{(y - want).abs().max().item():.2g}")
-        rows.append(row(t.name, t, sec, ref_s.get(t.name), parity))
+        # a port is NAME@torch: a plain name on the CPU is its reference runtime in fuse.py
+        rows.append(row(f"{t.name}@torch" if t.name in ported else t.name, t, sec, ref_s.get(t.name), parity))
     zoo = timed(lambda b: [t(b) for t in teachers], batches, device)
     if refs:
         old = [refs.get(t.name, t) for t in teachers]
