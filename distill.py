@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import fusion, plots, precision
+from common import fusion, plots, precision, progress
 from common.cache import FeatureCache, as_planned, hold_for_reading, open_files_warning, write_reasons
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
@@ -461,7 +461,7 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     imgs = args.batch * world
     device = next(s.net.parameters()).device
     bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
-               disable=None if rank == 0 else True, dynamic_ncols=True)
+               disable=progress.DISABLE if rank == 0 else True, dynamic_ncols=True)
     pending = []  # (step, 0-d loss on the device) since the last sync
     # Without a terminal (a batch job's log) tqdm draws nothing: a line at most once a minute instead
     quiet, said = rank == 0 and bar.disable, [time.time(), step]
@@ -736,6 +736,7 @@ def embed_main(argv):
                         "were kept)")
     a = p.parse_args(argv)
     one_process_only("distill.py embed", "--out (e.g. one folder of images each)")
+    log = get_logger(None, "embed")  # on stdout, with the shared modules' lines (the progress of long folders)
     if a.batch < 1:
         raise SystemExit(f"error: --batch {a.batch}: at least 1 face per batch")
     from common.images import encode_paths, list_images
@@ -754,14 +755,14 @@ def embed_main(argv):
     if not rel:
         raise SystemExit(f"error: no images under {a.images}")
     emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
-                                pick_device(a.device), a.min_face_prob, say=print)
+                                pick_device(a.device), a.min_face_prob, say=log.info)
     stem = a.out.with_suffix("")
     atomic_write(a.out, lambda f: np.save(f, emb))
     atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write(encode_paths(rel)))
     write_reasons(Path(f"{stem}.missed.tsv"), [(r, why) for r, why in zip(rel, reasons) if why])
     n_miss = sum(1 for r in reasons if r)
-    print(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
-          f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")
+    log.info(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
+             f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")
 
 
 # -------------------------------------------------------------------------------------------- main

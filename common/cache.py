@@ -177,11 +177,11 @@ def writer_lock(path: Path, log=None):
 
 
 def save_rows(path: Path, rows: np.ndarray) -> str:
-    """np.save's bytes of a shard (its rows: crops, features), whole or not at all; returns their sha256,
-    hashed as they are written (a 200 MB crop shard is not read back). The rows of images without a face are
-    all zero, and are skipped over instead of written: the file holds the same bytes, but those rows take no
-    disk on file systems with holes (a corpus where 30 % of the images hold no face, or a folder of junk files,
-    paid 48 kB of crop and 6 kB of features per such row at the default sizes)."""
+    """np.save's bytes of a shard (its rows: crops, features, h_G) in C order, whole or not at all; returns
+    their sha256, hashed as they are written (a 200 MB crop shard is not read back). The rows of images without
+    a face are all zero, and are skipped over instead of written: the file holds the same bytes, but those rows
+    take no disk on file systems with holes (a corpus where 30 % of the images hold no face, or a folder of junk
+    files, paid 48 kB of crop and 6 kB of features per such row at the default sizes)."""
     digest, row = hashlib.sha256(), rows[0].nbytes if len(rows) else 0
     rows = np.ascontiguousarray(rows)
     flat = rows.view(np.uint8).reshape(len(rows), row)  # bytes: a -0.0 is not a hole
@@ -1130,7 +1130,7 @@ class FeatureCache:
 
     def write_embedding_shard(self, name: str, k: int, values: np.ndarray, folder: Path | None = None) -> None:
         path = self.embedding_file(name, k, folder or self.path / "emb" / name)
-        atomic_write(path, lambda f: np.save(f, values.astype(self.dtype, copy=False)))
+        save_rows(path, values.astype(self.dtype, copy=False))  # (the rows of images without a face: holes)
 
     def write_embedding_meta(self, name: str, meta: dict, folder: Path | None = None) -> None:
         write_json((folder or self.path / "emb" / name) / "meta.json", meta)

@@ -223,7 +223,8 @@ class PCA(nn.Module):
                 memo[key] = None
             if memo[key] is None:
                 # a pass over every training face's h_i (26 GB at 4.12 M faces): shown, not a frozen "G[pca]" bar
-                memo[key] = self.axes(counted(data.batches(rows, 4096), "PCA axes", "batch", math.ceil(len(rows) / 4096)))
+                n = math.ceil(len(rows) / 4096)
+                memo[key] = self.axes(counted(data.batches(rows, 4096), "PCA axes", "batch", n))
                 try:
                     if path is not None:
                         atomic_write(path, lambda f: np.save(f, memo[key].cpu().numpy()))

@@ -9,17 +9,18 @@ import time
 from tqdm import tqdm
 
 EVERY = 60  # seconds between lines in a log without a terminal
+DISABLE = None  # tqdm's: None draws a bar on a terminal only; True always writes the log lines (the tests' setting)
 log = logging.getLogger("common.progress")  # the scripts' log handlers take common.* (runs.get_logger)
 log.setLevel(logging.INFO)
 
 
 class Progress:
     def __init__(self, desc: str, unit: str = "img", total: int | None = None, initial: int = 0, leave=False,
-                 disable=None):
+                 disable=...):
         """initial: done before this run (a resumed one), counted but not in the rate. disable: tqdm's (None: no
-        bar without a terminal; True: the log lines even on one)."""
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, leave=leave,
-                        dynamic_ncols=True)
+        bar without a terminal; True: the log lines even on one; by default DISABLE)."""
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                        disable=DISABLE if disable is ... else disable)
         self.desc, self.unit, self.total, self.done, self.initial = desc, unit, total, initial, initial
         self.start = self.said = time.time()
 

@@ -332,7 +332,6 @@ def example_pixels(batch: int, size: int, device="cpu", dtype=torch.float32) -> 
 
 def export_onnx(model: nn.Module, path: Path, example) -> Path:
     """ONNX of the whole pruned model (input 'pixels', dynamic batch), written atomically."""
-
     buf = io.BytesIO()
     model.eval()
     with warnings.catch_warnings():
@@ -570,7 +569,6 @@ def finish(model: nn.Sequential, out_dir: Path, make_input, device, config: dict
     Returns the stats written to out_dir/stats.json; a second call (the next split of a leave-one-out
     protocol) finds them and keeps the first split's model.
     """
-
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").exists():
         return json.loads((out_dir / "stats.json").read_text())
@@ -600,7 +598,6 @@ def etl_report(results: list[dict], run: Path, log=None, higher: dict | None = N
     """run/etl.md, etl.json and etl.png: every ratio's size, speed and metric beside ratio 0 (the base, `student`
     or a teacher's name, fine-tuned unpruned)."""
     from tabulate import tabulate
-
 
     parts, all_rows = [], {}
     for r in results:

@@ -219,8 +219,8 @@ def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.
     # A path that is not UTF-8 (its bytes kept as surrogates, as os.fsdecode gives them) is written with its
     # odd bytes as \udcXX escapes, the log staying UTF-8: strict encoding lost every line naming it, a
     # "Logging error" trace each.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # (under the C locale it writes the bytes back already)
     handlers = [logging.StreamHandler(sys.stdout)] + (
         [logging.FileHandler(run / "log.txt", encoding="utf-8", errors="backslashreplace")] if run else [])
     for h in handlers:
@@ -230,11 +230,11 @@ def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.
     # land in the same places.
     lib = logging.getLogger("common")
     lib.handlers, lib.propagate = list(handlers), False
+    if run and rank == 0:  # first: a timestamped folder is otherwise named only when the run ends
+        log.info(f"run folder: {run} (this log in {run / 'log.txt'})")
     for record in early:
         for h in handlers[1:]:
             h.handle(record)
-    if run and rank == 0:  # first: a timestamped folder is otherwise named only when the run ends
-        log.info(f"run folder: {run} (this log in {run / 'log.txt'})")
     return log
 
 
@@ -308,8 +308,9 @@ def run_main(main) -> None:
     except Exception as e:
         if peer_stopped(e):  # rank 0 refused (its one line is above): not a page of gloo's trace per rank
             sys.exit(f"rank {dist_info()[0]}: stopped, as another process of this job did (its message is above)")
-        if (why := cannot_write(e)) is None:
+        if (stopped := cannot_write(e)) is None:
             raise
+        why, e = stopped  # the error that says it (the path, the errno), not one raised from it
         # Every file is written to a temporary name and renamed once whole, so a write that fails leaves the
         # old file or none, never half of one.
         sys.exit(f"error: {why} ({e}). Files are written whole or not at all, so nothing already written is "
@@ -317,16 +318,19 @@ def run_main(main) -> None:
                  f"transfer.py with --resume, go on where they stopped).")
 
 
-# What stops every write, as run_main says it, its errnos, its words where no errno came (numpy's short write
-# "N requested and M written", safetensors' Rust I/O error "os error 28"), and what to do about it.
+# What stops every write, as run_main says it, its errnos, its words where no errno came (safetensors' Rust I/O
+# error "os error 28"), and what to do about it. numpy's short write ("N requested and M written", no errno)
+# comes of either of the first two.
 _WRITE_ERRORS = {
-    "the disk is full": ((errno.ENOSPC, errno.EDQUOT), r"No space left on device|Disk quota exceeded|os error (28|122)\b"
-                         r"|\d+ requested and \d+ written", "free some space"),
+    "the disk is full": ((errno.ENOSPC, errno.EDQUOT),
+                         r"No space left on device|Disk quota exceeded|os error (28|122)\b", "free some space"),
     "a file is larger than this process may write": ((errno.EFBIG,), r"File too large|os error 27\b",
                                                      "raise the file size limit (`ulimit -f`; shards are the largest "
                                                      "files, and a smaller --shard-size makes them smaller)"),
     "the file system is read-only": ((errno.EROFS,), r"Read-only file system|os error 30\b",
                                      "give the folder to write (--cache, --run-dir, --task-cache) on a writable one"),
+    "a write was cut short: the disk is full or a file is larger than this process may write": (
+        (), r"\d+ requested and \d+ written", "free some space or raise the file size limit (`ulimit -f`)"),
 }
 
 
@@ -340,12 +344,13 @@ def peer_stopped(e) -> bool:
     return isinstance(e, dist.DistNetworkError) or "closed by peer" in str(e) or "Connection reset" in str(e)
 
 
-def cannot_write(e: BaseException | None) -> str | None:
-    """What in _WRITE_ERRORS stopped a write (the disk or the user's quota full, a file size limit, a read-only
-    file system), said by e or an error it was raised from; None for any other error."""
+def cannot_write(e: BaseException | None) -> tuple[str, BaseException] | None:
+    """(what in _WRITE_ERRORS stopped a write: the disk or the user's quota full, a file size limit, a read-only
+    file system; the error that says so), looked for in e and the errors it was raised from; None for any
+    other error."""
     while e is not None:
         for why, (numbers, words, _) in _WRITE_ERRORS.items():
             if getattr(e, "errno", None) in numbers or re.search(words, str(e)):
-                return why
+                return why, e
         e = e.__cause__ or e.__context__
     return None

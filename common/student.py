@@ -98,7 +98,6 @@ def save_student(student: Student, path, extra: dict | None = None, tensors: dic
     metadata, so a checkpoint alone rebuilds the network. `tensors` adds more weights (a decoder)."""
     from safetensors.torch import save
 
-
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     state.update({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
     meta = {"config": json.dumps({**student.config, **(extra or {})})}

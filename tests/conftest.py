@@ -38,10 +38,13 @@ _import_triton_interpreted()
 
 @pytest.fixture(scope="session", autouse=True)
 def _runs_in_tmp(tmp_path_factory):
-    """Runs started without --run-dir land in a temporary folder, not in the checkout's runs/."""
-    from common import runs
+    """Runs started without --run-dir land in a temporary folder, not in the checkout's runs/; progress is the
+    log lines, as in a batch job, also when pytest -s runs on a terminal (where tqdm would draw a bar instead,
+    and the tests of those lines failed)."""
+    from common import progress, runs
 
     runs.RUNS = tmp_path_factory.mktemp("runs")
+    progress.DISABLE = True
 
 
 def torchrun(script: Path, args, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -510,7 +510,10 @@ def test_export_onnx_and_torchscript(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- embed
-def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys):
+def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys, monkeypatch):
+    from common import progress
+
+    monkeypatch.setattr(progress, "EVERY", 0)  # a folder of millions in a batch job: its progress in the log
     folder = tmp_path / "imgs"
     folder.mkdir()
     faces = FeatureCache(cache_dir).data_root
@@ -521,6 +524,7 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys
                   "--out", str(tmp_path / "emb.npy"), "--device", "cpu"])
     said = capsys.readouterr().out  # how the faces were found is said (an ETL model on --align none, say)
     assert "faces: MTCNN at --detect-size" in said and "as the student's training faces were found" in said
+    assert "embed: 3/3 img, " in said  # (no logger had the shared modules' lines: they went nowhere)
     emb = np.load(tmp_path / "emb.npy")
     paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
     assert [Path(p).name for p in paths] == ["astronaut.png", "broken.jpg", NO_FACE]
