@@ -72,6 +72,8 @@ def main(argv=None):
     if min(workers) < 1:
         p.error(f"--workers {args.workers}: a comma list of reader process counts, each 1 or more")
     args.workers = workers
+    if args.crops and args.dir is not None and not Path(args.dir).is_dir():
+        p.error(f"--dir {args.dir}: no such folder (the crop store is written into it)")
     features(args)
     if args.crops:
         crop_store(args)

@@ -284,6 +284,7 @@ def test_scripts_that_do_not_split_their_work_refuse_torchrun(tmp_path, monkeypa
 @pytest.mark.parametrize("argv,say", [(["cache.py", "--rows", "0"], "--rows: 0: expected a whole number >= 1"),
                                       (["distill.py", "--widths", "abc"], "error: --widths abc: a comma list"),
                                       (["cache.py", "--workers", "abc"], "error: --workers abc: a comma list"),
+                                      (["cache.py", "--dir", "/nonexistent/x"], "error: --dir /nonexistent/x: no such"),
                                       (["teachers.py", "--teachers", "gendr"], "error: unknown teacher 'gendr'")])
 def test_benchmarks_refuse_bad_arguments_in_one_line(argv, say):
     """A zero count or a typo ended in a traceback (ZeroDivisionError, IndexError, BadTeacher...)."""
