@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -135,13 +136,24 @@ class Teacher:
         # teachers' GPU and CPU resizes already differ by ~1e-3.
         self.version = f"{spec.pip or 'user'}:{sha256(self.path)[:16]}:{hashlib.sha1(how.encode()).hexdigest()[:8]}"
         self.device = torch.device(device)
-        self._load()
-        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.dim = int(self(torch.zeros(1, 3, CANON, CANON, dtype=torch.uint8)).shape[1])
+        try:
+            self._load()
+            self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+            self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+            self.dim = int(self(torch.zeros(1, 3, CANON, CANON, dtype=torch.uint8)).shape[1])
+        except (ValueError, ImportError, MissingWeights):  # already said in a line (a layer the model lacks ...)
+            raise
+        except Exception as e:
+            if spec.pip:  # a registry teacher that fails is a broken install or a bug: its traceback helps
+                raise
+            # a file of one's own that is not what its spec says (another format, input size, layout, colour)
+            raise BadTeacher(f"teacher {self.name}: cannot run {self.path} as {spec.runtime} with a {spec.input_size}"
+                             f"-pixel {spec.color} {spec.layout} input and layer {spec.layer!r}: check the spec "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         if spec.dim and self.dim != spec.dim:
-            raise RuntimeError(f"teacher {self.name}: layer {spec.layer!r} gives {self.dim} values, "
-                               f"the registry documents {spec.dim}; the weight file or the layer changed")
+            where = (f"the registry documents {spec.dim}; the weight file or the layer changed" if spec.pip else
+                     f"its config gives dim {spec.dim}: give {self.dim}, or 0 to take what the model gives")
+            raise BadTeacher(f"teacher {self.name}: layer {spec.layer!r} gives {self.dim} values, {where}")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name}, dim={getattr(self, 'dim', '?')}, {self.version}, {self.device})"
@@ -196,7 +208,13 @@ class Teacher:
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """The embedding with autograd left on, so a PyTorch teacher can be fine-tuned (transfer.py's P-CNN)."""
-        return self.pool(torch.as_tensor(self.forward(self.preprocess(crops))))
+        y = self.pool(torch.as_tensor(self.forward(self.preprocess(crops))))
+        if y.shape[0] != len(crops) or y.shape[1] != getattr(self, "dim", y.shape[1]):
+            # rows of other images, or of several at once, would be stored as this face's h_i
+            raise BadTeacher(f"teacher {self.name}: {len(crops)} faces gave an output of shape "
+                             f"{tuple(y.shape)} from layer {self.spec.layer!r}, not one {getattr(self, 'dim', '')}"
+                             f"-wide row per face")
+        return y
 
     def pool(self, y: torch.Tensor) -> torch.Tensor:
         """The layer's output -> one vector per image (spatial mean or flatten, as the spec says)."""
@@ -242,7 +260,11 @@ class OnnxTeacher(Teacher):
         x = x.cpu().numpy()
         if self.batched:
             try:
-                return self.session.run(None, {self.input_name: x})[0]
+                y = self.session.run(None, {self.input_name: x})[0]
+                if y.shape[:1] == x.shape[:1] or len(x) == 1:
+                    return y
+                # a Reshape to 1 x N runs and merges the batch into one row: no error to catch
+                raise ValueError(f"{len(x)} images gave an output of shape {y.shape}")
             except Exception as e:  # a graph with a hard-coded batch (e.g. a Reshape to 1 x N): fall back to one by one
                 if len(x) == 1:
                     raise
@@ -289,7 +311,10 @@ class LiteRTTeacher(Teacher):
         x = x.cpu().numpy()
         if self.batched:
             try:
-                return self._run(x)
+                y = self._run(x)
+                if y.shape[:1] == x.shape[:1] or len(x) == 1:
+                    return y
+                raise ValueError(f"{len(x)} images gave an output of shape {y.shape}")  # the batch merged
             except Exception as e:  # a graph that cannot be resized: one image at a time
                 if len(x) == 1:
                     raise
@@ -483,14 +508,16 @@ def _check(spec: TeacherSpec) -> TeacherSpec:
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     for key in ("box", "mean", "std"):  # a config file may hold any JSON here
         v = getattr(spec, key)
-        if not isinstance(v, (list, tuple)) or not all(number(x) for x in v):
-            bad(f"{key} must be a list of numbers, got {v!r}")
+        if not isinstance(v, (list, tuple)) or not all(number(x) and math.isfinite(x) for x in v):
+            bad(f"{key} must be a list of finite numbers, got {v!r}")
     if not isinstance(spec.name, str) or not spec.name:
         bad(f"name must be a non-empty string, got {spec.name!r}")
     if not isinstance(spec.dim, int) or isinstance(spec.dim, bool) or spec.dim < 0:
         bad(f"dim must be a whole number of 0 or more (0: found by running the model), got {spec.dim!r}")
     if len(spec.box) != 4 or not (spec.box[0] < spec.box[2] and spec.box[1] < spec.box[3]):
         bad(f"box must be (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {spec.box}")
+    if not all(-1 <= b <= 2 for b in spec.box):  # fractions of the crop: [0, 0, 100, 100] padded it to 25,600 px
+        bad(f"box must be fractions of the canonical crop, each between -1 and 2 (the crop is 0 to 1), got {spec.box}")
     if spec.color not in COLORS:
         bad(f"color must be one of {COLORS}, got {spec.color!r}")
     if spec.layout not in LAYOUTS:

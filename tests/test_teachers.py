@@ -433,6 +433,43 @@ def test_custom_onnx_with_a_layer(resnet, batch):
         build_teachers([f"onnx:{d / 'r18.onnx'}:no_such_tensor:64"])
 
 
+def test_a_users_model_that_is_not_what_its_spec_says_is_one_line(resnet, tmp_path):
+    """A file of one's own at another input size, in another format, or with a wrong dim ended in
+    onnxruntime's, protobuf's or torch's traceback; each is a BadTeacher line naming the teacher and the spec."""
+    from common.teachers import BadTeacher
+
+    m, d = resnet
+    fixed = tmp_path / "fixed.onnx"  # a model exported for 64-pixel input, no dynamic axes
+    torch.onnx.export(m, torch.zeros(1, 3, 64, 64), str(fixed), input_names=["x"], dynamo=False)
+    (tmp_path / "not.onnx").write_bytes(b"#!/usr/bin/env python\nprint('a script, not a model')\n")
+    for spec, said in [(f"onnx:{fixed}::32", "32-pixel RGB NCHW input"),
+                       (f"onnx:{tmp_path / 'not.onnx'}::64", "cannot run"),
+                       (f"torchscript:{d / 'r18.onnx'}:32", "cannot run .*r18.onnx as torch")]:
+        with pytest.raises(BadTeacher, match=said):
+            build_teachers([spec])
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps([{"spec": f"onnx:{d / 'r18.onnx'}::64", "dim": 99}]))
+    with pytest.raises(BadTeacher, match="its config gives dim 99: give 1000"):
+        build_teachers([str(cfg)])
+
+
+def test_a_graph_that_merges_its_batch_runs_one_image_at_a_time(tmp_path, batch, caplog):
+    """A graph with a hard-coded Reshape to 1 x N runs on a batch without an error, and gave one merged row
+    for all its images (a traceback in the feature kernel, or rows of the wrong faces): it is run one image at
+    a time, as a graph that fails on a batch is."""
+    class Merged(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)).reshape(1, -1)  # (1, 3 B): traced with B = 1, the 1 is kept
+
+    path = tmp_path / "merged.onnx"
+    torch.onnx.export(Merged(), torch.zeros(1, 3, 32, 32), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    t, = build_teachers([f"onnx:{path}:y:32"])
+    y = t(batch[:3])
+    assert y.shape == (3, 3) and "one image at a time" in caplog.text
+    torch.testing.assert_close(y[1:2], t(batch[1:2]))
+
+
 def test_custom_torchvision_with_a_layer(resnet, batch):
     m, d = resnet
     t, = build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:avgpool:64"])
@@ -524,7 +561,8 @@ def test_bad_teacher_lists_raise(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         load_config(cfg)
     # fields of the wrong JSON type are a one-line error, not a TypeError from deep inside
-    for field, value, said in (("mean", 127.5, "mean must be a list of numbers"), ("box", 5, "box must be a list"),
+    for field, value, said in (("mean", 127.5, "mean must be a list of finite numbers"), ("box", 5, "box must be a list"),
+                               ("mean", [float("nan")], "finite"), ("box", [0, 0, 100, 100], "between -1 and 2"),
                                ("std", ["a"], "std must be a list"), ("input_size", True, "input size"),
                                ("dim", "16", "dim must be a whole number"), ("name", "", "name must be")):
         cfg.write_text(json.dumps([{"spec": "gender", field: value}]))
