@@ -544,7 +544,15 @@ def parse_custom(spec: str) -> TeacherSpec:
     arch = ""
     try:
         if kind in ("onnx", "litert"):
-            path, layer, size = rest.rsplit(":", 2)
+            # the layer may hold colons itself (tf2onnx names tensors like dense/BiasAdd:0): the path ends at the
+            # model's suffix when it has one
+            suffix = ".onnx:" if kind == "onnx" else ".tflite:"
+            cut = rest.lower().find(suffix)
+            if cut >= 0:
+                path = rest[:cut + len(suffix) - 1]
+                layer, size = rest[cut + len(suffix):].rsplit(":", 1)
+            else:
+                path, layer, size = rest.rsplit(":", 2)
         elif kind == "torchscript":
             (path, size), layer, arch = rest.rsplit(":", 1), "", "torchscript"
         elif kind == "torchvision":
@@ -567,7 +575,7 @@ def parse_custom(spec: str) -> TeacherSpec:
                               layout="NHWC" if kind == "litert" else "NCHW", arch=arch))
 
 
-_OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "reduce", "input_size", "dim"}
+_OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "reduce", "input_size", "dim", "layer"}
 
 
 class BadTeacher(ValueError):

@@ -470,6 +470,24 @@ def test_a_graph_that_merges_its_batch_runs_one_image_at_a_time(tmp_path, batch,
     torch.testing.assert_close(y[1:2], t(batch[1:2]))
 
 
+def test_a_layer_whose_name_holds_colons(tmp_path, batch):
+    """tf2onnx names tensors like dense/BiasAdd:0: the spec string's path ends at .onnx, and a config may give
+    the layer as a field (the spec split at the last colons and blamed a missing file)."""
+    class Small(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x.mean((2, 3)))
+
+    path = tmp_path / "colon.onnx"
+    torch.onnx.export(Small(), torch.zeros(1, 3, 32, 32), str(path), input_names=["x"], output_names=["relu:0"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    t, = build_teachers([f"onnx:{path}:relu:0:32"])
+    assert t.spec.layer == "relu:0" and t.dim == 3
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps([{"spec": f"onnx:{path}::32", "layer": "relu:0", "name": "mine"}]))
+    mine, = build_teachers([str(cfg)])
+    torch.testing.assert_close(mine(batch[:2]), t(batch[:2]))
+
+
 def test_custom_torchvision_with_a_layer(resnet, batch):
     m, d = resnet
     t, = build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:avgpool:64"])
