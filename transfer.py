@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
-                          read_manifest, write_missed, writer_lock)
+                          read_manifest, version_change, write_missed, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.files import write_json, write_text
@@ -703,9 +703,11 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
     if other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
                  if t.version != r["version"]]:
         name, here, there = other[0]
-        raise SystemExit(f"error: the teachers installed here differ from those that made {args.teacher_cache} "
-                         f"({name}: {here} here, {there} there): the task's h_i would not be G's inputs; install "
-                         f"the same teacher packages, or make a cache with these by fuse.py")
+        fix = "put back the weight file it was made with" if there.startswith("user:") else \
+            "install the same teacher packages"
+        raise SystemExit(f"error: the teachers here differ from those that made {args.teacher_cache} "
+                         f"({version_change(name, there, here)}): the task's h_i would not be G's inputs; {fix}, "
+                         f"or make a cache with these by fuse.py")
     return unsup, embedding, g_dim, teachers
 
 

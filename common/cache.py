@@ -208,6 +208,20 @@ def save_rows(path: Path, rows: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def version_change(name: str, then: str, now: str) -> str:
+    """What differs between two versions of teacher `name` (PACKAGE:WEIGHTS_SHA256:PREPROCESSING_SHA1, as
+    common.teachers.Teacher makes them and a manifest records them), in words: an edited weight file of one's
+    own read as two opaque hashes."""
+    a, b = then.split(":"), now.split(":")
+    if len(a) != 3 or len(b) != 3:
+        return f"{name}: version {then} then, {now} now"
+    if a[1] != b[1]:
+        source = f"package {a[0]} then, {b[0]} now" if a[0] != b[0] else (
+            "a weight file of your own" if a[0] == "user" else f"package {a[0]}")
+        return f"{name}: its weight file changed (sha256 {a[1]}... then, {b[1]}... now; {source})"
+    return f"{name}: its preprocessing changed (layer, input size, box, colour, mean/std, layout or pooling)"
+
+
 def file_stamps(root: Path, images) -> np.ndarray:
     """(n, 2) int64: each image's size and modification time in ns, one stat per file and no read; -1 for
     a missing file. An image stored inside a CSV ("fer2013.csv#row12") has the CSV's stamp, so that a CSV
@@ -778,7 +792,9 @@ class FeatureCache:
             problems.append(f"format {old.get('format')} != {new['format']}")
         old_t = [(t["name"], t["dim"], t["version"]) for t in old.get("teachers", [])]
         new_t = [(t["name"], t["dim"], t["version"]) for t in new["teachers"]]
-        if old_t != new_t:
+        if [t[:2] for t in old_t] == [t[:2] for t in new_t] and old_t != new_t:  # the same teachers, changed
+            problems += [version_change(o[0], o[2], n[2]) for o, n in zip(old_t, new_t) if o != n]
+        elif old_t != new_t:
             problems.append(f"teachers {[t[0] for t in old_t]} (versions {[t[2] for t in old_t]}) "
                             f"!= asked {[t[0] for t in new_t]} (versions {[t[2] for t in new_t]})")
         if old.get("list_hash") != new["list_hash"]:

@@ -122,8 +122,19 @@ def test_mismatched_teachers_or_images_fail_clearly(tmp_path, images):
     FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)  # same plan: fine
     with pytest.raises(CacheMismatch, match="teachers"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS[:1], shard_size=5)
-    with pytest.raises(CacheMismatch, match="teachers"):
+    with pytest.raises(CacheMismatch, match="b: version b:1 then, b:2 now"):
         FeatureCache.create_or_resume(tmp_path / "c", root, names, [TEACHERS[0], Meta("b", 5, "b:2")], shard_size=5)
+    # the same teachers, one changed: said in words, not as two lists of hashes
+    mine = [Meta("a", 3, "user:0123456789abcdef:11111111"), Meta("b", 5, "pkg==1:fedcba9876543210:22222222")]
+    FeatureCache.create_or_resume(tmp_path / "m", root, names, mine, shard_size=5)
+    for changed, said in [(Meta("a", 3, "user:aaaaaaaaaaaaaaaa:11111111"), "a: its weight file changed \\(sha256 "
+                           "0123456789abcdef... then, aaaaaaaaaaaaaaaa... now; a weight file of your own\\)"),
+                          (Meta("a", 3, "user:0123456789abcdef:99999999"), "a: its preprocessing changed")]:
+        with pytest.raises(CacheMismatch, match=said):
+            FeatureCache.create_or_resume(tmp_path / "m", root, names, [changed, mine[1]], shard_size=5)
+    with pytest.raises(CacheMismatch, match="b: its weight file changed .* package pkg==1 then, pkg==2 now"):
+        FeatureCache.create_or_resume(tmp_path / "m", root, names, [mine[0], Meta("b", 5, "pkg==2:0:22222222")],
+                                      shard_size=5)
     (root / names[3]).write_bytes(b"changed content, other size")
     with pytest.raises(CacheMismatch, match="image list") as err:
         FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=5)

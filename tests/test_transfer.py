@@ -796,3 +796,21 @@ def test_a_resume_with_nothing_to_continue_says_so(tmp_path, fused, student_ckpt
                    "--task-cache", str(tmp_path / "tc"), "--head-epochs", "1", "--max-splits", "1",
                    "--run-dir", str(tmp_path / "typo"), "--resume"])
     assert "--resume: no result in" in (tmp_path / "typo" / "log.txt").read_text()
+
+
+def test_teachers_that_changed_since_the_cache_are_named_in_words(fused, tmp_path):
+    """The teacher-feature methods on a cache whose teacher has other weights here printed two opaque versions
+    and sent a user whose own weight file was edited to 'install the same teacher packages'."""
+    import json
+    import shutil
+    from argparse import Namespace
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
+    pip, sha, how = manifest["teachers"][0]["version"].split(":")
+    manifest["teachers"][0]["version"] = f"{pip}:{'0' * 16}:{how}"  # made with other weights than those here
+    (tmp_path / "feats" / "manifest.json").write_text(json.dumps(manifest))
+    args = Namespace(teacher_cache=tmp_path / "feats", embedding=None)
+    with pytest.raises(SystemExit, match=f"{manifest['teachers'][0]['name']}: its weight file changed \\(sha256 "
+                                         f"0000000000000000... then, {sha}... now; package {pip}\\).*install the same"):
+        transfer.teacher_source(args, ["fused"], "cpu")
