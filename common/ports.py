@@ -55,8 +55,11 @@ def onnx_graph(path, layer: str, name: str):
         dims[0].dim_param = "batch"  # SFace is exported with batch 1
     layer = layer or g.output[0].name
     if layer not in {o for node in g.node for o in node.output}:
-        raise ValueError(f"teacher {name}: no tensor {layer!r} in {path}; "
-                         f"the graph outputs are {[o.name for o in g.output]}")
+        # the inner tensors too (a layer is usually one of them), the last ones first: nearest the embedding
+        inner = [o for node in reversed(g.node) for o in node.output if node.op_type not in ("Constant", "Shape")]
+        raise ValueError(f"teacher {name}: no tensor {layer!r} in {path}; the graph outputs are "
+                         f"{[o.name for o in g.output]}, its last tensors (any can be the layer) "
+                         f"{inner[:12]}{' ...' if len(inner) > 12 else ''}")
     del g.output[:]
     g.output.append(onnx.helper.make_tensor_value_info(layer, onnx.TensorProto.FLOAT, None))
     del g.value_info[:]  # exported shapes carry the old fixed batch

@@ -646,6 +646,9 @@ def _resolve(item) -> TeacherSpec:
             raise ValueError(f"teacher {spec.name} has no PyTorch port: it runs on {spec.runtime}, so {item} "
                              f"cannot be had")
         return replace(spec, reference="")  # no reference left to fall back to
+    if ":" in item and item.endswith((REFERENCE, TORCH)):  # (else "malformed spec": the size is not a number)
+        raise ValueError(f"{item}: {REFERENCE} and {TORCH} choose the engine of a registry teacher ported from "
+                         f"another runtime; a spec of your own runs on the runtime it names")
     if ":" in item:
         return parse_custom(item)
     raise ValueError(f"unknown teacher {item!r}: built-ins are {sorted(REGISTRY)} (NAME{REFERENCE} / NAME{TORCH} "
@@ -721,7 +724,8 @@ def build_teachers(names, device="cpu") -> list[Teacher]:
     seen = [s.name for s in specs]
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise ValueError(f"teacher names must be unique (features are stored by name): {dup}")
+        raise ValueError(f"teacher names must be unique (features are stored by name): {dup}; a config entry's "
+                         f"\"name\" field renames one")
     if torch.device(device).type == "cpu":
         specs = [_as_reference(s) if s.reference else s for s in specs]
     return [s.build(s, device) for s in specs]

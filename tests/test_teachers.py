@@ -429,8 +429,10 @@ def test_custom_onnx_with_a_layer(resnet, batch):
     t, = build_teachers([f"onnx:{d / 'r18.onnx'}:{layer}:64"])
     assert t.dim == 512 and t.version.startswith("user:") and t.name.startswith("onnx:r18:")
     torch.testing.assert_close(t(batch[:3]), _reference(m, t, batch[:3]), rtol=1e-3, atol=1e-4)
-    with pytest.raises(ValueError, match="no tensor"):
+    with pytest.raises(ValueError, match=f"no tensor .* last tensors .*'{layer}'"):  # the inner names a user needs
         build_teachers([f"onnx:{d / 'r18.onnx'}:no_such_tensor:64"])
+    with pytest.raises(ValueError, match="a spec of your own runs on the runtime it names"):  # not "malformed"
+        build_teachers([f"onnx:{d / 'r18.onnx'}:{layer}:64@torch"])
 
 
 def test_a_users_model_that_is_not_what_its_spec_says_is_one_line(resnet, tmp_path):
