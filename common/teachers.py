@@ -170,6 +170,23 @@ class Teacher:
         log.warning(f"teacher {self.name}: a batch failed ({type(error).__name__}: {str(error)[:300]}); "
                     f"running it one image at a time from now on")
 
+    def _in_batches(self, run, x: torch.Tensor) -> np.ndarray:
+        """run (a CPU runtime: numpy batch -> numpy output) on the whole batch, or one image at a time from the
+        first batch that fails (a graph that cannot take another batch size) or merges its rows (a hard-coded
+        Reshape to 1 x N runs on a batch without an error)."""
+        x = x.cpu().numpy()
+        if self.batched:
+            try:
+                y = run(x)
+                if y.shape[:1] == x.shape[:1] or len(x) == 1:
+                    return y
+                raise ValueError(f"{len(x)} images gave an output of shape {y.shape}")
+            except Exception as e:
+                if len(x) == 1:
+                    raise
+                self._unbatch(e)
+        return np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
+
     def forward(self, x: torch.Tensor):
         """Preprocessed input on self.device -> raw layer output (torch tensor or numpy array)."""
         raise NotImplementedError
@@ -263,19 +280,7 @@ class OnnxTeacher(Teacher):
         self.batched = True
 
     def forward(self, x):
-        x = x.cpu().numpy()
-        if self.batched:
-            try:
-                y = self.session.run(None, {self.input_name: x})[0]
-                if y.shape[:1] == x.shape[:1] or len(x) == 1:
-                    return y
-                # a Reshape to 1 x N runs and merges the batch into one row: no error to catch
-                raise ValueError(f"{len(x)} images gave an output of shape {y.shape}")
-            except Exception as e:  # a graph with a hard-coded batch (e.g. a Reshape to 1 x N): fall back to one by one
-                if len(x) == 1:
-                    raise
-                self._unbatch(e)
-        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
+        return self._in_batches(lambda a: self.session.run(None, {self.input_name: a})[0], x)
 
 
 class LiteRTTeacher(Teacher):
@@ -314,18 +319,7 @@ class LiteRTTeacher(Teacher):
         return y
 
     def forward(self, x):
-        x = x.cpu().numpy()
-        if self.batched:
-            try:
-                y = self._run(x)
-                if y.shape[:1] == x.shape[:1] or len(x) == 1:
-                    return y
-                raise ValueError(f"{len(x)} images gave an output of shape {y.shape}")  # the batch merged
-            except Exception as e:  # a graph that cannot be resized: one image at a time
-                if len(x) == 1:
-                    raise
-                self._unbatch(e)
-        return np.concatenate([self._run(x[i:i + 1]) for i in range(len(x))])
+        return self._in_batches(self._run, x)
 
 
 class _ONet(torch.nn.Module):
