@@ -700,6 +700,14 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
+        if args.overwrite and args.out.exists():
+            refuse_to_delete(args.out, args.data)
+            shutil.rmtree(args.out)
+        try:  # before the run folder: a refused resume leaves none behind
+            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan,
+                                                  appeared_ok=args.retry_unreadable, locked=locked)
+        except CacheMismatch as e:
+            raise SystemExit(f"error: {e}")
     finished = rank == 0 and not args.extract_only and another_finished_run(args)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
@@ -716,14 +724,6 @@ def main(argv=None):
         if kept:
             log.warning(f"warning: --data {args.data} is not there: the complete cache {args.out} is taken as it was "
                         f"made (its features and crops; no image is read, so files changed since go unnoticed)")
-        if args.overwrite and args.out.exists():
-            refuse_to_delete(args.out, args.data)
-            shutil.rmtree(args.out)
-        try:
-            cache = FeatureCache.create_or_resume(args.out, args.data, images, teachers, plan=plan,
-                                                  appeared_ok=args.retry_unreadable, locked=locked)
-        except CacheMismatch as e:
-            raise SystemExit(f"error: {e}")
         cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
         if args.retry_unreadable:
             cache.remove_unread(log)

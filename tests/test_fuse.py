@@ -214,6 +214,7 @@ def test_other_teachers_on_same_cache_fail_clearly(fused, face_dir, tmp_path):
                  "--run-dir", tmp_path / "run", check=False)
     assert r.returncode != 0
     assert "written differently" in r.stderr and "teachers" in r.stderr
+    assert not (tmp_path / "run").exists()  # a refused resume leaves no run folder behind
 
 
 def test_missing_data_folder(tmp_path):
