@@ -285,7 +285,7 @@ def train_operator(op, d_in, d_out, data: Standardised, train, val, args, log, w
     # a line a minute in a log without a terminal: minutes of G at scale are not minutes of silence
     bar = Progress(f"G[{op} {d_out}]", "step", recipe.steps)
     model, info = fusion.fit(op, d_in, d_out, data, train, val, recipe, weight, data.device, checkpoint=ckpt,
-                             progress=lambda s, best: bar.update(s - bar.done, best_val_mse=f"{best:.4f}"))
+                             progress=lambda s, best: bar.update_to(s, best_val_mse=f"{best:.4f}"))
     bar.close()
     info["fit_file"] = ckpt.name
     if "best_step" in info:

@@ -40,6 +40,14 @@ class Progress:
             rate = (self.done - self.initial) / max(now - self.start, 1e-6)
             log.info(f"{self.desc}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{extra}")
 
+    def update_to(self, n: int, **info) -> None:
+        """Brings the count to n, a step counter's: at the first call, the n - 1 steps before it are a resumed
+        job's, done before this run, counted but not in the rate (else its first lines gave thousands of
+        steps/s)."""
+        if self.done == self.initial == 0 and n > 1:
+            self.done = self.initial = self.bar.initial = self.bar.n = self.bar.last_print_n = n - 1
+        self.update(n - self.done, **info)
+
     def close(self) -> None:
         self.bar.close()
 

@@ -240,6 +240,13 @@ def test_progress_lines_in_a_log_without_a_terminal(monkeypatch):
     bar.update(40)
     assert lines[0].startswith("extract[0]: 100/100 img, ")
     assert float(lines[0].split(", ")[1].split()[0]) > 0
+    lines.clear()  # a resumed G fit: its steps come as a count, the first one after those of the killed run
+    bar = progress.Progress("G[aer 64]", "step", total=10 ** 6, disable=True)
+    bar.start -= 1  # one second into this run
+    bar.update_to(900_001)
+    bar.update_to(900_002, best_val_mse="0.1")
+    assert lines[-1].startswith("G[aer 64]: 900002/1000000 step, ") and lines[-1].endswith(", best_val_mse 0.1")
+    assert float(lines[-1].split(", ")[1].split()[0]) < 10  # 2 steps in a second, not 900,002
     monkeypatch.setattr(progress, "EVERY", 3600)
     lines.clear()
     bar = progress.Progress("quiet", disable=True)
