@@ -745,6 +745,13 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     groups = [s.group for s in data.samples] if task.protocol.startswith("leave-one") else None
     carved = [tasks.with_validation(s, i, groups, args.seed, args.val_frac) for i, s in enumerate(splits)]
     splits, selection = [s for s, _ in carved], carved[0][1] if carved else ""
+    # flags that a task's own protocol leaves unread: said, not silently ignored
+    if args.max_splits > len(data.splits):
+        log.warning(f"warning: --max-splits {args.max_splits}: {task.name} has {len(data.splits)} split(s), all run")
+    if args.val_frac != parse_args([]).val_frac and carved and all(s.val is not None and len(s.val)
+                                                                   for s in data.splits[:len(splits)]):
+        log.warning(f"warning: --val-frac {args.val_frac:g} is not used: {task.name}'s protocol has its own "
+                    f"validation split")
     for s in splits if task.kind != "verification" else []:  # LFW trains on the other folds' identities
         if found[s.train].sum() < 2:  # nothing to learn from, and batch norm cannot train on one image
             raise SystemExit(f"error: {task.name}: {int(found[s.train].sum())} face(s) found among the "
@@ -1112,10 +1119,11 @@ def etl_base_problem(name: str) -> str | None:
 # Flags that only a method reads: given (not left at their default) without it, they would be ignored.
 TEACHER_FEATURE_METHODS = ("fused", "concat", "pca", "bt", "bct")  # MLP heads on the task's teacher features
 HEAD_METHODS = ("frozen", *TEACHER_FEATURE_METHODS)  # an MLP head on fixed features (--head-epochs)
+NETWORK_METHODS = ("finetune", "scratch", "pcnn", "etl", "multitask", "kd")  # a network trained on images (--epochs)
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
                 "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
                 "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",
-                "head_epochs": HEAD_METHODS}
+                "head_epochs": HEAD_METHODS, "epochs": NETWORK_METHODS}
 
 
 def check_flags(args, methods) -> None:

@@ -23,10 +23,11 @@ def run(tmp_path, task, data, fused, student, *extra):
     shutil.rmtree(tmp_path / "run", ignore_errors=True)  # transfer.py does not overwrite a run's report
     methods = set(extra[extra.index("--method") + 1].split(",")) if "--method" in extra else {"finetune"}
     small = (["--head-epochs", "3"] if methods & {"all", *transfer.HEAD_METHODS} else []) + \
-        (["--max-subsets", "3"] if methods & {"all", "bct"} else [])  # (each refused where no method reads it)
+        (["--max-subsets", "3"] if methods & {"all", "bct"} else []) + \
+        (["--epochs", "1"] if methods & {"all", *transfer.NETWORK_METHODS} else [])  # (each refused where unread)
     transfer.main(["--task", task, "--data", str(data), "--student", str(student), "--teacher-cache",
                    str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
-                   "--epochs", "1", "--max-splits", "2", *small, *extra])
+                   "--max-splits", "2", *small, *extra])
     return json.loads((tmp_path / "run" / "report.json").read_text())[0]
 
 
@@ -64,6 +65,19 @@ def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
     assert r["skipped_by_reader"] == len(read.skipped) and r.get("reader_counts", {}) == read.counts
     if read.skipped or read.counts:
         assert f"the reader skipped {len(read.skipped)} file(s)" in md
+
+
+def test_flags_a_tasks_protocol_leaves_unread_are_warned_of(tmp_path, fused, student_ckpt):
+    """CelebA has one split with its own validation part: --max-splits 2 and --val-frac change nothing there,
+    which the log says (they were ignored without a word)."""
+    run(tmp_path, "Attrib-CelebA", make_fixture("Attrib-CelebA", tmp_path / "data"), fused, student_ckpt,
+        "--method", "frozen", "--val-frac", "0.3")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "warning: --max-splits 2: Attrib-CelebA has 1 split(s), all run" in log
+    assert "warning: --val-frac 0.3 is not used: Attrib-CelebA's protocol has its own validation split" in log
+    run(tmp_path, "Expr-SFEW", make_fixture("Expr-SFEW", tmp_path / "sfew"), fused, student_ckpt, "--method",
+        "frozen", "--val-frac", "0.3")  # a validation part carved from training: --val-frac is read
+    assert "--val-frac" not in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_all_methods_on_one_task(tmp_path, fused, student_ckpt):
@@ -221,9 +235,9 @@ def test_fit_restores_the_best_validation_epoch_and_chooses_on_validation_faces(
 
 def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused):
     data = make_fixture("AgeR-UTK", tmp_path / "data")
-    base = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"), "--epochs", "1",
+    base = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"),
             "--student", str(tmp_path / "no-student"), "--cache", str(tmp_path / "no-cache")]
-    transfer.main([*base, "--method", "scratch", "--run-dir", str(tmp_path / "run")])
+    transfer.main([*base, "--method", "scratch", "--epochs", "1", "--run-dir", str(tmp_path / "run")])
     r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     check_score(tasks.get_task("AgeR-UTK"), r["results"]["scratch"])
     with pytest.raises(SystemExit, match=r"needs the distilled student.*python distill.py --cache .*no-cache "
@@ -286,7 +300,7 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     earlier methods' results in report.json."""
     utk = make_fixture("AgeR-UTK", tmp_path / "data")
     base = ["--student", str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--cache-dir",
-            str(tmp_path / "cache"), "--epochs", "1", "--head-epochs", "3", "--max-splits", "1"]
+            str(tmp_path / "cache"), "--head-epochs", "3", "--max-splits", "1"]
     with pytest.raises(SystemExit, match="--method pcnn is not available for a verification task"):
         transfer.main(["--task", "Identity-LFW", "--data", str(tmp_path), "--method", "frozen,pcnn", *base])
     with pytest.raises((SystemExit, FileNotFoundError), match="nowhere"):
@@ -308,16 +322,16 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen", *base,
                        "--run-dir", str(tmp_path / "run")])
     # --resume keeps frozen's result as it was and runs fused alone, with the same arguments only.
-    with pytest.raises(SystemExit, match=r"other arguments \(--epochs 1 there, 2 now"):
-        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
+    with pytest.raises(SystemExit, match=r"other arguments \(--head-epochs 3 there, 4 now"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--head-epochs", "4",
                        "--run-dir", str(tmp_path / "run"), "--resume"])
     with pytest.raises(SystemExit, match="--resume continues the run in the folder given by --run-dir"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--resume"])
     # a run stopped before its first result (args.json, no report.json): its arguments still bind a --resume
     (tmp_path / "early2").mkdir()
     shutil.copy(tmp_path / "run" / "args.json", tmp_path / "early2" / "args.json")
-    with pytest.raises(SystemExit, match=r"other arguments \(--epochs 1 there, 2 now"):
-        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--epochs", "2",
+    with pytest.raises(SystemExit, match=r"other arguments \(--head-epochs 3 there, 4 now"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base, "--head-epochs", "4",
                        "--run-dir", str(tmp_path / "early2"), "--resume"])
     args_json = tmp_path / "run" / "args.json"  # a run from before a flag existed had that flag's default
     args_json.write_text(json.dumps({**{k: v for k, v in json.loads(args_json.read_text()).items()
@@ -441,7 +455,7 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
                                  cache_content=cache.manifest["content_hash"])
     data = make_fixture("Gender-UTK", tmp_path / "data")
     base = ["--task", "Gender-UTK", "--data", str(data), "--student", str(student), "--method", "frozen,fused",
-            "--task-cache", str(tmp_path / "tc"), "--epochs", "1", "--head-epochs", "2", "--max-splits", "1"]
+            "--task-cache", str(tmp_path / "tc"), "--head-epochs", "2", "--max-splits", "1"]
     transfer.main([*base, "--run-dir", str(tmp_path / "r1")])  # no --cache: the student's
     (r,) = json.loads((tmp_path / "r1" / "report.json").read_text())
     assert (r["teacher_cache"], r["embedding"]) == (str(cache.path), "pca")
@@ -659,6 +673,7 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                       (["--method", "finetune", "--kd-weight", "2"], "--kd-weight 2.0 is for --method kd"),
                       (["--method", "finetune", "--head-epochs", "7"], "--head-epochs 7 is for --method frozen or fused"),
                       (["--method", "bt", "--max-subsets", "3"], "--max-subsets 3 is for --method bct"),
+                      (["--method", "frozen,fused", "--epochs", "2"], "--epochs 2 is for --method finetune or "),
                       (["--method", "finetune", "--pseudo-threshold", "0.5"], "--pseudo-threshold 0.5 is for --method "
                                                                               "multitask"),
                       (["--method", "multitask", "--pseudo-agreement", "0.1"], "for data distillation: give --pseudo-label"),
