@@ -53,7 +53,7 @@ from tqdm import tqdm
 from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
-                          read_manifest, version_change, write_missed, writer_lock)
+                          read_manifest, version_change, write_missed, write_reasons, writer_lock)
 from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.files import write_json, write_text
@@ -1049,7 +1049,8 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
               for r in all_results for m in methods if r["results"][m].get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
              if r["results"][m].get("note")]
-    read = [f"- {r['task']}: the reader skipped {r.get('skipped_by_reader', 0)} file(s) (named in the log)"
+    read = [f"- {r['task']}: the reader skipped {r.get('skipped_by_reader', 0)} file(s)"
+            + (f" (listed in skipped-{r['task']}.tsv)" if r.get("skipped_by_reader") else "")
             + (f"; its filters: {r['reader_counts']}" if r.get("reader_counts") else "")
             for r in all_results if r.get("skipped_by_reader") or r.get("reader_counts")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
@@ -1265,8 +1266,11 @@ def main(argv=None):
         log.warning(why)
     all_results = []
     for task, data, _ in read:
-        if data.skipped:
-            log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]})")
+        if data.skipped:  # every one of them listed: the log names three, a dataset may skip thousands
+            write_reasons(run / f"skipped-{task.name}.tsv", ((s, f"not as the layout says: {task.layout}")
+                                                             for s in data.skipped))
+            log.info(f"{task.name}: {len(data.skipped)} files skipped by the reader (e.g. {data.skipped[:3]}; all in "
+                     f"skipped-{task.name}.tsv)")
         if data.counts:
             log.info(f"{task.name}: the reader's counts: {data.counts}")
         if done.get(task.name, (None, {}))[1]:

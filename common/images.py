@@ -134,7 +134,7 @@ def _csv_pixels(csv_path: str) -> tuple[np.ndarray, dict] | Exception:
     (their pixels stay 0), parsed once per process. One bad row costs that row only; a file that cannot be
     read at all is cached too, as its exception, so that each of 35,887 rows does not re-read it."""
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader)]
             col = header.index("pixels")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from . import metrics
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, csv_row_path
 
 
 @dataclass
@@ -127,6 +128,17 @@ def _with_layout_errors(task: Task, raw):
             # An empty folder, or another dataset's: stop here, not at the first empty concatenation far later.
             skipped = f" ({len(data.skipped)} files skipped, e.g. {data.skipped[:3]})" if data.skipped else ""
             raise FileNotFoundError(f"{task.name}: no images found in {root}{skipped}. Expected layout: {task.layout}")
+        # Images a list names but which are all elsewhere (one folder deeper, another copy): each would be
+        # listed as a missed face after the whole extraction, and the run would stop blaming the detector.
+        # Some evenly spaced ones are looked for: a stat each, not 4 M.
+        probe = [data.samples[i].path for i in np.linspace(0, len(data.samples) - 1, 64).astype(int)]
+        if not any(os.path.lexists(f) or csv_row_path(f) for f in probe):
+            raise FileNotFoundError(f"{task.name}: the images its lists name are not there ({len(set(probe))} looked "
+                                    f"for, none found, e.g. {probe[0]}). Expected layout: {task.layout}")
+        for sp in data.splits:  # an empty side stopped the run after all the work, in the metric
+            if not len(sp.test) or (task.kind != "verification" and not len(sp.train)):
+                raise BadLabels(f"{task.name}: split {sp.name!r} of {root} has {len(sp.train)} training and "
+                                f"{len(sp.test)} test images; its protocol needs both ({task.protocol})")
         if task.metric == "nme":
             _eyes_apart(task, data)
         return data
@@ -143,9 +155,47 @@ def _need(path: Path) -> Path:
     return path
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError, where: str = "") -> BadLabels:
+    return BadLabels(f"{path}{where}: not UTF-8 text (byte {e.object[e.start]:#04x}): save it as UTF-8")
+
+
+def _text(path: Path) -> str:
+    """A label file's text: UTF-8, with or without the byte-order mark that Windows editors and Excel's "CSV
+    UTF-8" put first (read as part of the first name or column, it broke every reader with a riddle)."""
+    try:
+        return _need(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e, f" (at byte {e.start})") from None
+
+
+def _csv_rows(path: Path):
+    """(line number, row) of a CSV file read as _text reads, streamed (FER2013's is 290 MB)."""
+    with open(_need(path), newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e, f" after line {reader.line_num}" if reader.line_num else "") from None
+
+
+def _listed_once(path: Path, lines_of: dict) -> None:
+    """lines_of: each name -> the lines of path that list it. A name listed twice would weigh double, or sit
+    on both sides of a split with two labels: refused, naming the lines."""
+    if twice := {f: ns for f, ns in lines_of.items() if len(ns) > 1}:
+        raise BadLabels(f"{path}: " + "; ".join(f"{f} is listed on {_lines(ns)}" for f, ns in list(twice.items())[:5])
+                        + f" ({len(twice)} listed more than once; each once)")
+
+
 def _sub(root: Path, name: str) -> Path:
     """Users may point at a dataset's folder or at the folder that holds it."""
     return root / name if (root / name).is_dir() else root
+
+
+def _doubled(images: Path) -> Path:
+    """An image folder that holds one of its own name (Kaggle's copies of CelebA and LFW unpack so): the inner
+    one, else every listed image was missing and the run stopped late, blaming the detector."""
+    return _sub(images, images.name)
 
 
 # Named like an image is enough (no stat per file on 6.5M-image trees): a folder or a dangling link named
@@ -156,9 +206,10 @@ def _image_files(folder: Path) -> list[Path]:
                       if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
 
 
+# Hidden folders (.ipynb_checkpoints, .git) and a zip's macOS metadata are no class, person or subject.
 def _subdirs(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
-        return sorted(Path(e.path) for e in it if e.is_dir())
+        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX")
 
 
 def _label(text: str, lo: int, hi: int, where: str, what: str = "label") -> int:
@@ -174,13 +225,15 @@ def _label(text: str, lo: int, hi: int, where: str, what: str = "label") -> int:
 
 def _partition(path: Path) -> dict:
     """CelebA's list_eval_partition.txt: `<image> <0 train | 1 val | 2 test>` per line."""
-    part = {}
-    for n, line in enumerate(_need(path).read_text().splitlines(), 1):
+    part, lines_of = {}, {}
+    for n, line in enumerate(_text(path).splitlines(), 1):
         fields = line.split()
         if fields:
             if len(fields) != 2:
                 raise BadLabels(f"{path} line {n}: expected `<image> <0|1|2>`, got {line!r}")
             part[fields[0]] = _label(fields[1], 0, 2, f"{path} line {n}", "partition")
+            lines_of.setdefault(fields[0], []).append(n)
+    _listed_once(path, lines_of)
     return part
 
 
@@ -283,6 +336,7 @@ def _seeded(n: int, p: dict) -> list[Split]:
 UTK_RACES = ["White", "Black", "Asian", "Indian", "Others"]
 # UTKFace/[age]_[gender]_[race]_[date&time].jpg[.chip.jpg]; a few real files lack a field.
 _UTK_NAME = re.compile(r"(\d{1,3})_([01])_([0-4])_\d")
+UTK_MAX_AGE = 116  # the release's oldest; AgeR-UTK's range
 
 
 def _age_group_names(bins) -> list[str]:
@@ -295,7 +349,7 @@ def _utk(root: Path, p: dict) -> TaskData:
     for f in _image_files(folder):
         # from the name's start, not up to its first dot: real names such as `24_0_1_2017… .jpg…`, `…357jpg…`
         m = _UTK_NAME.match(f.name)
-        if m:
+        if m and int(m[1]) <= UTK_MAX_AGE:  # (999_0_0_... is a typo, not a face of 999 years)
             rows.append((str(f), int(m[1]), int(m[2]), int(m[3])))
         else:
             skipped.append(f.name)
@@ -318,7 +372,7 @@ CELEBA_ATTRS = 40
 
 def _celeba_lines(path: Path) -> tuple[list[str], list[str]]:
     """The lines of a CelebA list file (a count line, the column names, one row per image) and its columns."""
-    lines = _need(path).read_text().splitlines()
+    lines = _text(path).splitlines()
     if len(lines) < 2:
         raise BadLabels(f"{path}: expected a count line, then the column names, then one line per image; "
                         f"found {len(lines)} line(s)")
@@ -332,16 +386,17 @@ def _celeba(root: Path, p: dict) -> TaskData:
     -1 and 0, or holds any other value, is BadLabels naming its file and line.
     """
     root = _sub(root, "celeba")
-    images = _need(root / "img_align_celeba")
+    images = _doubled(_need(root / "img_align_celeba"))
     path = root / "list_attr_celeba.txt"
     lines, names = _celeba_lines(path)
     if len(names) != CELEBA_ATTRS:  # the head is CELEBA_ATTRS wide: other widths would fail far later, in the loss
         raise BadLabels(f"{path} line 2: {len(names)} attribute names, expected the {CELEBA_ATTRS} of CelebA")
-    files, labels, first = [], [], {}  # first: line where -1 and where 0 are first seen
+    files, labels, first, lines_of = [], [], {}, {}  # first: line where -1 and where 0 are first seen
     for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if not parts:
             continue
+        lines_of.setdefault(parts[0], []).append(n)
         if len(parts) != len(names) + 1:
             raise BadLabels(f"{path} line {n}: {len(parts) - 1} values for {len(names)} "
                             f"attributes in {line!r}")
@@ -357,6 +412,7 @@ def _celeba(root: Path, p: dict) -> TaskData:
     if len(first) == 2:
         raise BadLabels(f"{path} line {max(first.values())}: mixes -1 (first on line {first['-1']}) and 0 (first on "
                         f"line {first['0']}); expected -1/1 (the official coding) or 0/1 throughout")
+    _listed_once(path, lines_of)
     partition = root / "list_eval_partition.txt"
     which = _in_partition(_partition(partition), files, partition, "list_attr_celeba.txt")
     samples = [Sample(str(images / f), y) for f, y in zip(files, labels)]
@@ -371,8 +427,9 @@ def _lfw(root: Path, p: dict) -> TaskData:
     # lfw/ (the original), else one of the common re-releases of the same tree (nothing else sets it on the
     # command line)
     images = _need(root / (p.get("images") or next((d for d in LFW_IMAGES if (root / d).is_dir()), "lfw")))
-    path = _need(root / "pairs.txt")
-    rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    images = _doubled(images)
+    path = root / "pairs.txt"
+    rows = [(n, line.split()) for n, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
     head = rows[0][1] if rows else []
     if not (len(head) == 2 and all(h.isdigit() for h in head)) or not int(head[-1]):
         raise BadLabels(f"{path} line {rows[0][0] if rows else 1}: expected the header `<folds> <pairs per fold>` "
@@ -429,20 +486,22 @@ def _raf(root: Path, p: dict) -> TaskData:
     basic = _sub(root, "basic")
     aligned = p.get("aligned", True)
     images = _need(basic / "Image" / ("aligned" if aligned else "original"))
-    samples, part = [], []
-    labels = _need(basic / "EmoLabel" / "list_patition_label.txt")
-    for n, line in enumerate(labels.read_text().splitlines(), 1):
+    samples, part, lines_of = [], [], {}
+    labels = basic / "EmoLabel" / "list_patition_label.txt"
+    for n, line in enumerate(_text(labels).splitlines(), 1):
         if not line.strip():
             continue
         if len(line.split()) != 2:
             raise BadLabels(f"{labels} line {n}: expected `<image> <label 1-7>`, got {line!r}")
         name, y = line.split()
+        lines_of.setdefault(name, []).append(n)
         # The label file names the original image; aligned crops carry an "_aligned" suffix.
         file = f"{name.rsplit('.', 1)[0]}_aligned.jpg" if aligned else name
         samples.append(Sample(str(images / file), _label(y, 1, len(RAF_NAMES), f"{labels} line {n}") - 1))
         part.append(name.split("_")[0])
         if part[-1] not in ("train", "test"):  # the prefix is the split: any other would sit in none, unseen
             raise BadLabels(f"{labels} line {n}: image name {name!r} does not start with train_ or test_")
+    _listed_once(labels, lines_of)
     part = np.array(part)
     return TaskData(samples, [Split("official train/test", _idx(part == "train"), _idx(part == "test"))], label_names=RAF_NAMES)
 
@@ -458,31 +517,36 @@ def _affectnet(root: Path, p: dict) -> TaskData:
     # The official archive unpacks to Manually_Annotated/Manually_Annotated_Images/; some copies drop a level.
     images = next((d for d in (root / "Manually_Annotated_Images", root / "Manually_Annotated" / "Manually_Annotated_Images")
                    if d.is_dir()), root)
-    samples, which, dropped = [], [], 0
+    lists = _sub(root, "Manually_Annotated_file_lists")  # where the official archive keeps the two CSVs
+    samples, which, dropped, lines_of = [], [], 0, {}
     for part, name in (("train", "training.csv"), ("test", "validation.csv")):
-        with open(_need(root / name), newline="") as f:
-            first = next(csv.reader(f), [])
-            f.seek(0)
-            # a first line that names no column of the header but has its width is already a row
-            headerless = len(first) == len(AFFECTNET_HEADER) and not set(first) & set(AFFECTNET_HEADER)
-            reader = csv.DictReader(f, fieldnames=AFFECTNET_HEADER if headerless else None)
-            missing = [c for c in AFFECTNET_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise BadLabels(f"{root / name}: no column {', '.join(missing)} (its header: {reader.fieldnames})")
-            for row in reader:
-                where = f"{root / name} line {reader.line_num}"
-                y = _label(row["expression"] or "", 0, 10, where, "expression")
-                if y >= len(AFFECTNET_NAMES):  # 8 none, 9 uncertain, 10 no face
-                    dropped += 1
-                    continue
-                try:
-                    x0, y0, w, h = (float(row[c]) for c in AFFECTNET_COLUMNS[1:5])
-                except (TypeError, ValueError):
-                    w = None
-                if w is None or not np.isfinite([x0, y0, w, h]).all():
-                    raise BadLabels(f"{where}: the face box (face_x, face_y, face_width, face_height) is not 4 numbers")
-                samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=(x0, y0, x0 + w, y0 + h)))
-                which.append(part)
+        rows = _csv_rows(lists / name)
+        n, first = next(rows, (1, []))
+        # a first line that names no column of the header but has its width is already a row
+        headerless = len(first) == len(AFFECTNET_HEADER) and not set(first) & set(AFFECTNET_HEADER)
+        fields = AFFECTNET_HEADER if headerless else first
+        if missing := [c for c in AFFECTNET_COLUMNS if c not in fields]:
+            raise BadLabels(f"{lists / name}: no column {', '.join(missing)} (its header: {fields})")
+        for n, cells in itertools.chain([(n, first)] if headerless else [], rows):
+            if not cells:
+                continue
+            row, where = dict(zip(fields, cells)), f"{lists / name} line {n}"
+            if len(cells) < len(fields):
+                raise BadLabels(f"{where}: {len(cells)} columns of the {len(fields)} of its header (a cut-off line?)")
+            lines_of.setdefault(row["subDirectory_filePath"], []).append(f"{name} {n}")
+            y = _label(row["expression"], 0, 10, where, "expression")
+            if y >= len(AFFECTNET_NAMES):  # 8 none, 9 uncertain, 10 no face
+                dropped += 1
+                continue
+            try:
+                x0, y0, w, h = (float(row[c]) for c in AFFECTNET_COLUMNS[1:5])
+            except ValueError:
+                w = None
+            if w is None or not np.isfinite([x0, y0, w, h]).all():
+                raise BadLabels(f"{where}: the face box (face_x, face_y, face_width, face_height) is not 4 numbers")
+            samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=(x0, y0, x0 + w, y0 + h)))
+            which.append(part)
+    _listed_once(lists, lines_of)
     which = np.array(which)
     split = Split("training.csv / validation.csv", _idx(which == "train"), _idx(which == "test"))
     return TaskData(samples, [split], label_names=AFFECTNET_NAMES, counts={"dropped_expression_8_10": dropped})
@@ -495,27 +559,26 @@ FER_USAGE = ["Training", "PublicTest", "PrivateTest"]
 def _fer2013(root: Path, p: dict) -> TaskData:
     path = root if root.is_file() else _need(_sub(root, "fer2013") / "fer2013.csv")
     samples, usage, skipped = [], [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]  # icml_face_data.csv writes " Usage", " pixels"
-        if "emotion" not in header or "Usage" not in header:
-            raise BadLabels(f"{path} line 1: expected the header emotion,pixels,Usage, got {header}")
-        ey, us = header.index("emotion"), header.index("Usage")
-        # Row i is still `#row{i}` of images.read_image, which counts the same csv rows; a bad row is left
-        # out and listed, so that one cut-off line does not cost the other 35,886.
-        for i, row in enumerate(reader):
-            where = f"{path.name} line {reader.line_num}"
-            if not row:
-                continue
-            if len(row) <= max(ey, us) or row[us].strip() not in FER_USAGE:
-                skipped.append(f"{where}: expected emotion,pixels,Usage with Usage one of {FER_USAGE} (a cut-off line?)")
-                continue
-            try:
-                samples.append(Sample(f"{path}#row{i}", _label(row[ey], 0, len(FER_NAMES) - 1, where, "emotion")))
-            except BadLabels as e:
-                skipped.append(str(e))
-                continue
-            usage.append(row[us].strip())
+    rows = _csv_rows(path)
+    header = [h.strip() for h in next(rows, (1, []))[1]]  # icml_face_data.csv writes " Usage", " pixels"
+    if "emotion" not in header or "Usage" not in header:
+        raise BadLabels(f"{path} line 1: expected the header emotion,pixels,Usage, got {header}")
+    ey, us = header.index("emotion"), header.index("Usage")
+    # Row i is still `#row{i}` of images.read_image, which counts the same csv rows; a bad row is left
+    # out and listed, so that one cut-off line does not cost the other 35,886.
+    for i, (n, row) in enumerate(rows):
+        where = f"{path.name} line {n}"
+        if not row:
+            continue
+        if len(row) <= max(ey, us) or row[us].strip() not in FER_USAGE:
+            skipped.append(f"{where}: expected emotion,pixels,Usage with Usage one of {FER_USAGE} (a cut-off line?)")
+            continue
+        try:
+            samples.append(Sample(f"{path}#row{i}", _label(row[ey], 0, len(FER_NAMES) - 1, where, "emotion")))
+        except BadLabels as e:
+            skipped.append(str(e))
+            continue
+        usage.append(row[us].strip())
     usage = np.array(usage)
     split = Split("Training / PublicTest / PrivateTest", _idx(usage == "Training"), _idx(usage == "PrivateTest"),
                   _idx(usage == "PublicTest"))
@@ -534,14 +597,15 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
         aligned = (root / "img_align_celeba").exists() or not (root / "img_celeba").exists()
     images, name = ("img_align_celeba", "list_landmarks_align_celeba.txt") if aligned else \
         ("img_celeba", "list_landmarks_celeba.txt")
-    images = _need(root / images)
+    images = _doubled(_need(root / images))
     lines, columns = _celeba_lines(root / name)
     if columns != [f"{n}_{c}" for n in CELEBA_POINTS for c in "xy"]:
         raise BadLabels(f"{root / name} line 2: expected the columns lefteye_x ... rightmouth_y, got {columns}")
-    samples = []
+    samples, lines_of = [], {}
     for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if parts:
+            lines_of.setdefault(parts[0], []).append(n)
             try:
                 points = np.array(parts[1:], np.float64).reshape(5, 2)
             except ValueError:
@@ -549,6 +613,7 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
             if points is None or not np.isfinite(points).all():
                 raise BadLabels(f"{root / name} line {n}: expected `<image> x1 y1 ... x5 y5` (10 numbers), got {line!r}")
             samples.append(Sample(str(images / parts[0]), points))
+    _listed_once(root / name, lines_of)
     partition = root / "list_eval_partition.txt"
     which = _in_partition(_partition(partition), [Path(s.path).name for s in samples], partition, name)
     split = Split("official partition", _idx(which == 0), _idx(which == 2), _idx(which == 1))
@@ -560,7 +625,7 @@ def read_pts(path: Path) -> np.ndarray:
 
     iBUG counts pixels from 1 (MATLAB); 1 is taken off so that points sit on the pixel grid of the image.
     """
-    head_text, brace, body = path.read_text().partition("{")
+    head_text, brace, body = _text(path).partition("{")
     head = {}  # key -> (line, value)
     for n, line in enumerate(head_text.splitlines(), 1):
         if ":" in line:
@@ -594,7 +659,8 @@ def _300w(root: Path, p: dict) -> TaskData:
     """Every image under root with a .pts file of the same name beside it."""
     samples, test, skipped = [], [], []
     for pts in sorted(root.rglob("*.pts")):
-        image = next((pts.with_suffix(e) for e in (".png", ".jpg", ".jpeg") if pts.with_suffix(e).exists()), None)
+        image = next((pts.with_suffix(e) for e in (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+                      if pts.with_suffix(e).exists()), None)
         if image is None:
             skipped.append(str(pts.relative_to(root)))
             continue
@@ -639,7 +705,7 @@ PSPI_RANGE = (0, 16)
 
 def _pspi(path: Path) -> float:
     """The PSPI score of one frame: the first number of its _facs.txt (written like `   2.0000000e+00`)."""
-    text = path.read_text().split()
+    text = _text(path).split()
     try:
         y = float(text[0])
     except (IndexError, ValueError):
@@ -677,6 +743,7 @@ def _imdb_wiki(root: Path, p: dict) -> TaskData:
     from scipy.io.matlab import MatReadError
 
     names = [p["mat"]] if p.get("mat") else ["imdb.mat", "wiki.mat"]
+    root = next((root / d for d in ("imdb_crop", "wiki_crop") if any((root / d / n).exists() for n in names)), root)
     found = [root / n for n in names if (root / n).exists()]
     if not found:
         raise FileNotFoundError(f"missing {root / names[0]}" + (f" (or {root / names[1]})" if len(names) > 1 else ""))
@@ -714,9 +781,9 @@ def _imdb_wiki(root: Path, p: dict) -> TaskData:
 
 def _tiny_imagenet(root: Path, p: dict) -> TaskData:
     root = _sub(root, "tiny-imagenet-200")
-    listed = _need(root / "wnids.txt")
+    listed = root / "wnids.txt"
     cls = {}
-    for n, line in enumerate(listed.read_text().splitlines(), 1):
+    for n, line in enumerate(_text(listed).splitlines(), 1):
         for w in line.split():
             if w in cls:  # twice would read its training images twice, under the second index only
                 raise BadLabels(f"{listed} line {n}: class id {w!r} is listed a second time")
@@ -725,13 +792,14 @@ def _tiny_imagenet(root: Path, p: dict) -> TaskData:
     samples = [Sample(str(f), cls[w]) for w in wnids for f in _image_files(_need(root / "train" / w / "images"))]
     n_train = len(samples)
     val_images = _need(root / "val" / "images")
-    annotations, unknown = _need(root / "val" / "val_annotations.txt"), []
-    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+    annotations, unknown, lines_of = root / "val" / "val_annotations.txt", [], {}
+    for n, line in enumerate(_text(annotations).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) < 2:
             raise BadLabels(f"{annotations} line {n}: expected `<image> <class id> [box]`, got {line!r}")
+        lines_of.setdefault(parts[0], []).append(n)
         if parts[1] in cls:
             samples.append(Sample(str(val_images / parts[0]), cls[parts[1]]))
         else:
@@ -741,6 +809,7 @@ def _tiny_imagenet(root: Path, p: dict) -> TaskData:
         many = f" ({len(ids)} unknown ids)" if len(ids) > 1 else ""
         raise BadLabels(f"{annotations}: class id not in {listed.name} on {_lines([n for n, _ in unknown])}: "
                         + ", ".join(map(repr, ids[:5])) + many)
+    _listed_once(annotations, lines_of)
     split = Split("train / val", np.arange(n_train), np.arange(n_train, len(samples)))
     return TaskData(samples, [split], label_names=wnids)
 
@@ -791,9 +860,7 @@ def _lines(numbers) -> str:
 def _csv_table(root: Path, p: dict) -> TaskData:
     """A `file,label[,split]` CSV; paths are relative to the CSV's folder; split is train/val/test."""
     path = root if root.is_file() else _need(root / p.get("csv", "labels.csv"))
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, r) for r in reader if r and r[0].strip()]
+    rows = [(n, r) for n, r in _csv_rows(path) if r and r[0].strip()]
     header = rows[0][1] if rows and _is_header(rows[0][1][0].strip(), path.parent) else None
     rows = rows[1:] if header else rows
     if no_label := [n for n, r in rows if len(r) < 2 or not r[1].strip()]:
@@ -802,9 +869,7 @@ def _csv_table(root: Path, p: dict) -> TaskData:
     lines_of = {}
     for n, r in rows:
         lines_of.setdefault(os.path.normpath(path.parent / r[0].strip()), []).append(n)
-    if twice := {f: ns for f, ns in lines_of.items() if len(ns) > 1}:
-        raise BadLabels(f"{path}: " + "; ".join(f"{f} is listed on {_lines(ns)}" for f, ns in list(twice.items())[:5])
-                        + f" ({len(twice)} files listed more than once; each file once)")
+    _listed_once(path, lines_of)
     files = [str(path.parent / r[0].strip()) for _, r in rows]
     raw = [r[1].strip() for _, r in rows]
     if p.get("kind", "classification") == "regression":
@@ -878,7 +943,8 @@ def _pct(fractions) -> str:
 AGE_BINS = [0, 3, 10, 20, 30, 40, 50, 60, 70]  # groups 0-2, 3-9, 10-19, ..., 60-69, 70+
 SPLIT = {"seed": 0, "fractions": (0.8, 0.1, 0.1)}
 UTK_PROTOCOL = "random 80/10/10 train/val/test split of the well-named files, seed 0 (same split for all UTK tasks)"
-UTK_LAYOUT = "UTKFace/[age]_[gender]_[race]_[date&time].jpg (or .jpg.chip.jpg); malformed names skipped and counted"
+UTK_LAYOUT = ("UTKFace/[age]_[gender]_[race]_[date&time].jpg (or .jpg.chip.jpg); malformed names and ages above 116 "
+              "skipped and counted; the in-the-wild part1/ part2/ part3/: give one, or their files in one folder")
 IMDB_PROTOCOL = ("age = photo_taken - year(dob); keep 0 <= age <= 100, gender not NaN, face_score finite and > "
                  "min_face_score (0), second_face_score NaN (one face); random 80/10/10 split, seed 0")
 IMDB_LAYOUT = "imdb_crop/imdb.mat (or wiki_crop/wiki.mat) + the images at its full_path entries"
@@ -887,7 +953,8 @@ TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/ima
 _REGISTRY = [
     Task("Expr-AffectNet", "Emotion Classification", "classification", 8, None, "accuracy",
          "train on training.csv, report validation.csv accuracy; expressions 8-10 (none/uncertain/no face) dropped",
-         "root/{training.csv, validation.csv}, images at root/[Manually_Annotated/]Manually_Annotated_Images/"
+         "root/[Manually_Annotated_file_lists/]{training.csv, validation.csv}, images at "
+         "root/[Manually_Annotated/]Manually_Annotated_Images/"
          "<subDirectory_filePath>; "
          "face box from face_x/y/width/height (the face is searched around it)", _affectnet),
     Task("Expr-RAF", "Emotion Classification", "classification", 7, None, "accuracy",

@@ -74,6 +74,12 @@ def test_table_lists_every_knowledge():
         get_task("Nope")
 
 
+def test_readme_says_where_each_dataset_goes():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for t in tasks.TASKS.values():
+        assert f"**{t.name}**" in readme and f"`{t.layout}`" in readme, t.name
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loader_on_fixture(name, built):
     task = get_task(name)
@@ -586,6 +592,137 @@ def test_folder_class_not_listed_is_bad_labels(tmp_path):
     root = fx.make_folder_tree(tmp_path)
     with pytest.raises(tasks.BadLabels, match=r"scarf: class 'scarf' is not one of \['mask', 'no_mask'\]"):
         tasks.folder_task("Two-Mine", classes=["mask", "no_mask"]).loader(root)
+
+
+def _rewrite(path: Path, transform) -> None:
+    path.write_bytes(transform(path.read_bytes()))
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_label_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors and Excel's "CSV UTF-8" put a BOM first: read as part of the first name or column, it
+    broke every reader with a riddle (CelebA: "no line for 000001.jpg", RAF: "does not start with train_")."""
+    cases = {"Attrib-CelebA": ["list_attr_celeba.txt", "list_eval_partition.txt"],
+             "Align-CelebA": ["list_landmarks_align_celeba.txt"],
+             "Expr-RAF": ["basic/EmoLabel/list_patition_label.txt"], "Identity-LFW": ["pairs.txt"],
+             "Expr-AffectNet": ["training.csv", "validation.csv"], "FER2013": ["fer2013/fer2013.csv"],
+             "Object-TinyImageNet": ["wnids.txt", "val/val_annotations.txt"], "Align-300W": ["afw/0_0.pts"]}
+    for name, files in cases.items():
+        root = fx.make_fixture(name, tmp_path / name)
+        want = load(name, root)
+        for f in files:
+            _rewrite(root / f, lambda b: BOM + b)
+        got = load(name, root)
+        assert [(s.path, np.asarray(s.label).tolist()) for s in got.samples] == \
+            [(s.path, np.asarray(s.label).tolist()) for s in want.samples], name
+    mine = fx.make_csv_table(tmp_path / "mine")  # a user's CSV without a header: its first file
+    _rewrite(mine / "labels.csv", lambda b: BOM + b.split(b"\n", 1)[1])
+    first = load(tasks.csv_task("Mine", kind="regression"), mine).samples[0].path
+    assert first == str(mine / "imgs" / "0.jpg")
+    # another encoding: the file named and what to do, not a UnicodeDecodeError
+    _rewrite(mine / "labels.csv", lambda b: b.replace(b"imgs/0.jpg", "imgs/caf\u00e9.jpg".encode("cp1252")))
+    with pytest.raises(tasks.BadLabels, match=r"labels.csv: not UTF-8 text \(byte 0xe9\): save it as UTF-8"):
+        load(tasks.csv_task("Mine", kind="regression"), mine)
+    raf = fx.make_fixture("Expr-RAF", tmp_path / "raf2")
+    _rewrite(raf / "basic/EmoLabel/list_patition_label.txt", lambda b: b + "test_\u00e9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(tasks.BadLabels, match=r"list_patition_label.txt \(at byte \d+\): not UTF-8 text"):
+        load("Expr-RAF", raf)
+
+
+def test_an_image_listed_twice_is_refused_naming_its_lines(tmp_path):
+    """Read twice, a face weighs double or sits on both sides of a split with two labels (CelebA's partition
+    took the last line: a training face moved to the test set)."""
+    raf = fx.make_fixture("Expr-RAF", tmp_path / "raf")
+    fx.replace_line(raf / "basic/EmoLabel/list_patition_label.txt", 99, "train_00001.jpg 3")
+    with pytest.raises(tasks.BadLabels, match=r"list_patition_label.txt: train_00001.jpg is listed on lines 1, 15"):
+        load("Expr-RAF", raf)
+    celeba = fx.make_fixture("Attrib-CelebA", tmp_path / "celeba")
+    fx.replace_line(celeba / "list_eval_partition.txt", 99, "000001.jpg 2")
+    with pytest.raises(tasks.BadLabels, match=r"list_eval_partition.txt: 000001.jpg is listed on lines 1, 13"):
+        load("Attrib-CelebA", celeba)
+    celeba = fx.make_fixture("Attrib-CelebA", tmp_path / "celeba2")
+    attrs = celeba / "list_attr_celeba.txt"
+    fx.replace_line(attrs, 99, attrs.read_text().splitlines()[2])
+    with pytest.raises(tasks.BadLabels, match=r"list_attr_celeba.txt: 000001.jpg is listed on lines 3, 15"):
+        load("Attrib-CelebA", celeba)
+    tiny = fx.make_fixture("Object-TinyImageNet", tmp_path / "tiny")
+    fx.replace_line(tiny / "val/val_annotations.txt", 99, f"val_0.JPEG\t{fx.TINY_WNIDS[0]}\t0\t0\t63\t63")
+    with pytest.raises(tasks.BadLabels, match=r"val_annotations.txt: val_0.JPEG is listed on lines 1, 5"):
+        load("Object-TinyImageNet", tiny)
+    affect = fx.make_fixture("Expr-AffectNet", tmp_path / "affect")
+    row = (affect / "training.csv").read_text().splitlines()[1]
+    fx.replace_line(affect / "validation.csv", 99, row)
+    with pytest.raises(tasks.BadLabels, match=r"689/a1.jpg is listed on lines training.csv 2, validation.csv 6"):
+        load("Expr-AffectNet", affect)
+
+
+def test_a_split_without_test_or_training_images_is_refused_when_read(tmp_path):
+    """Identity-MS keeps 10 % of each identity for test: 5 images each round it to none, and the run ended
+    after all its work in "accuracy of an empty set"."""
+    ms = fx.make_fixture("Identity-MS", tmp_path / "ms")
+    for f in ms.glob("*/[5-9].jpg"):
+        f.unlink()
+    with pytest.raises(tasks.BadLabels, match=r"Identity-MS: split 'per-class 80/10/10 seed 0' of .* has 20 training "
+                                              r"and 0 test images; its protocol needs both \(identity classification"):
+        load("Identity-MS", ms)
+    raf = fx.make_fixture("Expr-RAF", tmp_path / "raf")
+    labels = raf / "basic/EmoLabel/list_patition_label.txt"
+    labels.write_text("".join(line + "\n" for line in labels.read_text().splitlines() if line.startswith("train_")))
+    with pytest.raises(tasks.BadLabels, match=r"has 10 training and 0 test images"):
+        load("Expr-RAF", raf)
+
+
+def test_copies_that_nest_the_image_folder_in_its_own_name_are_read(tmp_path):
+    """Kaggle's CelebA and LFW unpack to img_align_celeba/img_align_celeba/ and lfw-deepfunneled/lfw-deepfunneled/:
+    every listed image was missing, and the run stopped after the extraction blaming the detector."""
+    import shutil
+
+    celeba = fx.make_fixture("Attrib-CelebA", tmp_path / "celeba")
+    shutil.move(celeba / "img_align_celeba", tmp_path / "inner")
+    shutil.move(tmp_path / "inner", celeba / "img_align_celeba" / "img_align_celeba")
+    assert all(Path(s.path).exists() for s in load("Attrib-CelebA", celeba).samples)
+    assert all(Path(s.path).exists() for s in load("Align-CelebA", celeba).samples)
+    lfw = fx.make_fixture("Identity-LFW", tmp_path / "lfw")
+    shutil.move(lfw / "lfw", tmp_path / "inner")
+    shutil.move(tmp_path / "inner", lfw / "lfw-deepfunneled" / "lfw-deepfunneled")
+    assert all(Path(s.path).exists() for s in load("Identity-LFW", lfw).samples)
+    # images that are elsewhere altogether: said when read, naming one and the layout
+    shutil.move(lfw / "lfw-deepfunneled", tmp_path / "away")
+    (lfw / "lfw").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"Identity-LFW: the images its lists name are not there \(40 looked "
+                                                r"for, none found, e.g. .*lfw/Person_00/Person_00_0001.jpg\)"):
+        load("Identity-LFW", lfw)
+
+
+def test_the_usual_places_of_the_label_files_and_odd_names_are_read(tmp_path):
+    """AffectNet's lists in Manually_Annotated_file_lists/, IMDB-WIKI given as the folder holding imdb_crop/,
+    300-W's upper-case extensions; UTK ages past the release's 116 and hidden or macOS folders are no data."""
+    import shutil
+
+    affect = fx.make_fixture("Expr-AffectNet", tmp_path / "affect")
+    n = len(load("Expr-AffectNet", affect).samples)
+    (affect / "Manually_Annotated_file_lists").mkdir()
+    for f in ("training.csv", "validation.csv"):
+        shutil.move(affect / f, affect / "Manually_Annotated_file_lists" / f)
+    assert len(load("Expr-AffectNet", affect).samples) == n
+    imdb = fx.make_fixture("AgeR-IMDb", tmp_path / "imdb")
+    assert len(load("AgeR-IMDb", imdb.parent).samples) == len(load("AgeR-IMDb", imdb).samples) == 10
+    w = fx.make_fixture("Align-300W", tmp_path / "300w")
+    n = len(load("Align-300W", w).samples)
+    png = sorted(w.rglob("*.png"))[0]
+    png.rename(png.with_suffix(".PNG"))
+    assert len(load("Align-300W", w).samples) == n
+    utk = fx.make_fixture("AgeR-UTK", tmp_path / "utk")
+    fx.write_face(utk / "117_0_0_20170116191000002.jpg.chip.jpg", 3)
+    fx.write_face(utk / "999_0_0_20170116191000009.jpg.chip.jpg", 4)
+    got = load("AgeR-UTK", utk)
+    assert max(s.label for s in got.samples) <= 116 and "999_0_0_20170116191000009.jpg.chip.jpg" in got.skipped
+    ms = fx.make_fixture("Identity-MS", tmp_path / "ms")
+    fx.write_face(ms / ".ipynb_checkpoints" / "0.jpg", 1)
+    fx.write_face(ms / "__MACOSX" / "m.0aaa1" / "0.jpg", 1)
+    assert load("Identity-MS", ms).label_names == fx.MS_IDS
 
 
 # ----------------------------------------------------------------------------- metrics and the missed-face rule

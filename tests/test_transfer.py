@@ -65,6 +65,9 @@ def test_every_task_runs_on_its_layout(tmp_path, name, fused, student_ckpt):
     assert r["skipped_by_reader"] == len(read.skipped) and r.get("reader_counts", {}) == read.counts
     if read.skipped or read.counts:
         assert f"the reader skipped {len(read.skipped)} file(s)" in md
+    if read.skipped:  # every one listed, not only the three the log names
+        listed = (tmp_path / "run" / f"skipped-{name}.tsv").read_text().splitlines()
+        assert len(listed) == 1 + len(read.skipped) and listed[1].split("\t")[0] == read.skipped[0]
 
 
 def test_flags_a_tasks_protocol_leaves_unread_are_warned_of(tmp_path, fused, student_ckpt):
