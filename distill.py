@@ -434,7 +434,7 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
     sampler = EpochSampler(data, args.seed, rank, world, batch=args.batch)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                                          drop_last=True, pin_memory=device.type == "cuda", collate_fn=first,
-                                         persistent_workers=args.workers > 0)
+                                         persistent_workers=args.workers > 0, generator=torch.Generator())
     per_epoch = sampler.num_samples // args.batch
     total = args.steps or args.epochs * per_epoch
     log.info(f"student {args.arch} width {student.config['width']}: {n_params(student):,} parameters "

@@ -59,7 +59,8 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
-                         make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main)
+                         make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main,
+                         same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
 
@@ -346,11 +347,13 @@ class TaskFaces(torch.utils.data.Dataset):
 
 def face_batches(cache, rows, labels, size, train, args, device):
     """() -> iterator of (pixels on device, labels on device); augmented on the device when training, with
-    draws from a generator of the main process, so the pixels do not depend on the number of workers."""
+    draws from a generator of the main process, so the pixels do not depend on the number of workers. The
+    loader's own generator seeds its iterators: from torch's global one (one draw an epoch without workers, one
+    in all with kept workers), they shifted the head's dropout masks with --workers."""
     sampler = Batches(len(rows), args.batch, train, args.seed)
     dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), num_workers=args.workers, collate_fn=first,
                                      batch_sampler=sampler, pin_memory=torch.device(device).type == "cuda",
-                                     persistent_workers=args.workers > 0)
+                                     persistent_workers=args.workers > 0, generator=torch.Generator())
     rng = np.random.default_rng(args.seed)
     epochs = itertools.count()
 
@@ -813,7 +816,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
 
 
 # Arguments that change no result: where the run is, what it runs on and how fast.
-NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script"}
+NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd"}
 
 
 def resumed_results(args, aligns=frozenset()) -> dict:
@@ -833,6 +836,7 @@ def resumed_results(args, aligns=frozenset()) -> dict:
                          f"transfer.py a folder of its own")
     now = resolved_args(args)
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
+    same_paths(args, old, now)  # feats/tasks there is /x/feats/tasks here when resumed from elsewhere
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
         old["align"] = None
     if old["embedding"] is None and now["embedding"] is not None:  # recorded unresolved: it meant the cache's

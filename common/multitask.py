@@ -304,7 +304,8 @@ def loader(rows: Rows, ids, size, train, args, seed=0, view=None):
     transfer.py's fine-tuning, whatever the number of workers, and a last batch of one image joins the one before."""
     ds = Faces(rows, ids, size, train, seed, view)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=Batches(len(ids), args.batch, train, seed),
-                                     num_workers=args.workers, pin_memory=torch.cuda.is_available())
+                                     num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                     generator=torch.Generator())
     return ds, dl
 
 

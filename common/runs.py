@@ -98,8 +98,20 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
         if a.dest in recorded and a.dest not in given and a.dest not in keep:
             value = recorded[a.dest]
             paths = a.type is Path or isinstance(a.default, Path)
-            setattr(args, a.dest, Path(value) if paths and value is not None else value)
+            # a relative path is the run's from the folder it was started in (feats/demo, runs/...): resumed from
+            # another one, it named nothing there ("no feature cache at feats/c1") or a cache made anew
+            setattr(args, a.dest, Path(recorded.get("cwd", ""), value) if paths and value is not None else value)
     return args
+
+
+def same_paths(args, old: dict, now: dict) -> None:
+    """The path arguments of a recorded run (old, args.json's) and of args (now, resolved_args') made absolute
+    in place, each from the folder it was started in: the same files compare equal from anywhere."""
+    for k, v in vars(args).items():
+        if isinstance(v, Path):
+            now[k] = os.path.abspath(v)
+            if isinstance(old.get(k), str):
+                old[k] = os.path.abspath(os.path.join(old.get("cwd", ""), old[k]))
 
 
 LAST_RUN = []  # [script, run folder] of the run folder this process made last
@@ -157,7 +169,7 @@ def write_args(run: Path, prefix: str, args) -> None:
     command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
 
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
-                                   "argv": sys.argv})
+                                   "argv": sys.argv, "cwd": os.getcwd()})
 
 
 def holding_runs(main):

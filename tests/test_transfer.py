@@ -159,7 +159,9 @@ def test_missing_data_names_layout(tmp_path, fused, student_ckpt):
 
 def test_face_batches_do_not_depend_on_the_workers_and_reshuffle_every_epoch(fused):
     """transfer.py's image loader: the same augmented pixels with 0 or 2 worker processes (kept across epochs),
-    a new order each epoch."""
+    a new order each epoch, and the same draws left to the head's dropout (each new iterator took a seed from
+    torch's global generator: one an epoch without workers, one in all with kept ones, so --workers changed the
+    dropout masks and the scores, and a --resume with other --workers than the run's)."""
     from types import SimpleNamespace
 
     import torch
@@ -170,10 +172,14 @@ def test_face_batches_do_not_depend_on_the_workers_and_reshuffle_every_epoch(fus
     rows = np.flatnonzero(cache.found)
     labels = torch.arange(len(cache.images))
     epochs = {}
+    after = {}
     for workers in (0, 2):
+        torch.manual_seed(0)
         it = transfer.face_batches(cache, rows, labels, 32, True, SimpleNamespace(workers=workers, batch=4, seed=3),
                                    "cpu")
         epochs[workers] = [[(x.clone(), y.clone()) for x, y in it()] for _ in range(2)]
+        after[workers] = torch.rand(3)
+    assert torch.equal(after[0], after[2])
     for (x0, y0), (x2, y2) in zip(sum(epochs[0], []), sum(epochs[2], [])):
         assert torch.equal(y0, y2) and torch.allclose(x0, x2, atol=1e-5)
     order = [torch.cat([y for _, y in epoch]) for epoch in epochs[0]]
@@ -816,3 +822,23 @@ def test_a_resume_with_nothing_to_continue_says_so(tmp_path, fused, student_ckpt
                    "--run-dir", str(tmp_path / "typo"), "--resume"])
     assert "--resume: no result in" in (tmp_path / "typo" / "log.txt").read_text()
 
+
+
+def test_a_run_resumes_from_another_folder_with_the_paths_it_ran_with(tmp_path, monkeypatch):
+    """Relative paths (the defaults feats/tasks, runs/...) are the run's from the folder it was started in:
+    `--resume --run-dir RUN` from another one looked for the cache there ("no feature cache at feats/c1")."""
+    from common.runs import write_args
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    write_args(tmp_path / "a", "transfer", transfer.parse_args(["--task", "AgeR-UTK", "--data", "utk", "--method",
+                                                                 "frozen", "--cache", "feats/c1"]))
+    monkeypatch.chdir(tmp_path / "b")
+    args = transfer.parse_args(["--run-dir", str(tmp_path / "a"), "--resume"])
+    assert args.data == tmp_path / "a" / "utk" and args.teacher_cache == tmp_path / "a" / "feats" / "c1"
+    assert args.cache_dir == tmp_path / "a" / "feats" / "tasks"  # a default, recorded as it was resolved
+    assert transfer.resumed_results(args) == {}  # the same arguments: nothing there refuses the resume
+    args = transfer.parse_args(["--run-dir", str(tmp_path / "a"), "--resume", "--cache", "feats/c1"])
+    with pytest.raises(SystemExit, match=r"other arguments \(--teacher-cache '.*a/feats/c1' there, '.*b/feats/c1' now"):
+        transfer.resumed_results(args)  # given here, it is this folder's
