@@ -88,7 +88,9 @@ def save_state(path, state) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    meta = {"format": FORMAT, "state": json.dumps(_encode(state, tensors))}
+    # One metadata key: safetensors writes several in a random order (a hash map's), so that two runs with the
+    # same result gave files with other bytes, and a reproduction checked by sha256 failed for nothing
+    meta = {"state": json.dumps({"format": FORMAT, "state": _encode(state, tensors)})}
     with atomic_file(path) as tmp:
         try:
             save_file(tensors, tmp, metadata=meta)
@@ -109,11 +111,17 @@ def load_state(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise StateError(f"{path} is not a safetensors state file ({e}); it is not read any further") from None
-    if meta.get("format") != FORMAT or "state" not in meta:
-        raise StateError(f"{path} is a safetensors file but not a training state written by facekd "
-                         f"(format {meta.get('format')!r}, expected {FORMAT!r})")
     try:
-        return _decode(json.loads(meta["state"]), tensors)
+        # the format inside the state, or beside it (files written before it moved in)
+        inner = json.loads(meta["state"]) if "format" not in meta and "state" in meta else None
+    except (ValueError, RecursionError) as e:
+        raise StateError(f"{path}: damaged state ({type(e).__name__}: {e})") from None
+    found = inner.get("format") if isinstance(inner, dict) else meta.get("format")
+    if found != FORMAT or "state" not in meta:
+        raise StateError(f"{path} is a safetensors file but not a training state written by facekd "
+                         f"(format {found!r}, expected {FORMAT!r})")
+    try:
+        return _decode(inner["state"] if inner is not None else json.loads(meta["state"]), tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise StateError(f"{path}: damaged state ({type(e).__name__}: {e})") from None
 

@@ -65,7 +65,11 @@ def test_state_round_trip_is_exact(tmp_path):
     save_state(path, state)
     raw = path.read_bytes()
     header = int.from_bytes(raw[:8], "little")
-    assert raw[8:9] == b"{" and json.loads(raw[8:8 + header])["__metadata__"]["format"] == checkpoint.FORMAT
+    meta = json.loads(raw[8:8 + header])["__metadata__"]
+    assert raw[8:9] == b"{" and json.loads(meta["state"])["format"] == checkpoint.FORMAT
+    # one metadata key: several were written in a random order (safetensors' hash map), so that the same state
+    # gave other bytes in another process
+    assert list(meta) == ["state"]
     loaded = load_state(path)
     assert_same(loaded, state)  # int keys, tuples, dtypes and NaN all come back as they were
     expected = draws()
@@ -204,6 +208,14 @@ def test_safetensors_with_foreign_metadata_is_refused(tmp_path):
               metadata={"format": checkpoint.FORMAT, "state": '{"a": {"__tensor__": "9"}}'})
     with pytest.raises(StateError, match="damaged"):
         load_state(tmp_path / "x.safetensors")
+    save_file({"0": torch.zeros(2)}, str(tmp_path / "y.safetensors"), metadata={"state": '{"format": "other/1"}'})
+    with pytest.raises(StateError, match="not a training state written by facekd .format 'other/1'"):
+        load_state(tmp_path / "y.safetensors")
+    # a state written before the format moved inside its one key still reads
+    save_file({"0": torch.ones(2)}, str(tmp_path / "old.safetensors"),
+              metadata={"format": checkpoint.FORMAT, "state": '{"a": {"__tensor__": "0"}, "step": 3}'})
+    old = load_state(tmp_path / "old.safetensors")
+    assert old["step"] == 3 and torch.equal(old["a"], torch.ones(2))
 
 
 def test_convert_older_run_folder(tmp_path):
