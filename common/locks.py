@@ -2,7 +2,9 @@
 that a run reads from being deleted or rewritten under it."""
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from pathlib import Path
 
 try:
@@ -11,6 +13,25 @@ except ImportError:  # Windows: nothing is locked
     fcntl = None
 
 held = {}  # lock file (resolved) -> open file: the locks this process holds until its script's main returns
+_open = weakref.WeakSet()  # every lock file acquire() opened and that is still open
+
+
+def _drop_inherited() -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock files. A flock belongs to
+    the open file, which a fork shares: workers left behind by a killed run held its run folder and cache
+    locked for seconds, refusing the rerun ("another run is writing"). Closing a copy does not unlock the
+    parent's (no LOCK_UN; the lock goes when the last copy closes)."""
+    for f in list(_open):
+        try:
+            f.close()
+        except OSError:
+            pass
+    held.clear()
+    _open.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited)
 
 
 def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False, patience: float = 2.0):
@@ -49,6 +70,7 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
     except BaseException:
         f.close()
         raise
+    _open.add(f)
     return f
 
 

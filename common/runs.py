@@ -9,7 +9,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -295,9 +297,20 @@ def pick_device(name: str = "auto"):
     return device
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (kill, timeout, a batch system's preemption or time limit, a closed terminal): ended
+    as a Ctrl-C is, through the same clean-up and its line saying how to go on. Python's default ended the run
+    at once without a word (exit 143), leaving its loader workers holding the run's locks for seconds."""
+
+
+def _terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def run_main(main) -> None:
     """Run a script's main; the errors a user can fix (a missing folder, another cache, a package not
-    installed, an unreadable file) end with their one-line message instead of a traceback."""
+    installed, an unreadable file) end with their one-line message instead of a traceback. SIGTERM and
+    SIGHUP end it as Ctrl-C does (exit 128 + the signal's number)."""
     from common.cache import CacheMismatch
     from common.images import BadImage
     from common.prune import CannotPrune
@@ -306,12 +319,15 @@ def run_main(main) -> None:
     from common.teachers import BadTeacher
     from common.weights import MissingWeights
 
+    signals = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    before = {sig: signal.signal(sig, _terminated) for sig in signals}
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
+    except KeyboardInterrupt as e:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone
         if dist_info()[0] == 0:  # rank 0 alone made the run folder and says how to go on
-            sys.stderr.write(f"\n{interrupted_line()}\n")
-        sys.exit(130)
+            how = f" by {signal.Signals(e.args[0]).name}" if isinstance(e, Terminated) else ""
+            sys.stderr.write(f"\n{interrupted_line().replace('interrupted', 'interrupted' + how, 1)}\n")
+        sys.exit(128 + e.args[0] if isinstance(e, Terminated) else 130)
     except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
         sys.exit(f"error: {e}")
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
@@ -328,6 +344,9 @@ def run_main(main) -> None:
         sys.exit(f"error: {why} ({e}). Files are written whole or not at all, so nothing already written is "
                  f"damaged: {_WRITE_ERRORS[why][2]}, then run the command again (fuse.py, and distill.py and "
                  f"transfer.py with --resume, go on where they stopped).")
+    finally:  # a notebook or driver calling it gets its own handlers back
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 # What stops every write, as run_main says it, its errnos, its words where no errno came (safetensors' Rust I/O

@@ -103,6 +103,62 @@ def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys, tmp_path):
         run_main(raising(FloatingPointError("ae: the loss became inf; lower --lr")))
 
 
+def test_sigterm_and_sighup_end_a_run_as_ctrl_c_does(capsys, tmp_path):
+    """kill, timeout, a batch system's preemption send SIGTERM: the run ended at once without a word (exit
+    143), never saying how to resume, its loader workers holding its locks for seconds."""
+    import os
+    import signal
+    import time
+    from argparse import Namespace
+
+    from common.runs import holding_runs, make_run_dir
+
+    before = signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        cleaned = []
+
+        @holding_runs
+        def main():
+            make_run_dir(tmp_path / "d", "distill", Namespace())
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # (the handler raises at once)
+            finally:
+                cleaned.append(True)  # the clean-up a Ctrl-C runs, runs
+        with pytest.raises(SystemExit) as e:
+            run_main(main)
+        assert e.value.code == 128 + sig and cleaned
+        assert f"interrupted by {sig.name}: to go on where it stopped, run the same command again with --resume " \
+               f"--run-dir {tmp_path / 'd'}" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # given back to whoever called run_main
+
+
+def test_a_forked_worker_does_not_keep_the_parents_locks(tmp_path):
+    """A flock belongs to the open file, which a fork shares: the loader workers of a killed run kept its run
+    folder and cache locked until they noticed, refusing the rerun. A child closes its copies at the fork,
+    which leaves the parent's lock held."""
+    import os
+    import signal
+    import time
+
+    from common import locks
+
+    f = locks.acquire(tmp_path / "x.lock")
+    pid = os.fork()
+    if pid == 0:  # a worker that lives on
+        time.sleep(30)
+        os._exit(0)
+    with pytest.raises(SystemExit, match="^held$"):  # the parent's lock still holds against others
+        locks.acquire(tmp_path / "x.lock", busy="held", patience=0)
+    f.close()  # the parent gone: its lock goes with it, though its child lives
+    try:
+        g = locks.acquire(tmp_path / "x.lock", busy="still held by the child", patience=0.5)
+        g.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 def test_a_run_folder_is_never_another_scripts_nor_a_file(tmp_path):
     """distill.py into fuse.py's run folder replaced its args.json and appended to its log; a file as
     --run-dir gave a FileExistsError traceback."""
