@@ -816,7 +816,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
 
 
 # Arguments that change no result: where the run is, what it runs on and how fast.
-NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd"}
+NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd", "environment"}
 
 
 def resumed_results(args, aligns=frozenset()) -> dict:

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -171,7 +172,41 @@ def write_args(run: Path, prefix: str, args) -> None:
     command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
 
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
-                                   "argv": sys.argv, "cwd": os.getcwd()})
+                                   "argv": sys.argv, "cwd": os.getcwd(), "environment": environment()})
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict:
+    """What a result depends on beside its arguments: Python, the version of each package the requirements
+    files name (installed ones), and the code's git commit (with `dirty` when tracked files were changed)."""
+    from importlib import metadata
+
+    packages = {}
+    for req in ("requirements.txt", "requirements-weights.txt"):
+        try:
+            lines = (REPO / req).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if name := re.split(r"[=<>~!\[ ;#]", line.strip(), maxsplit=1)[0]:
+                try:
+                    packages[name] = metadata.version(name)
+                except metadata.PackageNotFoundError:
+                    pass
+    env = {"python": sys.version.split()[0], "packages": packages}
+    if "torch" in sys.modules:  # the build: 2.14.1+cu130 and +cpu are one package version
+        env["torch"] = sys.modules["torch"].__version__
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        if commit := git("rev-parse", "HEAD"):
+            env["commit"] = commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):  # no git here, or a checkout without .git
+        pass
+    return env
 
 
 def holding_runs(main):

@@ -326,6 +326,15 @@ def test_args_json_names_the_run_folder_and_is_written_whole(tmp_path, monkeypat
     assert recorded["run_folder"] == str(run.resolve()) and recorded["run_dir"] is None and recorded["script"] == "fuse"
     assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json"]
     runs.locks.held.pop(str((run / ".lock").resolve())).close()
+    # what the result depends on beside its arguments: the packages' versions and the code's commit
+    import numpy
+    import torch
+
+    env = recorded["environment"]
+    assert env["packages"]["numpy"] == numpy.__version__ and torch.__version__.startswith(env["packages"]["torch"])
+    assert "onnxruntime" in env["packages"] and "facenet-pytorch" in env["packages"]  # the teachers' runtimes too
+    if (runs.REPO / ".git").exists():
+        assert len(env["commit"].split("-")[0]) == 40
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
