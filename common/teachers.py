@@ -107,6 +107,7 @@ class TeacherSpec:
     mean: tuple = (0.0,)   # per channel (or one value), in 0-255 units: input = (pixel - mean) / std
     std: tuple = (1.0,)
     layout: str = "NCHW"   # of the model's input and of a spatial embedding layer
+    layer_layout: str = ""  # the embedding layer's, where it differs (a TF model converted to ONNX: NHWC in, NCHW inside)
     reduce: str = "mean"
     arch: str = ""         # torch runtime: "torchscript", "mtcnn_onet", "onnx", "tflite" or a torchvision model name
     reference: str = ""    # a port's original runtime ("onnxruntime", "litert"): used on the CPU and by NAME@reference
@@ -126,7 +127,8 @@ class Teacher:
         self.spec, self.name, self.record = spec, spec.name, spec_record(spec)
         self.path = _weight_path(spec)
         # The preprocessing is part of what a cached h_i means: a changed box or layer is another teacher.
-        how = repr((spec.layer, spec.input_size, spec.box, spec.color, spec.mean, spec.std, spec.layout, spec.reduce))
+        how = repr((spec.layer, spec.input_size, spec.box, spec.color, spec.mean, spec.std, spec.layout, spec.reduce)
+                   + ((spec.layer_layout,) if spec.layer_layout else ()))  # (the versions of every cache before it)
         # The version names the weights and the preprocessing, not the engine: a port and its reference runtime
         # share it, so a cache extracted on a GPU (ports) is resumed or read on a CPU box (reference) and every
         # cache made before the ports stays valid. That is sound because their differences are below what the
@@ -239,7 +241,7 @@ class Teacher:
             if self.spec.reduce == "flatten":
                 y = y.flatten(1)
             else:
-                y = y.mean((1, 2) if self.spec.layout == "NHWC" else (2, 3))
+                y = y.mean((1, 2) if (self.spec.layer_layout or self.spec.layout) == "NHWC" else (2, 3))
         elif y.ndim == 3:  # (B, tokens, C) from a transformer layer
             y = y.mean(1)
         return y.reshape(y.shape[0], -1).to(self.device, torch.float32)
@@ -520,8 +522,8 @@ def _check(spec: TeacherSpec) -> TeacherSpec:
         bad(f"box must be fractions of the canonical crop, each between -1 and 2 (the crop is 0 to 1), got {spec.box}")
     if spec.color not in COLORS:
         bad(f"color must be one of {COLORS}, got {spec.color!r}")
-    if spec.layout not in LAYOUTS:
-        bad(f"layout must be one of {LAYOUTS}, got {spec.layout!r}")
+    if spec.layout not in LAYOUTS or spec.layer_layout not in ("", *LAYOUTS):
+        bad(f"layout and layer_layout must be one of {LAYOUTS}, got {spec.layout!r} and {spec.layer_layout!r}")
     if spec.reduce not in REDUCES:
         bad(f"reduce must be one of {REDUCES}, got {spec.reduce!r}")
     channels = 1 if spec.color == "GREY" else 3
@@ -575,7 +577,8 @@ def parse_custom(spec: str) -> TeacherSpec:
                               layout="NHWC" if kind == "litert" else "NCHW", arch=arch))
 
 
-_OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "reduce", "input_size", "dim", "layer"}
+_OVERRIDABLE = {"name", "role", "box", "mean", "std", "color", "layout", "layer_layout", "reduce", "input_size", "dim",
+                "layer"}
 
 
 class BadTeacher(ValueError):
@@ -659,6 +662,8 @@ def spec_record(spec: TeacherSpec) -> dict:
     """A teacher as a cache's manifest keeps it (JSON): every field that builds it again, a user's weight file
     as an absolute path, so that transfer.py rebuilds a fuse.py cache's custom teachers without their config."""
     record = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("build", "answer")}
+    if not spec.layer_layout:  # unset, unrecorded: the records of the caches made before it match as they are
+        del record["layer_layout"]
     if not spec.package:
         record["file"] = str(Path(spec.file).expanduser().resolve())
     return json.loads(json.dumps(record))  # tuples as lists, as the manifest reads back

@@ -493,6 +493,35 @@ def test_a_layer_whose_name_holds_colons(tmp_path, batch):
     torch.testing.assert_close(mine(batch[:2]), t(batch[:2]))
 
 
+def test_an_nhwc_model_read_at_an_nchw_layer_is_pooled_over_its_space(tmp_path, batch):
+    """A TF model converted to ONNX takes NHWC images and runs NCHW inside: its inner layer was pooled over
+    (H, W) of an NHWC reading, i.e. over channels and height, giving a row as wide as the map. layer_layout
+    says the layer's own layout."""
+    class Converted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x.permute(0, 3, 1, 2)))
+
+    torch.manual_seed(0)
+    net = Converted().eval()
+    path = tmp_path / "tf.onnx"
+    torch.onnx.export(net, torch.zeros(1, 16, 16, 3), str(path), input_names=["x"], output_names=["feat"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps([{"spec": f"onnx:{path}:feat:16", "layout": "NHWC", "layer_layout": "NCHW",
+                                "mean": [0], "std": [255], "name": "tf"}]))
+    t, = build_teachers([str(cfg)])
+    assert t.dim == 5 and t.record["layer_layout"] == "NCHW"
+    with torch.no_grad():
+        want = net(t.preprocess(batch[:2])).mean((2, 3))
+    torch.testing.assert_close(t(batch[:2]), want, rtol=1e-4, atol=1e-5)
+    # unset, it is not recorded: a registry teacher's record, and so its caches', are those of before
+    assert "layer_layout" not in build_teachers(["gender"])[0].record
+
+
 def test_custom_torchvision_with_a_layer(resnet, batch):
     m, d = resnet
     t, = build_teachers([f"torchvision:resnet18:{d / 'r18.pth'}:avgpool:64"])
