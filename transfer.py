@@ -62,7 +62,7 @@ from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatt
                          make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main,
                          same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
-from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher
+from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, load_config
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
@@ -95,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=None,
                    help="fuse.py cache whose teachers, statistics and G the feature methods use (default: the one the "
                         "student learnt from, which distill.py records in it, when it is still there; else feats/demo)")
+    p.add_argument("--teachers-config", type=Path, default=None, metavar="FILE",
+                   help="where a teacher of your own of --cache is now, when its weight file moved since fuse.py "
+                        "made the cache: a JSON config as fuse.py's, whose entries of the cache's teacher names "
+                        "replace what the cache recorded of them (the weights must be the same: their sha256 is "
+                        "checked)")
     p.add_argument("--embedding", default=None,
                    help="which h_G of the cache (default: the student's, when --cache is the cache it learnt from; "
                         "else the one fuse.py wrote last)")
@@ -702,7 +707,15 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
         raise SystemExit(f"error: --method {','.join(need)} needs G and h_G: {e}")
     # one version of h_G (G, units, split) for every task and method, whatever fuse.py writes meanwhile
     unsup.pin_embedding(embedding or "ae")
-    teachers = build_teachers([cached_teacher(t) for t in unsup.teachers], device)
+    moved = {s.name: s for s in load_config(args.teachers_config)} if args.teachers_config else {}
+    if unknown := sorted(set(moved) - {t["name"] for t in unsup.teachers}):
+        raise SystemExit(f"error: --teachers-config {args.teachers_config} names {', '.join(unknown)}, no teacher of "
+                         f"{args.teacher_cache} ({', '.join(t['name'] for t in unsup.teachers)})")
+    try:
+        teachers = build_teachers([moved.get(t["name"]) or cached_teacher(t) for t in unsup.teachers], device)
+    except FileNotFoundError as e:  # a weight file of one's own, moved since the cache was made
+        raise SystemExit(f"error: {e}: put it back, or say where it is now with --teachers-config FILE (entries "
+                         f'{{"spec": ..., "name": ...}} of the cache\'s teacher names, as fuse.py takes)') from None
     if other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
                  if t.version != r["version"]]:
         name, here, there = other[0]
@@ -1128,7 +1141,8 @@ NETWORK_METHODS = ("finetune", "scratch", "pcnn", "etl", "multitask", "kd")  # a
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
                 "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
                 "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",
-                "head_epochs": HEAD_METHODS, "epochs": NETWORK_METHODS}
+                "head_epochs": HEAD_METHODS, "epochs": NETWORK_METHODS,
+                "teachers_config": (*TEACHER_FEATURE_METHODS, "pcnn")}
 
 
 def check_flags(args, methods) -> None:

@@ -762,6 +762,20 @@ def test_teacher_methods_rebuild_a_custom_teacher_from_the_cache_alone(tmp_path,
     r = run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat,fused")
     for m in ("concat", "fused"):
         check_score(tasks.get_task("Gender-UTK"), r["results"][m])
+    # its weight file moved: said, with the way to say where it is now (fuse.py's config, of the cache's name)
+    (tmp_path / "models" / "net.pt").rename(tmp_path / "net.pt")
+    with pytest.raises(SystemExit, match=r"weight file .*models/net.pt does not exist: put it back, or say where it "
+                                         r"is now with --teachers-config FILE"):
+        run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat")
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps([{"spec": "torchscript:net.pt:32", "name": "torchscript:net", "role": "texture"}]))
+    again = run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat,fused",
+                "--teachers-config", str(moved))
+    assert again["results"]["fused"]["value"] == pytest.approx(r["results"]["fused"]["value"], abs=1e-6)
+    moved.write_text(json.dumps([{"spec": "torchscript:net.pt:32", "name": "other"}]))
+    with pytest.raises(SystemExit, match=r"names other, no teacher of .*fz"):
+        run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat",
+            "--teachers-config", str(moved))
 
 
 def test_retry_unreadable_gives_a_task_image_back(tmp_path, fused, student_ckpt, monkeypatch):
