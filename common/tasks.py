@@ -984,7 +984,7 @@ _REGISTRY = [
     Task("AgeR-FG", "Age Regression", "regression", 1, (0, 69), "mae",
          "leave-one-person-out (one split per subject), MAE pooled over all images",
          "FGNET/images/<subject:3>A<age:2>[letter].JPG", _fgnet),
-    Task("AgeR-UTK", "Age Regression", "regression", 1, (0, 116), "mae", UTK_PROTOCOL, UTK_LAYOUT,
+    Task("AgeR-UTK", "Age Regression", "regression", 1, (0, UTK_MAX_AGE), "mae", UTK_PROTOCOL, UTK_LAYOUT,
          _utk, {"target": "age", **SPLIT}),
     Task("AgeC-UTK", "Age Classification", "classification", len(AGE_BINS), None, "accuracy",
          UTK_PROTOCOL + "; age groups " + ", ".join(_age_group_names(AGE_BINS)), UTK_LAYOUT,
