@@ -451,3 +451,21 @@ def test_validation_error_is_a_mean_per_value_and_masking_noise_keeps_the_mean()
     torch.manual_seed(0)
     y = fusion.mask_noise(torch.ones(200_000), 0.2)
     assert abs(float((y == 0).float().mean()) - 0.2) < 0.01 and abs(float(y.mean()) - 1) < 0.01
+
+
+def test_fits_are_kept_across_a_reworded_comment_or_docstring():
+    """The fits' folder was named after fusion.py's bytes: any upgrade that touched a comment made every fit
+    unreadable, and fuse.py deleted them and trained G again (hours at 4.12 M faces) to the same bytes. Its
+    code names it now: docstrings, comments and line breaks aside."""
+    from pathlib import Path
+
+    src = Path(fusion.__file__).read_text()
+    v = fusion.code_version(src, "2.14.1+cpu")
+    assert v == fusion.code_version(src, "2.14.1+cu130") and fusion._CODE == fusion.code_version(src, torch.__version__)
+    reworded = src.replace('"""Train one operator on the train rows;', '"""Trains one operator on its training rows;')
+    reworded = reworded.replace("    opt = torch.optim.AdamW(groups, lr=recipe.lr)",
+                                "    # (a comment added)\n    opt = torch.optim.AdamW(groups,\n"
+                                "                            lr=recipe.lr)")
+    assert reworded != src and fusion.code_version(reworded, "2.14.1") == v
+    assert fusion.code_version(src.replace("lr=recipe.lr)", "lr=2 * recipe.lr)"), "2.14.1") != v
+    assert fusion.code_version(src, "2.15.0") != v
