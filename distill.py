@@ -300,9 +300,15 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, log=None) -> tuple[
         raise SystemExit(f"error: cannot resume {run}: a multi-process run saved by an older distill.py, whose "
                          f"epochs had another number of steps (a face could go to two processes): start it afresh "
                          f"with --overwrite instead of --resume")
+    if set(differs) == {"embedding_version"}:  # a fuse.py run since: the targets are another G's
+        then, now = differs["embedding_version"]
+        raise SystemExit(f"error: cannot resume {run}: its h_G '{cfg['embedding']}' was written anew since it "
+                         f"started (by fuse.py: version {then} then, {now} now), so the rest of its training would "
+                         f"learn other targets; start it afresh with --overwrite instead of --resume")
     if differs:
         raise SystemExit(f"error: cannot resume {run}: it was started with other settings "
-                         + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items()))
+                         + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in differs.items())
+                         + "; give those, or start it afresh with --overwrite instead of --resume")
     student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
     if decoder is not None:
         decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})

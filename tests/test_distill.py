@@ -353,7 +353,8 @@ def test_resume_refuses_an_h_G_that_fuse_replaced(cache_dir, tmp_path):
     with cache.new_embedding("ae") as folder:
         for f in old.iterdir():
             shutil.copy(f, folder / f.name)
-    with pytest.raises(SystemExit, match="embedding_version"):
+    with pytest.raises(SystemExit, match=r"its h_G 'ae' was written anew since it started \(by fuse.py: version "
+                                         r"\S+ then, \.ae\.\S+ now\).*start it afresh with --overwrite"):
         distill.main([*common, "--resume"])
 
 
