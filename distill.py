@@ -76,7 +76,7 @@ def export_formats(text: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="distill.py", description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=Path("feats/demo"),
                    help="feature cache written by fuse.py (default: feats/demo, the cache of `python fuse.py`)")

@@ -57,7 +57,7 @@ def made_with(flag: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="fuse.py", description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data and cache")
     g.add_argument("--data", type=Path, help="folder of unlabelled face images (any tree), or synth:N for N synthetic "
                    "faces drawn by an installed DCGAN into data/synth/ (see README). "

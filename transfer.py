@@ -59,8 +59,8 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
-                         make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults, run_main,
-                         same_paths)
+                         kept_warnings, make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults,
+                         run_main, same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, load_config
 
@@ -74,7 +74,7 @@ PRUNABLE_TEACHERS = [n for n, s in REGISTRY.items() if s.runtime == "torch" and 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="transfer.py", description=__doc__, formatter_class=HelpFormatter)
     # counted from the registry, so that the help says what --list prints
     aliases = ", ".join(f"{a} = {t}" for a, t in tasks.ALIASES.items())
     p.add_argument("--list", action="store_true",
@@ -1261,7 +1261,8 @@ def main(argv=None):
         from common.images import list_images
 
         root = args.pseudo_label
-        unlabelled = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
+        with kept_warnings() as early:  # images the listing leaves out: named in the run's log.txt too
+            unlabelled = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
@@ -1275,7 +1276,7 @@ def main(argv=None):
     done = resumed_results(args, task_aligns) if args.resume else {}
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
-    log = get_logger(run, "transfer")
+    log = get_logger(run, "transfer", early if args.pseudo_label is not None else ())
     if args.resume and not done:  # a typo in --run-dir would otherwise cost a run unsaid
         log.info(f"--resume: no result in {run} yet: every task and method runs")
     if student_cfg and "note" in student_cfg:

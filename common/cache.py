@@ -588,6 +588,12 @@ class OpenFiles:
             for key in [k for k in self._open if k[1] == str(path)]:
                 del self._open[key]
 
+    def clear(self) -> None:
+        """Drop everything held open: files may be deleted and written anew between two runs of one process
+        (a notebook's fuse.py --overwrite), and a map kept would read the old ones."""
+        with self._lock:
+            self._open.clear()
+
     def __len__(self):
         return len(self._open)
 

@@ -129,10 +129,12 @@ _ROW = re.compile(r"(.+)#row(\d+)")
 
 
 @functools.lru_cache(maxsize=2)
-def _csv_pixels(csv_path: str) -> tuple[np.ndarray, dict] | Exception:
+def _csv_pixels(csv_path: str, stamp) -> tuple[np.ndarray, dict] | Exception:
     """All 48x48 faces of a FER2013-style CSV as one uint8 array, and {row: reason} for its unusable rows
-    (their pixels stay 0), parsed once per process. One bad row costs that row only; a file that cannot be
-    read at all is cached too, as its exception, so that each of 35,887 rows does not re-read it."""
+    (their pixels stay 0), parsed once per version of the file (stamp: its size and time, so that a CSV
+    rewritten in the same process, a notebook's, is read again, not its old pixels beside its new labels).
+    One bad row costs that row only; a file that cannot be read at all is cached too, as its exception, so
+    that each of 35,887 rows does not re-read it."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -159,7 +161,12 @@ def _csv_pixels(csv_path: str) -> tuple[np.ndarray, dict] | Exception:
 
 
 def _csv_row(path: str, m) -> np.ndarray:
-    parsed = _csv_pixels(m[1])
+    try:
+        st = os.stat(m[1])
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        stamp = None  # (the error itself is _csv_pixels's to give; once the file is there, it is read)
+    parsed = _csv_pixels(m[1], stamp)
     if isinstance(parsed, Exception):
         raise BadImage(f"{path}: cannot read the pixels of {m[1]} ({type(parsed).__name__}: {parsed})")
     pixels, bad = parsed

@@ -172,16 +172,31 @@ def write_args(run: Path, prefix: str, args) -> None:
     command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
 
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
-                                   "argv": sys.argv, "cwd": os.getcwd(), "environment": environment()})
+                                   "argv": CALL or sys.argv, "cwd": os.getcwd(), "environment": environment()})
 
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=1)
 def environment() -> dict:
     """What a result depends on beside its arguments: Python, the version of each package the requirements
-    files name (installed ones), and the code's git commit (with `dirty` when tracked files were changed)."""
+    files name (installed ones), and the code's git commit (with `dirty` when tracked files were changed: asked
+    each time, a notebook's code may change between two runs)."""
+    env = {"python": sys.version.split()[0], "packages": _packages()}
+    if "torch" in sys.modules:  # the build: 2.14.1+cu130 and +cpu are one package version
+        env["torch"] = sys.modules["torch"].__version__
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        if commit := git("rev-parse", "HEAD"):
+            env["commit"] = commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):  # no git here, or a checkout without .git
+        pass
+    return env
+
+
+@functools.lru_cache(maxsize=1)
+def _packages() -> dict:
     from importlib import metadata
 
     packages = {}
@@ -196,32 +211,48 @@ def environment() -> dict:
                     packages[name] = metadata.version(name)
                 except metadata.PackageNotFoundError:
                     pass
-    env = {"python": sys.version.split()[0], "packages": packages}
-    if "torch" in sys.modules:  # the build: 2.14.1+cu130 and +cpu are one package version
-        env["torch"] = sys.modules["torch"].__version__
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10).stdout.strip()
-        if commit := git("rev-parse", "HEAD"):
-            env["commit"] = commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):  # no git here, or a checkout without .git
-        pass
-    return env
+    return packages
 
 
 def holding_runs(main):
-    """A script's main that lets go of the run folders it locked when it returns or fails: a notebook or a
-    driver script that calls it can then run the command line on the same folder."""
+    """A script's main that, when it returns or fails, lets go of the run folders it locked, of its log files
+    and of the shard files it held open: a notebook or a driver script that calls it can then run the command
+    line on the same folder, delete or rewrite a cache between two calls, and log elsewhere."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
-        before = set(locks.held)
+        from common.cache import OPEN_FILES
+
+        import torch
+
+        before, made, lib = set(locks.held), len(_LOGGERS), logging.getLogger("common")
+        saved = list(lib.handlers), lib.propagate
+        cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic  # distill.py sets them
+        argv = args[0] if args and isinstance(args[0], (list, tuple)) else kwargs.get("argv")
+        # what args.json records as the command: the argv given, from a notebook, not the kernel's
+        CALL[:] = [f"{main.__module__.rsplit('.', 1)[-1]}.py", *map(str, argv)] if argv is not None else []
         LAST_RUN.clear()  # a driver running several mains: the Ctrl-C line names this one's folder
+        OPEN_FILES.clear()  # maps of files deleted since (fuse.py --overwrite) read the old features
         try:
             return main(*args, **kwargs)
         finally:
             for key in set(locks.held) - before:
                 locks.held.pop(key).close()
+            for log in _LOGGERS[made:]:  # the common.* warnings after it went to this run's log.txt
+                for h in log.handlers:
+                    h.close()
+                log.handlers.clear()
+            del _LOGGERS[made:]
+            lib.handlers, lib.propagate = saved
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+            OPEN_FILES.clear()
+            CALL.clear()
     return wrapped
+
+
+CALL = []  # the command line of the main running, as called from Python ([] from the command line: sys.argv)
+
+
+_LOGGERS = []  # the loggers get_logger set up, in order
 
 
 def hold(run: Path, lock: Path | None = None, busy: str | None = None) -> bool:
@@ -279,6 +310,7 @@ def get_logger(run: Path | None, name: str, early=(), rank: int = 0) -> logging.
     # land in the same places.
     lib = logging.getLogger("common")
     lib.handlers, lib.propagate = list(handlers), False
+    _LOGGERS.append(log)
     if run and rank == 0:  # first: a timestamped folder is otherwise named only when the run ends
         log.info(f"run folder: {run} (this log in {run / 'log.txt'})")
     for record in early:

@@ -1,6 +1,7 @@
 """Several tasks at once (2MD-MTL), data distillation, landmark tasks and kd (Wang 2017)."""
 import json
 import math
+import shutil
 from argparse import Namespace
 from types import SimpleNamespace
 
@@ -210,9 +211,11 @@ def test_multitask_with_pseudo_labels_end_to_end(tmp_path, tiny_student):
     data = tmp_path / "data"
     utk, raf = make_fixture("AgeR-UTK", data).parent, make_fixture("Expr-RAF", data)
     unlabelled = make_fixture("Align-300W", tmp_path / "u") / "helen"
+    shutil.copy(next(unlabelled.rglob("*.jpg")), unlabelled / "line\nbreak.jpg")  # left out by the listing
     r = _main(tmp_path, tiny_student, "--tasks", f"AgeR-UTK={utk},Expr-RAF={raf}",
               "--method", "multitask", "--pseudo-label", str(unlabelled), "--pseudo-threshold", "0",
               "--pseudo-agreement", "1")
+    assert "1 image(s) under" in (tmp_path / "run" / "log.txt").read_text()  # said on stderr, and on record
     for name in ("AgeR-UTK", "Expr-RAF"):
         res = r[name]["results"]
         assert set(res) == {"multitask", "multitask+pseudo"}

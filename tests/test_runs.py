@@ -418,3 +418,41 @@ def test_a_run_folder_named_in_other_bytes_than_utf8_is_logged(tmp_path, capsys)
     assert log.count(named) == 3 and f"written to {named}" in log  # the first line names it twice
     out = capsys.readouterr()
     assert "Logging error" not in out.err and f"written to {named}" in out.out
+
+
+def test_a_main_called_again_in_one_process_reads_files_written_since_and_logs_apart(tmp_path):
+    """A notebook or sweep driver calling the scripts' mains: a shard kept open (a map) across two calls read
+    the file an --overwrite had deleted (G fitted on the old features, Table 5 off by 3x), and the shared
+    modules' warnings after a main went on into that run's log.txt."""
+    import json
+    import logging
+    from argparse import Namespace
+
+    import numpy as np
+    import torch
+
+    from common.cache import OPEN_FILES, ShardedArray
+    from common.runs import get_logger, holding_runs, make_run_dir
+
+    shard = tmp_path / "00000.npy"
+    np.save(shard, np.zeros((4, 2), np.float32))
+    rows = ShardedArray([shard], np.array([0, 4]))
+
+    @holding_runs
+    def main(argv=None):
+        make_run_dir(tmp_path, "nb", Namespace())
+        get_logger(tmp_path, "nb").info("inside")
+        torch.backends.cudnn.benchmark = True  # as distill.py sets it
+        return float(rows.shard(0)[0, 0])
+
+    assert main(["--steps", 3]) == 0.0
+    shard.unlink()  # deleted and written anew between the calls, as fuse.py --overwrite does
+    np.save(shard, np.ones((4, 2), np.float32))
+    assert main() == 1.0 and len(OPEN_FILES) == 0
+    logging.getLogger("common.images").warning("a warning of the next cell")
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("inside") == 2 and "next cell" not in log
+    assert logging.getLogger("nb").handlers == []  # its log.txt closed
+    assert torch.backends.cudnn.benchmark is False  # the next main runs as in a fresh process
+    main(["--epochs", "2"])  # args.json's command: the argv given, not the notebook kernel's
+    assert json.loads((tmp_path / "args.json").read_text())["argv"] == ["test_runs.py", "--epochs", "2"]

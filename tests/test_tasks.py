@@ -409,6 +409,12 @@ def test_fer2013_bad_rows_cost_only_themselves(tmp_path):
         with pytest.raises(BadImage, match="no_pixels.csv"):
             read_image(f"{tmp_path}/no_pixels.csv#row0")
     assert images._csv_pixels.cache_info().misses == 2
+    # ...until it changes: a CSV rewritten in the same process (a notebook's) gives its new pixels
+    import os
+
+    fx.replace_line(csv_path, 2, row(0, " ".join(["200"] * 2304)))
+    os.utime(csv_path, ns=(0, os.stat(csv_path).st_mtime_ns + 10**9))  # (a coarse clock: a second later)
+    assert (read_image(f"{csv_path}#row0") == 200).all()
 
 
 def test_user_csv_split_column_all_or_nothing(tmp_path):
