@@ -41,7 +41,7 @@ from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
-                         recorded_args, resolved_args, run_main)
+                         recorded_args, resolved_args, run_main, same_paths)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -593,7 +593,10 @@ def another_finished_run(args) -> bool:
         return False
     if (old := recorded_args(args.run_dir)) is None:
         return True
-    return any(old.get(k) != v for k, v in resolved_args(args).items() if k not in ("run_dir", "device", "workers"))
+    # a flag newer than that run: it ran with its default; paths: from the folder each was started in
+    old, now = {**resolved_args(parse_args([])), **old}, resolved_args(args)
+    same_paths(args, old, now)
+    return any(old.get(k) != v for k, v in now.items() if k not in ("run_dir", "device", "workers"))
 
 
 def data_and_cache(args, rank: int, world: int) -> None:
