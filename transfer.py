@@ -58,11 +58,12 @@ from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.files import write_json, write_text
 from common.progress import Progress
-from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, get_logger, holding_runs,
-                         kept_warnings, make_run_dir, one_process_only, pick_device, resolved_args, resume_defaults,
-                         run_main, same_paths)
+from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, environment, get_logger,
+                         holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device, resolved_args,
+                         resume_defaults, run_main, same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, load_config
+from common.weights import sha256
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
@@ -733,11 +734,12 @@ def needs_teachers(task, methods, args) -> list[str]:
 
 
 def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
-                  done=None, source=(None, None, None, [])) -> dict:
+                  done=None, source=(None, None, None, []), student_sha=None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
-    done: (data fingerprint, {method: result}) of an interrupted run of the same arguments (--resume), kept
-    instead of run again if its data were these. source: teacher_source's, for the teacher-feature methods."""
-    done_data, done = done or (None, {})
+    done: (data fingerprint, {method: result}, inputs) of an interrupted run of the same arguments (--resume),
+    kept instead of run again if its data and inputs (the student's weights, the h_G version) were these.
+    source: teacher_source's, for the teacher-feature methods. student_sha: the student file's sha256."""
+    done_data, done, done_inputs = done or (None, {}, None)
     n_out = tasks.output_size(task, data)
     # a task none of whose methods reads teacher features runs no teacher on its images
     unsup, embedding, g_dim, teachers = source if needs_teachers(task, methods, args) else (None, None, None, [])
@@ -747,6 +749,17 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
                          f"or splits): its results would sit beside results of other data; start afresh in another "
                          f"--run-dir")
+    # what the results are of beside the arguments and data: the same arguments may name a student distilled
+    # again, or a cache whose h_G fuse.py wrote anew, since the interrupted run (its results would be the old ones')
+    inputs = {"student": student_sha, "embedding": unsup.embedding_dir(embedding).name if unsup else None}
+    if done and (changed := [k for k, v in inputs.items() if None not in (v, (done_inputs or {}).get(k))
+                             and done_inputs[k] != v]):
+        raise SystemExit(f"error: --resume: {' and '.join('the student' if k == 'student' else 'h_G' for k in changed)}"
+                         f" changed since the interrupted run ("
+                         + "; ".join(f"{k} {done_inputs[k][:16]} then, {inputs[k][:16]} now" for k in changed)
+                         + f"): {task.name}'s kept results would sit beside results of other inputs; start afresh in "
+                         f"another --run-dir")
+    commit = environment().get("commit")  # each result's own: a resume may run newer code than the kept ones
     align = align_of(task, args)
     cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
     found = cache.found
@@ -781,7 +794,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     out = {"task": task.name, "data": data_fp, "metric": task.metric, "protocol": task.protocol,
            "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
-           "validation": selection, "skipped_by_reader": len(data.skipped), "results": results}
+           "validation": selection, "skipped_by_reader": len(data.skipped), "inputs": inputs, "results": results}
     if data.counts:  # the reader's own filters (AffectNet's codes 8-10, IMDb-WIKI's rules): how many rows each took
         out["reader_counts"] = dict(data.counts)
     if unsup:  # what the teacher-feature columns are of
@@ -799,7 +812,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         if task.kind == "landmarks" or (task.kind == "verification" and method in kd.VERIFICATION_METHODS):
             teacher = (task_cache(data, build_teachers([kd.kd_teacher(task, args)], device), args, device,
                                   log, align, stamps=stamps) if method == "kd" else None)
-            results[method] = kd.run(task, data, cache, method, args, device, teacher)
+            results[method] = {**kd.run(task, data, cache, method, args, device, teacher), "commit": commit}
             log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}")
             save(out)
             continue
@@ -821,7 +834,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
                 images = wide = wide or teacher_crops(data, cache, args, device, log, align, stamps)
             results[method] = supervised(task, method, features, images, y, lo_hi, splits, found, n_out, args,
                                          device, student_cfg, log, g_widths)
-        results[method]["selection"] = selection
+        results[method].update(selection=selection, commit=commit)
         log.info(f"{task.name} {method}: {results[method]['metric']} = {results[method]['value']:.4f}"
                  + (f" ({results[method]['chosen']})" if results[method].get("chosen") else ""))
         save(out)
@@ -863,7 +876,8 @@ def resumed_results(args, aligns=frozenset()) -> dict:
                          + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ)
                          + "): give the same ones, or start afresh in another --run-dir")
-    return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if m != "multitask"})
+    return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if m != "multitask"},
+                        r.get("inputs"))
             for r in report}
 
 
@@ -1266,6 +1280,8 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
+    student_file = args.student if args.student.is_file() else args.student / "student.safetensors"
+    student_sha = sha256(student_file) if student_cfg and "note" not in student_cfg else None
     # the teacher-feature columns read the fusion the student learnt from, even when no method runs the student
     learnt_from = student_cfg or students_record(args)
     the_students_cache(args, learnt_from)
@@ -1292,11 +1308,11 @@ def main(argv=None):
                      f"skipped-{task.name}.tsv)")
         if data.counts:
             log.info(f"{task.name}: the reader's counts: {data.counts}")
-        if done.get(task.name, (None, {}))[1]:
+        if done.get(task.name, (None, {}, None))[1]:
             log.info(f"{task.name}: kept from the run resumed (not run again): {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
-                                         done=done.get(task.name), source=source))
+                                         done=done.get(task.name), source=source, student_sha=student_sha))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

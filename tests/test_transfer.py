@@ -307,6 +307,8 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     """A method a task cannot take, or a typo in a later task's folder, stops the run before the first task's
     teachers run; a run folder holding a report is not overwritten; a failure in a later method leaves the
     earlier methods' results in report.json."""
+    from common.runs import environment
+
     utk = make_fixture("AgeR-UTK", tmp_path / "data")
     base = ["--student", str(student_ckpt), "--teacher-cache", str(fused / "feats"), "--cache-dir",
             str(tmp_path / "cache"), "--head-epochs", "3", "--max-splits", "1"]
@@ -362,6 +364,17 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     short = json.loads((tmp_path / "run-short" / "report.json").read_text())[0]
     assert ran == ["fused", "fused"] and short["results"]["frozen"] == saved["results"]["frozen"]
     assert short["results"]["fused"]["value"] == pytest.approx(resumed["results"]["fused"]["value"], rel=1e-4)
+    assert resumed["inputs"]["student"] and resumed["results"]["fused"]["commit"] == environment().get("commit")
+    # the same arguments naming a student distilled again since: frozen's kept result was the old one's
+    other = json.loads((tmp_path / "run-copy" / "report.json").read_text())
+    other[0]["inputs"] = {**other[0]["inputs"], "student": "0" * 64}
+    (tmp_path / "run-copy" / "report.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"--resume: the student changed since the interrupted run \(student "
+                                         r"0000000000000000 then, \w{16} now\): AgeR-UTK's kept results"):
+        transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
+                       "--run-dir", str(tmp_path / "run-copy"), "--resume"])
+    other[0]["inputs"] = {**other[0]["inputs"], "student": resumed["inputs"]["student"]}
+    (tmp_path / "run-copy" / "report.json").write_text(json.dumps(other))
     # images added to the folder since: frozen's kept result was of other data, so the resume is refused
     first = sorted(utk.glob("*.jpg*"))[0]
     shutil.copy(first, utk / "33_1_0_20170109150557335.jpg.chip.jpg")
