@@ -679,6 +679,10 @@ def pairing_warning(unsup: FeatureCache, embedding: str | None, student_cfg) -> 
     if embedding != student_cfg["embedding"]:
         return (f"warning: the student learnt h_G '{student_cfg['embedding']}', the teacher-feature methods read "
                 f"h_G '{embedding}' of {unsup.path}: their columns are of two fusions (--embedding names one)")
+    learnt, now = student_cfg.get("embedding_version"), unsup.embedding_dir(embedding).name
+    if mine and learnt and learnt != now:  # fuse.py fitted G anew since: the same name, another fusion
+        return (f"warning: the student learnt h_G '{embedding}' as it was then ({learnt}); fuse.py has written it "
+                f"anew since ({now}), which the teacher-feature methods read: their columns are of two fusions")
     return None
 
 

@@ -501,6 +501,18 @@ def test_the_teacher_columns_read_the_students_cache_and_h_G(tmp_path, fused, ca
                        "--cache", str(cache.path), "--embedding", "ae", "--task-cache", str(tmp_path / "tc"),
                        "--head-epochs", "2", "--max-splits", "1", "--run-dir", str(tmp_path / f"r4-{n}")])
         assert "warning: the student learnt" not in capsys.readouterr().out
+    # the student's h_G written anew by fuse.py since (its G fitted again): the same name, another fusion
+    versioned = write_tiny_student(tmp_path / "v.safetensors", 48, embedding="pca", teacher_cache=str(cache.path),
+                                   cache_content=cache.manifest["content_hash"],
+                                   embedding_version=cache.embedding_dir("pca").name)
+    base[base.index("--student") + 1] = str(versioned)
+    transfer.main([*base, "--run-dir", str(tmp_path / "r5")])
+    assert "warning: the student learnt" not in capsys.readouterr().out
+    with cache.new_embedding("pca") as folder:
+        for f in cache.embedding_dir("ae").iterdir():
+            shutil.copy(f, folder / f.name)
+    transfer.main([*base, "--run-dir", str(tmp_path / "r6")])
+    assert "fuse.py has written it anew since" in capsys.readouterr().out
 
 
 def test_a_tasks_teacher_features_are_read_once_in_g_units(tmp_path, fused, student_ckpt, monkeypatch):
