@@ -49,9 +49,9 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.files import atomic_write, write_json, write_text
 from common.progress import Progress
-from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info, get_logger,
-                         hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device, resume_defaults,
-                         run_main, write_args)
+from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
+                         get_logger, hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device,
+                         resume_defaults, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -760,6 +760,7 @@ def embed_main(argv):
     rel = list_images(a.images)
     if not rel:
         raise SystemExit(f"error: no images under {a.images}")
+    LAST_RUN[:] = ["embed", a.out]  # what a Ctrl-C says: no run folder to name
     emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
                                 pick_device(a.device), a.min_face_prob, say=log.info)
     stem = a.out.with_suffix("")

@@ -117,7 +117,7 @@ def same_paths(args, old: dict, now: dict) -> None:
                 old[k] = os.path.abspath(os.path.join(old.get("cwd", ""), old[k]))
 
 
-LAST_RUN = []  # [script, run folder] of the run folder this process made last
+LAST_RUN = []  # [script, run folder] of the run folder this process made last (embed: [embed, its --out])
 
 
 def interrupted_line() -> str:
@@ -125,6 +125,8 @@ def interrupted_line() -> str:
     if not LAST_RUN:
         return "interrupted before its run folder was made: run the same command again"
     script, run = LAST_RUN
+    if script == "embed":  # distill.py embed: no run folder, one file written whole at the end
+        return f"interrupted: {run} is written whole at its end, so nothing of it was: run the same command again"
     if script == "fuse":
         return (f"interrupted (run folder {run}): run the same command again, without --overwrite (which would "
                 f"delete the cache), to go on where it stopped")

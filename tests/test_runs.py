@@ -99,6 +99,12 @@ def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys, tmp_path):
             continue
         assert (f"--resume --run-dir {tmp_path / script}" in err) == (script != "fuse")
         assert ("--overwrite" in err) == (script == "fuse")
+    from common import runs
+
+    runs.LAST_RUN[:] = ["embed", tmp_path / "e.npy"]  # distill.py embed: no run folder, one file written at its end
+    assert runs.interrupted_line() == (f"interrupted: {tmp_path / 'e.npy'} is written whole at its end, so nothing "
+                                       f"of it was: run the same command again")
+    runs.LAST_RUN.clear()
     with pytest.raises(SystemExit, match=r"^error: ae: the loss became inf; lower --lr$"):
         run_main(raising(FloatingPointError("ae: the loss became inf; lower --lr")))
 
