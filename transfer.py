@@ -543,7 +543,9 @@ def run_on_images(task, cache, y, lo_hi, split, found, n_out, args, device, stud
         scored = np.random.default_rng(args.seed).permutation(train)[: args.etl_images]
         prune.etl_prune(model[0], make_input(1, device), loader(scored, False)(), task.kind, ratio, args.etl_images)
         with torch.no_grad():
-            model[1] = head(model[0](make_input(1, device)).shape[1], n_out, args.hidden).to(device)
+            pruned_width = model[0](make_input(1, device)).shape[1]
+        if pruned_width != width:  # (a teacher's last filters cut); else ratio 0's head, the same draws after it
+            model[1] = head(pruned_width, n_out, args.hidden).to(device)
     if device.type == "cuda":  # after pruning, which rebuilds the weights it cuts in the default layout
         model = model.to(memory_format=torch.channels_last)
     # The pretrained backbone moves slower than the new head; from scratch, both move at the head's pace.

@@ -22,12 +22,11 @@ smaller network that is then fine-tuned. What is implemented here:
    norms, fewer input channels in the layers after them), which the caller fine-tunes. Before that, it
    is checked to compute what the unpruned network computes with the removed filters silenced.
 
-Where this differs from the papers: they prune VGGFace (plain convolutions, most weights in the
-fully connected layers) and pick filters with their own per-filter task classifiers; here the score is
-the mutual information of the pooled response (a classifier-free measure of "how much a filter tells
-about the label"), the cut is a fixed fraction of every layer (so that no layer vanishes and the
-ratio means the same on any network), the networks are residual (the student) or any PyTorch teacher,
-and pruning is done once, not iteratively.
+Where this differs from the paper: the text we had (its abstract) says ETL keeps only "cross-task aware
+filters" of a transferred VGGFace, not how it scores or cuts them; here the score is the mutual information
+of the pooled response (a classifier-free measure of "how much a filter tells about the label"), the cut is
+a fixed fraction of every layer (so that no layer vanishes and the ratio means the same on any network), the
+networks are residual (the student) or any PyTorch teacher, and pruning is done once.
 
 A pruned network is saved with its module shapes in the safetensors metadata (`shapes`), which
 `apply_shapes` uses to rebuild it from the unpruned architecture before loading the weights.
@@ -377,6 +376,8 @@ def choose(entries: dict, higher_is_better: bool, keep: float) -> tuple[float, s
     base = entries.get(0.0, {}).get("val")
     if base is None:
         return max(entries), "no validation split: the most pruned ratio is shown (nothing is chosen on test)"
+    if higher_is_better and base <= 0:  # every ratio "keeps 99.5 %" of nothing: the most pruned one won
+        return 0.0, "the unpruned validation score is 0, of which no share can be kept: ratio 0 is kept"
     ok = [r for r, e in entries.items() if e.get("val") is not None
           and (e["val"] >= keep * base if higher_is_better else e["val"] <= base / keep)]
     pick = max(ok) if ok else 0.0
@@ -402,8 +403,9 @@ def report_table(rows: list[dict], metric: str, higher_is_better: bool,
     for the student, P-CNN's for a teacher base."""
     zero = "finetune (0)" if base_name == "student" else f"pcnn {base_name} (0)"
     base = next((r for r in rows if r["ratio"] == 0.0), None)
-    headers = ["ratio", "params", "params kept", "MFLOPs", "file MB", "CPU ms b1", "CPU ms b64", "GPU ms b1",
-               "GPU ms b64", f"{metric} (val)", f"{metric} (test)", "test kept"]
+    # the backbone's apart: only its filters are cut, and at high ratios the head's MLP is most of "params"
+    headers = ["ratio", "params", "params kept", "backbone params", "MFLOPs", "file MB", "CPU ms b1", "CPU ms b64",
+               "GPU ms b1", "GPU ms b64", f"{metric} (val)", f"{metric} (test)", "test kept"]
     table = []
     for r in sorted(rows, key=lambda r: r["ratio"]):
         kept = None
@@ -415,7 +417,8 @@ def report_table(rows: list[dict], metric: str, higher_is_better: bool,
 
         table.append([(zero if r["ratio"] == 0 else f"{r['ratio']:g}") + (" *" if r.get("chosen") else ""),
                       f"{r['params']:,}", fmt(r["params"] / base["params"] if base else None, "{:.1%}"),
-                      fmt(r["mflops"], "{:.2f}"), fmt(r["file_mb"], "{:.3f}"), fmt(r["cpu_ms_b1"], "{:.2f}"),
+                      fmt(r.get("backbone_params"), "{:,}"), fmt(r["mflops"], "{:.2f}"), fmt(r["file_mb"], "{:.3f}"),
+                      fmt(r["cpu_ms_b1"], "{:.2f}"),
                       fmt(r["cpu_ms_b64"]), fmt(r["gpu_ms_b1"], "{:.2f}"), fmt(r["gpu_ms_b64"], "{:.2f}"),
                       fmt(r.get("val"), "{:.4f}"), f"{r['value']:.4f}", "n/a" if kept is None else f"{kept:.1%}"])
     return headers, table

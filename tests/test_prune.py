@@ -215,7 +215,9 @@ def test_etl_every_ratio_end_to_end(etl_run):
     assert [row["mflops"] for row in rows] == sorted((row["mflops"] for row in rows), reverse=True)
     md = (run / "etl.md").read_text()
     assert "finetune (0)" in md and "0.97" in md and "not measured" in md  # no GPU here
-    assert f"* chosen: the most pruned ratio keeping 99.5% of the unpruned validation score: {res['chosen']}" in md
+    rule = ("the unpruned validation score is 0, of which no share can be kept: ratio 0 is kept"
+            if res["search"]["0"]["val"] == 0 else "the most pruned ratio keeping 99.5% of the unpruned validation score")
+    assert f"* chosen: {rule}: {res['chosen']}" in md
     assert (run / "etl.png").stat().st_size > 1000
 
 
@@ -354,6 +356,8 @@ def test_etl_flags_and_a_pruned_students_scratch_twin(etl_run, tmp_path):
     # the choice reads validation, the value is a test score: both columns, the unmeasured one said so
     assert headers[-3:] == ["accuracy (val)", "accuracy (test)", "test kept"]
     assert table[0][-3:] == ["not measured", "0.8000", "100.0%"]
+    assert headers[3] == "backbone params" and table[0][3] == "not measured"  # the head's apart, where measured
+    assert prune.report_table([{**rows[0], "backbone_params": 1234}], "accuracy", True)[1][0][3] == "1,234"
     assert prune.report_table([{**rows[0], "val": 0.75}], "accuracy", True)[1][0][-3] == "0.7500"
     assert prune.report_table(rows, "accuracy", True, "mobilenet_v2")[1][0][0] == "pcnn mobilenet_v2 (0)"
 
@@ -369,9 +373,27 @@ def test_the_etl_choice_is_made_on_validation_and_said_for_every_split():
     assert choose({0.0: {"val": 2.0}, 0.5: {"val": 2.009}, 0.9: {"val": 2.02}}, False, 0.995)[0] == 0.5
     ratio, rule = choose({0.0: {"val": None}, 0.5: {"val": 0.7}}, True, 0.995)
     assert ratio == 0.5 and "nothing is chosen on test" in rule
+    # an unpruned score of 0 is "kept" by every ratio: the most pruned one won, labelled as keeping 99.5 %
+    ratio, rule = choose({0.0: {"val": 0.0}, 0.5: {"val": 0.0}, 0.97: {"val": 0.0}}, True, 0.995)
+    assert ratio == 0.0 and "no share can be kept" in rule
     keep = choose(entries, True, 0.995)[1]
     assert rule_line([("0.9", keep)]) == f"{keep}: 0.9"
     line = rule_line([("0.9", keep), ("0.5", keep), ("0", keep)])
     assert line.count(keep) == 1 and line.endswith("each split's own validation faces: 0.9, 0.5, 0")
     none = choose({0.0: {"val": None}, 0.5: {"val": 0.7}}, True, 0.995)[1]  # a split without validation faces
     assert rule_line([("0.9", keep), ("0.5", none)]) == f"split 0: {keep}: 0.9; split 1: {none}: 0.5"
+
+
+def test_a_pruned_ratio_trains_from_ratio_0s_head(tmp_path, monkeypatch):
+    """Each ratio above 0 drew a new head after pruning, though the student's width is unchanged: pruned and
+    unpruned runs differed in the head's init and the dropout draws after it, not in the pruning alone. With
+    pruning made a no-op, a ratio now scores what ratio 0 does."""
+    ckpt = write_tiny_student(tmp_path / "student.safetensors", 32)
+    data = make_fixture("Gender-UTK", tmp_path / "data")
+    monkeypatch.setattr(prune, "etl_prune", lambda *a, **k: None)
+    transfer.main(["--task", "Gender-UTK", "--data", str(data), "--student", str(ckpt), "--method", "etl",
+                   "--prune", "0.5", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
+                   "--epochs", "2", "--device", "cpu", "--align", "none"])
+    search = json.loads((tmp_path / "run" / "report.json").read_text())[0]["results"]["etl"]["search"]
+    assert search["0.5"]["value"] == pytest.approx(search["0"]["value"], abs=1e-6)
+    assert search["0.5"]["val"] == pytest.approx(search["0"]["val"], abs=1e-6)
