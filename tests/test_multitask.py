@@ -612,3 +612,28 @@ def test_a_loss_that_diverges_stops_the_joint_training_with_its_epoch(tmp_path):
     args = Namespace(batch=4, workers=0, seed=0)
     with pytest.raises(FloatingPointError, match=r"inf or NaN in epoch [12]; lower --lr"):
         multitask.train(model, targets, rows, 32, 2, [{"params": model.parameters(), "lr": 1e30}], args, "cpu")
+
+
+def test_a_regression_head_no_better_than_a_constant_labels_nothing(tmp_path, tiny_student, monkeypatch):
+    """The spread rule alone kept the answers of an age head still near its constant (they agree over the views
+    because they are alike for every face): on the demo, 134 of 192 ages, a quarter of the real labels' spread.
+    A regression task whose model does not beat the training median on validation labels nothing."""
+    utk = make_fixture("AgeR-UTK", tmp_path / "data")
+    unlabelled = make_fixture("Align-300W", tmp_path / "u") / "helen"
+    seen = []
+
+    def no_better(t, *a):
+        seen.append(t.name)
+        return 2.0, 1.0
+    monkeypatch.setattr(multitask, "beats_a_constant", no_better)
+    r = _main(tmp_path, tiny_student, "--task", "AgeR-UTK", "--data", str(utk.parent), "--method", "multitask",
+              "--pseudo-label", str(unlabelled), "--pseudo-threshold", "0", "--pseudo-agreement", "1")
+    assert seen == ["AgeR-UTK"] and r["AgeR-UTK"]["results"]["multitask+pseudo"]["pseudo_labels"] == 0
+    assert "pseudo-labels AgeR-UTK: none kept: on validation its answers (error 2.0000) do not beat the training " \
+           "labels' constant (1.0000)" in (tmp_path / "run" / "log.txt").read_text()
+    # the two errors, each in the task's own metric: the model's, and the training labels' median age's
+    monkeypatch.undo()
+    t = SimpleNamespace(task=tasks.get_task("AgeR-UTK"), kind="regression", split=tasks.Split("s", np.arange(3),
+                        np.array([3]), np.array([4, 5])), extra={"labels": [20.0, 30.0, 90.0, 0.0, 28.0, 40.0]})
+    monkeypatch.setattr(multitask, "score_rows", lambda *a: (7.5, None))
+    assert multitask.beats_a_constant(t, None, None, 32, None, "cpu") == (7.5, pytest.approx((2 + 10) / 2))
