@@ -464,6 +464,11 @@ def fits_folder(root) -> Path:
     return Path(root) / f"v{FIT_FORMAT}-{_CODE}"
 
 
+# What prune_fits may remove: names it writes, nothing else (root may be a link to a scratch disk, or hold a
+# user's own files: removing every other entry there emptied the folder a `fits` link pointed to)
+_FIT_NAMES = re.compile(r"v\d+-[0-9a-f]{16}|.+\.state\.safetensors|\..+\.tmp")
+
+
 def prune_fits(root) -> int:
     """Remove from root what no fit can read any more: other versions' folders, loose files of the layout
     before versioned folders, and the temp file of a save a kill -9 cut off. Returns the bytes freed.
@@ -472,7 +477,7 @@ def prune_fits(root) -> int:
     root, keep = Path(root), fits_folder(root)
     if not root.is_dir():
         return 0
-    dead = [p for p in root.iterdir() if p != keep] + list(keep.rglob(".*.tmp"))
+    dead = [p for p in root.iterdir() if p != keep and _FIT_NAMES.fullmatch(p.name)] + list(keep.rglob(".*.tmp"))
     freed = 0
     for p in dead:
         tree = p.is_dir() and not p.is_symlink()

@@ -135,6 +135,8 @@ def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
     (fits / "v1-0123456789abcdef").mkdir()  # another version of fusion.py or torch: never read again
     (fits / "v1-0123456789abcdef" / "ae-16-0123.state.safetensors").write_bytes(b"x" * 1000)
     (fits / "ae-16-0123456789abcdef.state.safetensors").write_bytes(b"x")  # the flat layout of before
+    (fits / "notes").mkdir()  # what it did not write stays: a `fits` link to a scratch disk emptied that disk
+    (fits / "notes" / "plan.txt").write_text("mine")
     common = ["--data", str(face_dir), "--out", str(tmp_path / "feats"), "--teachers", CHEAP, "--epochs", "3",
               "--shard-size", "4", "--dim", "16"]
     fuse.main(common + ["--run-dir", str(tmp_path / "again"), "--ops", "ae,vae,pca"])
@@ -145,7 +147,8 @@ def test_rerun_loads_finished_fits_from_the_cache(fused, face_dir, tmp_path):
         assert all(abs(after["nrmse"][op][k] - before["nrmse"][op][k]) < 1e-6 for k in before["nrmse"][op])
     text = (tmp_path / "again" / "log.txt").read_text()
     assert "finished earlier" in text and "kept as it is" in text and cache.embedding_dir("ae") == version
-    assert [p.name for p in fits.iterdir()] == [fusion.fits_folder(fits).name]  # the dead states are removed
+    assert sorted(p.name for p in fits.iterdir()) == sorted([fusion.fits_folder(fits).name, "notes"])  # the dead
+    assert (fits / "notes" / "plan.txt").read_text() == "mine"  # states are removed, nothing else
     assert not list(fusion.fits_folder(fits).glob(".*.tmp"))  # the orphan of a kill -9 is swept
     assert "of fit states no fit of this version can read" in text
     fuse.main(common + ["--run-dir", str(tmp_path / "refit"), "--ops", "ae", "--refit"])
