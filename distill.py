@@ -340,7 +340,7 @@ def refuse_to_clobber(out, resume, overwrite, delete=True) -> None:
         raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                          f"--overwrite to delete its checkpoints and results and start afresh, or another --run-dir")
     for path in [Path(out) / n for n in found] if delete else []:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # a link goes, not what it points to
             shutil.rmtree(path)
         else:
             path.unlink()

@@ -249,6 +249,9 @@ def report_missed(cache: FeatureCache, run: Path, log) -> None:
 def refuse_to_delete(cache: Path, data) -> None:
     """--overwrite deletes a feature cache, nothing else: not a folder without a cache's manifest (a typo
     in --cache), and never the images (a cache inside the data folder, or the data inside the cache)."""
+    if Path(cache).is_symlink():  # (rmtree refuses one, in a traceback; its folder is the user's to name)
+        raise SystemExit(f"error: --overwrite would delete the cache through the symbolic link {cache} (to "
+                         f"{Path(cache).resolve()}): nothing was deleted; give that folder as --cache")
     out, src = Path(cache).resolve(), Path(data).resolve()  # synth:N is a folder by now
     if out == src or out in src.parents or src in out.parents:
         raise SystemExit(f"error: --overwrite would delete {cache}, which holds or is inside the images of "

@@ -133,6 +133,9 @@ def interrupted_line() -> str:
     return f"interrupted: to go on where it stopped, run the same command again with --resume --run-dir {run}"
 
 
+THROUGH = (".lock", "log.txt", "metrics.jsonl", "ckpt", "etl")  # written into in place (not replaced whole)
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
     script (`prefix`) that made it: another script's run folder is refused, not written over. record=False
@@ -145,6 +148,10 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
         made_by = (recorded_args(run) or {}).get("script", prefix)
         if made_by != prefix:
             raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
+        # what a run appends to, writes into or sweeps: through a link, files elsewhere were written and deleted
+        if links := [name for name in THROUGH if (run / name).is_symlink()]:
+            raise SystemExit(f"error: --run-dir {run} holds {', '.join(links)} as a symbolic link, which a run would "
+                             f"write into and sweep, wherever it points: put the file or folder itself there")
         run.mkdir(parents=True, exist_ok=True)
     else:  # two runs started in the same second get folders of their own
         stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1

@@ -816,3 +816,14 @@ def test_a_resume_with_nothing_to_continue_says_so(cache_dir, tmp_path):
     distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "new"), "--resume", "--steps", "1",
                   "--no-eval", *TINY])
     assert "--resume: no run in" in (tmp_path / "new" / "log.txt").read_text()
+
+
+def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_points_to(tmp_path):
+    """--overwrite with ckpt a symbolic link ended in rmtree's traceback; it removes the link alone."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step_00000009.safetensors").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt").symlink_to(elsewhere)
+    distill.refuse_to_clobber(tmp_path / "run", resume=False, overwrite=True)
+    assert not (tmp_path / "run" / "ckpt").exists() and (elsewhere / "step_00000009.safetensors").exists()

@@ -421,6 +421,12 @@ def test_overwrite_deletes_a_cache_and_nothing_else(tmp_path, face_dir):
         fuse.main(["--data", str(face_dir), "--cache", str(outer), "--teachers", CHEAP, "--overwrite",
                    "--extract-only", "--run-dir", str(tmp_path / "run2")])
     assert (outer / "demo" / "manifest.json").exists() and (outer / "tasks" / "Gender-UTK" / "manifest.json").exists()
+    # a cache given through a link: one line, nothing deleted (rmtree refused it in a traceback)
+    (tmp_path / "link").symlink_to(outer / "demo")
+    with pytest.raises(SystemExit, match="through the symbolic link .*link .to .*demo.: nothing was deleted"):
+        fuse.main(["--data", str(face_dir), "--cache", str(tmp_path / "link"), "--teachers", CHEAP, "--overwrite",
+                   "--extract-only", "--run-dir", str(tmp_path / "run3")])
+    assert (outer / "demo" / "manifest.json").exists()
 
 
 def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):

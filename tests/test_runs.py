@@ -462,3 +462,25 @@ def test_a_main_called_again_in_one_process_reads_files_written_since_and_logs_a
     assert torch.backends.cudnn.benchmark is False  # the next main runs as in a fresh process
     main(["--epochs", "2"])  # args.json's command: the argv given, not the notebook kernel's
     assert json.loads((tmp_path / "args.json").read_text())["argv"] == ["test_runs.py", "--epochs", "2"]
+
+
+def test_a_run_folder_holding_links_is_refused_before_anything_is_written_through_them(tmp_path):
+    """A run folder copied from elsewhere with ckpt or log.txt as a symbolic link: the refused resume had
+    already appended to the linked file and swept the linked folder's temporary files; a continued one wrote
+    its checkpoints there and deleted 'later steps' of the user's."""
+    from argparse import Namespace
+
+    from common.runs import holding_runs, make_run_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".keep.tmp").write_text("mine")
+    (elsewhere / "bashrc").write_text("mine\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt").symlink_to(elsewhere)
+    (run / "log.txt").symlink_to(elsewhere / "bashrc")
+    with pytest.raises(SystemExit, match=r"holds log.txt, ckpt as a symbolic link"):
+        holding_runs(make_run_dir)(run, "distill", Namespace())
+    assert (elsewhere / ".keep.tmp").exists() and (elsewhere / "bashrc").read_text() == "mine\n"
+    assert not (run / ".lock").exists() and not (run / "args.json").exists()
