@@ -496,6 +496,8 @@ def weights_problem(name: str) -> str | None:
 
 def _weight_path(spec: TeacherSpec) -> Path:
     if spec.package:
+        if Path(spec.file).is_absolute() or ".." in Path(spec.file).parts:  # a record naming a file outside it
+            raise BadTeacher(f"teacher {spec.name}: weight file {spec.file!r} is not inside the package {spec.package}")
         return package_file(spec.package, spec.file, spec.pip)
     path = Path(spec.file).expanduser()
     if not path.is_file():
@@ -683,9 +685,18 @@ def cached_teacher(entry: dict) -> str | TeacherSpec:
             return name
     try:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
-        return _check(TeacherSpec(**values, build=_BUILDERS.get(values.get("runtime"))))
+        spec = _check(TeacherSpec(**values, build=_BUILDERS.get(values.get("runtime"))))
     except TypeError as e:
         raise ValueError(f"teacher {name!r}: the cache's record of it cannot be read ({e})") from None
+    # A file of one's own is checked before it is loaded, not after: a TorchScript file runs code as it loads
+    # and runs, and the one there now may not be the one the cache was made with.
+    recorded = str(entry.get("version", "")).split(":")
+    path = Path(spec.file).expanduser()
+    if not spec.package and len(recorded) == 3 and path.is_file() and sha256(path)[:16] != recorded[1]:
+        raise BadTeacher(f"teacher {name}: {path} is not the weight file the cache was made with (sha256 "
+                         f"{recorded[1]}... then, {sha256(path)[:16]}... now): put back that file, or make a cache "
+                         f"with this one by fuse.py")
+    return spec
 
 
 def _as_reference(spec: TeacherSpec) -> TeacherSpec:

@@ -583,6 +583,14 @@ def test_a_caches_record_builds_its_teachers_again_without_their_config(resnet, 
     assert cached_teacher({"name": "gender", "dim": 128, "version": "v"}) == "gender"  # a cache from before records
     with pytest.raises(ValueError, match="cannot be read"):
         cached_teacher({"name": "x", "spec": {**manifest[1]["spec"], "colour": "RGB"}})
+    # another file in its place is refused before it is loaded (a TorchScript file runs code as it loads)
+    entry = {**manifest[1], "version": built[1].version}
+    assert isinstance(cached_teacher(entry), TeacherSpec)
+    (tmp_path / "models" / "r18.pt").write_bytes(b"not the model the cache was made with")
+    with pytest.raises(ValueError, match=r"r18.pt is not the weight file the cache was made with \(sha256 "):
+        cached_teacher(entry)
+    with pytest.raises(ValueError, match="is not inside the package"):  # a record naming a file outside it
+        build_teachers([replace(REGISTRY["gender"], file="../../../etc/passwd")])
 
 
 @pytest.mark.parametrize("bad", [
