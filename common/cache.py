@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from common import locks
 from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
-from common.files import atomic_write, remove_temporary, write_json
+from common.files import atomic_write, default_mode, remove_temporary, write_json
 from common.images import CANNOT_READ, PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
 FORMAT = 2  # 2: the crop store
@@ -1129,7 +1129,7 @@ class FeatureCache:
         root = self.path / "emb"
         root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.{time.strftime('%Y%m%d-%H%M%S')}."))
-        folder.chmod(0o755)
+        folder.chmod(default_mode(folder=True))  # mkdtemp's 0700, as mkdir would make it
         try:
             yield folder
         except BaseException:

@@ -15,6 +15,11 @@ _UMASK = os.umask(0)  # read once (setting it is the only way to read it) and pu
 os.umask(_UMASK)
 
 
+def default_mode(folder: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or folder under this process's umask."""
+    return (0o777 if folder else 0o666) & ~_UMASK
+
+
 @contextmanager
 def atomic_file(path: Path):
     """A temp path beside path to write; when the block ends, it is synced and renamed over path (removed
@@ -23,9 +28,11 @@ def atomic_file(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: the file gets the mode open() would give it
     try:
         yield tmp
+        # after the writer, which may have made the file anew (safetensors' at 0600 whatever the umask): mkstemp
+        # makes it 0600 too; it gets the mode open() would give it, so that colleagues read a shared cache
+        os.chmod(tmp, default_mode())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import StateError, load_state, save_state
-from common.files import atomic_write
+from common.files import atomic_file, atomic_write
 from common.images import PATH_ERRORS
 from common.progress import counted
 
@@ -299,10 +299,8 @@ def save(model: nn.Module, op: str, d_in: int, d_out: int, path) -> None:
     if not state:  # safetensors refuses an empty file; concat has no parameters
         state = {"_empty": torch.zeros(1)}
     meta = {"config": json.dumps(config(model, op, d_in, d_out))}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".part")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def load(path) -> tuple[nn.Module, dict]:

@@ -232,3 +232,17 @@ def test_convert_older_run_folder(tmp_path):
     assert_same(converted, state)
     set_rng_state(converted["rng"])  # numpy's legacy tuple form restores as well
     assert draws() == expected
+
+
+def test_state_files_take_the_umask_like_any_other_file(tmp_path, monkeypatch):
+    """safetensors makes its files 0600 whatever the umask: the fit states and training states of a shared
+    cache or run folder were unreadable to the colleagues who read its other files."""
+    import os
+
+    from common import files, fusion
+
+    monkeypatch.setattr(files, "_UMASK", 0o027)
+    save_state(tmp_path / "s.state.safetensors", {"step": 1, "w": torch.zeros(2)})
+    fusion.save(fusion.build("pca", 4, 2, "paper", 0), "pca", 4, 2, tmp_path / "G.safetensors")
+    for name in ("s.state.safetensors", "G.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o640, name
