@@ -177,6 +177,8 @@ def _csv_rows(path: Path):
                 yield reader.line_num, row
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e, f" after line {reader.line_num}" if reader.line_num else "") from None
+        except csv.Error as e:  # a field past the csv module's limit, a NUL byte: not a CSV of this layout
+            raise BadLabels(f"{path} line {reader.line_num}: not read as CSV ({e})") from None
 
 
 def _listed_once(path: Path, lines_of: dict) -> None:

@@ -631,6 +631,9 @@ def test_label_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     _rewrite(mine / "labels.csv", lambda b: b.replace(b"imgs/0.jpg", "imgs/caf\u00e9.jpg".encode("cp1252")))
     with pytest.raises(tasks.BadLabels, match=r"labels.csv: not UTF-8 text \(byte 0xe9\): save it as UTF-8"):
         load(tasks.csv_task("Mine", kind="regression"), mine)
+    _rewrite(mine / "labels.csv", lambda b: b"file,label\n" + b"x" * 200_000 + b",3\n")  # past csv's field limit
+    with pytest.raises(tasks.BadLabels, match=r"labels.csv line 2: not read as CSV \(field larger than field limit"):
+        load(tasks.csv_task("Mine", kind="regression"), mine)
     raf = fx.make_fixture("Expr-RAF", tmp_path / "raf2")
     _rewrite(raf / "basic/EmoLabel/list_patition_label.txt", lambda b: b + "test_\u00e9.jpg 1\n".encode("latin-1"))
     with pytest.raises(tasks.BadLabels, match=r"list_patition_label.txt \(at byte \d+\): not UTF-8 text"):
