@@ -148,6 +148,12 @@ def load_student(path, device="cpu") -> tuple[Student, dict]:
     """
     cfg, tensors = read_checkpoint(path)
     try:  # a config its tensors do not fit (an edited file, another tool's): the file's fault, said in one line
+        # sized without memory first: a 172-byte file whose config said out_dim 2,500,000 took 2.7 GB to refuse
+        with torch.device("meta"):
+            planned = sum(t.numel() for t in student_like(cfg).state_dict().values())
+        held = sum(t.numel() for k, t in tensors.items() if k.startswith("student."))
+        if planned != held:
+            raise ValueError(f"the config describes {planned:,} values, the file holds {held:,}")
         student = student_like(cfg)
         student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
     except (RuntimeError, ValueError, KeyError, TypeError) as e:

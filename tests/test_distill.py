@@ -744,6 +744,15 @@ def test_a_file_that_is_not_a_student_says_so(tmp_path):
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"config": json.dumps(meta)})
         with pytest.raises(NotAStudent, match="do not fit the network its config describes"):
             load_student(tmp_path / f"{name}.safetensors")
+    # a config of a huge network in a small file is refused before that network is made (2.7 GB to refuse)
+    import resource
+
+    meta = {"arch": "resnet18w", "width": 0.25, "out_dim": 2_000_000}
+    save_file(state, str(tmp_path / "huge.safetensors"), metadata={"config": json.dumps(meta)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(NotAStudent, match=r"the config describes [\d,]+ values, the file holds [\d,]+"):
+        load_student(tmp_path / "huge.safetensors")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # kB: not the GB it describes
 
 
 def test_export_typo_stops_before_training():
