@@ -309,7 +309,14 @@ def load(path) -> tuple[nn.Module, dict]:
 
     with safe_open(str(path), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
-    model = build(cfg["op"], cfg["d_in"], cfg["d_out"], cfg.get("layout", "paper"), cfg.get("hidden", 0))
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    make = lambda: build(cfg["op"], cfg["d_in"], cfg["d_out"], cfg.get("layout", "paper"), cfg.get("hidden", 0))  # noqa: E731
+    with torch.device("meta"):  # shaped without memory first: a config the file's tensors do not fill is refused
+        planned = {k: tuple(v.shape) for k, v in make().state_dict().items()}
+    if any(held.get(k, shape) != shape for k, shape in planned.items()) or set(planned) - set(held) - {"weight"}:
+        raise StateError(f"{path}: its tensors do not fit the G its config describes ({cfg}); fit G anew with "
+                         f"fuse.py --refit")
+    model = make()
     state = load_file(str(path))
     state.pop("_empty", None)
     state.setdefault("weight", model.state_dict().get("weight"))  # files written before the loss weights existed

@@ -388,6 +388,7 @@ def run_main(main) -> None:
     installed, an unreadable file) end with their one-line message instead of a traceback. SIGTERM and
     SIGHUP end it as Ctrl-C does (exit 128 + the signal's number)."""
     from common.cache import CacheMismatch
+    from common.checkpoint import StateError
     from common.images import BadImage
     from common.prune import CannotPrune
     from common.student import NotAStudent
@@ -407,7 +408,7 @@ def run_main(main) -> None:
     except FloatingPointError as e:  # a loss that diverged: the message names the flag to change
         sys.exit(f"error: {e}")
     except (FileNotFoundError, NotADirectoryError, PermissionError, CacheMismatch, MissingWeights, BadImage,
-            NotAStudent, BadLabels, BadTeacher, CannotPrune) as e:
+            NotAStudent, BadLabels, BadTeacher, CannotPrune, StateError) as e:
         sys.exit(f"error: {e}")
     except Exception as e:
         if peer_stopped(e):  # rank 0 refused (its one line is above): not a page of gloo's trace per rank

@@ -469,3 +469,19 @@ def test_fits_are_kept_across_a_reworded_comment_or_docstring():
     assert reworded != src and fusion.code_version(reworded, "2.14.1") == v
     assert fusion.code_version(src.replace("lr=recipe.lr)", "lr=2 * recipe.lr)"), "2.14.1") != v
     assert fusion.code_version(src, "2.15.0") != v
+
+
+def test_a_G_file_whose_config_its_tensors_do_not_fill_is_refused_before_it_is_made(tmp_path):
+    """G is built from its file's config: one saying d_out 10**9 took all the memory to refuse."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from common.checkpoint import StateError
+
+    fusion.save(fusion.build("pca", 6, 2, "paper", 0), "pca", 6, 2, tmp_path / "G.safetensors")
+    assert fusion.load(tmp_path / "G.safetensors")[1]["d_out"] == 2
+    save_file({"_empty": torch.zeros(1)}, str(tmp_path / "huge.safetensors"),
+              metadata={"config": json.dumps({"op": "pca", "d_in": 3000, "d_out": 3000})})
+    with pytest.raises(StateError, match="its tensors do not fit the G its config describes"):
+        fusion.load(tmp_path / "huge.safetensors")
