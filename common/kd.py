@@ -230,7 +230,8 @@ def verification(task, data, rows, method, args, device, teacher_cache) -> dict:
              "missed_test": missed_test, "selection": f"no choice made: --epochs {args.epochs} fixed"}
     # Not the paper's protocol for its parenthesised LFW figures (identity first learnt on 100,000 VGGFace2
     # faces): no such corpus installs offline, so these are not comparable to theirs; the report says so.
-    notes = ["identity learnt from the other folds' people, not the paper's 100,000 VGGFace2 faces"]
+    notes = ["identity learnt from the other folds' people, not the paper's 100,000 VGGFace2 faces; val: the "
+             "threshold's accuracy on those folds' pairs, whose images the network trained on (no choice reads it)"]
     if teacher_accs:
         entry["teacher"] = float(np.mean(teacher_accs))
         notes.append(f"teacher {kd_teacher(task, args)}'s own embedding: {entry['teacher']:.4f} on the same "
