@@ -41,7 +41,7 @@ from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
 from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
-                         recorded_args, resolved_args, run_main, same_paths)
+                         recorded_args, resolved_args, run_dir_problem, run_main, same_paths)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -706,6 +706,8 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
+        if why := run_dir_problem(args.run_dir, "fuse"):  # refused after the deletion, it cost the cache
+            raise SystemExit(why)
         if args.overwrite and args.out.exists():
             refuse_to_delete(args.out, args.data)
             shutil.rmtree(args.out)

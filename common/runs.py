@@ -136,22 +136,34 @@ def interrupted_line() -> str:
 THROUGH = (".lock", "log.txt", "metrics.jsonl", "ckpt", "etl")  # written into in place (not replaced whole)
 
 
+def run_dir_problem(run: Path | None, prefix: str) -> str | None:
+    """Why --run-dir `run` would be refused to script `prefix` (None: it would not), without making or locking
+    anything: a script that deletes or rewrites before it makes its run folder (fuse.py --overwrite) asks
+    first, so that a refused folder costs nothing."""
+    if run is None:
+        return None
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        return f"error: --run-dir {run} is a file: name a folder"
+    # no run there yet (or one from before the script was recorded): this script's
+    made_by = (recorded_args(run) or {}).get("script", prefix)
+    if made_by != prefix:
+        return f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own"
+    # what a run appends to, writes into or sweeps: through a link, files elsewhere were written and deleted
+    if links := [name for name in THROUGH if (run / name).is_symlink()]:
+        return (f"error: --run-dir {run} holds {', '.join(links)} as a symbolic link, which a run would write into "
+                f"and sweep, wherever it points: put the file or folder itself there")
+    return None  # (a run writing there: make_run_dir's lock says so, after the patience a brief check needs)
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
     script (`prefix`) that made it: another script's run folder is refused, not written over. record=False
     leaves args.json to write_args (a resume writes it once its checks passed: a refused one keeps the run's)."""
     if out:
         run = Path(out)
-        if run.exists() and not run.is_dir():
-            raise SystemExit(f"error: --run-dir {run} is a file: name a folder")
-        # no run there yet (or one from before the script was recorded): this script's
-        made_by = (recorded_args(run) or {}).get("script", prefix)
-        if made_by != prefix:
-            raise SystemExit(f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own")
-        # what a run appends to, writes into or sweeps: through a link, files elsewhere were written and deleted
-        if links := [name for name in THROUGH if (run / name).is_symlink()]:
-            raise SystemExit(f"error: --run-dir {run} holds {', '.join(links)} as a symbolic link, which a run would "
-                             f"write into and sweep, wherever it points: put the file or folder itself there")
+        if why := run_dir_problem(run, prefix):
+            raise SystemExit(why)
         run.mkdir(parents=True, exist_ok=True)
     else:  # two runs started in the same second get folders of their own
         stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1

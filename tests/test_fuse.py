@@ -421,6 +421,13 @@ def test_overwrite_deletes_a_cache_and_nothing_else(tmp_path, face_dir):
         fuse.main(["--data", str(face_dir), "--cache", str(outer), "--teachers", CHEAP, "--overwrite",
                    "--extract-only", "--run-dir", str(tmp_path / "run2")])
     assert (outer / "demo" / "manifest.json").exists() and (outer / "tasks" / "Gender-UTK" / "manifest.json").exists()
+    # a --run-dir refused (another script's): refused before the cache is deleted, not after
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "args.json").write_text(json.dumps({"script": "transfer"}))
+    with pytest.raises(SystemExit, match="holds a transfer.py run"):
+        fuse.main(["--data", str(face_dir), "--cache", str(outer / "demo"), "--teachers", CHEAP, "--overwrite",
+                   "--extract-only", "--run-dir", str(tmp_path / "theirs")])
+    assert (outer / "demo" / "manifest.json").read_text() == "{}"
     # a cache given through a link: one line, nothing deleted (rmtree refused it in a traceback)
     (tmp_path / "link").symlink_to(outer / "demo")
     with pytest.raises(SystemExit, match="through the symbolic link .*link .to .*demo.: nothing was deleted"):
