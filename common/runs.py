@@ -409,7 +409,8 @@ def run_main(main) -> None:
     from common.weights import MissingWeights
 
     signals = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
-    before = {sig: signal.signal(sig, _terminated) for sig in signals}
+    # only where the default would end the run: `nohup` ignores SIGHUP, and a run under it must outlive its terminal
+    before = {sig: signal.signal(sig, _terminated) for sig in signals if signal.getsignal(sig) is signal.SIG_DFL}
     try:
         sys.exit(main())
     except KeyboardInterrupt as e:  # Ctrl-C: what was written is whole (atomic writes), the rest is redone

@@ -137,6 +137,14 @@ def test_sigterm_and_sighup_end_a_run_as_ctrl_c_does(capsys, tmp_path):
         assert f"interrupted by {sig.name}: to go on where it stopped, run the same command again with --resume " \
                f"--run-dir {tmp_path / 'd'}" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # given back to whoever called run_main
+    # under nohup (SIGHUP ignored) a closed terminal does not end the run
+    ignored = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: os.kill(os.getpid(), signal.SIGHUP) or time.sleep(0.2) or "went on")
+        assert e.value.code == "went on" and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, ignored)
 
 
 def test_a_forked_worker_does_not_keep_the_parents_locks(tmp_path):
