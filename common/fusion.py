@@ -43,11 +43,13 @@ OPERATORS = ("ae", "pca", "vae", "dae", "concat")
 FIT_FORMAT = 1  # names the fits' folder, with this file's code and torch's version (_CODE)
 
 
-def code_version(source: str, torch_version: str) -> str:
+def code_version(source: str | bytes, torch_version: str) -> str:
     """What names a fit's code: this file's syntax tree without its docstrings (comments are not in it), so that
     a reworded comment or docstring, or a line broken anew, keeps every fit (the file's bytes did not: each
     upgrade refitted and deleted hours of G at 4.12 M faces), while any change of code starts them anew; with
-    torch's release, not its build (`+cpu`, `+cu130`: a cache moves between a CPU box and a GPU box)."""
+    torch's release, not its build (`+cpu`, `+cu130`: a cache moves between a CPU box and a GPU box). The tree
+    is written out here, its empty fields left out, not by ast.dump, whose text differs from one Python to the
+    next (3.12 added type_params=[]): two boxes sharing a cache would refit, and sweep, each other's fits."""
     import ast
 
     tree = ast.parse(source)
@@ -57,10 +59,17 @@ def code_version(source: str, torch_version: str) -> str:
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha1((ast.dump(tree) + torch_version.split("+")[0]).encode()).hexdigest()[:16]
+
+    def shape(x):
+        if isinstance(x, ast.AST):
+            return [type(x).__name__] + [[k, shape(v)] for k, v in ast.iter_fields(x)
+                                         if v is not None and not (isinstance(v, list) and not v)]
+        return [shape(v) for v in x] if isinstance(x, list) else repr(x)
+
+    return hashlib.sha1((json.dumps(shape(tree)) + torch_version.split("+")[0]).encode()).hexdigest()[:16]
 
 
-_CODE = code_version(Path(__file__).read_text(), torch.__version__)
+_CODE = code_version(Path(__file__).read_bytes(), torch.__version__)
 LAYOUTS = ("residual", "paper")
 AUTOENCODERS = ("ae", "vae", "dae")  # the operators --ae-layout shapes
 
