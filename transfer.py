@@ -62,7 +62,7 @@ from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatt
                          holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device, resolved_args,
                          resume_defaults, run_main, same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
-from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, load_config
+from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 from common.weights import sha256
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -718,6 +718,9 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
     if unknown := sorted(set(moved) - {t["name"] for t in unsup.teachers}):
         raise SystemExit(f"error: --teachers-config {args.teachers_config} names {', '.join(unknown)}, no teacher of "
                          f"{args.teacher_cache} ({', '.join(t['name'] for t in unsup.teachers)})")
+    for t in unsup.teachers:  # before they load, as the cache's own records are
+        if t["name"] in moved:
+            check_weights(moved[t["name"]], t["version"])
     try:
         teachers = build_teachers([moved.get(t["name"]) or cached_teacher(t) for t in unsup.teachers], device)
     except FileNotFoundError as e:  # a weight file of one's own, moved since the cache was made

@@ -38,7 +38,7 @@ from .weights import MissingWeights, package_file, require, sha256
 log = logging.getLogger(__name__)
 
 __all__ = ["Answer", "TeacherSpec", "Teacher", "REGISTRY", "DEFAULT_TEACHERS", "build_teachers", "parse_custom",
-           "load_config", "MissingWeights", "spec_record", "cached_teacher"]
+           "load_config", "MissingWeights", "spec_record", "cached_teacher", "check_weights"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's ImageNet statistics, in 0-255 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -688,15 +688,20 @@ def cached_teacher(entry: dict) -> str | TeacherSpec:
         spec = _check(TeacherSpec(**values, build=_BUILDERS.get(values.get("runtime"))))
     except TypeError as e:
         raise ValueError(f"teacher {name!r}: the cache's record of it cannot be read ({e})") from None
-    # A file of one's own is checked before it is loaded, not after: a TorchScript file runs code as it loads
-    # and runs, and the one there now may not be the one the cache was made with.
-    recorded = str(entry.get("version", "")).split(":")
-    path = Path(spec.file).expanduser()
-    if not spec.package and len(recorded) == 3 and path.is_file() and sha256(path)[:16] != recorded[1]:
-        raise BadTeacher(f"teacher {name}: {path} is not the weight file the cache was made with (sha256 "
-                         f"{recorded[1]}... then, {sha256(path)[:16]}... now): put back that file, or make a cache "
-                         f"with this one by fuse.py")
+    check_weights(spec, entry.get("version", ""))
     return spec
+
+
+def check_weights(spec: TeacherSpec, version: str) -> None:
+    """A file of one's own is checked against the version a cache recorded before it is loaded, not after: a
+    TorchScript file runs code as it loads and runs, and the one there now may not be the one the cache was
+    made with. BadTeacher when it is not."""
+    recorded = str(version).split(":")
+    path = Path(spec.file).expanduser()
+    if not spec.package and len(recorded) == 3 and path.is_file() and (now := sha256(path)[:16]) != recorded[1]:
+        raise BadTeacher(f"teacher {spec.name}: {path} is not the weight file the cache was made with (sha256 "
+                         f"{recorded[1]}... then, {now}... now): give that file, or make a cache with this one by "
+                         f"fuse.py")
 
 
 def _as_reference(spec: TeacherSpec) -> TeacherSpec:
