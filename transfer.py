@@ -1189,7 +1189,9 @@ def check_flags(args, methods) -> None:
     if args.max_splits is not None and args.max_splits < 0:
         raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
     defaults = vars(parse_args([]))
-    for flag, takers in FLAG_METHODS.items():
+    # (not on --resume: a run recorded before a flag was refused here took it, and the resume must take the
+    # recorded value, which any other is refused beside)
+    for flag, takers in FLAG_METHODS.items() if not args.resume else ():
         takers = (takers,) if isinstance(takers, str) else takers
         if getattr(args, flag) != defaults[flag] and not set(takers) & set(methods):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is for --method "

@@ -886,3 +886,20 @@ def test_a_run_resumes_from_another_folder_with_the_paths_it_ran_with(tmp_path, 
     args = transfer.parse_args(["--run-dir", str(tmp_path / "a"), "--resume", "--cache", "feats/c1"])
     with pytest.raises(SystemExit, match=r"other arguments \(--teacher-cache '.*a/feats/c1' there, '.*b/feats/c1' now"):
         transfer.resumed_results(args)  # given here, it is this folder's
+
+
+def test_a_run_recorded_with_a_flag_now_refused_for_its_methods_still_resumes(tmp_path):
+    """--epochs with only head methods is refused now; a run recorded before, with it, could not be resumed at
+    all (its recorded --epochs refused, another refused as other arguments)."""
+    from common.runs import write_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = transfer.parse_args(["--task", "AgeR-UTK", "--data", str(tmp_path), "--method", "frozen,fused"])
+    old.epochs = 5  # as an older transfer.py recorded it
+    write_args(run, "transfer", old)
+    args = transfer.parse_args(["--run-dir", str(run), "--resume"])
+    assert args.epochs == 5
+    transfer.check_flags(args, ["frozen", "fused"])  # not refused
+    with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
+        transfer.check_flags(transfer.parse_args(["--method", "frozen", "--epochs", "5"]), ["frozen"])
