@@ -59,8 +59,8 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, environment, get_logger,
-                         holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device, resolved_args,
-                         resume_defaults, run_main, same_paths)
+                         holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device, recorded_args,
+                         resolved_args, resume_defaults, run_main, same_paths)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 from common.weights import sha256
@@ -196,7 +196,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.run_dir:  # `--resume --run-dir RUN` alone: the rest as RUN ran
         args = resume_defaults(p, argv, args, Path(args.run_dir), "transfer", keep=("resume", "run_dir"))
+        recorded = recorded_args(args.run_dir) or {}
+        if args.tasks and args.tasks == recorded.get("tasks"):  # its folders, as from where that run started
+            args.tasks = tasks_from(args.tasks, recorded.get("cwd", ""))
     return args
+
+
+def tasks_from(jobs: str, cwd: str) -> str:
+    """--tasks NAME=DIR,... with each DIR made absolute from the folder cwd (a run resumed elsewhere)."""
+    return ",".join(f"{name}={os.path.realpath(os.path.join(cwd, folder))}" if folder else name
+                    for name, _, folder in (item.partition("=") for item in jobs.split(",")))
 
 
 # ------------------------------------------------------------------------------------------- the data
@@ -872,6 +881,8 @@ def resumed_results(args, aligns=frozenset()) -> dict:
     now = resolved_args(args)
     old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
     same_paths(args, old, now)  # feats/tasks there is /x/feats/tasks here when resumed from elsewhere
+    if old.get("tasks") and now.get("tasks"):
+        old["tasks"], now["tasks"] = tasks_from(old["tasks"], old.get("cwd", "")), tasks_from(now["tasks"], "")
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
         old["align"] = None
     if old["embedding"] is None and now["embedding"] is not None:  # recorded unresolved: it meant the cache's

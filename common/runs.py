@@ -110,11 +110,11 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
 def same_paths(args, old: dict, now: dict) -> None:
     """The path arguments of a recorded run (old, args.json's) and of args (now, resolved_args') made absolute
     in place, each from the folder it was started in: the same files compare equal from anywhere."""
-    for k, v in vars(args).items():
+    for k, v in vars(args).items():  # (real paths: a recorded cwd is one, a path given may go through a link)
         if isinstance(v, Path):
-            now[k] = os.path.abspath(v)
+            now[k] = os.path.realpath(v)
             if isinstance(old.get(k), str):
-                old[k] = os.path.abspath(os.path.join(old.get("cwd", ""), old[k]))
+                old[k] = os.path.realpath(os.path.join(old.get("cwd", ""), old[k]))
 
 
 LAST_RUN = []  # [script, run folder] of the run folder this process made last (embed: [embed, its --out])

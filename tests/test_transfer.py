@@ -883,6 +883,13 @@ def test_a_run_resumes_from_another_folder_with_the_paths_it_ran_with(tmp_path, 
     assert args.data == tmp_path / "a" / "utk" and args.teacher_cache == tmp_path / "a" / "feats" / "c1"
     assert args.cache_dir == tmp_path / "a" / "feats" / "tasks"  # a default, recorded as it was resolved
     assert transfer.resumed_results(args) == {}  # the same arguments: nothing there refuses the resume
+    # --tasks NAME=DIR: its folders too
+    write_args(tmp_path / "t", "transfer", transfer.parse_args(["--tasks", "AgeR-UTK=utk,Expr-RAF=/abs/raf"]))
+    (tmp_path / "t" / "args.json").write_text((tmp_path / "t" / "args.json").read_text().replace(
+        str(tmp_path / "b"), str(tmp_path / "a")))  # recorded as started in a
+    args = transfer.parse_args(["--run-dir", str(tmp_path / "t"), "--resume"])
+    assert args.tasks == f"AgeR-UTK={(tmp_path / 'a' / 'utk').resolve()},Expr-RAF=/abs/raf"
+    assert transfer.resumed_results(args) == {}
     args = transfer.parse_args(["--run-dir", str(tmp_path / "a"), "--resume", "--cache", "feats/c1"])
     with pytest.raises(SystemExit, match=r"other arguments \(--teacher-cache '.*a/feats/c1' there, '.*b/feats/c1' now"):
         transfer.resumed_results(args)  # given here, it is this folder's
