@@ -767,16 +767,10 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
         raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
                          f"or splits): its results would sit beside results of other data; start afresh in another "
                          f"--run-dir")
-    # what the results are of beside the arguments and data: the same arguments may name a student distilled
-    # again, or a cache whose h_G fuse.py wrote anew, since the interrupted run (its results would be the old ones')
-    inputs = {"student": student_sha, "embedding": unsup.embedding_dir(embedding).name if unsup else None}
-    if done and (changed := [k for k, v in inputs.items() if None not in (v, (done_inputs or {}).get(k))
-                             and done_inputs[k] != v]):
-        raise SystemExit(f"error: --resume: {' and '.join('the student' if k == 'student' else 'h_G' for k in changed)}"
-                         f" changed since the interrupted run ("
-                         + "; ".join(f"{k} {done_inputs[k][:16]} then, {inputs[k][:16]} now" for k in changed)
-                         + f"): {task.name}'s kept results would sit beside results of other inputs; start afresh in "
-                         f"another --run-dir")
+    # what the results are of beside the arguments and data (main checked a resume's against them); kept
+    # results recorded without them stay of unknown inputs, not stamped with these
+    inputs = {"student": student_sha, "embedding": unsup.embedding_dir(embedding or "ae").name if unsup else None}
+    inputs = inputs if not done or done_inputs else None
     commit = environment().get("commit")  # each result's own: a resume may run newer code than the kept ones
     align = align_of(task, args)
     cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
@@ -899,6 +893,19 @@ def resumed_results(args, aligns=frozenset()) -> dict:
     return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if m != "multitask"},
                         r.get("inputs"))
             for r in report}
+
+
+def changed(task_name: str, kept: dict, then: dict | None, now: dict) -> None:
+    """Refuse a resume whose kept results are of other inputs than these under the same arguments: a student
+    distilled again into the same run folder, an h_G that fuse.py wrote anew (their results would be the old
+    ones' beside the new ones')."""
+    diff = [k for k, v in now.items() if kept and None not in (v, (then or {}).get(k)) and then[k] != v]
+    if diff:
+        raise SystemExit(f"error: --resume: {' and '.join('the student' if k == 'student' else 'h_G' for k in diff)}"
+                         f" changed since the interrupted run ("
+                         + "; ".join(f"{k} {then[k][:16]} then, {now[k][:16]} now" for k in diff)
+                         + f"): {task_name}'s kept results would sit beside results of other inputs; start afresh in "
+                         f"another --run-dir")
 
 
 def fingerprint(data, stamps=None) -> str:
@@ -1312,6 +1319,10 @@ def main(argv=None):
     source = teacher_source(args, list(dict.fromkeys(m for t, _ in jobs for m in needs_teachers(t, methods, args))),
                             device, learnt_from)  # (it fills --embedding, which a --resume compares)
     done = resumed_results(args, task_aligns) if args.resume else {}
+    inputs = {"student": student_sha,
+              "embedding": source[0].embedding_dir(source[1] or "ae").name if source[0] else None}
+    for task_name, (_, kept, then) in done.items():  # before the run folder: a refused resume rewrites nothing
+        changed(task_name, kept, then, inputs)
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer", early if args.pseudo_label is not None else ())

@@ -369,10 +369,12 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     other = json.loads((tmp_path / "run-copy" / "report.json").read_text())
     other[0]["inputs"] = {**other[0]["inputs"], "student": "0" * 64}
     (tmp_path / "run-copy" / "report.json").write_text(json.dumps(other))
+    args_before = (tmp_path / "run-copy" / "args.json").read_text()
     with pytest.raises(SystemExit, match=r"--resume: the student changed since the interrupted run \(student "
                                          r"0000000000000000 then, \w{16} now\): AgeR-UTK's kept results"):
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                        "--run-dir", str(tmp_path / "run-copy"), "--resume"])
+    assert (tmp_path / "run-copy" / "args.json").read_text() == args_before  # refused before it rewrote it
     other[0]["inputs"] = {**other[0]["inputs"], "student": resumed["inputs"]["student"]}
     (tmp_path / "run-copy" / "report.json").write_text(json.dumps(other))
     # images added to the folder since: frozen's kept result was of other data, so the resume is refused
