@@ -158,10 +158,13 @@ def test_a_forked_worker_does_not_keep_the_parents_locks(tmp_path):
     from common import locks
 
     f = locks.acquire(tmp_path / "x.lock")
+    ready, told = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a worker that lives on
+    if pid == 0:  # a worker that lives on, once past the fork (and its hooks)
+        os.write(told, b"1")
         time.sleep(30)
         os._exit(0)
+    os.read(ready, 1)  # (not a race with a slow machine's scheduler)
     with pytest.raises(SystemExit, match="^held$"):  # the parent's lock still holds against others
         locks.acquire(tmp_path / "x.lock", busy="held", patience=0)
     f.close()  # the parent gone: its lock goes with it, though its child lives
