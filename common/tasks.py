@@ -181,11 +181,24 @@ def _csv_rows(path: Path):
             raise BadLabels(f"{path} line {reader.line_num}: not read as CSV ({e})") from None
 
 
-def _listed_once(path: Path, lines_of: dict) -> None:
-    """lines_of: each name -> the lines of path that list it. A name listed twice would weigh double, or sit
-    on both sides of a split with two labels: refused, naming the lines."""
-    if twice := {f: ns for f, ns in lines_of.items() if len(ns) > 1}:
-        raise BadLabels(f"{path}: " + "; ".join(f"{f} is listed on {_lines(ns)}" for f, ns in list(twice.items())[:5])
+def _note(lines_of: dict, name: str, line: int) -> None:
+    """lines_of[name]: the line that first lists name, a list of lines once another does. An int per name, not
+    a list each: AffectNet's 420,000 rows paid 300 bytes a row in lists, 1.9x the reader's peak memory."""
+    first = lines_of.get(name)
+    if first is None:
+        lines_of[name] = line
+    elif isinstance(first, list):
+        first.append(line)
+    else:
+        lines_of[name] = [first, line]
+
+
+def _listed_once(path: Path, lines_of: dict, line_name=str) -> None:
+    """lines_of: _note's, of the lines of path. A name listed twice would weigh double, or sit on both sides of
+    a split with two labels: refused, naming the lines (line_name writes one)."""
+    if twice := {f: ns for f, ns in lines_of.items() if isinstance(ns, list)}:
+        raise BadLabels(f"{path}: " + "; ".join(f"{f} is listed on {_lines([line_name(n) for n in ns])}"
+                                                 for f, ns in list(twice.items())[:5])
                         + f" ({len(twice)} listed more than once; each once)")
 
 
@@ -234,7 +247,7 @@ def _partition(path: Path) -> dict:
             if len(fields) != 2:
                 raise BadLabels(f"{path} line {n}: expected `<image> <0|1|2>`, got {line!r}")
             part[fields[0]] = _label(fields[1], 0, 2, f"{path} line {n}", "partition")
-            lines_of.setdefault(fields[0], []).append(n)
+            _note(lines_of, fields[0], n)
     _listed_once(path, lines_of)
     return part
 
@@ -398,7 +411,7 @@ def _celeba(root: Path, p: dict) -> TaskData:
         parts = line.split()
         if not parts:
             continue
-        lines_of.setdefault(parts[0], []).append(n)
+        _note(lines_of, parts[0], n)
         if len(parts) != len(names) + 1:
             raise BadLabels(f"{path} line {n}: {len(parts) - 1} values for {len(names)} "
                             f"attributes in {line!r}")
@@ -496,7 +509,7 @@ def _raf(root: Path, p: dict) -> TaskData:
         if len(line.split()) != 2:
             raise BadLabels(f"{labels} line {n}: expected `<image> <label 1-7>`, got {line!r}")
         name, y = line.split()
-        lines_of.setdefault(name, []).append(n)
+        _note(lines_of, name, n)
         # The label file names the original image; aligned crops carry an "_aligned" suffix.
         file = f"{name.rsplit('.', 1)[0]}_aligned.jpg" if aligned else name
         samples.append(Sample(str(images / file), _label(y, 1, len(RAF_NAMES), f"{labels} line {n}") - 1))
@@ -535,7 +548,7 @@ def _affectnet(root: Path, p: dict) -> TaskData:
             row, where = dict(zip(fields, cells)), f"{lists / name} line {n}"
             if len(cells) < len(fields):
                 raise BadLabels(f"{where}: {len(cells)} columns of the {len(fields)} of its header (a cut-off line?)")
-            lines_of.setdefault(row["subDirectory_filePath"], []).append(f"{name} {n}")
+            _note(lines_of, row["subDirectory_filePath"], n if part == "train" else -n)  # (validation's: < 0)
             y = _label(row["expression"], 0, 10, where, "expression")
             if y >= len(AFFECTNET_NAMES):  # 8 none, 9 uncertain, 10 no face
                 dropped += 1
@@ -548,7 +561,7 @@ def _affectnet(root: Path, p: dict) -> TaskData:
                 raise BadLabels(f"{where}: the face box (face_x, face_y, face_width, face_height) is not 4 numbers")
             samples.append(Sample(str(images / row["subDirectory_filePath"]), y, box=(x0, y0, x0 + w, y0 + h)))
             which.append(part)
-    _listed_once(lists, lines_of)
+    _listed_once(lists, lines_of, lambda n: f"training.csv {n}" if n > 0 else f"validation.csv {-n}")
     which = np.array(which)
     split = Split("training.csv / validation.csv", _idx(which == "train"), _idx(which == "test"))
     return TaskData(samples, [split], label_names=AFFECTNET_NAMES, counts={"dropped_expression_8_10": dropped})
@@ -607,7 +620,7 @@ def _celeba_landmarks(root: Path, p: dict) -> TaskData:
     for n, line in enumerate(lines[2:], 3):
         parts = line.split()
         if parts:
-            lines_of.setdefault(parts[0], []).append(n)
+            _note(lines_of, parts[0], n)
             try:
                 points = np.array(parts[1:], np.float64).reshape(5, 2)
             except ValueError:
@@ -801,7 +814,7 @@ def _tiny_imagenet(root: Path, p: dict) -> TaskData:
             continue
         if len(parts) < 2:
             raise BadLabels(f"{annotations} line {n}: expected `<image> <class id> [box]`, got {line!r}")
-        lines_of.setdefault(parts[0], []).append(n)
+        _note(lines_of, parts[0], n)
         if parts[1] in cls:
             samples.append(Sample(str(val_images / parts[0]), cls[parts[1]]))
         else:
@@ -870,7 +883,7 @@ def _csv_table(root: Path, p: dict) -> TaskData:
     # The same image twice could sit in train and test, or weigh double: one row per file.
     lines_of = {}
     for n, r in rows:
-        lines_of.setdefault(os.path.normpath(path.parent / r[0].strip()), []).append(n)
+        _note(lines_of, os.path.normpath(path.parent / r[0].strip()), n)
     _listed_once(path, lines_of)
     files = [str(path.parent / r[0].strip()) for _, r in rows]
     raw = [r[1].strip() for _, r in rows]
