@@ -51,7 +51,7 @@ from common.files import atomic_write, write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device,
-                         resume_defaults, run_main, write_args)
+                         resume_defaults, run_dir_problem, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -794,6 +794,8 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = args.deterministic
     if args.out is None and args.teacher_cache == Path("feats/demo"):
         args.out = Path("runs/distill-demo")
+    if rank == 0 and (why := run_dir_problem(args.out, "distill")):  # before its lock is taken through a link
+        raise SystemExit(why)
     if rank == 0 and args.out is not None and Path(args.out).is_dir():
         hold(Path(args.out))  # before --overwrite deletes anything: a run still going there keeps its files
     refuse_to_clobber(args.out, args.resume, args.overwrite, delete=rank == 0)

@@ -207,8 +207,9 @@ def environment() -> dict:
     if "torch" in sys.modules:  # the build: 2.14.1+cu130 and +cpu are one package version
         env["torch"] = sys.modules["torch"].__version__
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10).stdout.strip()
+        # (--no-optional-locks: runs started together do not contend for the checkout's index lock)
+        git = lambda *a: subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *a],  # noqa: E731
+                                        capture_output=True, text=True, timeout=10).stdout.strip()
         if commit := git("rev-parse", "HEAD"):
             env["commit"] = commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):  # no git here, or a checkout without .git

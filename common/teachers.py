@@ -604,8 +604,8 @@ def _bad_teacher_on_value_error(fn):
 @_bad_teacher_on_value_error
 def load_config(path) -> list[TeacherSpec]:
     """Teachers from a JSON file: a list (or {"teachers": [...]}) whose entries are registry names, spec strings,
-    or objects {"spec": <name or spec string>, and any of name, role, box, mean, std, color, layout, reduce,
-    input_size, dim}. Relative weight paths are taken from the config file's folder."""
+    or objects {"spec": <name or spec string>, and any of name, role, box, mean, std, color, layout, layer_layout,
+    reduce, input_size, dim, layer}. Relative weight paths are taken from the config file's folder."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())

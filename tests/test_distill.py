@@ -830,7 +830,7 @@ def test_a_resume_with_nothing_to_continue_says_so(cache_dir, tmp_path):
     assert "--resume: no run in" in (tmp_path / "new" / "log.txt").read_text()
 
 
-def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_points_to(tmp_path):
+def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_points_to(tmp_path, cache_dir):
     """--overwrite with ckpt a symbolic link ended in rmtree's traceback; it removes the link alone."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -839,3 +839,8 @@ def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_points_to(tmp_
     (tmp_path / "run" / "ckpt").symlink_to(elsewhere)
     distill.refuse_to_clobber(tmp_path / "run", resume=False, overwrite=True)
     assert not (tmp_path / "run" / "ckpt").exists() and (elsewhere / "step_00000009.safetensors").exists()
+    # a run folder whose lock is a link: refused before the lock is taken (it made the file it points to)
+    (tmp_path / "run" / ".lock").symlink_to(elsewhere / "made")
+    with pytest.raises(SystemExit, match=r"holds .lock as a symbolic link"):
+        distill.main(["--cache", str(cache_dir), "--run-dir", str(tmp_path / "run")])
+    assert not (elsewhere / "made").exists()
