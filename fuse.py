@@ -706,7 +706,7 @@ def main(argv=None):
                  f"--cache")
         if donor is not None:  # not deleted under this run by a fuse.py --overwrite of it
             hold_for_reading(donor.path)
-        if why := run_dir_problem(args.run_dir, "fuse"):  # refused after the deletion, it cost the cache
+        if why := run_dir_problem(args.run_dir, "fuse"):  # before the deletion: refused after it, it cost the cache
             raise SystemExit(why)
         if args.overwrite and args.out.exists():
             refuse_to_delete(args.out, args.data)

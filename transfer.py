@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -197,7 +198,9 @@ def parse_args(argv=None):
     if args.resume and args.run_dir:  # `--resume --run-dir RUN` alone: the rest as RUN ran
         args = resume_defaults(p, argv, args, Path(args.run_dir), "transfer", keep=("resume", "run_dir"))
         recorded = recorded_args(args.run_dir) or {}
-        if args.tasks and args.tasks == recorded.get("tasks"):  # its folders, as from where that run started
+        line = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
+        given = any(a == "--tasks" or a.startswith("--tasks=") for a in line)  # given: this folder's
+        if args.tasks and not given and args.tasks == recorded.get("tasks"):  # as from where that run started
             args.tasks = tasks_from(args.tasks, recorded.get("cwd", ""))
     return args
 
@@ -1207,9 +1210,12 @@ def check_flags(args, methods) -> None:
     if args.max_splits is not None and args.max_splits < 0:
         raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
     defaults = vars(parse_args([]))
-    # (not on --resume: a run recorded before a flag was refused here took it, and the resume must take the
-    # recorded value, which any other is refused beside)
-    for flag, takers in FLAG_METHODS.items() if not args.resume else ():
+    # a resumed run's recorded value is not refused (a run recorded before a flag was refused here took it, and
+    # the resume must take the recorded value, any other being refused beside it)
+    recorded = (recorded_args(args.run_dir) or {}) if args.resume and args.run_dir else {}
+    for flag, takers in FLAG_METHODS.items():
+        if flag in recorded and recorded[flag] == getattr(args, flag):
+            continue
         takers = (takers,) if isinstance(takers, str) else takers
         if getattr(args, flag) != defaults[flag] and not set(takers) & set(methods):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is for --method "

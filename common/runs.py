@@ -399,7 +399,7 @@ def _terminated(signum, frame):
 def run_main(main) -> None:
     """Run a script's main; the errors a user can fix (a missing folder, another cache, a package not
     installed, an unreadable file) end with their one-line message instead of a traceback. SIGTERM and
-    SIGHUP end it as Ctrl-C does (exit 128 + the signal's number)."""
+    SIGHUP, where they would end it anyway (not under nohup), end it as Ctrl-C does (exit 128 + the signal)."""
     from common.cache import CacheMismatch
     from common.checkpoint import StateError
     from common.images import BadImage

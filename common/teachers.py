@@ -700,8 +700,8 @@ def check_weights(spec: TeacherSpec, version: str) -> None:
     path = Path(spec.file).expanduser()
     if not spec.package and len(recorded) == 3 and path.is_file() and (now := sha256(path)[:16]) != recorded[1]:
         raise BadTeacher(f"teacher {spec.name}: {path} is not the weight file the cache was made with (sha256 "
-                         f"{recorded[1]}... then, {now}... now): give that file, or make a cache with this one by "
-                         f"fuse.py")
+                         f"{recorded[1]}... then, {now}... now): put that file back (or name where it is now), or "
+                         f"make a cache with this one by fuse.py")
 
 
 def _as_reference(spec: TeacherSpec) -> TeacherSpec:

@@ -112,6 +112,17 @@ def test_ctrl_c_and_a_diverged_loss_are_one_line(capsys, tmp_path):
 def test_sigterm_and_sighup_end_a_run_as_ctrl_c_does(capsys, tmp_path):
     """kill, timeout, a batch system's preemption send SIGTERM: the run ended at once without a word (exit
     143), never saying how to resume, its loader workers holding its locks for seconds."""
+    import signal
+
+    inherited = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (nohup)
+    try:
+        _sigterm_and_sighup(capsys, tmp_path)
+    finally:
+        for sig, handler in inherited.items():
+            signal.signal(sig, handler)
+
+
+def _sigterm_and_sighup(capsys, tmp_path):
     import os
     import signal
     import time
@@ -164,7 +175,9 @@ def test_a_forked_worker_does_not_keep_the_parents_locks(tmp_path):
         os.write(told, b"1")
         time.sleep(30)
         os._exit(0)
+    os.close(told)
     os.read(ready, 1)  # (not a race with a slow machine's scheduler)
+    os.close(ready)
     with pytest.raises(SystemExit, match="^held$"):  # the parent's lock still holds against others
         locks.acquire(tmp_path / "x.lock", busy="held", patience=0)
     f.close()  # the parent gone: its lock goes with it, though its child lives

@@ -892,6 +892,8 @@ def test_a_run_resumes_from_another_folder_with_the_paths_it_ran_with(tmp_path, 
     args = transfer.parse_args(["--run-dir", str(tmp_path / "t"), "--resume"])
     assert args.tasks == f"AgeR-UTK={(tmp_path / 'a' / 'utk').resolve()},Expr-RAF=/abs/raf"
     assert transfer.resumed_results(args) == {}
+    given = transfer.parse_args(["--run-dir", str(tmp_path / "t"), "--resume", "--tasks", "AgeR-UTK=utk,Expr-RAF=/abs/raf"])
+    assert given.tasks == "AgeR-UTK=utk,Expr-RAF=/abs/raf"  # given here, its folders are this folder's
     args = transfer.parse_args(["--run-dir", str(tmp_path / "a"), "--resume", "--cache", "feats/c1"])
     with pytest.raises(SystemExit, match=r"other arguments \(--teacher-cache '.*a/feats/c1' there, '.*b/feats/c1' now"):
         transfer.resumed_results(args)  # given here, it is this folder's
@@ -910,5 +912,9 @@ def test_a_run_recorded_with_a_flag_now_refused_for_its_methods_still_resumes(tm
     args = transfer.parse_args(["--run-dir", str(run), "--resume"])
     assert args.epochs == 5
     transfer.check_flags(args, ["frozen", "fused"])  # not refused
+    # a --resume into a folder with no run recorded compares nothing: the flag is refused as ever
+    args = transfer.parse_args(["--resume", "--run-dir", str(tmp_path / "new"), "--method", "frozen", "--epochs", "5"])
+    with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
+        transfer.check_flags(args, ["frozen"])
     with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
         transfer.check_flags(transfer.parse_args(["--method", "frozen", "--epochs", "5"]), ["frozen"])
