@@ -674,6 +674,8 @@ def _300w(root: Path, p: dict) -> TaskData:
     """Every image under root with a .pts file of the same name beside it."""
     samples, test, skipped = [], [], []
     for pts in sorted(root.rglob("*.pts")):
+        if any(part.startswith(".") or part == "__MACOSX" for part in pts.relative_to(root).parts):
+            continue  # a zip's macOS metadata (__MACOSX/afw/._1_1.pts) or a hidden copy: no annotation
         image = next((pts.with_suffix(e) for e in (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
                       if pts.with_suffix(e).exists()), None)
         if image is None:

@@ -728,6 +728,11 @@ def test_the_usual_places_of_the_label_files_and_odd_names_are_read(tmp_path):
     fx.write_face(utk / "999_0_0_20170116191000009.jpg.chip.jpg", 4)
     got = load("AgeR-UTK", utk)
     assert max(s.label for s in got.samples) <= 116 and "999_0_0_20170116191000009.jpg.chip.jpg" in got.skipped
+    junk = w / "__MACOSX" / "afw"  # a macOS zip's metadata beside 300-W's files: no annotation
+    junk.mkdir(parents=True)
+    (junk / "._0_0.pts").write_bytes(b"\x00\x05\x16\x07 not text")
+    fx.write_face(junk / "._0_0.jpg", 1)
+    assert len(load("Align-300W", w).samples) == n
     ms = fx.make_fixture("Identity-MS", tmp_path / "ms")
     fx.write_face(ms / ".ipynb_checkpoints" / "0.jpg", 1)
     fx.write_face(ms / "__MACOSX" / "m.0aaa1" / "0.jpg", 1)
