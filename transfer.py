@@ -741,8 +741,10 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
     if other := [(t.name, t.version, r["version"]) for t, r in zip(teachers, unsup.teachers)
                  if t.version != r["version"]]:
         name, here, there = other[0]
-        fix = "put back the weight file it was made with" if there.startswith("user:") else \
-            "install the same teacher packages"
+        same_file = here.split(":")[1:2] == there.split(":")[1:2]
+        fix = ("give it the overrides the cache was made with (--teachers-config: mean, std, box ...)" if same_file
+               else "put back the weight file it was made with" if there.startswith("user:")
+               else "install the same teacher packages")
         raise SystemExit(f"error: the teachers here differ from those that made {args.teacher_cache} "
                          f"({version_change(name, there, here)}): the task's h_i would not be G's inputs; {fix}, "
                          f"or make a cache with these by fuse.py")

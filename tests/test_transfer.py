@@ -799,6 +799,11 @@ def test_teacher_methods_rebuild_a_custom_teacher_from_the_cache_alone(tmp_path,
     again = run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat,fused",
                 "--teachers-config", str(moved))
     assert again["results"]["fused"]["value"] == pytest.approx(r["results"]["fused"]["value"], abs=1e-6)
+    moved.write_text(json.dumps([{"spec": "torchscript:net.pt:32", "name": "torchscript:net", "mean": [0, 0, 0]}]))
+    with pytest.raises(SystemExit, match=r"its preprocessing changed .*; give it the overrides the cache was made "
+                                         r"with \(--teachers-config: mean, std, box"):  # not "put back the file"
+        run(tmp_path, "Gender-UTK", data, tmp_path / "fz", student_ckpt, "--method", "concat",
+            "--teachers-config", str(moved))
     (tmp_path / "other.pt").write_bytes(b"another file")  # not the cache's: refused before it is loaded
     moved.write_text(json.dumps([{"spec": "torchscript:other.pt:32", "name": "torchscript:net"}]))
     with pytest.raises(ValueError, match=r"other.pt is not the weight file the cache was made with"):  # BadTeacher
