@@ -757,21 +757,19 @@ def needs_teachers(task, methods, args) -> list[str]:
 
 
 def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
-                  done=None, source=(None, None, None, []), student_sha=None) -> dict:
+                  done=None, source=(None, None, None, []), student_sha=None, stamps=None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
     done: (data fingerprint, {method: result}, inputs) of an interrupted run of the same arguments (--resume),
-    kept instead of run again if its data and inputs (the student's weights, the h_G version) were these.
-    source: teacher_source's, for the teacher-feature methods. student_sha: the student file's sha256."""
-    done_data, done, done_inputs = done or (None, {}, None)
+    kept instead of run again (main checked that its data and inputs, the student's weights and the h_G version,
+    are these). source: teacher_source's, for the teacher-feature methods. student_sha: the student file's
+    sha256. stamps: file_stamps of the task's files, where main took them already."""
+    _, done, done_inputs = done or (None, {}, None)
     n_out = tasks.output_size(task, data)
     # a task none of whose methods reads teacher features runs no teacher on its images
     unsup, embedding, g_dim, teachers = source if needs_teachers(task, methods, args) else (None, None, None, [])
-    stamps = file_stamps(*task_files(data))  # one stat of each file, for the fingerprint and every task cache
+    if stamps is None:  # one stat of each file, for the fingerprint and every task cache
+        stamps = file_stamps(*task_files(data))
     data_fp = fingerprint(data, stamps)
-    if done and done_data not in (None, data_fp):  # before a changed folder's extraction, not after it
-        raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, labels "
-                         f"or splits): its results would sit beside results of other data; start afresh in another "
-                         f"--run-dir")
     # what the results are of beside the arguments and data (main checked a resume's against them); kept
     # results recorded without them stay of unknown inputs, not stamped with these
     inputs = {"student": student_sha, "embedding": unsup.embedding_dir(embedding or "ae").name if unsup else None}
@@ -1329,8 +1327,16 @@ def main(argv=None):
     done = resumed_results(args, task_aligns) if args.resume else {}
     inputs = {"student": student_sha,
               "embedding": source[0].embedding_dir(source[1] or "ae").name if source[0] else None}
-    for task_name, (_, kept, then) in done.items():  # before the run folder: a refused resume rewrites nothing
-        changed(task_name, kept, then, inputs)
+    stamps = {}  # of the resumed tasks' files, checked here and used again by their task caches
+    for task, data, _ in read:  # before the run folder: a refused resume rewrites nothing
+        if task.name in done and done[task.name][1]:
+            then_data, kept, then = done[task.name]
+            stamps[task.name] = file_stamps(*task_files(data))  # one stat of each file
+            if then_data not in (None, fingerprint(data, stamps[task.name])):
+                raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, "
+                                 f"labels or splits): its results would sit beside results of other data; start "
+                                 f"afresh in another --run-dir")
+            changed(task.name, kept, then, inputs)
     run = make_run_dir(args.run_dir, "transfer", args)
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer", early if args.pseudo_label is not None else ())
@@ -1353,7 +1359,8 @@ def main(argv=None):
             log.info(f"{task.name}: kept from the run resumed (not run again): {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
-                                         done=done.get(task.name), source=source, student_sha=student_sha))
+                                         done=done.get(task.name), source=source, student_sha=student_sha,
+                                         stamps=stamps.pop(task.name, None)))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

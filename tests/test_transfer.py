@@ -385,6 +385,7 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
         transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
                        "--run-dir", str(tmp_path / "run-copy"), "--resume"])
     assert sorted((tmp_path / "cache").iterdir()) == caches  # refused before the changed folder was extracted
+    assert (tmp_path / "run-copy" / "args.json").read_text() == args_before  # and before the run folder's files
 
 
 def test_task_caches_apart_per_folder_and_per_version_of_its_files(tmp_path, fused, student_ckpt, capsys):
