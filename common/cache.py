@@ -130,9 +130,15 @@ def _rebuild_hint(cache, data_root="DIR") -> str:
 MANIFEST_KEYS = ("format", "teachers", "dtype", "data_root", "n_images", "shard_bounds", "crop_size")
 
 
+MAX_MANIFEST = 64 * 2**20  # bytes; the manifest of 4.12 M faces is under 1 MB (the file lists sit beside it)
+
+
 def read_manifest(cache: Path) -> dict:
     """The manifest of the cache folder `cache`; CacheDamaged if it is not JSON or lacks a key this code reads."""
     path = Path(cache) / "manifest.json"
+    if path.is_file() and path.stat().st_size > MAX_MANIFEST:  # parsed, JSON takes ~20x its size in memory
+        raise CacheDamaged(f"{path} is {path.stat().st_size / 2**20:.0f} MB, no manifest this code writes (a few kB "
+                           f"to a few MB at millions of faces): not read", _rebuild_hint(cache))
     try:
         manifest = json.loads(path.read_bytes())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError

@@ -51,6 +51,9 @@ def one_line_error(fn) -> str:
     (lambda m: m.write_text("[1, 2]"), "manifest.json holds a JSON list"),
     (lambda m: m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "shard_bounds"})),
      "manifest.json lacks shard_bounds"),
+    # far past any manifest written (a shared cache's 30 MB of JSON took 600 MB to parse): not parsed
+    (lambda m: m.write_bytes(m.read_bytes()[:-1] + b', "x": "' + b" " * (64 * 2**20) + b'"}'),
+     r"manifest.json is 64 MB, no manifest this code writes"),
 ])
 def test_damaged_manifest(cache, damage, match):
     c, _ = cache
