@@ -39,9 +39,9 @@ from common.files import write_json, write_text
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
-from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
-                         get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir, pick_device,
-                         recorded_args, resolved_args, run_dir_problem, run_main, same_paths)
+from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable,
+                         dist_info, get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir,
+                         pick_device, recorded_args, run_dir_problem, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -596,9 +596,7 @@ def another_finished_run(args) -> bool:
         return False
     if (old := recorded_args(args.run_dir)) is None:
         return True
-    # a flag newer than that run: it ran with its default; paths: from the folder each was started in
-    old, now = {**resolved_args(parse_args([])), **old}, resolved_args(args)
-    same_paths(args, old, now)
+    old, now = comparable(args, old, parse_args([]))
     return any(old.get(k) != v for k, v in now.items() if k not in ("run_dir", "device", "workers"))
 
 

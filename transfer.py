@@ -40,7 +40,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,9 +58,9 @@ from common.extract import KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.files import write_json, write_text
 from common.progress import Progress
-from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, environment, get_logger,
-                         holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device, recorded_args,
-                         resolved_args, resume_defaults, run_main, same_paths)
+from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
+                         get_logger, holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device,
+                         recorded_args, resume_defaults, run_main)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 from common.weights import sha256
@@ -196,12 +195,8 @@ def parse_args(argv=None):
                         "softmax in the distillation term (Hinton's soft targets)")
     args = p.parse_args(argv)
     if args.resume and args.run_dir:  # `--resume --run-dir RUN` alone: the rest as RUN ran
-        args = resume_defaults(p, argv, args, Path(args.run_dir), "transfer", keep=("resume", "run_dir"))
-        recorded = recorded_args(args.run_dir) or {}
-        line = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
-        given = any(a == "--tasks" or a.startswith("--tasks=") for a in line)  # given: this folder's
-        if args.tasks and not given and args.tasks == recorded.get("tasks"):  # as from where that run started
-            args.tasks = tasks_from(args.tasks, recorded.get("cwd", ""))
+        args = resume_defaults(p, argv, args, Path(args.run_dir), "transfer", keep=("resume", "run_dir"),
+                               rebase={"tasks": tasks_from})
     return args
 
 
@@ -757,24 +752,23 @@ def needs_teachers(task, methods, args) -> list[str]:
 
 
 def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
-                  done=None, source=(None, None, None, []), student_sha=None, stamps=None) -> dict:
+                  done=None, source=(None, None, None, []), inputs=None, commit=None, checked=None) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
     done: (data fingerprint, {method: result}, inputs) of an interrupted run of the same arguments (--resume),
     kept instead of run again (main checked that its data and inputs, the student's weights and the h_G version,
-    are these). source: teacher_source's, for the teacher-feature methods. student_sha: the student file's
-    sha256. stamps: file_stamps of the task's files, where main took them already."""
+    are these). source: teacher_source's, for the teacher-feature methods. inputs: main's {student, embedding};
+    commit: the code's. checked: (file_stamps, fingerprint) of the task's data, where main took them already."""
     _, done, done_inputs = done or (None, {}, None)
     n_out = tasks.output_size(task, data)
     # a task none of whose methods reads teacher features runs no teacher on its images
     unsup, embedding, g_dim, teachers = source if needs_teachers(task, methods, args) else (None, None, None, [])
-    if stamps is None:  # one stat of each file, for the fingerprint and every task cache
-        stamps = file_stamps(*task_files(data))
-    data_fp = fingerprint(data, stamps)
-    # what the results are of beside the arguments and data (main checked a resume's against them); kept
-    # results recorded without them stay of unknown inputs, not stamped with these
-    inputs = {"student": student_sha, "embedding": unsup.embedding_dir(embedding or "ae").name if unsup else None}
+    # one stat of each file, for the fingerprint and every task cache
+    stamps, data_fp = checked or (file_stamps(*task_files(data)), None)
+    data_fp = data_fp or fingerprint(data, stamps)
+    # what the results are of beside the arguments and data (h_G only where the task reads it); kept results
+    # recorded without them stay of unknown inputs, not stamped with these
+    inputs = {**(inputs or {}), "embedding": (inputs or {}).get("embedding") if unsup else None}
     inputs = inputs if not done or done_inputs else None
-    commit = environment().get("commit")  # each result's own: a resume may run newer code than the kept ones
     align = align_of(task, args)
     cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
     found = cache.found
@@ -875,9 +869,7 @@ def resumed_results(args, aligns=frozenset()) -> dict:
     if old.get("script", "transfer") != "transfer":  # its flags are another script's: no list of them all
         raise SystemExit(f"error: --resume: {run} holds a {old['script']}.py run, not a transfer.py one: give "
                          f"transfer.py a folder of its own")
-    now = resolved_args(args)
-    old = {**resolved_args(parse_args([])), **old}  # a flag newer than the run: the run had its default
-    same_paths(args, old, now)  # feats/tasks there is /x/feats/tasks here when resumed from elsewhere
+    old, now = comparable(args, old, parse_args([]))  # feats/tasks there is /x/feats/tasks here, resumed elsewhere
     if old.get("tasks") and now.get("tasks"):
         old["tasks"], now["tasks"] = tasks_from(old["tasks"], old.get("cwd", "")), tasks_from(now["tasks"], "")
     if now["align"] is None and {old["align"]} == set(aligns):  # recorded before each task had its own: the same
@@ -1327,17 +1319,19 @@ def main(argv=None):
     done = resumed_results(args, task_aligns) if args.resume else {}
     inputs = {"student": student_sha,
               "embedding": source[0].embedding_dir(source[1] or "ae").name if source[0] else None}
-    stamps = {}  # of the resumed tasks' files, checked here and used again by their task caches
+    checked = {}  # (stamps, fingerprint) of the resumed tasks' files, used again by their task caches
     for task, data, _ in read:  # before the run folder: a refused resume rewrites nothing
         if task.name in done and done[task.name][1]:
             then_data, kept, then = done[task.name]
-            stamps[task.name] = file_stamps(*task_files(data))  # one stat of each file
-            if then_data not in (None, fingerprint(data, stamps[task.name])):
+            stamps = file_stamps(*task_files(data))  # one stat of each file
+            checked[task.name] = stamps, fingerprint(data, stamps)
+            if then_data not in (None, checked[task.name][1]):
                 raise SystemExit(f"error: --resume: {task.name}'s data changed since the interrupted run (its files, "
                                  f"labels or splits): its results would sit beside results of other data; start "
                                  f"afresh in another --run-dir")
             changed(task.name, kept, then, inputs)
     run = make_run_dir(args.run_dir, "transfer", args)
+    commit = environment().get("commit")  # each result's own: a resume may run newer code than the kept ones
     args.run_dir = run  # ETL writes its models there
     log = get_logger(run, "transfer", early if args.pseudo_label is not None else ())
     if args.resume and not done:  # a typo in --run-dir would otherwise cost a run unsaid
@@ -1359,8 +1353,8 @@ def main(argv=None):
             log.info(f"{task.name}: kept from the run resumed (not run again): {', '.join(done[task.name][1])}")
         all_results.append(evaluate_task(task, data, methods, args, device, run, log, student_cfg,
                                          save=lambda partial: write_json(run / "report.json", all_results + [partial]),
-                                         done=done.get(task.name), source=source, student_sha=student_sha,
-                                         stamps=stamps.pop(task.name, None)))
+                                         done=done.get(task.name), source=source, inputs=inputs, commit=commit,
+                                         checked=checked.pop(task.name, None)))
     if "multitask" in methods:
         methods = joint(read, unlabelled, all_results, methods, args, device, log)
     report(all_results, methods, run, log)

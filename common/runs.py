@@ -80,7 +80,8 @@ def recorded_args(run: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, script: str, keep=("resume",)):
+def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, script: str, keep=("resume",),
+                    rebase=None):
     """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
     one), so that `--resume --run-dir RUN` alone continues RUN instead of being refused for every default that
     differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own).
@@ -97,24 +98,32 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
     finally:
         for a, d in zip(actions, saved):
             a.default = d
+    # a relative path is the run's from the folder it was started in (feats/demo, runs/...): resumed from another
+    # one, it named nothing there ("no feature cache at feats/c1") or a cache made anew. rebase: {dest: (value,
+    # cwd) -> value} for the flags that hold paths inside a text (transfer.py's --tasks NAME=DIR,...)
+    rebase, cwd = rebase or {}, recorded.get("cwd", "")
     for a in actions:
         if a.dest in recorded and a.dest not in given and a.dest not in keep:
             value = recorded[a.dest]
-            paths = a.type is Path or isinstance(a.default, Path)
-            # a relative path is the run's from the folder it was started in (feats/demo, runs/...): resumed from
-            # another one, it named nothing there ("no feature cache at feats/c1") or a cache made anew
-            setattr(args, a.dest, Path(recorded.get("cwd", ""), value) if paths and value is not None else value)
+            if value is not None and a.dest in rebase:
+                value = rebase[a.dest](value, cwd)
+            elif value is not None and (a.type is Path or isinstance(a.default, Path)):
+                value = Path(cwd, value)
+            setattr(args, a.dest, value)
     return args
 
 
-def same_paths(args, old: dict, now: dict) -> None:
-    """The path arguments of a recorded run (old, args.json's) and of args (now, resolved_args') made absolute
-    in place, each from the folder it was started in: the same files compare equal from anywhere."""
+def comparable(args, recorded: dict, defaults) -> tuple[dict, dict]:
+    """(the recorded run's arguments, args') as resolved_args gives them, made comparable: a flag newer than
+    that run takes its default there (defaults: the parser's), and the path arguments are absolute, each from
+    the folder its run was started in, so that the same files compare equal from anywhere."""
+    old, now = {**resolved_args(defaults), **recorded}, resolved_args(args)
     for k, v in vars(args).items():  # (real paths: a recorded cwd is one, a path given may go through a link)
         if isinstance(v, Path):
             now[k] = os.path.realpath(v)
             if isinstance(old.get(k), str):
                 old[k] = os.path.realpath(os.path.join(old.get("cwd", ""), old[k]))
+    return old, now
 
 
 LAST_RUN = []  # [script, run folder] of the run folder this process made last (embed: [embed, its --out])

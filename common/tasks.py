@@ -221,10 +221,15 @@ def _image_files(folder: Path) -> list[Path]:
                       if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
 
 
-# Hidden folders (.ipynb_checkpoints, .git) and a zip's macOS metadata are no class, person or subject.
+def _not_data(name: str) -> bool:
+    """Hidden folders (.ipynb_checkpoints, .git) and a zip's macOS metadata (__MACOSX, ._x.jpg) are no class,
+    person, subject or annotation."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _subdirs(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
-        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX")
+        return sorted(Path(e.path) for e in it if e.is_dir() and not _not_data(e.name))
 
 
 def _label(text: str, lo: int, hi: int, where: str, what: str = "label") -> int:
@@ -674,8 +679,8 @@ def _300w(root: Path, p: dict) -> TaskData:
     """Every image under root with a .pts file of the same name beside it."""
     samples, test, skipped = [], [], []
     for pts in sorted(root.rglob("*.pts")):
-        if any(part.startswith(".") or part == "__MACOSX" for part in pts.relative_to(root).parts):
-            continue  # a zip's macOS metadata (__MACOSX/afw/._1_1.pts) or a hidden copy: no annotation
+        if any(_not_data(part) for part in pts.relative_to(root).parts):  # __MACOSX/afw/._1_1.pts
+            continue
         image = next((pts.with_suffix(e) for e in (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
                       if pts.with_suffix(e).exists()), None)
         if image is None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import logging
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
