@@ -433,6 +433,7 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
     for epoch in range(epochs):
         model.train()
         finite = True  # a device flag, read once an epoch: a check each step would make the host wait
+        taken = scaler.taken if scaler is not None else None
         for x, y in train_batches():
             with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(x)
@@ -440,7 +441,8 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
             precision.backward_step(step_loss, opt, scaler)
             finite = torch.isfinite(step_loss.detach()) & finite
             bar.update(len(x), epoch=f"{epoch + 1}/{epochs}")
-        if scaler is None and not bool(finite):  # (float16's scaler skips such steps and lowers its scale)
+        # float16's scaler skips a step with inf or NaN and lowers its scale: an epoch of only such steps is the stop
+        if not bool(finite) and (scaler is None or scaler.taken == taken):
             raise FloatingPointError(f"{desc}: the training loss became inf or NaN in epoch {epoch + 1} "
                                      f"(weights diverged or a non-finite input); lower --lr")
         if val_batches is not None:

@@ -29,7 +29,35 @@ def amp_policy(choice: str, device: torch.device) -> tuple[torch.dtype | None, t
                          f"use --amp auto or fp16")
     if choice == "bf16" or (choice == "auto" and native_bf16):
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.float16, LossScaler("cuda")
+
+
+class LossScaler(torch.amp.GradScaler):
+    """float16's GradScaler, which skips a step whose gradients hold inf or NaN and halves its scale: a few
+    skips while the scale settles are normal, but a run whose steps all overflow trained nothing and said
+    nothing. SKIPS_IN_A_ROW of them stop it. `taken` counts the optimizer steps it let through."""
+
+    SKIPS_IN_A_ROW = 50  # the scale halves at each: 2^-50 of where it stood, far past any scale that trains
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken = self.in_a_row = 0
+
+    def step(self, optimizer, *args, **kwargs):
+        stepped = []  # before an unfused optimizer's step GradScaler reads on the host whether to take it: no wait
+        hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+        try:
+            out = super().step(optimizer, *args, **kwargs)
+        finally:
+            hook.remove()
+        self.taken += bool(stepped)
+        self.in_a_row = 0 if stepped else self.in_a_row + 1
+        if self.in_a_row >= self.SKIPS_IN_A_ROW:
+            raise FloatingPointError(
+                f"{self.in_a_row} float16 steps in a row had inf or NaN gradients and were skipped (loss scale "
+                f"{self.get_scale():.3g}): nothing is being learned; lower --lr, or use --amp bf16 (on sm_80 and "
+                f"newer) or --amp off")
+        return out
 
 
 def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

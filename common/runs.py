@@ -142,6 +142,22 @@ def interrupted_line() -> str:
     return f"interrupted: to go on where it stopped, run the same command again with --resume --run-dir {run}"
 
 
+def out_of_memory_line(e: BaseException) -> str:
+    """What running out of a device's memory ends with: what ran out, and how to go on with less."""
+    what = " ".join(str(e).split("\n")[0].split())[:400]
+    if not LAST_RUN:
+        return f"error: out of device memory ({what}): run the command again with a smaller --batch"
+    script, run = LAST_RUN
+    if script == "embed":
+        return f"error: out of device memory ({what}); {run} is written whole at its end: run again with a smaller --batch"
+    if script == "fuse":
+        return (f"error: out of device memory ({what}). What was written is whole: run the same command again once "
+                f"the memory is free, or with a smaller --batch or fewer --streams, which the extraction takes on the "
+                f"same cache (G's fit, --fusion-batch, starts afresh at another batch)")
+    return (f"error: out of device memory ({what}). What was written is whole: once the memory is free, run the same "
+            f"command again with --resume --run-dir {run}; a smaller --batch is another run (start it afresh)")
+
+
 THROUGH = (".lock", "log.txt", "metrics.jsonl", "ckpt", "etl")  # written into in place (not replaced whole)
 
 
@@ -436,6 +452,10 @@ def run_main(main) -> None:
     except Exception as e:
         if peer_stopped(e):  # rank 0 refused (its one line is above): not a page of gloo's trace per rank
             sys.exit(f"rank {dist_info()[0]}: stopped, as another process of this job did (its message is above)")
+        import torch
+
+        if (full := _raised_from(e, torch.OutOfMemoryError)) is not None:
+            sys.exit(out_of_memory_line(full))
         if (stopped := cannot_write(e)) is None:
             raise
         why, e = stopped  # the error that says it (the path, the errno), not one raised from it
@@ -473,6 +493,13 @@ def peer_stopped(e) -> bool:
     import torch.distributed as dist
 
     return isinstance(e, dist.DistNetworkError) or "closed by peer" in str(e) or "Connection reset" in str(e)
+
+
+def _raised_from(e: BaseException | None, kind) -> BaseException | None:
+    """e, or the first error it was raised from, of type `kind`."""
+    while e is not None and not isinstance(e, kind):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def cannot_write(e: BaseException | None) -> tuple[str, BaseException] | None:

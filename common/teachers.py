@@ -145,6 +145,8 @@ class Teacher:
             self.dim = int(self(torch.zeros(1, 3, CANON, CANON, dtype=torch.uint8)).shape[1])
         except (ImportError, MissingWeights):  # already said in a line: a package to install
             raise
+        except (torch.OutOfMemoryError, torch.AcceleratorError):  # the device's state, not the spec's fault
+            raise
         except Exception as e:
             # a registry teacher that fails is a broken install or a bug: its traceback helps; a message of
             # ours (a layer the model lacks) names the teacher already

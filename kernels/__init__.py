@@ -9,7 +9,9 @@ raises RuntimeError rather than falling back.
 
 "auto" never takes a run down: GPUs older than sm_70 (which Triton does not target) get the fallback
 without a try, and a kernel that fails to compile or launch logs one warning naming the op and the
-Triton version, after which that op uses the fallback for the rest of the process.
+Triton version, after which that op uses the fallback for the rest of the process. A triton that
+cannot be imported is said once when a CUDA tensor meets it. Out of memory and CUDA errors (an illegal
+access, a device-side assert) go through as they are: the fallback would meet them too.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ _triton_impl = None
 _triton_error = None
 MIN_CAPABILITY = (7, 0)  # Triton's oldest NVIDIA target
 _failed_ops: dict[str, str] = {}  # op -> why its kernel failed in this process (auto then falls back)
+_said: set[str] = set()  # reasons already warned of
 
 
 def _load_triton():
@@ -110,7 +113,16 @@ def resolve_backend(backend: str, tensors, dtypes=None, op: str | None = None) -
         return "triton"
     if backend == "triton":
         raise RuntimeError(f"the Triton backend was requested but {reason}")
+    if reason == _triton_error and reason not in _said and any(t.device.type == "cuda" for t in tensors):
+        _said.add(reason)  # a GPU run without its kernels is slower: say why, once
+        warnings.warn(f"{reason}: the kernels use the PyTorch fallback", RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def _device_fault(exc: BaseException) -> bool:
+    """A CUDA error (an illegal access, a device-side assert) leaves the device unusable and may come of
+    an earlier op, as CUDA reports them late: not the kernel's fault, and the fallback would fail too."""
+    return isinstance(exc, torch.AcceleratorError) or str(exc).lstrip().startswith(("CUDA error", "Triton Error [CUDA]"))
 
 
 def _guarded(op, backend, fn, *args):
@@ -120,7 +132,7 @@ def _guarded(op, backend, fn, *args):
     except torch.OutOfMemoryError:
         raise  # the fallback needs memory too: not a kernel fault, so not a reason to leave the kernel for good
     except Exception as exc:
-        if _requested(backend) == "triton":
+        if _requested(backend) == "triton" or _device_fault(exc):
             raise
         lines = str(exc).strip().splitlines()
         msg = (f"the Triton kernel of {op} failed under triton {_triton_impl.VERSION} "

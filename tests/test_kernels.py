@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -620,3 +621,55 @@ def test_out_of_memory_in_a_kernel_is_raised_not_a_fallback_for_good(monkeypatch
     with pytest.raises(torch.OutOfMemoryError):
         kernels.cosine_distill_loss(s, t)
     assert not kernels._failed_ops
+
+
+@needs_triton
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                 "asynchronously reported\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions."),
+    torch.AcceleratorError("CUDA error: device-side assert triggered"),
+    RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")])
+def test_a_cuda_fault_in_a_kernel_is_raised_not_blamed_on_the_kernel(monkeypatch, fresh_failures, error):
+    # The device is unusable after one, and the fault may be an earlier op's: a fallback would fail too.
+    def fault(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(kernels._triton_impl, "cosine_forward", fault)
+    s, t = _loss_case(6, 40, torch.float32, seed=72)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error), match="CUDA"):
+            kernels.cosine_distill_loss(s, t)
+    assert not kernels._failed_ops
+
+
+def test_triton_that_cannot_be_imported_is_said_once_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_impl", None)
+    monkeypatch.setattr(kernels, "_triton_error", "triton cannot be imported (ImportError: no triton)")
+    monkeypatch.setattr(kernels, "_said", set())
+    monkeypatch.delenv("FACEKD_KERNELS", raising=False)
+    on_gpu, on_cpu = (SimpleNamespace(device=torch.device(d), dtype=torch.float32) for d in ("cuda:0", "cpu"))
+    with pytest.warns(RuntimeWarning, match="cannot be imported.*PyTorch fallback"):
+        assert kernels.resolve_backend("auto", [on_gpu]) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every step
+        assert kernels.resolve_backend("auto", [on_gpu]) == "torch"
+        monkeypatch.setattr(kernels, "_said", set())
+        assert kernels.resolve_backend("auto", [on_cpu]) == "torch"  # the CPU's fallback is the rule, not news
+
+
+def test_the_float16_loss_scaler_stops_a_run_whose_steps_all_overflow():
+    """GradScaler skips a step with inf or NaN gradients and lowers its scale: a run of only such steps wrote
+    an untrained student and exited 0. A few skips are normal; SKIPS_IN_A_ROW of them stop it."""
+    from common.precision import LossScaler, backward_step
+
+    model = torch.nn.Linear(3, 1)
+    opt, scaler = torch.optim.Adam(model.parameters()), LossScaler("cpu", init_scale=2.0 ** 16)
+    x = torch.ones(4, 3)
+    for poison in [1.0, float("inf"), float("inf"), 1.0] + [1.0] * 3:
+        backward_step((model(x) * poison).sum(), opt, scaler)
+    assert scaler.taken == 5 and scaler.in_a_row == 0
+    with pytest.raises(FloatingPointError, match=r"50 float16 steps in a row .*--amp bf16"):
+        for _ in range(LossScaler.SKIPS_IN_A_ROW):
+            backward_step((model(x) * float("nan")).sum(), opt, scaler)
+    assert scaler.taken == 5

@@ -508,3 +508,29 @@ def test_a_run_folder_holding_links_is_refused_before_anything_is_written_throug
         holding_runs(make_run_dir)(run, "distill", Namespace())
     assert (elsewhere / ".keep.tmp").exists() and (elsewhere / "bashrc").read_text() == "mine\n"
     assert not (run / ".lock").exists() and not (run / "args.json").exists()
+
+
+def test_running_out_of_device_memory_is_one_line_that_says_how_to_go_on(tmp_path):
+    """A CUDA out of memory ended in torch's traceback, naming no flag and not saying that a rerun resumes."""
+    import torch
+
+    from common import runs
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                 "of 79.10 GiB of which 1.06 GiB is free.\nSee documentation for Memory Management")
+    cases = [(None, "run the command again with a smaller --batch"),
+             (["fuse", tmp_path / "f"], "run the same command again once the memory is free, or with a smaller "
+                                         "--batch or fewer --streams"),
+             (["distill", tmp_path / "d"], f"with --resume --run-dir {tmp_path / 'd'}; a smaller --batch is another run"),
+             (["embed", tmp_path / "e.npy"], "is written whole at its end: run again with a smaller --batch")]
+    try:
+        for last, remedy in cases:
+            runs.LAST_RUN[:] = last or []
+            for error in (oom, chained(RuntimeError("lane 1 failed"), oom)):
+                with pytest.raises(SystemExit) as e:
+                    run_main(raising(error))
+                msg = str(e.value.code)
+                assert msg.startswith("error: out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
+                assert remedy in msg and "\n" not in msg and "documentation" not in msg
+    finally:
+        runs.LAST_RUN.clear()

@@ -692,3 +692,16 @@ def test_a_moved_teacher_backbone_takes_its_preprocessing_along():
     crops = torch.zeros(2, 3, 256, 256, dtype=torch.uint8)
     assert moved.teacher.preprocess(crops).device.type == "meta"  # not sent back to the CPU
     assert bb(crops).shape == (2, bb.out_dim)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   torch.AcceleratorError("CUDA error: an illegal memory access was encountered")])
+def test_a_full_or_faulted_device_while_a_users_model_loads_is_not_called_a_bad_spec(resnet, monkeypatch, error):
+    from common import teachers
+
+    def load(self):
+        raise error
+
+    monkeypatch.setattr(teachers.TorchTeacher, "_load", load)
+    with pytest.raises(type(error)):  # run_main says what ran out; "check the spec" would send one to the wrong file
+        build_teachers([f"torchvision:resnet18:{resnet[1] / 'r18.pth'}:avgpool:64"])

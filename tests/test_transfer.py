@@ -216,6 +216,18 @@ def test_fit_never_keeps_a_nan_epoch_and_stops_when_the_loss_is_not_finite(monke
     with pytest.raises(FloatingPointError, match="inf or NaN in epoch 1"):
         transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "inf")
 
+    # float16's loss scaler skips a step with inf or NaN, as it should now and then; an epoch of only skipped
+    # steps trained nothing and was reported (the check was off whenever a scaler ran)
+    from common.precision import LossScaler
+
+    model, scaler = torch.nn.Linear(4, 2), LossScaler("cpu")
+    transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "one skipped", amp=(None, scaler))
+    assert scaler.taken == 8  # of 10 steps: the batch of row 3 skipped in each epoch
+    x[:] = float("nan")
+    model, scaler = torch.nn.Linear(4, 2), LossScaler("cpu")
+    with pytest.raises(FloatingPointError, match="inf or NaN in epoch 1"):
+        transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "all", amp=(None, scaler))
+
 
 @pytest.mark.parametrize("metric,seq", [("accuracy", [0.5, 0.9, 0.7]), ("mae", [5.0, 3.0, 4.0])])
 def test_fit_restores_the_best_validation_epoch_and_chooses_on_validation_faces(monkeypatch, metric, seq):
