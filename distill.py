@@ -40,15 +40,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from common import fusion, plots, precision, progress
+from common import fusion, plots, precision
 from common.cache import FeatureCache, as_planned, hold_for_reading, open_files_warning, write_reasons
 from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, load_state, rng_state, save_state,
                                set_rng_state)
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.files import atomic_write, write_json, write_text
-from common.progress import Progress
+from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
                          get_logger, hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device,
                          resume_defaults, run_dir_problem, run_main, write_args)
@@ -466,11 +465,8 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     step, epoch_loss, seen, t0 = s.start, list(s.start_loss), 0, time.time()
     imgs = args.batch * world
     device = next(s.net.parameters()).device
-    bar = tqdm(total=s.total * imgs, initial=step * imgs, unit="img", desc="distill",
-               disable=progress.DISABLE if rank == 0 else True, dynamic_ncols=True)
+    bar = Progress("distill", "img", s.total * imgs, initial=step * imgs) if rank == 0 else None
     pending = []  # (step, 0-d loss on the device) since the last sync
-    # Without a terminal (a batch job's log) tqdm draws nothing: a line at most once a minute instead
-    quiet, said = rank == 0 and bar.disable, [time.time(), step]
 
     def sync():
         if not pending:
@@ -484,13 +480,8 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"the loss became {value} at step {at}")
         epoch_loss.extend(values)
-        bar.update(len(pending) * imgs)
-        bar.set_postfix(loss=f"{values[-1]:.4f}", epoch=epoch)
-        if quiet and time.time() - said[0] >= PROGRESS_EVERY:
-            at = pending[-1][0]
-            log.info(f"step {at}/{s.total}: loss {values[-1]:.4f}, "
-                     f"{(at - said[1]) * imgs / (time.time() - said[0]):.1f} img/s")
-            said[:] = [time.time(), at]
+        if bar:
+            bar.update(len(pending) * imgs, step=f"{pending[-1][0]}/{s.total}", loss=f"{values[-1]:.4f}", epoch=epoch)
         pending.clear()
 
     while step < stop:
@@ -518,11 +509,9 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
                 save_checkpoint(run, step, s.student, s.decoder, s.opt, s.scaler, s.cfg, args.keep, epoch_loss)
             if step == stop:
                 break
-    bar.close()
+    if bar:
+        bar.close()
     return step
-
-
-PROGRESS_EVERY = 60  # seconds between progress lines in a log without a terminal
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -562,7 +551,7 @@ def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=first)
     student.eval()
     out = [student(to_device_pixels(b, size, device, train=False)).float().cpu()
-           for b in tqdm(loader, desc="embed", unit="batch", disable=None, leave=False)]
+           for b in counted(loader, "embed", "batch", len(loader))]
     return torch.cat(out).numpy() if out else np.zeros((0, student.config["out_dim"]), np.float32)
 
 
@@ -695,14 +684,14 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     of the cache the student learnt from (min_prob, when given, replaces its threshold), the crop the student
     was trained on (the crop store's size, then its input size), then the student. A row whose image has no
     usable face is NaN and its reason is non-empty; the rows always line up with paths. say: told the settings."""
-    from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
+    from common.align import CROP_SIZE, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE
     from common.extract import Options, crops_of_files
 
     student, cfg = load_student(checkpoint, device)
     device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
-    threshold = (cfg.get("min_face_prob") or 0.9) if min_prob is None else min_prob  # 0 is a threshold: every face
+    threshold = (cfg.get("min_face_prob") or MIN_FACE_PROB) if min_prob is None else min_prob  # 0 is a threshold: every face
     opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=threshold,
                    batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
                    smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tabulate import tabulate
 
 from common import fusion, plots, synth
-from common.align import CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
+from common.align import CROP_SIZE, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
                           lock_file, make_plan, read_manifest, readers_lock_file, write_missed)
 from common.extract import KnownFaces, Options, detection_problem
@@ -47,7 +47,7 @@ from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_t
 
 # The extraction's settings: a flag left out takes the one the existing --cache was made with (a rerun, or G
 # fitted anew, needs none of them again), else this default.
-EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": 0.9,
+EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": MIN_FACE_PROB,
               "detect_size": DETECT_SIZE, "smallest_face": SMALLEST_FACE, "crop_size": CROP_SIZE}
 
 
@@ -310,33 +310,34 @@ def reconstruct(model, data: Standardised, rows) -> np.ndarray:
     return np.concatenate(out) * data.std + data.mean
 
 
-def write_hG(cache: FeatureCache, name: str, model, op, d_in, data: Standardised, split, args, fit: str) -> None:
-    """h_G of every face, shard by shard, plus G itself (its decoder serves distill.py's one-step variant).
+def write_hG(cache: FeatureCache, op: str, model, d_in, data: Standardised, split, args, fit: str) -> None:
+    """h_G of every face by operator `op`, into emb/<op>, shard by shard, plus G itself (its decoder serves
+    distill.py's one-step variant).
 
-    Written into a new folder that replaces emb/<name> in one atomic switch at the end: a rerun killed
+    Written into a new folder that replaces emb/<op> in one atomic switch at the end: a rerun killed
     midway leaves the previous h_G whole, and distill.py never reads a half-written one."""
     found = cache.found
     held_out = np.union1d(split["val"], split["test"])  # distill.py holds out the faces G never trained on
     learnt = found & ~np.isin(np.arange(len(found)), held_out)  # and trains on the others
     s = ss = np.zeros(model.d_out)
-    with cache.new_embedding(name) as folder, torch.no_grad():
+    with cache.new_embedding(op) as folder, torch.no_grad():
         fusion.save(model, op, d_in, model.d_out, folder / "G.safetensors")
         np.savez(folder / "stats.npz", mean=data.mean, std=data.std, count=len(split["train"]))  # G's units
-        for k in counted(range(cache.n_shards), f"write h_G[{name}]", "shard", cache.n_shards):
+        for k in counted(range(cache.n_shards), f"write h_G[{op}]", "shard", cache.n_shards):
             lo, hi = int(cache.bounds[k]), int(cache.bounds[k + 1])
             rows = np.arange(lo, hi)
             h = np.zeros((hi - lo, model.d_out), np.float32)
             ok = found[lo:hi]
             if ok.any():
                 h[ok] = np.concatenate([model.encode(x).cpu().numpy() for x in data.batches(rows[ok], 4096)])
-            cache.write_embedding_shard(name, k, h, folder)
+            cache.write_embedding_shard(op, k, h, folder)
             x = h[learnt[lo:hi]].astype(cache.dtype).astype(np.float64)  # as stored, as distill.py reads it
             s, ss = s + x.sum(0), ss + (x * x).sum(0)
         np.save(folder / "val_rows.npy", held_out)
         # h_G's column sums over distill.py's training faces: its start need not read all of h_G (4 GB at 4 M)
         np.savez(folder / "target_sums.npz", sum=s, sumsq=ss, count=int(learnt.sum()))
         np.savez(folder / "split.npz", **split)
-        cache.write_embedding_meta(name, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
+        cache.write_embedding_meta(op, {"op": op, "dim": int(model.d_out), "d_in": d_in, "teachers": cache.teachers,
                                           "val_frac": args.val_frac, "test_frac": args.test_frac, "seed": args.seed,
                                           "layout": args.ae_layout, "balance": args.balance,
                                           "split": {k: len(v) for k, v in split.items()}, "model": "G.safetensors",
@@ -473,14 +474,14 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
         if infos[name].get("loaded") and same:
             log.info(f"h_G ({name}) in {cache.path / 'emb' / write} comes from this same fit: kept as it is")
         else:
-            write_hG(cache, write, models[name], write, d_in, data, split, args, infos[name]["fit_file"])
+            write_hG(cache, write, models[name], d_in, data, split, args, infos[name]["fit_file"])
             log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
         cache.mark_default_embedding(write)
     # the sweeps fit G as h_G's is fitted: balanced with --balance equal (with both, h_G's is the plain one)
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log, variants[0])
     if n_sweep:
-        sweep_n(cache, ops, n_sweep, data, split, slices, args, run, log, variants[0], groups)
+        sweep_n(cache, ops, n_sweep, dims[0], data, split, slices, args, run, log, variants[0], groups)
 
 
 def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, run, log, weight=None) -> None:
@@ -527,14 +528,13 @@ def sweep_sets(split, args, n, keys=None, groups=None):
     return np.sort(pool[~is_val]), np.sort(pool[is_val])
 
 
-def sweep_n(cache, ops, sizes, data, split, slices, args, run, log, weight=None, groups=None) -> None:
+def sweep_n(cache, ops, sizes, dim, data, split, slices, args, run, log, weight=None, groups=None) -> None:
     """Error of each operator against the number of faces G learns from, on one fixed set of test faces.
 
     Corpus size N counts G's training plus validation faces (sweep_sets), never a test face; each N is
     put in units of its own training faces (fusion.block_units), as the main run is."""
     test = split["test"]
     x_test = cache.features.take(test).astype(np.float64)
-    dim = (fusion_choices(args, cache.dim)[2] or [round(cache.dim / len(cache.teachers))])[0]
     results = []
     for n in sizes:
         train, val = sweep_sets(split, args, n, groups=groups)

@@ -67,7 +67,10 @@ from common.weights import sha256
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
-IMAGE_METHODS = ("finetune", "frozen", "scratch", "multitask", "kd", "etl")  # need no teacher cache
+TEACHER_FEATURE_METHODS = ("fused", "concat", "pca", "bt", "bct")  # MLP heads on the task's teacher features
+HEAD_METHODS = ("frozen", *TEACHER_FEATURE_METHODS)  # an MLP head on fixed features (--head-epochs)
+NETWORK_METHODS = ("finetune", "scratch", "pcnn", "etl", "multitask", "kd")  # a network trained on images (--epochs)
+TEACHER_METHODS = (*TEACHER_FEATURE_METHODS, "pcnn")  # those that run the teachers on the task's faces
 DEMO_TASK = "Face-LFWsubset"
 # ETL cuts filters out of standard PyTorch layers: a teacher run by another runtime has none, and a port of an
 # ONNX / TFLite model (one with a reference runtime) keeps its weights or per-channel constants outside them.
@@ -328,7 +331,7 @@ def task_cache(data, teachers, args, device, log, align, crop_size=CROP_SIZE, st
                  f"transfer.py): {', '.join(older)}. Delete those that no task reads any more.")
     with writer_lock(path, log) as locked:
         try:
-            cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, boxes=boxes, locked=locked)
+            cache = FeatureCache.create_or_resume(path, root, rel, teachers, plan=plan, locked=locked)
         except CacheMismatch as e:
             why = "; ".join(e.problems) or str(e)
             raise SystemExit(f"error: the task cache {path} was made differently ({why}): delete that folder to "
@@ -639,7 +642,7 @@ def unavailable(task, method, kd_teacher) -> str | None:
     if task.kind == "landmarks":
         ok = kd.LANDMARK_METHODS
     elif task.kind == "verification":  # embeddings compared by cosine, or a model trained on identities
-        ok = kd.VERIFICATION_METHODS + ("frozen", "fused", "concat", "pca", "bt", "bct")
+        ok = kd.VERIFICATION_METHODS + HEAD_METHODS
     else:
         ok = METHODS
     return None if method in ok else (f"{task.name}: --method {method} is not available for a {task.kind} task "
@@ -750,16 +753,17 @@ def teacher_source(args, need: list[str], device, student_cfg=None) -> tuple:
 
 def needs_teachers(task, methods, args) -> list[str]:
     # (a method shown n/a for this task, from --method all, needs nothing)
-    return [m for m in methods if m not in IMAGE_METHODS and not unavailable(task, m, args.kd_teacher)]
+    return [m for m in methods if m in TEACHER_METHODS and not unavailable(task, m, args.kd_teacher)]
 
 
-def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None, save=lambda r: None,
-                  done=None, source=(None, None, None, []), inputs=None, commit=None, checked=None) -> dict:
+def evaluate_task(task, data, methods, args, device, run, log, student_cfg, save, done, source, inputs, commit,
+                  checked) -> dict:
     """Every method on one task; save(partial result) after each, so that a later failure loses nothing.
     done: (data fingerprint, {method: result}, inputs) of an interrupted run of the same arguments (--resume),
     kept instead of run again (main checked that its data and inputs, the student's weights and the h_G version,
-    are these). source: teacher_source's, for the teacher-feature methods. inputs: main's {student, embedding};
-    commit: the code's. checked: (file_stamps, fingerprint) of the task's data, where main took them already."""
+    are these), or None. source: teacher_source's, for the teacher-feature methods. inputs: main's {student,
+    embedding}; commit: the code's. checked: (file_stamps, fingerprint) of the task's data where main took them
+    already, or None."""
     _, done, done_inputs = done or (None, {}, None)
     n_out = tasks.output_size(task, data)
     # a task none of whose methods reads teacher features runs no teacher on its images
@@ -769,7 +773,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg=None,
     data_fp = data_fp or fingerprint(data, stamps)
     # what the results are of beside the arguments and data (h_G only where the task reads it); kept results
     # recorded without them stay of unknown inputs, not stamped with these
-    inputs = {**(inputs or {}), "embedding": (inputs or {}).get("embedding") if unsup else None}
+    inputs = {**inputs, "embedding": inputs["embedding"] if unsup else None}
     inputs = inputs if not done or done_inputs else None
     align = align_of(task, args)
     cache, wide = task_cache(data, teachers, args, device, log, align, stamps=stamps), None
@@ -944,7 +948,7 @@ def student_config(args, methods) -> dict | None:
     return None
 
 
-def method_features(method, cache, unsup, name, args, device, student_cfg, shared=None):
+def method_features(method, cache, unsup, name, args, device, student_cfg, shared):
     """The fixed features a method reads: a tensor, or {candidate name: tensor} for the selections. shared: a dict
     kept over one task's methods, which then read one copy of the task's teacher features."""
     if method in ("finetune", "scratch"):
@@ -959,7 +963,6 @@ def method_features(method, cache, unsup, name, args, device, student_cfg, share
         return torch_teachers
     if method == "frozen":
         return student_embeddings(cache, args, device, student_cfg)
-    shared = {} if shared is None else shared
     tf = shared["teachers"] = shared.get("teachers") or TeacherFeatures(cache, unsup, name)
     names = [t["name"] for t in unsup.teachers]
     if method == "concat":
@@ -1173,14 +1176,11 @@ def etl_base_problem(name: str) -> str | None:
 
 
 # Flags that only a method reads: given (not left at their default) without it, they would be ignored.
-TEACHER_FEATURE_METHODS = ("fused", "concat", "pca", "bt", "bct")  # MLP heads on the task's teacher features
-HEAD_METHODS = ("frozen", *TEACHER_FEATURE_METHODS)  # an MLP head on fixed features (--head-epochs)
-NETWORK_METHODS = ("finetune", "scratch", "pcnn", "etl", "multitask", "kd")  # a network trained on images (--epochs)
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
                 "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
                 "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",
                 "head_epochs": HEAD_METHODS, "epochs": NETWORK_METHODS,
-                "teachers_config": (*TEACHER_FEATURE_METHODS, "pcnn")}
+                "teachers_config": TEACHER_METHODS}
 
 
 def check_flags(args, methods) -> None:
@@ -1218,10 +1218,11 @@ def check_flags(args, methods) -> None:
                                                                                     "pseudo_agreement", "pseudo_epochs")):
         raise SystemExit("error: --pseudo-threshold, --pseudo-agreement and --pseudo-epochs are for data distillation: "
                          "give --pseudo-label DIR")
-    if not 0 < args.val_frac < 1 or (args.pseudo_epochs is not None and args.pseudo_epochs < 1):
-        raise SystemExit(f"error: --val-frac must lie between 0 and 1 (got {args.val_frac:g}) and --pseudo-epochs "
-                         f"be 1 or more (got {args.pseudo_epochs})")
-    if args.batch < 2 and any(m in IMAGE_METHODS + ("pcnn",) for m in methods):
+    if not 0 < args.val_frac < 1:
+        raise SystemExit(f"error: --val-frac {args.val_frac:g}: a fraction between 0 and 1")
+    if args.pseudo_epochs is not None and args.pseudo_epochs < 1:
+        raise SystemExit(f"error: --pseudo-epochs {args.pseudo_epochs}: 1 or more")
+    if args.batch < 2 and any(m in NETWORK_METHODS for m in methods):
         raise SystemExit(f"error: --batch {args.batch}: the networks trained on images (batch norm) need 2 or more")
     if "kd" in methods and not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0
                                 and math.isfinite(args.kd_weight) and args.kd_weight >= 0):

@@ -27,6 +27,7 @@ DETECT_SIZE = 640
 # Faces smaller than this (pixels of that copy) are not searched for. MTCNN's own smallest is 20; its first
 # pyramid levels, the largest and most costly, look only for faces under 40 pixels (6 % of a 640 copy).
 SMALLEST_FACE = 20
+MIN_FACE_PROB = 0.9  # MTCNN's confidence below which no face counts
 # The version of the detection code, in every new cache's manifest: raised when a change moves which face an
 # image gets or where (2: NMS within each image on the CPU). A cache gives its faces to another
 # (extract.KnownFaces) only at the current version; resuming and reading caches do not depend on it.
@@ -99,7 +100,7 @@ class FaceDetector:
     When several faces are found, the one closest to the image centre is kept, as in the paper.
     """
 
-    def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20):
+    def __init__(self, device="cpu", min_prob: float = MIN_FACE_PROB, min_face: int = 20):
         try:
             from facenet_pytorch import MTCNN
         except ImportError as e:
@@ -206,7 +207,7 @@ class BatchDetector:
     several faces) makes the search run on the square around it, twice its larger side, so that the face
     closest to that region's centre is the annotated one."""
 
-    def __init__(self, device="cpu", min_prob: float = 0.9, min_face: int = 20, detect_size: int = DETECT_SIZE,
+    def __init__(self, device="cpu", min_prob: float = MIN_FACE_PROB, min_face: int = 20, detect_size: int = DETECT_SIZE,
                  smallest_face: int = SMALLEST_FACE):
         self.inner = FaceDetector(device, min_prob, min_face)
         self.min_prob, self.detect_size, self.device = min_prob, detect_size, torch.device(device)

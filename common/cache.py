@@ -7,6 +7,8 @@ whole files behind):
     images.txt             the image paths, relative to the data root, one per line, in row order
     stamps.npy             (n, 2) int64: each image's size and modification time when the cache was planned,
                            to name the files that changed when a resume is refused (list_changes)
+    face_boxes.npy         (n, 4) float64: each image's face box (x0, y0, x1, y1; NaN for none), for datasets
+                           that give them (AffectNet); detection searches around it
     shards/NNNNN.npy       (rows, sum of teacher widths) features in the cache dtype, teachers side by side
     crops/NNNNN.npy        the crop store: (rows, S, S, 3) uint8, each face's canonical crop (common.align)
                            at S = crop_size pixels (black for rows without a face), so that distill.py and
@@ -24,6 +26,7 @@ whole files behind):
                            link to emb/.NAME.<stamp>/. A rerun writes a new such folder and swaps the
                            link in one rename, so a reader sees the old version or the new one, never a
                            mix; the version just replaced is kept for readers still on it.
+    emb/.default           the name of the h_G that readers take when none is named (the last one written)
     fits/                  the state of each fit of G (fuse.py; common.fusion.fit_file names them), so that a
                            killed run resumes its fits
 A shard is done when its .npy exists (written last), which is all that resuming needs to know, as long
@@ -57,7 +60,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import locks
-from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, SMALLEST_FACE
+from common.align import CROP_SIZE, DETECT_SIZE, DETECTOR, MIN_FACE_PROB, SMALLEST_FACE
 from common.files import atomic_write, default_mode, remove_temporary, write_json
 from common.images import CANNOT_READ, PATH_ERRORS, csv_row_path, decode_paths, encode_paths
 
@@ -348,7 +351,7 @@ def boxes_hash(boxes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(boxes, np.float64).tobytes()).hexdigest()
 
 
-def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", align="mtcnn", min_face_prob=0.9,
+def make_plan(data_root, images, teachers, shard_size=4096, dtype="float16", align="mtcnn", min_face_prob=MIN_FACE_PROB,
               crop_size=CROP_SIZE, detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, boxes=None,
               stamps=None) -> dict:
     """What a cache of these images, teachers and settings holds: its manifest before any shard (see
@@ -745,7 +748,7 @@ class FeatureCache:
     # -- creation and resume ---------------------------------------------------------------------
     @classmethod
     def create_or_resume(cls, path, data_root, images, teachers, shard_size=4096, dtype="float16",
-                         align="mtcnn", min_face_prob=0.9, crop_size=CROP_SIZE,
+                         align="mtcnn", min_face_prob=MIN_FACE_PROB, crop_size=CROP_SIZE,
                          detect_size=DETECT_SIZE, smallest_face=SMALLEST_FACE, plan=None, boxes=None,
                          appeared_ok=False, locked=False) -> "FeatureCache":
         """Write the plan of a new cache, or check that an existing one was planned identically.

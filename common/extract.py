@@ -28,7 +28,7 @@ import torch
 
 from kernels import fuse_features
 
-from .align import CANON, DETECT_SIZE, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
+from .align import CANON, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
 from .cache import NON_FINITE, as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import no_tf32
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Options:
     align: str = "mtcnn"          # mtcnn: detect and align; none: the images already are face crops
-    min_face_prob: float = 0.9    # detector confidence below which no face counts
+    min_face_prob: float = MIN_FACE_PROB
     batch: int = 32               # images per batch (detection, warp, teachers)
     workers: int | None = None    # loader processes reading and decoding; None: default_workers(device)
     detect_size: int = DETECT_SIZE  # longer side of the copy MTCNN sees

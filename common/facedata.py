@@ -126,18 +126,16 @@ class AlignedFaces(torch.utils.data.Dataset):
     """Crops of the given cache rows, from its crop store, with their target rows (h_G by default).
 
     targets: anything with .take(rows) -> (n, d) array (a ShardedArray of the cache), row-aligned with
-    the cache; crops: the same for (n, S, S, 3) uint8 crops (default: the cache's crop store). Fetched a
-    batch at a time: a batch is {"crops": (B, 3, S, S) uint8, "target": (B, d) float32, "rows": (B,),
+    the cache (default: its first h_G). Fetched a batch at a time: a batch is {"crops": (B, 3, S, S) uint8, "target": (B, d) float32, "rows": (B,),
     "params": (B, N_PARAMS) or None}; use collate_fn=first with a DataLoader. Indices may be plain
     positions or (position, augmentation seed) pairs, as EpochSampler yields.
     """
 
-    def __init__(self, cache, rows, train: bool, targets=None, embedding: str | None = None, crops=None):
+    def __init__(self, cache, rows, train: bool, targets=None):
         self.rows, self.train = np.asarray(rows, np.int64), train
         if targets is None:
-            targets = cache.embedding(embedding or (cache.embedding_names() or ["ae"])[0])[0]
-        self.targets = targets
-        self.crops = crops if crops is not None else cache.crops
+            targets = cache.embedding((cache.embedding_names() or ["ae"])[0])[0]
+        self.targets, self.crops = targets, cache.crops
 
     def __len__(self):
         return len(self.rows)

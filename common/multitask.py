@@ -331,7 +331,7 @@ def train(model, targets: list[Target], rows: Rows, size, epochs, lr_groups, arg
             model.backbone.eval()
         finite = True  # a device flag, read once an epoch: a check each step would make the host wait
         for x, r, v, f in dl:
-            if len(x) < 2:  # batch norm cannot train on one image: the odd one out waits for the next epoch
+            if len(x) < 2:  # a training set of one image (Batches merges a lone last one): batch norm cannot train on it
                 continue
             loss, _ = joint_loss(targets, model(x.to(device, non_blocking=True)), r, v, f)
             if loss is None:

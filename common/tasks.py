@@ -268,16 +268,19 @@ def _idx(mask) -> np.ndarray:
     return np.flatnonzero(np.asarray(mask))
 
 
-def random_split(n: int, seed: int = 0, fractions=(0.8, 0.1, 0.1), name: str | None = None) -> Split:
+FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test of a task without an official split
+
+
+def random_split(n: int, seed: int = 0, fractions=FRACTIONS) -> Split:
     """Seeded random train/val/test split of n samples; fractions are (train, val, test)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
     val = np.sort(perm[n_train:n_train + n_val]) if fractions[1] > 0 else None
-    name = name or f"random {'/'.join(str(round(100 * f)) for f in fractions)} seed {seed}"
+    name = f"random {'/'.join(str(round(100 * f)) for f in fractions)} seed {seed}"
     return Split(name, np.sort(perm[:n_train]), np.sort(perm[n_train + n_val:]), val)
 
 
-def per_class_split(labels, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> Split:
+def per_class_split(labels, seed: int = 0, fractions=FRACTIONS) -> Split:
     """Seeded split inside each class, so every identity is seen in training (closed-set identification)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -348,7 +351,7 @@ def leave_one_group_out_splits(samples: list[Sample]) -> list[Split]:
 
 
 def _seeded(n: int, p: dict) -> list[Split]:
-    return [random_split(n, p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1))))]
+    return [random_split(n, p.get("seed", 0), tuple(p.get("fractions", FRACTIONS)))]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -694,7 +697,7 @@ def _300w(root: Path, p: dict) -> TaskData:
         raise BadLabels(f"{Path(odd.path).with_suffix('.pts')}: {len(odd.label)} points, but "
                         f"{Path(samples[0].path).with_suffix('.pts')} has {len(samples[0].label)}; each file the same")
     test = np.array(test)
-    seed, fractions = p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1)))
+    seed, fractions = p.get("seed", 0), tuple(p.get("fractions", FRACTIONS))
     if test.any() and not test.all():
         # Training folders (afw, helen/trainset, lfpw/trainset): a seeded 10% of them chooses the epoch.
         train = np.random.default_rng(seed).permutation(_idx(~test))
@@ -858,7 +861,7 @@ def _folder(root: Path, p: dict) -> TaskData:
         val = _idx(which == "val") if "val" in split_dirs else None
         splits = [Split(" / ".join(split_dirs.values()), _idx(which == "train"), _idx(which == "test"), val)]
     elif p.get("per_class_split"):
-        splits = [per_class_split(labels, p.get("seed", 0), tuple(p.get("fractions", (0.8, 0.1, 0.1))))]
+        splits = [per_class_split(labels, p.get("seed", 0), tuple(p.get("fractions", FRACTIONS)))]
     else:
         splits = _seeded(len(samples), p)
     return TaskData(samples, splits, label_names=list(classes))
@@ -928,7 +931,7 @@ def _csv_table(root: Path, p: dict) -> TaskData:
 # ----------------------------------------------------------------------------- helpers for users
 
 def folder_task(name: str, root=None, knowledge: str = "Classification", classes=None, splits=None,
-                per_class_split: bool = False, seed: int = 0, fractions=(0.8, 0.1, 0.1), **task_fields) -> Task:
+                per_class_split: bool = False, seed: int = 0, fractions=FRACTIONS, **task_fields) -> Task:
     """A classification task on a folder-per-class tree; register it with register_task."""
     params = {"root": root, "classes": classes, "splits": splits, "per_class_split": per_class_split,
               "seed": seed, "fractions": fractions}
@@ -942,7 +945,7 @@ def folder_task(name: str, root=None, knowledge: str = "Classification", classes
 
 
 def csv_task(name: str, csv: str = "labels.csv", kind: str = "classification", root=None, knowledge: str | None = None,
-             label_range: tuple | None = None, classes=None, seed: int = 0, fractions=(0.8, 0.1, 0.1), **task_fields) -> Task:
+             label_range: tuple | None = None, classes=None, seed: int = 0, fractions=FRACTIONS, **task_fields) -> Task:
     """A task read from `root/<csv>` rows `file,label[,split]`; kind is "classification" or "regression"."""
     if kind not in ("classification", "regression"):
         raise ValueError(f"csv_task kind must be classification or regression, not {kind!r}")
@@ -963,7 +966,7 @@ def _pct(fractions) -> str:
 # ----------------------------------------------------------------------------- the registry
 
 AGE_BINS = [0, 3, 10, 20, 30, 40, 50, 60, 70]  # groups 0-2, 3-9, 10-19, ..., 60-69, 70+
-SPLIT = {"seed": 0, "fractions": (0.8, 0.1, 0.1)}
+SPLIT = {"seed": 0, "fractions": FRACTIONS}
 UTK_PROTOCOL = "random 80/10/10 train/val/test split of the well-named files, seed 0 (same split for all UTK tasks)"
 UTK_LAYOUT = ("UTKFace/[age]_[gender]_[race]_[date&time].jpg (or .jpg.chip.jpg); malformed names and ages above 116 "
               "skipped and counted; the in-the-wild part1/ part2/ part3/: give one, or their files in one folder")

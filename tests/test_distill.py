@@ -420,12 +420,15 @@ def test_an_h_G_that_fuse_replaced_during_training_is_not_evaluated_against(cach
 
 def test_a_log_without_a_terminal_gets_progress_lines(cache_dir, tmp_path, monkeypatch, capsys):
     """tqdm draws nothing into a batch job's log: lines with the step and images/s take its place."""
-    monkeypatch.setattr(distill, "PROGRESS_EVERY", 0)
+    from common import progress
+
+    monkeypatch.setattr(progress, "EVERY", 0)
     distill.main(["--teacher-cache", str(cache_dir), "--steps", "3", "--log-every", "1", "--no-eval",
                   "--out", str(tmp_path / "r"), *TINY])
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
-    assert [line.split(":")[0] for line in lines if line.startswith("step ") and "img/s" in line] == \
-        ["step 1/3", "step 2/3", "step 3/3"]
+    steps = [line for line in lines if line.startswith("distill: ") and "img/s" in line]
+    assert [line.split(", step ")[1].split(",")[0] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(", loss " in line for line in steps)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):

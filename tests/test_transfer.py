@@ -726,7 +726,7 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                       (["--method", "finetune", "--pseudo-threshold", "0.5"], "--pseudo-threshold 0.5 is for --method "
                                                                               "multitask"),
                       (["--method", "multitask", "--pseudo-agreement", "0.1"], "for data distillation: give --pseudo-label"),
-                      (["--val-frac", "1"], "--val-frac must lie between 0 and 1"),
+                      (["--val-frac", "1"], "--val-frac 1: a fraction between 0 and 1$"),
                       (["--tasks", "AgeR-UTK=a,AgeR-UTK=b"], "--tasks names a task twice"),
                       (["--method", ","], "--method: name at least one of")]:
         with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
@@ -936,3 +936,16 @@ def test_a_run_recorded_with_a_flag_now_refused_for_its_methods_still_resumes(tm
         transfer.check_flags(args, ["frozen"])
     with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
         transfer.check_flags(transfer.parse_args(["--method", "frozen", "--epochs", "5"]), ["frozen"])
+
+
+def test_a_batch_of_one_is_refused_only_to_the_methods_that_train_a_network_on_images():
+    """frozen trains an MLP head on fixed embeddings, as fused does: no batch norm learns there, yet a batch of
+    1 was refused to it alone (it sat with the image methods in a list meant for 'needs no teacher cache')."""
+    for methods in (["frozen"], ["fused", "bct"]):
+        transfer.check_flags(transfer.parse_args(["--method", ",".join(methods), "--batch", "1"]), methods)
+    for method in transfer.NETWORK_METHODS:
+        with pytest.raises(SystemExit, match="--batch 1: the networks trained on images"):
+            transfer.check_flags(transfer.parse_args(["--method", method, "--batch", "1"]), [method])
+    # and the methods that run the teachers on a task's faces are the head methods on teacher features and pcnn
+    assert set(transfer.TEACHER_METHODS) == set(transfer.METHODS + transfer.EXTRA_METHODS) - {
+        "finetune", "frozen", "scratch", "multitask", "kd", "etl"}
