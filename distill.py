@@ -48,8 +48,8 @@ from common.checkpoint import (LEGACY_STATE_SUFFIX, STATE_SUFFIX, StateError, lo
 from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize, to_device_pixels
 from common.files import atomic_write, write_json, write_text
 from common.progress import Progress, counted
-from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, dist_info,
-                         get_logger, hold, holding_runs, init_dist, make_run_dir, one_process_only, pick_device,
+from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
+                         dist_info, get_logger, hold, holding_runs, init_dist, leave_stops_to_the_parent, make_run_dir, one_process_only, pick_device,
                          resume_defaults, run_dir_problem, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
                             save_student)
@@ -439,7 +439,8 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
     sampler = EpochSampler(data, args.seed, rank, world, batch=args.batch)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                                          drop_last=True, pin_memory=device.type == "cuda", collate_fn=first,
-                                         persistent_workers=args.workers > 0, generator=torch.Generator())
+                                         persistent_workers=args.workers > 0, generator=torch.Generator(),
+                                         worker_init_fn=leave_stops_to_the_parent)
     per_epoch = sampler.num_samples // args.batch
     total = args.steps or args.epochs * per_epoch
     log.info(f"student {args.arch} width {student.config['width']}: {n_params(student):,} parameters "
@@ -548,7 +549,8 @@ def plot_loss(run: Path, loss: str) -> None:
 def embed_rows(student, cache, rows, size, device, batch=128, workers=0):
     """Student embeddings of cache rows (evaluation view of their stored crops), float32, in row order."""
     data = AlignedFaces(cache, rows, train=False, targets=NoTargets())
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=first)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=first,
+                                         worker_init_fn=leave_stops_to_the_parent)
     student.eval()
     out = [student(to_device_pixels(b, size, device, train=False)).float().cpu()
            for b in counted(loader, "embed", "batch", len(loader))]
@@ -815,7 +817,7 @@ def main(argv=None):
         return
     if not finished:
         plot_loss(run, args.loss)
-        log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --run-dir {run}")
+        log.info(f"stopped at step {args.stop_at} as asked; continue with --resume --run-dir {as_arg(run)}")
         return
     decoder = {f"decoder.{k}": v for k, v in s.decoder.state_dict().items()} if s.decoder is not None else None
     save_student(s.student, run / "student.safetensors", s.cfg, decoder)

@@ -59,8 +59,8 @@ from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resiz
 from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
-                         get_logger, holding_runs, kept_warnings, make_run_dir, one_process_only, pick_device,
-                         recorded_args, resume_defaults, run_main)
+                         get_logger, holding_runs, kept_warnings, leave_stops_to_the_parent, make_run_dir,
+                         one_process_only, pick_device, recorded_args, resume_defaults, run_main)
 from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 from common.weights import sha256
@@ -369,7 +369,8 @@ def face_batches(cache, rows, labels, size, train, args, device):
     sampler = Batches(len(rows), args.batch, train, args.seed)
     dl = torch.utils.data.DataLoader(TaskFaces(cache, rows, labels), num_workers=args.workers, collate_fn=first,
                                      batch_sampler=sampler, pin_memory=torch.device(device).type == "cuda",
-                                     persistent_workers=args.workers > 0, generator=torch.Generator())
+                                     persistent_workers=args.workers > 0, generator=torch.Generator(),
+                                     worker_init_fn=leave_stops_to_the_parent)
     rng = np.random.default_rng(args.seed)
     epochs = itertools.count()
 

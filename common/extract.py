@@ -33,6 +33,7 @@ from .cache import NON_FINITE, as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import no_tf32
 from .progress import Progress
+from .runs import leave_stops_to_the_parent
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def loader(root, images, opts: Options, device, reader=None, batches=None):
         batches = _chunks(0, len(images), opts.batch)
     workers = opts.loader_workers(device)
     return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=workers, collate_fn=_as_list,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None, worker_init_fn=leave_stops_to_the_parent)
 
 
 def _chunks(lo, hi, size):

@@ -30,6 +30,7 @@ from .align import CANON
 from .align import warp
 from .facedata import Batches
 from .progress import Progress
+from .runs import leave_stops_to_the_parent
 from .student import head
 
 KINDS = ("classification", "regression", "multilabel", "landmarks", "embedding")
@@ -305,7 +306,7 @@ def loader(rows: Rows, ids, size, train, args, seed=0, view=None):
     ds = Faces(rows, ids, size, train, seed, view)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=Batches(len(ids), args.batch, train, seed),
                                      num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                     generator=torch.Generator())
+                                     generator=torch.Generator(), worker_init_fn=leave_stops_to_the_parent)
     return ds, dl
 
 

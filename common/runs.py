@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -129,6 +130,12 @@ def comparable(args, recorded: dict, defaults) -> tuple[dict, dict]:
 LAST_RUN = []  # [script, run folder] of the run folder this process made last (embed: [embed, its --out])
 
 
+def as_arg(path) -> str:
+    """A path as a shell takes it after a flag: quoted where needed, and not read as a flag itself."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
 def interrupted_line() -> str:
     """What a Ctrl-C ends with: how to go on where the run stopped (what was written is whole)."""
     if not LAST_RUN:
@@ -139,7 +146,7 @@ def interrupted_line() -> str:
     if script == "fuse":
         return (f"interrupted (run folder {run}): run the same command again, without --overwrite (which would "
                 f"delete the cache), to go on where it stopped")
-    return f"interrupted: to go on where it stopped, run the same command again with --resume --run-dir {run}"
+    return f"interrupted: to go on where it stopped, run the same command again with --resume --run-dir {as_arg(run)}"
 
 
 def out_of_memory_line(e: BaseException) -> str:
@@ -155,7 +162,7 @@ def out_of_memory_line(e: BaseException) -> str:
                 f"the memory is free, or with a smaller --batch or fewer --streams, which the extraction takes on the "
                 f"same cache (G's fit, --fusion-batch, starts afresh at another batch)")
     return (f"error: out of device memory ({what}). What was written is whole: once the memory is free, run the same "
-            f"command again with --resume --run-dir {run}; a smaller --batch is another run (start it afresh)")
+            f"command again with --resume --run-dir {as_arg(run)}; a smaller --batch is another run (start it afresh)")
 
 
 THROUGH = (".lock", "log.txt", "metrics.jsonl", "ckpt", "etl")  # written into in place (not replaced whole)
@@ -400,6 +407,8 @@ def pick_device(name: str = "auto"):
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # MPS has no float64, which detection and PCA use; others untried
+        raise SystemExit(f"error: --device {name}: only cpu and cuda are supported (expected auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: this machine has no CUDA GPU that torch can use (try --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -421,6 +430,17 @@ def _terminated(signum, frame):
     raise Terminated(signum)
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # Windows: no SIGHUP
+
+
+def leave_stops_to_the_parent(_worker_id=None) -> None:
+    """A loader worker's worker_init_fn. `timeout`, a batch system or `kill -- -PGID` send SIGTERM to every
+    process of the job: torch's handler ended the workers at once, and their parent, while it ended itself as
+    Ctrl-C does, died of a "DataLoader worker killed by signal" traceback. The parent ends them itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_main(main) -> None:
     """Run a script's main; the errors a user can fix (a missing folder, another cache, a package not
     installed, an unreadable file) end with their one-line message instead of a traceback. SIGTERM and
@@ -434,7 +454,7 @@ def run_main(main) -> None:
     from common.teachers import BadTeacher
     from common.weights import MissingWeights
 
-    signals = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    signals = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
     # only where the default would end the run: `nohup` ignores SIGHUP, and a run under it must outlive its terminal
     before = {sig: signal.signal(sig, _terminated) for sig in signals if signal.getsignal(sig) is signal.SIG_DFL}
     try:

@@ -788,6 +788,12 @@ def test_a_named_device_that_is_not_here_is_one_line():
             pick_device("cuda")
     with pytest.raises(SystemExit, match="--device bogus"):
         pick_device("bogus")
+    # devices torch knows but the project does not run on ended in a traceback at the first model (MPS, where
+    # available, at the first detection: it has no float64)
+    for name in ("mps", "xpu", "meta"):
+        with pytest.raises(SystemExit, match=f"^error: --device {name}: only cpu and cuda are supported"):
+            pick_device(name)
+    assert pick_device("cpu").type == "cpu"
 
 
 def test_the_check_decoder_is_reported_at_the_epoch_its_choice_faces_pick():

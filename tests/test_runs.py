@@ -1,5 +1,6 @@
 """run_main: the errors a user can fix end with one line, and what it says is true."""
 import errno
+import os
 
 import pytest
 
@@ -534,3 +535,80 @@ def test_running_out_of_device_memory_is_one_line_that_says_how_to_go_on(tmp_pat
                 assert remedy in msg and "\n" not in msg and "documentation" not in msg
     finally:
         runs.LAST_RUN.clear()
+
+
+def test_the_way_on_pastes_into_a_shell_whatever_the_run_folder_is_called(tmp_path):
+    """'--resume --run-dir runs/-d2 é' pasted back was 'unrecognized arguments: é', and a folder named -r read as
+    a flag."""
+    import shlex
+
+    from common import runs
+
+    for name in ("runs/-d2 é", "-r", "plain", "it's"):
+        runs.LAST_RUN[:] = ["distill", name]
+        try:
+            line = runs.interrupted_line()
+        finally:
+            runs.LAST_RUN.clear()
+        words = shlex.split(line.split("again with ", 1)[1])
+        assert words[:2] == ["--resume", "--run-dir"] and os.path.normpath(words[2]) == name and len(words) == 3
+        assert not words[2].startswith("-")
+
+
+def test_the_scripts_start_where_python_has_no_sighup():
+    """Windows' Python has no signal.SIGHUP: every script stopped at its start with an AttributeError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import runpy, signal, sys; del signal.SIGHUP; sys.argv = ['fuse.py', '--list-teachers']; "
+            "runpy.run_path('fuse.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "sface" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_stop_signal_to_the_whole_job_ends_a_run_with_loader_workers_as_ctrl_c_does(tmp_path):
+    """`timeout`, a batch system or kill -- -PGID send SIGTERM to the workers too: torch's handler ended them at
+    once, and the run, ending as Ctrl-C does, died of a "DataLoader worker killed by signal" traceback (exit 1)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import time, torch\n"
+        "from common.runs import leave_stops_to_the_parent, run_main\n"
+        "def main():\n"
+        "    loader = torch.utils.data.DataLoader(range(10 ** 6), batch_size=1, num_workers=2,\n"
+        "                                         worker_init_fn=leave_stops_to_the_parent)\n"
+        "    for i, _ in enumerate(loader):\n"
+        "        if i == 20:\n"
+        "            print('ready', flush=True)\n"
+        "        time.sleep(0.005)\n"
+        "run_main(main)\n")
+    root = Path(__file__).parents[1]
+    job = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert job.stdout.readline() == "ready\n"
+        os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as a batch system does
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+
+
+def test_every_loader_leaves_stop_signals_to_its_parent():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    loaders = []
+    for path in [*root.glob("*.py"), *(root / "common").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "DataLoader":
+                loaders.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}.get("worker_init_fn")))
+    assert len(loaders) >= 5 and all(fn == "leave_stops_to_the_parent" for _, fn in loaders), loaders
