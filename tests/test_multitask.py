@@ -199,6 +199,23 @@ def test_pseudo_label_round_adds_rows(tmp_path):
     assert torch.equal(targets[0].y[:4], y_before[:4])  # real labels are never replaced
 
 
+
+def test_a_pseudo_labelled_value_is_clipped_to_the_label_range(tmp_path):
+    """A regression head answering past the labels' range (an age of 250) trained the next round on it."""
+    rows = _rows(tmp_path)
+    targets = _targets(8)
+    model = multitask.JointModel(build_student("resnet18w", 0.125, 16), 16, targets, 8)
+    last = model.heads[model.names.index("reg")][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(5.0)  # 5 label ranges above the top label, on every view alike: no spread
+    state = model.state_dict()
+    added = multitask.pseudo_label(model, {t.name: state for t in targets}, targets, rows, np.arange(8), 32,
+                                   Namespace(batch=4, workers=0), "cpu", threshold=0.0, agreement=1.0)
+    reg = targets[1]
+    assert added["reg"] > 0 and reg.y[reg.pseudo].max() <= 1 and reg.y[reg.pseudo].min() >= 0
+
+
 # ---------------------------------------------------------------------------------------- end to end
 def _main(tmp_path, student, *argv):
     transfer.main([*argv, "--student", str(student), "--align", "none", "--epochs", "1", "--batch", "8",

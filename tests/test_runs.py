@@ -511,6 +511,32 @@ def test_a_run_folder_holding_links_is_refused_before_anything_is_written_throug
     assert not (run / ".lock").exists() and not (run / "args.json").exists()
 
 
+@pytest.mark.parametrize("name", ["etl", "metrics.jsonl", ".lock", "ckpt", "log.txt"])
+def test_each_name_a_run_writes_through_is_refused_as_a_link(tmp_path, name):
+    from common.runs import THROUGH, run_dir_problem
+
+    assert name in THROUGH
+    (tmp_path / "elsewhere").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(tmp_path / "elsewhere")
+    assert f"holds {name} as a symbolic link" in (run_dir_problem(run, "transfer") or "")
+
+
+def test_args_json_says_when_the_code_was_changed_since_its_commit(monkeypatch):
+    """A result of edited code was recorded as the commit's own."""
+    import subprocess
+
+    from common import runs
+
+    for status, suffix in ((" M common/fusion.py", "-dirty"), ("", "")):
+        def git(cmd, **kwargs):
+            out = {"rev-parse": "a" * 40, "status": status}[cmd[4]]
+            return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+        monkeypatch.setattr(subprocess, "run", git)
+        assert runs.environment()["commit"] == "a" * 40 + suffix
+
+
 def test_running_out_of_device_memory_is_one_line_that_says_how_to_go_on(tmp_path):
     """A CUDA out of memory ended in torch's traceback, naming no flag and not saying that a rerun resumes."""
     import torch

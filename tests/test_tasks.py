@@ -647,6 +647,9 @@ def test_an_image_listed_twice_is_refused_naming_its_lines(tmp_path):
     fx.replace_line(raf / "basic/EmoLabel/list_patition_label.txt", 99, "train_00001.jpg 3")
     with pytest.raises(tasks.BadLabels, match=r"list_patition_label.txt: train_00001.jpg is listed on lines 1, 15"):
         load("Expr-RAF", raf)
+    fx.replace_line(raf / "basic/EmoLabel/list_patition_label.txt", 99, "train_00001.jpg 4")
+    with pytest.raises(tasks.BadLabels, match=r"train_00001.jpg is listed on lines 1, 15, 16\b"):
+        load("Expr-RAF", raf)
     celeba = fx.make_fixture("Attrib-CelebA", tmp_path / "celeba")
     fx.replace_line(celeba / "list_eval_partition.txt", 99, "000001.jpg 2")
     with pytest.raises(tasks.BadLabels, match=r"list_eval_partition.txt: 000001.jpg is listed on lines 1, 13"):
@@ -680,6 +683,11 @@ def test_a_split_without_test_or_training_images_is_refused_when_read(tmp_path):
     labels = raf / "basic/EmoLabel/list_patition_label.txt"
     labels.write_text("".join(line + "\n" for line in labels.read_text().splitlines() if line.startswith("train_")))
     with pytest.raises(tasks.BadLabels, match=r"has 10 training and 0 test images"):
+        load("Expr-RAF", raf)
+    raf = fx.make_fixture("Expr-RAF", tmp_path / "raf_test_only")
+    labels = raf / "basic/EmoLabel/list_patition_label.txt"
+    labels.write_text("".join(line + "\n" for line in labels.read_text().splitlines() if line.startswith("test_")))
+    with pytest.raises(tasks.BadLabels, match=r"has 0 training and \d+ test images"):
         load("Expr-RAF", raf)
 
 
