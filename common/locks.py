@@ -2,6 +2,7 @@
 that a run reads from being deleted or rewritten under it."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -14,6 +15,18 @@ except ImportError:  # Windows: nothing is locked
 
 held = {}  # lock file (resolved) -> open file: the locks this process holds until its script's main returns
 _open = weakref.WeakSet()  # every lock file acquire() opened and that is still open
+_said = set()  # lock files already said to be unlockable
+log = logging.getLogger("common.locks")  # the scripts' log handlers take common.* (runs.get_logger)
+
+
+def _unlocked(path: Path, e: OSError, shared: bool) -> None:
+    """Say, once a lock file, that the work goes on without it: a second run on the same folder (an NFS home
+    without its lock daemon: ENOLCK) would not be refused, and the user should know it."""
+    if str(path) not in _said:
+        _said.add(str(path))
+        who = "a run that writes it meanwhile" if shared else "a second run on it"
+        log.warning(f"warning: no lock on {path} ({e.strerror or e}): the work goes on without one, and {who} "
+                    f"would not be refused")
 
 
 def _drop_inherited() -> None:
@@ -46,7 +59,9 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
-    except OSError:
+    except OSError as e:
+        if not shared:  # (a reader of a read-only cache: nobody can write it either)
+            _unlocked(path, e, shared)
         return None
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
@@ -64,8 +79,9 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
                 if time.monotonic() >= give_up:
                     raise SystemExit(busy) from None
                 time.sleep(0.1)
-    except OSError:
+    except OSError as e:  # a file system without locks
         f.close()
+        _unlocked(path, e, shared)
         return None
     except BaseException:
         f.close()

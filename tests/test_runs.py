@@ -253,9 +253,10 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
     assert holding_runs(make_run_dir)(held, "distill", Namespace()) == held  # free once that process ended
 
 
-def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
-    """flock fails with ENOLCK on some network mounts: that is no other run, and must not stop this one."""
-    import errno
+def test_a_file_system_without_locks_runs_unlocked_and_says_so_once_a_lock(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on some network mounts: that is no other run, and must not stop this one; but two
+    fuse.py on one cache there both ran, unlocked, and neither said a word."""
+    import logging
     from argparse import Namespace
 
     from common import locks, runs
@@ -263,7 +264,14 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     def no_locks(*a):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(locks.fcntl, "flock", no_locks)
-    assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
+    monkeypatch.setattr(locks, "_said", set())
+    with caplog.at_level(logging.WARNING, logger="common.locks"):
+        assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
+        assert locks.acquire(tmp_path / "nfs" / ".lock", busy="busy") is None  # said once a lock file
+        assert locks.acquire(tmp_path / "cache" / ".readers", shared=True) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "No locks available" in said[0] and "a second run on it would not be refused" in said[0]
+    assert "a run that writes it meanwhile" in said[1]
 
 
 def test_a_main_lets_go_of_its_run_folder_when_it_returns(tmp_path):
@@ -638,3 +646,4 @@ def test_every_loader_leaves_stop_signals_to_its_parent():
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "DataLoader":
                 loaders.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}.get("worker_init_fn")))
     assert len(loaders) >= 5 and all(fn == "leave_stops_to_the_parent" for _, fn in loaders), loaders
+
