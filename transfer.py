@@ -61,9 +61,8 @@ from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
                          get_logger, holding_runs, kept_warnings, leave_stops_to_the_parent, make_run_dir,
                          one_process_only, pick_device, recorded_args, resume_defaults, run_main)
-from common.student import WIDTH, NotAStudent, head, load_student, read_checkpoint, student_like
+from common.student import WIDTH, NotAStudent, head, load_student, pin, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
-from common.weights import sha256
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
 EXTRA_METHODS = ("multitask", "kd")  # not in `all`: multitask is meant for several tasks, kd for tasks a teacher knows
@@ -1311,8 +1310,8 @@ def main(argv=None):
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
-    student_file = args.student if args.student.is_file() else args.student / "student.safetensors"
-    student_sha = sha256(student_file) if student_cfg and "note" not in student_cfg else None
+    # read once, hashed and loaded from the same bytes by every method of every task
+    student_sha = pin(args.student) if student_cfg and "note" not in student_cfg else None
     # the teacher-feature columns read the fusion the student learnt from, even when no method runs the student
     learnt_from = student_cfg or students_record(args)
     the_students_cache(args, learnt_from)

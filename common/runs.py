@@ -300,6 +300,8 @@ def holding_runs(main):
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
             OPEN_FILES.clear()
             CALL.clear()
+            if (student := sys.modules.get("common.student")) is not None:
+                student.PINNED.clear()  # the student files transfer.py read once (a later call reads them anew)
     return wrapped
 
 

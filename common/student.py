@@ -16,6 +16,7 @@ pixels as they are. Output: N x out_dim, the estimate of h_G (or of h_MT for the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -108,25 +109,52 @@ class NotAStudent(ValueError):
     """A file given as a student checkpoint that is not one."""
 
 
-def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
-    """(config, every tensor) of a file written by save_student; tensors=False reads the config alone."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+PINNED: dict[str, bytes] = {}  # student file (resolved) -> its bytes as pin() read them, until the main returns
 
+
+def _student_file(path) -> Path:
     path = Path(path)
-    if path.is_dir():  # a run folder: its final student
-        path = path / "student.safetensors"
+    return path / "student.safetensors" if path.is_dir() else path  # a run folder: its final student
+
+
+def pin(path) -> str:
+    """Read a student file once for the rest of the script's main, and return its sha256: every later load of
+    it takes these bytes. transfer.py loads the student again for each method and task, and a distill.py
+    --overwrite of its folder meanwhile gave the methods of one report other students under the sha it
+    recorded. (common.runs.holding_runs lets go of them.)"""
+    path = _student_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no student checkpoint at {path}")
+    data = PINNED[str(path.resolve())] = path.read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
+    """(config, every tensor) of a file written by save_student; tensors=False reads the config alone. Both
+    from one read of the file (two opens could meet two files, one replaced between them)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = _student_file(path)
+    data = PINNED.get(str(path.resolve()))
+    if data is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no student checkpoint at {path}")
+        data = path.read_bytes()
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        size = int.from_bytes(data[:8], "little")  # safetensors: the header's length, the header, the tensors
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError(f"a header of {size} bytes in a file of {len(data)}")
+        header = json.loads(data[8:8 + size])
+        meta = (header.get("__metadata__") if isinstance(header, dict) else None) or {}
         cfg = json.loads(meta["config"]) if "config" in meta else {}
         if not isinstance(cfg, dict) or not {"arch", "width", "out_dim"} <= set(cfg):
             raise NotAStudent(f"{path} is not a student checkpoint (its metadata has no student config: arch, "
                               f"width, out_dim); pass a distill.py run folder or its student.safetensors")
-        return cfg, load_file(str(path)) if tensors else None
-    except (SafetensorError, json.JSONDecodeError) as e:
+        return cfg, load(data) if tensors else None
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:  # (json's errors are ValueErrors)
+        if isinstance(e, NotAStudent):
+            raise
         raise NotAStudent(f"{path} is not a student checkpoint: not a readable safetensors file ({e})") from None
 
 

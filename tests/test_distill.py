@@ -731,8 +731,10 @@ def test_a_file_that_is_not_a_student_says_so(tmp_path, monkeypatch):
     from common.student import NotAStudent
 
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "short.safetensors").write_bytes(b"\x07")
+    (tmp_path / "long.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "G.safetensors"), metadata={"config": json.dumps({"op": "ae"})})
-    for name in ("junk.safetensors", "G.safetensors"):
+    for name in ("junk.safetensors", "short.safetensors", "long.safetensors", "G.safetensors"):
         with pytest.raises(NotAStudent, match=f"{name} is not a student checkpoint"):
             load_student(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
@@ -853,3 +855,28 @@ def test_overwrite_removes_a_linked_checkpoint_folder_not_what_it_points_to(tmp_
     with pytest.raises(SystemExit, match=r"holds .lock as a symbolic link"):
         distill.main(["--cache", str(cache_dir), "--run-dir", str(tmp_path / "run")])
     assert not (elsewhere / "made").exists()
+
+
+def test_a_pinned_student_is_the_one_every_later_load_gets_until_the_main_returns(tmp_path):
+    """transfer.py hashed the student once and loaded it again for each method: a distill.py --overwrite of its
+    folder meanwhile gave one report's methods other students under the sha it recorded."""
+    import hashlib
+
+    from common.runs import holding_runs
+    from common.student import pin, read_checkpoint, save_student
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = build_student("resnet18w", 0.125, 16)
+    save_student(first, run / "student.safetensors", extra={"size": 32})
+
+    @holding_runs
+    def main():
+        sha = pin(run)
+        assert sha == hashlib.sha256((run / "student.safetensors").read_bytes()).hexdigest()
+        save_student(build_student("resnet18w", 0.125, 8), run / "student.safetensors", extra={"size": 32})  # replaced
+        student, cfg = load_student(run)
+        assert cfg["out_dim"] == 16 and read_checkpoint(run / "student.safetensors", tensors=False)[0]["out_dim"] == 16
+        assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), first.state_dict().values()))
+    main()
+    assert load_student(run)[1]["out_dim"] == 8  # let go of when the main returned
