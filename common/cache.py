@@ -1151,7 +1151,12 @@ class FeatureCache:
             os.rename(link, previous)
         tmp = root / f".{name}.link"
         tmp.unlink(missing_ok=True)
-        os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
+        try:
+            os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
+        except OSError as e:  # Windows without Developer Mode or administrator rights; a file system without links
+            raise PermissionError(f"cannot make the link {tmp} ({e.strerror or e}): h_G is switched to its new version "
+                                  f"by a symbolic link; on Windows turn on Developer Mode, or give --cache a folder "
+                                  f"on a file system that takes links (the h_G written, in {folder}, is not used)") from e
         os.replace(tmp, link)  # the switch: one rename
         if locks.others_hold(readers_lock_file(self.path)):
             return

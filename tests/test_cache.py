@@ -644,3 +644,22 @@ def test_crop_rows_without_a_face_take_no_disk(tmp_path, images):
         f.write(b"x")
     if probe.stat().st_blocks * 512 < 1 << 21:
         assert file.stat().st_blocks * 512 < 0.5 * file.stat().st_size  # 3 of 23 rows hold a face
+
+
+def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path, images, monkeypatch):
+    """Windows makes a symbolic link only with Developer Mode or an administrator's rights: fuse.py trained G,
+    then stopped on 'A required privilege is not held by the client' without a word of why or what to do."""
+    import os
+
+    root, names = images
+    cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
+
+    def no_links(*a, **k):
+        raise OSError(22, "A required privilege is not held by the client")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    with pytest.raises(PermissionError, match=r"h_G is switched to its new version by a symbolic link; on Windows "
+                                              r"turn on Developer Mode.* is not used\)"):
+        with cache.new_embedding("pca") as folder:
+            (folder / "meta.json").write_text("{}")
+    assert (folder / "meta.json").exists()  # the work is kept, to be switched by a rerun where links work
