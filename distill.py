@@ -51,7 +51,7 @@ from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
                          dist_info, get_logger, hold, holding_runs, init_dist, leave_stops_to_the_parent, make_run_dir, one_process_only, pick_device,
                          resume_defaults, run_dir_problem, run_main, write_args)
-from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, read_checkpoint,
+from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, pin, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
 
@@ -752,6 +752,7 @@ def embed_main(argv):
     if not rel:
         raise SystemExit(f"error: no images under {a.images}")
     LAST_RUN[:] = ["embed", a.out]  # what a Ctrl-C says: no run folder to name
+    sha = pin(a.checkpoint)  # which student made the rows, said at the end: its folder may be rewritten meanwhile
     emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
                                 pick_device(a.device), a.min_face_prob, say=log.info)
     stem = a.out.with_suffix("")
@@ -760,7 +761,7 @@ def embed_main(argv):
     write_reasons(Path(f"{stem}.missed.tsv"), [(r, why) for r, why in zip(rel, reasons) if why])
     n_miss = sum(1 for r in reasons if r)
     log.info(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
-             f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]})")
+             f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]}), by the student of sha256 {sha}")
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -529,6 +529,9 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys
     said = capsys.readouterr().out  # how the faces were found is said (an ETL model on --align none, say)
     assert "faces: MTCNN at --detect-size" in said and "as the student's training faces were found" in said
     assert "embed: 3/3 img, " in said  # (no logger had the shared modules' lines: they went nowhere)
+    import hashlib  # which student made the rows: its folder may hold another by the time one reads them
+
+    assert f"by the student of sha256 {hashlib.sha256((trained / 'student.safetensors').read_bytes()).hexdigest()}" in said
     emb = np.load(tmp_path / "emb.npy")
     paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
     assert [Path(p).name for p in paths] == ["astronaut.png", "broken.jpg", NO_FACE]
