@@ -480,6 +480,9 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
         for (at, _), value in zip(pending, values):
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"the loss became {value} at step {at}")
+        if step == stop and s.start == 0 and s.scaler is not None and s.scaler.taken == 0:  # before the last checkpoint
+            raise NonFiniteLoss(f"float16's loss scaler skipped all {step} steps (inf or NaN gradients): the student "
+                                f"never trained")
         epoch_loss.extend(values)
         if bar:
             bar.update(len(pending) * imgs, step=f"{pending[-1][0]}/{s.total}", loss=f"{values[-1]:.4f}", epoch=epoch)

@@ -432,26 +432,31 @@ def fit(model, train_batches, val_batches, task, epochs, lo_hi, y_val, lr_groups
     opt = torch.optim.Adam(lr_groups)
     amp_dtype, scaler = amp
     best, best_state = None, None
+    taken, steps = (scaler.taken if scaler is not None else None), 0
     bar = Progress(desc)
     for epoch in range(epochs):
         model.train()
         finite = True  # a device flag, read once an epoch: a check each step would make the host wait
-        taken = scaler.taken if scaler is not None else None
         for x, y in train_batches():
             with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(x)
             step_loss = loss(out.float(), y)
             precision.backward_step(step_loss, opt, scaler)
             finite = torch.isfinite(step_loss.detach()) & finite
+            steps += 1
             bar.update(len(x), epoch=f"{epoch + 1}/{epochs}")
-        # float16's scaler skips a step with inf or NaN and lowers its scale: an epoch of only such steps is the stop
-        if not bool(finite) and (scaler is None or scaler.taken == taken):
+        # (float16's scaler skips a step with inf or NaN and lowers its scale; its own rule and the one below)
+        if scaler is None and not bool(finite):
             raise FloatingPointError(f"{desc}: the training loss became inf or NaN in epoch {epoch + 1} "
                                      f"(weights diverged or a non-finite input); lower --lr")
         if val_batches is not None:
             s = score(task, decode(task, predict(model, val_batches()), lo_hi), y_val)
             if best is None or metrics.better(task.metric, s, best):
                 best, best_state = s, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if scaler is not None and steps and scaler.taken == taken:  # a short fit whose every step overflowed: untrained
+        raise FloatingPointError(f"{desc}: float16's loss scaler skipped every step (inf or NaN gradients, loss scale "
+                                 f"{scaler.get_scale():.3g}): the model never trained; lower --lr, or use --amp bf16 "
+                                 f"(on sm_80 and newer) or --amp off")
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -1309,9 +1314,12 @@ def main(argv=None):
             unlabelled = tasks.TaskData([tasks.Sample(str(root / p), None) for p in list_images(root)], [])
         if not unlabelled.samples:
             raise SystemExit(f"error: --pseudo-label {root} holds no image to label")
+    try:  # read once: its config, its hash and every method's weights come from the same bytes
+        student_sha = pin(args.student)
+    except (FileNotFoundError, NotAStudent):  # said below where a method needs it
+        student_sha = None
     student_cfg = student_config(args, methods)  # a missing student stops the run before its folder is made
-    # read once, hashed and loaded from the same bytes by every method of every task
-    student_sha = pin(args.student) if student_cfg and "note" not in student_cfg else None
+    student_sha = student_sha if student_cfg and "note" not in student_cfg else None
     # the teacher-feature columns read the fusion the student learnt from, even when no method runs the student
     learnt_from = student_cfg or students_record(args)
     the_students_cache(args, learnt_from)

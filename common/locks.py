@@ -15,15 +15,15 @@ except ImportError:  # Windows: nothing is locked
 
 held = {}  # lock file (resolved) -> open file: the locks this process holds until its script's main returns
 _open = weakref.WeakSet()  # every lock file acquire() opened and that is still open
-_said = set()  # lock files already said to be unlockable
+said = set()  # lock files already said to be unlockable (in this main: common.runs.holding_runs clears it)
 log = logging.getLogger("common.locks")  # the scripts' log handlers take common.* (runs.get_logger)
 
 
 def _unlocked(path: Path, e: OSError, shared: bool) -> None:
     """Say, once a lock file, that the work goes on without it: a second run on the same folder (an NFS home
     without its lock daemon: ENOLCK) would not be refused, and the user should know it."""
-    if str(path) not in _said:
-        _said.add(str(path))
+    if str(path) not in said:
+        said.add(str(path))
         who = "a run that writes it meanwhile" if shared else "a second run on it"
         log.warning(f"warning: no lock on {path} ({e.strerror or e}): the work goes on without one, and {who} "
                     f"would not be refused")
@@ -59,9 +59,7 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
-    except OSError as e:
-        if not shared:  # (a reader of a read-only cache: nobody can write it either)
-            _unlocked(path, e, shared)
+    except OSError:  # a read-only or another user's folder: this run cannot write there either
         return None
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:

@@ -43,7 +43,17 @@ class LossScaler(torch.amp.GradScaler):
         super().__init__(*args, **kwargs)
         self.taken = self.in_a_row = 0
 
+    def state_dict(self):  # the run of skips goes on across a resume
+        state = super().state_dict()
+        return {**state, "skipped_in_a_row": self.in_a_row} if state else state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.in_a_row = int(state.get("skipped_in_a_row", 0))
+
     def step(self, optimizer, *args, **kwargs):
+        if optimizer.defaults.get("fused"):  # its step runs, and skips inside, whatever the gradients: not countable
+            raise ValueError("LossScaler counts the steps an optimizer takes: give it an optimizer that is not fused")
         stepped = []  # before an unfused optimizer's step GradScaler reads on the host whether to take it: no wait
         hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
         try:

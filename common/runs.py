@@ -300,6 +300,7 @@ def holding_runs(main):
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
             OPEN_FILES.clear()
             CALL.clear()
+            locks.said.clear()  # a later call on the same lock-less folder says so again
             if (student := sys.modules.get("common.student")) is not None:
                 student.PINNED.clear()  # the student files transfer.py read once (a later call reads them anew)
     return wrapped
@@ -437,10 +438,17 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 def leave_stops_to_the_parent(_worker_id=None) -> None:
     """A loader worker's worker_init_fn. `timeout`, a batch system or `kill -- -PGID` send SIGTERM to every
-    process of the job: torch's handler ended the workers at once, and their parent, while it ended itself as
-    Ctrl-C does, died of a "DataLoader worker killed by signal" traceback. The parent ends them itself."""
+    process of the job: torch's handler ended a worker by the signal, and its parent, while it ended itself as
+    Ctrl-C does, died of a "DataLoader worker killed by signal" traceback. A worker now ends quietly (exit 0,
+    which torch does not take for a failure) at once, at any signal to stop, its parent's included, busy or
+    not; one ignored (nohup's SIGHUP) stays ignored."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _quit)
+
+
+def _quit(signum, frame):
+    os._exit(0)  # (a worker holds nothing to save: the parent writes everything)
 
 
 def run_main(main) -> None:

@@ -123,39 +123,50 @@ def pin(path) -> str:
     --overwrite of its folder meanwhile gave the methods of one report other students under the sha it
     recorded. (common.runs.holding_runs lets go of them.)"""
     path = _student_file(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no student checkpoint at {path}")
+    read_checkpoint(path, tensors=False)  # a file that is no student is refused from its header, not read whole
     data = PINNED[str(path.resolve())] = path.read_bytes()
     return hashlib.sha256(data).hexdigest()
 
 
 def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
-    """(config, every tensor) of a file written by save_student; tensors=False reads the config alone. Both
-    from one read of the file (two opens could meet two files, one replaced between them)."""
+    """(config, every tensor) of a file written by save_student; tensors=False reads the config alone (the
+    file's header). A file pin() read is taken from its bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     path = _student_file(path)
     data = PINNED.get(str(path.resolve()))
-    if data is None:
-        if not path.is_file():
-            raise FileNotFoundError(f"no student checkpoint at {path}")
+    if data is None and not path.is_file():
+        raise FileNotFoundError(f"no student checkpoint at {path}")
+    if data is None and tensors:  # one read for config and tensors (two could meet two files, one replaced between)
         data = path.read_bytes()
     try:
-        size = int.from_bytes(data[:8], "little")  # safetensors: the header's length, the header, the tensors
-        if len(data) < 8 or size > len(data) - 8:
-            raise ValueError(f"a header of {size} bytes in a file of {len(data)}")
-        header = json.loads(data[8:8 + size])
-        meta = (header.get("__metadata__") if isinstance(header, dict) else None) or {}
-        cfg = json.loads(meta["config"]) if "config" in meta else {}
+        # safetensors: the header's length (8 bytes), the header (JSON), the tensors; the tensors read only if wanted
+        head = data[:8] if data is not None else _read(path, 0, 8)
+        size = int.from_bytes(head, "little")
+        total = len(data) if data is not None else path.stat().st_size
+        if len(head) < 8 or size > min(total - 8, HEADER_LIMIT):
+            raise ValueError(f"a header of {size} bytes in a file of {total}")
+        header = json.loads(data[8:8 + size] if data is not None else _read(path, 8, size))
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        cfg = json.loads(meta["config"]) if isinstance(meta, dict) and isinstance(meta.get("config"), str) else {}
         if not isinstance(cfg, dict) or not {"arch", "width", "out_dim"} <= set(cfg):
             raise NotAStudent(f"{path} is not a student checkpoint (its metadata has no student config: arch, "
                               f"width, out_dim); pass a distill.py run folder or its student.safetensors")
         return cfg, load(data) if tensors else None
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:  # (json's errors are ValueErrors)
-        if isinstance(e, NotAStudent):
-            raise
+    except NotAStudent:
+        raise
+    except (SafetensorError, ValueError, RecursionError) as e:  # (json's errors and UnicodeDecodeError are ValueErrors)
         raise NotAStudent(f"{path} is not a student checkpoint: not a readable safetensors file ({e})") from None
+
+
+HEADER_LIMIT = 100 * 2 ** 20  # safetensors' own bound on a header
+
+
+def _read(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def student_like(cfg: dict) -> Student:

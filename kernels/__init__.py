@@ -122,7 +122,8 @@ def resolve_backend(backend: str, tensors, dtypes=None, op: str | None = None) -
 def _device_fault(exc: BaseException) -> bool:
     """A CUDA error (an illegal access, a device-side assert) leaves the device unusable and may come of
     an earlier op, as CUDA reports them late: not the kernel's fault, and the fallback would fail too."""
-    return isinstance(exc, torch.AcceleratorError) or str(exc).lstrip().startswith(("CUDA error", "Triton Error [CUDA]"))
+    # (not Triton's "Triton Error [CUDA]": it also says a kernel image the driver cannot load, which falls back)
+    return isinstance(exc, torch.AcceleratorError) or str(exc).lstrip().startswith("CUDA error")
 
 
 def _guarded(op, backend, fn, *args):

@@ -443,6 +443,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in good.values())
 
 
+def test_a_run_whose_float16_steps_all_overflowed_writes_no_student(cache_dir, tmp_path, monkeypatch):
+    """GradScaler skips a step with inf or NaN gradients; a short run of only such steps wrote an untrained
+    student and exited 0 (fewer steps than the scaler's own rule of 50 in a row)."""
+    from common import precision
+
+    monkeypatch.setattr(precision, "amp_policy", lambda *a: (None, precision.LossScaler("cpu")))
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt, *a, **k: None)  # every step skipped
+    monkeypatch.setattr(torch.amp.GradScaler, "update", lambda self, *a: None)
+    with pytest.raises(SystemExit, match="skipped all 3 steps .*never trained"):
+        distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "r"), "--steps", "3", *TINY])
+    assert not (tmp_path / "r" / "student.safetensors").exists()
+
+
 def test_cosine_smoothl1_runs(cache_dir, tmp_path, capsys):
     distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "sl1"), "--loss", "cosine+smoothl1",
                   "--steps", "3", "--no-eval", *TINY])
@@ -736,10 +749,18 @@ def test_a_file_that_is_not_a_student_says_so(tmp_path, monkeypatch):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "short.safetensors").write_bytes(b"\x07")
     (tmp_path / "long.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    bad = {"list": {"__metadata__": ["config"]}, "text": {"__metadata__": "config"}, "number": {"__metadata__": {"config": 5}},
+           "nested": {"__metadata__": {"config": {"arch": "resnet18w"}}}, "deep": None}
+    for name, header in bad.items():  # headers safetensors refused, which a hand-read one let through as TypeErrors
+        text = b"[" * 200000 + b"]" * 200000 if header is None else json.dumps(header).encode()
+        (tmp_path / f"{name}.safetensors").write_bytes(len(text).to_bytes(8, "little") + text)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "G.safetensors"), metadata={"config": json.dumps({"op": "ae"})})
-    for name in ("junk.safetensors", "short.safetensors", "long.safetensors", "G.safetensors"):
+    for name in ("junk", "short", "long", "G", *bad):
+        name = f"{name}.safetensors"
         with pytest.raises(NotAStudent, match=f"{name} is not a student checkpoint"):
             load_student(tmp_path / name)
+        with pytest.raises(NotAStudent, match=f"{name} is not a student checkpoint"):
+            read_checkpoint(tmp_path / name, tensors=False)  # (the header alone: a large wrong file is not read whole)
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
         load_student(tmp_path / "nowhere")
     # a config its weights do not fit (another width, a lost tensor, an unknown architecture): one line too

@@ -264,7 +264,7 @@ def test_a_file_system_without_locks_runs_unlocked_and_says_so_once_a_lock(tmp_p
     def no_locks(*a):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(locks.fcntl, "flock", no_locks)
-    monkeypatch.setattr(locks, "_said", set())
+    monkeypatch.setattr(locks, "said", set())
     with caplog.at_level(logging.WARNING, logger="common.locks"):
         assert runs.make_run_dir(tmp_path / "nfs", "fuse", Namespace()) == tmp_path / "nfs"
         assert locks.acquire(tmp_path / "nfs" / ".lock", busy="busy") is None  # said once a lock file
@@ -647,3 +647,47 @@ def test_every_loader_leaves_stop_signals_to_its_parent():
                 loaders.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}.get("worker_init_fn")))
     assert len(loaders) >= 5 and all(fn == "leave_stops_to_the_parent" for _, fn in loaders), loaders
 
+
+
+def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):
+    """kill PID, docker stop: the parent ends its workers with SIGTERM, then waits; one in a long read (a slow
+    disk, a hung mount) must not hold the run's end until its item is done."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import time, torch\n"
+        "from common.runs import leave_stops_to_the_parent, run_main\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 10 ** 6\n"
+        "    def __getitem__(self, i):\n"
+        "        time.sleep(120 if i >= 40 else 0.001)\n"
+        "        return i\n"
+        "def main():\n"
+        "    loader = torch.utils.data.DataLoader(Slow(), batch_size=1, num_workers=2,\n"
+        "                                         worker_init_fn=leave_stops_to_the_parent)\n"
+        "    for i, _ in enumerate(loader):\n"
+        "        if i == 20:\n"
+        "            print('ready', flush=True)\n"
+        "run_main(main)\n")
+    root = Path(__file__).parents[1]
+    job = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert job.stdout.readline() == "ready\n"
+        time.sleep(1)  # the workers are in their long reads
+        start = time.monotonic()
+        job.send_signal(signal.SIGTERM)  # the parent alone
+        _, err = job.communicate(timeout=100)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:  # all gone, as they should be
+            pass
+    assert job.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 60, err
+    assert "Traceback" not in err, err

@@ -223,10 +223,16 @@ def test_fit_never_keeps_a_nan_epoch_and_stops_when_the_loss_is_not_finite(monke
     model, scaler = torch.nn.Linear(4, 2), LossScaler("cpu")
     transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "one skipped", amp=(None, scaler))
     assert scaler.taken == 8  # of 10 steps: the batch of row 3 skipped in each epoch
+    x[3, 1] = 0.0  # a finite loss whose gradients all overflow: fewer steps than the scaler's own rule counts
+    model, scaler = torch.nn.Linear(4, 2), LossScaler("cpu")
+    for p in model.parameters():
+        p.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(FloatingPointError, match="skipped every step .*the model never trained"):
+        transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "all", amp=(None, scaler))
     x[:] = float("nan")
     model, scaler = torch.nn.Linear(4, 2), LossScaler("cpu")
-    with pytest.raises(FloatingPointError, match="inf or NaN in epoch 1"):
-        transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "all", amp=(None, scaler))
+    with pytest.raises(FloatingPointError, match="skipped every step"):
+        transfer.fit(model, batches, None, task, 2, None, None, model.parameters(), "nan", amp=(None, scaler))
 
 
 @pytest.mark.parametrize("metric,seq", [("accuracy", [0.5, 0.9, 0.7]), ("mae", [5.0, 3.0, 4.0])])
