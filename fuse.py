@@ -458,7 +458,7 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     write_text(run / "table5.md", f"{caption}\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
                                      "n_test": len(test), "split": sizes, "layout": args.ae_layout,
-                                     "nrmse": table, "training": infos})
+                                     "teachers": cache.teachers, "nrmse": table, "training": infos})
     log.info(f"{caption}\n{md}")  # the screen's table says what it measures, as the file's does
 
     if not args.extract_only:  # before the sweeps: their hours (or a failure in them) must not cost h_G
@@ -477,6 +477,9 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
             write_hG(cache, write, models[name], d_in, data, split, args, infos[name]["fit_file"])
             log.info(f"h_G ({name}, width {models[name].d_out}) written to {cache.path / 'emb' / write}")
         cache.mark_default_embedding(write)
+        # which h_G this run's Table 5 column became: the version students and transfer reports name
+        write_json(run / "h_G.json", {"column": name, "cache": str(cache.path.resolve()), "name": write,
+                                      "version": cache.embedding_dir(write).name, "width": int(models[name].d_out)})
     # the sweeps fit G as h_G's is fitted: balanced with --balance equal (with both, h_G's is the plain one)
     if len(dims) > 1:
         sweep_dims(cache, ops[0], dims, data, train, val, test, x_test, slices, args, run, log, variants[0])
@@ -494,6 +497,11 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
         err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
         results.append({"dim": d, **err, "average": fusion.average_nrmse(err)})
     write_json(run / "dim_sweep.json", results)
+    head = ["h_G width"] + list(slices) + ["Average"]
+    md = tabulate([[r["dim"]] + [r[n] for n in slices] + [r["average"]] for r in results], headers=head,
+                  tablefmt="github", floatfmt=".3f")
+    write_text(run / "dim_sweep.md", f"Normalised RMSE of G ({op}{', balanced' if weight is not None else ''}) on "
+                                     f"{len(test)} test faces against the width of h_G\n\n{md}\n")
     plots.lines(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
                 "width of h_G", "test normalised RMSE",
                 f"Reconstruction error of G ({op}{', balanced' if weight is not None else ''}) vs h_G width", logx=True)
@@ -548,15 +556,18 @@ def sweep_n(cache, ops, sizes, dim, data, split, slices, args, run, log, weight=
                        **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden")}}
         results.append(row)
         log.info(f"N={n}: average test NRMSE " + ", ".join(f"{op} {row[op]['average']:.3f}" for op in ops))
-        write_json(run / "n_sweep.json", {"dim": dim, "n_test": len(test), "layout": args.ae_layout,
+        autoencoder = set(ops) & set(fusion.AUTOENCODERS)
+        write_json(run / "n_sweep.json", {"dim": dim, "n_test": len(test), "layout": args.ae_layout if autoencoder else None,
                                           "balanced": weight is not None,
                                           "teachers": [t["name"] for t in cache.teachers], "results": results})
     head = ["N (train + val)"] + [op.upper() for op in ops]
     rows = [[f"{r['N']} ({r['n_train']} + {r['n_val']})"] + [r[op]["average"] for op in ops] for r in results]
     md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
     bal = ", teachers balanced" if weight is not None else ""
-    write_text(run / "n_sweep.md", f"Average normalised RMSE on the same {len(test)} test faces, h_G width {dim}, "
-                                   f"autoencoder layout {args.ae_layout}{bal}\n\n{md}\n")
+    bal += f", autoencoder layout {args.ae_layout}" if set(ops) & set(fusion.AUTOENCODERS) else ""
+    bal += f"; CONCAT keeps all {cache.dim} dimensions" if "concat" in ops else ""
+    write_text(run / "n_sweep.md", f"Average normalised RMSE on the same {len(test)} test faces, h_G width "
+                                   f"{dim}{bal}\n\n{md}\n")
     plots.lines(run / "n_sweep.png", sizes, {op.upper(): [r[op]["average"] for r in results] for op in ops},
                 "faces G learns from (N)", "test normalised RMSE",
                 f"Reconstruction error of G vs corpus size (h_G width {dim})", logx=True)

@@ -812,7 +812,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg, save
     g_widths = fusion.layer_widths(unsup.dim, g_dim) if unsup else None
     results, shared = {}, {}  # shared: the task's teacher features, read once for all its methods
     out = {"task": task.name, "data": data_fp, "metric": task.metric, "protocol": task.protocol,
-           "n_images": len(data.samples),
+           "seed": args.seed, "n_images": len(data.samples),
            "missed_faces": missed, "splits_run": len(splits), "splits_total": len(data.splits),
            "validation": selection, "skipped_by_reader": len(data.skipped), "inputs": inputs, "results": results}
     if data.counts:  # the reader's own filters (AffectNet's codes 8-10, IMDb-WIKI's rules): how many rows each took
@@ -1098,10 +1098,11 @@ def verification(task, data, features, found, max_folds: int | None = None) -> d
 
 
 def report(all_results: list[dict], methods, run: Path, log) -> str:
-    headers = ["Knowledge", "Metric", "missed"] + methods
+    headers = ["Knowledge", "Metric", "missed", "test"] + methods
     rows = []
     for r in all_results:
-        rows.append([r["task"], r["metric"], f"{r['missed_faces']}/{r['n_images']}"]
+        tested = sorted({res["n_test"] for res in r["results"].values() if res.get("n_test") is not None})
+        rows.append([r["task"], r["metric"], f"{r['missed_faces']}/{r['n_images']}", "/".join(map(str, tested))]
                     + [r["results"][m]["value"] for m in methods])
     md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
     chosen = [f"- {r['task']} {m}: chose {r['results'][m]['chosen']}"
@@ -1117,9 +1118,12 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
             + (f"; its filters: {r['reader_counts']}" if r.get("reader_counts") else "")
             for r in all_results if r.get("skipped_by_reader") or r.get("reader_counts")]
     notes = "\n".join([f"- {r['task']}: {r['protocol']}; {r['splits_run']}/{r['splits_total']} splits run; "
-                        f"epochs and candidates chosen on {r['validation']}" for r in all_results] + read + chosen + extra)
+                        f"epochs and candidates chosen on {r['validation']}"
+                        + (f"; training seed {r['seed']}" if r.get("seed") is not None else "")
+                        for r in all_results] + read + chosen + extra)
     # The paper's tables give percent: 0.9790 here is its 97.90
-    units = ("- every value is a test score (faces or pairs no choice looked at); units: accuracy, error_rate and "
+    units = ("- every value is a test score (faces or pairs no choice looked at; `test`: how many, over the splits "
+             "run); lower is better for mae, nme and error_rate, higher for the others; units: accuracy, error_rate and "
              "verification_accuracy are fractions (x 100 = the paper's %); "
              "mae is in the label's units (years, PSPI); nme is a fraction of the normalising distance; "
              "verification's standard error over folds (LFW's S_E) is `se` in report.json")

@@ -222,10 +222,15 @@ def write_args(run: Path, prefix: str, args) -> None:
     """args.json: the resolved arguments by their argparse names (dest: fuse.py's `out` is --cache, distill.py's
     `out` --run-dir and `teacher_cache` --cache, transfer.py's `teacher_cache` --cache and `cache_dir`
     --task-cache), the script, the run folder itself (a timestamped one when --run-dir was not given) and the
-    command line. Written whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
-
+    command line (argv, run in cwd). A resume's argv is `--resume --run-dir RUN`, which run again elsewhere
+    starts afresh on defaults: `started_by` keeps the command (and its folder) that started the run. Written
+    whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
+    argv, before = CALL or sys.argv, recorded_args(run) or {}
+    first = before.get("started_by") or ({"argv": before["argv"], "cwd": before.get("cwd")}
+                                         if "--resume" in argv and before.get("argv") else None)
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
-                                   "argv": CALL or sys.argv, "cwd": os.getcwd(), "environment": environment()})
+                                   "argv": argv, "cwd": os.getcwd(), "environment": environment(),
+                                   **({"started_by": first} if first else {})})
 
 
 REPO = Path(__file__).resolve().parents[1]

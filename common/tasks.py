@@ -936,8 +936,8 @@ def folder_task(name: str, root=None, knowledge: str = "Classification", classes
     params = {"root": root, "classes": classes, "splits": splits, "per_class_split": per_class_split,
               "seed": seed, "fractions": fractions}
     protocol = (f"train on {splits.get('train')}, report {splits.get('test')}" if splits else
-                f"per-class random {_pct(fractions)} split, seed {seed}" if per_class_split else
-                f"random {_pct(fractions)} train/val/test split, seed {seed}")
+                f"per-class random {_pct(fractions)} split drawn with seed {seed}" if per_class_split else
+                f"random {_pct(fractions)} train/val/test split drawn with seed {seed}")
     layout = ("root/" + "{" + ",".join(splits.values()) + "}/<class>/*.jpg") if splits else "root/<class>/*.jpg"
     fields = dict(knowledge=knowledge, kind="classification", num_outputs=len(classes) if classes else 0,
                   label_range=None, metric="accuracy", protocol=protocol, layout=layout)
@@ -954,7 +954,7 @@ def csv_task(name: str, csv: str = "labels.csv", kind: str = "classification", r
     fields = dict(knowledge=knowledge or kind.capitalize(), kind=kind,
                   num_outputs=1 if kind == "regression" else len(classes) if classes else 0,
                   label_range=label_range, metric="mae" if kind == "regression" else "accuracy",
-                  protocol=f"split column if present, else random {_pct(fractions)} split, seed {seed}",
+                  protocol=f"split column if present, else random {_pct(fractions)} split drawn with seed {seed}",
                   layout=f"root/{csv} with rows file,label[,train|val|test]; files relative to root")
     return Task(name, loader=_csv_table, params=params, **{**fields, **task_fields})
 
@@ -967,11 +967,11 @@ def _pct(fractions) -> str:
 
 AGE_BINS = [0, 3, 10, 20, 30, 40, 50, 60, 70]  # groups 0-2, 3-9, 10-19, ..., 60-69, 70+
 SPLIT = {"seed": 0, "fractions": FRACTIONS}
-UTK_PROTOCOL = "random 80/10/10 train/val/test split of the well-named files, seed 0 (same split for all UTK tasks)"
+UTK_PROTOCOL = "random 80/10/10 train/val/test split of the well-named files, drawn with seed 0 (same split for all UTK tasks)"
 UTK_LAYOUT = ("UTKFace/[age]_[gender]_[race]_[date&time].jpg (or .jpg.chip.jpg); malformed names and ages above 116 "
               "skipped and counted; the in-the-wild part1/ part2/ part3/: give one, or their files in one folder")
 IMDB_PROTOCOL = ("age = photo_taken - year(dob); keep 0 <= age <= 100, gender not NaN, face_score finite and > "
-                 "min_face_score (0), second_face_score NaN (one face); random 80/10/10 split, seed 0")
+                 "min_face_score (0), second_face_score NaN (one face); random 80/10/10 split drawn with seed 0")
 IMDB_LAYOUT = "imdb_crop/imdb.mat (or wiki_crop/wiki.mat) + the images at its full_path entries"
 TINY_LAYOUT = "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt}"
 
@@ -991,7 +991,7 @@ _REGISTRY = [
                 protocol="train on Train, report Val accuracy (SFEW 2.0 test labels are not public)",
                 layout="root/{Train,Val}/<Angry|Disgust|Fear|Happy|Neutral|Sad|Surprise>/*.png"),
     folder_task("Identity-MS", knowledge="Identity Matching", per_class_split=True,
-                protocol="identity classification; per-identity random 80/10/10 split, seed 0, test accuracy",
+                protocol="identity classification; per-identity random 80/10/10 split drawn with seed 0, test accuracy",
                 layout="root/<identity>/*.jpg (one folder per identity, e.g. MS-Celeb-1M clean)"),
     Task("Identity-LFW", "Identity Matching", "verification", 0, None, "verification_accuracy",
          "10-fold LFW pairs (View 2): threshold picked on 9 folds, accuracy on the 10th; mean and std",

@@ -58,8 +58,16 @@ def test_table5_and_hG(fused):
     cache = FeatureCache(fused / "feats")
     hg, meta = cache.embedding("ae")
     assert meta["op"] == "ae" and hg.shape == (len(cache.images), 16) and meta["dim"] == 16
+    # the run folder says which h_G its Table 5 column became, and of which teachers (the cache's manifest, the
+    # only other record of them, is replaced by a later --overwrite)
+    assert table["teachers"] == cache.teachers
+    written = json.loads((fused / "run" / "h_G.json").read_text())
+    assert written["column"] == "ae" and written["version"] == cache.embedding_dir("ae").name != "ae"
+    assert written["version"] == Path(meta["folder"]).name and written["width"] == 16
     assert (fused / "run" / "dim_sweep.png").stat().st_size > 1000
     assert len(json.loads((fused / "run" / "dim_sweep.json").read_text())) == 2
+    table = (fused / "run" / "dim_sweep.md").read_text()  # a table beside the plot, as every sweep has
+    assert "h_G width |" in table and table.count("\n|") == 4
     assert json.loads((fused / "run" / "args.json").read_text())["teachers"] == CHEAP
 
 
@@ -780,7 +788,8 @@ def test_n_sweep_fits_G_on_growing_corpora_against_one_test_set(fused, tmp_path)
     sweep = json.loads((tmp_path / "run" / "n_sweep.json").read_text())
     assert [r["N"] for r in sweep["results"]] == [6, 9] and sweep["n_test"] == len(test)
     assert all(r["n_train"] + r["n_val"] == r["N"] and 0 <= r["pca"]["average"] < 10 for r in sweep["results"])
-    assert (tmp_path / "run" / "n_sweep.md").read_text().count("|") > 6
+    caption = (tmp_path / "run" / "n_sweep.md").read_text()
+    assert caption.count("|") > 6 and "autoencoder" not in caption and sweep["layout"] is None  # no AE was fitted
     assert (tmp_path / "run" / "n_sweep.png").stat().st_size > 1000
 
 

@@ -691,3 +691,22 @@ def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):
             pass
     assert job.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 60, err
     assert "Traceback" not in err, err
+
+
+def test_a_resumed_runs_args_json_keeps_the_command_that_started_it(tmp_path, monkeypatch):
+    """A resume recorded argv ['distill.py', '--resume', '--run-dir', RUN] in place of the first command: run
+    again into another folder it started afresh on the defaults (160 steps instead of 12), without an error."""
+    import json
+    from argparse import Namespace
+
+    from common import runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    start = ["distill.py", "--cache", "feats/demo", "--epochs", "3", "--stop-at", "4"]
+    for argv in (start, ["distill.py", "--resume", "--run-dir", str(run)], ["distill.py", "--resume", "--run-dir", "r"]):
+        monkeypatch.setattr(runs, "CALL", argv)
+        runs.write_args(run, "distill", Namespace(epochs=3))
+        recorded = json.loads((run / "args.json").read_text())
+        assert recorded["argv"] == argv
+        assert recorded.get("started_by") == (None if argv is start else {"argv": start, "cwd": os.getcwd()})

@@ -1,5 +1,6 @@
 """transfer.py end to end: every task's layout through alignment, training, missed-face rule and report."""
 import json
+import logging
 import re
 import shutil
 from types import SimpleNamespace
@@ -955,3 +956,20 @@ def test_a_batch_of_one_is_refused_only_to_the_methods_that_train_a_network_on_i
     # and the methods that run the teachers on a task's faces are the head methods on teacher features and pcnn
     assert set(transfer.TEACHER_METHODS) == set(transfer.METHODS + transfer.EXTRA_METHODS) - {
         "finetune", "frozen", "scratch", "multitask", "kd", "etl"}
+
+
+def test_the_report_names_the_training_seed_the_test_size_and_which_way_is_better(tmp_path):
+    """report.md quoted the protocol's split seed only (--seed, which moves every score, was in no report), gave
+    no count of test faces (2 on a small UTK folder) and did not say that a lower mae is the better one."""
+    import json
+
+    results = [{"task": "AgeR-UTK", "metric": "mae", "protocol": "random 80/10/10 split drawn with seed 0",
+                "seed": 3, "n_images": 20, "missed_faces": 0, "splits_run": 1, "splits_total": 1,
+                "validation": "validation faces", "results": {"finetune": {"value": 5.5, "n_test": 2},
+                                                              "frozen": {"value": 6.5, "n_test": 2}}}]
+    text = transfer.report(results, ["finetune", "frozen"], tmp_path, logging.getLogger("t"))
+    header, _, row = text.splitlines()[:3]
+    assert [h.strip() for h in header.strip("|").split("|")][:4] == ["Knowledge", "Metric", "missed", "test"]
+    assert [c.strip() for c in row.strip("|").split("|")][:4] == ["AgeR-UTK", "mae", "0/20", "2"]
+    assert "drawn with seed 0" in text and "training seed 3" in text
+    assert "lower is better for mae" in text and json.loads((tmp_path / "report.json").read_text())[0]["seed"] == 3
