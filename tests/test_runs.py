@@ -602,39 +602,6 @@ def test_the_scripts_start_where_python_has_no_sighup():
     assert done.returncode == 0 and "sface" in done.stdout, done.stderr[-2000:]
 
 
-def test_a_stop_signal_to_the_whole_job_ends_a_run_with_loader_workers_as_ctrl_c_does(tmp_path):
-    """`timeout`, a batch system or kill -- -PGID send SIGTERM to the workers too: torch's handler ended them at
-    once, and the run, ending as Ctrl-C does, died of a "DataLoader worker killed by signal" traceback (exit 1)."""
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "job.py"
-    script.write_text(
-        "import time, torch\n"
-        "from common.runs import leave_stops_to_the_parent, run_main\n"
-        "def main():\n"
-        "    loader = torch.utils.data.DataLoader(range(10 ** 6), batch_size=1, num_workers=2,\n"
-        "                                         worker_init_fn=leave_stops_to_the_parent)\n"
-        "    for i, _ in enumerate(loader):\n"
-        "        if i == 20:\n"
-        "            print('ready', flush=True)\n"
-        "        time.sleep(0.005)\n"
-        "run_main(main)\n")
-    root = Path(__file__).parents[1]
-    job = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert job.stdout.readline() == "ready\n"
-        os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as a batch system does
-        _, err = job.communicate(timeout=120)
-    finally:
-        job.kill()
-    assert job.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
-    assert "Traceback" not in err and "killed by signal" not in err, err
-
-
 def test_every_loader_leaves_stop_signals_to_its_parent():
     import ast
     from pathlib import Path
@@ -648,10 +615,9 @@ def test_every_loader_leaves_stop_signals_to_its_parent():
     assert len(loaders) >= 5 and all(fn == "leave_stops_to_the_parent" for _, fn in loaders), loaders
 
 
-
-def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):
-    """kill PID, docker stop: the parent ends its workers with SIGTERM, then waits; one in a long read (a slow
-    disk, a hung mount) must not hold the run's end until its item is done."""
+def _loader_job_stopped(tmp_path, stop, dataset="range(10 ** 6)", prelude=""):
+    """A run_main script reading a 2-worker loader over `dataset` (source; `prelude` may define it), stopped by
+    stop(job) once it has read 20 items: (exit status, stderr, seconds from the stop to its end)."""
     import signal
     import subprocess
     import sys
@@ -662,35 +628,60 @@ def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):
     script.write_text(
         "import time, torch\n"
         "from common.runs import leave_stops_to_the_parent, run_main\n"
-        "class Slow(torch.utils.data.Dataset):\n"
-        "    def __len__(self):\n"
-        "        return 10 ** 6\n"
-        "    def __getitem__(self, i):\n"
-        "        time.sleep(120 if i >= 40 else 0.001)\n"
-        "        return i\n"
+        f"{prelude}"
         "def main():\n"
-        "    loader = torch.utils.data.DataLoader(Slow(), batch_size=1, num_workers=2,\n"
+        f"    loader = torch.utils.data.DataLoader({dataset}, batch_size=1, num_workers=2,\n"
         "                                         worker_init_fn=leave_stops_to_the_parent)\n"
         "    for i, _ in enumerate(loader):\n"
         "        if i == 20:\n"
         "            print('ready', flush=True)\n"
+        "        time.sleep(0.005)\n"
         "run_main(main)\n")
     root = Path(__file__).parents[1]
     job = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert job.stdout.readline() == "ready\n"
-        time.sleep(1)  # the workers are in their long reads
         start = time.monotonic()
-        job.send_signal(signal.SIGTERM)  # the parent alone
+        stop(job)
         _, err = job.communicate(timeout=100)
     finally:
         try:
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:  # all gone, as they should be
             pass
-    assert job.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 60, err
-    assert "Traceback" not in err, err
+    return job.returncode, err, time.monotonic() - start
+
+
+def test_a_stop_signal_to_the_whole_job_ends_a_run_with_loader_workers_as_ctrl_c_does(tmp_path):
+    """`timeout`, a batch system or kill -- -PGID send SIGTERM to the workers too: torch's handler ended them at
+    once, and the run, ending as Ctrl-C does, died of a "DataLoader worker killed by signal" traceback (exit 1)."""
+    import signal
+
+    code, err, _ = _loader_job_stopped(tmp_path, lambda job: os.killpg(job.pid, signal.SIGTERM))  # as a batch system
+    assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+
+
+def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):
+    """kill PID, docker stop: the parent ends its workers with SIGTERM, then waits; one in a long read (a slow
+    disk, a hung mount) must not hold the run's end until its item is done."""
+    import signal
+    import time
+
+    slow = ("class Slow(torch.utils.data.Dataset):\n"
+            "    def __len__(self):\n"
+            "        return 10 ** 6\n"
+            "    def __getitem__(self, i):\n"
+            "        time.sleep(120 if i >= 40 else 0.001)\n"
+            "        return i\n")
+
+    def stop(job):
+        time.sleep(1)  # the workers are in their long reads
+        job.send_signal(signal.SIGTERM)  # the parent alone
+
+    code, err, seconds = _loader_job_stopped(tmp_path, stop, "Slow()", slow)
+    assert code == 128 + signal.SIGTERM and seconds < 60 and "Traceback" not in err, err
 
 
 def test_a_resumed_runs_args_json_keeps_the_command_that_started_it(tmp_path, monkeypatch):
