@@ -61,7 +61,7 @@ from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
                          get_logger, holding_runs, kept_warnings, leave_stops_to_the_parent, make_run_dir,
                          one_process_only, pick_device, recorded_args, resume_defaults, run_main)
-from common.student import WIDTH, NotAStudent, head, load_student, pin, read_checkpoint, student_like
+from common.student import DEFAULT, NotAStudent, head, load_student, pin, read_checkpoint, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -413,8 +413,8 @@ def decode(task, out: np.ndarray, lo_hi) -> np.ndarray:
         # No age is below the range's floor or above its top: a prediction past them is brought back.
         return np.clip(out[:, 0] * (lo_hi[1] - lo_hi[0]) + lo_hi[0], *lo_hi)
     if task.kind == "multilabel":
-        return (out > 0).astype(np.float64)
-    return out.argmax(1)
+        return np.where(np.isnan(out), np.nan, out > 0)  # NaN: counted wrong, as a missed face's
+    return metrics.class_indices(out)
 
 
 def score(task, preds, y_true) -> float:
@@ -948,7 +948,7 @@ def student_config(args, methods) -> dict | None:
     if have and (need or "scratch" in methods):
         return load_student(path)[1]
     if "scratch" in methods:
-        return {"arch": "resnet18w", "width": WIDTH, "out_dim": 1024, "size": 112,
+        return {**DEFAULT,
                 "note": f"scratch: no student at {path}; the default student architecture is trained from random init"}
     return None
 
@@ -1078,14 +1078,14 @@ def verification(task, data, features, found, max_folds: int | None = None) -> d
         s = metrics.pair_scores(F.normalize(feats.float(), dim=1).numpy(), a, b, found)  # missed: NaN, wrong
         per_fold[name] = metrics.verification_per_fold(s, same, folds)
         accs, fits = (v[:max_folds] for v in per_fold[name])
-        search[name] = {"value": float(accs.mean()), "std": float(accs.std()), "val": float(fits.mean())}
+        search[name] = {"value": float(accs.mean()), "std": metrics.fold_std(accs), "val": float(fits.mean())}
     # Each fold picks its candidate on the folds that set its threshold: one pick for all folds by the mean
     # of those accuracies would count every tested pair (each pair sits in nine folds' threshold sets).
     tested = np.unique(folds)[:max_folds]
     names = [max(candidates, key=lambda n: per_fold[n][1][k]) for k in range(len(tested))]
     accs = np.array([per_fold[n][0][k] for k, n in enumerate(names)])
     in_test = np.isin(folds, tested)
-    best = {"metric": "verification_accuracy", "value": float(accs.mean()), "std": float(accs.std()),
+    best = {"metric": "verification_accuracy", "value": float(accs.mean()), "std": metrics.fold_std(accs),
             "se": metrics.standard_error(accs),
             "chosen": names[0] if len(set(names)) == 1 else ",".join(map(str, names)),
             "val": float(np.mean([per_fold[n][1][k] for k, n in enumerate(names)])), "n_test": int(in_test.sum()),

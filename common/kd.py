@@ -224,7 +224,7 @@ def verification(task, data, rows, method, args, device, teacher_cache) -> dict:
         if method == "kd":
             t = torch.nn.functional.normalize(torch.from_numpy(h), dim=1).numpy()
             teacher_accs.append(metrics.fold_accuracy(metrics.pair_scores(t, a, b, ok), same, folds == fold)[0])
-    entry = {"metric": "verification_accuracy", "value": float(np.mean(accs)), "std": float(np.std(accs)),
+    entry = {"metric": "verification_accuracy", "value": float(np.mean(accs)), "std": metrics.fold_std(accs),
              "se": metrics.standard_error(accs),
              "per_split": [float(x) for x in accs], "chosen": None, "val": float(np.mean(fits)), "n_test": n_test,
              "missed_test": missed_test, "selection": f"no choice made: --epochs {args.epochs} fixed"}

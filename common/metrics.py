@@ -11,8 +11,8 @@ import numpy as np
 
 def class_indices(pred) -> np.ndarray:
     pred = np.asarray(pred)
-    if pred.ndim == 2:  # logits or probabilities: one row per sample
-        return pred.argmax(1)
+    if pred.ndim == 2:  # logits or probabilities: one row per sample; one holding NaN (a diverged net) is wrong,
+        return np.where(np.isnan(pred).any(1), -1, pred.argmax(1))  # not class 0 (argmax's answer)
     return pred
 
 
@@ -91,10 +91,16 @@ def best_threshold(scores, same) -> float:
     return float(cands[int(np.argmax(right))])
 
 
-def standard_error(per_fold) -> float | None:
-    """LFW's S_E beside the mean accuracy: the folds' sample std (ddof=1) over sqrt(folds); None for one fold."""
+def fold_std(per_fold) -> float | None:
+    """LFW's sigma of the folds' accuracies: the sample std (ddof=1); None for one fold."""
     per_fold = np.asarray(per_fold, np.float64)
-    return float(np.std(per_fold, ddof=1) / np.sqrt(len(per_fold))) if len(per_fold) > 1 else None
+    return float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else None
+
+
+def standard_error(per_fold) -> float | None:
+    """LFW's S_E beside the mean accuracy: sigma (fold_std) over sqrt(folds); None for one fold."""
+    sigma = fold_std(per_fold)
+    return float(sigma / np.sqrt(len(per_fold))) if sigma is not None else None
 
 
 def verification_per_fold(scores, same, folds) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -217,9 +218,11 @@ def hold_out(targets: list[Target], held: np.ndarray, log=None) -> None:
 def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int]:
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
-    from .student import load_student, read_checkpoint, student_like
+    from .student import DEFAULT, load_student, read_checkpoint, student_like
     from .teachers import TeacherBackbone, build_teachers
 
+    if name == "scratch" and not (Path(student_path).is_file() or (Path(student_path) / "student.safetensors").is_file()):
+        return student_like(DEFAULT), DEFAULT["out_dim"], DEFAULT["size"]  # no student: the default architecture
     if name in ("student", "scratch"):
         cfg = read_checkpoint(student_path)[0]
         net = load_student(student_path)[0] if name == "student" else student_like(cfg)
@@ -424,10 +427,10 @@ def decode(t: Target, o: torch.Tensor, ids, rows: Rows) -> np.ndarray:
     if t.kind == "regression":  # held inside the label range, as transfer.py's other methods
         return np.clip(o[:, 0], 0, 1) * (t.lo_hi[1] - t.lo_hi[0]) + t.lo_hi[0]
     if t.kind == "multilabel":
-        return (o > 0.5).astype(np.float64)
+        return np.where(np.isnan(o), np.nan, o > 0.5)  # NaN: counted wrong, as a missed face's
     if t.kind == "landmarks":
         return lm.from_crop(o, rows.matrix(ids))
-    return o.argmax(1)
+    return metrics.class_indices(o)
 
 
 def score_rows(t: Target, model, rows: Rows, sample_idx, size, args, device) -> tuple[float, np.ndarray]:

@@ -28,6 +28,7 @@ from common.files import atomic_write
 
 WIDTH = 0.42
 ARCHS = ("resnet18w", "resnet18")
+DEFAULT = {"arch": "resnet18w", "width": WIDTH, "out_dim": 1024, "size": 112}  # scratch's network without a student
 _MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 

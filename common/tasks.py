@@ -676,11 +676,14 @@ def read_pts(path: Path) -> np.ndarray:
 
 # The usual "full" 300-W test set: the common subset (LFPW and HELEN test images) plus the challenging iBUG.
 _300W_TEST = re.compile(r"(^|/)(testset|ibug)(/|$)", re.IGNORECASE)
+# The 300-W challenge's own 600 test faces (300W/01_Indoor, 02_Outdoor), a benchmark of their own: beside the
+# folders above they went to training, and a model then scored on them had seen them.
+_300W_PRIVATE = re.compile(r"(^|/)(01_Indoor|02_Outdoor)(/|$)", re.IGNORECASE)
 
 
 def _300w(root: Path, p: dict) -> TaskData:
     """Every image under root with a .pts file of the same name beside it."""
-    samples, test, skipped = [], [], []
+    samples, test, private, skipped = [], [], [], []
     for pts in sorted(root.rglob("*.pts")):
         if any(_not_data(part) for part in pts.relative_to(root).parts):  # __MACOSX/afw/._1_1.pts
             continue
@@ -690,14 +693,19 @@ def _300w(root: Path, p: dict) -> TaskData:
             skipped.append(str(pts.relative_to(root)))
             continue
         samples.append(Sample(str(image), read_pts(pts)))
-        test.append(bool(_300W_TEST.search(str(pts.parent.relative_to(root)).replace(os.sep, "/"))))
+        folder = str(pts.parent.relative_to(root)).replace(os.sep, "/")
+        test.append(bool(_300W_TEST.search(folder)))
+        private.append(bool(_300W_PRIVATE.search(folder)))
     if not samples:
         raise FileNotFoundError(f"missing annotations: no {root}/**/*.pts beside its image")
     if odd := next((s for s in samples if len(s.label) != len(samples[0].label)), None):
         raise BadLabels(f"{Path(odd.path).with_suffix('.pts')}: {len(odd.label)} points, but "
                         f"{Path(samples[0].path).with_suffix('.pts')} has {len(samples[0].label)}; each file the same")
-    test = np.array(test)
+    test, private, counts = np.array(test), np.array(private), {}
     seed, fractions = p.get("seed", 0), tuple(p.get("fractions", FRACTIONS))
+    if test.any() and not (test | private).all() and private.any():  # the official split: in none of its parts
+        counts["300-W challenge test faces (01_Indoor, 02_Outdoor), left out"] = int(private.sum())
+        samples, test = [s for s, out in zip(samples, private) if not out], test[~private]
     if test.any() and not test.all():
         # Training folders (afw, helen/trainset, lfpw/trainset): a seeded 10% of them chooses the epoch.
         train = np.random.default_rng(seed).permutation(_idx(~test))
@@ -706,7 +714,7 @@ def _300w(root: Path, p: dict) -> TaskData:
                       np.sort(train[:n_val]))
     else:
         split = random_split(len(samples), seed, fractions)
-    return TaskData(samples, [split], skipped=skipped)
+    return TaskData(samples, [split], skipped=skipped, counts=counts)
 
 
 # FGNET/images/001A02.JPG: subject 001, age 02; a trailing letter tells apart photos at the same age.
@@ -1029,7 +1037,8 @@ _REGISTRY = [
          "(or, when img_align_celeba/ is absent: img_celeba/ + list_landmarks_celeba.txt)", _celeba_landmarks, {}),
     Task("Align-300W", "Face Alignment", "landmarks", 136, None, "nme",
          "train on afw + */trainset, test on */testset + ibug (the full 300-W set; a seeded 10% of the training "
-         "images chooses the epoch), or a random 80/10/10 split (seed 0) for a tree without them; NME over the 68 "
+         "images chooses the epoch; the challenge's test faces, 300W/01_Indoor and 02_Outdoor, are in no split), "
+         "or a random 80/10/10 split (seed 0) for a tree without them; NME over the 68 "
          "points normalised by the outer eye corners (inter-ocular); a missed face predicts the mean training shape",
          "root/**/<name>.{png,jpg} with <name>.pts beside it (iBUG format, e.g. afw/, helen/trainset/, "
          "lfpw/testset/, ibug/, or 300W/01_Indoor/)", _300w, dict(SPLIT)),

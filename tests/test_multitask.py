@@ -654,3 +654,14 @@ def test_a_regression_head_no_better_than_a_constant_labels_nothing(tmp_path, ti
                         np.array([3]), np.array([4, 5])), extra={"labels": [20.0, 30.0, 90.0, 0.0, 28.0, 40.0]})
     monkeypatch.setattr(multitask, "score_rows", lambda *a: (7.5, None))
     assert multitask.beats_a_constant(t, None, None, 32, None, "cpu") == (7.5, pytest.approx((2 + 10) / 2))
+
+
+def test_kd_and_multitask_scratch_need_no_student(tmp_path):
+    """README: scratch needs no student; on a landmark or verification task (kd's scratch) the run said it would
+    train the default architecture, built the task cache, then stopped on 'no student checkpoint'."""
+    from common.student import DEFAULT
+
+    net, width, size = multitask.build_backbone("scratch", tmp_path / "no-student", "cpu")
+    assert (width, size) == (DEFAULT["out_dim"], DEFAULT["size"]) and net.config["width"] == DEFAULT["width"]
+    with pytest.raises(FileNotFoundError, match="no student checkpoint"):  # the student itself is needed as ever
+        multitask.build_backbone("student", tmp_path / "no-student", "cpu")

@@ -779,6 +779,8 @@ def test_verification_10fold_by_hand():
     assert accs.mean() == pytest.approx(0.95) and accs.std() == pytest.approx(0.1)
     # LFW's S_E: sqrt((2 * 0.2^2 + 8 * 0.05^2) / 9) / sqrt(10) = 1/30
     assert metrics.standard_error(accs) == pytest.approx(1 / 30) and metrics.standard_error(accs[:1]) is None
+    # and the std report.json gives beside it is that same sigma (it was numpy's ddof=0 one: 0.1, not 0.105)
+    assert metrics.fold_std(accs) == pytest.approx(np.sqrt(10) / 30) and metrics.fold_std(accs[:1]) is None
     # On all 40 pairs: t=0.2 errs once (the 0.95 pair), t=0.6 twice.
     assert metrics.best_threshold(scores, same) == pytest.approx(0.2)
 
@@ -958,3 +960,41 @@ def test_a_mistyped_task_name_is_answered_with_the_close_one():
     for typo in ("ager-utk", "AgeR-UTKK"):
         with pytest.raises(KeyError, match=r"unknown task .* \(did you mean AgeR-UTK\?\); known: "):
             get_task(typo)
+
+
+def test_the_300w_challenge_test_faces_are_never_trained_on(tmp_path):
+    """Unpacked beside afw/ and the trainsets, 300W/01_Indoor and 02_Outdoor (the challenge's own 600 test faces)
+    went to training: a model scored on that benchmark afterwards had seen it."""
+    import shutil
+
+    root = fx.make_fixture("Align-300W", tmp_path / "w")
+    for sub, name in (("01_Indoor", "indoor_001"), ("02_Outdoor", "outdoor_001")):
+        (root / "300W" / sub).mkdir(parents=True)
+        for ext in (".jpg", ".pts"):
+            shutil.copy(root / "afw" / f"0_0{ext}", root / "300W" / sub / f"{name}{ext}")
+    data = load("Align-300W", root)
+    assert not any("_Indoor" in s.path or "_Outdoor" in s.path for s in data.samples)
+    assert len(data.samples) == 14 and sum(data.counts.values()) == 2
+    # a tree of the challenge's faces alone is split at random, as any tree without the official folders
+    alone = tmp_path / "alone" / "01_Indoor"
+    alone.mkdir(parents=True)
+    for k in range(10):
+        for ext in (".jpg", ".pts"):
+            shutil.copy(root / "afw" / f"0_0{ext}", alone / f"indoor_{k:03d}{ext}")
+    data = load("Align-300W", alone.parent)
+    assert len(data.samples) == 10 and not data.counts and len(data.splits[0].test)
+
+
+def test_a_network_answering_nan_is_counted_wrong_not_as_class_0():
+    """argmax of a NaN row is 0: a diverged classifier got every class-0 face right (accuracy 0.75 on
+    [0, 0, 0, 1]), and (NaN > 0) is False, so NaN attribute logits read as 'absent'."""
+    from types import SimpleNamespace
+
+    import transfer
+
+    nan = np.full((4, 3), np.nan)
+    assert metrics.accuracy(nan, [0, 0, 0, 1]) == 0.0
+    assert list(transfer.decode(SimpleNamespace(kind="classification"), nan, None)) == [-1] * 4
+    attrs = transfer.decode(SimpleNamespace(kind="multilabel"), np.array([[np.nan, 2.0, -1.0]]), None)
+    assert np.isnan(attrs[0, 0]) and list(attrs[0, 1:]) == [1.0, 0.0]
+    assert metrics.accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), [1, 0]) == 1.0  # finite rows as ever
