@@ -600,6 +600,10 @@ def extraction_settings(args) -> None:
         raise SystemExit(f"error: {why}")
 
 
+REPORTS = ("table5.md", "table5.json", "h_G.json", "split.json", *(f"{sweep}_sweep.{ext}" for sweep in ("dim", "n")
+                                                                   for ext in ("md", "json", "png")))
+
+
 def another_finished_run(args) -> bool:
     """Whether --run-dir holds the tables of a run with other arguments, which this one replaces (the same
     arguments: a killed run continued; its table5.json is written before h_G and the sweeps)."""
@@ -725,7 +729,7 @@ def main(argv=None):
                                                   appeared_ok=args.retry_unreadable, locked=locked)
         except CacheMismatch as e:
             raise SystemExit(f"error: {e}")
-    finished = rank == 0 and not args.extract_only and another_finished_run(args)
+    finished = rank == 0 and another_finished_run(args)
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
         box = [run]
@@ -736,6 +740,8 @@ def main(argv=None):
         if finished:  # the tables are a report of the cache, remade from it: replaced, the log going on
             log.warning(f"warning: --run-dir {run} holds a finished fuse.py run of other arguments: its args.json and "
                         f"tables are replaced by this run's (its log.txt goes on below); another --run-dir keeps both")
+            for name in REPORTS:  # a table this run does not make (a sweep, h_G.json) would pass for one of its own
+                (run / name).unlink(missing_ok=True)
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")
         if kept:

@@ -862,7 +862,8 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg, save
 
 
 # Arguments that change no result: where the run is, what it runs on and how fast.
-NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd", "environment"}
+NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd", "environment",
+               "started_by"}
 
 
 def resumed_results(args, aligns=frozenset()) -> dict:
@@ -932,7 +933,7 @@ def student_config(args, methods) -> dict | None:
     finetune and frozen need the distilled student itself; scratch only its architecture, so without
     a student it takes the default one (the paper's 2.2 M-parameter student with a 1024-wide output)."""
     need = [m for m in methods if m in ("finetune", "frozen", "kd") or (m == "etl" and args.etl_base == "student")
-            or (m == "multitask" and args.backbone in ("student", "scratch"))]
+            or (m == "multitask" and args.backbone == "student")]
     path = Path(args.student)
     have = path.is_file() or (path / "student.safetensors").is_file()
     if need and not have:
@@ -945,9 +946,10 @@ def student_config(args, methods) -> dict | None:
                          f"(a student.safetensors or a distill.py run folder holding one), which {what}: "
                          f"make it with `python distill.py --cache {args.teacher_cache or DEMO_CACHE} --run-dir {out}`"
                          + (f" and pass --student {out}" if out != path else "") + ", or pass --student")
-    if have and (need or "scratch" in methods):
+    scratch = "scratch" in methods or ("multitask" in methods and args.backbone == "scratch")
+    if have and (need or scratch):
         return load_student(path)[1]
-    if "scratch" in methods:
+    if scratch:
         return {**DEFAULT,
                 "note": f"scratch: no student at {path}; the default student architecture is trained from random init"}
     return None

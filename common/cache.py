@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -1154,6 +1155,8 @@ class FeatureCache:
         try:
             os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
         except OSError as e:  # Windows without Developer Mode or administrator rights; a file system without links
+            if e.errno not in (errno.EPERM, errno.EACCES) and getattr(e, "winerror", None) != 1314:
+                raise  # (a full disk, say: run_main's line for it)
             raise PermissionError(f"cannot make the link {tmp} ({e.strerror or e}): h_G is switched to its new version "
                                   f"by a symbolic link; on Windows turn on Developer Mode, or give --cache a folder "
                                   f"on a file system that takes links (the h_G written, in {folder}, is not used)") from e

@@ -59,7 +59,9 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
-    except OSError:  # a read-only or another user's folder: this run cannot write there either
+    except OSError as e:  # a read-only or another user's folder
+        if not shared:  # (a reader of a cache there: nobody can write it either)
+            _unlocked(path, e, shared)
         return None
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:

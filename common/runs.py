@@ -225,9 +225,10 @@ def write_args(run: Path, prefix: str, args) -> None:
     command line (argv, run in cwd). A resume's argv is `--resume --run-dir RUN`, which run again elsewhere
     starts afresh on defaults: `started_by` keeps the command (and its folder) that started the run. Written
     whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
-    argv, before = CALL or sys.argv, recorded_args(run) or {}
-    first = before.get("started_by") or ({"argv": before["argv"], "cwd": before.get("cwd")}
-                                         if "--resume" in argv and before.get("argv") else None)
+    argv, before, first = CALL or sys.argv, recorded_args(run) or {}, None
+    if getattr(args, "resume", False):  # (a record of a resume by older code has none: unknown, not its argv)
+        first = before.get("started_by") or ({"argv": before["argv"], "cwd": before.get("cwd")}
+                                             if before.get("argv") and before.get("resume") is False else None)
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),
                                    "argv": argv, "cwd": os.getcwd(), "environment": environment(),
                                    **({"started_by": first} if first else {})})

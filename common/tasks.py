@@ -703,7 +703,7 @@ def _300w(root: Path, p: dict) -> TaskData:
                         f"{Path(samples[0].path).with_suffix('.pts')} has {len(samples[0].label)}; each file the same")
     test, private, counts = np.array(test), np.array(private), {}
     seed, fractions = p.get("seed", 0), tuple(p.get("fractions", FRACTIONS))
-    if test.any() and not (test | private).all() and private.any():  # the official split: in none of its parts
+    if test.any() and private.any():  # beside the official test folders: in none of the splits
         counts["300-W challenge test faces (01_Indoor, 02_Outdoor), left out"] = int(private.sum())
         samples, test = [s for s, out in zip(samples, private) if not out], test[~private]
     if test.any() and not test.all():
@@ -1038,7 +1038,7 @@ _REGISTRY = [
     Task("Align-300W", "Face Alignment", "landmarks", 136, None, "nme",
          "train on afw + */trainset, test on */testset + ibug (the full 300-W set; a seeded 10% of the training "
          "images chooses the epoch; the challenge's test faces, 300W/01_Indoor and 02_Outdoor, are in no split), "
-         "or a random 80/10/10 split (seed 0) for a tree without them; NME over the 68 "
+         "or a random 80/10/10 split drawn with seed 0 for a tree without them; NME over the 68 "
          "points normalised by the outer eye corners (inter-ocular); a missed face predicts the mean training shape",
          "root/**/<name>.{png,jpg} with <name>.pts beside it (iBUG format, e.g. afw/, helen/trainset/, "
          "lfpw/testset/, ibug/, or 300W/01_Indoor/)", _300w, dict(SPLIT)),

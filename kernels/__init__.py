@@ -16,6 +16,7 @@ access, a device-side assert) go through as they are: the fallback would meet th
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import torch
@@ -122,8 +123,10 @@ def resolve_backend(backend: str, tensors, dtypes=None, op: str | None = None) -
 def _device_fault(exc: BaseException) -> bool:
     """A CUDA error (an illegal access, a device-side assert) leaves the device unusable and may come of
     an earlier op, as CUDA reports them late: not the kernel's fault, and the fallback would fail too."""
-    # (not Triton's "Triton Error [CUDA]": it also says a kernel image the driver cannot load, which falls back)
-    return isinstance(exc, torch.AcceleratorError) or str(exc).lstrip().startswith("CUDA error")
+    text = str(exc).lstrip()
+    # Triton's own "Triton Error [CUDA]" also says a kernel image the driver cannot load: that one falls back
+    return (isinstance(exc, torch.AcceleratorError) or text.startswith("CUDA error")
+            or (text.startswith("Triton Error [CUDA]") and not re.search(r"kernel image|PTX|toolchain", text)))
 
 
 def _guarded(op, backend, fn, *args):

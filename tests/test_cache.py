@@ -1,4 +1,5 @@
 """The sharded feature cache: layout, statistics, atomic writes, resume bookkeeping, mismatch errors."""
+import errno
 import json
 from dataclasses import dataclass
 
@@ -655,7 +656,7 @@ def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path
     cache = FeatureCache.create_or_resume(tmp_path / "c", root, names, TEACHERS, shard_size=10)
 
     def no_links(*a, **k):
-        raise OSError(22, "A required privilege is not held by the client")
+        raise OSError(errno.EPERM, "A required privilege is not held by the client")
 
     monkeypatch.setattr(os, "symlink", no_links)
     with pytest.raises(PermissionError, match=r"h_G is switched to its new version by a symbolic link; on Windows "
@@ -663,3 +664,12 @@ def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path
         with cache.new_embedding("pca") as folder:
             (folder / "meta.json").write_text("{}")
     assert (folder / "meta.json").exists()  # the work is kept, to be switched by a rerun where links work
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", full)  # not a matter of links: run_main's line for a full disk says it
+    with pytest.raises(OSError) as e:
+        with cache.new_embedding("pca") as folder:
+            pass
+    assert e.value.errno == errno.ENOSPC and not isinstance(e.value, PermissionError)

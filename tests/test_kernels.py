@@ -627,7 +627,8 @@ def test_out_of_memory_in_a_kernel_is_raised_not_a_fallback_for_good(monkeypatch
 @pytest.mark.parametrize("error", [
     RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
                  "asynchronously reported\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions."),
-    torch.AcceleratorError("CUDA error: device-side assert triggered")])
+    torch.AcceleratorError("CUDA error: device-side assert triggered"),
+    RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")])
 def test_a_cuda_fault_in_a_kernel_is_raised_not_blamed_on_the_kernel(monkeypatch, fresh_failures, error):
     # The device is unusable after one, and the fault may be an earlier op's: a fallback would fail too.
     def fault(*args, **kwargs):
@@ -640,6 +641,13 @@ def test_a_cuda_fault_in_a_kernel_is_raised_not_blamed_on_the_kernel(monkeypatch
         with pytest.raises(type(error), match="CUDA"):
             kernels.cosine_distill_loss(s, t)
     assert not kernels._failed_ops
+
+
+def test_a_kernel_image_the_driver_cannot_load_falls_back():
+    """Triton says it as 'Triton Error [CUDA]' too, as it does a device fault; a driver older than Triton's
+    toolchain is common, and the PyTorch fallback works there."""
+    assert not kernels._device_fault(RuntimeError("Triton Error [CUDA]: device kernel image is invalid"))
+    assert kernels._device_fault(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
 
 
 def test_triton_that_cannot_be_imported_is_said_once_for_cuda_tensors(monkeypatch):

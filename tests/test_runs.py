@@ -695,9 +695,19 @@ def test_a_resumed_runs_args_json_keeps_the_command_that_started_it(tmp_path, mo
     run = tmp_path / "run"
     run.mkdir()
     start = ["distill.py", "--cache", "feats/demo", "--epochs", "3", "--stop-at", "4"]
-    for argv in (start, ["distill.py", "--resume", "--run-dir", str(run)], ["distill.py", "--resume", "--run-dir", "r"]):
+
+    def record(argv, resume):
         monkeypatch.setattr(runs, "CALL", argv)
-        runs.write_args(run, "distill", Namespace(epochs=3))
+        runs.write_args(run, "distill", Namespace(epochs=3, resume=resume))
         recorded = json.loads((run / "args.json").read_text())
         assert recorded["argv"] == argv
-        assert recorded.get("started_by") == (None if argv is start else {"argv": start, "cwd": os.getcwd()})
+        return recorded.get("started_by")
+
+    assert record(start, False) is None
+    for argv in (["distill.py", "--resume", "--run-dir", str(run)], ["distill.py", "--resum", "--run-dir", "r"]):
+        assert record(argv, True) == {"argv": start, "cwd": os.getcwd()}  # a resume of a resume too
+    assert record(["distill.py", "--overwrite", "--epochs", "2"], False) is None  # a new run: its own argv
+    # a run resumed by older code recorded only the resume: what started it is not known, and not said
+    record(["distill.py", "--resume", "--run-dir", str(run)], True)
+    (run / "args.json").write_text(json.dumps({"argv": ["distill.py", "--resume", "--run-dir", "r"], "resume": True}))
+    assert record(["distill.py", "--resume", "--run-dir", "r"], True) is None

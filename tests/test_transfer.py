@@ -383,6 +383,10 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     short = json.loads((tmp_path / "run-short" / "report.json").read_text())[0]
     assert ran == ["fused", "fused"] and short["results"]["frozen"] == saved["results"]["frozen"]
     assert short["results"]["fused"]["value"] == pytest.approx(resumed["results"]["fused"]["value"], rel=1e-4)
+    # resumed again (a second interruption): the record of what started the run is no argument of its results
+    assert json.loads((tmp_path / "run-short" / "args.json").read_text())["started_by"]["argv"][1:3] == ["--task", "AgeR-UTK"]
+    transfer.main(["--run-dir", str(tmp_path / "run-short"), "--resume", "--workers", "0"])
+    assert ran == ["fused", "fused"]  # all kept
     assert resumed["inputs"]["student"] and resumed["results"]["fused"]["commit"] == environment().get("commit")
     # the same arguments naming a student distilled again since: frozen's kept result was the old one's
     other = json.loads((tmp_path / "run-copy" / "report.json").read_text())
@@ -973,3 +977,16 @@ def test_the_report_names_the_training_seed_the_test_size_and_which_way_is_bette
     assert [c.strip() for c in row.strip("|").split("|")][:4] == ["AgeR-UTK", "mae", "0/20", "2"]
     assert "drawn with seed 0" in text and "training seed 3" in text
     assert "lower is better for mae" in text and json.loads((tmp_path / "report.json").read_text())[0]["seed"] == 3
+
+
+def test_multitask_from_scratch_needs_no_student(tmp_path):
+    """README: scratch needs no student; --method multitask --backbone scratch stopped on 'needs the distilled
+    student', before multitask's own scratch could take the default architecture."""
+    from common.student import DEFAULT
+
+    args = transfer.parse_args(["--method", "multitask", "--backbone", "scratch", "--student", str(tmp_path / "none")])
+    cfg = transfer.student_config(args, ["multitask"])
+    assert {k: cfg[k] for k in DEFAULT} == DEFAULT
+    args = transfer.parse_args(["--method", "multitask", "--student", str(tmp_path / "none")])  # the student itself
+    with pytest.raises(SystemExit, match="needs the distilled student"):
+        transfer.student_config(args, ["multitask"])
