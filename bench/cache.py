@@ -30,7 +30,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cache import FeatureCache, ShardedArray  # noqa: E402
-from common.runs import COUNT, POSITIVE_INT, HelpFormatter, run_main  # noqa: E402
+from common.runs import COUNT, POSITIVE_INT, HelpFormatter, leave_stops_to_the_parent, run_main  # noqa: E402
 
 
 @dataclass
@@ -127,7 +127,7 @@ def crop_store(args, size: int = 128):
                     if state == "warm":
                         for f in files:  # every page in memory
                             np.load(f)
-                    with ctx.Pool(n) as pool:
+                    with ctx.Pool(n, initializer=leave_stops_to_the_parent) as pool:  # (closed by SIGTERM)
                         t0 = time.perf_counter()
                         pool.map(_read_crops, [(arr, j) for j in jobs])
                         row.append(crops / (time.perf_counter() - t0))

@@ -40,7 +40,7 @@ from common.cache import FeatureCache  # noqa: E402
 from common.extract import Options, Stages, extract  # noqa: E402
 from common.facedata import AlignedFaces, EpochSampler, first, to_device_pixels  # noqa: E402
 from common.images import decode_image, decode_jpegs_on, list_images, nvjpeg_safe, read_bytes  # noqa: E402
-from common.runs import HelpFormatter, pick_device  # noqa: E402
+from common.runs import POSITIVE_INT, HelpFormatter, pick_device  # noqa: E402
 from common.student import build_student  # noqa: E402
 from common.teachers import DEFAULT_TEACHERS, build_teachers  # noqa: E402
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
                         "as in scraped corpora (the demo media alone is 94%% frames of one size)")
     p.add_argument("--make-folder", type=Path, metavar="DIR",
                    help="only write the folder of --n images into DIR (for timing fuse.py itself) and exit")
-    p.add_argument("--old-n", type=int, default=256,
+    p.add_argument("--old-n", type=POSITIVE_INT, default=256,
                    help="images timed through the per-image paths of before (the first of the folder; they are slow)")
     p.add_argument("--steps", type=int, default=40,
                    help="training steps timed reading the crop store, and with synthetic batches (train_step alone)")
@@ -214,7 +214,8 @@ def main(argv=None):
 
     def add(row):  # printed as it comes too, so that a run cut short still tells what it measured
         rows.append(row)
-        print(f"{row[0]} | {row[1]} | {row[2]:,.1f}/s | {row[3]}", flush=True)
+        value = f"{row[2]:,.1f}/s" if isinstance(row[2], (int, float)) else row[2]
+        print(f"{row[0]} | {row[1]} | {value} | {row[3]}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="facekd-bench-"))
     try:
         (work / "faces").mkdir()
@@ -336,6 +337,9 @@ def main(argv=None):
         faces = int(FeatureCache(work / "cache").found.sum())
         face_rate = new_rate * faces / max(len(names), 1)
         for name in stages.seconds:  # inside the engine run, each stage synchronised (so a little slower)
+            if not stages.items[name]:  # (decoding on the CPU: done by the loader's workers, not the engine)
+                add((name, "in the loader, not timed here", "not measured", ""))
+                continue
             what = "host copy + wait for the background write" if name == "write" else "inside the engine"
             add((name, what, rate(stages.items[name], stages.seconds[name]),
                  f"{stages.seconds[name]:.2f} s of {len(names) / new_rate:.2f} s"))
@@ -379,7 +383,7 @@ def main(argv=None):
     head = (f"{args.n} images, teachers {args.teachers}, batch {args.batch}, {args.workers} workers, {device} "
             f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
             f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    table = tabulate([(s, p, f"{r:,.1f}", note) for s, p, r, note in rows],
+    table = tabulate([(s, p, f"{r:,.1f}" if isinstance(r, (int, float)) else r, note) for s, p, r, note in rows],
                      headers=["stage", "path", "per second", "note"], tablefmt="github")
     print(head + "\n\n" + table)
     if args.out:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers  # noqa: E402
-from common.runs import HelpFormatter, run_main  # noqa: E402
+from common.runs import HelpFormatter, pick_device, run_main  # noqa: E402
 from common.weights import MissingWeights  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main(argv=None):
     from tabulate import tabulate
     from test_teachers import aligned_faces, to_batch
 
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     faces = list(aligned_faces().values())
     n_batches = -(-args.n // args.batch)
     batches = [to_batch([faces[(i * args.batch + j) % len(faces)] for j in range(args.batch)]).to(device)
