@@ -759,9 +759,12 @@ def embed_main(argv):
     emb, reasons = embed_images(a.checkpoint, [str(a.images / r) for r in rel], a.batch,
                                 pick_device(a.device), a.min_face_prob, say=log.info)
     stem = a.out.with_suffix("")
-    atomic_write(a.out, lambda f: np.save(f, emb))
+    # the array last, an earlier one gone first: a kill between the three writes must not leave rows beside the
+    # paths of another run (each file is written whole, the set is whole once the array is there)
+    a.out.unlink(missing_ok=True)
     atomic_write(Path(f"{stem}.paths.txt"), lambda f: f.write(encode_paths(rel)))
     write_reasons(Path(f"{stem}.missed.tsv"), [(r, why) for r, why in zip(rel, reasons) if why])
+    atomic_write(a.out, lambda f: np.save(f, emb))
     n_miss = sum(1 for r in reasons if r)
     log.info(f"{len(rel) - n_miss} faces embedded, {n_miss} images without a usable face (NaN rows, listed in "
              f"{stem}.missed.tsv) -> {a.out} ({emb.shape[0]} x {emb.shape[1]}), by the student of sha256 {sha}")

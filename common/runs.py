@@ -86,10 +86,9 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
     """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
     one), so that `--resume --run-dir RUN` alone continues RUN instead of being refused for every default that
     differs from the arguments it ran with. keep: the flags never taken from there (the run folder's own).
-    Another script's run folder lends nothing (make_run_dir refuses it)."""
+    Another script's run folder lends nothing (make_run_dir refuses it). With no run recorded there, a command
+    that gives nothing but the resume is refused: on defaults it would be another job."""
     recorded = recorded_args(run)
-    if recorded is None or recorded.get("script", script) != script:  # (no run there yet: the resume check says so)
-        return args
     actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
     saved = [a.default for a in actions]
     try:  # what the command line gave: parsed again with no defaults at all
@@ -99,6 +98,13 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
     finally:
         for a, d in zip(actions, saved):
             a.default = d
+    if recorded is None and given <= {*keep, "device", "workers"}:
+        # (a run killed in its first seconds, before its folder and args.json were made, or a mistyped folder)
+        raise SystemExit(f"error: --resume: {run} holds no recorded run to continue, and this command gives nothing "
+                         f"else, so it would run {script}.py's defaults: run the command that started it again "
+                         f"(with --resume, it continues whatever of it is there)")
+    if recorded is None or recorded.get("script", script) != script:  # (no run there yet: the resume check says so)
+        return args
     # a relative path is the run's from the folder it was started in (feats/demo, runs/...): resumed from another
     # one, it named nothing there ("no feature cache at feats/c1") or a cache made anew. rebase: {dest: (value,
     # cwd) -> value} for the flags that hold paths inside a text (transfer.py's --tasks NAME=DIR,...)

@@ -562,6 +562,18 @@ def test_embed_folder_lists_faceless_images(trained, cache_dir, tmp_path, capsys
     np.testing.assert_allclose(np.load(tmp_path / "old.npy"), emb, atol=1e-5)
     missed = (tmp_path / "emb.missed.tsv").read_text()
     assert NO_FACE in missed and "no face detected" in missed and "broken.jpg" in missed
+    # killed between its writes into an --out that held an earlier result: no array beside another run's paths
+    (folder / "broken.jpg").unlink()
+    real, written = distill.atomic_write, []
+
+    def killed_after_one(path, fn):
+        real(path, fn)
+        written.append(path)
+        raise KeyboardInterrupt  # (as a kill would end it here)
+    monkeypatch.setattr(distill, "atomic_write", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(["embed", "--student", str(trained), "--data", str(folder), "--out", str(tmp_path / "emb.npy")])
+    assert not (tmp_path / "emb.npy").exists() and len((tmp_path / "emb.paths.txt").read_text().splitlines()) == 2
 
 
 def test_embed_refuses_a_bad_out_before_any_work(trained, tmp_path, monkeypatch):

@@ -711,3 +711,17 @@ def test_a_resumed_runs_args_json_keeps_the_command_that_started_it(tmp_path, mo
     record(["distill.py", "--resume", "--run-dir", str(run)], True)
     (run / "args.json").write_text(json.dumps({"argv": ["distill.py", "--resume", "--run-dir", "r"], "resume": True}))
     assert record(["distill.py", "--resume", "--run-dir", "r"], True) is None
+
+
+@pytest.mark.parametrize("script", ["distill", "transfer"])
+def test_a_bare_resume_of_a_folder_with_no_run_recorded_is_refused(tmp_path, script):
+    """Killed in its first seconds, before the run folder was made, a run left nothing: `--resume --run-dir RUN`
+    alone then ran the script's defaults (transfer.py the embedded LFW task, distill.py 40 epochs for 3) and
+    exited 0 in that folder."""
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit, match="holds no recorded run to continue"):
+        module.parse_args(["--resume", "--run-dir", str(tmp_path / "run"), "--workers", "0"])
+    # with the command that started it, a resume into an empty folder starts it (a preemptible job's requeue)
+    module.parse_args(["--resume", "--run-dir", str(tmp_path / "run"), "--epochs", "3"])
