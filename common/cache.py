@@ -178,7 +178,7 @@ def writer_lock(path: Path, log=None):
     """One process at a time writes the cache at path: two transfer.py runs on one dataset (two methods started
     side by side) extracted the same task cache twice over, into the same files. Another process waits, saying
     so, and then finds the cache finished. Yields whether the lock is held (False where none can be had)."""
-    f = locks.acquire(lock_file(path), log=log, what=path)
+    f = locks.acquire(lock_file(path), log=log, what=path, quiet=path.exists() and not os.access(path, os.W_OK))
     try:
         yield f is not None
     finally:
@@ -1155,8 +1155,8 @@ class FeatureCache:
         try:
             os.symlink(folder.name, tmp)  # relative, so the cache folder can be moved
         except OSError as e:  # Windows without Developer Mode or administrator rights; a file system without links
-            if e.errno not in (errno.EPERM, errno.EACCES) and getattr(e, "winerror", None) != 1314:
-                raise  # (a full disk, say: run_main's line for it)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                raise  # not a matter of links: run_main's line for a full disk or a read-only one says it
             raise PermissionError(f"cannot make the link {tmp} ({e.strerror or e}): h_G is switched to its new version "
                                   f"by a symbolic link; on Windows turn on Developer Mode, or give --cache a folder "
                                   f"on a file system that takes links (the h_G written, in {folder}, is not used)") from e

@@ -47,12 +47,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_inherited)
 
 
-def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False, patience: float = 2.0):
+def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bool = False, patience: float = 2.0,
+            quiet: bool = False):
     """Open and lock the file at path (made, with its folder); shared: a reader's lock, which other readers
     share and a writer's excludes. Held by another process: busy given, SystemExit with that line once it is
     still held after `patience` seconds (another process's brief check is not a run); else wait for it, saying
     in log that it waits for `what`. Returns the open file, whose closing lets go, or None where no lock can be
-    had (a file system without locks, a read-only or another user's folder): the work goes on unlocked."""
+    had (a file system without locks, a read-only or another user's folder): the work goes on unlocked, said
+    once a lock file unless `quiet` (what the lock guards cannot be written either)."""
     if fcntl is None:
         return None
     path = Path(path)
@@ -60,7 +62,7 @@ def acquire(path: Path, busy: str | None = None, log=None, what=None, shared: bo
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
     except OSError as e:  # a read-only or another user's folder
-        if not shared:  # (a reader of a cache there: nobody can write it either)
+        if not shared and not quiet:  # (a reader of a cache there, or quiet: nobody can write what it guards)
             _unlocked(path, e, shared)
         return None
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX

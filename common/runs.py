@@ -98,11 +98,13 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
     finally:
         for a, d in zip(actions, saved):
             a.default = d
-    if recorded is None and given <= {*keep, "device", "workers"}:
-        # (a run killed in its first seconds, before its folder and args.json were made, or a mistyped folder)
+    if recorded is None and not (Path(run) / "args.json").exists() and given <= {*keep, "device", "workers"}:
+        # (a run killed in its first seconds, before its folder and args.json were made, or a mistyped folder;
+        # an args.json that does not read is said by the resume check)
         raise SystemExit(f"error: --resume: {run} holds no recorded run to continue, and this command gives nothing "
                          f"else, so it would run {script}.py's defaults: run the command that started it again "
-                         f"(with --resume, it continues whatever of it is there)")
+                         f"(with --resume, it continues whatever of it is there); to run the defaults, give one "
+                         f"of them on the command line")
     if recorded is None or recorded.get("script", script) != script:  # (no run there yet: the resume check says so)
         return args
     # a relative path is the run's from the folder it was started in (feats/demo, runs/...): resumed from another
@@ -231,8 +233,10 @@ def write_args(run: Path, prefix: str, args) -> None:
     command line (argv, run in cwd). A resume's argv is `--resume --run-dir RUN`, which run again elsewhere
     starts afresh on defaults: `started_by` keeps the command (and its folder) that started the run. Written
     whole or not at all: a kill mid-write must not leave a run that --resume cannot read."""
-    argv, before, first = CALL or sys.argv, recorded_args(run) or {}, None
-    if getattr(args, "resume", False):  # (a record of a resume by older code has none: unknown, not its argv)
+    argv, before = CALL or sys.argv, recorded_args(run) or {}
+    if not getattr(args, "resume", False) or not before:  # the run starts here (a requeued job may start it resuming)
+        first = {"argv": argv, "cwd": os.getcwd()}
+    else:  # (a record by older code kept none: its argv started the run unless it was a resume itself)
         first = before.get("started_by") or ({"argv": before["argv"], "cwd": before.get("cwd")}
                                              if before.get("argv") and before.get("resume") is False else None)
     write_json(run / "args.json", {**resolved_args(args), "script": prefix, "run_folder": str(Path(run).resolve()),

@@ -665,6 +665,14 @@ def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path
             (folder / "meta.json").write_text("{}")
     assert (folder / "meta.json").exists()  # the work is kept, to be switched by a rerun where links work
 
+    def unsupported(*a, **k):  # a CIFS mount without mfsymlinks
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "symlink", unsupported)
+    with pytest.raises(PermissionError, match="Operation not supported.*by a symbolic link"):
+        with cache.new_embedding("pca") as folder:
+            pass
+
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -673,3 +681,27 @@ def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path
         with cache.new_embedding("pca") as folder:
             pass
     assert e.value.errno == errno.ENOSPC and not isinstance(e.value, PermissionError)
+
+
+def test_a_complete_cache_nobody_can_write_is_read_without_a_lock_warning(tmp_path, monkeypatch, caplog):
+    """README: a cache in a read-only folder is read without a lock; transfer.py's writer lock on such a task
+    cache warned that 'a second run on it would not be refused', though nothing could write it."""
+    import logging
+
+    from common import cache as cache_module
+    from common import locks
+    from common.cache import writer_lock
+
+    (tmp_path / "ro").write_text("a file where .locks/ would go: the lock cannot be made")
+    guarded = tmp_path / "ro" / "cache"  # (its lock file lives in tmp_path/ro/.locks/)
+    monkeypatch.setattr(locks, "said", set())
+    with caplog.at_level(logging.WARNING, logger="common.locks"):
+        monkeypatch.setattr(cache_module.os, "access", lambda p, mode: False)
+        monkeypatch.setattr(type(guarded), "exists", lambda p: True)
+        with writer_lock(guarded) as locked:
+            assert not locked
+        assert not caplog.records  # nothing can write it: nothing to say
+        monkeypatch.setattr(cache_module.os, "access", lambda p, mode: True)
+        with writer_lock(guarded) as locked:
+            assert not locked
+    assert len(caplog.records) == 1 and "a second run on it would not be refused" in caplog.records[0].getMessage()

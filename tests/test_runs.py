@@ -703,10 +703,15 @@ def test_a_resumed_runs_args_json_keeps_the_command_that_started_it(tmp_path, mo
         assert recorded["argv"] == argv
         return recorded.get("started_by")
 
-    assert record(start, False) is None
+    assert record(start, False) == {"argv": start, "cwd": os.getcwd()}
     for argv in (["distill.py", "--resume", "--run-dir", str(run)], ["distill.py", "--resum", "--run-dir", "r"]):
         assert record(argv, True) == {"argv": start, "cwd": os.getcwd()}  # a resume of a resume too
-    assert record(["distill.py", "--overwrite", "--epochs", "2"], False) is None  # a new run: its own argv
+    again = ["distill.py", "--overwrite", "--epochs", "2"]
+    assert record(again, False) == {"argv": again, "cwd": os.getcwd()}  # a new run: its own command
+    (run / "args.json").unlink()  # a requeued job that starts the run with --resume: its command started it
+    requeued = ["distill.py", "--cache", "feats/demo", "--resume", "--run-dir", str(run)]
+    assert record(requeued, True) == {"argv": requeued, "cwd": os.getcwd()}
+    assert record(["distill.py", "--resume", "--run-dir", str(run)], True) == {"argv": requeued, "cwd": os.getcwd()}
     # a run resumed by older code recorded only the resume: what started it is not known, and not said
     record(["distill.py", "--resume", "--run-dir", str(run)], True)
     (run / "args.json").write_text(json.dumps({"argv": ["distill.py", "--resume", "--run-dir", "r"], "resume": True}))
@@ -721,7 +726,10 @@ def test_a_bare_resume_of_a_folder_with_no_run_recorded_is_refused(tmp_path, scr
     import importlib
 
     module = importlib.import_module(script)
-    with pytest.raises(SystemExit, match="holds no recorded run to continue"):
+    with pytest.raises(SystemExit, match="holds no recorded run to continue.*to run the defaults, give one"):
         module.parse_args(["--resume", "--run-dir", str(tmp_path / "run"), "--workers", "0"])
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "args.json").write_text('{"trunc')  # said by the resume check as what it is
+    module.parse_args(["--resume", "--run-dir", str(tmp_path / "damaged")])
     # with the command that started it, a resume into an empty folder starts it (a preemptible job's requeue)
     module.parse_args(["--resume", "--run-dir", str(tmp_path / "run"), "--epochs", "3"])
