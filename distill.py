@@ -49,8 +49,8 @@ from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize
 from common.files import atomic_write, write_json, write_text
 from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
-                         dist_info, get_logger, hold, holding_runs, init_dist, leave_stops_to_the_parent, make_run_dir, one_process_only, pick_device,
-                         resume_defaults, run_dir_problem, run_main, write_args)
+                         dist_info, get_logger, hold, holding_runs, init_dist, leave_stops_to_the_parent, make_run_dir,
+                         one_process_only, pick_device, resume_defaults, run_dir_problem, run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, pin, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss

@@ -61,7 +61,7 @@ from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
                          get_logger, holding_runs, kept_warnings, leave_stops_to_the_parent, make_run_dir,
                          one_process_only, pick_device, recorded_args, resume_defaults, run_main)
-from common.student import DEFAULT, NotAStudent, head, load_student, pin, read_checkpoint, student_like
+from common.student import DEFAULT, NotAStudent, head, load_student, pin, read_checkpoint, student_file, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 
 METHODS = ("finetune", "frozen", "scratch", "pcnn", "fused", "concat", "pca", "bt", "bct", "etl")
@@ -935,7 +935,7 @@ def student_config(args, methods) -> dict | None:
     need = [m for m in methods if m in ("finetune", "frozen", "kd") or (m == "etl" and args.etl_base == "student")
             or (m == "multitask" and args.backbone == "student")]
     path = Path(args.student)
-    have = path.is_file() or (path / "student.safetensors").is_file()
+    have = student_file(path).is_file()
     if need and not have:
         # An existing folder without a student (a fuse.py feature cache passed as --student, say) is no place
         # to write one: the hint then sends the new student to a run folder of its own.

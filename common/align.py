@@ -207,8 +207,8 @@ class BatchDetector:
     several faces) makes the search run on the square around it, twice its larger side, so that the face
     closest to that region's centre is the annotated one."""
 
-    def __init__(self, device="cpu", min_prob: float = MIN_FACE_PROB, min_face: int = 20, detect_size: int = DETECT_SIZE,
-                 smallest_face: int = SMALLEST_FACE):
+    def __init__(self, device="cpu", min_prob: float = MIN_FACE_PROB, min_face: int = 20,
+                 detect_size: int = DETECT_SIZE, smallest_face: int = SMALLEST_FACE):
         self.inner = FaceDetector(device, min_prob, min_face)
         self.min_prob, self.detect_size, self.device = min_prob, detect_size, torch.device(device)
         self.smallest_face = smallest_face

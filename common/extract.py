@@ -28,7 +28,8 @@ import torch
 
 from kernels import fuse_features
 
-from .align import CANON, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE, BatchDetector, center_matrix, store_crops, warp_batch
+from .align import (CANON, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE, BatchDetector, center_matrix, store_crops,
+                    warp_batch)
 from .cache import NON_FINITE, as_planned, open_npz
 from .images import BadImage, csv_row_path, decode_image, decode_jpegs_on, nvjpeg_safe, read_bytes, read_image
 from .precision import no_tf32

@@ -126,8 +126,8 @@ class AlignedFaces(torch.utils.data.Dataset):
     """Crops of the given cache rows, from its crop store, with their target rows (h_G by default).
 
     targets: anything with .take(rows) -> (n, d) array (a ShardedArray of the cache), row-aligned with
-    the cache (default: its first h_G). Fetched a batch at a time: a batch is {"crops": (B, 3, S, S) uint8, "target": (B, d) float32, "rows": (B,),
-    "params": (B, N_PARAMS) or None}; use collate_fn=first with a DataLoader. Indices may be plain
+    the cache (default: its first h_G). Fetched a batch at a time: a batch is {"crops": (B, 3, S, S) uint8,
+    "target": (B, d) float32, "rows": (B,), "params": (B, N_PARAMS) or None}; use collate_fn=first with a DataLoader. Indices may be plain
     positions or (position, augmentation seed) pairs, as EpochSampler yields.
     """
 

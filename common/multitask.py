@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,10 +217,10 @@ def hold_out(targets: list[Target], held: np.ndarray, log=None) -> None:
 def build_backbone(name: str, student_path, device) -> tuple[nn.Module, int, int]:
     """(backbone, embedding width, input side): `student` (the distilled checkpoint), `scratch` (its
     architecture from random init) or the name of a PyTorch teacher of the registry."""
-    from .student import DEFAULT, load_student, read_checkpoint, student_like
+    from .student import DEFAULT, load_student, read_checkpoint, student_file, student_like
     from .teachers import TeacherBackbone, build_teachers
 
-    if name == "scratch" and not (Path(student_path).is_file() or (Path(student_path) / "student.safetensors").is_file()):
+    if name == "scratch" and not student_file(student_path).is_file():
         return student_like(DEFAULT), DEFAULT["out_dim"], DEFAULT["size"]  # no student: the default architecture
     if name in ("student", "scratch"):
         cfg = read_checkpoint(student_path)[0]

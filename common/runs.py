@@ -541,20 +541,24 @@ def peer_stopped(e) -> bool:
     return isinstance(e, dist.DistNetworkError) or "closed by peer" in str(e) or "Connection reset" in str(e)
 
 
+def _chain(e: BaseException | None):
+    """e, then each error it was raised from."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _raised_from(e: BaseException | None, kind) -> BaseException | None:
     """e, or the first error it was raised from, of type `kind`."""
-    while e is not None and not isinstance(e, kind):
-        e = e.__cause__ or e.__context__
-    return e
+    return next((x for x in _chain(e) if isinstance(x, kind)), None)
 
 
 def cannot_write(e: BaseException | None) -> tuple[str, BaseException] | None:
     """(what in _WRITE_ERRORS stopped a write: the disk or the user's quota full, a file size limit, a read-only
     file system; the error that says so), looked for in e and the errors it was raised from; None for any
     other error."""
-    while e is not None:
+    for x in _chain(e):
         for why, (numbers, words, _) in _WRITE_ERRORS.items():
-            if getattr(e, "errno", None) in numbers or re.search(words, str(e)):
-                return why, e
-        e = e.__cause__ or e.__context__
+            if getattr(x, "errno", None) in numbers or re.search(words, str(x)):
+                return why, x
     return None

@@ -113,7 +113,8 @@ class NotAStudent(ValueError):
 PINNED: dict[str, bytes] = {}  # student file (resolved) -> its bytes as pin() read them, until the main returns
 
 
-def _student_file(path) -> Path:
+def student_file(path) -> Path:
+    """The checkpoint file a --student names: the file, or a distill.py run folder's final student."""
     path = Path(path)
     return path / "student.safetensors" if path.is_dir() else path  # a run folder: its final student
 
@@ -123,7 +124,7 @@ def pin(path) -> str:
     it takes these bytes. transfer.py loads the student again for each method and task, and a distill.py
     --overwrite of its folder meanwhile gave the methods of one report other students under the sha it
     recorded. (common.runs.holding_runs lets go of them.)"""
-    path = _student_file(path)
+    path = student_file(path)
     read_checkpoint(path, tensors=False)  # a file that is no student is refused from its header, not read whole
     data = PINNED[str(path.resolve())] = path.read_bytes()
     return hashlib.sha256(data).hexdigest()
@@ -135,20 +136,17 @@ def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = _student_file(path)
+    path = student_file(path)
     data = PINNED.get(str(path.resolve()))
     if data is None and not path.is_file():
         raise FileNotFoundError(f"no student checkpoint at {path}")
-    if data is None and tensors:  # one read for config and tensors (two could meet two files, one replaced between)
-        data = path.read_bytes()
     try:
-        # safetensors: the header's length (8 bytes), the header (JSON), the tensors; the tensors read only if wanted
-        head = data[:8] if data is not None else _read(path, 0, 8)
-        size = int.from_bytes(head, "little")
-        total = len(data) if data is not None else path.stat().st_size
-        if len(head) < 8 or size > min(total - 8, HEADER_LIMIT):
-            raise ValueError(f"a header of {size} bytes in a file of {total}")
-        header = json.loads(data[8:8 + size] if data is not None else _read(path, 8, size))
+        if data is None:  # one read for config and tensors (two could meet two files, one replaced between)
+            data = path.read_bytes() if tensors else _header_bytes(path)
+        size = int.from_bytes(data[:8], "little")  # safetensors: the header's length (8 bytes), its JSON, the tensors
+        if len(data) < 8 or size > min(len(data) - 8, HEADER_LIMIT):
+            raise ValueError(f"a header of {size} bytes, where {max(len(data) - 8, 0)} follow")
+        header = json.loads(data[8:8 + size])
         meta = header.get("__metadata__") if isinstance(header, dict) else None
         cfg = json.loads(meta["config"]) if isinstance(meta, dict) and isinstance(meta.get("config"), str) else {}
         if not isinstance(cfg, dict) or not {"arch", "width", "out_dim"} <= set(cfg):
@@ -164,10 +162,11 @@ def read_checkpoint(path, tensors: bool = True) -> tuple[dict, dict | None]:
 HEADER_LIMIT = 100 * 2 ** 20  # safetensors' own bound on a header
 
 
-def _read(path: Path, offset: int, size: int) -> bytes:
+def _header_bytes(path: Path) -> bytes:
+    """The first 8 bytes of a safetensors file and the header they announce (at most HEADER_LIMIT of it)."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+        head = f.read(8)
+        return head + f.read(min(int.from_bytes(head, "little"), HEADER_LIMIT))
 
 
 def student_like(cfg: dict) -> Student:
