@@ -498,8 +498,7 @@ def sweep_dims(cache, op, dims, data, train, val, test, x_test, slices, args, ru
         results.append({"dim": d, **err, "average": fusion.average_nrmse(err)})
     write_json(run / "dim_sweep.json", results)
     head = ["h_G width"] + list(slices) + ["Average"]
-    md = tabulate([[r["dim"]] + [r[n] for n in slices] + [r["average"]] for r in results], headers=head,
-                  tablefmt="github", floatfmt=".3f")
+    md = fusion.error_table([[r["dim"]] + [r[n] for n in slices] + [r["average"]] for r in results], head)
     write_text(run / "dim_sweep.md", f"Normalised RMSE of G ({op}{', balanced' if weight is not None else ''}) on "
                                      f"{len(test)} test faces against the width of h_G\n\n{md}\n")
     plots.lines(run / "dim_sweep.png", dims, {n: [r[n] for r in results] for n in list(slices) + ["average"]},
@@ -562,7 +561,7 @@ def sweep_n(cache, ops, sizes, dim, data, split, slices, args, run, log, weight=
                                           "teachers": [t["name"] for t in cache.teachers], "results": results})
     head = ["N (train + val)"] + [op.upper() for op in ops]
     rows = [[f"{r['N']} ({r['n_train']} + {r['n_val']})"] + [r[op]["average"] for op in ops] for r in results]
-    md = tabulate(rows, headers=head, tablefmt="github", floatfmt=".3f")
+    md = fusion.error_table(rows, head)
     bal = ", teachers balanced" if weight is not None else ""
     bal += f", autoencoder layout {args.ae_layout}" if set(ops) & set(fusion.AUTOENCODERS) else ""
     bal += f"; CONCAT keeps all {cache.dim} dimensions" if "concat" in ops else ""

@@ -688,15 +688,21 @@ def average_nrmse(errors: dict[str, float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def table5(columns: dict[str, dict[str, float]]) -> str:
-    """Markdown in the layout of the paper's Table 5: a row per teacher plus the average, a column per method."""
+def error_table(rows: list[list], headers: list[str]) -> str:
+    """Markdown of error rows, NaN (a teacher constant on every test face: no error to normalise) as n/a."""
     from tabulate import tabulate
 
+    cell = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return tabulate([[cell(v) for v in row] for row in rows], headers=headers, tablefmt="github", floatfmt=".3f",
+                    missingval="n/a")
+
+
+def table5(columns: dict[str, dict[str, float]]) -> str:
+    """Markdown in the layout of the paper's Table 5: a row per teacher plus the average, a column per method."""
     names = list(next(iter(columns.values())))
-    cell = lambda v: None if math.isnan(v) else v  # noqa: E731
-    rows = [[n] + [cell(columns[c][n]) for c in columns] for n in names]
-    rows.append(["Average"] + [cell(average_nrmse(columns[c])) for c in columns])
-    md = tabulate(rows, headers=["h_i"] + list(columns), tablefmt="github", floatfmt=".3f", missingval="n/a")
+    rows = [[n] + [columns[c][n] for c in columns] for n in names]
+    rows.append(["Average"] + [average_nrmse(columns[c]) for c in columns])
+    md = error_table(rows, ["h_i"] + list(columns))
     constant = [n for n in names if any(math.isnan(columns[c][n]) for c in columns)]
     if constant:
         them = "them" if len(constant) > 1 else "it"

@@ -793,6 +793,23 @@ def test_n_sweep_fits_G_on_growing_corpora_against_one_test_set(fused, tmp_path)
     assert (tmp_path / "run" / "n_sweep.png").stat().st_size > 1000
 
 
+def test_sweep_tables_say_n_a_for_a_teacher_without_an_error(fused, tmp_path, monkeypatch):
+    """A teacher constant on every test face has no error to normalise (NaN): Table 5 says n/a, and so do the
+    width and corpus-size sweeps' tables, which printed "nan"."""
+    import fuse
+
+    shutil.copytree(fused / "feats", tmp_path / "feats", symlinks=True)
+    first = FeatureCache(tmp_path / "feats").teachers[0]["name"]
+    per_block = fusion.nrmse_per_block
+    monkeypatch.setattr(fusion, "nrmse_per_block", lambda *a: {**per_block(*a), first: float("nan")})
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "run"), "--ops", "pca",
+               "--dim", "4,2", "--n-sweep", "6,9", "--val-frac", "0.3"])
+    for name in ("table5.md", "dim_sweep.md"):
+        table = (tmp_path / "run" / name).read_text()
+        assert "n/a" in table and "nan" not in table, table
+    assert "nan" not in (tmp_path / "run" / "n_sweep.md").read_text()
+
+
 def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, capsys):
     """A linear G varies along at most (training faces - 1) dimensions: the rest of a wider h_G is constant,
     which nothing said (390 of the demo's 536 dimensions)."""
