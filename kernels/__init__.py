@@ -225,7 +225,9 @@ def cosine_distill_loss(student, target, reduction="mean", eps=1e-8, backend="au
     Gradient convention: exact derivative of the formula above, except that a student row with
     |s| <= eps (e.g. all zeros) gets a zero gradient, so the gradient is finite in float32 arithmetic (a
     float16 student row of tiny but nonzero norm, |s| ~ 1e-6, can still overflow its float16 gradient to
-    inf, which GradScaler sees and skips).
+    inf, which GradScaler sees and skips). A row whose norm overflows the accumulation dtype (a diverged
+    student, |s| > ~1.8e19 in float32) gives a NaN loss and gradient, which the scripts' checks stop on, not
+    a loss of 1 with a zero gradient.
     The target is a fixed teacher output: no gradient flows to it, and a target that requires grad
     raises ValueError while grad mode is on (pass target.detach()). First derivatives only (no double
     backward). Inside autocast both implementations still compute in float32.

@@ -32,7 +32,8 @@ def cosine_forward(student, target, eps):
     # overflows (a loss of -inf for a caller inside autocast); mul and sum keep float32 as the kernel does
     stats = torch.stack([torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1), (s * t).sum(1)])
     ns, nt, dot = stats
-    return 1 - dot / (ns.clamp_min(eps) * nt.clamp_min(eps)), stats
+    # + 0 * (ns + nt): NaN where a norm overflowed (as the kernel)
+    return 1 - (dot / (ns.clamp_min(eps) * nt.clamp_min(eps)) + 0 * (ns + nt)), stats
 
 
 def cosine_backward(student, target, stats, grad_loss, scale, eps):
@@ -44,7 +45,7 @@ def cosine_backward(student, target, stats, grad_loss, scale, eps):
     acc = stats.dtype
     ns, nt, dot = stats
     ns_c, nt_c = ns.clamp_min(eps), nt.clamp_min(eps)
-    cos = dot / (ns_c * nt_c)
+    cos = dot / (ns_c * nt_c) + 0 * (ns + nt)
     g = grad_loss.to(acc) * scale
     live = ns > eps
     coef_s = torch.where(live, g * cos / (ns_c * ns_c), 0.0)

@@ -153,7 +153,9 @@ def _cos_fwd_kernel(s, t, loss, stats, n_rows, eps, DIM: tl.constexpr,
     ns = tl.sqrt(tl.sum(ss, axis=1))
     nt = tl.sqrt(tl.sum(tt, axis=1))
     dot = tl.sum(st, axis=1)
-    cos = dot / (tl.maximum(ns, eps) * tl.maximum(nt, eps))
+    # + 0 * (ns + nt): NaN where a norm overflowed float32 (|s| > ~1.8e19, a diverged student), which would
+    # otherwise read as cos 0, a loss of 1 and a zero gradient that no NaN check sees
+    cos = dot / (tl.maximum(ns, eps) * tl.maximum(nt, eps)) + 0.0 * (ns + nt)
     r = rows.to(tl.int64)  # 2 * n_rows overflows int32 from 2^30 rows
     tl.store(loss + r, 1.0 - cos, mask=row_ok)
     tl.store(stats + r, ns, mask=row_ok)
@@ -176,7 +178,7 @@ def _cos_bwd_kernel(s, t, stats, g, g_stride, g_scale, grad, n_rows, eps, DIM: t
     gr = tl.load(g + r * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
     ns_c = tl.maximum(ns, eps)
     nt_c = tl.maximum(nt, eps)
-    cos = dot / (ns_c * nt_c)
+    cos = dot / (ns_c * nt_c) + 0.0 * (ns + nt)
     live = ns > eps
     coef_s = tl.where(live, gr * cos / (ns_c * ns_c), 0.0)[:, None]
     coef_t = tl.where(live, -gr / (ns_c * nt_c), 0.0)[:, None]

@@ -364,6 +364,22 @@ def test_fuse_takes_float8_features(backend):
     _assert_close(out, x.double() / 2, RTOL[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, at the overflow on purpose
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_norm_past_float32s_range_is_nan_not_a_loss_of_one(backend):
+    """A diverged student row of norm past float32's range made |s| inf: cos read 0, a loss of exactly 1 and a
+    zero gradient, which no NaN check saw. Rows of large but finite norm keep their exact loss."""
+    gen = _gen(31)
+    base = _randn((3, 536), torch.float32, gen)
+    t = base + 0.3 * _randn((3, 536), torch.float32, gen)
+    s = (base * torch.tensor([[1e17], [1e18], [1.0]], device=DEV)).requires_grad_(True)
+    loss = kernels.cosine_distill_loss(s, t, reduction="none", backend=backend)
+    theirs = 1 - torch.nn.functional.cosine_similarity(s.double(), t.double(), dim=1)
+    assert torch.isnan(loss[1]) and torch.allclose(loss[[0, 2]].double(), theirs[[0, 2]], atol=1e-5)
+    (grad,) = torch.autograd.grad(loss.nansum(), s)
+    assert grad[1].isnan().all() and grad[[0, 2]].isfinite().all()
+
+
 @pytest.mark.skipif(DEV.type != "cuda" or bool(_skip_reason), reason="Triton's CPU interpreter stores bf16 rounded "
                     "toward zero (1 ulp off half the time), within RTOL: the rounding is checked on a GPU")
 def test_fuse_rounds_bf16_to_nearest_on_the_gpu():
