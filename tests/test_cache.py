@@ -673,14 +673,15 @@ def test_a_file_system_that_takes_no_links_says_so_when_h_G_is_switched(tmp_path
         with cache.new_embedding("pca") as folder:
             pass
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # a full, over-quota or read-only disk
+        def full(*a, code=code, **k):
+            raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "symlink", full)  # not a matter of links: run_main's line for a full disk says it
-    with pytest.raises(OSError) as e:
-        with cache.new_embedding("pca") as folder:
-            pass
-    assert e.value.errno == errno.ENOSPC and not isinstance(e.value, PermissionError)
+        monkeypatch.setattr(os, "symlink", full)  # not a matter of links: run_main's line for a full disk says it
+        with pytest.raises(OSError) as e:
+            with cache.new_embedding("pca") as folder:
+                pass
+        assert e.value.errno == code and not isinstance(e.value, PermissionError)
 
 
 def test_a_complete_cache_nobody_can_write_is_read_without_a_lock_warning(tmp_path, monkeypatch, caplog):

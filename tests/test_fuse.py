@@ -832,10 +832,12 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
                                                              if k not in ("verify_crops", "split_group")}))
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
     assert "holds a finished fuse.py run" not in capsys.readouterr().out
-    (tmp_path / "wide" / "dim_sweep.md").write_text("a sweep of the run before")
+    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json"):
+        (tmp_path / "wide" / sweep).write_text("a sweep of the run before")
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "2"])
     assert f"--run-dir {tmp_path / 'wide'} holds a finished fuse.py run" in capsys.readouterr().out
-    assert not (tmp_path / "wide" / "dim_sweep.md").exists()  # it would have passed for this run's own
+    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json"):  # each would have passed for this run's own
+        assert not (tmp_path / "wide" / sweep).exists()
     assert json.loads((tmp_path / "wide" / "h_G.json").read_text())["width"] == 2
     # nor do an --extract-only run's tables stay those of the fit before
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--extract-only"])

@@ -700,5 +700,10 @@ def test_the_float16_loss_scaler_stops_a_run_whose_steps_all_overflow():
     with pytest.raises(FloatingPointError, match=r"50 float16 steps in a row .*--amp bf16"):
         backward_step((model(x) * float("nan")).sum(), opt, again)
     assert scaler.taken == 5
+    # a long run of skips while the scale settles, then a step taken: the count starts again (not a total)
+    settling = LossScaler("cpu", init_scale=2.0 ** 16)
+    for poison in [float("inf")] * 5 + [1.0] + ([float("inf"), 1.0, 1.0] * 20):
+        backward_step((model(x) * poison).sum(), opt, settling)
+    assert settling.in_a_row == 0 and settling.taken == 41
     with pytest.raises(ValueError, match="not fused"):  # its step runs even when skipped inside: not countable
         backward_step(model(x).sum(), torch.optim.Adam(model.parameters(), fused=True), LossScaler("cpu"))

@@ -279,6 +279,7 @@ def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
               "--max-splits", "1", "--kd-weight", "2")
     res = r["Identity-LFW"]["results"]["kd"]
     assert 0 <= res["value"] <= 1 and 0 <= res["teacher"] <= 1 and len(res["per_split"]) == 1
+    assert res["std"] is None and res["se"] is None  # one fold has no spread to give (numpy's ddof=0 said 0.0)
     # the report says these LFW figures are not the paper's protocol (identity pre-training on VGGFace2)
     assert "not the paper's 100,000 VGGFace2 faces" in res["note"]
     assert "not the paper's 100,000 VGGFace2" in (tmp_path / "b" / "run" / "report.md").read_text()

@@ -3,6 +3,7 @@ import errno
 import os
 
 import pytest
+import torch
 
 from common.runs import run_main
 
@@ -272,6 +273,13 @@ def test_a_file_system_without_locks_runs_unlocked_and_says_so_once_a_lock(tmp_p
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "No locks available" in said[0] and "a second run on it would not be refused" in said[0]
     assert "a run that writes it meanwhile" in said[1]
+    # a later main in the same process (a notebook's next cell) on the same folder says it again
+    caplog.clear()
+    main = runs.holding_runs(lambda: runs.make_run_dir(tmp_path / "nfs2", "fuse", Namespace()))
+    with caplog.at_level(logging.WARNING, logger="common.locks"):
+        main()
+        main()
+    assert sum("No locks available" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_a_main_lets_go_of_its_run_folder_when_it_returns(tmp_path):
@@ -396,7 +404,11 @@ def test_scripts_that_do_not_split_their_work_refuse_torchrun(tmp_path, monkeypa
                                       (["distill.py", "--widths", "abc"], "error: --widths abc: a comma list"),
                                       (["cache.py", "--workers", "abc"], "error: --workers abc: a comma list"),
                                       (["cache.py", "--dir", "/nonexistent/x"], "error: --dir /nonexistent/x: no such"),
-                                      (["teachers.py", "--teachers", "gendr"], "error: unknown teacher 'gendr'")])
+                                      (["teachers.py", "--teachers", "gendr"], "error: unknown teacher 'gendr'"),
+                                      (["pipeline.py", "--old-n", "0"], "--old-n: 0: expected a whole number >= 1"),
+                                      pytest.param(["teachers.py", "--device", "cuda"], "has no CUDA GPU",
+                                                   marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                            reason="a GPU is here"))])
 def test_benchmarks_refuse_bad_arguments_in_one_line(argv, say):
     """A zero count or a typo ended in a traceback (ZeroDivisionError, IndexError, BadTeacher...)."""
     import subprocess
@@ -581,12 +593,13 @@ def test_the_way_on_pastes_into_a_shell_whatever_the_run_folder_is_called(tmp_pa
     for name in ("runs/-d2 é", "-r", "plain", "it's"):
         runs.LAST_RUN[:] = ["distill", name]
         try:
-            line = runs.interrupted_line()
+            lines = [runs.interrupted_line(), runs.out_of_memory_line(RuntimeError("CUDA out of memory"))]
         finally:
             runs.LAST_RUN.clear()
-        words = shlex.split(line.split("again with ", 1)[1])
-        assert words[:2] == ["--resume", "--run-dir"] and os.path.normpath(words[2]) == name and len(words) == 3
-        assert not words[2].startswith("-")
+        for line in lines:  # (the out-of-memory line's resume ends its sentence with ';')
+            words = shlex.split(line.split("again with ", 1)[1].split(";")[0])
+            assert words[:2] == ["--resume", "--run-dir"] and os.path.normpath(words[2]) == name and len(words) == 3
+            assert not words[2].startswith("-")
 
 
 def test_the_scripts_start_where_python_has_no_sighup():
@@ -615,9 +628,10 @@ def test_every_loader_leaves_stop_signals_to_its_parent():
     assert len(loaders) >= 5 and all(fn == "leave_stops_to_the_parent" for _, fn in loaders), loaders
 
 
-def _loader_job_stopped(tmp_path, stop, dataset="range(10 ** 6)", prelude=""):
+def _loader_job_stopped(tmp_path, stop, dataset="range(10 ** 6)", prelude="", preexec_fn=None):
     """A run_main script reading a 2-worker loader over `dataset` (source; `prelude` may define it), stopped by
-    stop(job) once it has read 20 items: (exit status, stderr, seconds from the stop to its end)."""
+    stop(job) once it has read 20 items: (exit status, stderr, seconds from the stop to its end). preexec_fn
+    runs in the job before it starts (nohup's SIGHUP ignored)."""
     import signal
     import subprocess
     import sys
@@ -639,7 +653,8 @@ def _loader_job_stopped(tmp_path, stop, dataset="range(10 ** 6)", prelude=""):
         "run_main(main)\n")
     root = Path(__file__).parents[1]
     job = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=preexec_fn)
     try:
         assert job.stdout.readline() == "ready\n"
         start = time.monotonic()
@@ -661,6 +676,16 @@ def test_a_stop_signal_to_the_whole_job_ends_a_run_with_loader_workers_as_ctrl_c
     code, err, _ = _loader_job_stopped(tmp_path, lambda job: os.killpg(job.pid, signal.SIGTERM))  # as a batch system
     assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
     assert "Traceback" not in err and "killed by signal" not in err, err
+
+
+def test_under_nohup_a_closed_terminal_ends_neither_the_run_nor_its_loader_workers(tmp_path):
+    """nohup ignores SIGHUP, and the workers inherit that: taking it for a stop in them killed them when the
+    terminal closed, and the run died of "DataLoader worker exited unexpectedly"."""
+    import signal
+
+    code, err, _ = _loader_job_stopped(tmp_path, lambda job: os.killpg(job.pid, signal.SIGHUP), "range(300)",
+                                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert code == 0 and "Traceback" not in err, err
 
 
 def test_a_busy_worker_ends_at_once_when_its_parent_alone_is_stopped(tmp_path):

@@ -990,11 +990,18 @@ def test_a_network_answering_nan_is_counted_wrong_not_as_class_0():
     [0, 0, 0, 1]), and (NaN > 0) is False, so NaN attribute logits read as 'absent'."""
     from types import SimpleNamespace
 
+    import torch
+
     import transfer
+    from common import multitask
 
     nan = np.full((4, 3), np.nan)
     assert metrics.accuracy(nan, [0, 0, 0, 1]) == 0.0
     assert list(transfer.decode(SimpleNamespace(kind="classification"), nan, None)) == [-1] * 4
     attrs = transfer.decode(SimpleNamespace(kind="multilabel"), np.array([[np.nan, 2.0, -1.0]]), None)
+    assert np.isnan(attrs[0, 0]) and list(attrs[0, 1:]) == [1.0, 0.0]
+    # the joint model's own decoding (its outputs are probabilities)
+    assert list(multitask.decode(SimpleNamespace(kind="classification"), torch.tensor(nan), None, None)) == [-1] * 4
+    attrs = multitask.decode(SimpleNamespace(kind="multilabel"), torch.tensor([[np.nan, 0.9, 0.2]]), None, None)
     assert np.isnan(attrs[0, 0]) and list(attrs[0, 1:]) == [1.0, 0.0]
     assert metrics.accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), [1, 0]) == 1.0  # finite rows as ever

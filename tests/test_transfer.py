@@ -150,6 +150,30 @@ def test_demo_task_and_list(tmp_path, fused, student_ckpt, capsys, monkeypatch):
                    "--run-dir", str(tmp_path / "run"), "--head-epochs", "3"])
     r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     assert r["task"] == transfer.DEMO_TASK and r["n_images"] == 200 and r["missed_faces"] == 0
+    assert r["seed"] == 0 and "training seed 0" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_every_method_runs_the_student_transfer_py_read_first(tmp_path, fused, student_ckpt, monkeypatch):
+    """The student is read once, when the run starts: its file replaced meanwhile (a distill.py --overwrite of
+    its folder) gave the later methods another student under the sha the report names."""
+    import hashlib
+
+    mine = tmp_path / "student.safetensors"
+    shutil.copy(student_ckpt, mine)
+    config = transfer.student_config
+
+    def then_replaced(*a, **k):
+        cfg = config(*a, **k)
+        mine.write_bytes(b"not the student any more")
+        return cfg
+
+    monkeypatch.setattr(transfer, "student_config", then_replaced)
+    transfer.main(["--student", str(mine), "--teacher-cache", str(fused / "feats"), "--method", "frozen,finetune",
+                   "--run-dir", str(tmp_path / "run"), "--head-epochs", "2", "--epochs", "1",
+                   "--cache-dir", str(tmp_path / "cache")])
+    r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
+    assert set(r["results"]) == {"frozen", "finetune"}
+    assert r["inputs"]["student"] == hashlib.sha256(student_ckpt.read_bytes()).hexdigest()
 
 
 def test_missing_data_names_layout(tmp_path, fused, student_ckpt):
@@ -319,6 +343,7 @@ def test_verification_picks_each_fold_on_the_other_folds():
         r = transfer.verification(task, SimpleNamespace(pairs=ps), cands, found)
         picks.append(r.get("chosen_per_split") or [r["chosen"]] * folds)
         assert 0.3 < r["value"] < 0.7  # noise embeddings: chance, within the few pairs of a fold
+        assert r["se"] == pytest.approx(r["std"] / np.sqrt(folds))  # one sigma (ddof=1) for both, as LFW's S_E
     assert picks[0][0] == picks[1][0]
 
 
