@@ -146,8 +146,10 @@ def count_ops(fn):
     depends on the data) while fn runs: on a GPU each of the latter is a round trip that idles the device."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    # item and is_nonzero: inference mode's spellings of a value read back (BatchDetector runs in it); a
+    # Tensor.tolist or a copy to the host dispatches no op here on the CPU and is not counted
     waits = {"aten.nonzero.default", "aten.equal.default", "aten._local_scalar_dense.default",
-             "aten.masked_select.default"}
+             "aten.item.default", "aten.is_nonzero.default", "aten.masked_select.default"}
 
     class Count(TorchDispatchMode):
         ops, wait = 0, 0
