@@ -189,12 +189,12 @@ def nms_by_image(boxes, scores, image, threshold: float, budget: int = 1 << 24, 
             else:
                 over = inter / (area[:, :, None] + area[:, None, :] - inter)
             hits[c - a:c - a + len(b)] = (over > threshold) & earlier
-        kept = valid[a:z].clone()
-        while True:
+        kept = valid[a:z]
+        while True:  # two rounds per comparison: one host wait each, and a fixed point stays one
             new = valid[a:z] & ~(hits & kept[:, None, :]).any(2)
+            kept = valid[a:z] & ~(hits & new[:, None, :]).any(2)
             if torch.equal(new, kept):
                 break
-            kept = new
         keep[a:z] = kept
     chosen = order[keep[img, slot]]
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
@@ -247,21 +247,38 @@ def _pyramid(sizes, min_face: int, factor: float, smallest: float = 0):
     return scales[skip:], [max(0, k - skip) for k in counts]
 
 
-def _pnet(pnet, x, oh, ow):
-    """P-Net over a canvas of images of oh x ow pixels each (top-left, (K,) int tensors): (regression,
-    face probability), zero outside each image's own output map. Each image's outputs are those of P-Net
-    on that image alone: its ceil-mode pooling windows that run past the image see -inf (so max ignores
-    them, as PyTorch's does past the edge), and what lies beyond feeds only outputs that are dropped."""
-    def inside(t, rows, cols):  # (K, 1, H, W): positions within each image's own map
-        r = torch.arange(t.shape[2], device=t.device)[None, :, None] < rows[:, None, None]
-        c = torch.arange(t.shape[3], device=t.device)[None, None, :] < cols[:, None, None]
-        return (r & c)[:, None]
-    y = pnet.prelu1(pnet.conv1(x))
-    y = pnet.pool1(y.masked_fill(~inside(y, oh - 2, ow - 2), float("-inf")))
+def _edges(x, oh, ow):
+    """_pnet's three masks over a canvas x of (K, C, H, W) holding images of oh x ow pixels (top-left):
+    True outside each image's own map after conv1 and after pool1 (the positions masked_fill fills), True
+    inside it after conv3. Each mask is the outer "or" / "and" of a row and a column vector made on the
+    host (the maps' sizes are known there) and sent in one copy, not some fourteen small ops per mask."""
+    oh, ow = (np.asarray(v.tolist() if torch.is_tensor(v) else v, np.int64) for v in (oh, ow))
+    k, (h, w) = len(oh), x.shape[2:]
+    h1, w1 = h - 2, w - 2  # conv1, 3x3
+    h2, w2 = (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1  # pool1, 2x2 stride 2, ceil mode
     ph, pw = (oh - 1) // 2, (ow - 1) // 2  # ceil((oh - 2) / 2): the pooled map of the image alone
-    y = y.masked_fill(~inside(y, ph, pw), 0.0)  # finite, so that no conv algorithm spreads an inf
+    parts = [(h1, oh - 2, True), (w1, ow - 2, True), (h2, ph, True), (w2, pw, True), (h2 - 4, ph - 4, False),
+             (w2 - 4, pw - 4, False)]
+    flat = np.concatenate([((np.arange(n)[None] < lim[:, None]) ^ out).ravel() for n, lim, out in parts])
+    flat = torch.from_numpy(flat).to(x.device, non_blocking=True)
+    vec, at = [], 0
+    for (n, _, _), shape in zip(parts, [(k, 1, -1, 1), (k, 1, 1, -1)] * 3):
+        vec.append(flat[at:at + k * n].view(shape))
+        at += k * n
+    return vec[0] | vec[1], vec[2] | vec[3], vec[4] & vec[5]
+
+
+def _pnet(pnet, x, oh, ow):
+    """P-Net over a canvas of images of oh x ow pixels each (top-left; (K,) int tensors or host arrays):
+    (regression, face probability), zero outside each image's own output map. Each image's outputs are
+    those of P-Net on that image alone: its ceil-mode pooling windows that run past the image see -inf
+    (so max ignores them, as PyTorch's does past the edge), and what lies beyond feeds only outputs that
+    are dropped."""
+    past1, past2, keep = _edges(x, oh, ow)
+    y = pnet.prelu1(pnet.conv1(x))
+    y = pnet.pool1(y.masked_fill(past1, float("-inf")))
+    y = y.masked_fill(past2, 0.0)  # finite, so that no conv algorithm spreads an inf
     y = pnet.prelu3(pnet.conv3(pnet.prelu2(pnet.conv2(y))))
-    keep = inside(y, ph - 4, pw - 4)
     return pnet.conv4_2(y) * keep, pnet.softmax4_1(pnet.conv4_1(y))[:, 1:] * keep
 
 
@@ -281,7 +298,7 @@ def _stage_one(imgs, resize, sizes, mtcnn, smallest=0):
             reg, prob = pnet((d.imresample(imgs, out[0]) - 127.5) * 0.0078125)
             prob = prob[:, 1:]
         else:
-            oh, ow = torch.tensor(out, device=dev).unbind(1)
+            oh, ow = np.asarray(out, np.int64).T
             x = resize.levels(idx, [sizes[i] for i in idx], out)
             reg, prob = _pnet(pnet, (x - 127.5) * 0.0078125, oh, ow)
         probs.append(prob.reshape(-1))
@@ -318,8 +335,8 @@ def _crops_of(resize, boxes, image, w, h, size):
     b = boxes[:, :4].trunc().long()
     x, y = b[:, 0].clamp(min=1), b[:, 1].clamp(min=1)
     ex, ey = torch.minimum(b[:, 2], w[image]), torch.minimum(b[:, 3], h[image])
-    ok = (ey > y - 1) & (ex > x - 1)
-    if not bool(ok.all()):
+    ok = ((ey > y - 1) & (ex > x - 1)).nonzero()[:, 0]  # one host wait, not one per tensor cut
+    if len(ok) < len(boxes):
         boxes, image, x, y, ex, ey = boxes[ok], image[ok], x[ok], y[ok], ex[ok], ey[ok]
     crops = resize.crops(image, y - 1, ey, x - 1, ex, size)
     return (crops - 127.5) * 0.0078125, boxes, image
@@ -356,7 +373,7 @@ def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None,
         crops, boxes, image = _crops_of(resize, boxes, image, ws, hs, 24)
         reg, score = d.fixed_batch_process(crops, rnet) if len(crops) else (crops.new_zeros(0, 4),
                                                                               crops.new_zeros(0, 2))
-        keep = score[:, 1] > thresholds[1]
+        keep = (score[:, 1] > thresholds[1]).nonzero()[:, 0]  # one host wait for the four cuts
         boxes = torch.cat([boxes[keep, :4], score[keep, 1:2]], 1)
         image, reg = image[keep], reg[keep]
         pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7)
@@ -369,7 +386,7 @@ def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None,
             reg, marks, score = d.fixed_batch_process(crops, onet)
         else:
             reg, marks, score = crops.new_zeros(0, 4), crops.new_zeros(0, 10), crops.new_zeros(0, 2)
-        keep = score[:, 1] > thresholds[2]
+        keep = (score[:, 1] > thresholds[2]).nonzero()[:, 0]
         boxes = torch.cat([boxes[keep, :4], score[keep, 1:2]], 1)
         image, reg, marks = image[keep], reg[keep], marks[keep]
         bw, bh = boxes[:, 2:3] - boxes[:, 0:1] + 1, boxes[:, 3:4] - boxes[:, 1:2] + 1
@@ -377,5 +394,7 @@ def detect(imgs: torch.Tensor, mtcnn, sizes=None, table: bool | None = None,
         boxes = d.bbreg(boxes, reg)
         pick = _nms(boxes[:, :4], boxes[:, 4], image, 0.7, overlap="min")
         boxes, image, points = boxes[pick], image[pick], points[pick]
-    boxes, points, image = boxes.cpu().numpy(), points.cpu().numpy(), image.cpu().numpy()
+    # one copy back to the host, not three (image indices are exact in float32 below 2**24)
+    back = torch.cat([boxes, points.reshape(-1, 10), image[:, None].to(boxes.dtype)], 1).cpu().numpy()
+    boxes, points, image = back[:, :5], back[:, 5:15].reshape(-1, 5, 2), back[:, 15].astype(np.int64)
     return [(boxes[image == k], points[image == k]) for k in range(n)]

@@ -597,3 +597,67 @@ def test_shrinking_for_detection_holds_a_bounded_float_copy_and_finds_the_same_f
         assert a is not None and b is not None
         np.testing.assert_allclose(b[0], a[0], atol=1e-6)
         assert b[1] == pytest.approx(a[1])
+
+
+class _CountOps:
+    """aten ops dispatched while active, and those the host waits on (a value read back, a shape that depends
+    on the data: on a GPU each is a round trip that idles the device), inference mode's spellings included."""
+    WAITS = {"aten.nonzero.default", "aten.equal.default", "aten._local_scalar_dense.default", "aten.item.default",
+             "aten.is_nonzero.default", "aten.masked_select.default"}
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                counter.waits += str(func) in counter.WAITS or (str(func) == "aten.index.Tensor" and any(
+                    isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]))
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.waits, self.mode = 0, 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_masked_pnet_dispatches_few_ops_for_its_masks(detector):
+    """The three masks of _pnet (an image's own map after conv1, pool1 and conv3) are made on the host and sent
+    in one copy: P-Net over a canvas of four sizes dispatches 36 aten ops (views included) where the masks
+    built on the device took 67; a GPU's eager pass is bound by such small ops, one pyramid level each."""
+    import torch
+
+    from common.mtcnn import _pnet
+
+    canvas = torch.rand(4, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    oh, ow = np.array([(31, 40), (24, 17), (13, 13), (40, 29)]).T
+    with torch.inference_mode(), _CountOps() as count:
+        _pnet(detector.mtcnn.pnet, canvas, oh, ow)
+    assert count.ops <= 40 and count.waits == 0, (count.ops, count.waits)
+
+
+def test_batched_mtcnn_host_waits_on_the_gpu_path(face_dir, detector, monkeypatch):
+    """detect with the GPU's code path (summed-area table, nms_by_image) on a canvas of photos of three sizes:
+    the host waits once per cut of the candidates, not once per tensor cut, and the NMS fixed point is
+    compared every second round: 21 waits and 1,574 ops here (34 and 1,992 before); the answer is the one tested
+    against facenet-pytorch above."""
+    import torch
+
+    from common import mtcnn as batched
+
+    monkeypatch.setattr(batched, "_nms", _gpu_nms)
+    names = ["0-f1-su-ph.jpg", "single_face.jpg", "multi_face.jpg"]
+    imgs = [torch.from_numpy(read_image(face_dir / n)).permute(2, 0, 1).float() for n in names]
+    sizes = [tuple(i.shape[1:]) for i in imgs]
+    canvas = torch.zeros(len(imgs), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for k, i in enumerate(imgs):
+        canvas[k, :, :i.shape[1], :i.shape[2]] = i
+    with torch.inference_mode(), _CountOps() as count:
+        found = batched.detect(canvas, detector.mtcnn, sizes=sizes, table=True)
+    assert all(len(b) for b, _ in found)
+    assert count.waits <= 24 and count.ops <= 1800, (count.ops, count.waits)  # 34 and 1,992 before
