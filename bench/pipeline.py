@@ -19,6 +19,7 @@ projected for the paper's 4.12 M faces (extraction once, distillation 40 epochs)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -166,9 +167,27 @@ def count_ops(fn):
     return Count.ops, Count.wait
 
 
+@contextlib.contextmanager
+def gpu_code_path():
+    """On the CPU, batched detection as it runs on a GPU: resizes from a summed-area table, nms_by_image, the
+    GPU's price of a pass (so the same passes). Its op and wait counts do not depend on the machine."""
+    from unittest import mock
+
+    from common import align, mtcnn
+
+    def nms(boxes, scores, image, threshold, overlap="iou", within=None, groups=1):
+        return mtcnn.nms_by_image(boxes, scores, image if within is None else image * groups + within, threshold,
+                                  overlap=overlap)
+
+    resizer = mtcnn.Resizer.__init__
+    with mock.patch.object(align, "DETECT_CALL_CPU", align.DETECT_CALL), mock.patch.object(mtcnn, "_nms", nms), \
+            mock.patch.object(mtcnn.Resizer, "__init__", lambda self, imgs, table: resizer(self, imgs, True)):
+        yield
+
+
 def profile_detect(det, images, device):
     """Where one batch of detection spends its time: torch.profiler's busiest ops, and the device's busy
-    share; and how many ops it dispatches and waits on."""
+    share; and how many ops it dispatches and waits on (on the CPU, those of the GPU's code path too)."""
     from torch.profiler import ProfilerActivity, profile
 
     det(images)  # warm-up
@@ -176,6 +195,10 @@ def profile_detect(det, images, device):
     ops, waits = count_ops(lambda: det(images))
     print(f"\none detection batch ({len(images)} images) dispatches {ops} aten ops (views included); the host "
           f"waits on {waits} of them")
+    if device.type == "cpu":
+        with gpu_code_path():
+            ops, waits = count_ops(lambda: det(images))
+        print(f"with a GPU's code path (run here on the CPU): {ops} aten ops, {waits} host waits")
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
