@@ -162,6 +162,11 @@ def parse_args(argv=None):
         p.error(f"{', '.join(small)}: must be 1 or more")
     if args.resume and args.out is None and args.teacher_cache != Path("feats/demo"):  # the demo's is fixed
         p.error("--resume needs --run-dir, the folder of the run to continue")
+    if args.resume and args.overwrite:  # (it resumed, deleting nothing)
+        p.error("--resume continues the run in --run-dir, --overwrite deletes it to start afresh: give one of them")
+    given = sys.argv[1:] if argv is None else argv
+    if args.arch == "resnet18" and args.width != 1.0 and any(a.split("=")[0] == "--width" for a in given):
+        p.error(f"--width {args.width:g} scales --arch resnet18w; resnet18 is the full width (it would be ignored)")
     return args
 
 
@@ -179,15 +184,18 @@ def make_loss(kind, cache, name, hG_mean, hG_std, device, smoothl1_weight=1.0):
         sd = torch.tensor(np.maximum(hG_std, floor), dtype=torch.float32, device=device)
         return lambda out, t: (cosine_distill_loss(out, t)
                                + smoothl1_weight * F.smooth_l1_loss((out - mu) / sd, (t - mu) / sd))
-    # mt: G's own objective (eq. 3, MSE on the standardised concatenation) plus one cosine term per
-    # teacher, averaged, so that a narrow teacher counts as much as a 2048-wide one does.
+    # mt: G's own objective (eq. 3, MSE on the standardised concatenation, with the per-teacher weights of a
+    # G fitted with --balance) plus one cosine term per teacher, averaged, so that a narrow teacher counts as
+    # much as a 2048-wide one does.
     mean, std = (torch.tensor(a, dtype=torch.float32, device=device) for a in cache.input_stats(name))
     slices = list(cache.slices().values())
+    weight = getattr(fusion.load(cache.embedding_dir(name) / "G.safetensors")[0], "weight", None)
+    weight = None if weight is None or bool((weight == 1).all()) else weight.to(device)
 
     def mt_loss(out, t):
         z = (t - mean) / std
         cos = sum(cosine_distill_loss(out[:, sl], z[:, sl]) for sl in slices) / len(slices)
-        return F.mse_loss(out, z) + cos
+        return (F.mse_loss(out, z) if weight is None else fusion.weighted_mse(out, z, weight)) + cos
     return mt_loss
 
 
@@ -463,6 +471,9 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     the end of each epoch: a non-finite one stops the run there, naming its step, before any checkpoint of
     its weights is written."""
     stop = min(args.stop_at or s.total, s.total)
+    if stop <= s.start and s.start < s.total:  # (it said "stopped at step 10 as asked" of a run at step 20)
+        raise SystemExit(f"error: --stop-at {args.stop_at}: the run in {run} is at step {s.start} already; give a "
+                         f"later step, or none to finish it")
     step, epoch_loss, seen, t0 = s.start, list(s.start_loss), 0, time.time()
     imgs = args.batch * world
     device = next(s.net.parameters()).device
@@ -809,10 +820,11 @@ def main(argv=None):
             write_args(run, "distill", args)
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
-        msg = (f"error: {e}; stopped. The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat "
-               f"the same batches with the same settings (and refuses new ones): start afresh with --overwrite "
-               f"(instead of --resume) and "
-               f"a lower --lr, or --amp off")
+        kept = (f"The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat the same batches "
+                f"with the same settings (and refuses new ones)" if (run / "ckpt" / "latest.json").exists()
+                else "No checkpoint was written before it")
+        msg = (f"error: {e}; stopped. {kept}: start afresh with --overwrite (instead of --resume) and a lower --lr, "
+               f"or --amp off")
         log.error(msg)
         if world > 1:
             dist.destroy_process_group()

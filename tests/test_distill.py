@@ -441,6 +441,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
     assert not (run / "student.safetensors").exists()
     good = read_checkpoint(run / "ckpt" / "step_00000004.safetensors")[1]
     assert all(torch.isfinite(v).all() for v in good.values())
+    # before the first checkpoint: none is named (the message named a folder that did not exist)
+    with pytest.raises(SystemExit, match="No checkpoint was written before it") as e:
+        distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "early"), "--steps", "6",
+                      "--ckpt-every", "4", "--inject-nan-at", "2", *TINY])
+    assert "kept in" not in str(e.value.code) and not (tmp_path / "early" / "ckpt" / "latest.json").exists()
+    # a --stop-at the resumed run is past: refused, where it said "stopped at step 1 as asked" of a run at step 4
+    with pytest.raises(SystemExit, match="--stop-at 1: the run in .* is at step 4 already"):
+        distill.main(["--resume", "--run-dir", str(run), "--stop-at", "1", "--inject-nan-at", "0"])
+
+
+def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, capsys):
+    """--resume --overwrite resumed and deleted nothing; --arch resnet18 --width 0.25 built the full-width
+    network while args.json recorded width 0.25."""
+    for argv, say in ((["--resume", "--overwrite", "--run-dir", str(tmp_path / "r")], "give one of them"),
+                      (["--arch", "resnet18", "--width", "0.25"], "--width 0.25 scales --arch resnet18w"),
+                      (["--arch", "resnet18", "--width=0.5"], "--width 0.5 scales")):
+        with pytest.raises(SystemExit):
+            distill.parse_args(["--teacher-cache", str(cache_dir), *argv])
+        assert say in capsys.readouterr().err
+    assert distill.parse_args(["--teacher-cache", str(cache_dir), "--arch", "resnet18"]).arch == "resnet18"
 
 
 def test_a_run_whose_float16_steps_all_overflowed_writes_no_student(cache_dir, tmp_path, monkeypatch):
@@ -521,6 +541,33 @@ def test_multitask_variant(cache_dir, tmp_path):
     assert any(k.startswith("decoder.") for k in tensors)  # the jointly trained G~ travels with the student
     student, cfg = load_student(run)
     assert cfg["loss"] == "mt" and student.config["out_dim"] == 32
+
+
+def test_the_multitask_loss_weighs_teachers_as_G_did(cache_dir, tmp_path):
+    """README: E_MT's loss is G's own. A G fitted with fuse.py --balance weighs each teacher's block; the
+    one-step loss used a plain MSE, so one-step and two-step compared two weightings of the teachers."""
+    import shutil
+
+    import kernels
+
+    shutil.copytree(cache_dir, tmp_path / "c", symlinks=True)
+    cache = FeatureCache(tmp_path / "c")
+    name = cache.embedding_names()[0]
+    g_file = cache.embedding_dir(name) / "G.safetensors"
+    G, cfg = fusion.load(g_file)
+    widths = [sl.stop - sl.start for sl in cache.slices().values()]
+    out = torch.randn(6, cache.dim, generator=torch.Generator().manual_seed(0))
+    t = torch.from_numpy(cache.features.take(np.arange(6)).astype(np.float32))
+    mean, std = (torch.tensor(a, dtype=torch.float32) for a in cache.input_stats(name))
+    z = (t - mean) / std
+    cos = sum(kernels.cosine_distill_loss(out[:, sl], z[:, sl]) for sl in cache.slices().values()) / len(widths)
+    plain = distill.make_loss("mt", cache, name, None, None, "cpu")(out, t)
+    assert plain == pytest.approx(float(F.mse_loss(out, z) + cos), rel=1e-6)
+    G.weight.copy_(fusion.block_weights(widths))  # as fuse.py --balance equal fits it
+    fusion.save(G, cfg["op"], cfg["d_in"], cfg["d_out"], g_file)
+    balanced = distill.make_loss("mt", cache, name, None, None, "cpu")(out, t)
+    assert balanced == pytest.approx(float(fusion.weighted_mse(out, z, G.weight) + cos), rel=1e-6)
+    assert abs(float(balanced) - float(plain)) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- export
