@@ -1104,15 +1104,21 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     rows = []
     for r in all_results:
         tested = sorted({res["n_test"] for res in r["results"].values() if res.get("n_test") is not None})
+        # (formatted here: tabulate leaves the numbers of a column that also holds an n/a unrounded)
         rows.append([r["task"], r["metric"], f"{r['missed_faces']}/{r['n_images']}", "/".join(map(str, tested))]
-                    + [r["results"][m]["value"] for m in methods])
-    md = tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4f")
-    chosen = [f"- {r['task']} {m}: chose {r['results'][m]['chosen']}"
-              + (f" of {len(r['results'][m]['search'])} searched (all scores in report.json)"
-                 if r["results"][m].get("search") else "")
-              + (", on the threshold folds" if r["metric"] == "verification_accuracy" else ", on validation")
-              + (" (each split on its own)" if r["results"][m].get("chosen_per_split") else "")
-              for r in all_results for m in methods if r["results"][m].get("chosen")]
+                    + [f"{v:.4f}" if isinstance(v := r["results"][m]["value"], float) else v for m in methods])
+    md = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
+                  colalign=["left"] * 3 + ["right"] * (1 + len(methods)))
+
+    def how(r, res):  # a pick with no validation score (its validation faces all missed) was no choice
+        if r["metric"] == "verification_accuracy":
+            return "chose", ", on the threshold folds"
+        return ("chose", ", on validation") if res.get("val") is not None else \
+            ("shows", " (no validation score: its validation faces were all missed; nothing was chosen)")
+    chosen = [f"- {r['task']} {m}: {how(r, res)[0]} {res['chosen']}"
+              + (f" of {len(res['search'])} searched (all scores in report.json)" if res.get("search") else "")
+              + how(r, res)[1] + (" (each split on its own)" if res.get("chosen_per_split") else "")
+              for r in all_results for m in methods if (res := r["results"][m]).get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
              if r["results"][m].get("note")]
     read = [f"- {r['task']}: the reader skipped {r.get('skipped_by_reader', 0)} file(s)"

@@ -619,6 +619,7 @@ def run_joint(jobs, args, device, log, unlabelled=None) -> dict:
     results = {}
     for name, tgts in (("multitask", plain), ("multitask+pseudo", targets)):
         model.load_state_dict(round1)
+        torch.manual_seed(args.seed)  # the same dropout draws in both: the columns differ by the pseudo-labels only
         b = train(model, tgts, rows, size, args.pseudo_epochs, groups(), args, device, validate, desc=name,
                   start_epoch=args.epochs, best=best)
         for task_name, e in evaluate(model, tgts, rows, size, args, device, b).items():

@@ -375,7 +375,8 @@ def choose(entries: dict, higher_is_better: bool, keep: float) -> tuple[float, s
     """
     base = entries.get(0.0, {}).get("val")
     if base is None:
-        return max(entries), "no validation split: the most pruned ratio is shown (nothing is chosen on test)"
+        return max(entries), ("no validation score (no validation split, or none of its faces found): the most "
+                              "pruned ratio is shown (nothing is chosen on test)")
     if higher_is_better and base <= 0:  # every ratio "keeps 99.5 %" of nothing: the most pruned one won
         return 0.0, "the unpruned validation score is 0, of which no share can be kept: ratio 0 is kept"
     ok = [r for r, e in entries.items() if e.get("val") is not None

@@ -262,6 +262,26 @@ def test_data_distillation_of_a_single_task(tmp_path, tiny_student):
 
 
 @pytest.mark.slow
+def test_with_no_pseudo_label_kept_both_columns_train_the_same_model(tmp_path, tiny_student, monkeypatch):
+    """README: the two columns differ by the pseudo-labels only. Both second rounds start from round 1's
+    weights, but the head's dropout drew from wherever the random state stood: with no pseudo-label kept,
+    they trained two different models."""
+    raf = make_fixture("Expr-RAF", tmp_path / "data")
+    unlabelled = make_fixture("Align-300W", tmp_path / "u") / "helen"
+    monkeypatch.setattr(multitask, "pseudo_label", lambda *a, **k: {})  # none kept
+    trained, evaluate = [], multitask.evaluate
+
+    def weights_then_evaluate(model, *a, **k):
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return evaluate(model, *a, **k)
+
+    monkeypatch.setattr(multitask, "evaluate", weights_then_evaluate)
+    _main(tmp_path, tiny_student, "--task", "Expr-RAF", "--data", str(raf), "--method", "multitask",
+          "--pseudo-label", str(unlabelled))
+    assert len(trained) == 2 and torch.allclose(trained[0], trained[1], atol=1e-6)
+
+
+@pytest.mark.slow
 def test_kd_on_landmarks_and_verification(tmp_path, tiny_student):
     w = make_fixture("Align-300W", tmp_path / "data")
     r = _main(tmp_path / "a", tiny_student, "--task", "Align-300W", "--data", str(w), "--method", "finetune,kd")

@@ -987,6 +987,26 @@ def test_a_batch_of_one_is_refused_only_to_the_methods_that_train_a_network_on_i
         "finetune", "frozen", "scratch", "multitask", "kd", "etl"}
 
 
+def test_the_report_rounds_every_score_and_says_when_nothing_was_chosen(tmp_path):
+    """A column holding an n/a (a landmark task beside a classification one) printed its numbers unrounded
+    (8.243585725625357); a pick whose validation faces were all missed read 'chose ..., on validation'."""
+    base = {"protocol": "p", "seed": 0, "n_images": 11, "missed_faces": 2, "splits_run": 1, "splits_total": 1,
+            "validation": "validation faces"}
+    results = [{**base, "task": "AgeR-FG", "metric": "mae",
+                "results": {"bt": {"value": 8.243585725625357, "n_test": 6, "chosen": "age", "val": 3.5,
+                                   "search": {"age": {}, "gender": {}}}}},
+               {**base, "task": "Expr-AffectNet", "metric": "accuracy",
+                "results": {"bt": {"value": 1.0, "n_test": 3, "chosen": "gender", "val": None,
+                                   "search": {"age": {}, "gender": {}}}}},
+               {**base, "task": "Align-300W", "metric": "nme", "results": {"bt": {"value": "n/a", "note": "x"}}}]
+    text = transfer.report(results, ["bt"], tmp_path, logging.getLogger("t"))
+    cells = [line.strip("|").split("|")[-1].strip() for line in text.splitlines()[2:5]]
+    assert cells == ["8.2436", "1.0000", "n/a"], cells
+    assert "AgeR-FG bt: chose age of 2 searched (all scores in report.json), on validation" in text
+    assert "Expr-AffectNet bt: shows gender of 2 searched" in text and "nothing was chosen" in text
+    assert "Expr-AffectNet bt: chose" not in text
+
+
 def test_the_report_names_the_training_seed_the_test_size_and_which_way_is_better(tmp_path):
     """report.md quoted the protocol's split seed only (--seed, which moves every score, was in no report), gave
     no count of test faces (2 on a small UTK folder) and did not say that a lower mae is the better one."""
