@@ -49,8 +49,9 @@ from common.facedata import AlignedFaces, EpochSampler, NoTargets, first, resize
 from common.files import atomic_write, write_json, write_text
 from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
-                         dist_info, get_logger, hold, holding_runs, init_dist, leave_stops_to_the_parent, make_run_dir,
-                         one_process_only, pick_device, resume_defaults, run_dir_problem, run_main, write_args)
+                         dist_info, get_logger, given_flags, hold, holding_runs, init_dist, leave_stops_to_the_parent,
+                         make_run_dir, one_process_only, pick_device, resume_defaults, run_dir_problem, run_main,
+                         write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, pin, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -164,8 +165,7 @@ def parse_args(argv=None):
         p.error("--resume needs --run-dir, the folder of the run to continue")
     if args.resume and args.overwrite:  # (it resumed, deleting nothing)
         p.error("--resume continues the run in --run-dir, --overwrite deletes it to start afresh: give one of them")
-    given = sys.argv[1:] if argv is None else argv
-    if args.arch == "resnet18" and args.width != 1.0 and any(a.split("=")[0] == "--width" for a in given):
+    if args.arch == "resnet18" and args.width != 1.0 and not args.resume and "width" in given_flags(p, argv):
         p.error(f"--width {args.width:g} scales --arch resnet18w; resnet18 is the full width (it would be ignored)")
     return args
 
@@ -189,14 +189,20 @@ def make_loss(kind, cache, name, hG_mean, hG_std, device, smoothl1_weight=1.0):
     # much as a 2048-wide one does.
     mean, std = (torch.tensor(a, dtype=torch.float32, device=device) for a in cache.input_stats(name))
     slices = list(cache.slices().values())
-    weight = getattr(fusion.load(cache.embedding_dir(name) / "G.safetensors")[0], "weight", None)
-    weight = None if weight is None or bool((weight == 1).all()) else weight.to(device)
+    weight = g_weight(cache, name)
+    weight = None if weight is None else weight.to(device)
 
     def mt_loss(out, t):
         z = (t - mean) / std
         cos = sum(cosine_distill_loss(out[:, sl], z[:, sl]) for sl in slices) / len(slices)
         return (F.mse_loss(out, z) if weight is None else fusion.weighted_mse(out, z, weight)) + cos
     return mt_loss
+
+
+def g_weight(cache, name) -> torch.Tensor | None:
+    """The per-dimension weights of G's loss (fuse.py --balance), or None where G weighs every dimension alike."""
+    weight = getattr(fusion.load(cache.embedding_dir(name) / "G.safetensors")[0], "weight", None)
+    return None if weight is None or bool((weight == 1).all()) else weight
 
 
 def train_step(model, pixels, target, loss_fn, opt, amp_dtype=None, scaler=None, channels_last=False):
@@ -248,7 +254,7 @@ def save_checkpoint(run, step, student, decoder, opt, scaler, cfg, keep, epoch_l
 
 # settings recorded after runs were already being resumed: compared only when the checkpoint has them
 LATER_SETTINGS = ("embedding_version", "warmup", "weight_decay", "smoothl1_weight", "amp", "cache_content", "align",
-                  "detect_size", "smallest_face", "min_face_prob", "per_epoch")
+                  "detect_size", "smallest_face", "min_face_prob", "per_epoch", "mt_balanced")
 
 
 def readable_checkpoint(run, log=None) -> tuple[dict, dict, dict] | None:
@@ -307,6 +313,11 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, log=None) -> tuple[
         raise SystemExit(f"error: cannot resume {run}: a multi-process run saved by an older distill.py, whose "
                          f"epochs had another number of steps (a face could go to two processes): start it afresh "
                          f"with --overwrite instead of --resume")
+    if cfg.get("mt_balanced") and "mt_balanced" not in saved_cfg and saved_cfg.get("loss") == "mt":
+        raise SystemExit(f"error: cannot resume {run}: an older distill.py started it, whose --loss mt left out the "
+                         f"teachers' weights of G (fitted with fuse.py --balance), which this one applies: the rest "
+                         f"of its training would learn another loss; start it afresh with --overwrite instead of "
+                         f"--resume")
     if set(differs) == {"embedding_version"}:  # a fuse.py run since: the targets are another G's
         then, now = differs["embedding_version"]
         raise SystemExit(f"error: cannot resume {run}: its h_G '{cfg['embedding']}' was written anew since it "
@@ -411,6 +422,7 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
            "crop_size": cache.crop_size, "cache_content": cache.manifest.get("content_hash"),
            "warmup": args.warmup, "weight_decay": args.weight_decay,
            "smoothl1_weight": args.smoothl1_weight if args.loss == "cosine+smoothl1" else None,
+           "mt_balanced": g_weight(cache, name) is not None if args.loss == "mt" else None,
            # how the crops were found and aligned, so that `distill.py embed` finds faces the same way
            **{k: as_planned(cache.manifest).get(k) for k in ("align", "detect_size", "smallest_face", "min_face_prob")},
            # which version of h_G (fuse.py writes each into a folder of its own): a resume must not go on
@@ -451,6 +463,10 @@ def setup(args, rank, world, device, run, log, known) -> SimpleNamespace:
                                          worker_init_fn=leave_stops_to_the_parent)
     per_epoch = sampler.num_samples // args.batch
     total = args.steps or args.epochs * per_epoch
+    if args.stop_at and args.stop_at < start < total:  # before args.json records it (it said "stopped at step 10
+        # as asked" of a run at step 20); at the step itself, the time slot's command run again: nothing to do
+        raise SystemExit(f"error: --stop-at {args.stop_at}: the run in {run} is at step {start} already; give a "
+                         f"later step, or none to finish it")
     log.info(f"student {args.arch} width {student.config['width']}: {n_params(student):,} parameters "
              f"({n_params(student.backbone):,} backbone + {n_params(student.proj):,} projection to h_G "
              f"'{name}' of width {out_dim})" + (f"; + decoder {n_params(decoder):,}" if decoder else ""))
@@ -471,9 +487,6 @@ def train(s: SimpleNamespace, args, rank, world, run, log) -> int:
     the end of each epoch: a non-finite one stops the run there, naming its step, before any checkpoint of
     its weights is written."""
     stop = min(args.stop_at or s.total, s.total)
-    if stop <= s.start and s.start < s.total:  # (it said "stopped at step 10 as asked" of a run at step 20)
-        raise SystemExit(f"error: --stop-at {args.stop_at}: the run in {run} is at step {s.start} already; give a "
-                         f"later step, or none to finish it")
     step, epoch_loss, seen, t0 = s.start, list(s.start_loss), 0, time.time()
     imgs = args.batch * world
     device = next(s.net.parameters()).device
@@ -821,7 +834,7 @@ def main(argv=None):
         finished = train(s, args, rank, world, run, log) == s.total
     except NonFiniteLoss as e:
         kept = (f"The last good checkpoint is kept in {run / 'ckpt'}, but --resume would repeat the same batches "
-                f"with the same settings (and refuses new ones)" if (run / "ckpt" / "latest.json").exists()
+                f"with the same settings (and refuses new ones)" if any((run / "ckpt").glob("step_*"))
                 else "No checkpoint was written before it")
         msg = (f"error: {e}; stopped. {kept}: start afresh with --overwrite (instead of --resume) and a lower --lr, "
                f"or --amp off")

@@ -81,6 +81,20 @@ def recorded_args(run: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dests the command line itself gave (abbreviations and --flag=value included): argv parsed again
+    with no defaults at all."""
+    actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
+    saved = [a.default for a in actions]
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in zip(actions, saved):
+            a.default = d
+
+
 def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, script: str, keep=("resume",),
                     rebase=None):
     """--resume: each flag not on the command line takes the value the run's args.json recorded (its resolved
@@ -90,14 +104,7 @@ def resume_defaults(parser: argparse.ArgumentParser, argv, args, run: Path, scri
     that gives nothing but the resume is refused: on defaults it would be another job."""
     recorded = recorded_args(run)
     actions = [a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)]
-    saved = [a.default for a in actions]
-    try:  # what the command line gave: parsed again with no defaults at all
-        for a in actions:
-            a.default = argparse.SUPPRESS
-        given = set(vars(parser.parse_args(argv)))
-    finally:
-        for a, d in zip(actions, saved):
-            a.default = d
+    given = given_flags(parser, argv)
     if recorded is None and not (Path(run) / "args.json").exists() and given <= {*keep, "device", "workers"}:
         # (a run killed in its first seconds, before its folder and args.json were made, or a mistyped folder;
         # an args.json that does not read is said by the resume check)

@@ -446,9 +446,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
         distill.main(["--teacher-cache", str(cache_dir), "--out", str(tmp_path / "early"), "--steps", "6",
                       "--ckpt-every", "4", "--inject-nan-at", "2", *TINY])
     assert "kept in" not in str(e.value.code) and not (tmp_path / "early" / "ckpt" / "latest.json").exists()
-    # a --stop-at the resumed run is past: refused, where it said "stopped at step 1 as asked" of a run at step 4
+    # a --stop-at the resumed run is past: refused before args.json records it, where it said "stopped at step 1
+    # as asked" of a run at step 4; at step 4 itself (a time slot's command run again) there is nothing to do
+    recorded = (run / "args.json").read_text()
     with pytest.raises(SystemExit, match="--stop-at 1: the run in .* is at step 4 already"):
         distill.main(["--resume", "--run-dir", str(run), "--stop-at", "1", "--inject-nan-at", "0"])
+    assert (run / "args.json").read_text() == recorded
+    distill.main(["--resume", "--run-dir", str(run), "--stop-at", "4", "--inject-nan-at", "0"])
+    # resumed from a checkpoint latest.json no longer names (it is read all the same): it is still there
+    (run / "ckpt" / "latest.json").unlink()
+    with pytest.raises(SystemExit, match="The last good checkpoint is kept in"):
+        distill.main(["--resume", "--run-dir", str(run), "--stop-at", "0", "--inject-nan-at", "5"])
 
 
 def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, capsys):
@@ -456,11 +464,16 @@ def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, ca
     network while args.json recorded width 0.25."""
     for argv, say in ((["--resume", "--overwrite", "--run-dir", str(tmp_path / "r")], "give one of them"),
                       (["--arch", "resnet18", "--width", "0.25"], "--width 0.25 scales --arch resnet18w"),
-                      (["--arch", "resnet18", "--width=0.5"], "--width 0.5 scales")):
+                      (["--arch", "resnet18", "--width=0.5"], "--width 0.5 scales"),
+                      (["--arch", "resnet18", "--wid", "0.5"], "--width 0.5 scales")):  # argparse's abbreviation
         with pytest.raises(SystemExit):
             distill.parse_args(["--teacher-cache", str(cache_dir), *argv])
         assert say in capsys.readouterr().err
     assert distill.parse_args(["--teacher-cache", str(cache_dir), "--arch", "resnet18"]).arch == "resnet18"
+    # a run recorded before the refusal, continued with its own command: the resume check compares it
+    resumed = ["--teacher-cache", str(cache_dir), "--arch", "resnet18", "--width", "0.25", "--resume", "--run-dir",
+               str(tmp_path / "old")]
+    assert distill.parse_args(resumed).width == 0.25
 
 
 def test_a_run_whose_float16_steps_all_overflowed_writes_no_student(cache_dir, tmp_path, monkeypatch):
@@ -568,6 +581,39 @@ def test_the_multitask_loss_weighs_teachers_as_G_did(cache_dir, tmp_path):
     balanced = distill.make_loss("mt", cache, name, None, None, "cpu")(out, t)
     assert balanced == pytest.approx(float(fusion.weighted_mse(out, z, G.weight) + cos), rel=1e-6)
     assert abs(float(balanced) - float(plain)) > 1e-3
+
+
+def test_a_multitask_run_does_not_change_its_loss_on_a_resume(cache_dir, tmp_path, monkeypatch):
+    """Which MSE --loss mt learns (G's weights or none) is recorded and compared on a resume: a run started
+    before G's weights were applied would have gone on under the other loss, unsaid."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(cache_dir, tmp_path / "c", symlinks=True)
+    cache = FeatureCache(tmp_path / "c")
+    g_file = cache.embedding_dir(cache.embedding_names()[0]) / "G.safetensors"
+    G, cfg = fusion.load(g_file)
+    G.weight.copy_(fusion.block_weights([sl.stop - sl.start for sl in cache.slices().values()]))
+    fusion.save(G, cfg["op"], cfg["d_in"], cfg["d_out"], g_file)
+    run = tmp_path / "mt"
+    common = ["--teacher-cache", str(tmp_path / "c"), "--loss", "mt", "--steps", "4", "--ckpt-every", "2",
+              "--no-eval", *TINY]
+    with monkeypatch.context() as m:  # started as if G weighed every teacher alike
+        m.setattr(distill, "g_weight", lambda *a: None)
+        distill.main([*common, "--out", str(run), "--stop-at", "2"])
+    with pytest.raises(SystemExit, match="mt_balanced=False \\(now True\\)"):
+        distill.main(["--resume", "--run-dir", str(run)])
+    # a checkpoint of a distill.py that recorded nothing of it
+    step = run / "ckpt" / "step_00000002.safetensors"
+    with safe_open(str(step), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(meta["config"])
+    del saved["mt_balanced"]
+    save_file(tensors, str(step), metadata={**meta, "config": json.dumps(saved)})
+    with pytest.raises(SystemExit, match="an older distill.py started it, whose --loss mt left out"):
+        distill.main(["--resume", "--run-dir", str(run)])
 
 
 # ---------------------------------------------------------------------------------------------- export
