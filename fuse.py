@@ -39,7 +39,7 @@ from common.files import write_json, write_text
 from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
-from common.runs import (COUNT, FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable,
+from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, bounded, comparable,
                          dist_info, get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir,
                          pick_device, recorded_args, run_dir_problem, run_main)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
@@ -49,6 +49,7 @@ from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_t
 # fitted anew, needs none of them again), else this default.
 EXTRACTION = {"shard_size": 4096, "dtype": "float16", "align": "mtcnn", "min_face_prob": MIN_FACE_PROB,
               "detect_size": DETECT_SIZE, "smallest_face": SMALLEST_FACE, "crop_size": CROP_SIZE}
+SHARE = bounded(float, above=0, below=1)  # a held-out part of G's faces (0 gave the 2-face floor, unsaid)
 
 
 def made_with(flag: str) -> str:
@@ -164,8 +165,9 @@ def parse_args(argv=None):
     g.add_argument("--fusion-batch", type=POSITIVE_INT, default=256, help="batch size for training G")
     g.add_argument("--lr", type=POSITIVE, default=1e-3, help="AdamW peak learning rate for G")
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.05, help="weight decay of the residual networks")
-    g.add_argument("--val-frac", type=FRACTION, default=0.1, help="fraction of faces that choose G's step (validation)")
-    g.add_argument("--test-frac", type=FRACTION, default=0.1,
+    g.add_argument("--val-frac", type=SHARE, default=0.1,
+                   help="fraction of faces that choose G's step (validation; 2 faces at least)")
+    g.add_argument("--test-frac", type=SHARE, default=0.1,
                    help="fraction of faces that Table 5 and Figure 2 report on")
     g.add_argument("--val-max", type=int, default=20000, help="at most this many validation faces")
     g.add_argument("--test-max", type=int, default=20000, help="at most this many test faces")
@@ -375,6 +377,9 @@ def fusion_choices(args, width: int) -> tuple[list[str], str, list[int]]:
     if args.val_frac + args.test_frac >= 1:
         raise SystemExit(f"error: --val-frac {args.val_frac} and --test-frac {args.test_frac} leave no face to train "
                          f"G on: their sum must be under 1")
+    if len(dims) > 1 and ops[0] == "concat":  # it swept nothing: 0.000 at every width, each the same 'h_G'
+        raise SystemExit(f"error: --dim {args.dim}: the width sweep fits --ops' first operator, and concat has no "
+                         f"width (it keeps every dimension): put another operator first")
     n_sweep_sizes(args)
     return ops + ([write] if write not in ops else []), write, dims
 
@@ -453,7 +458,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     md = fusion.table5({c.upper().replace("+BAL", " bal"): table[c] for c in table})
     note = ("; 'bal': every teacher's block weighs the same in the loss" if args.balance != "none" else "")
     note += f"; CONCAT keeps all {d_in} dimensions" if "concat" in ops else ""
-    caption = (f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {dims[0]}), as in Table 5. G "
+    width = d_in if set(ops) == {"concat"} else dims[0]
+    caption = (f"Reconstruction normalised RMSE on {len(test)} test faces (h_G width {width}), as in Table 5. G "
                f"trained on {len(train)} faces, steps chosen on {len(val)} validation faces{layout}{note}")
     write_text(run / "table5.md", f"{caption}\n\n{md}\n")
     write_json(run / "table5.json", {"dim": dims[0], "widths": {c: int(m.d_out) for c, m in models.items()},
@@ -589,6 +595,10 @@ def extraction_settings(args) -> None:
         except (OSError, CacheMismatch):
             made = {}  # a damaged manifest: create_or_resume says what is wrong with it
     args.align = args.align or made.get("align") or EXTRACTION["align"]
+    detector = [f"--{f.replace('_', '-')}" for f in ("detect_size", "min_face_prob", "smallest_face")
+                if getattr(args, f) is not None]
+    if args.align == "none" and detector:  # (args.json recorded them, as if they had been used)
+        raise SystemExit(f"error: {', '.join(detector)}: for the face detector, which --align none does not run")
     for flag, default in EXTRACTION.items():
         # the detector's settings of a cache made another way are no setting of this one's (--align none then
         # refused --smallest-face, a flag never given): the cache's mismatch is what is said
@@ -650,8 +660,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list_teachers:
         return list_teachers()
-    if not args.extract_only:  # a typo in --ops, --dim ... is told at once, before the teachers load (15 s)
-        fusion_choices(args, math.inf)  # or the demo faces are copied; the width bound comes with the teachers
+    # a typo in --ops, --dim ... is told at once, before the teachers load (15 s) or the demo faces are copied
+    # (with --extract-only too: it went unsaid); the width bound comes with the teachers
+    fusion_choices(args, math.inf)
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
@@ -694,6 +705,12 @@ def main(argv=None):
         if sweep[-1] > outside:
             raise SystemExit(f"error: --n-sweep {sweep[-1]}: {len(images)} images leave at most {outside} faces "
                              f"outside the test set (--test-frac {args.test_frac:g}); sweep fewer, or bring more images")
+        if fusion.split_group(args.split_group) is None:  # each face its own group: the roles depend on N alone
+            for n in sweep:  # (refused after the whole extraction, by fit_and_report's same check)
+                a, b = sweep_sets({"train": np.arange(n), "val": np.arange(0)}, args, n)
+                if min(len(a), len(b)) < 2:
+                    raise SystemExit(f"error: --n-sweep {n}: {len(a)} training and {len(b)} validation faces; use "
+                                     f"a larger N")
     if rank == 0 and not args.extract_only and (group := fusion.split_group(args.split_group)) is not None:
         # G's split needs a group for test, one for validation and one to train on: with fewer (a flat tree and
         # --split-group folder) it stopped after the whole extraction
@@ -749,7 +766,10 @@ def main(argv=None):
         cache.remove_damaged(log)  # headers and sizes only: a resume does not read the whole cache
         if args.retry_unreadable:
             cache.remove_unread(log)
-        if args.verify_crops and not cache.remove_altered_crops(log):
+        if args.verify_crops and not cache.crop_size:
+            log.warning(f"warning: --verify-crops: {args.out} keeps no crop store (made with --crop-size 0): nothing "
+                        f"to verify")
+        elif args.verify_crops and not cache.remove_altered_crops(log):
             log.info("crop store verified: every shard's crops match their recorded sha256")
         del images, plan  # the cache holds the paths as one buffer: 4 M names as Python strings were ~0.45 GB
     if world > 1:  # a rank 0 that stopped above stops them all (torchrun ends the others)

@@ -62,7 +62,6 @@ POSITIVE_INT = bounded(int, lo=1)  # batches, sizes, epochs
 POSITIVE = bounded(float, above=0)  # learning rates, temperatures, widths
 NONNEGATIVE = bounded(float, lo=0)  # weights, weight decay
 PROBABILITY = bounded(float, lo=0, hi=1)  # detector confidences, shares of 0 to 1 both included
-FRACTION = bounded(float, lo=0, below=1)  # a part held out of the rest
 
 
 def resolved_args(args) -> dict:

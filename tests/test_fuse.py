@@ -185,7 +185,8 @@ def test_sweeps_fit_G_as_h_G_is_fitted_and_each_fit_is_refitted_once(fused, face
         fuse.main(common + ["--run-dir", str(tmp_path / run), "--ops", "concat", "--dim", "8"])
     assert "comes from this same fit: kept as it is" in (tmp_path / "c2" / "log.txt").read_text()
     assert "CONCAT keeps all" in (tmp_path / "c2" / "table5.md").read_text()
-    assert json.loads((tmp_path / "c2" / "table5.json").read_text())["widths"]["concat"] > 8
+    width = json.loads((tmp_path / "c2" / "table5.json").read_text())["widths"]["concat"]
+    assert width > 8 and f"(h_G width {width})" in (tmp_path / "c2" / "table5.md").read_text()  # not --dim's 8
 
 
 def test_n_sweep_larger_than_corpus_fails_before_training(fused, face_dir, tmp_path):
@@ -473,6 +474,12 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--n-sweep=-8,22"], "--n-sweep '-8,22': write a comma list"),
                        (["--teachers", "gender", "--n-sweep", "inf"], "--n-sweep 'inf'"),
                        (["--teachers", "gender", "--val-frac", "0.6", "--test-frac", "0.6"], "leave no face to train"),
+                       # each face its own group: an N too small for 2 validation faces is known before extraction
+                       (["--teachers", "gender", "--n-sweep", "10"], "--n-sweep 10: 9 training and 1 validation"),
+                       (["--teachers", "gender", "--ops", "concat,pca", "--dim", "8,4"], "concat has no width"),
+                       (["--teachers", "gender", "--extract-only", "--ops", "bogus"], "unknown operator 'bogus'"),
+                       (["--teachers", "gender", "--align", "none", "--detect-size", "320", "--min-face-prob", "0.5"],
+                        "--detect-size, --min-face-prob: for the face detector, which --align none does not run"),
                        (["--teachers", "gender", "--overwrite", "--run-dir", str(tmp_path / "c" / "run")],
                         "is inside --cache"),
                        (["--teachers", "gender", "--cache", str(face_dir / "tom.png")], "tom.png is a file")]:
@@ -501,8 +508,11 @@ def test_smallest_face_out_of_range_is_refused_before_any_work(tmp_path, monkeyp
             fuse.main(["--data", str(tmp_path / "none"), "--smallest-face", bad])
     with pytest.raises(SystemExit, match="--detect-size 0: the detection copy needs 20 pixels"):
         fuse.main(["--data", str(tmp_path / "none"), "--detect-size", "0"])
-    with pytest.raises(SystemExit, match="--smallest-face is for the detector, which --align none does not run"):
+    with pytest.raises(SystemExit, match="--smallest-face: for the face detector, which --align none does not run"):
         fuse.main(["--data", str(tmp_path / "none"), "--align", "none", "--smallest-face", "40"])
+    for flag in ("--val-frac", "--test-frac"):  # 0 gave the 2-face floor, unsaid
+        with pytest.raises(SystemExit):
+            fuse.parse_args([flag, "0"])
     assert not list(tmp_path.iterdir())
 
 
@@ -517,6 +527,19 @@ def test_no_teacher_is_refused_before_any_work_but_extract_only_stores_crops(tmp
     fuse.main(["--data", str(face_dir), "--teachers", "", "--extract-only", "--out", "feats"])
     manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["teachers"] == [] and (tmp_path / "feats" / "crops").is_dir()
+
+
+def test_verify_crops_of_a_cache_without_a_crop_store_says_there_is_none(tmp_path, face_dir, monkeypatch, capsys):
+    """It said 'crop store verified' of a cache made with --crop-size 0, which keeps none."""
+    import fuse
+
+    monkeypatch.chdir(tmp_path)
+    run = ["--data", str(face_dir), "--cache", "c0", "--teachers", "gender", "--extract-only"]
+    fuse.main([*run, "--crop-size", "0"])
+    capsys.readouterr()
+    fuse.main([*run, "--verify-crops"])
+    out = capsys.readouterr().out
+    assert "keeps no crop store (made with --crop-size 0): nothing to verify" in out and "crop store verified" not in out
 
 
 def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monkeypatch):
