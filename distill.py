@@ -165,7 +165,8 @@ def parse_args(argv=None):
         p.error("--resume needs --run-dir, the folder of the run to continue")
     if args.resume and args.overwrite:  # (it resumed, deleting nothing)
         p.error("--resume continues the run in --run-dir, --overwrite deletes it to start afresh: give one of them")
-    if args.arch == "resnet18" and args.width != 1.0 and not args.resume and "width" in given_flags(p, argv):
+    continued = args.resume and args.out is not None and (Path(args.out) / "args.json").is_file()  # else afresh
+    if args.arch == "resnet18" and args.width != 1.0 and not continued and "width" in given_flags(p, argv):
         p.error(f"--width {args.width:g} scales --arch resnet18w; resnet18 is the full width (it would be ignored)")
     return args
 
@@ -314,10 +315,10 @@ def load_checkpoint(run, student, decoder, opt, scaler, cfg, log=None) -> tuple[
                          f"epochs had another number of steps (a face could go to two processes): start it afresh "
                          f"with --overwrite instead of --resume")
     if cfg.get("mt_balanced") and "mt_balanced" not in saved_cfg and saved_cfg.get("loss") == "mt":
-        raise SystemExit(f"error: cannot resume {run}: an older distill.py started it, whose --loss mt left out the "
-                         f"teachers' weights of G (fitted with fuse.py --balance), which this one applies: the rest "
-                         f"of its training would learn another loss; start it afresh with --overwrite instead of "
-                         f"--resume")
+        raise SystemExit(f"error: cannot resume {run}: an older distill.py started it, whose checkpoints do not say "
+                         f"whether its --loss mt weighed the teachers as G (fitted with fuse.py --balance) does, "
+                         f"which this one does (most older ones did not): the rest of its training could learn "
+                         f"another loss; start it afresh with --overwrite instead of --resume")
     if set(differs) == {"embedding_version"}:  # a fuse.py run since: the targets are another G's
         then, now = differs["embedding_version"]
         raise SystemExit(f"error: cannot resume {run}: its h_G '{cfg['embedding']}' was written anew since it "

@@ -1040,6 +1040,8 @@ def supervised(task, method, features, cache, y, lo_hi, splits, found, n_out, ar
              "missed_test": int(sum((~found[sp.test]).sum() for sp in splits))}
     if len(set(names)) > 1:
         entry["chosen_per_split"] = names
+    if missing := sum(v is None for v in chosen_vals):  # splits whose validation faces were all missed
+        entry["splits_without_val"] = missing
     if method == "etl":
         entry["rule"] = prune.rule_line(picks)
     if len(candidates) > 1 and method != "etl" and any(v is None for v in chosen_vals):
@@ -1113,8 +1115,12 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     def how(r, res):  # a pick with no validation score (its validation faces all missed) was no choice
         if r["metric"] == "verification_accuracy":
             return "chose", ", on the threshold folds"
-        return ("chose", ", on validation") if res.get("val") is not None else \
-            ("shows", " (no validation score: its validation faces were all missed; nothing was chosen)")
+        missing, splits = res.get("splits_without_val", 0), len(res.get("per_split") or [None])
+        if res.get("val") is not None or not missing:
+            return "chose", ", on validation"
+        if missing < splits:
+            return "chose", f", on validation ({missing} of {splits} splits had no validation score: nothing chosen there)"
+        return "shows", " (no validation score: its validation faces were all missed; nothing was chosen)"
     chosen = [f"- {r['task']} {m}: {how(r, res)[0]} {res['chosen']}"
               + (f" of {len(res['search'])} searched (all scores in report.json)" if res.get("search") else "")
               + how(r, res)[1] + (" (each split on its own)" if res.get("chosen_per_split") else "")

@@ -471,9 +471,15 @@ def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, ca
         assert say in capsys.readouterr().err
     assert distill.parse_args(["--teacher-cache", str(cache_dir), "--arch", "resnet18"]).arch == "resnet18"
     # a run recorded before the refusal, continued with its own command: the resume check compares it
+    (tmp_path / "old").mkdir()
     resumed = ["--teacher-cache", str(cache_dir), "--arch", "resnet18", "--width", "0.25", "--resume", "--run-dir",
                str(tmp_path / "old")]
+    (tmp_path / "old" / "args.json").write_text(json.dumps({"script": "distill", "arch": "resnet18", "width": 0.25}))
     assert distill.parse_args(resumed).width == 0.25
+    # ...but --resume on a folder with no run yet (a preemptible job's command) starts one: refused as above
+    with pytest.raises(SystemExit):
+        distill.parse_args([*resumed[:-1], str(tmp_path / "new")])
+    assert "--width 0.25 scales" in capsys.readouterr().err
 
 
 def test_a_run_whose_float16_steps_all_overflowed_writes_no_student(cache_dir, tmp_path, monkeypatch):
@@ -612,7 +618,7 @@ def test_a_multitask_run_does_not_change_its_loss_on_a_resume(cache_dir, tmp_pat
     saved = json.loads(meta["config"])
     del saved["mt_balanced"]
     save_file(tensors, str(step), metadata={**meta, "config": json.dumps(saved)})
-    with pytest.raises(SystemExit, match="an older distill.py started it, whose --loss mt left out"):
+    with pytest.raises(SystemExit, match="an older distill.py started it, whose checkpoints do not say"):
         distill.main(["--resume", "--run-dir", str(run)])
 
 

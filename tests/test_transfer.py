@@ -987,6 +987,32 @@ def test_a_batch_of_one_is_refused_only_to_the_methods_that_train_a_network_on_i
         "finetune", "frozen", "scratch", "multitask", "kd", "etl"}
 
 
+def test_a_pick_records_the_splits_that_had_no_validation_score(monkeypatch):
+    """Of three leave-one-out splits, one whose validation faces were all missed: its candidate is the first,
+    the others chose on validation, and the entry says how many splits chose nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    task = tasks.get_task("AgeR-UTK")
+    y = torch.tensor([20.0, 30.0, 40.0, 50.0, 60.0, 25.0])
+    splits = []
+    for i in range(3):  # each split tests two faces of its own (a leave-one-out protocol)
+        rest = [r for r in range(6) if r // 2 != i]
+        splits.append(SimpleNamespace(name=f"s{i}", train=np.array(rest[1:]), val=np.array(rest[:1]),
+                                      test=np.array([2 * i, 2 * i + 1])))
+
+    def fitted(task, feats, y, lo_hi, split, found, n_out, args, widths=None):
+        score = None if split.name == "s1" else float(feats)  # candidate "b" (2.0) has the lower mae
+        return np.full((len(split.test), 1), 0.5, np.float32), score
+
+    monkeypatch.setattr(transfer, "run_on_features", fitted)
+    entry = transfer.supervised(task, "bt", {"a": 3.0, "b": 2.0}, None, y, (0.0, 100.0), splits,
+                                np.ones(6, bool), 1, None, "cpu", {}, logging.getLogger("t"))
+    assert entry["chosen_per_split"] == ["b", "a", "b"] and entry["splits_without_val"] == 1
+    assert entry["val"] is None and "nothing was chosen there" in entry["note"]
+
+
 def test_the_report_rounds_every_score_and_says_when_nothing_was_chosen(tmp_path):
     """A column holding an n/a (a landmark task beside a classification one) printed its numbers unrounded
     (8.243585725625357); a pick whose validation faces were all missed read 'chose ..., on validation'."""
@@ -996,12 +1022,17 @@ def test_the_report_rounds_every_score_and_says_when_nothing_was_chosen(tmp_path
                 "results": {"bt": {"value": 8.243585725625357, "n_test": 6, "chosen": "age", "val": 3.5,
                                    "search": {"age": {}, "gender": {}}}}},
                {**base, "task": "Expr-AffectNet", "metric": "accuracy",
-                "results": {"bt": {"value": 1.0, "n_test": 3, "chosen": "gender", "val": None,
+                "results": {"bt": {"value": 1.0, "n_test": 3, "chosen": "gender", "val": None, "per_split": [1.0],
+                                   "splits_without_val": 1, "search": {"age": {}, "gender": {}}}}},
+               {**base, "task": "Pain-UNBC", "metric": "mae",  # one split of three without a validation score
+                "results": {"bt": {"value": 1.5, "n_test": 7, "chosen": "age", "val": None,
+                                   "per_split": [1.0, 2.0, 1.5], "splits_without_val": 1,
                                    "search": {"age": {}, "gender": {}}}}},
                {**base, "task": "Align-300W", "metric": "nme", "results": {"bt": {"value": "n/a", "note": "x"}}}]
     text = transfer.report(results, ["bt"], tmp_path, logging.getLogger("t"))
-    cells = [line.strip("|").split("|")[-1].strip() for line in text.splitlines()[2:5]]
-    assert cells == ["8.2436", "1.0000", "n/a"], cells
+    cells = [line.strip("|").split("|")[-1].strip() for line in text.splitlines()[2:6]]
+    assert cells == ["8.2436", "1.0000", "1.5000", "n/a"], cells
+    assert "Pain-UNBC bt: chose age of 2 searched (all scores in report.json), on validation (1 of 3 splits" in text
     assert "AgeR-FG bt: chose age of 2 searched (all scores in report.json), on validation" in text
     assert "Expr-AffectNet bt: shows gender of 2 searched" in text and "nothing was chosen" in text
     assert "Expr-AffectNet bt: chose" not in text
