@@ -70,7 +70,8 @@ TEACHER_FEATURE_METHODS = ("fused", "concat", "pca", "bt", "bct")  # MLP heads o
 HEAD_METHODS = ("frozen", *TEACHER_FEATURE_METHODS)  # an MLP head on fixed features (--head-epochs)
 NETWORK_METHODS = ("finetune", "scratch", "pcnn", "etl", "multitask", "kd")  # a network trained on images (--epochs)
 TEACHER_METHODS = (*TEACHER_FEATURE_METHODS, "pcnn")  # those that run the teachers on the task's faces
-DEMO_TASK = "Face-LFWsubset"
+DEMO_TASK = tasks.DEMO_TASK
+STUDENT = Path("runs/distill-demo")  # what README's `python distill.py` writes
 # ETL cuts filters out of standard PyTorch layers: a teacher run by another runtime has none, and a port of an
 # ONNX / TFLite model (one with a reference runtime) keeps its weights or per-channel constants outside them.
 PRUNABLE_TEACHERS = [n for n, s in REGISTRY.items() if s.runtime == "torch" and not s.reference]
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="finetune",
                    help=f"comma list of {', '.join(METHODS + EXTRA_METHODS)}; all stands for the first "
                         f"{len(METHODS)} (all,kd adds kd), and shows n/a where a task cannot take one")
-    p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=Path("runs/distill-demo"),
+    p.add_argument("--student", "--checkpoint", dest="student", metavar="PATH", type=Path, default=STUDENT,
                    help="distill.py checkpoint or run folder (default: runs/distill-demo, the one `python distill.py` "
                         "writes)")
     p.add_argument("--cache", "--teacher-cache", dest="teacher_cache", metavar="DIR", type=Path, default=None,
@@ -863,7 +864,7 @@ def evaluate_task(task, data, methods, args, device, run, log, student_cfg, save
 
 # Arguments that change no result: where the run is, what it runs on and how fast.
 NOT_RESULTS = {"resume", "run_dir", "run_folder", "device", "workers", "argv", "script", "cwd", "environment",
-               "started_by"}
+               "started_by", "cache_dir", "batch_features"}  # (a task cache's features do not depend on either)
 
 
 def resumed_results(args, aligns=frozenset()) -> dict:
@@ -897,7 +898,8 @@ def resumed_results(args, aligns=frozenset()) -> dict:
                          + "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ)
                          + "): give the same ones, or start afresh in another --run-dir")
-    return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if m != "multitask"},
+    # multitask's columns come from one joint model over every task, run again whole on a resume
+    return {r["task"]: (r.get("data"), {m: v for m, v in r.get("results", {}).items() if not m.startswith("multitask")},
                         r.get("inputs"))
             for r in report}
 
@@ -949,6 +951,9 @@ def student_config(args, methods) -> dict | None:
     scratch = "scratch" in methods or ("multitask" in methods and args.backbone == "scratch")
     if have and (need or scratch):
         return load_student(path)[1]
+    if scratch and path != STUDENT:  # a --student given and mistyped: its architecture, not the default's, was meant
+        raise SystemExit(f"error: --student {path} does not exist (scratch trains its architecture from random "
+                         f"init); leave --student out to train the default student architecture")
     if scratch:
         return {**DEFAULT,
                 "note": f"scratch: no student at {path}; the default student architecture is trained from random init"}

@@ -205,6 +205,11 @@ def test_a_run_folder_is_never_another_scripts_nor_a_file(tmp_path):
         make_run_dir(run, "distill", Namespace(seed=2))
     assert json.loads((run / "args.json").read_text())["seed"] == 1
     assert make_run_dir(run, "fuse", Namespace(seed=3)) == run  # the same script's rerun (resume) goes on
+    (tmp_path / "cache").mkdir()  # a fuse.py feature cache: the run's files would go in among the cache's
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="cache is a fuse.py feature cache: give transfer.py a run folder"):
+        make_run_dir(tmp_path / "cache", "transfer", Namespace())
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["manifest.json"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="afile is a file"):
         make_run_dir(tmp_path / "afile", "fuse", Namespace())

@@ -285,13 +285,18 @@ def test_fit_restores_the_best_validation_epoch_and_chooses_on_validation_faces(
     assert transfer.val_rows_of(Split("s", np.array([0, 1]), np.array([2, 3]), np.array([4, 5])), found).tolist() == [5]
 
 
-def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused):
+def test_scratch_needs_no_student_and_missing_inputs_say_what_makes_them(tmp_path, fused, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/distill-demo here: scratch takes the default architecture
     data = make_fixture("AgeR-UTK", tmp_path / "data")
-    base = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"),
-            "--student", str(tmp_path / "no-student"), "--cache", str(tmp_path / "no-cache")]
-    transfer.main([*base, "--method", "scratch", "--epochs", "1", "--run-dir", str(tmp_path / "run")])
+    common = ["--task", "AgeR-UTK", "--data", str(data), "--task-cache", str(tmp_path / "cache"), "--cache",
+              str(tmp_path / "no-cache")]
+    transfer.main([*common, "--method", "scratch", "--epochs", "1", "--run-dir", str(tmp_path / "run")])
     r = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     check_score(tasks.get_task("AgeR-UTK"), r["results"]["scratch"])
+    base = ["--student", str(tmp_path / "no-student"), *common]  # (the cache last: base[:-1] below swaps it)
+    # a --student given that is not there (a typo) was trained as the default architecture, unsaid in the report
+    with pytest.raises(SystemExit, match="no-student does not exist .scratch trains its architecture"):
+        transfer.main([*base, "--method", "scratch", "--epochs", "1", "--run-dir", str(tmp_path / "r1")])
     with pytest.raises(SystemExit, match=r"needs the distilled student.*python distill.py --cache .*no-cache "
                                          r"--run-dir .*no-student"):
         transfer.main([*base, "--method", "finetune", "--run-dir", str(tmp_path / "r2")])
@@ -399,7 +404,8 @@ def test_checks_come_before_any_work_and_results_are_saved_as_they_come(tmp_path
     monkeypatch.setattr(transfer, "supervised", lambda task, method, *a, **k:
                         ran.append(method) or real(task, method, *a, **k))
     transfer.main(["--task", "AgeR-UTK", "--data", str(utk), "--method", "frozen,fused", *base,
-                   "--run-dir", str(tmp_path / "run"), "--resume", "--workers", "0"])
+                   "--run-dir", str(tmp_path / "run"), "--resume", "--workers", "0",
+                   "--batch-features", "16"])  # (a resume after running out of memory there: it changes no result)
     resumed = json.loads((tmp_path / "run" / "report.json").read_text())[0]
     assert ran == ["fused"] and resumed["results"]["frozen"] == saved["results"]["frozen"]
     assert resumed["results"]["fused"]["n_test"] > 0 and "fused" in (tmp_path / "run" / "report.md").read_text()
@@ -612,6 +618,8 @@ def test_your_own_labelled_data_from_the_command_line(tmp_path, fused, student_c
     r = run(tmp_path, "folder:Mask", folders, fused, student_ckpt, "--method", "frozen", "--align", "none")
     assert (r["task"], r["metric"]) == ("Mask", "accuracy") and 0 <= r["results"]["frozen"]["value"] <= 1
     for bad, why in (("csv:AgeR-UTK", "not as a registered task"), ("csv:a/b", "it names files"),
+                     ("folder:Face-LFWsubset", "not as a registered task"),  # the embedded demo's name
+                     ("folder:Object-ImageNet", "not as a registered task"),  # an alias
                      ("tsv:Mine", "your own data as folder:NAME")):
         with pytest.raises(SystemExit, match=why):
             transfer.main(["--task", bad, "--data", str(root)])
@@ -1013,6 +1021,20 @@ def test_a_pick_records_the_splits_that_had_no_validation_score(monkeypatch):
     assert entry["val"] is None and "nothing was chosen there" in entry["note"]
 
 
+def test_a_resume_runs_both_multitask_columns_again(tmp_path):
+    """The joint model is run again whole on a resume: its log said multitask+pseudo was kept (it was trained
+    again) and report.json held the old +pseudo value beside no multitask one meanwhile."""
+    from common.runs import write_args
+
+    args = transfer.parse_args(["--task", "AgeR-UTK", "--data", str(tmp_path), "--method", "finetune,multitask",
+                                "--run-dir", str(tmp_path / "run"), "--resume"])
+    (tmp_path / "run").mkdir()
+    write_args(tmp_path / "run", "transfer", args)
+    done = {"finetune": {"value": 5.0}, "multitask": {"value": 6.0}, "multitask+pseudo": {"value": 7.0}}
+    (tmp_path / "run" / "report.json").write_text(json.dumps([{"task": "AgeR-UTK", "results": done}]))
+    assert list(transfer.resumed_results(args)["AgeR-UTK"][1]) == ["finetune"]
+
+
 def test_the_report_rounds_every_score_and_says_when_nothing_was_chosen(tmp_path):
     """A column holding an n/a (a landmark task beside a classification one) printed its numbers unrounded
     (8.243585725625357); a pick whose validation faces were all missed read 'chose ..., on validation'."""
@@ -1055,12 +1077,13 @@ def test_the_report_names_the_training_seed_the_test_size_and_which_way_is_bette
     assert "lower is better for mae" in text and json.loads((tmp_path / "report.json").read_text())[0]["seed"] == 3
 
 
-def test_multitask_from_scratch_needs_no_student(tmp_path):
+def test_multitask_from_scratch_needs_no_student(tmp_path, monkeypatch):
     """README: scratch needs no student; --method multitask --backbone scratch stopped on 'needs the distilled
     student', before multitask's own scratch could take the default architecture."""
     from common.student import DEFAULT
 
-    args = transfer.parse_args(["--method", "multitask", "--backbone", "scratch", "--student", str(tmp_path / "none")])
+    monkeypatch.chdir(tmp_path)  # no runs/distill-demo here
+    args = transfer.parse_args(["--method", "multitask", "--backbone", "scratch"])
     cfg = transfer.student_config(args, ["multitask"])
     assert {k: cfg[k] for k in DEFAULT} == DEFAULT
     args = transfer.parse_args(["--method", "multitask", "--student", str(tmp_path / "none")])  # the student itself
