@@ -647,4 +647,40 @@ def test_batched_mtcnn_host_waits_on_the_gpu_path(face_dir, detector, monkeypatc
     found = []
     ops, waits = _count_ops(lambda: found.extend(batched.detect(canvas, detector.mtcnn, sizes=sizes, table=True)))
     assert len(found) == 3 and all(len(b) for b, _ in found)
-    assert waits <= 24 and ops <= 1800, (ops, waits)  # 34 and 1,992 before
+    assert waits <= 22 and ops <= 1800, (ops, waits)  # 34 and 1,992 before; 24 with R-Net's cut a mask again
+
+
+def test_a_candidate_that_clipping_leaves_empty_is_cut_before_its_crop(detector):
+    """A box past its image's border has no pixels to crop: it is cut (one nonzero for every tensor), not
+    resized from an empty crop."""
+    import torch
+
+    from common.mtcnn import Resizer, _crops_of
+
+    img = torch.rand(1, 3, 30, 30, generator=torch.Generator().manual_seed(3)) * 255
+    boxes = torch.tensor([[2.0, 2.0, 20.0, 20.0, 0.9], [40.0, 40.0, 50.0, 50.0, 0.9]])
+    for table in (False, True):
+        crops, kept, image = _crops_of(Resizer(img, table), boxes, torch.tensor([0, 0]), torch.tensor([30]),
+                                       torch.tensor([30]), 24)
+        assert crops.shape == (1, 3, 24, 24) and torch.equal(kept, boxes[:1]) and image.tolist() == [0]
+
+
+def test_the_profiles_gpu_code_path_and_its_wait_count():
+    """bench/pipeline.py --profile-detect on a CPU: the GPU's path is forced only inside gpu_code_path, and a
+    value read back in inference mode (aten.item, not _local_scalar_dense) counts as a host wait."""
+    import importlib.util
+
+    import torch
+
+    from common import align, mtcnn
+
+    spec = importlib.util.spec_from_file_location("pipeline", Path(__file__).parents[1] / "bench/pipeline.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    x = torch.ones(2, 3)
+    with torch.inference_mode():
+        assert pipeline.count_ops(lambda: x.sum().item())[1] == 1
+    cpu_call = align.DETECT_CALL_CPU
+    with pipeline.gpu_code_path():
+        assert mtcnn.Resizer(x, False).use_table and align.DETECT_CALL_CPU == align.DETECT_CALL
+    assert not mtcnn.Resizer(x, False).use_table and align.DETECT_CALL_CPU == cpu_call

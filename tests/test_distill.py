@@ -589,6 +589,31 @@ def test_the_multitask_loss_weighs_teachers_as_G_did(cache_dir, tmp_path):
     assert abs(float(balanced) - float(plain)) > 1e-3
 
 
+def test_an_older_multitask_run_of_an_unbalanced_G_resumes(cache_dir, tmp_path):
+    """Only a G fitted with --balance changes the multitask loss: a run recorded before mt_balanced existed, on a
+    G that weighs every dimension alike, goes on (the refusal is for the weighted case alone)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(cache_dir, tmp_path / "c", symlinks=True)
+    cache = FeatureCache(tmp_path / "c")
+    assert distill.g_weight(cache, cache.embedding_names()[0]) is None  # all ones: no weights to apply
+    run = tmp_path / "mt"
+    distill.main(["--teacher-cache", str(tmp_path / "c"), "--loss", "mt", "--steps", "4", "--ckpt-every", "2",
+                  "--no-eval", "--out", str(run), "--stop-at", "2", *TINY])
+    step = run / "ckpt" / "step_00000002.safetensors"
+    with safe_open(str(step), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(meta["config"])
+    assert saved["mt_balanced"] is False
+    del saved["mt_balanced"]  # as an older distill.py saved it
+    save_file(tensors, str(step), metadata={**meta, "config": json.dumps(saved)})
+    distill.main(["--resume", "--run-dir", str(run)])
+    assert (run / "student.safetensors").exists()
+
+
 def test_a_multitask_run_does_not_change_its_loss_on_a_resume(cache_dir, tmp_path, monkeypatch):
     """Which MSE --loss mt learns (G's weights or none) is recorded and compared on a resume: a run started
     before G's weights were applied would have gone on under the other loss, unsaid."""

@@ -831,6 +831,12 @@ def test_sweep_tables_say_n_a_for_a_teacher_without_an_error(fused, tmp_path, mo
         table = (tmp_path / "run" / name).read_text()
         assert "n/a" in table and "nan" not in table, table
     assert "nan" not in (tmp_path / "run" / "n_sweep.md").read_text()
+    # every teacher constant: the corpus-size sweep's averages have nothing to average either
+    monkeypatch.setattr(fusion, "nrmse_per_block", lambda *a: dict.fromkeys(per_block(*a), float("nan")))
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "all"), "--ops", "pca", "--dim", "4",
+               "--n-sweep", "6,9", "--val-frac", "0.3"])
+    table = (tmp_path / "all" / "n_sweep.md").read_text()
+    assert "n/a" in table and "nan" not in table, table
 
 
 def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, capsys):

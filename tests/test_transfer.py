@@ -1054,6 +1054,7 @@ def test_the_report_rounds_every_score_and_says_when_nothing_was_chosen(tmp_path
     text = transfer.report(results, ["bt"], tmp_path, logging.getLogger("t"))
     cells = [line.strip("|").split("|")[-1].strip() for line in text.splitlines()[2:6]]
     assert cells == ["8.2436", "1.0000", "1.5000", "n/a"], cells
+    assert "|      6 | 8.2436 |" in text  # numbers right-aligned, as tabulate aligns a numeric column
     assert "Pain-UNBC bt: chose age of 2 searched (all scores in report.json), on validation (1 of 3 splits" in text
     assert "AgeR-FG bt: chose age of 2 searched (all scores in report.json), on validation" in text
     assert "Expr-AffectNet bt: shows gender of 2 searched" in text and "nothing was chosen" in text
