@@ -952,8 +952,9 @@ def student_config(args, methods) -> dict | None:
     if have and (need or scratch):
         return load_student(path)[1]
     if scratch and path != STUDENT:  # a --student given and mistyped: its architecture, not the default's, was meant
-        raise SystemExit(f"error: --student {path} does not exist (scratch trains its architecture from random "
-                         f"init); leave --student out to train the default student architecture")
+        raise SystemExit(f"error: --student {path} {'holds no student' if path.exists() else 'does not exist'} "
+                         f"(scratch trains its architecture from random init); leave --student out to train the "
+                         f"default student architecture")
     if scratch:
         return {**DEFAULT,
                 "note": f"scratch: no student at {path}; the default student architecture is trained from random init"}

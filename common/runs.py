@@ -191,9 +191,9 @@ def run_dir_problem(run: Path | None, prefix: str) -> str | None:
     run = Path(run)
     if run.exists() and not run.is_dir():
         return f"error: --run-dir {run} is a file: name a folder"
-    # no run there yet (or one from before the script was recorded): this script's
     if (run / "manifest.json").is_file():  # its args.json, log and tables would go into the cache's folder
         return f"error: --run-dir {run} is a fuse.py feature cache: give {prefix}.py a run folder of its own"
+    # no run there yet (or one from before the script was recorded): this script's
     made_by = (recorded_args(run) or {}).get("script", prefix)
     if made_by != prefix:
         return f"error: --run-dir {run} holds a {made_by}.py run: give {prefix}.py a folder of its own"
