@@ -361,8 +361,10 @@ def test_device_extraction_matches_cpu(face_dir, tmp_path):
     for name, sl in a.slices().items():
         x, y = fa[:, sl], fb[:, sl]
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
-        # nvjpeg's pixels differ from PIL's by about a level: on an H100 the age features of 10 faces agreed
-        # to >= 0.9993 (the 11th, at 0.937, was a grey JPEG that nvjpeg decoded wrong: now decoded by PIL)
+        # nvjpeg's pixels differ from PIL's by about a level: on an H100 and an H200 the age features of 10 faces
+        # agreed to >= 0.9896; the 11th (45-m7-di-ph.jpg), at 0.937, is a tie of two O-Net boxes of equal
+        # probability that the GPU's nms_by_image and facenet-pytorch's unstable np.argsort break apart (not
+        # fixed yet: BENCHMARKS.md, the H200 run), so this test fails on a GPU until they share one tie rule
         assert np.median(cos) > 0.999 and cos.min() > 0.99, (name, np.round(cos, 4).tolist())
 
 
