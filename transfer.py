@@ -1118,19 +1118,19 @@ def report(all_results: list[dict], methods, run: Path, log) -> str:
     md = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
                   colalign=["left"] * 3 + ["right"] * (1 + len(methods)))
 
-    def how(r, res):  # a pick with no validation score (its validation faces all missed) was no choice
-        if r["metric"] == "verification_accuracy":
-            return "chose", ", on the threshold folds"
+    def chosen_line(r, m, res):  # a pick with no validation score (its validation faces all missed) was no choice
         missing, splits = res.get("splits_without_val", 0), len(res.get("per_split") or [None])
-        if res.get("val") is not None or not missing:
-            return "chose", ", on validation"
-        if missing < splits:
-            return "chose", f", on validation ({missing} of {splits} splits had no validation score: nothing chosen there)"
-        return "shows", " (no validation score: its validation faces were all missed; nothing was chosen)"
-    chosen = [f"- {r['task']} {m}: {how(r, res)[0]} {res['chosen']}"
-              + (f" of {len(res['search'])} searched (all scores in report.json)" if res.get("search") else "")
-              + how(r, res)[1] + (" (each split on its own)" if res.get("chosen_per_split") else "")
-              for r in all_results for m in methods if (res := r["results"][m]).get("chosen")]
+        verb, where = "chose", ", on validation"
+        if r["metric"] == "verification_accuracy":
+            where = ", on the threshold folds"
+        elif res.get("val") is None and 0 < missing < splits:
+            where += f" ({missing} of {splits} splits had no validation score: nothing chosen there)"
+        elif res.get("val") is None and missing:
+            verb, where = "shows", " (no validation score: its validation faces were all missed; nothing was chosen)"
+        searched = f" of {len(res['search'])} searched (all scores in report.json)" if res.get("search") else ""
+        each = " (each split on its own)" if res.get("chosen_per_split") else ""
+        return f"- {r['task']} {m}: {verb} {res['chosen']}{searched}{where}{each}"
+    chosen = [chosen_line(r, m, res) for r in all_results for m in methods if (res := r["results"][m]).get("chosen")]
     extra = [f"- {r['task']} {m}: {r['results'][m]['note']}" for r in all_results for m in methods
              if r["results"][m].get("note")]
     read = [f"- {r['task']}: the reader skipped {r.get('skipped_by_reader', 0)} file(s)"

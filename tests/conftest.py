@@ -66,6 +66,14 @@ def torchrun(script: Path, args, tmp_path: Path, timeout: float = 300) -> subpro
                           text=True, timeout=timeout)
 
 
+def bench_module(name: str):
+    """bench/NAME.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def feat_data() -> Path:
     return Path(importlib.util.find_spec("feat").submodule_search_locations[0]) / "tests" / "data"
 

@@ -1,6 +1,4 @@
 """Image decoding of awkward files, and detection + similarity alignment on real faces."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -603,15 +601,12 @@ def test_shrinking_for_detection_holds_a_bounded_float_copy_and_finds_the_same_f
 
 def _count_ops(fn):
     """bench/pipeline.py's count of (aten ops, host waits) while fn runs, in inference mode as BatchDetector."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("pipeline", Path(__file__).parents[1] / "bench/pipeline.py")
-    pipeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pipeline)
+    from tests.conftest import bench_module
+
     with torch.inference_mode():
-        return pipeline.count_ops(fn)
+        return bench_module("pipeline").count_ops(fn)
 
 
 def test_masked_pnet_dispatches_few_ops_for_its_masks(detector):
@@ -668,18 +663,14 @@ def test_a_candidate_that_clipping_leaves_empty_is_cut_before_its_crop(detector)
 def test_the_profiles_gpu_code_path_and_its_wait_count():
     """bench/pipeline.py --profile-detect on a CPU: the GPU's path is forced only inside gpu_code_path, and a
     value read back in inference mode (aten.item, not _local_scalar_dense) counts as a host wait."""
-    import importlib.util
-
     import torch
 
     from common import align, mtcnn
+    from tests.conftest import bench_module
 
-    spec = importlib.util.spec_from_file_location("pipeline", Path(__file__).parents[1] / "bench/pipeline.py")
-    pipeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pipeline)
+    pipeline = bench_module("pipeline")
     x = torch.ones(2, 3)
-    with torch.inference_mode():
-        assert pipeline.count_ops(lambda: x.sum().item())[1] == 1
+    assert _count_ops(lambda: x.sum().item())[1] == 1
     cpu_call = align.DETECT_CALL_CPU
     with pipeline.gpu_code_path():
         assert mtcnn.Resizer(x, False).use_table and align.DETECT_CALL_CPU == align.DETECT_CALL

@@ -180,12 +180,11 @@ def test_lanes_leave_the_global_tf32_flag_as_it_was(face_dir, tmp_path, monkeypa
 
 def test_consistency_check_passes_copies_and_fails_a_corrupted_row(face_dir, tmp_path):
     """bench/consistency.py, the GPU check's race detector: copies of one image must agree."""
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("consistency", Path(__file__).parents[1] / "bench/consistency.py")
-    consistency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(consistency)
+    from tests.conftest import bench_module
+
+    consistency = bench_module("consistency")
     folder = tmp_path / "faces"
     folder.mkdir()
     for i in range(4):  # two images, each twice
