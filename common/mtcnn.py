@@ -208,7 +208,9 @@ def _nms(boxes, scores, image, threshold, overlap="iou", within=None, groups=1):
     trick moves each group's boxes by a multiple of the largest coordinate (float32 rounding that differed
     with the batch and with the image's place in it), and facenet-pytorch's last NMS breaks ties of equal
     scores (saturated O-Net probabilities) with numpy's unstable argsort over all the boxes it is given: in a
-    batch with a larger image, a face moved by 10 pixels."""
+    batch with a larger image, a face moved by 10 pixels. Even on one image that argsort breaks ties one
+    way on a few boxes and its own way on more (and by the CPU's sort kernel), so the last NMS is
+    nms_by_image on the CPU as on a GPU: equal probabilities go to the later box on every machine."""
     if boxes.device.type != "cpu":
         return nms_by_image(boxes, scores, image if within is None else image * groups + within, threshold,
                             overlap=overlap)
@@ -217,7 +219,7 @@ def _nms(boxes, scores, image, threshold, overlap="iou", within=None, groups=1):
         sel = (image == k).nonzero()[:, 0]
         ids = torch.zeros_like(sel) if within is None else within[sel]
         if overlap == "min":
-            keep = _fn().batched_nms_numpy(boxes[sel], scores[sel], ids, threshold, "Min")
+            keep = nms_by_image(boxes[sel], scores[sel], ids, threshold, overlap="min")
         else:
             keep = batched_nms(boxes[sel], scores[sel], ids, threshold)
         picks.append(sel[keep])

@@ -363,9 +363,8 @@ def test_device_extraction_matches_cpu(face_dir, tmp_path):
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
         # nvjpeg's pixels differ from PIL's by about a level: on an H100 the age features of 10 faces agreed to
         # >= 0.9993, on an H200 to >= 0.9896 (single_face.jpg, whose landmarks nvjpeg's pixels move by 1.9 px:
-        # under this bound); the 11th (45-m7-di-ph.jpg), at 0.937, is a tie of two O-Net boxes of equal
-        # probability that the GPU's nms_by_image and facenet-pytorch's unstable np.argsort break apart. Both
-        # are open (BENCHMARKS.md, the H200 run): this test fails on that GPU until they are settled
+        # under this bound, open in BENCHMARKS.md). The 11th (45-m7-di-ph.jpg) was at 0.937: a tie of two O-Net
+        # boxes that the CPU broke by numpy's unstable argsort, now by nms_by_image as on the GPU
         assert np.median(cos) > 0.999 and cos.min() > 0.99, (name, np.round(cos, 4).tolist())
 
 
