@@ -613,6 +613,23 @@ REPORTS = ("table5.md", "table5.json", "h_G.json", "split.json", *(f"{sweep}_swe
                                                                    for ext in ("md", "json", "png")))
 
 
+def set_aside(run: Path) -> Path:
+    """Move a finished run's args.json and tables into RUN/replaced-TIME/, not delete them: the run replacing
+    them may yet stop after its extraction (too few faces found to fit G) and leave no tables of its own."""
+    stamp, n = run / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    while True:
+        aside = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    for name in ("args.json", *REPORTS):
+        if (run / name).exists():
+            (run / name).replace(aside / name)
+    return aside
+
+
 def another_finished_run(args) -> bool:
     """Whether --run-dir holds the tables of a run with other arguments, which this one replaces (the same
     arguments: a killed run continued; its table5.json is written before h_G and the sweeps)."""
@@ -745,7 +762,8 @@ def main(argv=None):
                                                   appeared_ok=args.retry_unreadable, locked=locked)
         except CacheMismatch as e:
             raise SystemExit(f"error: {e}")
-    finished = rank == 0 and another_finished_run(args)
+    # a table this run does not make (a sweep, h_G.json) would pass for one of its own
+    aside = set_aside(Path(args.run_dir)) if rank == 0 and another_finished_run(args) else None
     run = make_run_dir(args.run_dir, "fuse", args) if rank == 0 else None
     if world > 1:  # every rank logs into the run's log.txt: a warning or error of rank 1 is part of the record
         box = [run]
@@ -753,11 +771,9 @@ def main(argv=None):
         run = box[0]
     log = get_logger(run, f"fuse{rank}", early if rank == 0 else (), rank)
     if rank == 0:
-        if finished:  # the tables are a report of the cache, remade from it: replaced, the log going on
+        if aside:  # the tables are a report of the cache, remade from it: replaced, the log going on
             log.warning(f"warning: --run-dir {run} holds a finished fuse.py run of other arguments: its args.json and "
-                        f"tables are replaced by this run's (its log.txt goes on below); another --run-dir keeps both")
-            for name in REPORTS:  # a table this run does not make (a sweep, h_G.json) would pass for one of its own
-                (run / name).unlink(missing_ok=True)
+                        f"tables are moved to {aside} (its log.txt goes on below); another --run-dir keeps them apart")
         log.info("teachers: " + ", ".join(f"{t.name} ({t.dim})" for t in teachers) + f" on {device}; "
                  f"{len(images)} images")
         if kept:

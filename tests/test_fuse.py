@@ -870,6 +870,21 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json"):  # each would have passed for this run's own
         assert not (tmp_path / "wide" / sweep).exists()
     assert json.loads((tmp_path / "wide" / "h_G.json").read_text())["width"] == 2
+    # set aside, not deleted: the run before's arguments and tables, sweeps included
+    aside, = (tmp_path / "wide").glob("replaced-*")
+    assert json.loads((aside / "h_G.json").read_text())["width"] == 300
+    assert json.loads((aside / "args.json").read_text())["dim"] == "300"
+    assert (aside / "n_sweep.md").read_text() == "a sweep of the run before" and (aside / "table5.md").is_file()
+    # a run refused after its extraction (its --n-sweep fits the images, not the faces found in them) leaves the
+    # tables it would have replaced in the folder beside it
+    cache = FeatureCache(tmp_path / "feats")
+    n = len(cache.images) - fusion.held_out_size(len(cache.images), 0.1, 1000)
+    assert cache.found.sum() < len(cache.images)
+    with pytest.raises(SystemExit, match=f"--n-sweep {n}: only"):
+        fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca",
+                   "--dim", "3", "--n-sweep", str(n), "--val-frac", "0.3"])
+    assert not (tmp_path / "wide" / "h_G.json").exists()
+    assert {json.loads((a / "h_G.json").read_text())["width"] for a in (tmp_path / "wide").glob("replaced-*")} == {300, 2}
     # nor do an --extract-only run's tables stay those of the fit before
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--extract-only"])
     assert "holds a finished fuse.py run" in capsys.readouterr().out
