@@ -121,9 +121,12 @@ def parse_args(argv=None):
                    help="faces smaller than this many pixels of the detection copy are not searched for (see "
                         "fuse.py --help). Default: as --detect-size, the student's setting (else 20, every level)")
     p.add_argument("--epochs", type=int, default=10,
-                   help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd)")
+                   help="epochs of training a network on the images (finetune, scratch, pcnn, etl, multitask, kd; "
+                        "on a landmark task frozen too, a joint model whose backbone stays fixed)")
     p.add_argument("--head-epochs", type=int, default=100,
-                   help="epochs of the MLP on fixed features (frozen, fused, concat, pca, bt, bct)")
+                   help="epochs of the MLP on fixed features (frozen, fused, concat, pca, bt, bct; verification "
+                        "compares their embeddings, no MLP). A flag that no method of the run reads on its tasks "
+                        "is refused")
     p.add_argument("--batch", type=POSITIVE_INT, default=32, help="faces per training step of the methods that train a "
                    "network or a head (--batch-features: per teacher batch while caching features)")
     p.add_argument("--lr", type=POSITIVE, default=1e-3,
@@ -210,13 +213,14 @@ def tasks_from(jobs: str, cwd: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the data
-def demo_task(root: Path = Path("data/lfw_subset")) -> tuple[tasks.Task, Path]:
-    """scikit-image's lfw_subset: 100 real 25x25 LFW faces and 100 non-faces, as a folder-per-class task."""
+def demo_task(root: Path = Path("data/lfw_subset"), write: bool = True) -> tuple[tasks.Task, Path]:
+    """scikit-image's lfw_subset: 100 real 25x25 LFW faces and 100 non-faces, as a folder-per-class task.
+    write=False: the task alone, its folder not written yet (the run's checks come first)."""
     from PIL import Image
 
     from common.demo import package_dir
 
-    if not (root / ".complete").exists():
+    if write and not (root / ".complete").exists():
         imgs = np.load(package_dir("skimage") / "data" / "lfw_subset.npy")
         for i, img in enumerate(imgs):
             cls = "face" if i < 100 else "nonface"
@@ -1208,8 +1212,53 @@ def etl_base_problem(name: str) -> str | None:
 FLAG_METHODS = {"prune": "etl", "etl_base": "etl", "etl_images": "etl", "etl_keep": "etl", "backbone": "multitask",
                 "pseudo_epochs": "multitask", "pseudo_threshold": "multitask", "pseudo_agreement": "multitask",
                 "kd_teacher": "kd", "kd_weight": "kd", "kd_temperature": "kd", "max_subsets": "bct",
-                "head_epochs": HEAD_METHODS, "epochs": NETWORK_METHODS,
-                "teachers_config": TEACHER_METHODS}
+                "embedding": TEACHER_FEATURE_METHODS, "teachers_config": TEACHER_METHODS}
+
+# Flags that a method reads on some tasks and not on others, and what each is, for the error of one that no
+# (task, method) of a run reads.
+PAIR_FLAGS = {
+    "epochs": "the epochs of a network trained on the images (finetune, scratch, pcnn, etl, multitask, kd; on a "
+              "landmark task frozen too)",
+    "head_epochs": "the epochs of an MLP head on fixed features (frozen, fused, concat, pca, bt, bct), which "
+                   "verification does not train (it compares their embeddings) and a landmark task trains frozen "
+                   "for --epochs",
+    "hidden": "the MLP head's width; verification compares the embeddings of frozen, fused, concat, pca, bt and "
+              "bct (no head)",
+    "kd_temperature": "kd's softmax temperature on classes (on a regression its term is the distance to the "
+                      "teacher's expected value)",
+    "detect_size": "for the face detector, which --align none (or each task's own default) does not run",
+    "smallest_face": "for the face detector, which --align none (or each task's own default) does not run",
+    "min_face_prob": "for the face detector, which --align none (or each task's own default) does not run",
+}
+
+
+def pair_reads(task, method, args) -> set[str]:
+    """The flags of PAIR_FLAGS that `method` reads on `task` (none where it is shown n/a)."""
+    reads = {"detect_size", "smallest_face", "min_face_prob"} if align_of(task, args) == "mtcnn" else set()
+    if unavailable(task, method, args.kd_teacher):
+        return reads
+    if method == "multitask" or task.kind == "landmarks" or (task.kind == "verification"
+                                                             and method in kd.VERIFICATION_METHODS):
+        return reads | {"epochs", "hidden"}  # a joint model trained for --epochs (kd.run, multitask)
+    if task.kind == "verification":  # embeddings compared by cosine
+        return reads
+    reads |= {"hidden", "head_epochs" if method in HEAD_METHODS else "epochs"}
+    return reads | ({"kd_temperature"} if method == "kd" and task.kind == "classification" else set())
+
+
+def unread_flags(args, methods, tasks_run) -> None:
+    """A flag given (not left at its default) that no (task, method) of the run reads stops it: it would be
+    ignored, and recorded in args.json as if it had been used."""
+    defaults = vars(parse_args([]))
+    recorded = (recorded_args(args.run_dir) or {}) if args.resume and args.run_dir else {}
+    read = {f for task in tasks_run for m in methods for f in pair_reads(task, m, args)}
+    if args.pseudo_label is not None:  # its unlabelled faces are detected
+        read |= {"detect_size", "smallest_face", "min_face_prob"}
+    for flag, what in PAIR_FLAGS.items():
+        value = getattr(args, flag)
+        if value != defaults[flag] and flag not in read and not (flag in recorded and recorded[flag] == value):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: no method of this run reads it on its tasks "
+                             f"({', '.join(t.name for t in tasks_run)}): it is {what}")
 
 
 def check_flags(args, methods) -> None:
@@ -1305,7 +1354,7 @@ def main(argv=None):
                              f"{task_named(args.task).layout}")
         jobs.append((task_named(args.task), args.data))
     else:
-        jobs.append(demo_task())
+        jobs.append(demo_task(write=False))
     # Everything that can be checked is checked before any work: a typo in the last task's folder, a method
     # a task cannot take or a bad --student must not cost the hours of the tasks before it.
     # (a method that came with `all` and that a task cannot take is shown n/a instead)
@@ -1314,6 +1363,7 @@ def main(argv=None):
         why.append(f"--kd-teacher names {', '.join(other)}, not a task of this run ({', '.join(t.name for t, _ in jobs)})")
     if why:
         raise SystemExit("error: " + "\n       ".join(why))
+    unread_flags(args, methods, [task for task, _ in jobs])
     if args.resume and not args.run_dir:
         raise SystemExit("error: --resume continues the run in the folder given by --run-dir: name it")
     if args.run_dir and (Path(args.run_dir) / "report.json").exists() and not args.resume:
@@ -1321,6 +1371,8 @@ def main(argv=None):
                          f"--resume to continue it, or delete that folder")
     read = []
     for task, root in jobs:
+        if task.name == DEMO_TASK:  # its folder written once the checks above passed
+            demo_task(root)
         data = task.loader(root, {})
         if task.kind == "verification" and not data.pairs:
             raise SystemExit(f"error: {task.name}: no verification pairs were read from {root}")

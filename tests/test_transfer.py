@@ -23,9 +23,11 @@ def student_ckpt(tmp_path_factory, fused):
 def run(tmp_path, task, data, fused, student, *extra):
     shutil.rmtree(tmp_path / "run", ignore_errors=True)  # transfer.py does not overwrite a run's report
     methods = set(extra[extra.index("--method") + 1].split(",")) if "--method" in extra else {"finetune"}
-    small = (["--head-epochs", "3"] if methods & {"all", *transfer.HEAD_METHODS} else []) + \
+    named = [*transfer.METHODS, *(methods - {"all"})] if "all" in methods else methods
+    read = {f for m in named for f in transfer.pair_reads(tasks.get_task(task), m, transfer.parse_args([]))}
+    small = (["--head-epochs", "3"] if "head_epochs" in read else []) + \
         (["--max-subsets", "3"] if methods & {"all", "bct"} else []) + \
-        (["--epochs", "1"] if methods & {"all", *transfer.NETWORK_METHODS} else [])  # (each refused where unread)
+        (["--epochs", "1"] if "epochs" in read else [])  # (each refused where unread)
     transfer.main(["--task", task, "--data", str(data), "--student", str(student), "--teacher-cache",
                    str(fused / "feats"), "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
                    "--max-splits", "2", *small, *extra])
@@ -755,7 +757,8 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
     without multitask (nothing used it): one line each, before any task is read."""
     def work(*a, **k):
         raise AssertionError("work started")
-    monkeypatch.setattr(transfer, "demo_task", work)
+    demo = transfer.demo_task
+    monkeypatch.setattr(transfer, "demo_task", lambda root=None, write=True: work() if write else demo(write=False))
     monkeypatch.setattr(transfer, "task_cache", work)
     monkeypatch.setattr(transfer, "make_run_dir", work)
     for argv, why in [(["--task", "AgeR-UTK", "--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
@@ -764,9 +767,18 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                       (["--pseudo-label", "faces", "--method", "finetune"], "--pseudo-label needs --method multitask"),
                       (["--method", "finetune", "--prune", "0.5"], "--prune 0.5 is for --method etl"),
                       (["--method", "finetune", "--kd-weight", "2"], "--kd-weight 2.0 is for --method kd"),
-                      (["--method", "finetune", "--head-epochs", "7"], "--head-epochs 7 is for --method frozen or fused"),
+                      (["--method", "finetune", "--head-epochs", "7"], "--head-epochs 7: no method of this run reads "
+                                                                          "it on its tasks .Face-LFWsubset.: it is the "
+                                                                          "epochs of an MLP head"),
                       (["--method", "bt", "--max-subsets", "3"], "--max-subsets 3 is for --method bct"),
-                      (["--method", "frozen,fused", "--epochs", "2"], "--epochs 2 is for --method finetune or "),
+                      (["--method", "frozen,fused", "--epochs", "2"], "--epochs 2: no method of this run reads it"),
+                      (["--task", "AgeR-UTK", "--data", "a", "--method", "kd", "--kd-temperature", "2"],
+                       "--kd-temperature 2.0: no method of this run reads it on its tasks .AgeR-UTK."),
+                      (["--task", "Identity-LFW", "--data", "a", "--method", "frozen", "--hidden", "64"],
+                       "--hidden 64: no method .* verification compares the embeddings"),
+                      (["--method", "finetune", "--detect-size", "480"], "--detect-size 480: .* the face detector, "
+                                                                         "which --align none"),
+                      (["--method", "finetune", "--embedding", "ae"], "--embedding ae is for --method fused or"),
                       (["--method", "finetune", "--pseudo-threshold", "0.5"], "--pseudo-threshold 0.5 is for --method "
                                                                               "multitask"),
                       (["--method", "multitask", "--pseudo-agreement", "0.1"], "for data distillation: give --pseudo-label"),
@@ -802,7 +814,8 @@ def test_help_says_what_each_flag_does_and_its_default(capsys, monkeypatch):
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("  --")}
     twice = [ln for ln in lines.values() if ln.count("default") > 1]
     assert not twice, twice
-    assert lines["--epochs"].endswith("(finetune, scratch, pcnn, etl, multitask, kd) (default: 10)")
+    assert "(finetune, scratch, pcnn, etl, multitask, kd; on a landmark task frozen too" in lines["--epochs"]
+    assert lines["--epochs"].endswith("(default: 10)")
     assert "(default: 0.5,0.75,0.9,0.97)" in lines["--prune"] and "(default: 0)" in lines["--seed"]
     assert f"print the {len(tasks.TASKS)} tasks" in lines["--list"] and "16 knowledge" not in text
     transfer.main(["--list"])
@@ -973,13 +986,18 @@ def test_a_run_recorded_with_a_flag_now_refused_for_its_methods_still_resumes(tm
     write_args(run, "transfer", old)
     args = transfer.parse_args(["--run-dir", str(run), "--resume"])
     assert args.epochs == 5
-    transfer.check_flags(args, ["frozen", "fused"])  # not refused
+    age = [tasks.get_task("AgeR-UTK")]
+    transfer.unread_flags(args, ["frozen", "fused"], age)  # not refused
     # a --resume into a folder with no run recorded compares nothing: the flag is refused as ever
     args = transfer.parse_args(["--resume", "--run-dir", str(tmp_path / "new"), "--method", "frozen", "--epochs", "5"])
-    with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
-        transfer.check_flags(args, ["frozen"])
-    with pytest.raises(SystemExit, match="--epochs 5 is for --method"):
-        transfer.check_flags(transfer.parse_args(["--method", "frozen", "--epochs", "5"]), ["frozen"])
+    with pytest.raises(SystemExit, match="--epochs 5: no method of this run reads it"):
+        transfer.unread_flags(args, ["frozen"], age)
+    with pytest.raises(SystemExit, match="--epochs 5: no method of this run reads it"):
+        transfer.unread_flags(transfer.parse_args(["--method", "frozen", "--epochs", "5"]), ["frozen"], age)
+    # the same method on a landmark task trains its joint model (backbone frozen) for --epochs (it was refused)
+    landmarks = transfer.parse_args(["--method", "frozen", "--epochs", "5"])
+    transfer.check_flags(landmarks, ["frozen"])
+    transfer.unread_flags(landmarks, ["frozen"], [tasks.get_task("Align-CelebA")])
 
 
 def test_a_batch_of_one_is_refused_only_to_the_methods_that_train_a_network_on_images():
