@@ -557,8 +557,11 @@ def sweep_n(cache, ops, sizes, dim, data, split, slices, args, run, log, weight=
             t0 = time.perf_counter()
             model, info = train_operator(op, cache.dim, dim, data, train, val, args, log, weight)
             err = fusion.nrmse_per_block(reconstruct(model, data, test), x_test, data.mean, slices)
-            row[op] = {**err, "average": fusion.average_nrmse(err), "seconds": time.perf_counter() - t0,
-                       **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden")}}
+            # a fit loaded from an earlier run took no time here; a resumed one, the rest of its steps
+            seconds = None if info.get("loaded") else time.perf_counter() - t0
+            row[op] = {**err, "average": fusion.average_nrmse(err), "seconds": seconds,
+                       **{k: v for k, v in info.items() if k in ("best_step", "steps_run", "hidden", "loaded",
+                                                                 "resumed_from_step")}}
         results.append(row)
         log.info(f"N={n}: average test NRMSE " + ", ".join(f"{op} {row[op]['average']:.3f}" for op in ops))
         autoencoder = set(ops) & set(fusion.AUTOENCODERS)

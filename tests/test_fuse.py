@@ -816,6 +816,12 @@ def test_n_sweep_fits_G_on_growing_corpora_against_one_test_set(fused, tmp_path)
     caption = (tmp_path / "run" / "n_sweep.md").read_text()
     assert caption.count("|") > 6 and "autoencoder" not in caption and sweep["layout"] is None  # no AE was fitted
     assert (tmp_path / "run" / "n_sweep.png").stat().st_size > 1000
+    assert all(r["pca"]["seconds"] > 0 and not r["pca"].get("loaded") for r in sweep["results"])
+    # run again, its fits are loaded from the cache: no fitting time is reported for them
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "again"), "--ops", "pca", "--dim", "4",
+               "--shard-size", "4", "--n-sweep", "6,9", "--val-frac", "0.3"])
+    again = json.loads((tmp_path / "again" / "n_sweep.json").read_text())
+    assert all(r["pca"]["seconds"] is None and r["pca"]["loaded"] for r in again["results"])
 
 
 def test_sweep_tables_say_n_a_for_a_teacher_without_an_error(fused, tmp_path, monkeypatch):
