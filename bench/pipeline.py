@@ -400,9 +400,10 @@ def main(argv=None):
         add(("distill", "crop store + device augmentation", new_epoch[0],
                      f"{PAPER_FACES * PAPER_EPOCHS / new_epoch[0] / 3600:.1f} h for 40 epochs of 4.12 M; "
                      f"{new_epoch[0] / old_epoch[0]:.2f}x before; {new_epoch[0] / alone[0]:.0%} of train_step "
-                     f"alone; GPU {new_epoch[1]}"))
+                     f"alone; GPU {new_epoch[1]}; the host waited for batches {new_epoch[2]:.0%} of the time"))
         add(("transfer", "task crop store + device augmentation (transfer.py's loader)", task_epoch[0],
-             f"{task_epoch[0] / alone[0]:.0%} of train_step alone; GPU {task_epoch[1]}"))
+             f"{task_epoch[0] / alone[0]:.0%} of train_step alone; GPU {task_epoch[1]}; the host waited for "
+             f"batches {task_epoch[2]:.0%} of the time"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head = (f"{args.n} images, teachers {args.teachers}, batch {args.batch}, {args.workers} workers, {device} "
@@ -448,12 +449,12 @@ def train_rate(cache, rows, args, device, source: str, steps: int):
         x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
         t = torch.randn(args.batch, cache.dim, device=device)
         batches = ((x, t) for _ in range(args.warmup + steps))
-    util, n = GpuUtil(device), 0
-    for i, (pixels, target) in enumerate(batches):
+    util, n, clock = GpuUtil(device), 0, {"wait": 0.0}
+    for i, (pixels, target) in enumerate(waited_for(batches, clock)):
         if i == args.warmup:
             sync(device)
             util.__enter__()
-            t0 = time.perf_counter()
+            t0, clock["wait"] = time.perf_counter(), 0.0
         loss = distill.train_step(student, pixels, target, loss_fn, opt)
         n += len(pixels) if i >= args.warmup else 0
         if i + 1 == args.warmup + steps:
@@ -461,7 +462,21 @@ def train_rate(cache, rows, args, device, source: str, steps: int):
     loss.item()
     seconds = time.perf_counter() - t0
     util.__exit__()
-    return rate(n, seconds), util.text()
+    return rate(n, seconds), util.text(), clock["wait"] / max(seconds, 1e-9)
+
+
+def waited_for(batches, clock):
+    """batches, adding to clock["wait"] the time the host spends waiting for each: where the loader is what
+    holds training back, this is most of the time (the device's queued work runs meanwhile)."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        clock["wait"] += time.perf_counter() - t
+        yield b
 
 
 class OldFaces(torch.utils.data.Dataset):
