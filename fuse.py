@@ -41,7 +41,7 @@ from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, bounded, comparable,
                          dist_info, get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir,
-                         pick_device, recorded_args, run_dir_problem, run_main)
+                         pick_device, recorded_args, run_dir_problem, run_main, stamped_folder)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -619,14 +619,7 @@ REPORTS = ("table5.md", "table5.json", "h_G.json", "split.json", *(f"{sweep}_swe
 def set_aside(run: Path) -> Path:
     """Move a finished run's args.json and tables into RUN/replaced-TIME/, not delete them: the run replacing
     them may yet stop after its extraction (too few faces found to fit G) and leave no tables of its own."""
-    stamp, n = run / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}", 1
-    while True:
-        aside = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
-        try:
-            aside.mkdir()
-            break
-        except FileExistsError:
-            n += 1
+    aside = stamped_folder(run, "replaced")
     for name in ("args.json", *REPORTS):
         if (run / name).exists():
             (run / name).replace(aside / name)

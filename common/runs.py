@@ -204,6 +204,18 @@ def run_dir_problem(run: Path | None, prefix: str) -> str | None:
     return None  # (a run writing there: make_run_dir's lock says so, after the patience a brief check needs)
 
 
+def stamped_folder(parent: Path, prefix: str) -> Path:
+    """A new folder parent/PREFIX-TIME (two made in the same second get folders of their own: -2, -3 ...)."""
+    stamp, n = Path(parent) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    while True:
+        folder = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
 def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True) -> Path:
     """Create the run folder (a timestamped one under RUNS when out is None) and save args.json in it, with the
     script (`prefix`) that made it: another script's run folder is refused, not written over. record=False
@@ -213,16 +225,9 @@ def make_run_dir(out: str | Path | None, prefix: str, args, record: bool = True)
         if why := run_dir_problem(run, prefix):
             raise SystemExit(why)
         run.mkdir(parents=True, exist_ok=True)
-    else:  # two runs started in the same second get folders of their own
-        stamp, n = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    else:
         RUNS.mkdir(parents=True, exist_ok=True)
-        while True:
-            run = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
-            try:
-                run.mkdir()
-                break
-            except FileExistsError:
-                n += 1
+        run = stamped_folder(RUNS, prefix)
     # a timestamped one too: its name is in the log, and a --resume given it meanwhile is refused
     if hold(run):  # held: a temporary file of its own is a killed run's
         remove_temporary(run)  # its own folders only: a --run-dir above other runs or caches holds their writers'
