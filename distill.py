@@ -50,8 +50,8 @@ from common.files import atomic_write, write_json, write_text
 from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
                          dist_info, get_logger, given_flags, hold, holding_runs, init_dist, leave_stops_to_the_parent,
-                         make_run_dir, one_process_only, pick_device, resume_defaults, run_dir_problem, run_main,
-                         write_args)
+                         make_run_dir, one_process_only, pick_device, recorded_args, resume_defaults, run_dir_problem,
+                         run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, pin, read_checkpoint,
                             save_student)
 from kernels import cosine_distill_loss
@@ -154,9 +154,13 @@ def parse_args(argv=None):
                       "size") and v < 1]
     if args.steps < 0:
         p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
-    if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1" and not args.resume:  # it would go unread
-        # (not on a resume: a run recorded before this check is continued as it ran)
-        p.error(f"--smoothl1-weight weighs the smooth-L1 term of --loss cosine+smoothl1, not of --loss {args.loss}")
+    # a resumed run's own recorded value passes (a run recorded before a check is continued as it ran); any
+    # other value is checked, given with --resume or not
+    recorded = (recorded_args(args.out) or {}) if args.resume and args.out else {}
+    kept = lambda flag: flag in recorded and recorded[flag] == getattr(args, flag)  # noqa: E731
+    if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1" and not kept("smoothl1_weight"):
+        p.error(f"--smoothl1-weight weighs the smooth-L1 term of --loss cosine+smoothl1, not of --loss {args.loss}: "
+                f"drop it, or give --loss cosine+smoothl1")
     if not args.width > 0:  # 0 or less still builds: 1-channel layers, a few hundred parameters
         p.error(f"--width {args.width}: the channel multiplier must be above 0 ({WIDTH} is the paper's student)")
     if small:
@@ -165,8 +169,7 @@ def parse_args(argv=None):
         p.error("--resume needs --run-dir, the folder of the run to continue")
     if args.resume and args.overwrite:  # (it resumed, deleting nothing)
         p.error("--resume continues the run in --run-dir, --overwrite deletes it to start afresh: give one of them")
-    continued = args.resume and args.out is not None and (Path(args.out) / "args.json").is_file()  # else afresh
-    if args.arch == "resnet18" and args.width != 1.0 and not continued and "width" in given_flags(p, argv):
+    if args.arch == "resnet18" and args.width != 1.0 and "width" in given_flags(p, argv) and not kept("width"):
         p.error(f"--width {args.width:g} scales --arch resnet18w; resnet18 is the full width (it would be ignored)")
     return args
 

@@ -480,6 +480,20 @@ def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, ca
     with pytest.raises(SystemExit):
         distill.parse_args([*resumed[:-1], str(tmp_path / "new")])
     assert "--width 0.25 scales" in capsys.readouterr().err
+    # ...and a value other than the recorded one, given with --resume, is refused as on a fresh run (it was
+    # taken, and recorded, whatever it was)
+    with pytest.raises(SystemExit):
+        distill.parse_args([*resumed[:5], "0.5", *resumed[6:]])
+    assert "--width 0.5 scales" in capsys.readouterr().err
+    (tmp_path / "cos").mkdir()
+    (tmp_path / "cos" / "args.json").write_text(json.dumps({"script": "distill", "loss": "cosine",
+                                                            "smoothl1_weight": 1.0}))
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--resume", "--run-dir", str(tmp_path / "cos"), "--smoothl1-weight", "5"])
+    assert "--smoothl1-weight weighs the smooth-L1 term" in capsys.readouterr().err
+    (tmp_path / "cos" / "args.json").write_text(json.dumps({"script": "distill", "loss": "cosine",
+                                                            "smoothl1_weight": 5.0}))  # recorded before the check
+    assert distill.parse_args(["--resume", "--run-dir", str(tmp_path / "cos")]).smoothl1_weight == 5.0
 
 
 def test_a_run_whose_float16_steps_all_overflowed_writes_no_student(cache_dir, tmp_path, monkeypatch):
