@@ -691,6 +691,10 @@ def main(argv=None):
     if args.overwrite and args.run_dir and Path(args.run_dir).resolve().is_relative_to(Path(args.out).resolve()):
         raise SystemExit(f"error: --run-dir {args.run_dir} is inside --cache {args.out}, which --overwrite deletes: "
                          f"give the run a folder of its own")
+    if args.overwrite and (checks := [f for f, on in (("--verify-crops", args.verify_crops),
+                                                       ("--retry-unreadable", args.retry_unreadable)) if on]):
+        raise SystemExit(f"error: {' and '.join(checks)} look(s) again at the shards of --cache {args.out}, which "
+                         f"--overwrite deletes first: give one or the other")
     early, donor, kept, stamps = [], None, None, None
     if rank == 0:  # the other ranks open what rank 0 checked: N processes stat-ing 4 M files is N times the load
         if kept := complete_cache_without_images(args):
@@ -781,6 +785,8 @@ def main(argv=None):
         if args.verify_crops and not cache.crop_size:
             log.warning(f"warning: --verify-crops: {args.out} keeps no crop store (made with --crop-size 0): nothing "
                         f"to verify")
+        elif args.verify_crops and not any(cache.shard_done(k) for k in range(cache.n_shards)):
+            log.warning(f"warning: --verify-crops: no shard of {args.out} is extracted yet: nothing to verify")
         elif args.verify_crops and not cache.remove_altered_crops(log):
             log.info("crop store verified: every shard's crops match their recorded sha256")
         del images, plan  # the cache holds the paths as one buffer: 4 M names as Python strings were ~0.45 GB

@@ -542,6 +542,15 @@ def test_verify_crops_of_a_cache_without_a_crop_store_says_there_is_none(tmp_pat
     fuse.main([*run, "--verify-crops"])
     out = capsys.readouterr().out
     assert "keeps no crop store (made with --crop-size 0): nothing to verify" in out and "crop store verified" not in out
+    # nor of a cache made by this very run (nothing extracted when it checks), nor after --overwrite deleted it
+    fuse.main(["--data", str(face_dir), "--cache", "new", "--teachers", "gender", "--extract-only", "--verify-crops"])
+    out = capsys.readouterr().out
+    assert "--verify-crops: no shard of new is extracted yet: nothing to verify" in out
+    assert "crop store verified" not in out
+    for flag in ("--verify-crops", "--retry-unreadable"):
+        with pytest.raises(SystemExit, match=f"{flag} look.s. again at the shards of --cache c0, which --overwrite"):
+            fuse.main([*run, "--overwrite", flag])
+    assert FeatureCache(tmp_path / "c0").manifest["complete"]  # refused before anything was deleted
 
 
 def test_faces_from_another_cache_skip_detection(fused, face_dir, tmp_path, monkeypatch):
