@@ -40,8 +40,8 @@ from common.fusion import Standardised
 from common.images import IMAGE_EXTENSIONS, list_images
 from common.progress import Progress, counted
 from common.runs import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, bounded, comparable,
-                         dist_info, get_logger, hold, holding_runs, init_dist, kept_warnings, make_run_dir,
-                         pick_device, recorded_args, run_dir_problem, run_main, stamped_folder)
+                         dist_info, get_logger, given_flags, hold, holding_runs, init_dist, kept_warnings,
+                         make_run_dir, pick_device, recorded_args, run_dir_problem, run_main, stamped_folder)
 from common.teachers import DEFAULT_TEACHERS, REGISTRY, build_teachers, cached_teacher, load_config
 
 
@@ -187,7 +187,27 @@ def parse_args(argv=None):
                    help="train every operator again, replacing the fits kept in the cache's fits/ folder (by "
                         "default a rerun loads the fits it finished and resumes the one a kill cut off)")
     g.add_argument("--extract-only", action="store_true", help="stop after the feature cache is complete")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # a flag given that nothing reads would be recorded in args.json as if it had been used
+    given = given_flags(p, argv)
+    ops = {o.strip() for o in f"{args.ops},{args.write or ''}".split(",") if o.strip()}
+    unread = [(FIT_FLAGS, args.extract_only, "for fitting G, which --extract-only skips"),
+              (RECIPE_FLAGS, not ops & set(fusion.AUTOENCODERS),
+               f"for training an autoencoder, and --ops/--write name none ({', '.join(sorted(ops))})"),
+              (("dim", "balance"), ops == {"concat"}, "not read by concat, which keeps every dimension as it is"),
+              (("weight_decay",), args.ae_layout == "paper", "for the residual layout (--ae-layout paper trains "
+                                                             "with plain Adam)"),
+              (("steps",), args.epochs > 0, "replaced by --epochs' passes over the training faces")]
+    for flags, when, why in unread:
+        if when and (named := [f"--{f.replace('_', '-')}" for f in flags if f in given]):
+            raise SystemExit(f"error: {', '.join(named)}: {why}: drop {'them' if len(named) > 1 else 'it'}")
+    return args
+
+
+# fuse.py's flags that only fitting G reads, and of those, the ones only an autoencoder's training reads
+FIT_FLAGS = ("ops", "write", "dim", "ae_layout", "balance", "steps", "epochs", "eval_every", "patience", "fusion_batch",
+             "lr", "weight_decay", "val_frac", "test_frac", "val_max", "test_max", "split_group", "n_sweep", "refit")
+RECIPE_FLAGS = ("ae_layout", "steps", "epochs", "eval_every", "patience", "fusion_batch", "lr", "weight_decay")
 
 
 # ---------------------------------------------------------------------------------------------- faces

@@ -181,12 +181,14 @@ def test_sweeps_fit_G_as_h_G_is_fitted_and_each_fit_is_refitted_once(fused, face
     assert sweep[16] == pytest.approx(np.mean(list(table["nrmse"]["ae+bal"].values())), abs=1e-9)
     log = (tmp_path / "bal" / "log.txt").read_text()
     assert log.count("G[ae, 16, balanced]: validation MSE") == 2 and log.count("(finished earlier") == 1
+    concat = [a for a in common if a not in ("--epochs", "3")]  # (concat alone reads no recipe and no --dim)
     for run in ("c1", "c2"):
-        fuse.main(common + ["--run-dir", str(tmp_path / run), "--ops", "concat", "--dim", "8"])
+        fuse.main(concat + ["--run-dir", str(tmp_path / run), "--ops", "concat"])
     assert "comes from this same fit: kept as it is" in (tmp_path / "c2" / "log.txt").read_text()
     assert "CONCAT keeps all" in (tmp_path / "c2" / "table5.md").read_text()
     width = json.loads((tmp_path / "c2" / "table5.json").read_text())["widths"]["concat"]
-    assert width > 8 and f"(h_G width {width})" in (tmp_path / "c2" / "table5.md").read_text()  # not --dim's 8
+    assert width == FeatureCache(tmp_path / "feats").dim
+    assert f"(h_G width {width})" in (tmp_path / "c2" / "table5.md").read_text()
 
 
 def test_n_sweep_larger_than_corpus_fails_before_training(fused, face_dir, tmp_path):
@@ -479,7 +481,15 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        # each face its own group: an N too small for 2 validation faces is known before extraction
                        (["--teachers", "gender", "--n-sweep", "10"], "--n-sweep 10: 9 training and 1 validation"),
                        (["--teachers", "gender", "--ops", "concat,pca", "--dim", "8,4"], "concat has no width"),
-                       (["--teachers", "gender", "--extract-only", "--ops", "bogus"], "unknown operator 'bogus'"),
+                       (["--teachers", "gender", "--extract-only", "--ops", "bogus", "--n-sweep", "5"],
+                        "--ops, --n-sweep: for fitting G, which --extract-only skips: drop them"),
+                       # flags that the operators asked for do not read (they were recorded in args.json as used)
+                       (["--teachers", "gender", "--ops", "pca,concat", "--lr", "0.1", "--ae-layout", "paper"],
+                        "--ae-layout, --lr: for training an autoencoder, and --ops/--write name none (concat, pca)"),
+                       (["--teachers", "gender", "--ops", "concat", "--dim", "8"], "--dim: not read by concat"),
+                       (["--teachers", "gender", "--ae-layout", "paper", "--weight-decay", "0.1"],
+                        "--weight-decay: for the residual layout"),
+                       (["--teachers", "gender", "--epochs", "2", "--steps", "9"], "--steps: replaced by --epochs'"),
                        (["--teachers", "gender", "--align", "none", "--detect-size", "320", "--min-face-prob", "0.5"],
                         "--detect-size, --min-face-prob: for the face detector, which --align none does not run"),
                        (["--teachers", "gender", "--overwrite", "--run-dir", str(tmp_path / "c" / "run")],
