@@ -169,8 +169,12 @@ def parse_args(argv=None):
         p.error("--resume needs --run-dir, the folder of the run to continue")
     if args.resume and args.overwrite:  # (it resumed, deleting nothing)
         p.error("--resume continues the run in --run-dir, --overwrite deletes it to start afresh: give one of them")
-    if args.arch == "resnet18" and args.width != 1.0 and "width" in given_flags(p, argv) and not kept("width"):
+    given = given_flags(p, argv)
+    if args.arch == "resnet18" and args.width != 1.0 and "width" in given and not kept("width"):
         p.error(f"--width {args.width:g} scales --arch resnet18w; resnet18 is the full width (it would be ignored)")
+    # given, it would go unread and be recorded in args.json as if used
+    if args.steps > 0 and "epochs" in given and not kept("epochs"):
+        p.error(f"--epochs {args.epochs}: --steps {args.steps} sets the length of training: give one of them")
     return args
 
 

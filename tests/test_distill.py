@@ -465,7 +465,8 @@ def test_contradictory_flags_are_refused_before_any_work(cache_dir, tmp_path, ca
     for argv, say in ((["--resume", "--overwrite", "--run-dir", str(tmp_path / "r")], "give one of them"),
                       (["--arch", "resnet18", "--width", "0.25"], "--width 0.25 scales --arch resnet18w"),
                       (["--arch", "resnet18", "--width=0.5"], "--width 0.5 scales"),
-                      (["--arch", "resnet18", "--wid", "0.5"], "--width 0.5 scales")):  # argparse's abbreviation
+                      (["--arch", "resnet18", "--wid", "0.5"], "--width 0.5 scales"),  # argparse's abbreviation
+                      (["--steps", "3", "--epochs", "2"], "--epochs 2: --steps 3 sets the length of training")):
         with pytest.raises(SystemExit):
             distill.parse_args(["--teacher-cache", str(cache_dir), *argv])
         assert say in capsys.readouterr().err
