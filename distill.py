@@ -728,8 +728,12 @@ def embed_images(checkpoint, paths, batch=64, device="cpu", min_prob=None, worke
     device = torch.device(device)
     emb = np.full((len(paths), cfg["out_dim"]), np.nan, np.float32)
     reasons = [""] * len(paths)
+    align = cfg.get("align") or "mtcnn"
+    if min_prob is not None and align == "none":  # it would go unread
+        raise SystemExit(f"error: --min-face-prob {min_prob:g}: {checkpoint} learnt from faces taken whole (--align "
+                         f"none), so no face is detected here either: drop it")
     threshold = (cfg.get("min_face_prob") or MIN_FACE_PROB) if min_prob is None else min_prob  # 0 is a threshold: every face
-    opts = Options(align=cfg.get("align") or "mtcnn", min_face_prob=threshold,
+    opts = Options(align=align, min_face_prob=threshold,
                    batch=batch, workers=workers, detect_size=cfg.get("detect_size") or DETECT_SIZE,
                    smallest_face=cfg.get("smallest_face") or SMALLEST_FACE)
     if say:

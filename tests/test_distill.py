@@ -1019,6 +1019,13 @@ def test_embed_finds_faces_as_the_students_cache_did(trained, tmp_path, monkeypa
     distill.embed_images(tmp_path / "s.safetensors", ["a.jpg"], min_prob=0.0)  # every face counts: not the cache's
     assert [(o.detect_size, o.smallest_face, o.min_face_prob) for o in seen] == [(320, 40, 0.8), (320, 40, 0.95),
                                                                                 (320, 40, 0.0)]
+    # a student of whole-image crops: nothing is detected, so a threshold given would go unread
+    save_student(student, tmp_path / "n.safetensors", {**cfg, "align": "none", "detect_size": None,
+                                                      "smallest_face": None, "min_face_prob": None})
+    distill.embed_images(tmp_path / "n.safetensors", ["a.jpg"])
+    assert seen[-1].align == "none"
+    with pytest.raises(SystemExit, match="--min-face-prob 0.5: .* learnt from faces taken whole"):
+        distill.embed_images(tmp_path / "n.safetensors", ["a.jpg"], min_prob=0.5)
     with pytest.raises(SystemExit, match="--batch 0"):
         distill.main(["embed", "--student", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy"),
                       "--batch", "0"])
