@@ -249,7 +249,8 @@ def complete_cache_without_images(args):
     for flag, asked in (("--retry-unreadable", args.retry_unreadable), ("--faces-from", args.faces_from),
                         ("--verify-crops", args.verify_crops)):
         if asked:
-            raise SystemExit(f"error: {flag} reads images, and --data {args.data} is not there")
+            raise SystemExit(f"error: {flag} reads images, and --data {args.data} is not there: put the images "
+                             f"back (or name where they are now with --data), or drop {flag}")
     cache = FeatureCache(out)
     if damaged := cache.damaged_shards(every=True):
         k, why = next(iter(damaged.items()))
@@ -437,7 +438,8 @@ def fit_and_report(cache: FeatureCache, args, device, run: Path, log) -> None:
     train, val, test = split["train"], split["val"], split["test"]
     n_sweep = n_sweep_sizes(args)
     if n_sweep and n_sweep[-1] > len(train) + len(val):
-        raise SystemExit(f"error: --n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set")
+        raise SystemExit(f"error: --n-sweep {n_sweep[-1]}: only {len(train) + len(val)} faces outside the test set: "
+                         f"sweep {len(train) + len(val)} or fewer (the cache is complete: a rerun only fits G)")
     for n in n_sweep:  # before anything trains: a sweep that cannot run must not cost the operators' training
         a, b = sweep_sets(split, args, n, groups=groups)
         if min(len(a), len(b)) < 2:
@@ -621,7 +623,10 @@ def extraction_settings(args) -> None:
     detector = [f"--{f.replace('_', '-')}" for f in ("detect_size", "min_face_prob", "smallest_face")
                 if getattr(args, f) is not None]
     if args.align == "none" and detector:  # (args.json recorded them, as if they had been used)
-        raise SystemExit(f"error: {', '.join(detector)}: for the face detector, which --align none does not run")
+        made_so = (f" (--cache {args.out} was made so; --overwrite --align mtcnn makes it anew with the detector)"
+                   if made.get("align") == "none" else "")
+        raise SystemExit(f"error: {', '.join(detector)}: for the face detector, which --align none does not run"
+                         f"{made_so}: drop {'them' if len(detector) > 1 else 'it'}")
     for flag, default in EXTRACTION.items():
         # the detector's settings of a cache made another way are no setting of this one's (--align none then
         # refused --smallest-face, a flag never given): the cache's mismatch is what is said

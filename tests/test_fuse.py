@@ -733,6 +733,11 @@ def test_extraction_settings_come_from_the_cache_made_the_same_way(tmp_path):
     args = Namespace(out=tmp_path, overwrite=True, **unset)  # --overwrite: the defaults, nothing of the old cache
     fuse.extraction_settings(args)
     assert args.shard_size == 4096 and args.smallest_face == 20
+    # a detector flag on a cache made with --align none (never typed on this command line): the refusal says so
+    (tmp_path / "manifest.json").write_text(json.dumps({"align": "none", "shard_size": 8}))
+    with pytest.raises(SystemExit, match=f"--min-face-prob: .* does not run .--cache {tmp_path} was made so; "
+                                         f"--overwrite --align mtcnn makes it anew with the detector.: drop it"):
+        fuse.extraction_settings(Namespace(out=tmp_path, overwrite=False, **{**unset, "min_face_prob": 0.5}))
 
 
 def test_a_second_fuse_on_one_cache_is_refused(tmp_path, face_dir, monkeypatch):
@@ -905,7 +910,7 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     cache = FeatureCache(tmp_path / "feats")
     n = len(cache.images) - fusion.held_out_size(len(cache.images), 0.1, 1000)
     assert cache.found.sum() < len(cache.images)
-    with pytest.raises(SystemExit, match=f"--n-sweep {n}: only"):
+    with pytest.raises(SystemExit, match=f"--n-sweep {n}: only .* faces outside the test set: sweep .* or fewer"):
         fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca",
                    "--dim", "3", "--n-sweep", str(n), "--val-frac", "0.3"])
     assert not (tmp_path / "wide" / "h_G.json").exists()
