@@ -659,7 +659,9 @@ def another_finished_run(args) -> bool:
     if (old := recorded_args(args.run_dir)) is None:
         return True
     old, now = comparable(args, old, parse_args([]))
-    return any(old.get(k) != v for k, v in now.items() if k not in ("run_dir", "device", "workers"))
+    # (how it ran, not what it gives: the same cache and tables)
+    return any(old.get(k) != v for k, v in now.items()
+               if k not in ("run_dir", "device", "workers", "batch", "streams", "verify_crops"))
 
 
 def data_and_cache(args, rank: int, world: int) -> None:

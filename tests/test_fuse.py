@@ -887,6 +887,10 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     # other arguments into that --run-dir replace its tables, which is said (the other scripts refuse it)
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
     assert "holds a finished fuse.py run" not in capsys.readouterr().out
+    # ...nor does it with other settings of how it runs, not of what it gives
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300",
+               "--batch", "7", "--streams", "1", "--workers", "0"])
+    assert "holds a finished fuse.py run" not in capsys.readouterr().out
     # ...nor one recorded before a flag existed (it ran with that flag's default)
     recorded = json.loads((tmp_path / "wide" / "args.json").read_text())
     (tmp_path / "wide" / "args.json").write_text(json.dumps({k: v for k, v in recorded.items()
