@@ -1223,7 +1223,7 @@ PAIR_FLAGS = {
                    "verification does not train (it compares their embeddings) and a landmark task trains frozen "
                    "for --epochs",
     "hidden": "the MLP head's width; verification compares the embeddings of frozen, fused, concat, pca, bt and "
-              "bct (no head)",
+              "bct (no head), and concat's head takes its widths from G's layers",
     "kd_temperature": "kd's softmax temperature on classes (on a regression its term is the distance to the "
                       "teacher's expected value)",
     "detect_size": "for the face detector, which --align none (or each task's own default) does not run",
@@ -1242,7 +1242,7 @@ def pair_reads(task, method, args) -> set[str]:
         return reads | {"epochs", "hidden"}  # a joint model trained for --epochs (kd.run, multitask)
     if task.kind == "verification":  # embeddings compared by cosine
         return reads
-    reads |= {"hidden", "head_epochs" if method in HEAD_METHODS else "epochs"}
+    reads |= {"head_epochs" if method in HEAD_METHODS else "epochs"} | ({"hidden"} if method != "concat" else set())
     return reads | ({"kd_temperature"} if method == "kd" and task.kind == "classification" else set())
 
 
@@ -1252,7 +1252,7 @@ def unread_flags(args, methods, tasks_run) -> None:
     defaults = vars(parse_args([]))
     recorded = (recorded_args(args.run_dir) or {}) if args.resume and args.run_dir else {}
     read = {f for task in tasks_run for m in methods for f in pair_reads(task, m, args)}
-    if args.pseudo_label is not None:  # its unlabelled faces are detected
+    if args.pseudo_label is not None and (args.align or "mtcnn") == "mtcnn":  # its unlabelled faces are detected
         read |= {"detect_size", "smallest_face", "min_face_prob"}
     for flag, what in PAIR_FLAGS.items():
         value = getattr(args, flag)

@@ -897,18 +897,18 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
                                                              if k not in ("verify_crops", "split_group")}))
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
     assert "holds a finished fuse.py run" not in capsys.readouterr().out
-    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json"):
+    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json", "n_sweep.png"):
         (tmp_path / "wide" / sweep).write_text("a sweep of the run before")
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "2"])
     assert f"--run-dir {tmp_path / 'wide'} holds a finished fuse.py run" in capsys.readouterr().out
-    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json"):  # each would have passed for this run's own
+    for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json", "n_sweep.png"):  # each would pass for its own
         assert not (tmp_path / "wide" / sweep).exists()
     assert json.loads((tmp_path / "wide" / "h_G.json").read_text())["width"] == 2
     # set aside, not deleted: the run before's arguments and tables, sweeps included
     aside, = (tmp_path / "wide").glob("replaced-*")
     assert json.loads((aside / "h_G.json").read_text())["width"] == 300
     assert json.loads((aside / "args.json").read_text())["dim"] == "300"
-    assert (aside / "n_sweep.md").read_text() == "a sweep of the run before" and (aside / "table5.md").is_file()
+    assert (aside / "n_sweep.png").read_text() == "a sweep of the run before" and (aside / "table5.md").is_file()
     # a run refused after its extraction (its --n-sweep fits the images, not the faces found in them) leaves the
     # tables it would have replaced in the folder beside it
     cache = FeatureCache(tmp_path / "feats")

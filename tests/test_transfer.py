@@ -759,6 +759,7 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
         raise AssertionError("work started")
     demo = transfer.demo_task
     monkeypatch.setattr(transfer, "demo_task", lambda root=None, write=True: work() if write else demo(write=False))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(transfer, "task_cache", work)
     monkeypatch.setattr(transfer, "make_run_dir", work)
     for argv, why in [(["--task", "AgeR-UTK", "--data", "a", "--tasks", "Gender-UTK=b"], "drop --task and --data"),
@@ -778,6 +779,15 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
                        "--hidden 64: no method .* verification compares the embeddings"),
                       (["--method", "finetune", "--detect-size", "480"], "--detect-size 480: .* the face detector, "
                                                                          "which --align none"),
+                      (["--method", "finetune", "--smallest-face", "40"], "--smallest-face 40: no method"),
+                      (["--method", "finetune", "--min-face-prob", "0.5"], "--min-face-prob 0.5: no method"),
+                      (["--task", "Align-CelebA", "--data", "a", "--method", "all", "--head-epochs", "5"],
+                       "--head-epochs 5: no method"),  # (its head methods are n/a there: they read nothing)
+                      (["--task", "AgeR-UTK", "--data", "a", "--method", "concat", "--hidden", "64"],
+                       "--hidden 64: no method .* concat's head takes its widths from G's layers"),
+                      (["--task", "AgeR-UTK", "--data", "a", "--method", "multitask", "--align", "none",
+                        "--pseudo-label", str(tmp_path), "--detect-size", "480"], "--detect-size 480: no method"),
+                      (["--method", "pcnn", "--embedding", "ae"], "--embedding ae is for --method fused or"),
                       (["--method", "finetune", "--embedding", "ae"], "--embedding ae is for --method fused or"),
                       (["--method", "finetune", "--pseudo-threshold", "0.5"], "--pseudo-threshold 0.5 is for --method "
                                                                               "multitask"),
@@ -788,6 +798,24 @@ def test_flags_that_would_be_ignored_stop_before_any_work(tmp_path, monkeypatch)
         with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
             transfer.main(argv)
         assert "\n" not in str(e.value)
+    assert not (tmp_path / "data").exists()  # the demo's folder is written after the checks, not before
+
+
+@pytest.mark.parametrize("task, method, flags", [
+    ("Identity-LFW", "finetune", ["--epochs", "2", "--hidden", "64"]),  # an identity model trained on the other folds
+    ("Identity-LFW", "kd", ["--epochs", "2", "--hidden", "64"]),
+    ("Align-CelebA", "frozen", ["--epochs", "2", "--hidden", "64"]),  # a joint model, backbone fixed, for --epochs
+    ("AgeR-UTK", "finetune", ["--epochs", "2", "--hidden", "64", "--detect-size", "480", "--smallest-face", "40",
+                              "--min-face-prob", "0.5"]),
+    ("AgeR-UTK", "frozen", ["--head-epochs", "5", "--hidden", "64"]),
+    ("Gender-UTK", "kd", ["--kd-temperature", "2"]),
+    ("AgeR-UTK", "multitask", ["--epochs", "2", "--hidden", "64"]),
+    (transfer.DEMO_TASK, "multitask", ["--pseudo-label", ".", "--detect-size", "480"]),  # its faces are detected
+])
+def test_a_flag_a_method_reads_on_the_task_passes(task, method, flags):
+    """What the refusal of unread flags must let through, written out (not from pair_reads, which it tests)."""
+    t = transfer.demo_task(write=False)[0] if task == transfer.DEMO_TASK else transfer.task_named(task)
+    transfer.unread_flags(transfer.parse_args(["--method", method, *flags]), [method], [t])
 
 
 def test_a_feature_cache_given_as_student_gets_a_runs_folder_hint(tmp_path):
