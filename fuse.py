@@ -635,6 +635,8 @@ def extraction_settings(args) -> None:
             setattr(args, flag, default if made.get(flag) is None or detector else made[flag])
     if why := detection_problem(args.align, args.detect_size, args.smallest_face):
         raise SystemExit(f"error: {why}")
+    if args.align == "none":  # nothing is detected: args.json records no detector setting, as the manifest does
+        args.min_face_prob = args.detect_size = args.smallest_face = None
 
 
 REPORTS = ("table5.md", "table5.json", "h_G.json", "split.json", *(f"{sweep}_sweep.{ext}" for sweep in ("dim", "n")

@@ -729,7 +729,8 @@ def test_extraction_settings_come_from_the_cache_made_the_same_way(tmp_path):
     assert got == ("mtcnn", 40, 480, 8, 96)
     args = Namespace(out=tmp_path, overwrite=False, **{**unset, "align": "none"})
     fuse.extraction_settings(args)  # no SystemExit: the cache's mismatch is said by create_or_resume
-    assert (args.smallest_face, args.shard_size) == (fuse.EXTRACTION["smallest_face"], 8)
+    assert args.shard_size == 8  # and nothing is detected: no detector setting to record in args.json
+    assert (args.smallest_face, args.detect_size, args.min_face_prob) == (None, None, None)
     args = Namespace(out=tmp_path, overwrite=True, **unset)  # --overwrite: the defaults, nothing of the old cache
     fuse.extraction_settings(args)
     assert args.shard_size == 4096 and args.smallest_face == 20
