@@ -190,18 +190,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # a flag given that nothing reads would be recorded in args.json as if it had been used
     given = given_flags(p, argv)
-    ops = {o.strip() for o in f"{args.ops},{args.write or ''}".split(",") if o.strip()}
-    unread = [(FIT_FLAGS, args.extract_only, "for fitting G, which --extract-only skips"),
-              (RECIPE_FLAGS, not ops & set(fusion.AUTOENCODERS),
-               f"for training an autoencoder, and --ops/--write name none ({', '.join(sorted(ops))})"),
-              (("dim", "balance"), ops == {"concat"}, "not read by concat, which keeps every dimension as it is"),
-              (("weight_decay",), args.ae_layout == "paper", "for the residual layout (--ae-layout paper trains "
-                                                             "with plain Adam)"),
-              (("steps",), args.epochs > 0, "replaced by --epochs' passes over the training faces")]
-    for flags, when, why in unread:
-        if when and (named := [f"--{f.replace('_', '-')}" for f in flags if f in given]):
+    for flags, why in unread_rules(args):
+        if named := [f"--{f.replace('_', '-')}" for f in flags if f in given]:
             raise SystemExit(f"error: {', '.join(named)}: {why}: drop {'them' if len(named) > 1 else 'it'}")
+    if args.overwrite and (checks := [f for f, on in (("--verify-crops", args.verify_crops),
+                                                       ("--retry-unreadable", args.retry_unreadable)) if on]):
+        raise SystemExit(f"error: {' and '.join(checks)}: {'they look' if len(checks) > 1 else 'it looks'} again at "
+                         f"the shards of --cache, which --overwrite deletes first: give one or the other")
     return args
+
+
+def unread_rules(args) -> list[tuple[tuple[str, ...], str]]:
+    """(flags, why) of the flags that nothing of this run reads. A typo in --ops/--write says nothing here:
+    fusion_choices names it."""
+    ops = {o.strip() for o in f"{args.ops},{args.write or ''}".split(",") if o.strip()}
+    rules = [(FIT_FLAGS, args.extract_only, "for fitting G, which --extract-only skips"),
+             (RECIPE_FLAGS, ops <= set(fusion.OPERATORS) and not ops & set(fusion.AUTOENCODERS),
+              f"for training an autoencoder, and --ops/--write name none ({', '.join(sorted(ops))})"),
+             (("dim", "balance"), ops == {"concat"}, "not read by concat, which keeps every dimension as it is"),
+             (("weight_decay",), args.ae_layout == "paper", "for the residual layout (--ae-layout paper trains "
+                                                            "with plain Adam)"),
+             (("steps",), args.epochs > 0, "replaced by --epochs' passes over the training faces")]
+    return [(flags, why) for flags, when, why in rules if when]
 
 
 # fuse.py's flags that only fitting G reads, and of those, the ones only an autoencoder's training reads
@@ -661,9 +671,12 @@ def another_finished_run(args) -> bool:
     if (old := recorded_args(args.run_dir)) is None:
         return True
     old, now = comparable(args, old, parse_args([]))
-    # (how it ran, not what it gives: the same cache and tables)
-    return any(old.get(k) != v for k, v in now.items()
-               if k not in ("run_dir", "device", "workers", "batch", "streams", "verify_crops"))
+    # how it ran, not what it gives (the same cache and tables), and what neither run read (a run recorded
+    # before such a flag was refused, or before --align none recorded no detector setting)
+    moot = {"run_dir", "device", "workers", "batch", "streams", "verify_crops",
+            *(f for flags, _ in unread_rules(args) if flags is not FIT_FLAGS for f in flags),
+            *(("min_face_prob", "detect_size", "smallest_face") if args.align == "none" == old.get("align") else ())}
+    return any(old.get(k) != v for k, v in now.items() if k not in moot)
 
 
 def data_and_cache(args, rank: int, world: int) -> None:
@@ -720,10 +733,6 @@ def main(argv=None):
     if args.overwrite and args.run_dir and Path(args.run_dir).resolve().is_relative_to(Path(args.out).resolve()):
         raise SystemExit(f"error: --run-dir {args.run_dir} is inside --cache {args.out}, which --overwrite deletes: "
                          f"give the run a folder of its own")
-    if args.overwrite and (checks := [f for f, on in (("--verify-crops", args.verify_crops),
-                                                       ("--retry-unreadable", args.retry_unreadable)) if on]):
-        raise SystemExit(f"error: {' and '.join(checks)} look(s) again at the shards of --cache {args.out}, which "
-                         f"--overwrite deletes first: give one or the other")
     early, donor, kept, stamps = [], None, None, None
     if rank == 0:  # the other ranks open what rank 0 checked: N processes stat-ing 4 M files is N times the load
         if kept := complete_cache_without_images(args):

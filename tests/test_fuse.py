@@ -370,6 +370,19 @@ def test_device_extraction_matches_cpu(face_dir, tmp_path):
         assert np.median(cos) > 0.999 and cos.min() > 0.99, (name, np.round(cos, 4).tolist())
 
 
+@pytest.mark.parametrize("argv", [["--ops", "ae", "--epochs", "3"], ["--ops", "pca,ae", "--lr", "0.1"],
+                                  ["--ops", "pca", "--write", "ae", "--steps", "5", "--patience", "2"],
+                                  ["--ops", "concat,pca", "--balance", "both", "--dim", "8"],
+                                  ["--ops", "pca", "--n-sweep", "100,200"], ["--epochs", "0", "--steps", "5"],
+                                  ["--extract-only", "--seed", "3"], ["--ae-layout", "paper", "--balance", "both"]])
+def test_fit_flags_that_a_run_reads_pass(argv):
+    """What the refusal of unread fit flags must let through, written out."""
+    sys.path.insert(0, str(ROOT))
+    import fuse
+
+    fuse.parse_args(argv)
+
+
 def test_sweep_corpora_are_nested_with_their_own_validation_share():
     """A small --n-sweep corpus taken from a large one gets its share of validation faces (not what the main
     split's val_max cap leaves it), never a test face, and each corpus is part of the next."""
@@ -489,9 +502,17 @@ def test_mistakes_stop_before_any_work(tmp_path, face_dir, monkeypatch):
                        (["--teachers", "gender", "--ops", "concat", "--dim", "8"], "--dim: not read by concat"),
                        (["--teachers", "gender", "--ae-layout", "paper", "--weight-decay", "0.1"],
                         "--weight-decay: for the residual layout"),
-                       (["--teachers", "gender", "--epochs", "2", "--steps", "9"], "--steps: replaced by --epochs'"),
+                       (["--teachers", "gender", "--epochs", "1", "--steps", "9"], "--steps: replaced by --epochs'"),
+                       (["--teachers", "gender", "--ops", "concat", "--balance", "equal"], "--balance: not read by"),
+                       (["--teachers", "gender", "--extract-only", "--refit", "--val-frac", "0.2", "--epochs", "2"],
+                        "--epochs, --val-frac, --refit: for fitting G"),
+                       (["--teachers", "gender", "--ops", "pca", "--epochs", "2", "--patience", "3"],
+                        "--epochs, --patience: for training an autoencoder"),
+                       # an operator's typo is said as such, not as a recipe flag that nothing reads
+                       (["--teachers", "gender", "--ops", "AE", "--lr", "0.1"], "unknown operator 'AE'"),
                        (["--teachers", "gender", "--align", "none", "--detect-size", "320", "--min-face-prob", "0.5"],
-                        "--detect-size, --min-face-prob: for the face detector, which --align none does not run"),
+                        "--detect-size, --min-face-prob: for the face detector, which --align none does not run: "
+                        "drop them"),  # (not "the cache was made so": this one is new)
                        (["--teachers", "gender", "--overwrite", "--run-dir", str(tmp_path / "c" / "run")],
                         "is inside --cache"),
                        (["--teachers", "gender", "--cache", str(face_dir / "tom.png")], "tom.png is a file")]:
@@ -558,7 +579,7 @@ def test_verify_crops_of_a_cache_without_a_crop_store_says_there_is_none(tmp_pat
     assert "--verify-crops: no shard of new is extracted yet: nothing to verify" in out
     assert "crop store verified" not in out
     for flag in ("--verify-crops", "--retry-unreadable"):
-        with pytest.raises(SystemExit, match=f"{flag} look.s. again at the shards of --cache c0, which --overwrite"):
+        with pytest.raises(SystemExit, match=f"{flag}: it looks again at the shards of --cache, which --overwrite"):
             fuse.main([*run, "--overwrite", flag])
     assert FeatureCache(tmp_path / "c0").manifest["complete"]  # refused before anything was deleted
 
@@ -896,6 +917,10 @@ def test_an_h_G_wider_than_its_training_faces_can_fill_is_said(fused, tmp_path, 
     recorded = json.loads((tmp_path / "wide" / "args.json").read_text())
     (tmp_path / "wide" / "args.json").write_text(json.dumps({k: v for k, v in recorded.items()
                                                              if k not in ("verify_crops", "split_group")}))
+    fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
+    assert "holds a finished fuse.py run" not in capsys.readouterr().out
+    # ...nor one recorded with a flag that it did not read (an --ops pca run's --lr, accepted before it was refused)
+    (tmp_path / "wide" / "args.json").write_text(json.dumps({**recorded, "lr": 0.1}))
     fuse.main(["--cache", str(tmp_path / "feats"), "--run-dir", str(tmp_path / "wide"), "--ops", "pca", "--dim", "300"])
     assert "holds a finished fuse.py run" not in capsys.readouterr().out
     for sweep in ("dim_sweep.md", "n_sweep.md", "n_sweep.json", "n_sweep.png"):

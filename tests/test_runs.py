@@ -763,3 +763,12 @@ def test_a_bare_resume_of_a_folder_with_no_run_recorded_is_refused(tmp_path, scr
     module.parse_args(["--resume", "--run-dir", str(tmp_path / "damaged")])
     # with the command that started it, a resume into an empty folder starts it (a preemptible job's requeue)
     module.parse_args(["--resume", "--run-dir", str(tmp_path / "run"), "--epochs", "3"])
+
+
+def test_stamped_folders_made_in_one_second_are_two(tmp_path, monkeypatch):
+    from common import runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt, *a: "20261130-000000")
+    first, second = runs.stamped_folder(tmp_path, "replaced"), runs.stamped_folder(tmp_path, "replaced")
+    assert (first.name, second.name) == ("replaced-20261130-000000", "replaced-20261130-000000-2")
+    assert first.is_dir() and second.is_dir()
