@@ -1024,8 +1024,9 @@ def test_embed_finds_faces_as_the_students_cache_did(trained, tmp_path, monkeypa
                                                       "smallest_face": None, "min_face_prob": None})
     distill.embed_images(tmp_path / "n.safetensors", ["a.jpg"])
     assert seen[-1].align == "none"
-    with pytest.raises(SystemExit, match="--min-face-prob 0.5: .* learnt from faces taken whole"):
-        distill.embed_images(tmp_path / "n.safetensors", ["a.jpg"], min_prob=0.5)
+    for given in (0.5, 0.0):  # (0 is a threshold given, not none)
+        with pytest.raises(SystemExit, match=f"--min-face-prob {given:g}: .* learnt from faces taken whole"):
+            distill.embed_images(tmp_path / "n.safetensors", ["a.jpg"], min_prob=given)
     with pytest.raises(SystemExit, match="--batch 0"):
         distill.main(["embed", "--student", str(trained), "--data", str(tmp_path), "--out", str(tmp_path / "e.npy"),
                       "--batch", "0"])
