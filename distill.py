@@ -50,7 +50,7 @@ from common.files import atomic_write, write_json, write_text
 from common.progress import Progress, counted
 from common.runs import (COUNT, LAST_RUN, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, as_arg,
                          dist_info, get_logger, given_flags, hold, holding_runs, init_dist, leave_stops_to_the_parent,
-                         make_run_dir, one_process_only, pick_device, recorded_args, resume_defaults, run_dir_problem,
+                         make_run_dir, one_process_only, pick_device, resume_defaults, resumed_value, run_dir_problem,
                          run_main, write_args)
 from common.student import (ARCHS, WIDTH, NotAStudent, build_student, load_student, n_params, pin, read_checkpoint,
                             save_student)
@@ -154,10 +154,7 @@ def parse_args(argv=None):
                       "size") and v < 1]
     if args.steps < 0:
         p.error(f"--steps {args.steps}: give 0 (train --epochs) or a number of steps")
-    # a resumed run's own recorded value passes (a run recorded before a check is continued as it ran); any
-    # other value is checked, given with --resume or not
-    recorded = (recorded_args(args.out) or {}) if args.resume and args.out else {}
-    kept = lambda flag: flag in recorded and recorded[flag] == getattr(args, flag)  # noqa: E731
+    kept = resumed_value(args, args.out)
     if args.smoothl1_weight != 1.0 and args.loss != "cosine+smoothl1" and not kept("smoothl1_weight"):
         p.error(f"--smoothl1-weight weighs the smooth-L1 term of --loss cosine+smoothl1, not of --loss {args.loss}: "
                 f"drop it, or give --loss cosine+smoothl1")

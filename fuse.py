@@ -33,7 +33,7 @@ from common import fusion, plots, synth
 from common.align import CROP_SIZE, DETECT_SIZE, MIN_FACE_PROB, SMALLEST_FACE
 from common.cache import (CacheDamaged, CacheMismatch, FeatureCache, as_planned, hold_for_reading, list_changes,
                           lock_file, make_plan, read_manifest, readers_lock_file, write_missed)
-from common.extract import KnownFaces, Options, detection_problem
+from common.extract import DETECTOR_FLAGS, KnownFaces, Options, detection_problem
 from common.extract import extract as engine_extract
 from common.files import write_json, write_text
 from common.fusion import Standardised
@@ -53,7 +53,7 @@ SHARE = bounded(float, above=0, below=1)  # a held-out part of G's faces (0 gave
 
 
 def made_with(flag: str) -> str:
-    detector = " made with the same --align" if flag in ("min_face_prob", "detect_size", "smallest_face") else ""
+    detector = " made with the same --align" if flag in DETECTOR_FLAGS else ""
     return f" (default: that of an existing --cache{detector}, unless --overwrite; else {EXTRACTION[flag]})"
 
 
@@ -630,8 +630,7 @@ def extraction_settings(args) -> None:
         except (OSError, CacheMismatch):
             made = {}  # a damaged manifest: create_or_resume says what is wrong with it
     args.align = args.align or made.get("align") or EXTRACTION["align"]
-    detector = [f"--{f.replace('_', '-')}" for f in ("detect_size", "min_face_prob", "smallest_face")
-                if getattr(args, f) is not None]
+    detector = [f"--{f.replace('_', '-')}" for f in DETECTOR_FLAGS if getattr(args, f) is not None]
     if args.align == "none" and detector:  # (args.json recorded them, as if they had been used)
         made_so = (f" (--cache {args.out} was made so; --overwrite --align mtcnn makes it anew with the detector)"
                    if made.get("align") == "none" else "")
@@ -640,13 +639,14 @@ def extraction_settings(args) -> None:
     for flag, default in EXTRACTION.items():
         # the detector's settings of a cache made another way are no setting of this one's (--align none then
         # refused --smallest-face, a flag never given): the cache's mismatch is what is said
-        detector = flag in ("min_face_prob", "detect_size", "smallest_face") and made.get("align") != args.align
+        detector = flag in DETECTOR_FLAGS and made.get("align") != args.align
         if getattr(args, flag) is None:
             setattr(args, flag, default if made.get(flag) is None or detector else made[flag])
     if why := detection_problem(args.align, args.detect_size, args.smallest_face):
         raise SystemExit(f"error: {why}")
     if args.align == "none":  # nothing is detected: args.json records no detector setting, as the manifest does
-        args.min_face_prob = args.detect_size = args.smallest_face = None
+        for flag in DETECTOR_FLAGS:
+            setattr(args, flag, None)
 
 
 REPORTS = ("table5.md", "table5.json", "h_G.json", "split.json", *(f"{sweep}_sweep.{ext}" for sweep in ("dim", "n")
@@ -675,7 +675,7 @@ def another_finished_run(args) -> bool:
     # before such a flag was refused, or before --align none recorded no detector setting)
     moot = {"run_dir", "device", "workers", "batch", "streams", "verify_crops",
             *(f for flags, _ in unread_rules(args) if flags is not FIT_FLAGS for f in flags),
-            *(("min_face_prob", "detect_size", "smallest_face") if args.align == "none" == old.get("align") else ())}
+            *(DETECTOR_FLAGS if args.align == "none" == old.get("align") else ())}
     return any(old.get(k) != v for k, v in now.items() if k not in moot)
 
 

@@ -54,13 +54,13 @@ from common import fusion, kd, metrics, multitask, precision, prune, tasks
 from common.align import CANON, CROP_SIZE, DETECT_SIZE, SMALLEST_FACE
 from common.cache import (CacheMismatch, FeatureCache, as_planned, file_stamps, hold_for_reading, list_hash, make_plan,
                           read_manifest, version_change, write_missed, write_reasons, writer_lock)
-from common.extract import KnownFaces, Options, detection_problem, extract
+from common.extract import DETECTOR_FLAGS, KnownFaces, Options, detection_problem, extract
 from common.facedata import N_PARAMS, Batches, aug_params, augment, first, resize
 from common.files import write_json, write_text
 from common.progress import Progress
 from common.runs import (COUNT, POSITIVE, POSITIVE_INT, PROBABILITY, HelpFormatter, comparable, environment,
                          get_logger, holding_runs, kept_warnings, leave_stops_to_the_parent, make_run_dir,
-                         one_process_only, pick_device, recorded_args, resume_defaults, run_main)
+                         one_process_only, pick_device, resume_defaults, resumed_value, run_main)
 from common.student import DEFAULT, NotAStudent, head, load_student, pin, read_checkpoint, student_file, student_like
 from common.teachers import REGISTRY, TeacherBackbone, build_teachers, cached_teacher, check_weights, load_config
 
@@ -259,7 +259,7 @@ def detection_settings(args, student_cfg, aligns):
             known = as_planned(read_manifest(args.teacher_cache))
         except (OSError, CacheMismatch):
             known = {}
-    for flag in ("detect_size", "smallest_face", "min_face_prob"):
+    for flag in DETECTOR_FLAGS:
         default = getattr(Options, flag)  # the engine's defaults, also fuse.py's
         if getattr(args, flag) is None:
             setattr(args, flag, (known.get(flag) or default) if detect else default)
@@ -1226,15 +1226,14 @@ PAIR_FLAGS = {
               "bct (no head), and concat's head takes its widths from G's layers",
     "kd_temperature": "kd's softmax temperature on classes (on a regression its term is the distance to the "
                       "teacher's expected value)",
-    "detect_size": "for the face detector, which --align none (or each task's own default) does not run",
-    "smallest_face": "for the face detector, which --align none (or each task's own default) does not run",
-    "min_face_prob": "for the face detector, which --align none (or each task's own default) does not run",
+    **dict.fromkeys(("detect_size", "smallest_face", "min_face_prob"),
+                    "for the face detector, which --align none (or each task's own default) does not run"),
 }
 
 
 def pair_reads(task, method, args) -> set[str]:
     """The flags of PAIR_FLAGS that `method` reads on `task` (none where it is shown n/a)."""
-    reads = {"detect_size", "smallest_face", "min_face_prob"} if align_of(task, args) == "mtcnn" else set()
+    reads = set(DETECTOR_FLAGS) if align_of(task, args) == "mtcnn" else set()
     if unavailable(task, method, args.kd_teacher):
         return reads
     if method == "multitask" or task.kind == "landmarks" or (task.kind == "verification"
@@ -1249,14 +1248,13 @@ def pair_reads(task, method, args) -> set[str]:
 def unread_flags(args, methods, tasks_run) -> None:
     """A flag given (not left at its default) that no (task, method) of the run reads stops it: it would be
     ignored, and recorded in args.json as if it had been used."""
-    defaults = vars(parse_args([]))
-    recorded = (recorded_args(args.run_dir) or {}) if args.resume and args.run_dir else {}
+    defaults, kept = vars(parse_args([])), resumed_value(args, args.run_dir)
     read = {f for task in tasks_run for m in methods for f in pair_reads(task, m, args)}
     if args.pseudo_label is not None and (args.align or "mtcnn") == "mtcnn":  # its unlabelled faces are detected
-        read |= {"detect_size", "smallest_face", "min_face_prob"}
+        read |= set(DETECTOR_FLAGS)
     for flag, what in PAIR_FLAGS.items():
         value = getattr(args, flag)
-        if value != defaults[flag] and flag not in read and not (flag in recorded and recorded[flag] == value):
+        if value != defaults[flag] and flag not in read and not kept(flag):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {value}: no method of this run reads it on its tasks "
                              f"({', '.join(t.name for t in tasks_run)}): it is {what}")
 
@@ -1281,12 +1279,9 @@ def check_flags(args, methods) -> None:
         raise SystemExit(f"error: --pseudo-label {args.pseudo_label}: no such folder")
     if args.max_splits is not None and args.max_splits < 0:
         raise SystemExit(f"error: --max-splits {args.max_splits}: give 0 (every split) or more")
-    defaults = vars(parse_args([]))
-    # a resumed run's recorded value is not refused (a run recorded before a flag was refused here took it, and
-    # the resume must take the recorded value, any other being refused beside it)
-    recorded = (recorded_args(args.run_dir) or {}) if args.resume and args.run_dir else {}
+    defaults, kept = vars(parse_args([])), resumed_value(args, args.run_dir)
     for flag, takers in FLAG_METHODS.items():
-        if flag in recorded and recorded[flag] == getattr(args, flag):
+        if kept(flag):
             continue
         takers = (takers,) if isinstance(takers, str) else takers
         if getattr(args, flag) != defaults[flag] and not set(takers) & set(methods):

@@ -53,6 +53,9 @@ class Options:
         return default_workers(device) if self.workers is None else self.workers
 
 
+DETECTOR_FLAGS = ("detect_size", "min_face_prob", "smallest_face")  # the settings only --align mtcnn reads
+
+
 def detection_problem(align: str, detect_size: int, smallest_face: int) -> str | None:
     """Why these detector settings cannot run (a line for the user), or None."""
     if detect_size < SMALLEST_FACE:

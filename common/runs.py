@@ -80,6 +80,14 @@ def recorded_args(run: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
+def resumed_value(args, run):
+    """flag -> whether args' value of it is the one the run being resumed (--resume into `run`) recorded: such a
+    value passes the checks of a flag, as a run recorded before a check refused that value is continued as it
+    ran; any other value is checked, given with --resume or not."""
+    recorded = (recorded_args(run) or {}) if getattr(args, "resume", False) and run else {}
+    return lambda flag: flag in recorded and recorded[flag] == getattr(args, flag)
+
+
 def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The dests the command line itself gave (abbreviations and --flag=value included): argv parsed again
     with no defaults at all."""
